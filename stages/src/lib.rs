@@ -1,0 +1,3 @@
+//! The stage kinds of probex and the Burn models they use.
+
+pub mod dataset;
