@@ -1,1 +1,49 @@
-fn main() {}
+//! `probex`: run ProbeX experiments declared in TOML.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Parser, Subcommand};
+use probex_engine::cli::{CacheArgs, EngineCommand, dispatch};
+
+/// Learning on model weights: declarative ProbeX pipelines with a content-addressed cache.
+#[derive(Parser, Debug)]
+#[command(name = "probex", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    cache: CacheArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    #[command(flatten)]
+    Engine(EngineCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    // First Ctrl-C: stop starting nodes and ask running ones to stop; a second one exits now
+    // (the cache stays consistent either way: only complete entries are ever committed).
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping (Ctrl-C again to exit at once)...");
+    });
+    let registry = probex_stages::registry();
+    let code = match cli.command {
+        Command::Engine(cmd) => dispatch(cmd, &cli.cache, &registry, cancel),
+    };
+    ExitCode::from(code as u8)
+}

@@ -481,6 +481,15 @@ impl Store {
         Ok(problems)
     }
 
+    /// Whether an entry of `key` was moved to quarantine by a failed verification (and not yet
+    /// removed by gc), so a plan can say why the node runs again.
+    pub fn was_quarantined(&self, key: &Key) -> bool {
+        let prefix = format!("{key}-");
+        fs::read_dir(self.root.join(QUARANTINE)).is_ok_and(|mut dir| {
+            dir.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with(&prefix)))
+        })
+    }
+
     /// Moves an entry directory to `quarantine/<key>-<unix>[-n]`; `None` if it vanished first.
     fn quarantine(&self, key: &Key, dir: &Path) -> Result<Option<PathBuf>, CacheError> {
         let qdir = self.root.join(QUARANTINE);

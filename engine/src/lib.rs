@@ -1,0 +1,27 @@
+//! The probex engine: experiment files -> validated plan -> DAG -> scheduler -> run records.
+//!
+//! It knows nothing of Burn, safetensors or the Hub: stage kinds come from outside through
+//! [`Registry`], artifacts live in a [`probex_cache::Store`].
+
+pub mod cli;
+pub mod diagnostic;
+pub mod digest;
+pub mod expect;
+pub mod experiment;
+pub mod history;
+pub mod key;
+pub mod plan;
+pub mod progress;
+pub mod record;
+pub mod run;
+pub mod stage;
+pub mod status;
+
+pub use diagnostic::{Diagnostic, Diagnostics};
+pub use experiment::{Experiment, load};
+pub use plan::{Overrides, Plan, Planner};
+pub use run::{RunOptions, RunReport, run};
+pub use stage::{
+    Artifact, Coords, InputSlot, Inputs, Outcome, PlanContext, ProgressSink, Registry, Resource,
+    RunContext, Stage, StageResult, Sweep,
+};

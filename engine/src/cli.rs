@@ -1,0 +1,529 @@
+//! The engine's commands (`run`, `plan`, `cache`, `report`, `compare`, `kinds`), shared by the
+//! `probex` binary and anything else that embeds the engine with its own stage kinds.
+//!
+//! Exit codes: 0 success; 1 a stage failed or an expectation was missed; 2 bad input or usage;
+//! 130 interrupted.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Subcommand, ValueEnum};
+use probex_cache::{GcPolicy, Key, Store, Verified};
+use serde_json::Value;
+
+use crate::digest::FileDigests;
+use crate::history::History;
+use crate::plan::{Overrides, Planner};
+use crate::progress::ProgressMode;
+use crate::record::{RunDir, files};
+use crate::run::{NodeState, RunOptions};
+use crate::stage::{PlanContext, Registry};
+
+/// Exit code: everything worked and every expectation held.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: a stage failed or an expectation was missed.
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code: bad input (experiment file, flags, cache directory).
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code: stopped by Ctrl-C.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Where the artifact cache is.
+#[derive(Args, Clone, Debug)]
+pub struct CacheArgs {
+    /// Artifact cache directory [default: $PROBEX_CACHE, else the user cache dir]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
+impl CacheArgs {
+    /// Opens the store, or explains why it cannot.
+    pub fn open(&self) -> Result<Store, String> {
+        let root = self.cache.clone().unwrap_or_else(Store::default_root);
+        Store::open(&root).map_err(|e| format!("cannot open the cache at {}: {e}", root.display()))
+    }
+}
+
+/// Settings shared by `run` and `plan`.
+#[derive(Args, Clone, Debug)]
+pub struct PlanArgs {
+    /// The experiment file
+    pub file: PathBuf,
+    /// Run every stage on this device (cpu, cuda, cuda:N); not part of cache keys
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Use only what is cached or local; never touch the network (also HF_HUB_OFFLINE=1)
+    #[arg(long)]
+    pub offline: bool,
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Progress display.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ProgressArg {
+    /// Bars on a terminal, lines otherwise.
+    Auto,
+    /// Plain lines.
+    Plain,
+    /// Nothing but errors.
+    Quiet,
+}
+
+/// The engine's subcommands.
+#[derive(Subcommand, Debug)]
+pub enum EngineCommand {
+    /// Run an experiment: compute what is not cached, write a run record, check expectations
+    Run {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Nodes to run at once [default: number of CPUs]
+        #[arg(short, long)]
+        jobs: Option<usize>,
+        /// Threads per node when its stage does not say [default: CPUs / jobs]
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Keep running independent nodes after a failure
+        #[arg(long)]
+        keep_going: bool,
+        /// Run record directory [default: runs/<experiment>/<timestamp> beside the file]
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Progress display
+        #[arg(long, value_enum, default_value = "auto")]
+        progress: ProgressArg,
+    },
+    /// Show every node of an experiment: cached, or will run and why
+    Plan {
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+    /// Inspect and maintain the artifact cache
+    #[command(subcommand)]
+    Cache(CacheCommand),
+    /// Print the report of a finished run
+    Report {
+        /// A run directory (runs/<experiment>/<timestamp>)
+        run: PathBuf,
+    },
+    /// Compare the results of two runs
+    Compare {
+        /// First run directory
+        a: PathBuf,
+        /// Second run directory
+        b: PathBuf,
+    },
+    /// List the stage kinds this build knows
+    Kinds,
+}
+
+/// `probex cache ...`
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// List entries
+    Ls {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every entry; report and quarantine bad ones
+    Verify,
+    /// Remove entries no given experiment uses, or older than some days
+    Gc {
+        /// Keep entries used by these experiment files (others are removed)
+        #[arg(long, value_name = "FILE", num_args = 1..)]
+        keep: Vec<PathBuf>,
+        /// Remove entries older than this many days
+        #[arg(long, value_name = "DAYS")]
+        older_than: Option<f64>,
+    },
+    /// Print the cache directory
+    Path,
+}
+
+/// Runs one engine command and returns the exit code. `cancel` is set by the caller's Ctrl-C
+/// handler.
+pub fn dispatch(
+    cmd: EngineCommand,
+    cache: &CacheArgs,
+    registry: &Registry,
+    cancel: Arc<AtomicBool>,
+) -> i32 {
+    let result = match cmd {
+        EngineCommand::Run {
+            plan,
+            jobs,
+            threads,
+            keep_going,
+            out,
+            progress,
+        } => {
+            let opts = RunOptions {
+                jobs: jobs.unwrap_or_else(|| RunOptions::default().jobs),
+                keep_going,
+                threads,
+                progress: match progress {
+                    ProgressArg::Auto => ProgressMode::Auto,
+                    ProgressArg::Plain => ProgressMode::Plain,
+                    ProgressArg::Quiet => ProgressMode::Quiet,
+                },
+                cancel,
+            };
+            run_cmd(&plan, cache, registry, &opts, out.as_deref())
+        }
+        EngineCommand::Plan { plan } => plan_cmd(&plan, cache, registry),
+        EngineCommand::Cache(c) => cache_cmd(c, cache, registry),
+        EngineCommand::Report { run } => report_cmd(&run),
+        EngineCommand::Compare { a, b } => compare_cmd(&a, &b),
+        EngineCommand::Kinds => {
+            for (kind, about) in registry.describe() {
+                println!("{kind:<12} {about}");
+            }
+            Ok(EXIT_OK)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(msg) => {
+            eprint!("{msg}");
+            if !msg.ends_with('\n') {
+                eprintln!();
+            }
+            EXIT_USAGE
+        }
+    }
+}
+
+fn offline(flag: bool) -> bool {
+    flag || std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Loads and plans; calls `f` with the planner.
+fn with_planner<T>(
+    args: &PlanArgs,
+    cache: &CacheArgs,
+    registry: &Registry,
+    f: impl FnOnce(&Planner, &Store) -> Result<T, String>,
+) -> Result<T, String> {
+    let exp = crate::experiment::load(&args.file, registry).map_err(|d| d.to_string())?;
+    let store = cache.open()?;
+    let digests = FileDigests::open(store.root().join("statcache.json"));
+    let cx = PlanContext {
+        base_dir: &exp.base_dir,
+        digests: &digests,
+        offline: offline(args.offline),
+    };
+    let planner = Planner::new(
+        &exp,
+        &store,
+        cx,
+        Overrides {
+            device: args.device.clone(),
+        },
+    );
+    let out = f(&planner, &store);
+    let _ = digests.save();
+    out
+}
+
+fn plan_cmd(args: &PlanArgs, cache: &CacheArgs, registry: &Registry) -> Result<i32, String> {
+    with_planner(args, cache, registry, |planner, store| {
+        let plan = planner.plan().map_err(|d| d.to_string())?;
+        let history = History::open(store, &planner.experiment().path);
+        let view = crate::status::rows(&plan, planner.experiment(), store, &history);
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&view).map_err(|e| e.to_string())?
+            );
+        } else {
+            print!("{}", crate::status::render_plan(&view));
+        }
+        Ok(EXIT_OK)
+    })
+}
+
+fn run_cmd(
+    args: &PlanArgs,
+    cache: &CacheArgs,
+    registry: &Registry,
+    opts: &RunOptions,
+    out: Option<&Path>,
+) -> Result<i32, String> {
+    with_planner(args, cache, registry, |planner, _| {
+        let exp = planner.experiment();
+        let run_dir = RunDir::create(exp, out)
+            .map_err(|e| format!("cannot create the run directory: {e}"))?;
+        let report = crate::run::run(planner, &run_dir, opts).map_err(|d| d.to_string())?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+            );
+        } else {
+            for (node, summary) in &report.summaries {
+                println!("\n== {node} ==\n{}", summary.trim_end());
+            }
+            if !report.expectations.is_empty() {
+                println!("\nexpectations:");
+                for c in &report.expectations {
+                    let actual = c
+                        .actual
+                        .map_or_else(|| "missing".into(), |a| format!("{a:.4}"));
+                    let mark = if c.pass { "ok" } else { "MISSED" };
+                    println!(
+                        "  {mark:<6} {} = {actual} (expected {}){}",
+                        c.path,
+                        c.expected,
+                        c.note.as_ref().map_or(String::new(), |n| format!(": {n}"))
+                    );
+                }
+            }
+            for f in report.failures() {
+                if let NodeState::Failed(e) = &f.state {
+                    eprintln!("\nerror: stage {} failed: {e}", f.node);
+                }
+            }
+            for p in &report.never_planned {
+                eprintln!("note: stage {p} never ran (its inputs did not complete)");
+            }
+            let ran = report
+                .nodes
+                .iter()
+                .filter(|n| n.state == NodeState::Ran)
+                .count();
+            let cached = report
+                .nodes
+                .iter()
+                .filter(|n| n.state == NodeState::Cached)
+                .count();
+            println!(
+                "\n{}: {} nodes ({ran} computed, {cached} cached) in {:.1}s; record: {}",
+                if report.success() {
+                    "ok"
+                } else if report.cancelled {
+                    "interrupted"
+                } else {
+                    "FAILED"
+                },
+                report.nodes.len(),
+                report.seconds,
+                report.run_dir.display()
+            );
+        }
+        Ok(if report.cancelled {
+            EXIT_INTERRUPTED
+        } else if report.success() {
+            EXIT_OK
+        } else {
+            EXIT_FAILED
+        })
+    })
+}
+
+fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Result<i32, String> {
+    let store = cache.open()?;
+    match cmd {
+        CacheCommand::Path => println!("{}", store.root().display()),
+        CacheCommand::Ls { json } => {
+            let entries = store.list().map_err(|e| e.to_string())?;
+            if json {
+                let rows: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "key": e.key.to_string(), "kind": e.manifest.kind, "node": e.manifest.label,
+                            "bytes": e.size(), "created_unix": e.manifest.created_unix,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?
+                );
+            } else {
+                let total: u64 = entries.iter().map(|e| e.size()).sum();
+                for e in &entries {
+                    println!(
+                        "{}  {:<9} {:>10}  {}",
+                        &e.key.as_str()[..12],
+                        e.manifest.kind,
+                        human(e.size()),
+                        e.manifest.label
+                    );
+                }
+                println!("{} entries, {}", entries.len(), human(total));
+            }
+        }
+        CacheCommand::Verify => {
+            let results = store.verify_all().map_err(|e| e.to_string())?;
+            let bad: Vec<_> = results
+                .iter()
+                .filter(|(_, v)| matches!(v, Verified::Corrupt(_)))
+                .collect();
+            for (k, v) in &bad {
+                if let Verified::Corrupt(problems) = v {
+                    println!("corrupt {k}:");
+                    for p in problems {
+                        println!("  {p}");
+                    }
+                }
+            }
+            println!(
+                "{} entries verified, {} corrupt (quarantined)",
+                results.len(),
+                bad.len()
+            );
+            return Ok(if bad.is_empty() { EXIT_OK } else { EXIT_FAILED });
+        }
+        CacheCommand::Gc { keep, older_than } => {
+            let keep_set = if keep.is_empty() {
+                None
+            } else {
+                let mut set = HashSet::new();
+                for file in &keep {
+                    set.extend(keys_of(file, &store, registry)?);
+                }
+                Some(set)
+            };
+            let older = match older_than {
+                Some(days) if days.is_finite() && days >= 0.0 => {
+                    Some(SystemTime::now() - Duration::from_secs_f64(days * 86_400.0))
+                }
+                Some(days) => {
+                    return Err(format!("--older-than {days}: give a number of days >= 0"));
+                }
+                None => None,
+            };
+            let report = store
+                .gc(&GcPolicy {
+                    keep: keep_set,
+                    older_than: older,
+                })
+                .map_err(|e| e.to_string())?;
+            println!(
+                "removed {} entries, {} staging dirs of dead runs; freed {}{}",
+                report.removed.len(),
+                report.tmp_cleaned,
+                human(report.freed_bytes),
+                if report.skipped_in_use.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} in use, kept", report.skipped_in_use.len())
+                }
+            );
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// Every key an experiment's current plan references.
+fn keys_of(file: &Path, store: &Store, registry: &Registry) -> Result<Vec<Key>, String> {
+    let exp = crate::experiment::load(file, registry).map_err(|d| d.to_string())?;
+    let digests = FileDigests::open(store.root().join("statcache.json"));
+    let cx = PlanContext {
+        base_dir: &exp.base_dir,
+        digests: &digests,
+        offline: true,
+    };
+    let planner = Planner::new(&exp, store, cx, Overrides::default());
+    let plan = planner.plan().map_err(|d| d.to_string())?;
+    Ok(plan.nodes.into_iter().map(|n| n.key).collect())
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn report_cmd(run: &Path) -> Result<i32, String> {
+    let path = run.join(files::REPORT);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "cannot read {}: {e}\n  = help: give a run directory (runs/<experiment>/<timestamp>)",
+            path.display()
+        )
+    })?;
+    print!("{text}");
+    Ok(EXIT_OK)
+}
+
+fn read_results(run: &Path) -> Result<BTreeMap<String, f64>, String> {
+    let path = run.join(files::RESULTS);
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let v: Value =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = BTreeMap::new();
+    flatten("", v.get("results").unwrap_or(&Value::Null), &mut out);
+    Ok(out)
+}
+
+fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, f64>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                flatten(
+                    &if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    },
+                    x,
+                    out,
+                );
+            }
+        }
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64() {
+                out.insert(prefix.to_string(), f);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn compare_cmd(a: &Path, b: &Path) -> Result<i32, String> {
+    let (ra, rb) = (read_results(a)?, read_results(b)?);
+    let mut keys: Vec<&String> = ra.keys().chain(rb.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let width = keys.iter().map(|k| k.len()).max().unwrap_or(4);
+    println!(
+        "{:<width$}  {:>12}  {:>12}  {:>10}",
+        "result", "a", "b", "b - a"
+    );
+    let mut differ = 0;
+    for k in keys {
+        let (x, y) = (ra.get(k), rb.get(k));
+        if x == y {
+            continue;
+        }
+        differ += 1;
+        let f = |v: Option<&f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
+        let d = match (x, y) {
+            (Some(x), Some(y)) => format!("{:+.4}", y - x),
+            _ => String::new(),
+        };
+        println!("{k:<width$}  {:>12}  {:>12}  {d:>10}", f(x), f(y));
+    }
+    println!(
+        "{differ} results differ ({} in a, {} in b)",
+        ra.len(),
+        rb.len()
+    );
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,162 @@
+//! Content digests of local files, kept fast by a stat cache as git's index does: a file whose
+//! path, size, modification time and inode are unchanged is not hashed again.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Stat {
+    size: u64,
+    mtime_ns: i128,
+    inode: u64,
+    digest: String,
+}
+
+/// Blake3 digests of files, remembered across runs in a JSON file.
+pub struct FileDigests {
+    path: Option<PathBuf>,
+    entries: Mutex<BTreeMap<PathBuf, Stat>>,
+    dirty: Mutex<bool>,
+}
+
+impl FileDigests {
+    /// A stat cache persisted at `path` (created on first save). A damaged file is ignored.
+    pub fn open(path: PathBuf) -> Self {
+        let entries = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        FileDigests {
+            path: Some(path),
+            entries: Mutex::new(entries),
+            dirty: Mutex::new(false),
+        }
+    }
+
+    /// A stat cache that lives only in memory.
+    pub fn in_memory() -> Self {
+        FileDigests {
+            path: None,
+            entries: Mutex::new(BTreeMap::new()),
+            dirty: Mutex::new(false),
+        }
+    }
+
+    /// The blake3 hex digest of the file at `path`.
+    pub fn digest(&self, path: &Path) -> std::io::Result<String> {
+        let path = fs::canonicalize(path)?;
+        let meta = fs::metadata(&path)?;
+        let (mtime_ns, inode) = stat_identity(&meta);
+        if let Ok(map) = self.entries.lock()
+            && let Some(s) = map.get(&path)
+            && s.size == meta.len()
+            && s.mtime_ns == mtime_ns
+            && s.inode == inode
+        {
+            return Ok(s.digest.clone());
+        }
+        let digest = hash_file(&path)?;
+        if let Ok(mut map) = self.entries.lock() {
+            map.insert(
+                path,
+                Stat {
+                    size: meta.len(),
+                    mtime_ns,
+                    inode,
+                    digest: digest.clone(),
+                },
+            );
+            if let Ok(mut d) = self.dirty.lock() {
+                *d = true;
+            }
+        }
+        Ok(digest)
+    }
+
+    /// Writes the cache back (atomically) if anything was hashed.
+    pub fn save(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let dirty = self.dirty.lock().map(|d| *d).unwrap_or(false);
+        if !dirty {
+            return Ok(());
+        }
+        let bytes = {
+            let map = self
+                .entries
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?;
+            serde_json::to_vec(&*map).map_err(std::io::Error::other)?
+        };
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        fs::write(&tmp, bytes)?;
+        fs::rename(&tmp, path)
+    }
+}
+
+#[cfg(unix)]
+fn stat_identity(meta: &fs::Metadata) -> (i128, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (
+        meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+        meta.ino(),
+    )
+}
+
+#[cfg(not(unix))]
+fn stat_identity(meta: &fs::Metadata) -> (i128, u64) {
+    let t = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as i128);
+    (t, 0)
+}
+
+/// Blake3 hex digest of a file's content, streamed.
+pub fn hash_file(path: &Path) -> std::io::Result<String> {
+    let mut f = fs::File::open(path)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rehashes_only_changed_files_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.bin");
+        fs::write(&f, b"one").unwrap();
+        let cache = dir.path().join("stat.json");
+        let d = FileDigests::open(cache.clone());
+        let first = d.digest(&f).unwrap();
+        assert_eq!(first, blake3::hash(b"one").to_hex().to_string());
+        d.save().unwrap();
+        let again = FileDigests::open(cache);
+        assert_eq!(again.digest(&f).unwrap(), first);
+        fs::write(&f, b"two!").unwrap();
+        assert_eq!(
+            again.digest(&f).unwrap(),
+            blake3::hash(b"two!").to_hex().to_string()
+        );
+    }
+}

@@ -1,0 +1,519 @@
+//! The contract between the engine and a stage kind.
+//!
+//! A stage kind is a pure function from (typed parameters, input artifacts) to an output
+//! artifact: it parses its own parameters, says what it reads and produces, may fan out into
+//! several nodes (a layer sweep), and computes into a directory the engine gives it. It never
+//! decides whether it is cached and never writes anywhere else: the engine owns keys, locks,
+//! commits and scheduling.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use probex_cache::Key;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::digest::FileDigests;
+
+/// What stage kinds return on failure: any error with context, printed with its chain.
+pub type StageResult<T> = anyhow::Result<T>;
+
+/// One input a stage kind accepts, identified by the artifact type it reads.
+#[derive(Clone, Debug)]
+pub struct InputSlot {
+    /// Artifact type read (the `output()` of the upstream kind), e.g. `"layer"`.
+    pub ty: &'static str,
+    /// Whether an experiment must name an upstream of this type.
+    pub required: bool,
+    /// Whether several upstream stages of this type may be named (`from = ["a", "b"]`).
+    pub many: bool,
+    /// Whether a fanned-out upstream is consumed whole (one node reads every element, as
+    /// `select` does) instead of element by element.
+    pub gather: bool,
+}
+
+impl InputSlot {
+    /// Exactly one upstream of type `ty`, consumed element by element.
+    pub fn one(ty: &'static str) -> Self {
+        InputSlot {
+            ty,
+            required: true,
+            many: false,
+            gather: false,
+        }
+    }
+
+    /// At most one upstream of type `ty`.
+    pub fn optional(ty: &'static str) -> Self {
+        InputSlot {
+            ty,
+            required: false,
+            many: false,
+            gather: false,
+        }
+    }
+
+    /// One or more upstream stages of type `ty`.
+    pub fn many(ty: &'static str) -> Self {
+        InputSlot {
+            ty,
+            required: true,
+            many: true,
+            gather: false,
+        }
+    }
+
+    /// Consumes the whole fan-out of its upstream in one node.
+    pub fn gathered(mut self) -> Self {
+        self.gather = true;
+        self
+    }
+}
+
+/// How one declared stage turns into nodes beyond the engine's own `for_each` sweeps.
+#[derive(Debug)]
+pub enum Sweep<P> {
+    /// One node (the common case).
+    One,
+    /// The stage fans out but needs its inputs materialised to know how (`layers = "all"`
+    /// reads the models' tensor names). The engine plans it again once they are.
+    NeedsInputs,
+    /// One node per value along a new coordinate `dim`, in order: (value label, params).
+    Many {
+        /// The coordinate's name, e.g. `"layer"`.
+        dim: &'static str,
+        /// One entry per node: the coordinate value as shown to users, and that node's params.
+        nodes: Vec<(String, P)>,
+    },
+}
+
+/// Which shared device a node occupies while it runs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Resource {
+    /// CPU only; many may run at once (bounded by `--jobs`).
+    Cpu,
+    /// One accelerator (by name, e.g. `cuda:0`); nodes on the same one never overlap.
+    Gpu(String),
+}
+
+/// What a finished node reports besides its files.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Outcome {
+    /// Free-form facts stored in the manifest and handed to downstream stages with the artifact
+    /// (a layer dataset's shape, a probe's parameter count).
+    pub meta: Value,
+    /// Numbers collected into the run's `results.json` and checked by `expect`.
+    pub results: Option<Value>,
+    /// A human-readable table printed at the end of `probex run` and kept in the run record.
+    pub summary: Option<String>,
+    /// Files (relative to the output directory) copied into the run record.
+    pub publish: Vec<String>,
+}
+
+/// The coordinates of a node in a fan-out, e.g. `[("layer", "59")]`.
+pub type Coords = Vec<(String, String)>;
+
+/// A finished upstream artifact, as a stage sees it.
+#[derive(Clone, Debug)]
+pub struct Artifact {
+    /// The upstream node's name (`probe[layer=59]`).
+    pub node: String,
+    /// Its cache key.
+    pub key: Key,
+    /// The directory holding its files (read-only).
+    pub dir: PathBuf,
+    /// Its coordinates.
+    pub coords: Coords,
+    /// The `meta` its stage returned.
+    pub meta: Value,
+    /// The `results` its stage returned, if any.
+    pub results: Option<Value>,
+}
+
+/// The artifacts a node reads, grouped by input slot.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    slots: BTreeMap<&'static str, Vec<Artifact>>,
+}
+
+impl Inputs {
+    /// Builds inputs from (slot type, artifacts) pairs.
+    pub fn new(slots: impl IntoIterator<Item = (&'static str, Vec<Artifact>)>) -> Self {
+        Inputs {
+            slots: slots.into_iter().collect(),
+        }
+    }
+
+    /// Every artifact of slot `ty` (empty if none was declared).
+    pub fn all(&self, ty: &str) -> &[Artifact] {
+        self.slots.get(ty).map_or(&[], Vec::as_slice)
+    }
+
+    /// The single artifact of slot `ty`; an error if there is none or several.
+    pub fn one(&self, ty: &str) -> StageResult<&Artifact> {
+        match self.all(ty) {
+            [a] => Ok(a),
+            [] => anyhow::bail!("no `{ty}` input (name one in `from`)"),
+            many => anyhow::bail!("{} `{ty}` inputs where one was expected", many.len()),
+        }
+    }
+
+    /// The artifact of slot `ty` if one was declared.
+    pub fn optional(&self, ty: &str) -> StageResult<Option<&Artifact>> {
+        match self.all(ty) {
+            [] => Ok(None),
+            [a] => Ok(Some(a)),
+            many => anyhow::bail!(
+                "{} `{ty}` inputs where at most one was expected",
+                many.len()
+            ),
+        }
+    }
+}
+
+/// What a stage may ask of the engine while it is planned (before it runs).
+pub struct PlanContext<'a> {
+    /// Directory of the experiment file: relative paths in params resolve against it.
+    pub base_dir: &'a Path,
+    /// Digests of local files, kept fast by a stat cache.
+    pub digests: &'a FileDigests,
+    /// When set, stages must not touch the network (only what is cached locally).
+    pub offline: bool,
+}
+
+/// Receives progress of running nodes; the engine draws bars or prints lines from it.
+pub trait ProgressSink: Send + Sync {
+    /// `node` has done `done` of `total` units, with an optional short message.
+    fn progress(&self, node: &str, done: u64, total: u64, message: &str);
+}
+
+/// What a running stage may use: its output and work directories, settings, logging,
+/// progress and cancellation.
+pub struct RunContext<'a> {
+    node: String,
+    out_dir: PathBuf,
+    work_dir: PathBuf,
+    base_dir: PathBuf,
+    device: Option<String>,
+    threads: usize,
+    offline: bool,
+    log: Arc<Mutex<Option<File>>>,
+    progress: &'a dyn ProgressSink,
+    cancel: &'a AtomicBool,
+    started: Instant,
+}
+
+impl<'a> RunContext<'a> {
+    /// Builds a context; the engine calls this, tests of stage kinds may too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node: String,
+        out_dir: PathBuf,
+        work_dir: PathBuf,
+        base_dir: PathBuf,
+        device: Option<String>,
+        threads: usize,
+        offline: bool,
+        log: Option<File>,
+        progress: &'a dyn ProgressSink,
+        cancel: &'a AtomicBool,
+    ) -> Self {
+        RunContext {
+            node,
+            out_dir,
+            work_dir,
+            base_dir,
+            device,
+            threads: threads.max(1),
+            offline,
+            log: Arc::new(Mutex::new(log)),
+            progress,
+            cancel,
+            started: Instant::now(),
+        }
+    }
+
+    /// The node's name (`probe[layer=59]`).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Where the stage writes its output files. Everything in it becomes the artifact.
+    pub fn out_dir(&self) -> &Path {
+        &self.out_dir
+    }
+
+    /// A directory that survives a crash for the same key: checkpoints for resuming.
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
+    /// Directory of the experiment file, for relative paths in params.
+    pub fn base_dir(&self) -> &Path {
+        &self.base_dir
+    }
+
+    /// The device asked for (`--device` or the stage's `device`), if any.
+    pub fn device(&self) -> Option<&str> {
+        self.device.as_deref()
+    }
+
+    /// How many threads this node may use.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Whether the network is off limits.
+    pub fn offline(&self) -> bool {
+        self.offline
+    }
+
+    /// Appends a line to the node's log.
+    pub fn log(&self, line: impl AsRef<str>) {
+        if let Ok(mut guard) = self.log.lock()
+            && let Some(f) = guard.as_mut()
+        {
+            let t = self.started.elapsed().as_secs_f64();
+            let _ = writeln!(f, "[{t:8.2}s] {}", line.as_ref());
+        }
+    }
+
+    /// Reports progress: `done` of `total` units.
+    pub fn progress(&self, done: u64, total: u64, message: &str) {
+        self.progress.progress(&self.node, done, total, message);
+    }
+
+    /// True once the user asked to stop (Ctrl-C) or a failure stops the run.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Returns an error if the run was cancelled; call between units of work.
+    pub fn check_cancelled(&self) -> StageResult<()> {
+        if self.is_cancelled() {
+            anyhow::bail!("cancelled");
+        }
+        Ok(())
+    }
+}
+
+/// One kind of stage. Implementations parse `Params` with `#[serde(deny_unknown_fields)]`
+/// and defaults filled in: the canonical encoding of the parsed params is part of the key.
+pub trait Stage: Send + Sync + 'static {
+    /// The parameters of one node, as written in the stage's TOML table.
+    type Params: DeserializeOwned + Serialize + Clone + Debug + Send + Sync + 'static;
+
+    /// The `kind = "..."` name.
+    fn kind(&self) -> &'static str;
+
+    /// Bump when the output of the same params changes meaning: invalidates this kind's entries.
+    fn version(&self) -> u32;
+
+    /// One line for `probex kinds` and error messages.
+    fn about(&self) -> &'static str;
+
+    /// The artifact type this kind produces, which downstream input slots name.
+    fn output(&self) -> &'static str;
+
+    /// The inputs this kind reads.
+    fn inputs(&self) -> Vec<InputSlot>;
+
+    /// Checks that go beyond types (ranges, combinations); the message names the key.
+    fn check(&self, _params: &Self::Params) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// How the stage fans out by itself (layers of a model). `inputs` is `None` until the
+    /// upstream artifacts exist.
+    fn sweep(
+        &self,
+        _params: &Self::Params,
+        _inputs: Option<&Inputs>,
+    ) -> StageResult<Sweep<Self::Params>> {
+        Ok(Sweep::One)
+    }
+
+    /// For source stages: a digest of what they read (file contents, a pinned commit), which
+    /// joins the key so that changed sources rerun.
+    fn identity(&self, _params: &Self::Params, _cx: &PlanContext) -> StageResult<Option<String>> {
+        Ok(None)
+    }
+
+    /// Which shared device the node occupies, given the requested device.
+    fn resource(&self, _params: &Self::Params, _device: Option<&str>) -> Resource {
+        Resource::Cpu
+    }
+
+    /// Whether ready nodes of one declared stage with the same inputs should be handed to
+    /// [`Stage::run_batch`] together (extract reads every model file once for all layers).
+    fn batches(&self) -> bool {
+        false
+    }
+
+    /// Computes one node into `cx.out_dir()`.
+    fn run(&self, params: &Self::Params, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome>;
+
+    /// Computes several nodes that share their inputs; by default one after another.
+    fn run_batch(
+        &self,
+        jobs: &[(&Self::Params, &RunContext)],
+        inputs: &Inputs,
+    ) -> Vec<StageResult<Outcome>> {
+        jobs.iter().map(|(p, cx)| self.run(p, inputs, cx)).collect()
+    }
+}
+
+/// Parsed params of some kind, with their canonical JSON encoding (sorted keys), which is what
+/// enters the key and what `plan` compares to explain a rerun.
+#[derive(Clone, Debug)]
+pub struct ParamBox {
+    value: Arc<dyn Any + Send + Sync>,
+    canonical: Value,
+}
+
+impl ParamBox {
+    fn new<P: Serialize + Send + Sync + 'static>(p: P) -> Result<Self, String> {
+        let canonical = serde_json::to_value(&p).map_err(|e| e.to_string())?;
+        Ok(ParamBox {
+            value: Arc::new(p),
+            canonical: crate::key::canonical(canonical),
+        })
+    }
+
+    /// The canonical JSON of the params.
+    pub fn canonical(&self) -> &Value {
+        &self.canonical
+    }
+
+    fn get<P: 'static>(&self) -> &P {
+        self.value
+            .downcast_ref::<P>()
+            .expect("params are always created by the kind that reads them")
+    }
+}
+
+/// A stage kind with its parameter type erased, so the engine can hold every kind in one
+/// registry.
+pub(crate) trait DynStage: Send + Sync {
+    fn kind(&self) -> &'static str;
+    fn version(&self) -> u32;
+    fn about(&self) -> &'static str;
+    fn output(&self) -> &'static str;
+    fn inputs(&self) -> Vec<InputSlot>;
+    fn parse(&self, de: toml::de::ValueDeserializer<'_>) -> Result<ParamBox, toml::de::Error>;
+    fn check(&self, p: &ParamBox) -> Result<(), String>;
+    fn sweep(&self, p: &ParamBox, inputs: Option<&Inputs>) -> StageResult<Sweep<ParamBox>>;
+    fn identity(&self, p: &ParamBox, cx: &PlanContext) -> StageResult<Option<String>>;
+    fn resource(&self, p: &ParamBox, device: Option<&str>) -> Resource;
+    fn batches(&self) -> bool;
+    fn run_batch(
+        &self,
+        jobs: &[(&ParamBox, &RunContext)],
+        inputs: &Inputs,
+    ) -> Vec<StageResult<Outcome>>;
+}
+
+impl<S: Stage> DynStage for S {
+    fn kind(&self) -> &'static str {
+        Stage::kind(self)
+    }
+    fn version(&self) -> u32 {
+        Stage::version(self)
+    }
+    fn about(&self) -> &'static str {
+        Stage::about(self)
+    }
+    fn output(&self) -> &'static str {
+        Stage::output(self)
+    }
+    fn inputs(&self) -> Vec<InputSlot> {
+        Stage::inputs(self)
+    }
+    fn parse(&self, de: toml::de::ValueDeserializer<'_>) -> Result<ParamBox, toml::de::Error> {
+        let p = S::Params::deserialize(de)?;
+        ParamBox::new(p).map_err(|m| <toml::de::Error as serde::de::Error>::custom(m))
+    }
+    fn check(&self, p: &ParamBox) -> Result<(), String> {
+        Stage::check(self, p.get::<S::Params>())
+    }
+    fn sweep(&self, p: &ParamBox, inputs: Option<&Inputs>) -> StageResult<Sweep<ParamBox>> {
+        Ok(match Stage::sweep(self, p.get::<S::Params>(), inputs)? {
+            Sweep::One => Sweep::One,
+            Sweep::NeedsInputs => Sweep::NeedsInputs,
+            Sweep::Many { dim, nodes } => Sweep::Many {
+                dim,
+                nodes: nodes
+                    .into_iter()
+                    .map(|(label, p)| Ok((label, ParamBox::new(p).map_err(anyhow::Error::msg)?)))
+                    .collect::<StageResult<_>>()?,
+            },
+        })
+    }
+    fn identity(&self, p: &ParamBox, cx: &PlanContext) -> StageResult<Option<String>> {
+        Stage::identity(self, p.get::<S::Params>(), cx)
+    }
+    fn resource(&self, p: &ParamBox, device: Option<&str>) -> Resource {
+        Stage::resource(self, p.get::<S::Params>(), device)
+    }
+    fn batches(&self) -> bool {
+        Stage::batches(self)
+    }
+    fn run_batch(
+        &self,
+        jobs: &[(&ParamBox, &RunContext)],
+        inputs: &Inputs,
+    ) -> Vec<StageResult<Outcome>> {
+        let typed: Vec<(&S::Params, &RunContext)> = jobs
+            .iter()
+            .map(|(p, cx)| (p.get::<S::Params>(), *cx))
+            .collect();
+        if typed.len() == 1 {
+            let (p, cx) = typed[0];
+            return vec![Stage::run(self, p, inputs, cx)];
+        }
+        Stage::run_batch(self, &typed, inputs)
+    }
+}
+
+use serde::Deserialize as _;
+
+/// Every stage kind the engine can run, by name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Arc<dyn DynStage>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a kind; a later kind with the same name replaces the earlier one.
+    pub fn register<S: Stage>(&mut self, stage: S) -> &mut Self {
+        self.kinds.insert(Stage::kind(&stage), Arc::new(stage));
+        self
+    }
+
+    pub(crate) fn get(&self, kind: &str) -> Option<&Arc<dyn DynStage>> {
+        self.kinds.get(kind)
+    }
+
+    /// Names and one-line descriptions of every kind, sorted.
+    pub fn describe(&self) -> Vec<(&'static str, &'static str)> {
+        self.kinds.values().map(|k| (k.kind(), k.about())).collect()
+    }
+
+    /// Names of every kind, sorted.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.kinds.keys().copied().collect()
+    }
+}
