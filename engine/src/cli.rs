@@ -209,6 +209,15 @@ fn with_planner<T>(
     registry: &Registry,
     f: impl FnOnce(&Planner, &Store) -> Result<T, String>,
 ) -> Result<T, String> {
+    if let Some(d) = args
+        .device
+        .as_deref()
+        .filter(|d| !crate::experiment::valid_device(d))
+    {
+        return Err(format!(
+            "error: --device {d}: not a device\n  = help: use cpu, cuda or cuda:N"
+        ));
+    }
     let exp = crate::experiment::load(&args.file, registry).map_err(|d| d.to_string())?;
     let store = cache.open()?;
     let digests = FileDigests::open(store.root().join("statcache.json"));

@@ -58,7 +58,8 @@ pub struct Diagnostic {
     /// What is wrong, in one line.
     pub message: String,
     /// Where, if known: file path, line and column (1-based), the line's text, the caret width.
-    pub location: Option<Location>,
+    /// Boxed so that `Result<_, Diagnostic>` stays small on the success path.
+    pub location: Option<Box<Location>>,
     /// A short label printed under the caret.
     pub label: Option<String>,
     /// Lines printed after the snippet, each as `= help: ...`.
@@ -96,7 +97,7 @@ impl Diagnostic {
         let file = sources.file(span.file);
         Diagnostic {
             message: message.into(),
-            location: Some(locate(&file.path, &file.text, span.range.clone())),
+            location: Some(Box::new(locate(&file.path, &file.text, span.range.clone()))),
             label: None,
             help: Vec::new(),
         }
@@ -109,7 +110,7 @@ impl Diagnostic {
             Some(range) => Diagnostic::at(sources, &Span { file, range }, message),
             None => {
                 let mut d = Diagnostic::new(message);
-                d.location = Some(locate(&sources.file(file).path, "", 0..0));
+                d.location = Some(Box::new(locate(&sources.file(file).path, "", 0..0)));
                 d
             }
         };

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use petgraph::graph::{DiGraph, NodeIndex};
 use toml::Spanned;
-use toml::de::{DeTable, DeValue};
+use toml::de::{DeString, DeTable, DeValue};
 
 use crate::diagnostic::{Diagnostic, Diagnostics, FileId, SourceMap, Span};
 use crate::expect::Expectation;
@@ -133,7 +133,7 @@ pub fn load(path: &Path, registry: &Registry) -> Result<Experiment, Diagnostics>
                 continue;
             }
         };
-        for (key, value) in root {
+        for (key, value) in in_file_order(root) {
             let span = Span {
                 file,
                 range: key.span(),
@@ -161,7 +161,7 @@ pub fn load(path: &Path, registry: &Registry) -> Result<Experiment, Diagnostics>
                 },
                 "expect" => match value.into_inner() {
                     DeValue::Table(t) => {
-                        for (k, v) in t {
+                        for (k, v) in in_file_order(t) {
                             expect_entries.retain(|e| e.key.get_ref() != k.get_ref());
                             expect_entries.push(Entry {
                                 key: k,
@@ -214,8 +214,15 @@ pub fn load(path: &Path, registry: &Registry) -> Result<Experiment, Diagnostics>
     check_types(&sources, &decls)?;
     let decls = order_stages(&sources, decls)?;
     for x in &expect {
-        let stage = x.path.split('.').next().unwrap_or_default();
-        if !declared.contains(stage) {
+        let mut stages = vec![x.path.split('.').next().unwrap_or_default()];
+        if let crate::expect::Rule::Compare {
+            rhs: crate::expect::Operand::Path(p),
+            ..
+        } = &x.rule
+        {
+            stages.push(p.split('.').next().unwrap_or_default());
+        }
+        for stage in stages.into_iter().filter(|s| !declared.contains(*s)) {
             errors.push(
                 Diagnostic::at(
                     &sources,
@@ -388,7 +395,7 @@ fn merge_stages<'a>(
     stages: &mut Vec<MergedStage<'a>>,
     errors: &mut Vec<Diagnostic>,
 ) {
-    for (name, body) in table {
+    for (name, body) in in_file_order(table) {
         let name_span = Span {
             file,
             range: name.span(),
@@ -441,6 +448,14 @@ fn merge_stages<'a>(
             stage.entries.push(Entry { key, value, file });
         }
     }
+}
+
+/// The entries of a table in the order they are written: `toml`'s tables iterate sorted by key,
+/// but stages, plans and reports should follow the file.
+fn in_file_order(t: DeTable<'_>) -> Vec<(Spanned<DeString<'_>>, Spanned<DeValue<'_>>)> {
+    let mut items: Vec<_> = t.into_iter().collect();
+    items.sort_by_key(|(k, _)| k.span().start);
+    items
 }
 
 fn is_identifier(s: &str) -> bool {
@@ -557,14 +572,7 @@ fn declare(
     };
     let device = match s.get("device") {
         Some(e) => match e.value.get_ref().as_str() {
-            Some(d)
-                if d == "cpu"
-                    || d == "cuda"
-                    || d.strip_prefix("cuda:")
-                        .is_some_and(|n| n.parse::<u32>().is_ok()) =>
-            {
-                Some(d.to_string())
-            }
+            Some(d) if valid_device(d) => Some(d.to_string()),
             _ => {
                 errors.push(
                     Diagnostic::at(
@@ -664,6 +672,24 @@ fn declare(
                 .with_help("give at least one value"),
             );
         }
+        let mut seen = BTreeSet::new();
+        for v in e.value.get_ref().as_array().into_iter().flatten() {
+            let label = scalar_label(v.get_ref());
+            if !seen.insert(label.clone()) {
+                errors.push(
+                    Diagnostic::at(
+                        sources,
+                        &Span {
+                            file: e.file,
+                            range: v.span(),
+                        },
+                        format!("`{dim}` lists `{label}` twice"),
+                    )
+                    .with_label("repeated sweep value")
+                    .with_help("each value makes one node; remove the repeat"),
+                );
+            }
+        }
     }
     if !errors.is_empty() {
         return Err(errors);
@@ -713,6 +739,18 @@ fn declare(
                 let file = file_of_error(s, &e);
                 let mut d = Diagnostic::from_toml(sources, file, &e);
                 d.message = format!("stage `{}` ({kind}): {}", s.name, d.message);
+                // A misspelt engine key (`for-each`) lands among the kind's params; say what
+                // the engine itself reads too.
+                if let Some(field) = unknown_field(e.message()) {
+                    let engine: Vec<String> = ENGINE_KEYS.iter().map(|k| k.to_string()).collect();
+                    if let Some(close) = closest(field, engine.iter()) {
+                        d = d.with_help(format!("did you mean `{close}`?"));
+                    }
+                    d = d.with_help(format!(
+                        "stage keys read by the engine: {}",
+                        list(engine.iter())
+                    ));
+                }
                 errors.push(d);
                 break;
             }
@@ -740,6 +778,23 @@ fn declare(
         stage,
     };
     Ok((decl, expect))
+}
+
+/// Whether `d` names a device: `cpu`, `cuda` or `cuda:N`. Whether this build and machine can
+/// use it is for the stage kinds to say.
+pub fn valid_device(d: &str) -> bool {
+    d == "cpu"
+        || d == "cuda"
+        || d.strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<u32>().is_ok())
+}
+
+/// The field name of serde's "unknown field `x`, expected ..." message.
+fn unknown_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("unknown field `")?
+        .split_once('`')
+        .map(|(f, _)| f)
 }
 
 fn scalar_label(v: &DeValue) -> String {
@@ -800,27 +855,31 @@ fn check_types(sources: &SourceMap, decls: &[StageDecl]) -> Result<(), Diagnosti
     for d in decls {
         let slots: Vec<&InputSlot> = d.inputs.iter().map(|(s, _)| s).collect();
         let mut filled: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut unreadable = false;
         for (up, span) in &d.from {
             let ty = outputs.get(up.as_str()).copied().unwrap_or_default();
             let span = span.clone();
             match slots.iter().find(|s| s.ty == ty) {
-                None => errors.push(
-                    Diagnostic::at(
-                        sources,
-                        &span,
-                        format!("stage `{}` ({}) cannot read `{up}`", d.name, d.kind),
+                None => {
+                    unreadable = true;
+                    errors.push(
+                        Diagnostic::at(
+                            sources,
+                            &span,
+                            format!("stage `{}` ({}) cannot read `{up}`", d.name, d.kind),
+                        )
+                        .with_label(format!("`{up}` produces `{ty}`"))
+                        .with_help(format!(
+                            "{} reads: {}",
+                            d.kind,
+                            slots
+                                .iter()
+                                .map(|s| format!("`{}`", s.ty))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )),
                     )
-                    .with_label(format!("`{up}` produces `{ty}`"))
-                    .with_help(format!(
-                        "{} reads: {}",
-                        d.kind,
-                        slots
-                            .iter()
-                            .map(|s| format!("`{}`", s.ty))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )),
-                ),
+                }
                 Some(slot) => {
                     let n = filled.entry(slot.ty).or_default();
                     *n += 1;
@@ -837,7 +896,8 @@ fn check_types(sources: &SourceMap, decls: &[StageDecl]) -> Result<(), Diagnosti
                 }
             }
         }
-        for slot in &slots {
+        // A `from` of the wrong type was reported above; "needs an input" would repeat it.
+        for slot in slots.iter().filter(|_| !unreadable) {
             if slot.required && !filled.contains_key(slot.ty) {
                 errors.push(
                     Diagnostic::at(
@@ -851,7 +911,7 @@ fn check_types(sources: &SourceMap, decls: &[StageDecl]) -> Result<(), Diagnosti
                     .with_help(format!(
                         "name a stage producing `{}` in `from`{}",
                         slot.ty,
-                        producers(decls, slot.ty)
+                        producers(decls, slot.ty, &d.name)
                     )),
                 );
             }
@@ -864,10 +924,11 @@ fn check_types(sources: &SourceMap, decls: &[StageDecl]) -> Result<(), Diagnosti
     }
 }
 
-fn producers(decls: &[StageDecl], ty: &str) -> String {
+/// The stages (other than `reader`) that produce `ty`, as a hint.
+fn producers(decls: &[StageDecl], ty: &str, reader: &str) -> String {
     let names: Vec<String> = decls
         .iter()
-        .filter(|d| d.stage.output() == ty)
+        .filter(|d| d.stage.output() == ty && d.name != reader)
         .map(|d| format!("`{}`", d.name))
         .collect();
     if names.is_empty() {
@@ -910,15 +971,12 @@ fn order_stages(
             }
         }
     }
-    match petgraph::algo::toposort(&graph, None) {
-        Ok(order) => {
+    match stable_toposort(&graph) {
+        Some(order) => {
             let mut slots: Vec<Option<StageDecl>> = decls.into_iter().map(Some).collect();
-            Ok(order
-                .into_iter()
-                .filter_map(|n| slots[graph[n]].take())
-                .collect())
+            Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
         }
-        Err(_) => {
+        None => {
             let mut errors = Vec::new();
             for scc in petgraph::algo::tarjan_scc(&graph) {
                 if scc.len() < 2 {
@@ -935,6 +993,37 @@ fn order_stages(
             Err(Diagnostics(errors))
         }
     }
+}
+
+/// A topological order of the graph's node weights (declaration indices) that keeps the
+/// declaration order wherever the edges allow it (Kahn's algorithm, lowest index first), so
+/// plans and reports list stages as the file does; `None` if there is a cycle.
+fn stable_toposort(graph: &DiGraph<usize, ()>) -> Option<Vec<usize>> {
+    let mut indegree: Vec<usize> = graph
+        .node_indices()
+        .map(|n| {
+            graph
+                .neighbors_directed(n, petgraph::Direction::Incoming)
+                .count()
+        })
+        .collect();
+    let mut ready: BTreeSet<usize> = graph
+        .node_indices()
+        .filter(|n| indegree[n.index()] == 0)
+        .map(|n| n.index())
+        .collect();
+    let mut order = Vec::with_capacity(indegree.len());
+    while let Some(i) = ready.pop_first() {
+        let n = NodeIndex::new(i);
+        order.push(graph[n]);
+        for r in graph.neighbors_directed(n, petgraph::Direction::Outgoing) {
+            indegree[r.index()] -= 1;
+            if indegree[r.index()] == 0 {
+                ready.insert(r.index());
+            }
+        }
+    }
+    (order.len() == indegree.len()).then_some(order)
 }
 
 /// `a -> b -> c -> a` for a strongly connected set, following `from` edges.

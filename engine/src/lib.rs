@@ -22,6 +22,6 @@ pub use experiment::{Experiment, load};
 pub use plan::{Overrides, Plan, Planner};
 pub use run::{RunOptions, RunReport, run};
 pub use stage::{
-    Artifact, Coords, InputSlot, Inputs, Outcome, PlanContext, ProgressSink, Registry, Resource,
-    RunContext, Stage, StageResult, Sweep,
+    Artifact, Cancelled, Coords, InputSlot, Inputs, Outcome, PlanContext, ProgressSink, Registry,
+    Resource, RunContext, Stage, StageResult, Sweep,
 };

@@ -146,9 +146,13 @@ impl<'a> Planner<'a> {
                 });
                 continue;
             }
+            let before = plan.nodes.len();
             match self.expand(si, decl, &index, &by_stage, &mut plan) {
                 Ok(Some(ids)) => by_stage[si] = Some(ids),
                 Ok(None) => {
+                    // A stage is expanded whole or not at all: drop the nodes of the
+                    // combinations whose inputs did exist.
+                    plan.nodes.truncate(before);
                     let waits_for = decl.upstream().map(String::from).collect();
                     plan.pending.push(Pending {
                         stage: decl.name.clone(),

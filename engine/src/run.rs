@@ -18,7 +18,7 @@ use crate::history::History;
 use crate::plan::{Node, Plan, Planner, StoredOutcome, artifact};
 use crate::progress::{ProgressMode, Reporter};
 use crate::record::{RunDir, files};
-use crate::stage::{Inputs, Outcome, Resource, RunContext, StageResult};
+use crate::stage::{Cancelled, Inputs, Outcome, Resource, RunContext, StageResult};
 
 /// How to run.
 #[derive(Clone, Debug)]
@@ -127,6 +127,10 @@ struct Done {
     key: Key,
     result: Result<Entry, String>,
     seconds: f64,
+    /// False when another process committed the key while this one waited for its lock.
+    computed: bool,
+    /// The stage gave up because the run was cancelled: not a failure of the node.
+    stopped: bool,
 }
 
 /// Runs the experiment behind `planner`, writing the run record into `run_dir`.
@@ -247,8 +251,17 @@ pub fn run(
                         if let Some(n) = node {
                             history.record(n);
                         }
-                        reporter.finished(&name, "done", d.seconds);
-                        states.insert(d.key, (NodeState::Ran, d.seconds));
+                        if d.computed {
+                            reporter.finished(&name, "done", d.seconds);
+                            states.insert(d.key, (NodeState::Ran, d.seconds));
+                        } else {
+                            reporter.finished(&name, "cached", 0.0);
+                            states.insert(d.key, (NodeState::Cached, 0.0));
+                        }
+                    }
+                    Err(_) if d.stopped => {
+                        reporter.finished(&name, "stopped", d.seconds);
+                        states.insert(d.key, (NodeState::NotRun, d.seconds));
                     }
                     Err(e) => {
                         reporter.finished(&name, "FAILED", d.seconds);
@@ -357,6 +370,8 @@ impl Worker<'_> {
             key: n.key.clone(),
             result: Err(e),
             seconds: started.elapsed().as_secs_f64(),
+            computed: false,
+            stopped: false,
         };
 
         // Locks in key order, so two processes batching overlapping sets cannot deadlock.
@@ -372,6 +387,8 @@ impl Worker<'_> {
                         key: n.key.clone(),
                         result: Ok(entry),
                         seconds: 0.0,
+                        computed: false,
+                        stopped: false,
                     }),
                     _ => todo.push((n, lock)),
                 },
@@ -437,8 +454,14 @@ impl Worker<'_> {
         let results = run_guarded(|| decl.stage.run_batch(&jobs, &inputs), jobs.len());
         let seconds = started.elapsed().as_secs_f64() / prepared.len() as f64;
         for ((n, staging, cx), result) in prepared.into_iter().zip(results) {
+            let stopped = matches!(&result, Err(e) if self.cancel.load(Ordering::Relaxed)
+                && e.chain().any(|c| c.is::<Cancelled>()));
             let done = match result {
                 Ok(outcome) => commit(n, staging, &outcome, seconds, &cx, decl.kind.as_str()),
+                Err(_) if stopped => {
+                    cx.log("stopped: the run was cancelled");
+                    Err("cancelled".to_string())
+                }
                 Err(e) => {
                     let msg = format!("{e:#}");
                     cx.log(format!("error: {msg}"));
@@ -452,6 +475,8 @@ impl Worker<'_> {
                 key: n.key.clone(),
                 result: done,
                 seconds,
+                computed: true,
+                stopped,
             });
         }
         drop(todo);

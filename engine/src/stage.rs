@@ -296,14 +296,28 @@ impl<'a> RunContext<'a> {
         self.cancel.load(Ordering::Relaxed)
     }
 
-    /// Returns an error if the run was cancelled; call between units of work.
+    /// Returns [`Cancelled`] if the run was cancelled; call between units of work and pass the
+    /// error on (`?`), so the engine reports the node as stopped rather than failed.
     pub fn check_cancelled(&self) -> StageResult<()> {
         if self.is_cancelled() {
-            anyhow::bail!("cancelled");
+            return Err(Cancelled.into());
         }
         Ok(())
     }
 }
+
+/// The error of a stage that stopped because the run was cancelled (Ctrl-C, or another node
+/// failed without `--keep-going`): the node did not fail, it was not finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cancelled;
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cancelled")
+    }
+}
+
+impl std::error::Error for Cancelled {}
 
 /// One kind of stage. Implementations parse `Params` with `#[serde(deny_unknown_fields)]`
 /// and defaults filled in: the canonical encoding of the parsed params is part of the key.
@@ -439,7 +453,7 @@ impl<S: Stage> DynStage for S {
     }
     fn parse(&self, de: toml::de::ValueDeserializer<'_>) -> Result<ParamBox, toml::de::Error> {
         let p = S::Params::deserialize(de)?;
-        ParamBox::new(p).map_err(|m| <toml::de::Error as serde::de::Error>::custom(m))
+        ParamBox::new(p).map_err(<toml::de::Error as serde::de::Error>::custom)
     }
     fn check(&self, p: &ParamBox) -> Result<(), String> {
         Stage::check(self, p.get::<S::Params>())

@@ -1,0 +1,578 @@
+//! Tests that need separate processes: exit codes and run records of the CLI, a run killed
+//! (SIGKILL) in the middle of a stage's write and in the middle of a commit, and two
+//! concurrent runs sharing a cache.
+//!
+//! They drive the `testkit` example (the engine's CLI with the test kinds). `cargo test`
+//! builds examples, but `cargo test --test process` does not, so the first test to need it
+//! runs `cargo build --example testkit` (a no-op when it is fresh) into the same target
+//! directory as this test binary.
+
+mod kinds;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use kinds::read_trace;
+use probex_cache::{Store, Verified};
+
+/// The `testkit` binary, built once per test process.
+fn testkit() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        // <target>/debug/deps/process-HASH -> <target>/debug
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in <target>/<profile>/deps");
+        let target_dir = profile_dir.parent().expect("target dir");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "probex-engine",
+                "--example",
+                "testkit",
+            ])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .output()
+            .expect("run cargo build --example testkit");
+        assert!(
+            out.status.success(),
+            "building the testkit example failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bin = profile_dir
+            .join("examples")
+            .join(format!("testkit{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.is_file(), "no testkit at {}", bin.display());
+        bin
+    })
+}
+
+/// One test's directory: experiment files, a private cache and a trace of executions.
+struct Kit {
+    dir: tempfile::TempDir,
+}
+
+impl Kit {
+    fn new() -> Self {
+        Kit {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn cache(&self) -> PathBuf {
+        self.path("cache")
+    }
+
+    fn trace(&self) -> Vec<kinds::TraceLine> {
+        read_trace(&self.path("trace.tsv"))
+    }
+
+    /// How many times `node` started executing, over every process so far.
+    fn starts(&self, node: &str) -> usize {
+        self.trace()
+            .iter()
+            .filter(|l| l.what == "start" && l.node == node)
+            .count()
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path(name);
+        fs::write(&p, text).expect("write experiment");
+        p
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(testkit());
+        c.arg("--cache")
+            .arg(self.cache())
+            .args(args)
+            .env("PROBEX_TESTKIT_TRACE", self.path("trace.tsv"))
+            .current_dir(self.dir.path());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run testkit")
+    }
+
+    fn spawn(&self, args: &[&str]) -> Child {
+        self.cmd(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn testkit")
+    }
+
+    fn store(&self) -> Store {
+        Store::open(self.cache()).expect("open store")
+    }
+
+    /// `cache verify` must say every entry is sound.
+    fn assert_verify_clean(&self, entries: usize) {
+        let out = self.run(&["cache", "verify"]);
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+        assert!(
+            text.contains(&format!("{entries} entries verified, 0 corrupt")),
+            "{text}"
+        );
+    }
+
+    /// Entry directories on disk, complete or not.
+    fn entry_dirs(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for shard in fs::read_dir(self.cache().join("entries"))
+            .into_iter()
+            .flatten()
+        {
+            for e in fs::read_dir(shard.unwrap().path()).into_iter().flatten() {
+                out.push(e.unwrap().path());
+            }
+        }
+        out
+    }
+
+    /// The key of `node` in the current plan of `file`.
+    fn key_of(&self, file: &str, node: &str) -> probex_cache::Key {
+        let out = self.run(&["plan", "--json", file]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("plan json");
+        let key = v["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|r| r["node"] == node))
+            .and_then(|r| r["key"].as_str())
+            .unwrap_or_else(|| panic!("no node {node} in {v}"));
+        probex_cache::Key::parse(key).expect("key")
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Polls `cond` every few milliseconds for at most `limit`.
+fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(3));
+    }
+}
+
+/// Files under the `data/` of every staging directory in the cache's `tmp/`.
+fn staged_files(cache: &Path, sub: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for slot in fs::read_dir(cache.join("tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let dir = slot.path().join("data").join(sub);
+        for f in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            out.push(f.path());
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+
+const GOOD: &str = r#"
+[experiment]
+name = "good"
+description = "two numbers and their sum"
+
+[stage.a]
+kind = "const"
+value = 2.0
+
+[stage.b]
+kind = "add"
+from = "a"
+offset = 0.5
+expect = { value = "2.5 +- 0.01" }
+
+[stage.g]
+kind = "gather"
+from = "b"
+
+[expect]
+"b.value" = "> a.value"
+"#;
+
+#[test]
+fn exit_code_is_0_when_every_expectation_holds_and_the_run_record_is_written() {
+    let k = Kit::new();
+    k.write("good.toml", GOOD);
+    let out = k.run(&["run", "good.toml", "--out", "rec", "--progress", "plain"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(text.contains("ok     b.value"), "{text}");
+    assert!(
+        text.contains("ok: 3 nodes (3 computed, 0 cached)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("== g ==\ngathered 1 nodes, sum 2.5"),
+        "{text}"
+    );
+    for f in [
+        "report.md",
+        "results.json",
+        "status.json",
+        "plan.json",
+        "logs/b.log",
+    ] {
+        assert!(
+            k.path("rec").join(f).is_file(),
+            "{f} missing from the run record"
+        );
+    }
+    let results: serde_json::Value =
+        serde_json::from_slice(&fs::read(k.path("rec/results.json")).unwrap()).unwrap();
+    assert_eq!(results["success"], true);
+    assert_eq!(results["results"]["b"]["value"], 2.5);
+    assert_eq!(results["expectations"].as_array().unwrap().len(), 2);
+    let md = fs::read_to_string(k.path("rec/report.md")).unwrap();
+    assert!(
+        md.starts_with("# good\n\ntwo numbers and their sum"),
+        "{md}"
+    );
+    assert!(md.contains("Outcome: **success**"), "{md}");
+    // Published files are copied into the run record.
+    assert!(k.path("rec/g/value.json").is_file());
+
+    // Without --out the record goes beside the experiment file.
+    let again = k.run(&["run", "good.toml"]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert!(stdout(&again).contains("(0 computed, 3 cached)"));
+    let runs: Vec<_> = fs::read_dir(k.path("runs/good")).unwrap().collect();
+    assert_eq!(runs.len(), 1);
+
+    k.assert_verify_clean(3);
+    let plan = k.run(&["plan", "good.toml"]);
+    assert!(
+        stdout(&plan).contains("3 nodes: 3 cached, 0 to run"),
+        "{}",
+        stdout(&plan)
+    );
+}
+
+#[test]
+fn exit_code_is_1_when_an_expectation_is_missed() {
+    let k = Kit::new();
+    k.write("miss.toml", &GOOD.replace("2.5 +- 0.01", "3.0 +- 0.1"));
+    let out = k.run(&["run", "miss.toml", "--out", "rec"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("MISSED b.value = 2.5000 (expected 3.0 +- 0.1): off by 0.5000"),
+        "{text}"
+    );
+    assert!(text.contains("FAILED"), "{text}");
+    let md = fs::read_to_string(k.path("rec/report.md")).unwrap();
+    assert!(md.contains("**MISSED**"), "{md}");
+    let results: serde_json::Value =
+        serde_json::from_slice(&fs::read(k.path("rec/results.json")).unwrap()).unwrap();
+    assert_eq!(results["success"], false);
+}
+
+#[test]
+fn exit_code_is_1_when_a_stage_fails_and_2_for_bad_input() {
+    let k = Kit::new();
+    k.write(
+        "fails.toml",
+        "[stage.f]\nkind = \"fail\"\nmessage = \"no luck\"\n\n[stage.g]\nkind = \"add\"\nfrom = \"f\"\n",
+    );
+    let out = k.run(&["run", "fails.toml", "--out", "rec"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("error: stage f failed: no luck"), "{err}");
+    assert!(err.contains("logs/f.log"), "{err}");
+    assert!(k.path("rec/report.md").is_file() && k.path("rec/results.json").is_file());
+
+    k.write(
+        "cycle.toml",
+        "[stage.a]\nkind = \"add\"\nfrom = \"b\"\n\n[stage.b]\nkind = \"add\"\nfrom = \"a\"\n",
+    );
+    for cmd in ["run", "plan"] {
+        let out = k.run(&[cmd, "cycle.toml"]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("stages form a cycle: a -> b -> a"), "{err}");
+        assert!(err.contains("--> cycle.toml:1:8"), "{err}");
+        assert!(stdout(&out).is_empty());
+    }
+    let out = k.run(&["run", "fails.toml", "--device", "gpu"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--device gpu: not a device"),
+        "{}",
+        stderr(&out)
+    );
+    let out = k.run(&["run", "absent.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("cannot read experiment file absent.toml"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !k.path("runs").exists(),
+        "a bad experiment must not leave a run record"
+    );
+}
+
+#[test]
+fn a_corrupt_entry_is_quarantined_by_verify_and_recomputed() {
+    let k = Kit::new();
+    k.write("good.toml", GOOD);
+    assert_eq!(
+        k.run(&["run", "good.toml", "--out", "r1"]).status.code(),
+        Some(0)
+    );
+    let key = k.key_of("good.toml", "b");
+    let file = k.store().get(&key).unwrap().unwrap().dir.join("value.json");
+    let mut perm = fs::metadata(&file).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perm.set_readonly(false);
+    fs::set_permissions(&file, perm).unwrap();
+    fs::write(&file, br#"{"value": 99.0}"#).unwrap();
+
+    let out = k.run(&["cache", "verify"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("3 entries verified, 1 corrupt"),
+        "{}",
+        stdout(&out)
+    );
+    let plan = stdout(&k.run(&["plan", "good.toml"]));
+    let line = plan
+        .lines()
+        .find(|l| l.starts_with("b "))
+        .unwrap_or_default();
+    assert!(line.contains("cache entry failed verification"), "{plan}");
+    let out = k.run(&["run", "good.toml", "--out", "r2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(k.starts("b"), 2);
+    assert_eq!(k.starts("a"), 1);
+    k.assert_verify_clean(3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crash safety
+
+#[test]
+fn a_run_killed_while_a_stage_writes_leaves_no_entry_and_is_recomputed() {
+    let k = Kit::new();
+    k.write(
+        "slow.toml",
+        r#"
+[stage.a]
+kind = "const"
+value = 1
+
+[stage.w]
+kind = "slow_write"
+from = "a"
+chunks = 40      # 10 MiB over about 1 s
+chunk_ms = 25
+"#,
+    );
+    let key = k.key_of("slow.toml", "w");
+    let mut child = k.spawn(&["run", "slow.toml", "--out", "r1"]);
+    wait_for(
+        Duration::from_secs(20),
+        "the stage to start writing",
+        || {
+            staged_files(&k.cache(), "").iter().any(|f| {
+                f.ends_with("big.bin") && fs::metadata(f).is_ok_and(|m| m.len() >= 1 << 20)
+            })
+        },
+    );
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let trace = k.trace();
+    assert!(
+        !trace.iter().any(|l| l.what == "end" && l.node == "w"),
+        "the stage finished before the kill: {trace:?}"
+    );
+
+    // Nothing half-written is visible: `a` is committed, `w` is not, every entry is whole.
+    let store = k.store();
+    assert!(store.get(&key).unwrap().is_none());
+    assert_eq!(k.entry_dirs().len(), 1);
+    assert!(
+        store
+            .verify_all()
+            .unwrap()
+            .iter()
+            .all(|(_, v)| *v == Verified::Ok)
+    );
+    k.assert_verify_clean(1);
+
+    let out = k.run(&["run", "slow.toml", "--out", "r2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("(1 computed, 1 cached)"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(k.starts("a"), 1);
+    assert_eq!(k.starts("w"), 2);
+    let entry = store.get(&key).unwrap().expect("w committed");
+    assert_eq!(
+        fs::metadata(entry.dir.join("big.bin")).unwrap().len(),
+        40 * 256 * 1024
+    );
+    k.assert_verify_clean(2);
+    // The dead run's staging directory is garbage that gc removes.
+    let gc = k.run(&["cache", "gc"]);
+    assert!(
+        stdout(&gc).contains("1 staging dirs of dead runs"),
+        "{}",
+        stdout(&gc)
+    );
+}
+
+#[test]
+fn a_run_killed_during_commit_leaves_no_entry_and_is_recomputed() {
+    // Many small files: the commit hashes, fsyncs and write-protects each one, which takes a
+    // while. Once the stage has returned and the first file is write-protected, the run is
+    // frozen (SIGSTOP) to check that the commit is still under way, then killed (SIGKILL). On
+    // a file system where fsync is free the commit may win the race; try again with more files.
+    let mut attempt = None;
+    for files in [400, 4000, 20000] {
+        let k = Kit::new();
+        let text = format!("[stage.w]\nkind = \"slow_write\"\nchunks = 1\nfiles = {files}\n");
+        k.write("commit.toml", &text);
+        let key = k.key_of("commit.toml", "w");
+        let mut child = k.spawn(&["run", "commit.toml", "--out", "r1"]);
+        wait_for(Duration::from_secs(60), "the commit to start", || {
+            k.trace().iter().any(|l| l.what == "end" && l.node == "w")
+                && staged_files(&k.cache(), "many")
+                    .iter()
+                    .any(|f| fs::metadata(f).is_ok_and(|m| m.permissions().readonly()))
+        });
+        let stopped = Command::new("kill")
+            .args(["-STOP", &child.id().to_string()])
+            .status()
+            .expect("kill -STOP");
+        assert!(stopped.success());
+        let mid_commit = k.store().get(&key).unwrap().is_none();
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+        if mid_commit {
+            attempt = Some((k, key, files));
+            break;
+        }
+    }
+    let (k, key, files) = attempt.expect("every commit finished before it could be killed");
+    let store = k.store();
+    assert!(store.get(&key).unwrap().is_none());
+    assert!(k.entry_dirs().is_empty(), "{:?}", k.entry_dirs());
+    k.assert_verify_clean(0);
+
+    let out = k.run(&["run", "commit.toml", "--out", "r2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(k.starts("w"), 2);
+    let entry = store.get(&key).unwrap().expect("w committed");
+    assert_eq!(entry.manifest.files.len(), files + 1);
+    k.assert_verify_clean(1);
+}
+
+#[test]
+fn concurrent_runs_of_one_experiment_compute_each_node_once() {
+    let k = Kit::new();
+    k.write(
+        "par.toml",
+        r#"
+[stage.p]
+kind = "sleep"
+ms = 400
+value = 1
+
+[stage.q]
+kind = "sleep"
+ms = 400
+value = 2
+
+[stage.r]
+kind = "sleep"
+ms = 400
+value = 3
+
+[stage.s]
+kind = "add"
+from = ["p", "q", "r"]
+"#,
+    );
+    // Both start before either has committed anything.
+    let mut runs: Vec<Child> = ["one", "two"]
+        .into_iter()
+        .map(|out| {
+            k.cmd(&["run", "par.toml", "--jobs", "3", "--out", out])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn testkit")
+        })
+        .collect();
+    let outputs: Vec<Output> = runs
+        .drain(..)
+        .map(|c| c.wait_with_output().expect("wait"))
+        .collect();
+    for out in &outputs {
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(out));
+    }
+    for node in ["p", "q", "r", "s"] {
+        assert_eq!(
+            k.starts(node),
+            1,
+            "{node} computed more than once: {:?}",
+            k.trace()
+        );
+    }
+    // The run that waited for the other reports those nodes as cached, not computed.
+    let computed: usize = outputs
+        .iter()
+        .map(|o| {
+            let t = stdout(o);
+            let n = t
+                .split(" nodes (")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|n| n.parse::<usize>().ok());
+            n.unwrap_or_else(|| panic!("no summary line in {t}"))
+        })
+        .sum();
+    assert_eq!(
+        computed,
+        4,
+        "{:?}",
+        outputs.iter().map(stdout).collect::<Vec<_>>()
+    );
+    for out in ["one", "two"] {
+        let results: serde_json::Value =
+            serde_json::from_slice(&fs::read(k.path(out).join("results.json")).unwrap()).unwrap();
+        assert_eq!(results["results"]["s"]["value"], 6.0);
+    }
+    k.assert_verify_clean(4);
+}
