@@ -33,7 +33,11 @@ impl Collection {
     /// A collection of `models` (sorted here by id).
     pub fn new(origin: impl Into<String>, mut models: Vec<ModelSource>) -> Self {
         models.sort_by(|a, b| a.id.cmp(&b.id));
-        Collection { format: Self::FORMAT, origin: origin.into(), models }
+        Collection {
+            format: Self::FORMAT,
+            origin: origin.into(),
+            models,
+        }
     }
 
     /// Writes `models.json` into `dir`.
@@ -50,7 +54,11 @@ impl Collection {
         let mut c: Collection = serde_json::from_slice(&bytes)
             .map_err(|e| anyhow::anyhow!("{}: not a model collection: {e}", path.display()))?;
         if c.format != Self::FORMAT {
-            anyhow::bail!("{}: collection format {} is not supported; run its stage again", path.display(), c.format);
+            anyhow::bail!(
+                "{}: collection format {} is not supported; run its stage again",
+                path.display(),
+                c.format
+            );
         }
         for m in &mut c.models {
             if m.path.is_relative() {

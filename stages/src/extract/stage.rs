@@ -72,10 +72,16 @@ impl Stage for Extract {
         vec![InputSlot::one(collection::ARTIFACT)]
     }
 
-    fn sweep(&self, p: &ExtractParams, inputs: Option<&Inputs>) -> StageResult<Sweep<ExtractParams>> {
+    fn sweep(
+        &self,
+        p: &ExtractParams,
+        inputs: Option<&Inputs>,
+    ) -> StageResult<Sweep<ExtractParams>> {
         // Indices and names are resolved against the first model's header, so even `59`
         // waits for the collection: it also checks the layer exists.
-        let Some(inputs) = inputs else { return Ok(Sweep::NeedsInputs) };
+        let Some(inputs) = inputs else {
+            return Ok(Sweep::NeedsInputs);
+        };
         let models = Collection::load(&inputs.one(collection::ARTIFACT)?.dir)?;
         let Some(first) = models.models.first() else {
             anyhow::bail!("the model collection is empty");
@@ -85,7 +91,15 @@ impl Stage for Extract {
             dim: "layer",
             nodes: layers
                 .into_iter()
-                .map(|l| (l.index.to_string(), ExtractParams { layers: LayerSelector::Index(l.index), ..p.clone() }))
+                .map(|l| {
+                    (
+                        l.index.to_string(),
+                        ExtractParams {
+                            layers: LayerSelector::Index(l.index),
+                            ..p.clone()
+                        },
+                    )
+                })
                 .collect(),
         })
     }
@@ -95,19 +109,32 @@ impl Stage for Extract {
     }
 
     fn run(&self, p: &ExtractParams, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
-        self.run_batch(&[(p, cx)], inputs).pop().unwrap_or_else(|| anyhow::bail!("nothing ran"))
+        self.run_batch(&[(p, cx)], inputs)
+            .pop()
+            .unwrap_or_else(|| anyhow::bail!("nothing ran"))
     }
 
-    fn run_batch(&self, jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> Vec<StageResult<Outcome>> {
+    fn run_batch(
+        &self,
+        jobs: &[(&ExtractParams, &RunContext)],
+        inputs: &Inputs,
+    ) -> Vec<StageResult<Outcome>> {
         // Jobs that differ only in their layer share one pass over the files.
         let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, (p, _)) in jobs.iter().enumerate() {
-            let shared = ExtractParams { layers: LayerSelector::All, ..(*p).clone() };
-            groups.entry(serde_json::to_string(&shared).unwrap_or_default()).or_default().push(i);
+            let shared = ExtractParams {
+                layers: LayerSelector::All,
+                ..(*p).clone()
+            };
+            groups
+                .entry(serde_json::to_string(&shared).unwrap_or_default())
+                .or_default()
+                .push(i);
         }
         let mut results: Vec<Option<StageResult<Outcome>>> = jobs.iter().map(|_| None).collect();
         for members in groups.values() {
-            let group: Vec<(&ExtractParams, &RunContext)> = members.iter().map(|&i| jobs[i]).collect();
+            let group: Vec<(&ExtractParams, &RunContext)> =
+                members.iter().map(|&i| jobs[i]).collect();
             match run_group(&group, inputs) {
                 Ok(outcomes) => {
                     for (&i, o) in members.iter().zip(outcomes) {
@@ -122,23 +149,39 @@ impl Stage for Extract {
                 }
             }
         }
-        results.into_iter().map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("not run")))).collect()
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("not run"))))
+            .collect()
     }
 }
 
 fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageResult<Vec<Outcome>> {
     let models = Collection::load(&inputs.one(collection::ARTIFACT)?.dir)?;
-    let Some(first) = models.models.first() else { anyhow::bail!("the model collection is empty") };
+    let Some(first) = models.models.first() else {
+        anyhow::bail!("the model collection is empty")
+    };
     let (p, lead) = jobs[0];
     let mut outputs = Vec::new();
     for (q, cx) in jobs {
         let mut layer = resolve_layers(&first.path, &q.layers, q.mode)?;
         if layer.len() != 1 {
-            anyhow::bail!("node {} resolves to {} layers, expected one", cx.node(), layer.len());
+            anyhow::bail!(
+                "node {} resolves to {} layers, expected one",
+                cx.node(),
+                layer.len()
+            );
         }
-        outputs.push(LayerOutput { layer: layer.remove(0), dir: cx.out_dir().to_path_buf() });
+        outputs.push(LayerOutput {
+            layer: layer.remove(0),
+            dir: cx.out_dir().to_path_buf(),
+        });
     }
-    lead.log(format!("extracting {} layers from {} models in one pass", outputs.len(), models.models.len()));
+    lead.log(format!(
+        "extracting {} layers from {} models in one pass",
+        outputs.len(),
+        models.models.len()
+    ));
     let opts = ExtractOptions {
         precision: p.precision,
         non_finite: p.non_finite,
@@ -147,10 +190,15 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
         splits: p.splits.clone(),
         on_bad_file: p.on_bad_file,
     };
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(lead.threads()).build()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(lead.threads())
+        .build()?;
     let report = pool.install(|| extract(&models.models, &outputs, &p.label, &opts))?;
     for f in &report.non_finite {
-        lead.log(format!("non-finite weights in {} ({}): {} NaN, {} Inf -> {}", f.model, f.layer, f.nan, f.inf, f.action));
+        lead.log(format!(
+            "non-finite weights in {} ({}): {} NaN, {} Inf -> {}",
+            f.model, f.layer, f.nan, f.inf, f.action
+        ));
     }
     for s in &report.skipped {
         lead.log(format!("skipped {}: {}", s.id, s.reason));
@@ -165,8 +213,10 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
     let mut outcomes = Vec::new();
     for ((_, cx), layer) in jobs.iter().zip(&report.layers) {
         let sidecar = dataset::LayerDataset::load_sidecar(cx.out_dir())?;
-        let splits: BTreeMap<String, usize> =
-            super::split_counts(&sidecar.models).into_iter().map(|(s, n)| (s.to_string(), n)).collect();
+        let splits: BTreeMap<String, usize> = super::split_counts(&sidecar.models)
+            .into_iter()
+            .map(|(s, n)| (s.to_string(), n))
+            .collect();
         outcomes.push(Outcome {
             meta: serde_json::json!({
                 "layer": layer.layer,

@@ -78,11 +78,18 @@ impl FetchParams {
                 file: file("model.safetensors"),
                 revision: self.revision.clone().unwrap_or_else(|| "main".into()),
             },
-            LayoutKind::ModelJDiscriminative => Layout::ModelJDiscriminative { root, file: file("model.safetensors") },
-            LayoutKind::ModelJGenerative => {
-                Layout::ModelJGenerative { root, file: file("pytorch_lora_weights.safetensors") }
-            }
-            LayoutKind::Folder => Layout::Folder { root, recursive: self.recursive },
+            LayoutKind::ModelJDiscriminative => Layout::ModelJDiscriminative {
+                root,
+                file: file("model.safetensors"),
+            },
+            LayoutKind::ModelJGenerative => Layout::ModelJGenerative {
+                root,
+                file: file("pytorch_lora_weights.safetensors"),
+            },
+            LayoutKind::Folder => Layout::Folder {
+                root,
+                recursive: self.recursive,
+            },
         }
     }
 }
@@ -125,7 +132,10 @@ impl Stage for Fetch {
     fn identity(&self, p: &FetchParams, cx: &PlanContext) -> StageResult<Option<String>> {
         let found = discover(&p.layout(cx.base_dir)).map_err(anyhow::Error::msg)?;
         if found.models.is_empty() {
-            anyhow::bail!("no model files found under {}", cx.base_dir.join(&p.path).display());
+            anyhow::bail!(
+                "no model files found under {}",
+                cx.base_dir.join(&p.path).display()
+            );
         }
         let mut h = blake3::Hasher::new();
         for m in &found.models {
@@ -160,7 +170,10 @@ impl Stage for Fetch {
             .collect();
         Collection::new(format!("dir:{}", root.display()), models).save(cx.out_dir())?;
         cx.log(format!("{n} models under {}", root.display()));
-        Ok(Outcome { meta: serde_json::json!({ "models": n }), ..Outcome::default() })
+        Ok(Outcome {
+            meta: serde_json::json!({ "models": n }),
+            ..Outcome::default()
+        })
     }
 }
 

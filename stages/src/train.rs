@@ -1,0 +1,198 @@
+//! The `train` stage kind: one probe (ProbeX, ProbeX zero-shot, Dense or StatNN) on one layer
+//! dataset.
+//!
+//! ```toml
+//! [stage.probe]
+//! kind = "train"
+//! from = ["layers", "text"]   # a layer dataset, and text embeddings for probex-zeroshot
+//! for_each = "layer"          # one node per layer of the sweep
+//! model = "probex"            # probex | probex-zeroshot | dense | statnn
+//! epochs = 500                # every hyperparameter defaults to the paper's value
+//! ```
+//! The artifact holds the best-validation checkpoint with the official PyTorch parameter names
+//! (`checkpoint.safetensors`), the metrics and curves (`report.json`), and every model's
+//! encoding and scores under that checkpoint (`outputs.safetensors`, rows as in `rows.json`),
+//! which `select` and `evaluate` read without loading the layer again.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use probex_engine::{InputSlot, Inputs, Outcome, Resource, RunContext, Stage, StageResult};
+use safetensors::{Dtype, tensor::TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{LayerDataset, Labels, ModelRecord};
+use crate::embeddings::TextTable;
+use crate::extract::ARTIFACT as LAYER;
+use crate::training::{self, DeviceSpec, TrainConfig};
+
+/// The artifact type of a trained probe.
+pub const ARTIFACT: &str = "probe";
+/// The artifact type of a text-embedding table.
+pub const EMBEDDINGS: &str = "embeddings";
+
+/// File names inside a probe artifact.
+pub mod files {
+    /// Best-validation checkpoint (official PyTorch names).
+    pub const CHECKPOINT: &str = "checkpoint.safetensors";
+    /// Zero-shot: best-`val_holdout` checkpoint.
+    pub const HOLDOUT_CHECKPOINT: &str = "checkpoint_holdout.safetensors";
+    /// Metrics, curves, config.
+    pub const REPORT: &str = "report.json";
+    /// `encodings` [N, dim] and `scores` [N, C] of every model under the checkpoint.
+    pub const OUTPUTS: &str = "outputs.safetensors";
+    /// Model ids, splits and labels of the rows of `outputs.safetensors`.
+    pub const ROWS: &str = "rows.json";
+}
+
+/// Who the rows of a probe's outputs are.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rows {
+    /// The layer the probe read.
+    pub layer: crate::dataset::LayerInfo,
+    /// One record per row.
+    pub models: Vec<ModelRecord>,
+    /// Labels with targets.
+    pub labels: Labels,
+    /// Names of the score columns.
+    pub columns: Vec<String>,
+}
+
+/// The `train` stage kind.
+pub struct Train;
+
+impl Stage for Train {
+    type Params = TrainConfig;
+
+    fn kind(&self) -> &'static str {
+        "train"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn about(&self) -> &'static str {
+        "train a probe (probex, probex-zeroshot, dense, statnn) on one layer dataset"
+    }
+    fn output(&self) -> &'static str {
+        ARTIFACT
+    }
+    fn inputs(&self) -> Vec<InputSlot> {
+        vec![InputSlot::one(LAYER), InputSlot::optional(EMBEDDINGS)]
+    }
+
+    fn check(&self, p: &TrainConfig) -> Result<(), String> {
+        p.validate()
+    }
+
+    fn resource(&self, _p: &TrainConfig, device: Option<&str>) -> Resource {
+        match device.map(str::parse::<DeviceSpec>) {
+            Some(Ok(DeviceSpec::Cuda(i))) => Resource::Gpu(format!("cuda:{i}")),
+            _ => Resource::Cpu,
+        }
+    }
+
+    fn run(&self, p: &TrainConfig, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
+        let device: DeviceSpec = cx.device().unwrap_or("cpu").parse().map_err(anyhow::Error::msg)?;
+        let layer_dir = &inputs.one(LAYER)?.dir;
+        let ds = LayerDataset::load(layer_dir)?;
+        let text = match inputs.optional(EMBEDDINGS)? {
+            Some(a) => Some(TextTable::load(&a.dir)?),
+            None => None,
+        };
+        // Threads are a run setting, not a hyperparameter: they come from the engine.
+        let cfg = TrainConfig { threads: cx.threads(), ..p.clone() };
+        cx.log(format!(
+            "{} on layer {} ({}): {} models of [{}, {}], device {device}, {} threads",
+            cfg.model.as_str(),
+            ds.layer.index,
+            ds.layer.name,
+            ds.n,
+            ds.d_h,
+            ds.d_w,
+            cfg.threads
+        ));
+        let mut on_epoch = |pr: &training::TrainProgress| {
+            cx.progress(pr.epoch as u64 + 1, pr.epochs as u64, &format!("loss {:.4}", pr.train_loss));
+            if let Some(e) = pr.eval {
+                let val = e.splits.get("val").and_then(|m| m.iter().next().map(|(k, v)| format!("{k} {v:.4}")));
+                cx.log(format!("epoch {}: loss {:.5}{}", pr.epoch, pr.train_loss, val.map_or(String::new(), |v| format!(", val {v}"))));
+            }
+            if cx.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        };
+        let outcome = training::train(&ds, text.as_ref(), &cfg, &device, Some(cx.work_dir()), &mut on_epoch)?;
+        let out = cx.out_dir();
+        write(out, files::CHECKPOINT, &outcome.checkpoint)?;
+        if let Some(h) = &outcome.holdout_checkpoint {
+            write(out, files::HOLDOUT_CHECKPOINT, h)?;
+        }
+        write(out, files::REPORT, &serde_json::to_vec_pretty(&outcome.report)?)?;
+
+        let ckpt = out.join(files::CHECKPOINT);
+        let enc = training::encode(&ckpt, &ds, &device)?;
+        let pred = training::predict(&ckpt, &ds, text.as_ref(), &device)?;
+        write_outputs(&out.join(files::OUTPUTS), ds.n, &enc.values, enc.dim, &pred.scores, pred.columns.len())?;
+        let rows = Rows { layer: ds.layer.clone(), models: ds.models.clone(), labels: ds.labels.clone(), columns: pred.columns };
+        write(out, files::ROWS, &serde_json::to_vec(&rows)?)?;
+
+        let r = &outcome.report;
+        cx.log(format!("best epoch {} ({} parameters) in {:.1}s", r.best_epoch, r.params, r.seconds));
+        let mut results = serde_json::to_value(&r.metrics)?;
+        if let Some(obj) = results.as_object_mut() {
+            obj.insert("params".into(), r.params.into());
+            obj.insert("best_epoch".into(), r.best_epoch.into());
+            obj.insert("seconds".into(), r.seconds.into());
+            if let Some(h) = &r.holdout_metrics {
+                obj.insert("holdout_checkpoint".into(), serde_json::to_value(h)?);
+            }
+        }
+        Ok(Outcome {
+            meta: serde_json::json!({
+                "model": cfg.model.as_str(),
+                "layer": ds.layer,
+                "params": r.params,
+                "selection_metric": r.selection_metric,
+                "task": r.task,
+            }),
+            results: Some(results),
+            ..Outcome::default()
+        })
+    }
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> StageResult<()> {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn write_outputs(path: &Path, n: usize, enc: &[f32], dim: usize, scores: &[f32], cols: usize) -> StageResult<()> {
+    let eb: Vec<u8> = enc.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let sb: Vec<u8> = scores.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let e = TensorView::new(Dtype::F32, vec![n, dim], &eb)?;
+    let s = TensorView::new(Dtype::F32, vec![n, cols], &sb)?;
+    safetensors::serialize_to_file([("encodings", e), ("scores", s)], None::<HashMap<String, String>>, path)?;
+    Ok(())
+}
+
+/// Reads `encodings` [N, dim] and `scores` [N, C] from a probe artifact.
+pub fn read_outputs(dir: &Path) -> StageResult<(Vec<f32>, usize, Vec<f32>, usize)> {
+    let path = dir.join(files::OUTPUTS);
+    let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let get = |name: &str| -> StageResult<(Vec<f32>, usize)> {
+        let t = st.tensor(name)?;
+        let dim = t.shape().get(1).copied().unwrap_or(0);
+        Ok((crate::dataset::decode(t.dtype(), t.data()).map_err(anyhow::Error::msg)?, dim))
+    };
+    let (e, ed) = get("encodings")?;
+    let (s, sd) = get("scores")?;
+    Ok((e, ed, s, sd))
+}
+
+/// Reads `rows.json` from a probe artifact.
+pub fn read_rows(dir: &Path) -> StageResult<Rows> {
+    let path = dir.join(files::ROWS);
+    let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(serde_json::from_slice(&bytes)?)
+}

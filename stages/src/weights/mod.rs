@@ -1,0 +1,12 @@
+//! Reading model weights: a hostile-input-safe safetensors reader, the paper's layer indexing,
+//! layer selectors and the tensor-to-matrix transforms.
+
+pub mod layers;
+pub mod reader;
+pub mod select;
+pub mod transform;
+
+pub use layers::{LayerMode, LayerRow, layer_rows, list_layers};
+pub use reader::{Header, Safetensors, SafetensorsFile, TensorEntry, WeightsError};
+pub use select::LayerSelector;
+pub use transform::Transform;

@@ -1,0 +1,296 @@
+//! Layer selectors: which layers of a model to extract.
+//!
+//! Written in TOML as an integer (`59`), a string, or a list of those. Strings are `all`, an
+//! index (`"59"`), a range (`"40..60"` end-exclusive, `"40..=60"` inclusive), `re:<regex>`
+//! (searched anywhere in the name), `glob:<pattern>` or a bare pattern containing `*`, `?` or
+//! `[` (matched against the whole name; `*` also crosses dots), or an exact tensor name.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer};
+
+use super::layers::LayerRow;
+
+/// Which layers to extract; see the module docs for the syntax.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LayerSelector {
+    /// Every layer that can be a probe input (floating point, non-empty).
+    All,
+    /// One layer by its index in the sorted name list.
+    Index(usize),
+    /// Layers `start..end` (end exclusive).
+    Range {
+        /// First index.
+        start: usize,
+        /// One past the last index.
+        end: usize,
+    },
+    /// One layer by exact tensor name.
+    Name(String),
+    /// Layers whose whole name matches a glob.
+    Glob(String),
+    /// Layers whose name contains a match of a regex.
+    Regex(String),
+    /// The union of several selectors.
+    List(Vec<LayerSelector>),
+}
+
+impl fmt::Display for LayerSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LayerSelector::All => f.write_str("all"),
+            LayerSelector::Index(i) => write!(f, "{i}"),
+            LayerSelector::Range { start, end } => write!(f, "{start}..{end}"),
+            LayerSelector::Name(n) => f.write_str(n),
+            LayerSelector::Glob(g) => write!(f, "glob:{g}"),
+            LayerSelector::Regex(r) => write!(f, "re:{r}"),
+            LayerSelector::List(v) => {
+                f.write_str("[")?;
+                for (i, s) in v.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{s}")?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
+impl FromStr for LayerSelector {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if t.is_empty() {
+            return Err(
+                "empty layer selector; use an index, a range like \"40..60\", a name, \
+                        a glob, \"re:<regex>\" or \"all\""
+                    .into(),
+            );
+        }
+        if t == "all" {
+            return Ok(LayerSelector::All);
+        }
+        if let Some(r) = t.strip_prefix("re:") {
+            regex::Regex::new(r).map_err(|e| format!("layer regex `{r}`: {e}"))?;
+            return Ok(LayerSelector::Regex(r.to_string()));
+        }
+        if let Some(g) = t.strip_prefix("glob:") {
+            glob_regex(g)?;
+            return Ok(LayerSelector::Glob(g.to_string()));
+        }
+        if t.bytes().all(|b| b.is_ascii_digit()) {
+            return t
+                .parse()
+                .map(LayerSelector::Index)
+                .map_err(|_| format!("layer index `{t}` is too large"));
+        }
+        if let Some((a, b)) = t.split_once("..")
+            && a.bytes().all(|c| c.is_ascii_digit())
+            && !a.is_empty()
+        {
+            let (inclusive, b) = match b.strip_prefix('=') {
+                Some(b) => (true, b),
+                None => (false, b),
+            };
+            let parse = |x: &str| {
+                x.parse::<usize>()
+                    .map_err(|_| format!("layer range `{t}`: `{x}` is not an index"))
+            };
+            let start = parse(a)?;
+            let end = parse(b)?
+                .checked_add(usize::from(inclusive))
+                .ok_or_else(|| format!("layer range `{t}` is too large"))?;
+            if end <= start {
+                return Err(format!("layer range `{t}` is empty"));
+            }
+            return Ok(LayerSelector::Range { start, end });
+        }
+        if t.contains(['*', '?', '[']) {
+            glob_regex(t)?;
+            return Ok(LayerSelector::Glob(t.to_string()));
+        }
+        Ok(LayerSelector::Name(t.to_string()))
+    }
+}
+
+impl<'de> Deserialize<'de> for LayerSelector {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Index(u64),
+            Text(String),
+            List(Vec<Raw>),
+        }
+        fn convert(r: Raw) -> Result<LayerSelector, String> {
+            match r {
+                Raw::Index(i) => usize::try_from(i)
+                    .map(LayerSelector::Index)
+                    .map_err(|_| format!("layer index {i} is too large")),
+                Raw::Text(s) => s.parse(),
+                Raw::List(v) => v
+                    .into_iter()
+                    .map(convert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(LayerSelector::List),
+            }
+        }
+        let raw = Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected a layer index, a string (\"all\", \"40..60\", a name, a glob, \
+                 \"re:<regex>\") or a list of those",
+            )
+        })?;
+        convert(raw).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Translates a glob into an anchored regex: `*` any run of characters, `?` one character,
+/// `[...]` a class (`[!...]` negated); everything else literal.
+fn glob_regex(glob: &str) -> Result<regex::Regex, String> {
+    let mut re = String::from("^");
+    let mut chars = glob.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '*' => re.push_str(".*"),
+            '?' => re.push('.'),
+            '[' => {
+                let mut class = String::from("[");
+                if chars.peek() == Some(&'!') {
+                    chars.next();
+                    class.push('^');
+                }
+                let mut closed = false;
+                for c in chars.by_ref() {
+                    if c == ']' {
+                        closed = true;
+                        break;
+                    }
+                    if matches!(c, '\\' | '[' | '&' | '~' | '^') {
+                        class.push('\\');
+                    }
+                    class.push(c);
+                }
+                if !closed {
+                    return Err(format!("layer glob `{glob}`: `[` is never closed"));
+                }
+                class.push(']');
+                re.push_str(&class);
+            }
+            c => re.push_str(&regex::escape(&c.to_string())),
+        }
+    }
+    re.push('$');
+    regex::Regex::new(&re).map_err(|e| format!("layer glob `{glob}`: {e}"))
+}
+
+impl LayerSelector {
+    /// The indices (ascending, unique) of the layers of `rows` this selector picks.
+    ///
+    /// `All`, globs and regexes pick only layers that can be probe inputs (`matrix` present);
+    /// naming a layer that cannot (by index or name) is an error saying why. A selector that
+    /// picks nothing is an error.
+    pub fn resolve(&self, rows: &[LayerRow]) -> Result<Vec<usize>, String> {
+        let mut out = Vec::new();
+        self.collect(rows, &mut out)?;
+        out.sort_unstable();
+        out.dedup();
+        if out.is_empty() {
+            return Err(format!("layer selector `{self}` selects no layer"));
+        }
+        Ok(out)
+    }
+
+    fn collect(&self, rows: &[LayerRow], out: &mut Vec<usize>) -> Result<(), String> {
+        let usable = |r: &LayerRow| r.matrix.is_some();
+        let explicit = |r: &LayerRow| -> Result<usize, String> {
+            match &r.note {
+                Some(why) if r.matrix.is_none() => Err(format!(
+                    "layer {} `{}` cannot be a probe input: {why}",
+                    r.index, r.name
+                )),
+                _ => Ok(r.index),
+            }
+        };
+        match self {
+            LayerSelector::All => out.extend(rows.iter().filter(|r| usable(r)).map(|r| r.index)),
+            LayerSelector::Index(i) => {
+                let r = rows.get(*i).ok_or_else(|| out_of_range(*i, rows.len()))?;
+                out.push(explicit(r)?);
+            }
+            LayerSelector::Range { start, end } => {
+                if *end > rows.len() {
+                    return Err(out_of_range(end - 1, rows.len()));
+                }
+                for r in &rows[*start..*end] {
+                    out.push(explicit(r)?);
+                }
+            }
+            LayerSelector::Name(n) => {
+                let r = rows.iter().find(|r| &r.name == n).ok_or_else(|| {
+                    let similar: Vec<&str> = rows
+                        .iter()
+                        .filter(|r| r.name.contains(n.as_str()) || n.contains(r.name.as_str()))
+                        .take(5)
+                        .map(|r| r.name.as_str())
+                        .collect();
+                    if similar.is_empty() {
+                        format!("no layer is named `{n}` (list them with `probex layers FILE`)")
+                    } else {
+                        format!("no layer is named `{n}`; similar: {}", similar.join(", "))
+                    }
+                })?;
+                out.push(explicit(r)?);
+            }
+            LayerSelector::Glob(g) => {
+                let re = glob_regex(g)?;
+                out.extend(
+                    rows.iter()
+                        .filter(|r| usable(r) && re.is_match(&r.name))
+                        .map(|r| r.index),
+                );
+            }
+            LayerSelector::Regex(r) => {
+                let re = regex::Regex::new(r).map_err(|e| format!("layer regex `{r}`: {e}"))?;
+                out.extend(
+                    rows.iter()
+                        .filter(|row| usable(row) && re.is_match(&row.name))
+                        .map(|row| row.index),
+                );
+            }
+            LayerSelector::List(v) => {
+                for s in v {
+                    s.collect(rows, out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn out_of_range(i: usize, n: usize) -> String {
+    if n == 0 {
+        format!("layer {i} does not exist: the model has no layers")
+    } else {
+        format!(
+            "layer {i} does not exist: the model has {n} layers (0..={})",
+            n - 1
+        )
+    }
+}
+
+/// Serialises as it is written in TOML: an index as a number, a list as an array, anything
+/// else as its text (`"all"`, `"40..60"`, `"glob:*.query.weight"`, `"re:attn2"`, a name).
+impl serde::Serialize for LayerSelector {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LayerSelector::Index(i) => s.serialize_u64(*i as u64),
+            LayerSelector::List(v) => s.collect_seq(v),
+            other => s.collect_str(other),
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! How one tensor becomes the matrix a probe reads, exactly as the official ProbeX code does it.
+//!
+//! Squeeze singleton axes; a tensor with three or more remaining axes (a conv weight
+//! `[out, in, kh, kw]`) is reinterpreted row-major as `[in*kh*kw, out]` (a reshape, not a
+//! permute: `reshape(-1, out)`); a vector becomes a column `[n, 1]`. All three keep the bytes in
+//! file order, so the matrix of a plain tensor is its decoded data. LoRA pairs are the product
+//! `B @ A` of the up and down factors.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The transform that turned a tensor into a matrix (recorded in [`crate::dataset::LayerInfo`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transform {
+    /// Singleton axes dropped; two axes remain.
+    Squeeze,
+    /// Three or more axes after squeezing, reshaped row-major to `[numel / out, out]`.
+    ConvReshape,
+    /// One axis (or none) after squeezing, made a column `[n, 1]`.
+    Column,
+    /// LoRA: `up [out, r] @ down [r, in]` (extra axes of a conv LoRA flattened row-major).
+    LoraProduct,
+}
+
+impl Transform {
+    /// The name stored in `LayerInfo.transform`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transform::Squeeze => "squeeze",
+            Transform::ConvReshape => "conv_reshape",
+            Transform::Column => "column",
+            Transform::LoraProduct => "lora_product",
+        }
+    }
+}
+
+impl fmt::Display for Transform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The transform and matrix shape `[d_H, d_W]` of a plain tensor of shape `shape`.
+///
+/// A tensor with no elements has no matrix: that is an error, since a probe cannot read it.
+pub fn plan(shape: &[usize]) -> Result<(Transform, [usize; 2]), String> {
+    if shape.contains(&0) {
+        return Err(format!("shape {shape:?} has no elements"));
+    }
+    let squeezed: Vec<usize> = shape.iter().copied().filter(|&d| d != 1).collect();
+    Ok(match squeezed.as_slice() {
+        [] => (Transform::Column, [1, 1]),
+        [n] => (Transform::Column, [*n, 1]),
+        [h, w] => (Transform::Squeeze, [*h, *w]),
+        [out, rest @ ..] => (Transform::ConvReshape, [rest.iter().product(), *out]),
+    })
+}
+
+/// The matrix shape of a LoRA pair: `up` is `[out, r, ...]`, `down` is `[r, ...]`.
+pub fn plan_lora(up: &[usize], down: &[usize]) -> Result<[usize; 2], String> {
+    let (Some(&out), Some(&r_down)) = (up.first(), down.first()) else {
+        return Err(format!(
+            "LoRA factors must have at least one axis (up {up:?}, down {down:?})"
+        ));
+    };
+    let r_up: usize = up[1..].iter().product();
+    let cols: usize = down[1..].iter().product();
+    if up.len() < 2 || down.len() < 2 {
+        return Err(format!(
+            "LoRA factors must be matrices (up {up:?}, down {down:?})"
+        ));
+    }
+    if r_up != r_down {
+        return Err(format!(
+            "LoRA rank mismatch: up {up:?} has {r_up} columns, down {down:?} has {r_down} rows"
+        ));
+    }
+    if out == 0 || cols == 0 || r_down == 0 {
+        return Err(format!(
+            "LoRA pair has no elements (up {up:?}, down {down:?})"
+        ));
+    }
+    Ok([out, cols])
+}
+
+/// `X = B @ A` for `b` row-major `[out, r]` and `a` row-major `[r, cols]`, written into `x`
+/// (`[out, cols]`), f32 accumulation as PyTorch's f32 matmul.
+pub fn lora_product(b: &[f32], a: &[f32], out: usize, r: usize, cols: usize, x: &mut Vec<f32>) {
+    x.clear();
+    x.resize(out * cols, 0.0);
+    for i in 0..out {
+        let row = &mut x[i * cols..(i + 1) * cols];
+        for k in 0..r {
+            let bik = b[i * r + k];
+            let arow = &a[k * cols..(k + 1) * cols];
+            for (xv, &av) in row.iter_mut().zip(arow) {
+                *xv += bik * av;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_follow_the_official_rules() {
+        assert_eq!(plan(&[768, 768]).unwrap(), (Transform::Squeeze, [768, 768]));
+        assert_eq!(
+            plan(&[1, 197, 768]).unwrap(),
+            (Transform::Squeeze, [197, 768])
+        );
+        // 1x1 convs squeeze to a plain matrix, not a conv reshape.
+        assert_eq!(
+            plan(&[256, 64, 1, 1]).unwrap(),
+            (Transform::Squeeze, [256, 64])
+        );
+        assert_eq!(
+            plan(&[64, 3, 7, 7]).unwrap(),
+            (Transform::ConvReshape, [147, 64])
+        );
+        assert_eq!(plan(&[768]).unwrap(), (Transform::Column, [768, 1]));
+        assert_eq!(plan(&[1, 1, 768]).unwrap(), (Transform::Column, [768, 1]));
+        assert_eq!(plan(&[1]).unwrap(), (Transform::Column, [1, 1]));
+        assert!(plan(&[0, 5]).is_err());
+    }
+
+    #[test]
+    fn lora_plan_checks_rank() {
+        assert_eq!(plan_lora(&[320, 4], &[4, 768]).unwrap(), [320, 768]);
+        assert_eq!(
+            plan_lora(&[320, 4, 1, 1], &[4, 320, 3, 3]).unwrap(),
+            [320, 2880]
+        );
+        assert!(
+            plan_lora(&[320, 4], &[8, 768])
+                .unwrap_err()
+                .contains("rank")
+        );
+        assert!(plan_lora(&[320], &[4, 768]).is_err());
+    }
+}

@@ -1,0 +1,809 @@
+//! End-to-end extraction on fixture model collections written here.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use probex_stages::dataset::{Class, Labels, LayerDataset, Precision, Split};
+use probex_stages::extract::{
+    DigestMode, ExtractOptions, LayerOutput, Layout, ModelSource, NonFinitePolicy, SplitSource,
+    discover, extract, resolve_layers,
+};
+use probex_stages::labels::{LabelKind, LabelSpec, NameTable, OnError, Vocab};
+use probex_stages::weights::{LayerMode, LayerSelector};
+
+fn cifar_spec() -> LabelSpec {
+    LabelSpec {
+        vocab: Some(Vocab::Cifar100),
+        ..LabelSpec::new("dataset_chosen_targets", LabelKind::MultiLabel)
+    }
+}
+
+fn outputs(reference: &Path, sel: &str, out: &Path, mode: LayerMode) -> Vec<LayerOutput> {
+    let sel: LayerSelector = sel.parse().unwrap();
+    resolve_layers(reference, &sel, mode)
+        .unwrap()
+        .into_iter()
+        .map(|l| LayerOutput {
+            dir: out.join(format!("layer-{}", l.index)),
+            layer: l,
+        })
+        .collect()
+}
+
+fn source(id: &str, path: PathBuf, split: Split) -> ModelSource {
+    ModelSource {
+        id: id.into(),
+        path,
+        split: Some(split),
+    }
+}
+
+/// A small discriminative zoo: each model has three tensors; `layer.10` differs per model.
+fn zoo(dir: &Path, n: usize) -> Vec<ModelSource> {
+    let targets = [
+        "['apple', 'worm']",
+        "['maple_tree']",
+        "['bee', 'apple', 'tulip']",
+    ];
+    (0..n)
+        .map(|i| {
+            let p = dir.join(format!("m{i}.safetensors"));
+            write_model(
+                &p,
+                &[
+                    f32t("layer.2.weight", &[2, 3], &values(100 + i as u64, 6)),
+                    f32t("layer.10.weight", &[3, 4], &values(i as u64, 12)),
+                    f32t("conv.weight", &[4, 3, 2, 2], &values(200 + i as u64, 48)),
+                ],
+                &[
+                    ("dataset_chosen_targets", targets[i % 3]),
+                    ("lr_scheduler", ["cosine", "linear"][i % 2]),
+                ],
+            );
+            source(&format!("m{i}"), p, Split::ALL[i % 3])
+        })
+        .collect()
+}
+
+#[test]
+fn layer_index_and_rows_match_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = zoo(&dir.path().join("models"), 5);
+    // Sorted: conv.weight (0), layer.10.weight (1), layer.2.weight (2).
+    let outs = outputs(
+        &models[0].path,
+        "1",
+        &dir.path().join("out"),
+        LayerMode::Auto,
+    );
+    assert_eq!(outs[0].layer.name, "layer.10.weight");
+    let report = extract(&models, &outs, &cifar_spec(), &ExtractOptions::default()).unwrap();
+    assert_eq!(report.layers[0].rows, 5);
+    assert!(report.skipped.is_empty() && report.non_finite.is_empty());
+
+    let ds = LayerDataset::load(&outs[0].dir).unwrap();
+    assert_eq!((ds.n, ds.d_h, ds.d_w), (5, 3, 4));
+    assert_eq!(ds.layer.index, 1);
+    assert_eq!(ds.layer.transform, "squeeze");
+    for i in 0..5 {
+        assert_eq!(ds.models[i].id, format!("m{i}"));
+        assert_eq!(ds.models[i].split, Split::ALL[i % 3]);
+        assert_eq!(ds.matrix(i), values(i as u64, 12).as_slice());
+        let digest = blake3::hash(&std::fs::read(&models[i].path).unwrap())
+            .to_hex()
+            .to_string();
+        assert_eq!(ds.models[i].source_digest, digest);
+    }
+    let Labels::MultiLabel { classes, targets } = &ds.labels else {
+        panic!("kind")
+    };
+    assert_eq!(classes.len(), 100);
+    let col = |n: &str| classes.iter().position(|c| c == n).unwrap();
+    let row0: Vec<usize> = (0..100).filter(|&c| targets[c] == 1.0).collect();
+    assert_eq!(row0, [col("apple"), col("worm")]);
+    assert_eq!(ds.label_key, "dataset_chosen_targets");
+}
+
+#[test]
+fn conv_weights_are_a_row_major_reshape_not_a_permute() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = zoo(&dir.path().join("models"), 2);
+    let outs = outputs(
+        &models[0].path,
+        "conv.weight",
+        &dir.path().join("out"),
+        LayerMode::Auto,
+    );
+    extract(&models, &outs, &cifar_spec(), &ExtractOptions::default()).unwrap();
+    let ds = LayerDataset::load(&outs[0].dir).unwrap();
+    // [out=4, in=3, kh=2, kw=2] -> [in*kh*kw = 12, out = 4], the file's bytes in order.
+    assert_eq!((ds.d_h, ds.d_w), (12, 4));
+    assert_eq!(ds.layer.transform, "conv_reshape");
+    assert_eq!(ds.layer.source_shape, [4, 3, 2, 2]);
+    let flat = values(200, 48);
+    let m = ds.matrix(0);
+    for r in 0..12 {
+        for c in 0..4 {
+            assert_eq!(m[r * 4 + c], flat[r * 4 + c]);
+        }
+    }
+    // A permute to [in, kh, kw, out] would put w[o, i, y, x] at row i*4+y*2+x, column o:
+    // that differs from the reshape, so the check above is not vacuous.
+    let permuted_0_1 = flat[12]; // w[1, 0, 0, 0]
+    assert_ne!(m[1], permuted_0_1);
+}
+
+#[test]
+fn lora_layers_are_b_times_a() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut models = Vec::new();
+    for (i, split) in [(0u64, "train"), (1, "val_holdout"), (2, "test")] {
+        let p = dir
+            .path()
+            .join(split)
+            .join(format!("model_idx_{i:04}"))
+            .join("pytorch_lora_weights.safetensors");
+        write_model(
+            &p,
+            &[
+                f32t(
+                    "unet.x.attn2.to_q.lora.down.weight",
+                    &[2, 5],
+                    &values(10 + i, 10),
+                ),
+                f32t(
+                    "unet.x.attn2.to_q.lora.up.weight",
+                    &[3, 2],
+                    &values(20 + i, 6),
+                ),
+                f32t(
+                    "unet.x.attn1.to_k.lora.down.weight",
+                    &[2, 4],
+                    &values(30 + i, 8),
+                ),
+                f32t(
+                    "unet.x.attn1.to_k.lora.up.weight",
+                    &[4, 2],
+                    &values(40 + i, 8),
+                ),
+            ],
+            &[(
+                "imagenet_class_id",
+                ["n02111277", "n01440764", "n02111277"][i as usize],
+            )],
+        );
+        models.push(p);
+    }
+    let found = discover(&Layout::ModelJGenerative {
+        root: dir.path().to_path_buf(),
+        file: "pytorch_lora_weights.safetensors".into(),
+    })
+    .unwrap();
+    let ids: Vec<(&str, Option<Split>)> = found
+        .models
+        .iter()
+        .map(|m| (m.id.as_str(), m.split))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("model_idx_0000", Some(Split::Train)),
+            ("model_idx_0001", Some(Split::ValHoldout)),
+            ("model_idx_0002", Some(Split::Test))
+        ]
+    );
+    // LoRA index 1 = the second sorted down name: attn2.to_q.
+    let outs = outputs(
+        &found.models[0].path,
+        "1",
+        &dir.path().join("out"),
+        LayerMode::Auto,
+    );
+    assert_eq!(outs[0].layer.name, "unet.x.attn2.to_q.lora.down.weight");
+    let spec = LabelSpec {
+        names: Some(NameTable::Imagenet1k),
+        ..LabelSpec::new("imagenet_class_id", LabelKind::Class)
+    };
+    extract(&found.models, &outs, &spec, &ExtractOptions::default()).unwrap();
+    let ds = LayerDataset::load(&outs[0].dir).unwrap();
+    assert_eq!((ds.d_h, ds.d_w), (3, 5));
+    assert_eq!(ds.layer.transform, "lora_product");
+    for i in 0..3u64 {
+        let a = values(10 + i, 10); // [2, 5]
+        let b = values(20 + i, 6); // [3, 2]
+        let m = ds.matrix(i as usize);
+        for r in 0..3 {
+            for c in 0..5 {
+                let want = b[r * 2] * a[c] + b[r * 2 + 1] * a[5 + c];
+                assert!(
+                    (m[r * 5 + c] - want).abs() < 1e-6,
+                    "({r},{c}) {} vs {want}",
+                    m[r * 5 + c]
+                );
+            }
+        }
+    }
+    let Labels::Class { classes, targets } = &ds.labels else {
+        panic!("kind")
+    };
+    assert_eq!(
+        classes,
+        &[
+            Class {
+                id: "n01440764".into(),
+                name: "tench".into()
+            },
+            Class {
+                id: "n02111277".into(),
+                name: "Newfoundland".into()
+            }
+        ]
+    );
+    assert_eq!(targets, &[1, 0, 1]);
+    assert_eq!(ds.rows(Split::ValHoldout), [1]);
+}
+
+#[test]
+fn half_precision_sources_decode_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    // Values exactly representable in f16 and bf16.
+    let vals = [0.5f32, -1.25, 3.0, 0.0, -0.0, 1024.0, 0.09375, -2.5];
+    let mut models = Vec::new();
+    for (i, maker) in [f16t as fn(&str, &[usize], &[f32]) -> T, bf16t, f32t]
+        .into_iter()
+        .enumerate()
+    {
+        let p = dir.path().join(format!("m{i}.safetensors"));
+        write_model(&p, &[maker("w", &[2, 4], &vals)], &[("flip", "True")]);
+        models.push(source(&format!("m{i}"), p, Split::Train));
+    }
+    let p = dir.path().join("m3.safetensors");
+    let vals64: Vec<f64> = vals.iter().map(|&v| f64::from(v)).collect();
+    write_model(&p, &[f64t("w", &[2, 4], &vals64)], &[("flip", "False")]);
+    models.push(source("m3", p, Split::Val));
+    let outs = outputs(
+        &models[0].path,
+        "w",
+        &dir.path().join("out"),
+        LayerMode::Auto,
+    );
+    let spec = LabelSpec::new("flip", LabelKind::Bool);
+    extract(&models, &outs, &spec, &ExtractOptions::default()).unwrap();
+    let ds = LayerDataset::load(&outs[0].dir).unwrap();
+    for i in 0..4 {
+        assert_eq!(ds.matrix(i), vals, "model {i}");
+    }
+    assert_eq!(
+        ds.labels,
+        Labels::Class {
+            classes: vec![
+                Class {
+                    id: "false".into(),
+                    name: "false".into()
+                },
+                Class {
+                    id: "true".into(),
+                    name: "true".into()
+                }
+            ],
+            targets: vec![1, 1, 1, 0],
+        }
+    );
+
+    // Stored as f16/bf16: the same values come back (they are representable).
+    for p in [Precision::F16, Precision::Bf16] {
+        let out = dir.path().join(format!("out-{p:?}"));
+        let outs = outputs(&models[0].path, "w", &out, LayerMode::Auto);
+        let opts = ExtractOptions {
+            precision: p,
+            ..Default::default()
+        };
+        extract(&models, &outs, &spec, &opts).unwrap();
+        let side = LayerDataset::load_sidecar(&outs[0].dir).unwrap();
+        assert_eq!(side.precision, p);
+        let ds = LayerDataset::load(&outs[0].dir).unwrap();
+        assert_eq!(ds.matrix(2), vals);
+    }
+}
+
+#[test]
+fn category_and_numeric_labels_from_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut models = Vec::new();
+    for (i, (sched, lr)) in [("cosine", "1e-3"), ("linear", "0.0001"), ("cosine", "0.01")]
+        .iter()
+        .enumerate()
+    {
+        let p = dir.path().join(format!("m{i}.safetensors"));
+        write_model(
+            &p,
+            &[f32t("w", &[2], &[1.0, 2.0])],
+            &[("lr_scheduler", sched), ("learning_rate", lr)],
+        );
+        models.push(source(&format!("m{i}"), p, Split::Train));
+    }
+    let outs = outputs(
+        &models[0].path,
+        "all",
+        &dir.path().join("a"),
+        LayerMode::Auto,
+    );
+    extract(
+        &models,
+        &outs,
+        &LabelSpec::new("lr_scheduler", LabelKind::Category),
+        &Default::default(),
+    )
+    .unwrap();
+    let ds = LayerDataset::load(&outs[0].dir).unwrap();
+    assert_eq!((ds.d_h, ds.d_w), (2, 1));
+    assert_eq!(ds.layer.transform, "column");
+    let Labels::Class { classes, targets } = &ds.labels else {
+        panic!()
+    };
+    assert_eq!(
+        classes.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        ["cosine", "linear"]
+    );
+    assert_eq!(targets, &[0, 1, 0]);
+
+    let outs = outputs(
+        &models[0].path,
+        "all",
+        &dir.path().join("b"),
+        LayerMode::Auto,
+    );
+    let spec: LabelSpec = toml::from_str::<toml::Table>(
+        "label = { key = \"learning_rate\", kind = \"numeric\", transform = \"log10\" }",
+    )
+    .unwrap()["label"]
+        .clone()
+        .try_into()
+        .unwrap();
+    extract(&models, &outs, &spec, &Default::default()).unwrap();
+    let ds = LayerDataset::load(&outs[0].dir).unwrap();
+    let Labels::Numeric { targets, transform } = &ds.labels else {
+        panic!()
+    };
+    assert_eq!(transform, "log10");
+    for (t, w) in targets.iter().zip([-3.0f32, -4.0, -2.0]) {
+        assert!((t - w).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn bad_labels_fail_or_skip_with_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut models = zoo(&dir.path().join("models"), 4);
+    // m0 (the first row) gets a malformed list, m2 a missing key.
+    write_model(
+        &models[0].path,
+        &[
+            f32t("layer.2.weight", &[2, 3], &values(100, 6)),
+            f32t("layer.10.weight", &[3, 4], &values(0, 12)),
+            f32t("conv.weight", &[4, 3, 2, 2], &values(200, 48)),
+        ],
+        &[("dataset_chosen_targets", "['apple', __import__('os')]")],
+    );
+    write_model(
+        &models[2].path,
+        &[
+            f32t("layer.2.weight", &[2, 3], &values(102, 6)),
+            f32t("layer.10.weight", &[3, 4], &values(2, 12)),
+            f32t("conv.weight", &[4, 3, 2, 2], &values(202, 48)),
+        ],
+        &[("other", "1")],
+    );
+    let outs = outputs(
+        &models[1].path,
+        "layer.10.weight",
+        &dir.path().join("out"),
+        LayerMode::Auto,
+    );
+
+    let e = extract(&models, &outs, &cifar_spec(), &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("m0.safetensors") && e.contains("dataset_chosen_targets"),
+        "{e}"
+    );
+    assert!(e.contains("__import__"), "{e}");
+    assert!(e.contains("m2.safetensors") && e.contains("missing"), "{e}");
+    assert!(e.starts_with("2 model(s) failed"), "{e}");
+
+    let spec = LabelSpec {
+        on_error: OnError::Skip,
+        ..cifar_spec()
+    };
+    models.reverse(); // input order does not matter: rows follow the sorted ids
+    let report = extract(&models, &outs, &spec, &Default::default()).unwrap();
+    let skipped: Vec<&str> = report.skipped.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(skipped, ["m0", "m2"]);
+    assert!(report.skipped[1].reason.contains("m2.safetensors"));
+    let ds = LayerDataset::load(&outs[0].dir).unwrap();
+    assert_eq!(ds.n, 2);
+    assert_eq!(
+        ds.models.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        ["m1", "m3"]
+    );
+    // Rows were compacted: each row is its own model's tensor.
+    assert_eq!(ds.matrix(0), values(1, 12).as_slice());
+    assert_eq!(ds.matrix(1), values(3, 12).as_slice());
+    assert_eq!(ds.skipped.len(), 2);
+}
+
+#[test]
+fn non_finite_weights_follow_the_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = zoo(&dir.path().join("models"), 3);
+    let mut bad = values(1, 12);
+    bad[3] = f32::NAN;
+    bad[7] = f32::INFINITY;
+    bad[8] = f32::NEG_INFINITY;
+    write_model(
+        &models[1].path,
+        &[
+            f32t("layer.2.weight", &[2, 3], &values(101, 6)),
+            f32t("layer.10.weight", &[3, 4], &bad),
+            f32t("conv.weight", &[4, 3, 2, 2], &values(201, 48)),
+        ],
+        &[("dataset_chosen_targets", "['apple']")],
+    );
+    let outs = outputs(
+        &models[0].path,
+        "layer.*",
+        &dir.path().join("out"),
+        LayerMode::Auto,
+    );
+    assert_eq!(outs.len(), 2);
+
+    let e = extract(&models, &outs, &cifar_spec(), &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("m1.safetensors") && e.contains("1 NaN and 2 infinite"),
+        "{e}"
+    );
+
+    let opts = ExtractOptions {
+        non_finite: NonFinitePolicy::Skip,
+        ..Default::default()
+    };
+    let r = extract(&models, &outs, &cifar_spec(), &opts).unwrap();
+    assert_eq!(r.non_finite.len(), 1);
+    assert_eq!((r.non_finite[0].nan, r.non_finite[0].inf), (1, 2));
+    assert_eq!(r.non_finite[0].action, "skipped");
+    // Only the layer with bad values loses the model.
+    let l10 = LayerDataset::load(&outs[0].dir).unwrap();
+    let l2 = LayerDataset::load(&outs[1].dir).unwrap();
+    assert_eq!(l10.layer.name, "layer.10.weight");
+    assert_eq!(l10.n, 2);
+    assert_eq!(l10.skipped[0].id, "m1");
+    assert_eq!(l10.matrix(1), values(2, 12).as_slice());
+    assert_eq!(l2.n, 3);
+
+    let opts = ExtractOptions {
+        non_finite: NonFinitePolicy::Zero,
+        ..Default::default()
+    };
+    let r = extract(&models, &outs, &cifar_spec(), &opts).unwrap();
+    assert_eq!(r.non_finite[0].action, "zeroed");
+    let l10 = LayerDataset::load(&outs[0].dir).unwrap();
+    let mut want = bad.clone();
+    for v in &mut want {
+        if !v.is_finite() {
+            *v = 0.0;
+        }
+    }
+    assert_eq!(l10.matrix(1), want.as_slice());
+}
+
+#[test]
+fn structural_mismatches_name_the_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut models = zoo(&dir.path().join("models"), 3);
+    // m1: a different shape; m2: the layer is missing (so indices shift too).
+    write_model(
+        &models[1].path,
+        &[
+            f32t("layer.2.weight", &[2, 3], &values(101, 6)),
+            f32t("layer.10.weight", &[4, 3], &values(1, 12)),
+            f32t("conv.weight", &[4, 3, 2, 2], &values(201, 48)),
+        ],
+        &[("dataset_chosen_targets", "['apple']")],
+    );
+    write_model(
+        &models[2].path,
+        &[
+            f32t("layer.2.weight", &[2, 3], &values(102, 6)),
+            f32t("conv.weight", &[4, 3, 2, 2], &values(202, 48)),
+        ],
+        &[("dataset_chosen_targets", "['apple']")],
+    );
+    let outs = outputs(
+        &models[0].path,
+        "1",
+        &dir.path().join("out"),
+        LayerMode::Auto,
+    );
+    let e = extract(&models, &outs, &cifar_spec(), &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("m1.safetensors") && e.contains("[4, 3]") && e.contains("[3, 4]"),
+        "{e}"
+    );
+    assert!(
+        e.contains("m2.safetensors") && e.contains("`layer.10.weight`"),
+        "{e}"
+    );
+
+    // With on_bad_file = skip, both are left out and listed.
+    let opts = ExtractOptions {
+        on_bad_file: OnError::Skip,
+        ..Default::default()
+    };
+    let r = extract(&models, &outs, &cifar_spec(), &opts).unwrap();
+    assert_eq!(r.layers[0].rows, 1);
+    assert_eq!(r.skipped.len(), 2);
+
+    // A truncated file is an error naming it, not a crash.
+    let bytes = std::fs::read(&models[0].path).unwrap();
+    std::fs::write(&models[1].path, &bytes[..bytes.len() - 10]).unwrap();
+    let e = extract(&models, &outs, &cifar_spec(), &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("m1.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+    models.truncate(1);
+}
+
+#[test]
+fn splits_from_layout_metadata_or_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("folder");
+    for (i, split) in ["train", "val", "test", "train"].iter().enumerate() {
+        write_model(
+            &folder.join(format!("model_{i}.safetensors")),
+            &[f32t("w", &[2, 2], &values(i as u64, 4))],
+            &[("split", split), ("flip", "1")],
+        );
+    }
+    std::fs::write(folder.join("notes.txt"), "not a model").unwrap();
+    let found = discover(&Layout::Folder {
+        root: folder.clone(),
+        recursive: false,
+    })
+    .unwrap();
+    assert_eq!(found.models.len(), 4);
+    assert!(found.models.iter().all(|m| m.split.is_none()));
+    let outs = outputs(
+        &found.models[0].path,
+        "w",
+        &dir.path().join("out"),
+        LayerMode::Auto,
+    );
+    let spec = LabelSpec::new("flip", LabelKind::Bool);
+
+    // The folder layout has no splits: the default (layout) fails clearly.
+    let e = extract(&found.models, &outs, &spec, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has no split"), "{e}");
+
+    let opts = ExtractOptions {
+        splits: SplitSource::Metadata {
+            key: "split".into(),
+        },
+        ..Default::default()
+    };
+    extract(&found.models, &outs, &spec, &opts).unwrap();
+    let ds = LayerDataset::load(&outs[0].dir).unwrap();
+    let splits: Vec<Split> = ds.models.iter().map(|m| m.split).collect();
+    assert_eq!(
+        splits,
+        [Split::Train, Split::Val, Split::Test, Split::Train]
+    );
+
+    #[derive(serde::Deserialize)]
+    struct W {
+        splits: SplitSource,
+    }
+    let w: W = toml::from_str(
+        "[splits.table]\ntrain = [\"model_0\", \"model_3\"]\nval = [\"model_1\"]\ntest_holdout = [\"model_2*\"]",
+    )
+    .unwrap();
+    let opts = ExtractOptions {
+        splits: w.splits.clone(),
+        ..Default::default()
+    };
+    extract(&found.models, &outs, &spec, &opts).unwrap();
+    let ds = LayerDataset::load(&outs[0].dir).unwrap();
+    let splits: Vec<Split> = ds.models.iter().map(|m| m.split).collect();
+    assert_eq!(
+        splits,
+        [Split::Train, Split::Val, Split::TestHoldout, Split::Train]
+    );
+    assert_eq!(ds.rows(Split::Train), [0, 3]);
+
+    let w: W =
+        toml::from_str("[splits.table]\ntrain = [\"model_*\"]\nval = [\"model_1\"]").unwrap();
+    let opts = ExtractOptions {
+        splits: w.splits,
+        ..Default::default()
+    };
+    let e = extract(&found.models, &outs, &spec, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model_1") && e.contains("two splits"), "{e}");
+    let w: W = toml::from_str("[splits.table]\ntrain = [\"model_0\"]").unwrap();
+    let opts = ExtractOptions {
+        splits: w.splits,
+        ..Default::default()
+    };
+    let e = extract(&found.models, &outs, &spec, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model_1") && e.contains("no split"), "{e}");
+    let w: W = toml::from_str("splits = { metadata = { key = \"flip\" } }").unwrap();
+    let opts = ExtractOptions {
+        splits: w.splits,
+        ..Default::default()
+    };
+    let e = extract(&found.models, &outs, &spec, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`flip`") && e.contains("not a split"), "{e}");
+}
+
+#[test]
+fn hub_cache_layouts_are_discovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let make_repo = |cache: &Path, repo: &str, commit: &str, seed: u64| {
+        let base = cache.join(format!("models--{}", repo.replace('/', "--")));
+        std::fs::create_dir_all(base.join("refs")).unwrap();
+        std::fs::write(base.join("refs/main"), format!("{commit}\n")).unwrap();
+        write_model(
+            &base
+                .join("snapshots")
+                .join(commit)
+                .join("model.safetensors"),
+            &[f32t("w", &[2, 2], &values(seed, 4))],
+            &[("dataset_chosen_targets", "['apple']")],
+        );
+    };
+    let hub = dir.path().join("hub");
+    make_repo(&hub, "ProbeX/Model-J__DINO__model_idx_0002", "abc123", 2);
+    make_repo(&hub, "ProbeX/Model-J__DINO__model_idx_0001", "def456", 1);
+    make_repo(&hub, "other/model", "0f0f", 9);
+    // An incomplete download: no refs/main.
+    std::fs::create_dir_all(hub.join("models--ProbeX--Model-J__DINO__model_idx_0003/blobs"))
+        .unwrap();
+    let found = discover(&Layout::HfCache {
+        root: hub.clone(),
+        repos: Some("ProbeX/Model-J__DINO__*".into()),
+        file: "model.safetensors".into(),
+        revision: "main".into(),
+    })
+    .unwrap();
+    let ids: Vec<&str> = found.models.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "ProbeX/Model-J__DINO__model_idx_0001",
+            "ProbeX/Model-J__DINO__model_idx_0002"
+        ]
+    );
+    assert!(found.notes.iter().any(|n| n.contains("model_idx_0003")));
+
+    // Model-J's download script: one hub cache per split directory.
+    let mj = dir.path().join("mj");
+    make_repo(
+        &mj.join("train"),
+        "ProbeX/Model-J__DINO__model_idx_0001",
+        "aa",
+        1,
+    );
+    make_repo(
+        &mj.join("train"),
+        "ProbeX/Model-J__DINO__model_idx_0002",
+        "bb",
+        2,
+    );
+    make_repo(
+        &mj.join("val"),
+        "ProbeX/Model-J__DINO__model_idx_0005",
+        "cc",
+        5,
+    );
+    // And plain repo directories in another split.
+    write_model(
+        &mj.join("test/ProbeX/Model-J__DINO__model_idx_0007/model.safetensors"),
+        &[f32t("w", &[2, 2], &values(7, 4))],
+        &[("dataset_chosen_targets", "['worm']")],
+    );
+    let found = discover(&Layout::ModelJDiscriminative {
+        root: mj.clone(),
+        file: "model.safetensors".into(),
+    })
+    .unwrap();
+    let got: Vec<(&str, Option<Split>)> = found
+        .models
+        .iter()
+        .map(|m| (m.id.as_str(), m.split))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("ProbeX/Model-J__DINO__model_idx_0001", Some(Split::Train)),
+            ("ProbeX/Model-J__DINO__model_idx_0002", Some(Split::Train)),
+            ("ProbeX/Model-J__DINO__model_idx_0005", Some(Split::Val)),
+            ("ProbeX/Model-J__DINO__model_idx_0007", Some(Split::Test)),
+        ]
+    );
+    let outs = outputs(
+        &found.models[0].path,
+        "0",
+        &dir.path().join("out"),
+        LayerMode::Auto,
+    );
+    let r = extract(&found.models, &outs, &cifar_spec(), &Default::default()).unwrap();
+    assert_eq!(r.layers[0].rows, 4);
+    let ds = LayerDataset::load(&outs[0].dir).unwrap();
+    assert_eq!(ds.matrix(3), values(7, 4).as_slice());
+
+    // Duplicated ids across splits are an error naming both files.
+    make_repo(
+        &mj.join("val"),
+        "ProbeX/Model-J__DINO__model_idx_0001",
+        "dd",
+        1,
+    );
+    let e = discover(&Layout::ModelJDiscriminative {
+        root: mj,
+        file: "model.safetensors".into(),
+    })
+    .unwrap_err();
+    assert!(e.contains("two models have the id"), "{e}");
+}
+
+#[test]
+fn digests_cover_files_or_what_was_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = zoo(&dir.path().join("models"), 2);
+    let outs = outputs(
+        &models[0].path,
+        "0",
+        &dir.path().join("out"),
+        LayerMode::Auto,
+    );
+    let cache_dir = dir.path().join("cache");
+    let opts = ExtractOptions {
+        digest_cache: Some(cache_dir.clone()),
+        ..Default::default()
+    };
+    extract(&models, &outs, &cifar_spec(), &opts).unwrap();
+    assert!(
+        cache_dir
+            .join(probex_stages::extract::digest::CACHE_FILE)
+            .is_file()
+    );
+    let a = LayerDataset::load_sidecar(&outs[0].dir).unwrap();
+    extract(&models, &outs, &cifar_spec(), &opts).unwrap();
+    let b = LayerDataset::load_sidecar(&outs[0].dir).unwrap();
+    assert_eq!(a, b, "a second run gives the same artifact");
+
+    let opts = ExtractOptions {
+        digest: DigestMode::Read,
+        ..Default::default()
+    };
+    extract(&models, &outs, &cifar_spec(), &opts).unwrap();
+    let c = LayerDataset::load_sidecar(&outs[0].dir).unwrap();
+    assert!(c.models[0].source_digest.starts_with("read:"));
+    assert_ne!(c.models[0].source_digest, c.models[1].source_digest);
+}

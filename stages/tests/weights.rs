@@ -1,0 +1,272 @@
+//! The safetensors reader, layer listing and selectors, on fixture files written here.
+
+mod common;
+
+use common::*;
+use probex_stages::weights::reader::{MAX_HEADER_LEN, parse_bytes, read_header};
+use probex_stages::weights::{
+    LayerMode, LayerSelector, Safetensors, SafetensorsFile, Transform, list_layers,
+};
+
+fn err_of(bytes: Vec<u8>) -> String {
+    match Safetensors::from_bytes("fixture.safetensors", bytes) {
+        Ok(_) => panic!("hostile file accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn layer_index_is_the_sorted_name_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.safetensors");
+    // Written in a scrambled order; `layer.10` must sort before `layer.2` (byte order).
+    write_model(
+        &p,
+        &[
+            f32t("layer.2.weight", &[2, 2], &[1.0; 4]),
+            f32t("layer.10.weight", &[3, 2], &[2.0; 6]),
+            f32t("classifier.weight", &[5, 2], &[3.0; 10]),
+            f32t("layer.1.weight", &[2, 2], &[4.0; 4]),
+            i64t("position_ids", &[1, 4], &[0, 1, 2, 3]),
+        ],
+        &[],
+    );
+    let rows = list_layers(&p, LayerMode::Auto).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "classifier.weight",
+            "layer.1.weight",
+            "layer.10.weight",
+            "layer.2.weight",
+            "position_ids"
+        ]
+    );
+    assert_eq!(
+        rows.iter().map(|r| r.index).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4]
+    );
+    assert_eq!(rows[2].shape, [3, 2]);
+    assert_eq!(rows[2].dtype, "F32");
+    assert_eq!(rows[2].matrix, Some([3, 2]));
+    assert_eq!(rows[4].matrix, None);
+    assert!(rows[4].note.as_deref().unwrap().contains("I64"));
+
+    let pick = |s: &str| s.parse::<LayerSelector>().unwrap().resolve(&rows);
+    assert_eq!(pick("2").unwrap(), [2]);
+    assert_eq!(pick("layer.10.weight").unwrap(), [2]);
+    assert_eq!(pick("layer.*").unwrap(), [1, 2, 3]);
+    assert_eq!(pick("glob:layer.1?.weight").unwrap(), [2]);
+    assert_eq!(pick(r"re:layer\.\d\.").unwrap(), [1, 3]);
+    assert_eq!(pick("1..3").unwrap(), [1, 2]);
+    assert_eq!(pick("1..=3").unwrap(), [1, 2, 3]);
+    // `all` leaves out what cannot be a probe input; naming it is an error saying why.
+    assert_eq!(pick("all").unwrap(), [0, 1, 2, 3]);
+    assert!(pick("4").unwrap_err().contains("I64"));
+    assert!(pick("9").unwrap_err().contains("5 layers"));
+    assert!(
+        pick("layer.3.weight")
+            .unwrap_err()
+            .contains("no layer is named")
+    );
+    assert!(pick("re:nothing").unwrap_err().contains("selects no layer"));
+    assert!("re:(".parse::<LayerSelector>().is_err());
+    assert!("3..1".parse::<LayerSelector>().is_err());
+
+    #[derive(serde::Deserialize)]
+    struct W {
+        layers: LayerSelector,
+    }
+    let w: W = toml::from_str("layers = [0, \"layer.2.weight\", \"1..2\"]").unwrap();
+    assert_eq!(w.layers.resolve(&rows).unwrap(), [0, 1, 3]);
+    let w: W = toml::from_str("layers = 59").unwrap();
+    assert_eq!(w.layers, LayerSelector::Index(59));
+}
+
+#[test]
+fn lora_layers_are_the_sorted_down_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("lora.safetensors");
+    let t = |n: &str, s: &[usize]| f32t(n, s, &vec![0.5; s.iter().product()]);
+    write_model(
+        &p,
+        &[
+            t("unet.b.10.to_q.lora.down.weight", &[4, 8]),
+            t("unet.b.10.to_q.lora.up.weight", &[6, 4]),
+            t("unet.b.2.to_q.lora.down.weight", &[4, 8]),
+            t("unet.b.2.to_q.lora.up.weight", &[6, 4]),
+            t("unet.a.conv.lora.down.weight", &[4, 3, 3, 3]),
+            t("unet.a.conv.lora.up.weight", &[5, 4, 1, 1]),
+        ],
+        &[],
+    );
+    let rows = list_layers(&p, LayerMode::Auto).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "unet.a.conv.lora.down.weight",
+            "unet.b.10.to_q.lora.down.weight",
+            "unet.b.2.to_q.lora.down.weight"
+        ]
+    );
+    assert_eq!(rows[0].matrix, Some([5, 27]));
+    assert_eq!(rows[1].matrix, Some([6, 8]));
+    assert_eq!(rows[1].transform, Some(Transform::LoraProduct));
+    assert_eq!(
+        rows[1].lora_up.as_deref(),
+        Some("unet.b.10.to_q.lora.up.weight")
+    );
+    // The same file in plain mode lists every tensor.
+    assert_eq!(list_layers(&p, LayerMode::Tensors).unwrap().len(), 6);
+
+    // A down factor without its up factor is an error naming both.
+    let q = dir.path().join("broken.safetensors");
+    write_model(&q, &[t("x.lora.down.weight", &[2, 2])], &[]);
+    let e = list_layers(&q, LayerMode::Auto).unwrap_err().to_string();
+    assert!(
+        e.contains("x.lora.up.weight") && e.contains("broken.safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn header_reader_and_mapped_reader_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.safetensors");
+    write_model(
+        &p,
+        &[
+            f32t("b", &[2], &[1.0, 2.0]),
+            f16t("a", &[3], &[0.5, -1.0, 2.0]),
+        ],
+        &[("k", "v")],
+    );
+    let st = SafetensorsFile::open(&p).unwrap();
+    assert_eq!(read_header(&p).unwrap(), *st.header());
+    assert_eq!(st.metadata()["k"], "v");
+    let a = st.entry("a").unwrap();
+    assert_eq!(st.to_f32(a).unwrap(), [0.5, -1.0, 2.0]);
+    let e = st.entry("zzz").unwrap_err().to_string();
+    assert!(e.contains("m.safetensors") && e.contains("`zzz`") && e.contains("not in this file"));
+}
+
+#[test]
+fn hostile_files_give_clear_errors() {
+    let ok_header = r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#;
+    let good = raw(ok_header, &[0u8; 16]);
+    assert!(Safetensors::from_bytes("good", good.clone()).is_ok());
+
+    // Truncated: too short for the length prefix, and cut inside the data.
+    assert!(err_of(good[..5].to_vec()).contains("8-byte header length"));
+    let e = err_of(good[..good.len() - 3].to_vec());
+    assert!(
+        e.contains("beyond the data section") && e.contains("re-download"),
+        "{e}"
+    );
+
+    // Header length beyond the file, and beyond the cap (no giant allocation is attempted).
+    let mut b = good.clone();
+    b[..8].copy_from_slice(&(1_000_000u64).to_le_bytes());
+    assert!(err_of(b).contains("beyond the end of the file"));
+    let mut b = good.clone();
+    b[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(err_of(b).contains("limit"));
+    const { assert!(MAX_HEADER_LEN <= 100_000_000) };
+
+    // Header not JSON / not UTF-8 / wrong JSON shape.
+    assert!(err_of(raw("this is not json", &[])).contains("not valid safetensors JSON"));
+    let mut b = raw(r#"{"__metadata__":{"k":"AB"}}"#, &[]);
+    let at = b.iter().position(|&c| c == b'A').unwrap();
+    b[at] = 0xff;
+    assert!(err_of(b).contains("not valid safetensors JSON"));
+    assert!(err_of(raw(r#"[1,2]"#, &[])).contains("not valid safetensors JSON"));
+    let e = err_of(raw(r#"{"__metadata__":{"k":5}}"#, &[]));
+    assert!(e.contains("string"), "{e}");
+    let e = err_of(raw(
+        r#"{"w":{"dtype":"F99","shape":[1],"data_offsets":[0,4]}}"#,
+        &[0; 4],
+    ));
+    assert!(e.contains("tensor `w`"), "{e}");
+
+    // Offsets out of bounds, backwards, overlapping.
+    let e = err_of(raw(
+        r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,32]}}"#,
+        &[0; 16],
+    ));
+    assert!(e.contains("`w`") && e.contains("beyond"), "{e}");
+    let e = err_of(raw(
+        r#"{"w":{"dtype":"F32","shape":[0],"data_offsets":[8,4]}}"#,
+        &[0; 16],
+    ));
+    assert!(e.contains("backwards"), "{e}");
+    let e = err_of(raw(
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+        &[0; 16],
+    ));
+    assert!(
+        e.contains("overlap") && e.contains("`a`") && e.contains("`b`"),
+        "{e}"
+    );
+    let e = err_of(raw(
+        r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+        &[0; 8],
+    ));
+    assert!(e.contains("twice"), "{e}");
+
+    // Shape/dtype byte count mismatch, and shapes whose product overflows.
+    let e = err_of(raw(
+        r#"{"w":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,16]}}"#,
+        &[0; 16],
+    ));
+    assert!(e.contains("needs 8 bytes") && e.contains("hold 16"), "{e}");
+    let e = err_of(raw(
+        r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,16]}}"#,
+        &[0; 16],
+    ));
+    assert!(e.contains("overflows"), "{e}");
+    let e = err_of(raw(
+        r#"{"w":{"dtype":"F32","shape":[99999999999999999999],"data_offsets":[0,16]}}"#,
+        &[0; 16],
+    ));
+    assert!(e.contains("not valid safetensors JSON"), "{e}");
+}
+
+#[test]
+fn giant_metadata_is_read_within_the_cap_and_errors_stay_short() {
+    let big = "x".repeat(5_000_000);
+    let header = format!(r#"{{"__metadata__":{{"note":"{big}","t":"['apple'"}}}}"#);
+    let h = parse_bytes(&raw(&header, &[])).unwrap();
+    assert_eq!(h.metadata["note"].len(), 5_000_000);
+    // A label error about a huge value quotes only an excerpt.
+    let l = probex_stages::labels::Labeler::new(probex_stages::labels::LabelSpec::new(
+        "note",
+        probex_stages::labels::LabelKind::MultiLabel,
+    ))
+    .unwrap();
+    let e = l.read(&h.metadata).unwrap_err();
+    assert!(e.len() < 400, "error of {} bytes", e.len());
+    assert!(e.contains("5000000 bytes"), "{e}");
+}
+
+#[test]
+fn files_on_disk_report_their_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("short.safetensors");
+    std::fs::write(&p, b"abc").unwrap();
+    let e = SafetensorsFile::open(&p).err().unwrap().to_string();
+    assert!(
+        e.contains("short.safetensors") && e.contains("8-byte"),
+        "{e}"
+    );
+    let e = read_header(&p).unwrap_err().to_string();
+    assert!(e.contains("short.safetensors"), "{e}");
+    let e = SafetensorsFile::open(&dir.path().join("missing.safetensors"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("missing.safetensors"), "{e}");
+    let e = SafetensorsFile::open(dir.path()).err().unwrap().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+}
