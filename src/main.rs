@@ -1,4 +1,9 @@
 //! `probex`: run ProbeX experiments declared in TOML.
+//!
+//! The engine's commands (run, plan, cache, report, compare, kinds) come from
+//! `probex_engine::cli`; the commands here need the stage kinds' libraries (reading weights).
+
+mod layers;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -21,6 +26,8 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Engine(EngineCommand),
+    /// List a model file's layers: the paper's index, tensor name, shape, dtype, probe matrix
+    Layers(layers::LayersArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,9 +48,9 @@ fn main() -> ExitCode {
         }
         eprintln!("\nstopping (Ctrl-C again to exit at once)...");
     });
-    let registry = probex_stages::registry();
     let code = match cli.command {
-        Command::Engine(cmd) => dispatch(cmd, &cli.cache, &registry, cancel),
+        Command::Engine(cmd) => dispatch(cmd, &cli.cache, &probex_stages::registry(), cancel),
+        Command::Layers(args) => layers::run(&args),
     };
     ExitCode::from(code as u8)
 }

@@ -17,6 +17,8 @@ pub mod run;
 pub mod stage;
 pub mod status;
 
+pub use probex_cache as cache;
+
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use experiment::{Experiment, load};
 pub use plan::{Overrides, Plan, Planner};

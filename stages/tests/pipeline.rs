@@ -1,0 +1,127 @@
+//! Whole pipelines through the engine with the real stage kinds, on generated model trees.
+
+mod common;
+
+use std::path::Path;
+
+use probex_engine::cache::{Key, Store};
+use probex_engine::digest::FileDigests;
+use probex_engine::record::RunDir;
+use probex_engine::run::{NodeState, RunOptions};
+use probex_engine::{Overrides, PlanContext, Planner, RunReport};
+use probex_stages::dataset::{Labels, LayerDataset, Split};
+
+fn run(exp_path: &Path, cache: &Path) -> RunReport {
+    let registry = probex_stages::registry();
+    let exp = probex_engine::load(exp_path, &registry).unwrap_or_else(|d| panic!("{d}"));
+    let store = Store::open(cache).unwrap();
+    let digests = FileDigests::in_memory();
+    let cx = PlanContext {
+        base_dir: &exp.base_dir,
+        digests: &digests,
+        offline: true,
+    };
+    let planner = Planner::new(&exp, &store, cx, Overrides::default());
+    let run_dir = RunDir::create(&exp, Some(&exp.base_dir.join("run"))).unwrap();
+    let opts = RunOptions {
+        jobs: 2,
+        progress: probex_engine::progress::ProgressMode::Quiet,
+        ..RunOptions::default()
+    };
+    probex_engine::run(&planner, &run_dir, &opts).unwrap_or_else(|d| panic!("{d}"))
+}
+
+fn entry_dir(cache: &Path, report: &RunReport, node: &str) -> std::path::PathBuf {
+    let n = report
+        .nodes
+        .iter()
+        .find(|n| n.node == node)
+        .unwrap_or_else(|| panic!("no node {node}"));
+    let store = Store::open(cache).unwrap();
+    store
+        .get(&Key::parse(&n.key).unwrap())
+        .unwrap()
+        .unwrap()
+        .dir
+}
+
+const EXTRACT: &str = r#"
+[experiment]
+name = "tiny"
+
+[stage.models]
+kind = "fetch"
+source = "dir"
+path = "models"
+
+[stage.layers]
+kind = "extract"
+from = "models"
+layers = "all"
+splits = { metadata = { key = "split" } }
+label = { key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar100" }
+"#;
+
+#[test]
+fn fetch_and_extract_every_layer_with_labels_and_splits() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::planted_tree(&dir.path().join("models"), 20, 8, 6, 1);
+    std::fs::write(dir.path().join("tiny.toml"), EXTRACT).unwrap();
+    let cache = dir.path().join("cache");
+
+    let report = run(&dir.path().join("tiny.toml"), &cache);
+    assert!(report.success(), "{report:#?}");
+    let names: Vec<&str> = report.nodes.iter().map(|n| n.node.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "models",
+            "layers[layer=0]",
+            "layers[layer=1]",
+            "layers[layer=2]"
+        ]
+    );
+
+    // Sorted names: encoder.dense.weight (0), encoder.norm.bias (1, a column), head.weight (2).
+    let l0 = LayerDataset::load(&entry_dir(&cache, &report, "layers[layer=0]")).unwrap();
+    assert_eq!(
+        (l0.layer.name.as_str(), l0.n, l0.d_h, l0.d_w),
+        ("encoder.dense.weight", 20, 8, 6)
+    );
+    let l1 = LayerDataset::load(&entry_dir(&cache, &report, "layers[layer=1]")).unwrap();
+    assert_eq!((l1.d_h, l1.d_w), (8, 1));
+    let Labels::MultiLabel { classes, targets } = &l0.labels else {
+        panic!("multi-label expected")
+    };
+    assert_eq!(classes.len(), 100);
+    for (row, (_, chosen)) in models.iter().enumerate() {
+        let hot: Vec<&str> = (0..100)
+            .filter(|&c| targets[row * 100 + c] == 1.0)
+            .map(|c| classes[c].as_str())
+            .collect();
+        let mut want = chosen.clone();
+        want.sort();
+        assert_eq!(hot, want, "row {row}");
+    }
+    assert_eq!(l0.rows(Split::Val).len(), 4);
+    assert_eq!(l0.rows(Split::Test).len(), 4);
+
+    // Nothing changed: everything is cached the second time.
+    let again = run(&dir.path().join("tiny.toml"), &cache);
+    assert!(
+        again.nodes.iter().all(|n| n.state == NodeState::Cached),
+        "{again:#?}"
+    );
+
+    // Editing one model reruns the source and every layer.
+    let (p, _) = &models[3];
+    let mut bytes = std::fs::read(p).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(p, bytes).unwrap();
+    let third = run(&dir.path().join("tiny.toml"), &cache);
+    assert!(
+        third.nodes.iter().all(|n| n.state == NodeState::Ran),
+        "{third:#?}"
+    );
+}
