@@ -1,3 +1,6 @@
 //! The stage kinds of probex and the Burn models they use.
 
 pub mod dataset;
+pub mod embeddings;
+pub mod models;
+pub mod training;
