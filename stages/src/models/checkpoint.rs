@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use super::{ModelKind, ModelSpec, NamedTensor};
@@ -192,24 +192,59 @@ impl Checkpoint {
     }
 }
 
-/// Serialises named f32 tensors (in the given order) with header metadata; the entry
-/// `format = pt` is added, as `safetensors.torch` does (some PyTorch tooling checks it).
+/// Serialises named f32 tensors with header metadata, as a safetensors file whose bytes depend
+/// only on the contents (tensors and header keys sorted by name; the safetensors crate takes a
+/// `HashMap` and so writes metadata in random order). The entry `format = pt` is
+/// added, as `safetensors.torch` does (some PyTorch tooling checks it).
 pub fn serialize_named(
     tensors: &[NamedTensor],
     mut metadata: HashMap<String, String>,
 ) -> Result<Vec<u8>, String> {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|t| t.values.iter().flat_map(|v| v.to_le_bytes()).collect())
-        .collect();
-    let mut views = Vec::with_capacity(tensors.len());
-    for (t, b) in tensors.iter().zip(&bytes) {
-        let view = TensorView::new(Dtype::F32, t.shape.clone(), b)
-            .map_err(|e| format!("tensor `{}`: {e}", t.name))?;
-        views.push((t.name.clone(), view));
-    }
     metadata.insert("format".to_string(), "pt".to_string());
-    safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())
+    let mut header = serde_json::Map::new();
+    let mut items: Vec<(String, String)> = metadata.into_iter().collect();
+    items.sort();
+    let meta: serde_json::Map<String, serde_json::Value> = items
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::Value::String(v)))
+        .collect();
+    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    let mut tensors: Vec<&NamedTensor> = tensors.iter().collect();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut offset = 0usize;
+    for t in &tensors {
+        let n: usize = t.shape.iter().product();
+        if n != t.values.len() {
+            return Err(format!(
+                "tensor `{}`: shape {:?} needs {n} values, got {}",
+                t.name,
+                t.shape,
+                t.values.len()
+            ));
+        }
+        if t.name == "__metadata__" || header.contains_key(&t.name) {
+            return Err(format!("tensor name `{}` is reserved or repeated", t.name));
+        }
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [offset, offset + 4 * n]}),
+        );
+        offset += 4 * n;
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    // The data must start 8-byte aligned; pad the header with spaces as the reference does.
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for t in tensors {
+        for v in &t.values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    Ok(out)
 }
 
 /// Parses safetensors bytes into header metadata and f32 tensors sorted by name (F16, BF16

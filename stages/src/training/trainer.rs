@@ -312,10 +312,13 @@ where
         }
     }
 
-    let mut train_rows = prep.rows.get(&Split::Train).cloned().unwrap_or_default();
+    let base_rows = prep.rows.get(&Split::Train).cloned().unwrap_or_default();
     let batch = cfg.batch_size;
     let interval = cfg.checkpoint_interval();
     for epoch in first_epoch..cfg.epochs {
+        // Each epoch permutes the row order afresh, so the order depends only on the random
+        // state (which a resume restores), not on the previous epoch's order.
+        let mut train_rows = base_rows.clone();
         shuffle.shuffle(&mut train_rows);
         let mut loss_sum: Option<Tensor<AB::InnerBackend, 1>> = None;
         for chunk in train_rows.chunks(batch) {
