@@ -156,7 +156,8 @@ impl Stage for Train {
                 "task": r.task,
             }),
             results: Some(results),
-            ..Outcome::default()
+            summary: None,
+            publish: vec![files::REPORT.into()],
         })
     }
 }

@@ -1,6 +1,6 @@
 //! Whole pipelines through the engine with the real stage kinds, on generated model trees.
 
-mod common;
+mod planted;
 
 use std::path::Path;
 
@@ -65,7 +65,7 @@ label = { key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar10
 #[test]
 fn fetch_and_extract_every_layer_with_labels_and_splits() {
     let dir = tempfile::tempdir().unwrap();
-    let models = common::planted_tree(&dir.path().join("models"), 20, 8, 6, 1);
+    let models = planted::planted_tree(&dir.path().join("models"), 20, 8, 6, 1);
     std::fs::write(dir.path().join("tiny.toml"), EXTRACT).unwrap();
     let cache = dir.path().join("cache");
 

@@ -1,127 +1,253 @@
-//! Model trees with planted structure, written as real safetensors files, for pipeline tests.
+//! Generated layer datasets with planted class-dependent structure, for learning tests.
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use probex_stages::dataset::{Class, Labels, LayerDataset, LayerInfo, ModelRecord, Split};
+use probex_stages::embeddings::TextTable;
+use probex_stages::training::rng::Rng;
 
-use safetensors::{Dtype, tensor::TensorView};
+/// Split counts, in `Split::ALL` order.
+pub type Counts = [usize; 5];
 
-/// A tiny deterministic generator (splitmix64), so fixtures need no extra crate.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_add(0x9E37_79B9_7F4A_7C15))
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    pub fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
-
-/// CIFAR-100 names used as the planted classes.
-pub const CLASSES: [&str; 8] = [
-    "apple", "bear", "bee", "bus", "camel", "lion", "rose", "whale",
-];
-
-/// Writes `n` models into `dir/{split}/model_idx_XXXX/model.safetensors`-like plain files
-/// (`dir/model_XXXX.safetensors`), each fine-tuned "on" a random half of [`CLASSES`]: layer
-/// `encoder.dense.weight` [d_h, d_w] carries a planted pattern per class; `encoder.norm.bias`
-/// and `head.weight` are noise. Returns the paths and each model's classes.
-pub fn planted_tree(
-    dir: &Path,
-    n: usize,
-    d_h: usize,
-    d_w: usize,
-    seed: u64,
-) -> Vec<(PathBuf, Vec<&'static str>)> {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut rng = Rng::new(seed);
-    let base: Vec<f32> = (0..d_h * d_w).map(|_| rng.uniform()).collect();
-    let patterns: Vec<Vec<f32>> = CLASSES
-        .iter()
-        .map(|_| (0..d_h * d_w).map(|_| rng.uniform()).collect())
-        .collect();
+fn records(counts: Counts) -> Vec<ModelRecord> {
     let mut out = Vec::new();
-    for i in 0..n {
-        let mut chosen: Vec<&'static str> = Vec::new();
-        let mut w = base.clone();
-        for (c, name) in CLASSES.iter().enumerate() {
-            if rng.next_u64() % 2 == 0 {
-                chosen.push(name);
-                for (x, p) in w.iter_mut().zip(&patterns[c]) {
-                    *x += 0.5 * p;
-                }
-            }
+    for (s, &k) in Split::ALL.iter().zip(&counts) {
+        for i in 0..k {
+            out.push(ModelRecord {
+                id: format!("{s}_{i:04}"),
+                split: *s,
+                source_digest: format!("{s}{i}"),
+            });
         }
-        for x in &mut w {
-            *x += 0.2 * rng.uniform();
-        }
-        let bias: Vec<f32> = (0..d_h).map(|_| rng.uniform()).collect();
-        let head: Vec<f32> = (0..3 * d_h).map(|_| rng.uniform()).collect();
-        let split = match i % 10 {
-            0 | 1 => "val",
-            2 | 3 => "test",
-            _ => "train",
-        };
-        let targets = format!(
-            "[{}]",
-            chosen
-                .iter()
-                .map(|c| format!("'{c}'"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let meta = HashMap::from([
-            ("dataset_chosen_targets".to_string(), targets),
-            ("split".to_string(), split.to_string()),
-            (
-                "learning_rate".to_string(),
-                format!("{}", 1e-3 * (1 + i % 3) as f64),
-            ),
-        ]);
-        let path = dir.join(format!("model_{i:04}.safetensors"));
-        write(
-            &path,
-            &[
-                ("encoder.dense.weight", vec![d_h, d_w], &w),
-                ("encoder.norm.bias", vec![d_h], &bias),
-                ("head.weight", vec![3, d_h], &head),
-            ],
-            meta,
-        );
-        out.push((path, chosen));
     }
     out
 }
 
-/// Writes an F32 safetensors file.
-pub fn write(
-    path: &Path,
-    tensors: &[(&str, Vec<usize>, &Vec<f32>)],
-    meta: HashMap<String, String>,
-) {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
-    let views: Vec<(&str, TensorView)> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((name, shape, _), b)| {
-            (
-                *name,
-                TensorView::new(Dtype::F32, shape.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, Some(meta), path).unwrap();
+fn layer(d_h: usize, d_w: usize) -> LayerInfo {
+    LayerInfo {
+        index: 0,
+        name: "generated.weight".into(),
+        source_shape: vec![d_h, d_w],
+        transform: "squeeze".into(),
+    }
+}
+
+fn rank_one(rng: &mut Rng, d_h: usize, d_w: usize) -> Vec<f32> {
+    let a: Vec<f32> = (0..d_h).map(|_| rng.normal()).collect();
+    let b: Vec<f32> = (0..d_w).map(|_| rng.normal()).collect();
+    let s = 1.0 / ((d_h * d_w) as f32).sqrt();
+    (0..d_h * d_w)
+        .map(|i| a[i / d_w] * b[i % d_w] * s * 4.0)
+        .collect()
+}
+
+/// Multi-label: each model has each class with probability 1/2, and its matrix is
+/// `noise * N + sum over its classes of a rank-one pattern of that class`.
+pub fn multilabel(
+    counts: Counts,
+    d_h: usize,
+    d_w: usize,
+    classes: usize,
+    noise: f32,
+    seed: u64,
+) -> LayerDataset {
+    let mut rng = Rng::new(seed, 100);
+    let patterns: Vec<Vec<f32>> = (0..classes).map(|_| rank_one(&mut rng, d_h, d_w)).collect();
+    let models = records(counts);
+    let n = models.len();
+    let mut weights = Vec::with_capacity(n * d_h * d_w);
+    let mut targets = Vec::with_capacity(n * classes);
+    for _ in 0..n {
+        let y: Vec<f32> = (0..classes)
+            .map(|_| (rng.unit_f32() < 0.5) as u8 as f32)
+            .collect();
+        for i in 0..d_h * d_w {
+            let mut v = noise * rng.normal();
+            for c in 0..classes {
+                v += y[c] * patterns[c][i];
+            }
+            weights.push(v);
+        }
+        targets.extend(y);
+    }
+    LayerDataset {
+        layer: layer(d_h, d_w),
+        n,
+        d_h,
+        d_w,
+        weights,
+        models,
+        label_key: "dataset_chosen_targets".into(),
+        labels: Labels::MultiLabel {
+            classes: (0..classes).map(|c| format!("class_{c}")).collect(),
+            targets,
+        },
+        skipped: vec![],
+    }
+}
+
+/// Multi-label where the statistics carry no information at all: every model has exactly half
+/// of the classes; class `c` owns a block of rows, filled with `+B` when present and `-B` when
+/// absent (the same block `B` for every class), plus noise. Every model's weights are then the
+/// same multiset of values up to noise, while the classes are linear in the weights.
+pub fn sign_blocks(
+    counts: Counts,
+    rows_per_class: usize,
+    d_w: usize,
+    classes: usize,
+    noise: f32,
+    seed: u64,
+) -> LayerDataset {
+    let mut rng = Rng::new(seed, 400);
+    let d_h = rows_per_class * classes;
+    let block: Vec<f32> = (0..rows_per_class * d_w).map(|_| rng.normal()).collect();
+    let models = records(counts);
+    let n = models.len();
+    let mut weights = Vec::with_capacity(n * d_h * d_w);
+    let mut targets = Vec::with_capacity(n * classes);
+    for _ in 0..n {
+        let mut order: Vec<usize> = (0..classes).collect();
+        rng.shuffle(&mut order);
+        let mut y = vec![0.0f32; classes];
+        for &c in &order[..classes / 2] {
+            y[c] = 1.0;
+        }
+        for c in 0..classes {
+            let sign = if y[c] > 0.5 { 1.0 } else { -1.0 };
+            weights.extend(block.iter().map(|&b| sign * b + noise * rng.normal()));
+        }
+        targets.extend(y);
+    }
+    LayerDataset {
+        layer: layer(d_h, d_w),
+        n,
+        d_h,
+        d_w,
+        weights,
+        models,
+        label_key: "dataset_chosen_targets".into(),
+        labels: Labels::MultiLabel {
+            classes: (0..classes).map(|c| format!("class_{c}")).collect(),
+            targets,
+        },
+        skipped: vec![],
+    }
+}
+
+/// Single-label where the class only sets the scale of i.i.d. Gaussian weights: no direction
+/// carries information, the statistics do.
+pub fn scale_classes(
+    counts: Counts,
+    d_h: usize,
+    d_w: usize,
+    scales: &[f32],
+    seed: u64,
+) -> LayerDataset {
+    let mut rng = Rng::new(seed, 200);
+    let models = records(counts);
+    let n = models.len();
+    let mut weights = Vec::with_capacity(n * d_h * d_w);
+    let mut targets = Vec::with_capacity(n);
+    for i in 0..n {
+        let c = i % scales.len();
+        targets.push(c as u32);
+        weights.extend((0..d_h * d_w).map(|_| scales[c] * rng.normal()));
+    }
+    LayerDataset {
+        layer: layer(d_h, d_w),
+        n,
+        d_h,
+        d_w,
+        weights,
+        models,
+        label_key: "scale".into(),
+        labels: Labels::Class {
+            classes: (0..scales.len())
+                .map(|c| Class {
+                    id: format!("s{c}"),
+                    name: format!("scale {c}"),
+                })
+                .collect(),
+            targets,
+        },
+        skipped: vec![],
+    }
+}
+
+/// Zero-shot data: class `c` has a random text vector `t_c`, and a model of class `c` has
+/// weights `sum_k t_c[k] P_k + noise * N` for fixed random matrices `P_k` (the planted map).
+/// Classes `0..train_classes` appear in train/val/test, the others only in the holdout
+/// splits (`per_class` models per class and split, holdout splits get `per_class` each too).
+pub fn zero_shot(
+    train_classes: usize,
+    holdout_classes: usize,
+    per_class: [usize; 5],
+    d_h: usize,
+    d_w: usize,
+    d_text: usize,
+    noise: f32,
+    seed: u64,
+) -> (LayerDataset, TextTable) {
+    let mut rng = Rng::new(seed, 300);
+    let total = train_classes + holdout_classes;
+    let text: Vec<f32> = (0..total * d_text).map(|_| rng.normal()).collect();
+    let maps: Vec<Vec<f32>> = (0..d_text).map(|_| rank_one(&mut rng, d_h, d_w)).collect();
+    let mut models = Vec::new();
+    let mut targets = Vec::new();
+    let mut weights = Vec::new();
+    for (si, split) in Split::ALL.iter().enumerate() {
+        let holdout = matches!(split, Split::ValHoldout | Split::TestHoldout);
+        let classes: Vec<usize> = if holdout {
+            (train_classes..total).collect()
+        } else {
+            (0..train_classes).collect()
+        };
+        for &c in &classes {
+            for i in 0..per_class[si] {
+                models.push(ModelRecord {
+                    id: format!("{split}_{c}_{i}"),
+                    split: *split,
+                    source_digest: format!("{split}{c}{i}"),
+                });
+                targets.push(c as u32);
+                for j in 0..d_h * d_w {
+                    let mut v = noise * rng.normal();
+                    for k in 0..d_text {
+                        v += text[c * d_text + k] * maps[k][j] / (d_text as f32).sqrt();
+                    }
+                    weights.push(v);
+                }
+            }
+        }
+    }
+    let names: Vec<String> = (0..total).map(|c| format!("thing {c}")).collect();
+    let ds = LayerDataset {
+        layer: layer(d_h, d_w),
+        n: models.len(),
+        d_h,
+        d_w,
+        weights,
+        models,
+        label_key: "imagenet_class_id".into(),
+        labels: Labels::Class {
+            classes: names
+                .iter()
+                .enumerate()
+                .map(|(c, name)| Class {
+                    id: format!("n{c:08}"),
+                    name: name.clone(),
+                })
+                .collect(),
+            targets,
+        },
+        skipped: vec![],
+    };
+    (
+        ds,
+        TextTable {
+            names,
+            dim: d_text,
+            vectors: text,
+        },
+    )
 }

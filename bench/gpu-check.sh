@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# GPU check: CUDA training agrees with the CPU and how fast it is.
+# Runs on a machine with an NVIDIA GPU, Python with numpy + safetensors, and a probex binary
+# built with `CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda` (PROBEX=path).
+# Prints a short table; exit 1 when CPU and CUDA disagree.
+set -euo pipefail
+cd "$(dirname "$0")"
+PROBEX=${PROBEX:-../target/release/probex}
+MODELS=${MODELS:-1000}
+PEAK_TFLOPS=${PEAK_TFLOPS:-67}   # H100 SXM fp32 (non-tensor) datasheet rate
+rm -rf .gpu && mkdir -p .gpu
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+date -u
+echo "== generating $MODELS models of one 768x768 layer"
+python3 make_models.py .gpu/models --models "$MODELS" --shape 768x768
+mem_log=.gpu/mem.log
+( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$mem_log" 2>/dev/null || true; sleep 0.5; done ) &
+sampler=$!
+trap 'kill $sampler 2>/dev/null || true' EXIT
+echo "== cpu"
+"$PROBEX" run gpu-check.toml --cache .gpu/cache-cpu --device cpu --out .gpu/run-cpu --progress plain
+echo "== cuda"
+"$PROBEX" run gpu-check.toml --cache .gpu/cache-cuda --device cuda --out .gpu/run-cuda --progress plain
+echo "== cuda timing"
+"$PROBEX" run gpu-time.toml --cache .gpu/cache-cuda --device cuda --out .gpu/run-time --progress plain
+kill $sampler 2>/dev/null || true
+echo "peak GPU memory used: $(sort -n "$mem_log" | tail -1) MiB"
+n_train=$(( MODELS - 2 * MODELS / 10 ))
+python3 compare_runs.py .gpu/run-cpu .gpu/run-cuda .gpu/run-time "$n_train" 768 768 128 "$PEAK_TFLOPS"

@@ -1,0 +1,189 @@
+//! Benchmark: one ProbeX training step (forward, BCE-with-logits, backward, Adam) on the CPU at
+//! the paper's shape, side by side with PyTorch's CPU step for the same model and threads.
+//!
+//! ```text
+//! cargo run -p probex-stages --example probex_step -- --threads 2
+//! PROBEX_PYTHON=/path/to/venv/bin/python cargo run ... -- --threads 2 --steps 5
+//! ```
+//! Options: `--threads N` (2), `--batch B` (128), `--d D` (768: a D x D layer), `--rank R`
+//! (128: r_U = r_V = r_T), `--classes C` (100), `--steps S` (5), `--no-torch`. The PyTorch side
+//! runs `stages/python/step_bench.py` with `$PROBEX_PYTHON` (default `python3`); it is skipped
+//! with a note when torch cannot be imported.
+
+use std::process::Command;
+use std::time::Instant;
+
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use probex_stages::models::{Net, ProbexConfig};
+use probex_stages::training::device::with_threads;
+use probex_stages::training::optim::Adam;
+use probex_stages::training::rng::Rng;
+
+type AB = Autodiff<Flex>;
+
+struct Args {
+    threads: usize,
+    batch: usize,
+    d: usize,
+    rank: usize,
+    classes: usize,
+    steps: usize,
+    torch: bool,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        threads: 2,
+        batch: 128,
+        d: 768,
+        rank: 128,
+        classes: 100,
+        steps: 5,
+        torch: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        if k == "--no-torch" {
+            a.torch = false;
+            continue;
+        }
+        let v = it.next().ok_or(format!("{k} needs a value"))?;
+        let n: usize = v
+            .parse()
+            .map_err(|_| format!("{k}: `{v}` is not a number"))?;
+        match k.as_str() {
+            "--threads" => a.threads = n,
+            "--batch" => a.batch = n,
+            "--d" => a.d = n,
+            "--rank" => a.rank = n,
+            "--classes" => a.classes = n,
+            "--steps" => a.steps = n,
+            _ => return Err(format!("unknown option {k}")),
+        }
+    }
+    Ok(a)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn probex_step_seconds(a: &Args) -> f64 {
+    let dev = Default::default();
+    let cfg = ProbexConfig::new(a.d, a.d, a.classes)
+        .with_r_u(a.rank)
+        .with_r_v(a.rank)
+        .with_r_t(a.rank);
+    let mut model = cfg.init::<AB>(&mut Rng::new(0, 0), &dev);
+    let mut adam = Adam::new(1e-3, 1e-5, 0.9, 0.999, 1e-8);
+    let mut rng = Rng::new(1, 0);
+    let x: Vec<f32> = (0..a.batch * a.d * a.d).map(|_| rng.normal()).collect();
+    let y: Vec<f32> = (0..a.batch * a.classes)
+        .map(|_| (rng.unit_f32() > 0.5) as u8 as f32)
+        .collect();
+    let x = Tensor::<Flex, 3>::from_data(TensorData::new(x, [a.batch, a.d, a.d]), &dev);
+    let y = Tensor::<Flex, 2>::from_data(TensorData::new(y, [a.batch, a.classes]), &dev);
+    let mut times = Vec::new();
+    for i in 0..=a.steps {
+        let t = Instant::now();
+        let s = model.scores(Tensor::from_inner(x.clone()), None);
+        let yy = Tensor::<AB, 2>::from_inner(y.clone());
+        let loss = (s.clone().clamp_min(0.0) - s.clone() * yy + s.abs().neg().exp().log1p()).mean();
+        let grads = loss.backward();
+        model = adam.step(model, &grads);
+        // Force completion of the update before stopping the clock.
+        let _ = model
+            .classification_head
+            .bias
+            .as_ref()
+            .map(|b| b.val().into_data());
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    median(times)
+}
+
+fn torch_step_seconds(a: &Args) -> Result<(f64, String), String> {
+    let python = std::env::var("PROBEX_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/step_bench.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .args(["--threads", &a.threads.to_string()])
+        .args(["--batch", &a.batch.to_string()])
+        .args(["--d", &a.d.to_string()])
+        .args(["--rank", &a.rank.to_string()])
+        .args(["--classes", &a.classes.to_string()])
+        .args(["--steps", &a.steps.to_string()])
+        .output()
+        .map_err(|e| format!("cannot run {python}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or("").to_string();
+        return Err(format!("{python} {script} failed: {last}"));
+    }
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|s| s.trim().to_string())
+    };
+    let secs = field("torch_step_s=")
+        .and_then(|s| s.parse().ok())
+        .ok_or(format!("no torch_step_s in the output of {script}"))?;
+    Ok((secs, field("torch_version=").unwrap_or_default()))
+}
+
+fn main() {
+    let a = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("probex_step: {e}");
+            std::process::exit(2);
+        }
+    };
+    let flop = 2.0
+        * a.batch as f64
+        * (2.0 * (a.d * a.d * a.rank) as f64
+            + 3.0 * (a.rank * a.d * a.rank) as f64
+            + 3.0 * (a.rank * a.rank * a.rank) as f64);
+    println!(
+        "ProbeX step: batch {}, {}x{} layer, r_U=r_V=r_T={}, {} classes, {} threads, ~{:.1} GFLOP",
+        a.batch,
+        a.d,
+        a.d,
+        a.rank,
+        a.classes,
+        a.threads,
+        flop / 1e9
+    );
+    let ours = match with_threads(a.threads, || probex_step_seconds(&a)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("probex_step: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "probex (burn flex): {ours:.3} s/step ({:.0} GFLOP/s), median of {}",
+        flop / ours / 1e9,
+        a.steps
+    );
+    if !a.torch {
+        return;
+    }
+    match torch_step_seconds(&a) {
+        Ok((theirs, version)) => {
+            println!(
+                "pytorch {version}: {theirs:.3} s/step ({:.0} GFLOP/s), median of {}",
+                flop / theirs / 1e9,
+                a.steps
+            );
+            println!("speed-up (pytorch / probex): {:.2}x", theirs / ours);
+        }
+        Err(e) => println!("pytorch: skipped ({e}); set PROBEX_PYTHON to a python with torch"),
+    }
+}

@@ -1,0 +1,331 @@
+//! Probe checkpoints: a safetensors file whose tensors are the official PyTorch `state_dict`
+//! (names and layouts), so `model.load_state_dict(safetensors.torch.load_file(path))` works,
+//! plus a JSON entry `probex` in the header metadata with what PyTorch does not need (model
+//! kind, shapes, class names, target scaling).
+//!
+//! A file without that entry (for example one written by PyTorch with `save_file`) still loads:
+//! the ProbeX shapes are read off the tensors, and the task comes from the data it is used on.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+
+use super::{ModelKind, ModelSpec, NamedTensor};
+use crate::dataset::decode;
+
+/// Metadata key holding [`CheckpointMeta`] as JSON.
+pub const META_KEY: &str = "probex";
+
+/// What a probe's outputs mean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// Independent sigmoid per class (BCE-with-logits).
+    MultiLabel,
+    /// One class per model (cross-entropy).
+    Class,
+    /// One number per model (MSE on standardised targets).
+    Regression,
+    /// One class per model, scored by cosine against class text embeddings.
+    ZeroShot,
+}
+
+/// The task a checkpoint was trained for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskInfo {
+    /// What the outputs mean.
+    pub kind: TaskKind,
+    /// Class names in output order (zero-shot: the training classes, in text-matrix order).
+    #[serde(default)]
+    pub classes: Vec<String>,
+    /// Regression: outputs are `target_mean + target_std * raw` .
+    #[serde(default)]
+    pub target_mean: f32,
+    /// Regression: see `target_mean` (1 otherwise).
+    #[serde(default = "one")]
+    pub target_std: f32,
+    /// StatNN: training-set mean of each statistic.
+    #[serde(default)]
+    pub feature_mean: Vec<f32>,
+    /// StatNN: training-set standard deviation of each statistic.
+    #[serde(default)]
+    pub feature_std: Vec<f32>,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// The `probex` metadata entry of a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointMeta {
+    /// Format version of this entry.
+    pub format: u32,
+    /// The model's shapes.
+    pub spec: ModelSpec,
+    /// The task.
+    pub task: TaskInfo,
+    /// The training epoch (0-based) the parameters are from.
+    pub epoch: Option<usize>,
+}
+
+impl CheckpointMeta {
+    /// Current format version.
+    pub const FORMAT: u32 = 1;
+}
+
+/// A checkpoint in memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    /// The `probex` metadata, absent in plain PyTorch state dicts.
+    pub meta: Option<CheckpointMeta>,
+    /// The parameters, official names and layouts.
+    pub tensors: Vec<NamedTensor>,
+}
+
+impl Checkpoint {
+    /// Serialises to safetensors bytes (tensors in the given order, f32).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
+        let mut meta = HashMap::new();
+        if let Some(m) = &self.meta {
+            meta.insert(
+                META_KEY.to_string(),
+                serde_json::to_string(m).map_err(|e| e.to_string())?,
+            );
+        }
+        serialize_named(&self.tensors, meta)
+    }
+
+    /// Parses safetensors bytes; `what` names the source in errors.
+    pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Checkpoint, String> {
+        let (header, tensors) = deserialize_named(bytes, what)?;
+        let meta = match header.get(META_KEY) {
+            Some(json) => Some(
+                serde_json::from_str::<CheckpointMeta>(json)
+                    .map_err(|e| format!("{what}: metadata entry `{META_KEY}`: {e}"))?,
+            ),
+            None => None,
+        };
+        if let Some(m) = &meta
+            && m.format != CheckpointMeta::FORMAT
+        {
+            return Err(format!(
+                "{what}: checkpoint format {} is not supported (expected {}); retrain it",
+                m.format,
+                CheckpointMeta::FORMAT
+            ));
+        }
+        Ok(Checkpoint { meta, tensors })
+    }
+
+    /// Reads a checkpoint file.
+    pub fn read(path: &Path) -> Result<Checkpoint, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Checkpoint::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// Writes a checkpoint file atomically (temporary file, then rename).
+    pub fn write(&self, path: &Path) -> Result<(), String> {
+        write_atomic(path, &self.to_bytes()?)
+    }
+
+    /// The tensors by name.
+    pub fn by_name(&self) -> HashMap<String, NamedTensor> {
+        self.tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.clone()))
+            .collect()
+    }
+
+    /// The model spec: from the metadata, or (plain state dicts) read off the ProbeX tensor
+    /// shapes.
+    pub fn spec(&self) -> Result<ModelSpec, String> {
+        if let Some(m) = &self.meta {
+            return Ok(m.spec.clone());
+        }
+        let t = self.by_name();
+        let shape = |n: &str| t.get(n).map(|t| t.shape.clone());
+        let (Some(u), Some(v), Some(m)) = (
+            shape("probes.weight"),
+            shape("shared_probe_proj.weight"),
+            shape("per_probe_encoders.weight"),
+        ) else {
+            return Err(
+                "a checkpoint without probex metadata must hold the ProbeX tensors \
+                 `probes.weight`, `shared_probe_proj.weight` and `per_probe_encoders.weight`"
+                    .into(),
+            );
+        };
+        let (&[d_w, r_u], &[r_v, d_h], &[r_t, _]) = (&u[..], &v[..], &m[..]) else {
+            return Err(format!(
+                "unexpected ProbeX shapes: probes.weight {u:?}, shared_probe_proj.weight {v:?}, \
+                 per_probe_encoders.weight {m:?}"
+            ));
+        };
+        let mut spec = ModelSpec {
+            kind: ModelKind::Probex,
+            d_h,
+            d_w,
+            r_u,
+            r_v,
+            r_t,
+            d_y: 0,
+            d_text: 0,
+            hidden: 0,
+        };
+        if let Some(h) = shape("classification_head.weight") {
+            spec.d_y = h[0];
+        } else if let Some(h) = shape("regression_head.weight") {
+            spec.kind = ModelKind::ProbexZeroshot;
+            spec.d_text = h.get(1).copied().unwrap_or(0);
+        } else {
+            return Err(
+                "checkpoint has neither `classification_head.weight` nor `regression_head.weight`"
+                    .into(),
+            );
+        }
+        Ok(spec)
+    }
+}
+
+/// Serialises named f32 tensors with header metadata, as a safetensors file whose bytes depend
+/// only on the contents (tensors and header keys sorted by name; the safetensors crate takes a
+/// `HashMap` and so writes metadata in random order). The entry `format = pt` is
+/// added, as `safetensors.torch` does (some PyTorch tooling checks it).
+pub fn serialize_named(
+    tensors: &[NamedTensor],
+    mut metadata: HashMap<String, String>,
+) -> Result<Vec<u8>, String> {
+    metadata.insert("format".to_string(), "pt".to_string());
+    let mut header = serde_json::Map::new();
+    let mut items: Vec<(String, String)> = metadata.into_iter().collect();
+    items.sort();
+    let meta: serde_json::Map<String, serde_json::Value> = items
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::Value::String(v)))
+        .collect();
+    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    let mut tensors: Vec<&NamedTensor> = tensors.iter().collect();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut offset = 0usize;
+    for t in &tensors {
+        let n: usize = t.shape.iter().product();
+        if n != t.values.len() {
+            return Err(format!(
+                "tensor `{}`: shape {:?} needs {n} values, got {}",
+                t.name,
+                t.shape,
+                t.values.len()
+            ));
+        }
+        if t.name == "__metadata__" || header.contains_key(&t.name) {
+            return Err(format!("tensor name `{}` is reserved or repeated", t.name));
+        }
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [offset, offset + 4 * n]}),
+        );
+        offset += 4 * n;
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    // The data must start 8-byte aligned; pad the header with spaces as the reference does.
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for t in tensors {
+        for v in &t.values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    Ok(out)
+}
+
+/// Parses safetensors bytes into header metadata and f32 tensors sorted by name (F16, BF16
+/// and F64 are converted); `what` names the source in errors.
+pub fn deserialize_named(
+    bytes: &[u8],
+    what: &str,
+) -> Result<(HashMap<String, String>, Vec<NamedTensor>), String> {
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| format!("{what}: not a safetensors file: {e}"))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("{what}: {e}"))?;
+    let mut tensors = Vec::new();
+    for (name, view) in st.iter() {
+        let values = decode(view.dtype(), view.data())
+            .map_err(|e| format!("{what}: tensor `{name}`: {e}"))?;
+        tensors.push(NamedTensor {
+            name: name.to_string(),
+            shape: view.shape().to_vec(),
+            values,
+        });
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((meta, tensors))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
+/// crash never leaves a half-written file under `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(name: &str, shape: Vec<usize>) -> NamedTensor {
+        let n = shape.iter().product();
+        NamedTensor {
+            name: name.into(),
+            shape,
+            values: (0..n).map(|i| i as f32 * 0.25).collect(),
+        }
+    }
+
+    #[test]
+    fn round_trips_and_infers_probex_shapes_without_metadata() {
+        let c = Checkpoint {
+            meta: None,
+            tensors: vec![
+                t("classification_head.bias", vec![3]),
+                t("classification_head.weight", vec![3, 7]),
+                t("per_probe_encoders.bias", vec![7]),
+                t("per_probe_encoders.weight", vec![7, 8]),
+                t("probes.weight", vec![5, 2]),
+                t("shared_probe_proj.weight", vec![4, 6]),
+            ],
+        };
+        let back = Checkpoint::from_bytes(&c.to_bytes().unwrap(), "mem").unwrap();
+        assert_eq!(back, c);
+        let s = back.spec().unwrap();
+        assert_eq!(
+            (s.kind, s.d_h, s.d_w, s.r_u, s.r_v, s.r_t, s.d_y),
+            (ModelKind::Probex, 6, 5, 2, 4, 7, 3)
+        );
+    }
+
+    #[test]
+    fn rejects_garbage_and_foreign_state_dicts() {
+        assert!(
+            Checkpoint::from_bytes(b"nope", "x.safetensors")
+                .unwrap_err()
+                .contains("x.safetensors")
+        );
+        let c = Checkpoint {
+            meta: None,
+            tensors: vec![t("fc.weight", vec![2, 2])],
+        };
+        let back = Checkpoint::from_bytes(&c.to_bytes().unwrap(), "mem").unwrap();
+        assert!(back.spec().unwrap_err().contains("probes.weight"));
+    }
+}

@@ -1,0 +1,115 @@
+//! The `select` stage kind: the best layer of a sweep of trained probes.
+//!
+//! ```toml
+//! [stage.best]
+//! kind = "select"
+//! from = "probe"            # a fan-out of `train` nodes, read whole
+//! by = "val.accuracy"       # a path into each probe's results
+//! direction = "max"         # or "min" (losses)
+//! ```
+//! The artifact is the chosen probe's files (so `evaluate` needs nothing else) plus the whole
+//! per-layer table (`selection.json`, `layers.csv`) and the metric-per-layer plot
+//! (`layers.svg`, `layers.png`), which the run record publishes.
+
+use probex_engine::{InputSlot, Inputs, Outcome, RunContext, Stage, StageResult};
+use serde::{Deserialize, Serialize};
+
+use super::{Direction, LayerScore, plot_metric, select_best};
+use crate::train::{self, files};
+
+/// The artifact type of a selection.
+pub const ARTIFACT: &str = "selection";
+/// The selection table inside a selection artifact.
+pub const SELECTION_FILE: &str = "selection.json";
+
+/// Parameters of `select`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectParams {
+    /// Path of the metric in each probe's results (`val.accuracy`, `val.top1`, `val.r2`).
+    #[serde(default = "default_by")]
+    pub by: String,
+    /// Whether larger or smaller is better.
+    #[serde(default = "default_direction")]
+    pub direction: Direction,
+}
+
+fn default_by() -> String {
+    "val.accuracy".into()
+}
+fn default_direction() -> Direction {
+    Direction::Max
+}
+
+/// The `select` stage kind.
+pub struct Select;
+
+impl Stage for Select {
+    type Params = SelectParams;
+
+    fn kind(&self) -> &'static str {
+        "select"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn about(&self) -> &'static str {
+        "pick the best layer of a sweep of probes by a validation metric"
+    }
+    fn output(&self) -> &'static str {
+        ARTIFACT
+    }
+    fn inputs(&self) -> Vec<InputSlot> {
+        vec![InputSlot::one(train::ARTIFACT).gathered()]
+    }
+
+    fn check(&self, p: &SelectParams) -> Result<(), String> {
+        if p.by.split('.').any(str::is_empty) {
+            return Err(format!("`by = \"{}\"` is not a metric path (e.g. \"val.accuracy\")", p.by));
+        }
+        Ok(())
+    }
+
+    fn run(&self, p: &SelectParams, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
+        let probes = inputs.all(train::ARTIFACT);
+        let rows: Vec<LayerScore> = probes
+            .iter()
+            .map(|a| LayerScore {
+                layer: a.coords.iter().find(|(d, _)| d == "layer").map_or_else(|| a.node.clone(), |(_, v)| v.clone()),
+                metrics: a.results.clone().unwrap_or_default(),
+            })
+            .collect();
+        let sel = select_best(&rows, &p.by, p.direction)?;
+        let chosen = &probes[sel.chosen];
+        cx.log(format!("best layer {} by {} = {:.4} ({} layers)", sel.chosen_layer(), p.by, sel.best_value(), rows.len()));
+
+        let out = cx.out_dir();
+        for f in [files::CHECKPOINT, files::HOLDOUT_CHECKPOINT, files::REPORT, files::OUTPUTS, files::ROWS] {
+            let src = chosen.dir.join(f);
+            if src.is_file() {
+                std::fs::copy(&src, out.join(f)).map_err(|e| anyhow::anyhow!("{}: {e}", src.display()))?;
+            }
+        }
+        std::fs::write(out.join(SELECTION_FILE), serde_json::to_vec_pretty(&sel)?)?;
+        std::fs::write(out.join("layers.csv"), sel.csv())?;
+        plot_metric(&sel.plot(), &out.join("layers.svg"), &out.join("layers.png"))?;
+
+        let mut results = chosen.results.clone().unwrap_or_default();
+        if let Some(obj) = results.as_object_mut() {
+            obj.insert("layer".into(), sel.chosen_layer().into());
+            obj.insert("selected_by".into(), p.by.clone().into());
+            obj.insert("layers_swept".into(), rows.len().into());
+        }
+        let mut meta = chosen.meta.clone();
+        if let Some(obj) = meta.as_object_mut() {
+            obj.insert("chosen_layer".into(), sel.chosen_layer().into());
+            obj.insert("probe_node".into(), chosen.node.clone().into());
+        }
+        Ok(Outcome {
+            meta,
+            results: Some(results),
+            summary: Some(format!("Best layer by `{}` ({}): **{}**\n\n{}", p.by, p.direction, sel.chosen_layer(), sel.markdown_table())),
+            publish: vec!["layers.svg".into(), "layers.png".into(), "layers.csv".into()],
+        })
+    }
+}

@@ -1,0 +1,354 @@
+//! Learning, determinism, resume and inference tests of the training API on generated data.
+//! Small layers and few epochs: these run in CI on 2 cores in the dev profile.
+
+mod common;
+
+use std::ops::ControlFlow;
+
+use probex_stages::dataset::{LayerDataset, Split};
+use probex_stages::embeddings::TextTable;
+use probex_stages::models::ModelKind;
+use probex_stages::models::checkpoint::{Checkpoint, TaskKind};
+use probex_stages::training::{
+    DeviceSpec, TrainConfig, TrainError, TrainOutcome, TrainProgress, encode, predict, train,
+};
+
+fn go(ds: &LayerDataset, text: Option<&TextTable>, cfg: &TrainConfig) -> TrainOutcome {
+    train(ds, text, cfg, &DeviceSpec::Cpu, None, &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap()
+}
+
+fn small(model: ModelKind, epochs: usize) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch_size: 32,
+        validate_every: 5,
+        r_u: 8,
+        r_v: 8,
+        r_t: 16,
+        hidden: 32,
+        threads: 1,
+        ..TrainConfig::new(model)
+    }
+}
+
+fn metric(out: &TrainOutcome, split: &str, name: &str) -> f64 {
+    out.report.metrics[split][name]
+}
+
+const COUNTS: [usize; 5] = [320, 64, 128, 0, 0];
+
+#[test]
+fn probex_learns_planted_multilabel_structure() {
+    let ds = common::multilabel(COUNTS, 16, 12, 6, 0.3, 1);
+    let out = go(&ds, None, &small(ModelKind::Probex, 40));
+    let acc = metric(&out, "test", "accuracy");
+    assert!(acc > 0.95, "ProbeX test binary accuracy {acc}");
+    assert!(metric(&out, "test", "map") > 0.95);
+    assert_eq!(out.report.task, TaskKind::MultiLabel);
+    assert_eq!(out.report.selection_metric, "accuracy");
+    // Validation ran after epochs 0, 5, ..., 35 and the kept epoch is one of them.
+    let evals: Vec<usize> = out.report.curves.evals.iter().map(|e| e.epoch).collect();
+    assert_eq!(evals, vec![0, 5, 10, 15, 20, 25, 30, 35]);
+    assert!(evals.contains(&out.report.best_epoch));
+    assert_eq!(out.report.curves.train_loss.len(), 40);
+    let first = out.report.curves.train_loss[0];
+    let last = *out.report.curves.train_loss.last().unwrap();
+    assert!(last < first * 0.5, "loss {first} -> {last}");
+    // Parameter count: U 12x8, V 8x16, M 16x64 + 16, head 6x16 + 6.
+    assert_eq!(out.report.params, 96 + 128 + 1024 + 16 + 96 + 6);
+}
+
+#[test]
+fn dense_learns_linear_structure() {
+    let ds = common::multilabel(COUNTS, 16, 12, 6, 0.3, 2);
+    let dense = go(&ds, None, &small(ModelKind::Dense, 40));
+    let acc = metric(&dense, "test", "accuracy");
+    // The planted structure is linear in the weights: the linear probe finds it.
+    assert!(acc > 0.9, "Dense test accuracy {acc}");
+    assert_eq!(dense.report.params, 16 * 12 * 6 + 6);
+}
+
+#[test]
+fn statnn_is_at_chance_when_statistics_carry_no_signal() {
+    let ds = common::sign_blocks(COUNTS, 2, 12, 6, 0.3, 2);
+    let stat = go(&ds, None, &small(ModelKind::Statnn, 40));
+    let acc = metric(&stat, "test", "accuracy");
+    assert!(
+        acc < 0.6,
+        "StatNN test accuracy {acc} on statistics-free structure"
+    );
+    // The same data is easy for a probe that reads directions.
+    let probex = go(&ds, None, &small(ModelKind::Probex, 20));
+    let acc = metric(&probex, "test", "accuracy");
+    assert!(acc > 0.95, "ProbeX test accuracy {acc}");
+}
+
+#[test]
+fn statnn_learns_what_statistics_reveal() {
+    let ds = common::scale_classes([240, 60, 90, 0, 0], 16, 12, &[0.5, 1.0, 2.0], 3);
+    let out = go(&ds, None, &small(ModelKind::Statnn, 40));
+    let top1 = metric(&out, "test", "top1");
+    assert!(
+        top1 > 0.95,
+        "StatNN top1 {top1} when the class sets the weight scale"
+    );
+    assert_eq!(out.report.selection_metric, "top1");
+    assert_eq!(metric(&out, "test", "top5"), 1.0);
+}
+
+#[test]
+fn zero_shot_recovers_held_out_classes() {
+    let (ds, text) = common::zero_shot(12, 4, [25, 5, 5, 10, 10], 16, 12, 8, 0.3, 4);
+    let mut cfg = small(ModelKind::ProbexZeroshot, 60);
+    cfg.validate_every = 10;
+    let out = go(&ds, Some(&text), &cfg);
+    assert_eq!(out.report.task, TaskKind::ZeroShot);
+    let in_dist = metric(&out, "test", "top1");
+    assert!(in_dist > 0.9, "in-distribution top1 {in_dist}");
+    let hm = out.report.holdout_metrics.as_ref().unwrap();
+    let zs = hm["test_holdout"]["top1"];
+    // 4 held-out candidates: chance is 0.25.
+    assert!(zs > 0.8, "zero-shot top1 {zs} (report: {:?})", hm);
+    assert!(out.holdout_checkpoint.is_some());
+    // The zero-shot checkpoint has the text-side head and no classification head.
+    let ck = Checkpoint::from_bytes(&out.checkpoint, "best").unwrap();
+    let names: Vec<&str> = ck.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert!(names.contains(&"regression_head.weight"), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("classification_head")));
+    // Without the text table, zero-shot training is a clear error.
+    let err = train(&ds, None, &cfg, &DeviceSpec::Cpu, None, &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap_err();
+    assert!(
+        matches!(err, TrainError::Data(_)) && err.to_string().contains("text table"),
+        "{err}"
+    );
+    // A table missing a class names it.
+    let mut partial = text.clone();
+    partial.names[13] = "something else".into();
+    let err = train(
+        &ds,
+        Some(&partial),
+        &cfg,
+        &DeviceSpec::Cpu,
+        None,
+        &mut |_| ControlFlow::Continue(()),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("thing 13"), "{err}");
+}
+
+#[test]
+fn same_seed_same_result_different_seed_different_init() {
+    let ds = common::multilabel([64, 16, 16, 0, 0], 8, 6, 3, 0.3, 5);
+    let mut cfg = small(ModelKind::Probex, 3);
+    cfg.validate_every = 1;
+    cfg.threads = 2;
+    let a = go(&ds, None, &cfg);
+    let b = go(&ds, None, &cfg);
+    assert_eq!(a.checkpoint, b.checkpoint);
+    assert_eq!(a.report.curves, b.report.curves);
+    cfg.seed = 1;
+    let c = go(&ds, None, &cfg);
+    assert_ne!(a.checkpoint, c.checkpoint);
+    let mut cfg0 = cfg.clone();
+    cfg0.epochs = 1;
+    cfg0.lr = 1e-12;
+    let p0 = Checkpoint::from_bytes(&go(&ds, None, &cfg0).checkpoint, "s1").unwrap();
+    cfg0.seed = 0;
+    let p1 = Checkpoint::from_bytes(&go(&ds, None, &cfg0).checkpoint, "s0").unwrap();
+    assert_ne!(
+        p0.tensors[0].values, p1.tensors[0].values,
+        "different seeds, same init"
+    );
+}
+
+#[test]
+fn a_killed_training_resumes_where_it_stopped() {
+    let ds = common::multilabel([64, 16, 16, 0, 0], 8, 6, 3, 0.3, 6);
+    let mut cfg = small(ModelKind::Probex, 6);
+    cfg.validate_every = 2;
+    cfg.checkpoint_every = 1;
+    let straight = go(&ds, None, &cfg);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut seen = Vec::new();
+    let err = train(
+        &ds,
+        None,
+        &cfg,
+        &DeviceSpec::Cpu,
+        Some(dir.path()),
+        &mut |p: &TrainProgress| {
+            seen.push(p.epoch);
+            if p.epoch == 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, TrainError::Cancelled { epoch: 2 }), "{err}");
+    assert_eq!(seen, vec![0, 1, 2]);
+    let mut later = Vec::new();
+    let resumed = train(
+        &ds,
+        None,
+        &cfg,
+        &DeviceSpec::Cpu,
+        Some(dir.path()),
+        &mut |p: &TrainProgress| {
+            later.push((p.epoch, p.resumed_from));
+            ControlFlow::Continue(())
+        },
+    )
+    .unwrap();
+    assert_eq!(later.first(), Some(&(3, Some(3))));
+    assert_eq!(resumed.report.resumed_from, Some(3));
+    let (a, b) = (
+        Checkpoint::from_bytes(&resumed.checkpoint, "resumed").unwrap(),
+        Checkpoint::from_bytes(&straight.checkpoint, "straight").unwrap(),
+    );
+    assert_eq!(a.meta, b.meta);
+    for (x, y) in a.tensors.iter().zip(&b.tensors) {
+        assert_eq!(x, y, "{}", x.name);
+    }
+    assert_eq!(resumed.checkpoint, straight.checkpoint);
+    assert_eq!(resumed.report.curves, straight.report.curves);
+    assert_eq!(resumed.report.metrics, straight.report.metrics);
+
+    // A finished work dir returns the same result without training again.
+    let again = train(
+        &ds,
+        None,
+        &cfg,
+        &DeviceSpec::Cpu,
+        Some(dir.path()),
+        &mut |_| panic!("no epoch should run"),
+    )
+    .unwrap();
+    assert_eq!(again.checkpoint, straight.checkpoint);
+
+    // Another config does not resume from this state.
+    let mut other = cfg.clone();
+    other.lr = 2e-3;
+    let fresh = train(
+        &ds,
+        None,
+        &other,
+        &DeviceSpec::Cpu,
+        Some(dir.path()),
+        &mut |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    assert_eq!(fresh.report.resumed_from, None);
+}
+
+#[test]
+fn predict_and_encode_reproduce_the_reported_metrics() {
+    let ds = common::multilabel([96, 32, 32, 0, 0], 8, 6, 4, 0.3, 7);
+    let out = go(&ds, None, &small(ModelKind::Probex, 10));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("best.safetensors");
+    std::fs::write(&path, &out.checkpoint).unwrap();
+    let p = predict(&path, &ds, None, &DeviceSpec::Cpu).unwrap();
+    assert_eq!(p.task, TaskKind::MultiLabel);
+    assert_eq!(p.columns.len(), 4);
+    let rows = ds.rows(Split::Test);
+    let Labels4 { targets } = labels(&ds);
+    let mut correct = 0;
+    for &r in &rows {
+        for c in 0..4 {
+            correct += ((p.scores[r * 4 + c] > 0.0) == (targets[r * 4 + c] > 0.5)) as usize;
+        }
+    }
+    let acc = correct as f64 / (rows.len() * 4) as f64;
+    assert!((acc - metric(&out, "test", "accuracy")).abs() < 1e-9);
+    let e = encode(&path, &ds, &DeviceSpec::Cpu).unwrap();
+    assert_eq!(e.dim, 16);
+    assert_eq!(e.values.len(), ds.n * 16);
+    // Wrong layer shape is a clear error.
+    let other = common::multilabel([8, 0, 0, 0, 0], 6, 6, 4, 0.3, 7);
+    let err = predict(&path, &other, None, &DeviceSpec::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[8, 6]") && err.contains("[6, 6]"), "{err}");
+}
+
+struct Labels4 {
+    targets: Vec<f32>,
+}
+
+fn labels(ds: &LayerDataset) -> Labels4 {
+    match &ds.labels {
+        probex_stages::dataset::Labels::MultiLabel { targets, .. } => Labels4 {
+            targets: targets.clone(),
+        },
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn regression_predicts_on_the_original_scale() {
+    // Target = a linear read-out of the weights, on a scale far from 0 and 1.
+    let mut ds = common::multilabel([160, 40, 40, 0, 0], 8, 6, 1, 0.3, 8);
+    let t: Vec<f32> = (0..ds.n)
+        .map(|i| 100.0 + 10.0 * ds.matrix(i).iter().take(12).sum::<f32>())
+        .collect();
+    ds.labels = probex_stages::dataset::Labels::Numeric {
+        targets: t.clone(),
+        transform: "identity".into(),
+    };
+    let out = go(&ds, None, &small(ModelKind::Probex, 40));
+    let r2 = metric(&out, "test", "r2");
+    assert!(r2 > 0.8, "regression R2 {r2}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("best.safetensors");
+    std::fs::write(&path, &out.checkpoint).unwrap();
+    let p = predict(&path, &ds, None, &DeviceSpec::Cpu).unwrap();
+    let rows = ds.rows(Split::Test);
+    let mae: f64 = rows
+        .iter()
+        .map(|&r| (p.scores[r] - t[r]).abs() as f64)
+        .sum::<f64>()
+        / rows.len() as f64;
+    assert!((mae - metric(&out, "test", "mae")).abs() < 1e-4, "{mae}");
+}
+
+#[test]
+fn requests_that_cannot_run_are_clear_errors() {
+    let ds = common::multilabel([8, 0, 0, 0, 0], 4, 4, 2, 0.3, 9);
+    let cfg = small(ModelKind::Probex, 1);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let err = train(&ds, None, &cfg, &DeviceSpec::Cuda(0), None, &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap_err();
+        assert!(
+            matches!(err, TrainError::Device(_)) && err.to_string().contains("--features cuda")
+        );
+    }
+    let mut bad = cfg.clone();
+    bad.lr = -1.0;
+    let err = train(&ds, None, &bad, &DeviceSpec::Cpu, None, &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("`lr`"), "{err}");
+    let no_train = common::multilabel([0, 4, 0, 0, 0], 4, 4, 2, 0.3, 9);
+    let err = train(&no_train, None, &cfg, &DeviceSpec::Cpu, None, &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("train split"), "{err}");
+    // Without a val split the last epoch is kept.
+    let out = go(&ds, None, &cfg);
+    assert_eq!(out.report.best_epoch, 0);
+    assert!(out.report.metrics.contains_key("train"));
+}
