@@ -1,16 +1,18 @@
 //! The stage kinds of probex and the Burn models they use.
 //!
-//! Each stage kind is a module named after what it does (`fetch`, `extract`, `train`, ...);
-//! the libraries they share (reading weights, labels, the layer dataset, models, training) are
-//! modules of their own.
+//! Each stage kind is a module named after what it does (`fetch`, `extract`, `train`,
+//! `select`, `evaluate`); the libraries they share (reading weights, labels, the layer dataset,
+//! models, training) are modules of their own.
 
 pub mod collection;
 pub mod dataset;
 pub mod embeddings;
+pub mod evaluate;
 pub mod extract;
 pub mod fetch;
 pub mod labels;
 pub mod models;
+pub mod select;
 pub mod train;
 pub mod training;
 pub mod weights;
@@ -20,6 +22,10 @@ use probex_engine::Registry;
 /// Every stage kind of this build.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(fetch::Fetch).register(extract::Extract).register(train::Train);
+    r.register(fetch::Fetch)
+        .register(extract::Extract)
+        .register(train::Train)
+        .register(select::stage::Select)
+        .register(evaluate::stage::Evaluate);
     r
 }

@@ -125,3 +125,87 @@ fn fetch_and_extract_every_layer_with_labels_and_splits() {
         "{third:#?}"
     );
 }
+
+const PROBES: &str = r#"
+[experiment]
+name = "planted"
+
+[stage.models]
+kind = "fetch"
+source = "dir"
+path = "models"
+
+[stage.layers]
+kind = "extract"
+from = "models"
+layers = "all"
+splits = { metadata = { key = "split" } }
+label = { key = "dataset_chosen_targets", kind = "multi_label", vocab = ["apple", "bear", "bee", "bus", "camel", "lion", "rose", "whale"] }
+
+[stage.probex]
+kind = "train"
+from = "layers"
+for_each = "layer"
+model = "probex"
+epochs = 60
+batch_size = 32
+validate_every = 5
+r_u = 8
+r_v = 8
+r_t = 16
+
+[stage.dense]
+kind = "train"
+from = "layers"
+model = "dense"
+epochs = 60
+batch_size = 32
+validate_every = 5
+
+[stage.best_probex]
+kind = "select"
+from = "probex"
+
+[stage.best_dense]
+kind = "select"
+from = "dense"
+
+[stage.report]
+kind = "evaluate"
+from = ["best_probex", "best_dense"]
+
+[expect]
+"report.best_probex.test.accuracy" = ">= 0.9"
+"best_probex.layer" = ">= 0"
+"#;
+
+#[test]
+fn train_select_evaluate_finds_the_planted_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    planted::planted_tree(&dir.path().join("models"), 80, 8, 6, 2);
+    let exp = dir.path().join("planted.toml");
+    std::fs::write(&exp, PROBES).unwrap();
+    let cache = dir.path().join("cache");
+
+    let report = run(&exp, &cache);
+    assert!(report.success(), "{report:#?}");
+    // The class signal is planted in layer 0 only: selection must find it.
+    let sel = report.expectations.iter().find(|c| c.path == "best_probex.layer").unwrap();
+    assert_eq!(sel.actual, Some(0.0), "{report:#?}");
+    let acc = report.expectations.iter().find(|c| c.path == "report.best_probex.test.accuracy").unwrap();
+    assert!(acc.pass, "{acc:?}");
+
+    // The run record holds the report, the plot and the per-method tables.
+    let run_dir = dir.path().join("run");
+    for f in ["report.md", "results.json", "best_probex/layers.svg", "best_probex/layers.png", "report/report.md"] {
+        assert!(run_dir.join(f).is_file(), "missing {f} in the run record");
+    }
+    let text = std::fs::read_to_string(run_dir.join("report/report.md")).unwrap();
+    assert!(text.contains("best_probex") && text.contains("best_dense"), "{text}");
+
+    // An impossible expectation fails the run, with everything else cached.
+    std::fs::write(&exp, PROBES.replace(">= 0.9\"", ">= 1.01\"")).unwrap();
+    let strict = run(&exp, &cache);
+    assert!(!strict.success());
+    assert!(strict.nodes.iter().all(|n| n.state == NodeState::Cached));
+}

@@ -96,7 +96,9 @@ impl Stage for Select {
 
         let mut results = chosen.results.clone().unwrap_or_default();
         if let Some(obj) = results.as_object_mut() {
-            obj.insert("layer".into(), sel.chosen_layer().into());
+            // A numeric layer stays a number, so expectations can compare it.
+            let layer = sel.chosen_layer();
+            obj.insert("layer".into(), layer.parse::<u64>().map_or_else(|_| layer.into(), Into::into));
             obj.insert("selected_by".into(), p.by.clone().into());
             obj.insert("layers_swept".into(), rows.len().into());
         }
