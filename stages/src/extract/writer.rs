@@ -182,6 +182,23 @@ impl LayerFile {
         )
     }
 
+    /// Writes `bytes` at byte `at` of row `slot` (rows can be written in pieces).
+    pub fn write_row_part(&self, slot: usize, at: usize, bytes: &[u8]) -> std::io::Result<()> {
+        let rb = self.row_bytes();
+        if slot >= self.slots || at.checked_add(bytes.len()).is_none_or(|end| end > rb) {
+            return Err(std::io::Error::other(format!(
+                "{} bytes at {at} do not fit row {slot} ({} slots of {rb} bytes)",
+                bytes.len(),
+                self.slots
+            )));
+        }
+        write_at(
+            &self.file,
+            bytes,
+            (self.data_start() + slot * rb + at) as u64,
+        )
+    }
+
     /// Keeps the rows of `kept` (ascending slots) in that order, appends `labels` (row-major
     /// f32, one row per kept slot, `label_width` columns or one value per row when `None`) and
     /// writes the final header. Returns the file size.
