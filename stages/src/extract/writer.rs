@@ -49,7 +49,7 @@ fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<
         if k == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        buf = &mut buf[k..];
+        buf = &mut std::mem::take(&mut buf)[k..];
         offset += k as u64;
     }
     Ok(())
