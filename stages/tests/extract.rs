@@ -87,11 +87,11 @@ fn layer_index_and_rows_match_the_files() {
     assert_eq!((ds.n, ds.d_h, ds.d_w), (5, 3, 4));
     assert_eq!(ds.layer.index, 1);
     assert_eq!(ds.layer.transform, "squeeze");
-    for i in 0..5 {
+    for (i, model) in models.iter().enumerate() {
         assert_eq!(ds.models[i].id, format!("m{i}"));
         assert_eq!(ds.models[i].split, Split::ALL[i % 3]);
         assert_eq!(ds.matrix(i), values(i as u64, 12).as_slice());
-        let digest = blake3::hash(&std::fs::read(&models[i].path).unwrap())
+        let digest = blake3::hash(&std::fs::read(&model.path).unwrap())
             .to_hex()
             .to_string();
         assert_eq!(ds.models[i].source_digest, digest);

@@ -5,7 +5,8 @@ mod common;
 use common::*;
 use probex_stages::weights::reader::{MAX_HEADER_LEN, parse_bytes, read_header};
 use probex_stages::weights::{
-    LayerMode, LayerSelector, Safetensors, SafetensorsFile, Transform, list_layers,
+    LayerMode, LayerSelector, Safetensors, SafetensorsFile, Transform, format_layer_table,
+    list_layers,
 };
 
 fn err_of(bytes: Vec<u8>) -> String {
@@ -52,6 +53,19 @@ fn layer_index_is_the_sorted_name_position() {
     assert_eq!(rows[2].matrix, Some([3, 2]));
     assert_eq!(rows[4].matrix, None);
     assert!(rows[4].note.as_deref().unwrap().contains("I64"));
+
+    let table = format_layer_table(&rows);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 6);
+    assert!(lines[0].starts_with("index"));
+    assert!(
+        lines[3].contains("layer.10.weight") && lines[3].contains("3 x 2 (squeeze)"),
+        "{table}"
+    );
+    assert!(
+        lines[5].contains("I64 is not a floating-point weight"),
+        "{table}"
+    );
 
     let pick = |s: &str| s.parse::<LayerSelector>().unwrap().resolve(&rows);
     assert_eq!(pick("2").unwrap(), [2]);

@@ -14,8 +14,11 @@ pub mod stage;
 pub mod writer;
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -28,7 +31,7 @@ use crate::dataset::{
 };
 use crate::labels::{LabelSpec, LabelValue, Labeler, OnError};
 use crate::weights::layers::{LORA_DOWN, is_float};
-use crate::weights::reader::read_header;
+use crate::weights::reader::{SharedMmap, read_header};
 use crate::weights::{
     LayerMode, LayerSelector, SafetensorsFile, TensorEntry, Transform, WeightsError, layer_rows,
     transform,
@@ -278,6 +281,27 @@ fn count_non_finite(values: &[f32]) -> (usize, usize) {
     (nan, inf)
 }
 
+/// Writes a mapped f32 row in cache-sized chunks, counting non-finite values of each chunk
+/// just before it is copied. Returns the count.
+fn write_scanned(file: &LayerFile, slot: usize, bytes: &[u8]) -> std::io::Result<usize> {
+    const CHUNK: usize = 256 << 10;
+    if bytes.len() != file.row_bytes() {
+        return Err(std::io::Error::other(format!(
+            "row of {} bytes, expected {}",
+            bytes.len(),
+            file.row_bytes()
+        )));
+    }
+    let mut bad = 0;
+    let mut at = 0;
+    for chunk in bytes.chunks(CHUNK) {
+        bad += count_non_finite_f32_bytes(chunk);
+        file.write_row_part(slot, at, chunk)?;
+        at += chunk.len();
+    }
+    Ok(bad)
+}
+
 /// Counts non-finite little-endian f32 values straight from bytes (exponent all ones).
 fn count_non_finite_f32_bytes(bytes: &[u8]) -> usize {
     bytes
@@ -289,9 +313,56 @@ fn count_non_finite_f32_bytes(bytes: &[u8]) -> usize {
         .sum()
 }
 
+/// Bytes of one row on their way to a layer file's writer thread.
+enum RowBytes {
+    /// A span of a mapped model file (already in the file's byte order and dtype).
+    Mapped(SharedMmap, Range<usize>),
+    /// Encoded values.
+    Owned(Vec<u8>),
+}
+
+struct Job {
+    slot: usize,
+    bytes: RowBytes,
+}
+
+/// Bounds the bytes of decoded rows waiting for a writer (mapped rows cost nothing: they are
+/// page cache). A row larger than the whole budget still goes through when nothing else waits.
+struct ByteBudget {
+    limit: usize,
+    used: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl ByteBudget {
+    fn acquire(&self, n: usize) {
+        let Ok(mut used) = self.used.lock() else {
+            return;
+        };
+        while *used > 0 && *used + n > self.limit {
+            match self.freed.wait(used) {
+                Ok(u) => used = u,
+                Err(_) => return,
+            }
+        }
+        *used += n;
+    }
+
+    fn release(&self, n: usize) {
+        if let Ok(mut used) = self.used.lock() {
+            *used = used.saturating_sub(n);
+        }
+        self.freed.notify_all();
+    }
+}
+
+/// Decoded rows in flight at most (on top of a few rows per thread being built).
+const IN_FLIGHT_BYTES: usize = 512 << 20;
+
 struct Ctx<'a> {
     outputs: &'a [LayerOutput],
-    files: &'a [LayerFile],
+    budget: &'a ByteBudget,
+    sinks: &'a [SyncSender<Job>],
     labeler: &'a Labeler,
     splits: &'a SplitAssigner,
     opts: &'a ExtractOptions,
@@ -396,78 +467,141 @@ fn extract_row(
         format!("read:{}", h.finalize().to_hex())
     });
     let precision = cx.opts.precision;
-    let file = &cx.files[out];
-    let write = |bytes: &[u8]| {
-        file.write_row(slot, bytes).map_err(|e| Problem {
-            fatal: true,
-            message: format!("writing {}: {e}", file.path().display()),
-        })
+    let send = |bytes: RowBytes| {
+        cx.sinks[out]
+            .send(Job { slot, bytes })
+            .map_err(|_| Problem {
+                fatal: true,
+                message: "the layer writer stopped (see the write error)".into(),
+            })
     };
 
-    // Fast path: f32 in, f32 out, a pure reinterpretation: the file bytes are the row.
+    // Fast path: f32 in, f32 out, a pure reinterpretation: the file bytes are the row. The
+    // writer thread checks them for NaN/Inf while it copies them from the mapping (one pass
+    // over the bytes while they are in cache); flagged rows are handled after the pass.
     if cfg!(target_endian = "little")
         && up.is_none()
         && entry.dtype == Dtype::F32
         && precision == Precision::F32
-        && count_non_finite_f32_bytes(data) == 0
     {
-        write(data)?;
+        send(RowBytes::Mapped(st.mapping(), entry.span.clone()))?;
         return Ok(RowOutcome::Written { digest });
     }
 
-    let decode = |e: &TensorEntry, d: &[u8]| {
-        crate::dataset::decode(e.dtype, d)
-            .map_err(|m| bad_file(format!("tensor `{}`: {m}", e.name)))
-    };
-    let mut values = decode(entry, data)?;
-    if let (Some(u), Some(ud)) = (up, up_data) {
-        let b = decode(u, ud)?;
-        let [out_dim, cols] = layer.matrix;
-        let r = b.len() / out_dim.max(1);
-        let mut x = Vec::new();
-        transform::lora_product(&b, &values, out_dim, r, cols, &mut x);
-        values = x;
-    }
-    let (nan, inf) = count_non_finite(&values);
-    if nan + inf > 0 {
-        let action = match cx.opts.non_finite {
-            NonFinitePolicy::Fail => "failed",
-            NonFinitePolicy::Skip => "skipped",
-            NonFinitePolicy::Zero => "zeroed",
-        };
-        findings.push(NonFiniteFinding {
-            model: model.id.clone(),
-            path: model.path.clone(),
-            layer: layer.name.clone(),
-            nan,
-            inf,
-            action: action.into(),
-        });
-        let what = format!(
-            "{}: tensor `{}` has {nan} NaN and {inf} infinite values",
-            model.path.display(),
-            layer.name
-        );
-        match cx.opts.non_finite {
-            NonFinitePolicy::Fail => {
-                return Err(Problem {
-                    fatal: true,
-                    message: format!("{what} (set non_finite = \"skip\" or \"zero\" to go on)"),
-                });
-            }
-            NonFinitePolicy::Skip => return Ok(RowOutcome::Dropped(what)),
-            NonFinitePolicy::Zero => {
-                for v in &mut values {
-                    if !v.is_finite() {
-                        *v = 0.0;
-                    }
-                }
-            }
-        }
+    let mut values = row_values(st, layer, entry, up).map_err(bad_file)?;
+    if let Some(dropped) =
+        non_finite_policy(cx.opts.non_finite, model, layer, &mut values, findings)?
+    {
+        return Ok(RowOutcome::Dropped(dropped));
     }
     let (_, bytes) = encode(&values, precision);
-    write(&bytes)?;
+    let n = bytes.len();
+    cx.budget.acquire(n);
+    if let Err(p) = send(RowBytes::Owned(bytes)) {
+        cx.budget.release(n);
+        return Err(p);
+    }
     Ok(RowOutcome::Written { digest })
+}
+
+/// The matrix of `layer` in `st` as f32 (decoded; the LoRA product for pairs).
+fn row_values(
+    st: &SafetensorsFile,
+    layer: &ResolvedLayer,
+    entry: &TensorEntry,
+    up: Option<&TensorEntry>,
+) -> Result<Vec<f32>, String> {
+    let decode = |e: &TensorEntry| {
+        let d = st.data(e).map_err(|e| e.to_string())?;
+        crate::dataset::decode(e.dtype, d).map_err(|m| format!("tensor `{}`: {m}", e.name))
+    };
+    let values = decode(entry)?;
+    match up {
+        None => Ok(values),
+        Some(u) => {
+            let b = decode(u)?;
+            let [out_dim, cols] = layer.matrix;
+            let r = b.len() / out_dim.max(1);
+            let mut x = Vec::new();
+            transform::lora_product(&b, &values, out_dim, r, cols, &mut x);
+            Ok(x)
+        }
+    }
+}
+
+/// Applies the NaN/Inf policy to a row: records a finding when there are any, then fails,
+/// returns the reason the row is dropped, or zeroes them in place (`Ok(None)`: keep the row).
+fn non_finite_policy(
+    policy: NonFinitePolicy,
+    model: &ModelSource,
+    layer: &ResolvedLayer,
+    values: &mut [f32],
+    findings: &mut Vec<NonFiniteFinding>,
+) -> Result<Option<String>, Problem> {
+    let (nan, inf) = count_non_finite(values);
+    if nan + inf == 0 {
+        return Ok(None);
+    }
+    let action = match policy {
+        NonFinitePolicy::Fail => "failed",
+        NonFinitePolicy::Skip => "skipped",
+        NonFinitePolicy::Zero => "zeroed",
+    };
+    findings.push(NonFiniteFinding {
+        model: model.id.clone(),
+        path: model.path.clone(),
+        layer: layer.name.clone(),
+        nan,
+        inf,
+        action: action.into(),
+    });
+    let what = format!(
+        "{}: tensor `{}` has {nan} NaN and {inf} infinite values",
+        model.path.display(),
+        layer.name
+    );
+    match policy {
+        NonFinitePolicy::Fail => Err(Problem {
+            fatal: true,
+            message: format!("{what} (set non_finite = \"skip\" or \"zero\" to go on)"),
+        }),
+        NonFinitePolicy::Skip => Ok(Some(what)),
+        NonFinitePolicy::Zero => {
+            for v in values.iter_mut() {
+                if !v.is_finite() {
+                    *v = 0.0;
+                }
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Re-reads a fast-path row the writer flagged as holding NaN/Inf and applies the policy
+/// (rare: only rows with non-finite values get here).
+fn recheck_flagged(
+    cx_opts: &ExtractOptions,
+    model: &ModelSource,
+    layer: &ResolvedLayer,
+    file: &LayerFile,
+    slot: usize,
+    findings: &mut Vec<NonFiniteFinding>,
+) -> Result<Option<String>, Problem> {
+    let fatal = |message: String| Problem {
+        fatal: true,
+        message,
+    };
+    let st = SafetensorsFile::open(&model.path).map_err(|e| fatal(e.to_string()))?;
+    let (entry, up) = check_entry(&st, layer).map_err(|m| fatal(prefix_path(&model.path, m)))?;
+    let mut values =
+        row_values(&st, layer, entry, up).map_err(|m| fatal(prefix_path(&model.path, m)))?;
+    let dropped = non_finite_policy(cx_opts.non_finite, model, layer, &mut values, findings)?;
+    if dropped.is_none() {
+        let (_, bytes) = encode(&values, cx_opts.precision);
+        file.write_row(slot, &bytes)
+            .map_err(|e| fatal(format!("writing {}: {e}", file.path().display())))?;
+    }
+    Ok(dropped)
 }
 
 fn process_model(cx: &Ctx, slot: usize, model: &ModelSource) -> ModelOutcome {
@@ -692,25 +826,106 @@ pub fn extract(
         })
         .collect::<Result<_, _>>()?;
     let abort = AtomicBool::new(false);
-    let cx = Ctx {
-        outputs,
-        files: &files,
-        labeler: &labeler,
-        splits: &splits,
-        opts,
-        cache: &cache,
-        abort: &abort,
-    };
     let bytes_read = AtomicU64::new(0);
-    let outcomes: Vec<ModelOutcome> = models
-        .par_iter()
-        .enumerate()
-        .map(|(slot, m)| {
-            let o = process_model(&cx, slot, m);
-            bytes_read.fetch_add(o.bytes_read, Ordering::Relaxed);
-            o
-        })
-        .collect();
+    let write_errors: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let flagged: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+    // One writer thread per layer file: buffered writes to one file serialise on its inode
+    // lock, and page-cache writes cost more than reads, so reads (rayon) overlap with writes.
+    // The bounded queues keep at most a few rows in flight.
+    let depth = 4 * rayon::current_num_threads() + 8;
+    let budget = ByteBudget {
+        limit: IN_FLIGHT_BYTES,
+        used: Mutex::new(0),
+        freed: Condvar::new(),
+    };
+    let outcomes: Vec<ModelOutcome> = std::thread::scope(|scope| {
+        let mut sinks = Vec::with_capacity(files.len());
+        for (out_i, file) in files.iter().enumerate() {
+            let (tx, rx) = sync_channel::<Job>(depth);
+            sinks.push(tx);
+            let errors = &write_errors;
+            let abort = &abort;
+            let flagged = &flagged;
+            let budget = &budget;
+            scope.spawn(move || {
+                for job in rx {
+                    let result = match &job.bytes {
+                        RowBytes::Mapped(map, range) => match map.as_ref().get(range.clone()) {
+                            Some(b) => write_scanned(file, job.slot, b).map(|bad| {
+                                if bad > 0
+                                    && let Ok(mut f) = flagged.lock()
+                                {
+                                    f.push((out_i, job.slot));
+                                }
+                            }),
+                            None => Err(std::io::Error::other("row span outside its mapping")),
+                        },
+                        RowBytes::Owned(v) => {
+                            let r = file.write_row(job.slot, v);
+                            budget.release(v.len());
+                            r
+                        }
+                    };
+                    if let Err(e) = result {
+                        abort.store(true, Ordering::Relaxed);
+                        if let Ok(mut v) = errors.lock() {
+                            v.push(format!("writing {}: {e}", file.path().display()));
+                        }
+                    }
+                }
+            });
+        }
+        let cx = Ctx {
+            outputs,
+            budget: &budget,
+            sinks: &sinks,
+            labeler: &labeler,
+            splits: &splits,
+            opts,
+            cache: &cache,
+            abort: &abort,
+        };
+        models
+            .par_iter()
+            .enumerate()
+            .map(|(slot, m)| {
+                let o = process_model(&cx, slot, m);
+                bytes_read.fetch_add(o.bytes_read, Ordering::Relaxed);
+                o
+            })
+            .collect()
+        // `sinks` drops here, ending the writers; the scope joins them.
+    });
+    let write_errors = write_errors.into_inner().unwrap_or_default();
+    if !write_errors.is_empty() {
+        for f in &files {
+            let _ = std::fs::remove_file(f.path());
+        }
+        return Err(ExtractError::Models(write_errors));
+    }
+    let mut outcomes = outcomes;
+    let mut flagged = flagged.into_inner().unwrap_or_default();
+    flagged.sort_unstable();
+    for (out_i, slot) in flagged {
+        let o = &mut outcomes[slot];
+        if o.label.is_err() || o.split.is_err() {
+            continue; // left out anyway
+        }
+        match recheck_flagged(
+            opts,
+            models[slot],
+            &outputs[out_i].layer,
+            &files[out_i],
+            slot,
+            &mut o.findings,
+        ) {
+            Ok(None) => {}
+            Ok(Some(why)) => o.rows[out_i] = RowOutcome::Dropped(why),
+            Err(p) => {
+                o.label = Err(p);
+            }
+        }
+    }
 
     // Failures first: every fatal problem, in id order.
     let mut failures = Vec::new();

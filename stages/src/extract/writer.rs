@@ -49,7 +49,7 @@ fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<
         if k == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        buf = &mut buf[k..];
+        buf = &mut std::mem::take(&mut buf)[k..];
         offset += k as u64;
     }
     Ok(())
@@ -179,6 +179,23 @@ impl LayerFile {
             &self.file,
             bytes,
             (self.data_start() + slot * self.row_bytes()) as u64,
+        )
+    }
+
+    /// Writes `bytes` at byte `at` of row `slot` (rows can be written in pieces).
+    pub fn write_row_part(&self, slot: usize, at: usize, bytes: &[u8]) -> std::io::Result<()> {
+        let rb = self.row_bytes();
+        if slot >= self.slots || at.checked_add(bytes.len()).is_none_or(|end| end > rb) {
+            return Err(std::io::Error::other(format!(
+                "{} bytes at {at} do not fit row {slot} ({} slots of {rb} bytes)",
+                bytes.len(),
+                self.slots
+            )));
+        }
+        write_at(
+            &self.file,
+            bytes,
+            (self.data_start() + slot * rb + at) as u64,
         )
     }
 

@@ -177,3 +177,62 @@ pub fn list_layers(
     let header = super::reader::read_header(path)?;
     layer_rows(&header, mode).map_err(|m| super::WeightsError::invalid(path.display(), m))
 }
+
+/// Formats layer rows as the aligned text table `probex layers FILE` prints:
+/// index, name, shape, dtype, and the matrix a probe sees (or why there is none).
+pub fn format_layer_table(rows: &[LayerRow]) -> String {
+    let shape = |s: &[usize]| {
+        format!(
+            "[{}]",
+            s.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let cells: Vec<[String; 5]> = rows
+        .iter()
+        .map(|r| {
+            let matrix = match (r.matrix, r.transform) {
+                (Some([h, w]), Some(t)) => format!("{h} x {w} ({t})"),
+                _ => format!("- ({})", r.note.as_deref().unwrap_or("not a matrix")),
+            };
+            [
+                r.index.to_string(),
+                r.name.clone(),
+                shape(&r.shape),
+                r.dtype.clone(),
+                matrix,
+            ]
+        })
+        .collect();
+    let head = ["index", "name", "shape", "dtype", "matrix"];
+    let mut width = head.map(str::len);
+    for c in &cells {
+        for (w, v) in width.iter_mut().zip(c) {
+            *w = (*w).max(v.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |c: [&str; 5]| {
+        let text = format!(
+            "{:>w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}",
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            c[4],
+            w0 = width[0],
+            w1 = width[1],
+            w2 = width[2],
+            w3 = width[3]
+        );
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(head);
+    for c in &cells {
+        line([&c[0], &c[1], &c[2], &c[3], &c[4]]);
+    }
+    out
+}

@@ -6,7 +6,7 @@ pub mod reader;
 pub mod select;
 pub mod transform;
 
-pub use layers::{LayerMode, LayerRow, layer_rows, list_layers};
+pub use layers::{LayerMode, LayerRow, format_layer_table, layer_rows, list_layers};
 pub use reader::{Header, Safetensors, SafetensorsFile, TensorEntry, WeightsError};
 pub use select::LayerSelector;
 pub use transform::Transform;

@@ -13,6 +13,7 @@ use std::fmt;
 use std::fs::File;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use safetensors::Dtype;
@@ -330,8 +331,19 @@ pub struct Safetensors<B: AsRef<[u8]>> {
     header: Header,
 }
 
+/// A read-only file mapping that can be shared (cloned) between threads, e.g. handed to a
+/// writer thread together with a tensor's byte range.
+#[derive(Clone)]
+pub struct SharedMmap(Arc<Mmap>);
+
+impl AsRef<[u8]> for SharedMmap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// A memory-mapped safetensors file: only the header and the tensors actually read are paged in.
-pub type SafetensorsFile = Safetensors<Mmap>;
+pub type SafetensorsFile = Safetensors<SharedMmap>;
 
 impl<B: AsRef<[u8]>> Safetensors<B> {
     /// Validates the header of an in-memory file. `label` names it in errors.
@@ -393,7 +405,7 @@ impl<B: AsRef<[u8]>> Safetensors<B> {
     }
 }
 
-impl Safetensors<Mmap> {
+impl Safetensors<SharedMmap> {
     /// Opens and memory-maps `path`, validating its header. Only the header pages are read.
     pub fn open(path: &Path) -> Result<Self, WeightsError> {
         let label = path.display().to_string();
@@ -416,14 +428,19 @@ impl Safetensors<Mmap> {
         // SAFETY: the map is read-only. A file truncated by another process while mapped would
         // fault; model files are not modified during extraction (documented for callers).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| WeightsError::io(&label, e))?;
-        Safetensors::from_bytes(label, map)
+        Safetensors::from_bytes(label, SharedMmap(Arc::new(map)))
+    }
+
+    /// The mapping itself, to keep tensor bytes alive beyond this reader (cheap clone).
+    pub fn mapping(&self) -> SharedMmap {
+        self.bytes.clone()
     }
 
     /// Asks the kernel to start reading `entry`'s pages now (readahead for cold files).
     pub fn prefetch(&self, entry: &TensorEntry) {
         if !entry.span.is_empty() {
             // Advice only; a failure just means no readahead.
-            let _ = self.bytes.advise_range(
+            let _ = self.bytes.0.advise_range(
                 memmap2::Advice::WillNeed,
                 entry.span.start,
                 entry.span.len(),

@@ -54,9 +54,21 @@ pub fn plan(shape: &[usize]) -> Result<(Transform, [usize; 2]), String> {
         [] => (Transform::Column, [1, 1]),
         [n] => (Transform::Column, [*n, 1]),
         [h, w] => (Transform::Squeeze, [*h, *w]),
-        [out, rest @ ..] => (Transform::ConvReshape, [rest.iter().product(), *out]),
+        [out, rest @ ..] => {
+            let rows = checked_product(rest).ok_or_else(|| format!("shape {shape:?} overflows"))?;
+            (Transform::ConvReshape, [rows, *out])
+        }
     })
 }
+
+fn checked_product(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+/// Largest LoRA product accepted, in elements (256 MB of f32). The product of two small factors
+/// can be huge (`[n, 1] @ [1, n]`), so a hostile file could otherwise ask for any allocation;
+/// real LoRAs stay far below (SDXL's largest is 10240 x 1280 = 13M).
+pub const MAX_LORA_ELEMENTS: usize = 1 << 26;
 
 /// The matrix shape of a LoRA pair: `up` is `[out, r, ...]`, `down` is `[r, ...]`.
 pub fn plan_lora(up: &[usize], down: &[usize]) -> Result<[usize; 2], String> {
@@ -65,13 +77,14 @@ pub fn plan_lora(up: &[usize], down: &[usize]) -> Result<[usize; 2], String> {
             "LoRA factors must have at least one axis (up {up:?}, down {down:?})"
         ));
     };
-    let r_up: usize = up[1..].iter().product();
-    let cols: usize = down[1..].iter().product();
     if up.len() < 2 || down.len() < 2 {
         return Err(format!(
             "LoRA factors must be matrices (up {up:?}, down {down:?})"
         ));
     }
+    let overflow = || format!("LoRA factor shapes overflow (up {up:?}, down {down:?})");
+    let r_up = checked_product(&up[1..]).ok_or_else(overflow)?;
+    let cols = checked_product(&down[1..]).ok_or_else(overflow)?;
     if r_up != r_down {
         return Err(format!(
             "LoRA rank mismatch: up {up:?} has {r_up} columns, down {down:?} has {r_down} rows"
@@ -80,6 +93,11 @@ pub fn plan_lora(up: &[usize], down: &[usize]) -> Result<[usize; 2], String> {
     if out == 0 || cols == 0 || r_down == 0 {
         return Err(format!(
             "LoRA pair has no elements (up {up:?}, down {down:?})"
+        ));
+    }
+    if out.saturating_mul(cols) > MAX_LORA_ELEMENTS {
+        return Err(format!(
+            "LoRA product [{out}, {cols}] has more than {MAX_LORA_ELEMENTS} elements"
         ));
     }
     Ok([out, cols])
@@ -141,5 +159,10 @@ mod tests {
                 .contains("rank")
         );
         assert!(plan_lora(&[320], &[4, 768]).is_err());
+        assert!(
+            plan_lora(&[1 << 20, 1], &[1, 1 << 20])
+                .unwrap_err()
+                .contains("more than")
+        );
     }
 }
