@@ -38,6 +38,7 @@ use crate::models::{Dense, ModelKind, ModelSpec, Net, Probex, ProbexZeroshot, St
 pub use config::TrainConfig;
 pub use device::DeviceSpec;
 pub use metrics::Metrics;
+pub use trainer::split_gradient;
 
 /// Why a training or an inference failed.
 #[derive(Debug, thiserror::Error)]
@@ -418,7 +419,7 @@ fn infer_net<B: Backend, M: Net<B>>(
     let mut task = task.clone();
     let rows = BTreeMap::from([(Split::Train, (0..ds.n).collect::<Vec<_>>())]);
     let (inputs, dims) = data::model_inputs(ds, spec.kind, &rows, &mut task);
-    let x = Tensor::<B, 3>::from_data(TensorData::new(inputs, dims), device);
+    let x = Tensor::<B, 3>::from_data(TensorData::new(inputs.into_owned(), dims), device);
     let t = text.map(|m| {
         Tensor::<B, 2>::from_data(TensorData::new(m.values.clone(), [m.rows, m.dim]), device)
     });
