@@ -94,24 +94,36 @@ fn probex_step_seconds<B: Backend>(a: &Args, dev: &B::Device) -> f64 {
     let x = Tensor::<B, 3>::from_data(TensorData::new(x, [a.batch, a.d, a.d]), &dev);
     let y = Tensor::<B, 2>::from_data(TensorData::new(y, [a.batch, a.classes]), &dev);
     let mut times = Vec::new();
+    let mut phases = [Vec::new(), Vec::new(), Vec::new()];
     for i in 0..=a.steps {
         let t = Instant::now();
         let (s, split) = model.scores_split(Tensor::from_inner(x.clone()), None);
         let yy = Tensor::<AB<B>, 2>::from_inner(y.clone());
         let loss = (s.clone().clamp_min(0.0) - s.clone() * yy + s.abs().neg().exp().log1p()).mean();
+        let _ = B::sync(&dev);
+        let t_fwd = t.elapsed().as_secs_f64();
         let grads = loss.backward();
         let extra = split_gradient::<AB<B>>(split, x.clone(), &grads);
+        let _ = B::sync(&dev);
+        let t_bwd = t.elapsed().as_secs_f64();
         model = adam.step_with(model, &grads, extra);
-        // Force completion of the update before stopping the clock.
+        // Force completion of the update before stopping the clock (a GPU queues work).
         let _ = model
             .classification_head
             .bias
             .as_ref()
             .map(|b| b.val().into_data());
+        let _ = B::sync(&dev);
+        let total = t.elapsed().as_secs_f64();
         if i > 0 {
-            times.push(t.elapsed().as_secs_f64());
+            times.push(total);
+            phases[0].push(t_fwd);
+            phases[1].push(t_bwd - t_fwd);
+            phases[2].push(total - t_bwd);
         }
     }
+    let [f, b, o] = phases.map(median);
+    println!("probex phases: forward {f:.3} s, backward {b:.3} s, adam {o:.3} s");
     median(times)
 }
 

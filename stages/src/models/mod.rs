@@ -334,6 +334,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn torch_linear_matches_hand_computation_and_names() {
         let dev = Default::default();
         let mut rng = Rng::new(0, 0);

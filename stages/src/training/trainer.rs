@@ -201,12 +201,12 @@ fn save_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), TrainError> {
     write_atomic(&dir.join(name), bytes).map_err(TrainError::Checkpoint)
 }
 
+/// A resume state: its metadata and its tensors (model and optimiser) by name.
+type Resume = (ResumeMeta, HashMap<String, NamedTensor>);
+
 /// Loads a matching resume state from `dir`; `None` when there is none or it belongs to
 /// another training (then the training starts over).
-fn load_resume(
-    dir: &Path,
-    fingerprint: &str,
-) -> Result<Option<(ResumeMeta, HashMap<String, NamedTensor>)>, TrainError> {
+fn load_resume(dir: &Path, fingerprint: &str) -> Result<Option<Resume>, TrainError> {
     let path = dir.join(STATE_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,

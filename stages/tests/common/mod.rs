@@ -1,6 +1,6 @@
 //! Generated layer datasets with planted class-dependent structure, for learning tests.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::needless_range_loop, clippy::too_many_arguments)]
 
 use probex_stages::dataset::{Class, Labels, LayerDataset, LayerInfo, ModelRecord, Split};
 use probex_stages::embeddings::TextTable;
