@@ -146,7 +146,8 @@ pub struct TrainOutcome {
 /// `e % validate_every == 0`, keep the best `val` score (strictly greater; zero-shot: greater or
 /// equal, and separately the best `val_holdout`); without a `val` split the last epoch is kept.
 /// With `work_dir`, the model, optimiser, epoch and random state are saved there every
-/// `checkpoint_every` epochs (default: at each validation), on cancellation and at the end, and a later call with the same data and config resumes from
+/// `checkpoint_every` epochs (default: at each validation), on cancellation and at the end,
+/// and a later call with the same data and config resumes from
 /// them. `progress` is called after every epoch; returning `Break` stops the training
 /// ([`TrainError::Cancelled`]). Reproducible for a given seed and thread count.
 pub fn train(
