@@ -6,7 +6,8 @@
 //! PROBEX_PYTHON=/path/to/venv/bin/python cargo run ... -- --threads 2 --steps 5
 //! ```
 //! Options: `--threads N` (2), `--batch B` (128), `--d D` (768: a D x D layer), `--rank R`
-//! (128: r_U = r_V = r_T), `--classes C` (100), `--steps S` (5), `--no-torch`. The PyTorch side
+//! (128: r_U = r_V = r_T), `--classes C` (100), `--steps S` (5), `--no-torch`, `--device D`
+//! (`cpu`; `cuda[:N]` needs the `cuda` feature and skips PyTorch). The PyTorch side
 //! runs `stages/python/step_bench.py` with `$PROBEX_PYTHON` (default `python3`); it is skipped
 //! with a note when torch cannot be imported.
 
@@ -20,8 +21,7 @@ use probex_stages::models::{Net, ProbexConfig};
 use probex_stages::training::device::with_threads;
 use probex_stages::training::optim::Adam;
 use probex_stages::training::rng::Rng;
-
-type AB = Autodiff<Flex>;
+use probex_stages::training::{DeviceSpec, split_gradient};
 
 struct Args {
     threads: usize,
@@ -31,6 +31,7 @@ struct Args {
     classes: usize,
     steps: usize,
     torch: bool,
+    device: DeviceSpec,
 }
 
 fn parse() -> Result<Args, String> {
@@ -42,6 +43,7 @@ fn parse() -> Result<Args, String> {
         classes: 100,
         steps: 5,
         torch: true,
+        device: DeviceSpec::Cpu,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -50,6 +52,10 @@ fn parse() -> Result<Args, String> {
             continue;
         }
         let v = it.next().ok_or(format!("{k} needs a value"))?;
+        if k == "--device" {
+            a.device = v.parse()?;
+            continue;
+        }
         let n: usize = v
             .parse()
             .map_err(|_| format!("{k}: `{v}` is not a number"))?;
@@ -71,39 +77,53 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn probex_step_seconds(a: &Args) -> f64 {
-    let dev = Default::default();
+fn probex_step_seconds<B: Backend>(a: &Args, dev: &B::Device) -> f64 {
+    type AB<B> = Autodiff<B>;
+    let dev = dev.clone();
     let cfg = ProbexConfig::new(a.d, a.d, a.classes)
         .with_r_u(a.rank)
         .with_r_v(a.rank)
         .with_r_t(a.rank);
-    let mut model = cfg.init::<AB>(&mut Rng::new(0, 0), &dev);
+    let mut model = cfg.init::<AB<B>>(&mut Rng::new(0, 0), &dev);
     let mut adam = Adam::new(1e-3, 1e-5, 0.9, 0.999, 1e-8);
     let mut rng = Rng::new(1, 0);
     let x: Vec<f32> = (0..a.batch * a.d * a.d).map(|_| rng.normal()).collect();
     let y: Vec<f32> = (0..a.batch * a.classes)
         .map(|_| (rng.unit_f32() > 0.5) as u8 as f32)
         .collect();
-    let x = Tensor::<Flex, 3>::from_data(TensorData::new(x, [a.batch, a.d, a.d]), &dev);
-    let y = Tensor::<Flex, 2>::from_data(TensorData::new(y, [a.batch, a.classes]), &dev);
+    let x = Tensor::<B, 3>::from_data(TensorData::new(x, [a.batch, a.d, a.d]), &dev);
+    let y = Tensor::<B, 2>::from_data(TensorData::new(y, [a.batch, a.classes]), &dev);
     let mut times = Vec::new();
+    let mut phases = [Vec::new(), Vec::new(), Vec::new()];
     for i in 0..=a.steps {
         let t = Instant::now();
-        let s = model.scores(Tensor::from_inner(x.clone()), None);
-        let yy = Tensor::<AB, 2>::from_inner(y.clone());
+        let (s, split) = model.scores_split(Tensor::from_inner(x.clone()), None);
+        let yy = Tensor::<AB<B>, 2>::from_inner(y.clone());
         let loss = (s.clone().clamp_min(0.0) - s.clone() * yy + s.abs().neg().exp().log1p()).mean();
+        let _ = B::sync(&dev);
+        let t_fwd = t.elapsed().as_secs_f64();
         let grads = loss.backward();
-        model = adam.step(model, &grads);
-        // Force completion of the update before stopping the clock.
+        let extra = split_gradient::<AB<B>>(split, x.clone(), &grads);
+        let _ = B::sync(&dev);
+        let t_bwd = t.elapsed().as_secs_f64();
+        model = adam.step_with(model, &grads, extra);
+        // Force completion of the update before stopping the clock (a GPU queues work).
         let _ = model
             .classification_head
             .bias
             .as_ref()
             .map(|b| b.val().into_data());
+        let _ = B::sync(&dev);
+        let total = t.elapsed().as_secs_f64();
         if i > 0 {
-            times.push(t.elapsed().as_secs_f64());
+            times.push(total);
+            phases[0].push(t_fwd);
+            phases[1].push(t_bwd - t_fwd);
+            phases[2].push(total - t_bwd);
         }
     }
+    let [f, b, o] = phases.map(median);
+    println!("probex phases: forward {f:.3} s, backward {b:.3} s, adam {o:.3} s");
     median(times)
 }
 
@@ -160,7 +180,20 @@ fn main() {
         a.threads,
         flop / 1e9
     );
-    let ours = match with_threads(a.threads, || probex_step_seconds(&a)) {
+    if let Err(e) = a.device.check() {
+        eprintln!("probex_step: {e}");
+        std::process::exit(1);
+    }
+    let run = || match a.device {
+        DeviceSpec::Cpu => probex_step_seconds::<Flex>(&a, &Default::default()),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(i) => {
+            probex_step_seconds::<burn::backend::Cuda>(&a, &burn::backend::cuda::CudaDevice::new(i))
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => unreachable!("checked above"),
+    };
+    let ours = match with_threads(a.threads, run) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("probex_step: {e}");
@@ -168,11 +201,12 @@ fn main() {
         }
     };
     println!(
-        "probex (burn flex): {ours:.3} s/step ({:.0} GFLOP/s), median of {}",
+        "probex ({}): {ours:.3} s/step ({:.0} GFLOP/s), median of {}",
+        a.device,
         flop / ours / 1e9,
         a.steps
     );
-    if !a.torch {
+    if !a.torch || a.device != DeviceSpec::Cpu {
         return;
     }
     match torch_step_seconds(&a) {

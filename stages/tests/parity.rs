@@ -5,6 +5,8 @@
 //! - PyTorch initialises and writes state dicts (no probex metadata); probex loads them and must
 //!   reproduce PyTorch's logits and encodings.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use probex_stages::dataset::{Class, Labels, LayerDataset, LayerInfo, ModelRecord, Split};
@@ -14,11 +16,21 @@ use probex_stages::models::checkpoint::{
 };
 use probex_stages::models::{NamedTensor, ProbexConfig, ProbexZeroshotConfig, named_tensors};
 use probex_stages::training::rng::Rng;
-use probex_stages::training::{DeviceSpec, encode, predict};
+use probex_stages::training::{encode, predict};
 
 type Cpu = burn::backend::Flex;
 
+/// CPU parity tolerance. CUDA matmuls run on tensor cores in TF32 (10-bit mantissa), measured
+/// at up to 3.2e-4 on an H200 for these fixtures, hence the looser CUDA bound.
 const TOL: f32 = 1e-5;
+const TOL_CUDA: f32 = 1e-3;
+
+fn tolerance() -> f32 {
+    match common::device() {
+        probex_stages::training::DeviceSpec::Cpu => TOL,
+        _ => TOL_CUDA,
+    }
+}
 const B: usize = 4;
 const D_H: usize = 12;
 const D_W: usize = 10;
@@ -26,7 +38,12 @@ const D_TEXT: usize = 7;
 const CLASSES: usize = 5;
 
 fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/parity")
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/parity");
+    if built.exists() {
+        return built;
+    }
+    // A test binary copied to another machine runs from the repository root.
+    PathBuf::from("stages/tests/data/parity")
 }
 
 fn task(kind: TaskKind, classes: Vec<String>) -> TaskInfo {
@@ -193,7 +210,8 @@ fn assert_close(what: &str, got: &[f32], want: &NamedTensor) -> f32 {
         "{what}: max |probex - pytorch| = {err:.2e} over {} values",
         got.len()
     );
-    assert!(err <= TOL, "{what}: max abs difference {err} > {TOL}");
+    let tol = tolerance();
+    assert!(err <= tol, "{what}: max abs difference {err} > {tol}");
     err
 }
 
@@ -226,27 +244,27 @@ fn check(dir_file: (&str, &str), golden: &str) {
     };
     let (pp, zp) = (copy(dir_file.0), copy(dir_file.1));
     let ds = dataset(multi());
-    let logits = predict(&pp, &ds, None, &DeviceSpec::Cpu).unwrap();
+    let logits = predict(&pp, &ds, None, &common::device()).unwrap();
     assert_close(
         &format!("{golden} probex logits"),
         &logits.scores,
         tensor(&want, "probex_logits"),
     );
-    let e = encode(&pp, &ds, &DeviceSpec::Cpu).unwrap();
+    let e = encode(&pp, &ds, &common::device()).unwrap();
     assert_close(
         &format!("{golden} probex e"),
         &e.values,
         tensor(&want, "probex_e"),
     );
     let zs = dataset(single());
-    let cos = predict(&zp, &zs, Some(&text()), &DeviceSpec::Cpu).unwrap();
+    let cos = predict(&zp, &zs, Some(&text()), &common::device()).unwrap();
     assert_eq!(cos.task, TaskKind::ZeroShot);
     assert_close(
         &format!("{golden} zero-shot cosine logits"),
         &cos.scores,
         tensor(&want, "zeroshot_logits"),
     );
-    let e = encode(&zp, &zs, &DeviceSpec::Cpu).unwrap();
+    let e = encode(&zp, &zs, &common::device()).unwrap();
     assert_close(
         &format!("{golden} zero-shot e"),
         &e.values,

@@ -9,12 +9,14 @@ use probex_stages::dataset::{LayerDataset, Split};
 use probex_stages::embeddings::TextTable;
 use probex_stages::models::ModelKind;
 use probex_stages::models::checkpoint::{Checkpoint, TaskKind};
+#[cfg(not(feature = "cuda"))]
+use probex_stages::training::DeviceSpec;
 use probex_stages::training::{
-    DeviceSpec, TrainConfig, TrainError, TrainOutcome, TrainProgress, encode, predict, train,
+    TrainConfig, TrainError, TrainOutcome, TrainProgress, encode, predict, train,
 };
 
 fn go(ds: &LayerDataset, text: Option<&TextTable>, cfg: &TrainConfig) -> TrainOutcome {
-    train(ds, text, cfg, &DeviceSpec::Cpu, None, &mut |_| {
+    train(ds, text, cfg, &common::device(), None, &mut |_| {
         ControlFlow::Continue(())
     })
     .unwrap()
@@ -119,7 +121,7 @@ fn zero_shot_recovers_held_out_classes() {
     assert!(names.contains(&"regression_head.weight"), "{names:?}");
     assert!(!names.iter().any(|n| n.starts_with("classification_head")));
     // Without the text table, zero-shot training is a clear error.
-    let err = train(&ds, None, &cfg, &DeviceSpec::Cpu, None, &mut |_| {
+    let err = train(&ds, None, &cfg, &common::device(), None, &mut |_| {
         ControlFlow::Continue(())
     })
     .unwrap_err();
@@ -134,7 +136,7 @@ fn zero_shot_recovers_held_out_classes() {
         &ds,
         Some(&partial),
         &cfg,
-        &DeviceSpec::Cpu,
+        &common::device(),
         None,
         &mut |_| ControlFlow::Continue(()),
     )
@@ -181,7 +183,7 @@ fn a_killed_training_resumes_where_it_stopped() {
         &ds,
         None,
         &cfg,
-        &DeviceSpec::Cpu,
+        &common::device(),
         Some(dir.path()),
         &mut |p: &TrainProgress| {
             seen.push(p.epoch);
@@ -200,7 +202,7 @@ fn a_killed_training_resumes_where_it_stopped() {
         &ds,
         None,
         &cfg,
-        &DeviceSpec::Cpu,
+        &common::device(),
         Some(dir.path()),
         &mut |p: &TrainProgress| {
             later.push((p.epoch, p.resumed_from));
@@ -227,7 +229,7 @@ fn a_killed_training_resumes_where_it_stopped() {
         &ds,
         None,
         &cfg,
-        &DeviceSpec::Cpu,
+        &common::device(),
         Some(dir.path()),
         &mut |_| panic!("no epoch should run"),
     )
@@ -241,7 +243,7 @@ fn a_killed_training_resumes_where_it_stopped() {
         &ds,
         None,
         &other,
-        &DeviceSpec::Cpu,
+        &common::device(),
         Some(dir.path()),
         &mut |_| ControlFlow::Continue(()),
     )
@@ -256,7 +258,7 @@ fn predict_and_encode_reproduce_the_reported_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("best.safetensors");
     std::fs::write(&path, &out.checkpoint).unwrap();
-    let p = predict(&path, &ds, None, &DeviceSpec::Cpu).unwrap();
+    let p = predict(&path, &ds, None, &common::device()).unwrap();
     assert_eq!(p.task, TaskKind::MultiLabel);
     assert_eq!(p.columns.len(), 4);
     let rows = ds.rows(Split::Test);
@@ -269,12 +271,12 @@ fn predict_and_encode_reproduce_the_reported_metrics() {
     }
     let acc = correct as f64 / (rows.len() * 4) as f64;
     assert!((acc - metric(&out, "test", "accuracy")).abs() < 1e-9);
-    let e = encode(&path, &ds, &DeviceSpec::Cpu).unwrap();
+    let e = encode(&path, &ds, &common::device()).unwrap();
     assert_eq!(e.dim, 16);
     assert_eq!(e.values.len(), ds.n * 16);
     // Wrong layer shape is a clear error.
     let other = common::multilabel([8, 0, 0, 0, 0], 6, 6, 4, 0.3, 7);
-    let err = predict(&path, &other, None, &DeviceSpec::Cpu)
+    let err = predict(&path, &other, None, &common::device())
         .unwrap_err()
         .to_string();
     assert!(err.contains("[8, 6]") && err.contains("[6, 6]"), "{err}");
@@ -310,7 +312,7 @@ fn regression_predicts_on_the_original_scale() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("best.safetensors");
     std::fs::write(&path, &out.checkpoint).unwrap();
-    let p = predict(&path, &ds, None, &DeviceSpec::Cpu).unwrap();
+    let p = predict(&path, &ds, None, &common::device()).unwrap();
     let rows = ds.rows(Split::Test);
     let mae: f64 = rows
         .iter()
@@ -336,13 +338,13 @@ fn requests_that_cannot_run_are_clear_errors() {
     }
     let mut bad = cfg.clone();
     bad.lr = -1.0;
-    let err = train(&ds, None, &bad, &DeviceSpec::Cpu, None, &mut |_| {
+    let err = train(&ds, None, &bad, &common::device(), None, &mut |_| {
         ControlFlow::Continue(())
     })
     .unwrap_err();
     assert!(err.to_string().contains("`lr`"), "{err}");
     let no_train = common::multilabel([0, 4, 0, 0, 0], 4, 4, 2, 0.3, 9);
-    let err = train(&no_train, None, &cfg, &DeviceSpec::Cpu, None, &mut |_| {
+    let err = train(&no_train, None, &cfg, &common::device(), None, &mut |_| {
         ControlFlow::Continue(())
     })
     .unwrap_err();

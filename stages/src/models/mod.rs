@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::training::rng::Rng;
 
 pub use dense::{Dense, DenseConfig};
-pub use probex::{Probex, ProbexConfig};
+pub use probex::{Probex, ProbexConfig, SplitLayer};
 pub use statnn::{StatNn, StatNnConfig};
 pub use zeroshot::{ProbexZeroshot, ProbexZeroshotConfig};
 
@@ -96,6 +96,17 @@ pub trait Net<B: Backend>: Module<B> + Sized {
     /// Scores `[B, d_Y]`: logits, regression outputs, or (zero-shot) cosines against `text`
     /// `[C, d_text]`.
     fn scores(&self, x: Tensor<B, 3>, text: Option<Tensor<B, 2>>) -> Tensor<B, 2>;
+
+    /// [`Net::scores`] for training, where a model may compute its first layer outside the
+    /// autodiff graph and leave that layer's gradient to the caller ([`SplitLayer`]); by default
+    /// nothing is split.
+    fn scores_split(
+        &self,
+        x: Tensor<B, 3>,
+        text: Option<Tensor<B, 2>>,
+    ) -> (Tensor<B, 2>, Option<SplitLayer<B>>) {
+        (self.scores(x, text), None)
+    }
 }
 
 /// A PyTorch-style Linear layer: `weight` `[out, in]`, optional `bias` `[out]`,
@@ -323,6 +334,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn torch_linear_matches_hand_computation_and_names() {
         let dev = Default::default();
         let mut rng = Rng::new(0, 0);

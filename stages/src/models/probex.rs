@@ -76,8 +76,12 @@ pub(crate) fn init_encoder<B: Backend>(
 
 /// `e = M(flatten(relu(V((X @ U)^T))))` for `x` `[B, d_H, d_W]`.
 ///
-/// The batch is folded into rows so that `X @ U` is one `[B*d_H, d_W] @ [d_W, r_U]` GEMM (and
-/// its gradient one `[d_W, B*d_H] @ [B*d_H, r_U]` GEMM), which is most of the work.
+/// Arranged so that no large tensor is ever transposed (a strided copy is slow on the CPU
+/// backend): the batch is folded into rows so that `X @ U` is one `[B*d_H, d_W] @ [d_W, r_U]`
+/// GEMM (its gradient one `[d_W, B*d_H] @ [B*d_H, r_U]` GEMM: most of the work); the shared
+/// projection is applied as `V @ R_b`, giving `H^T` `[B, r_V, r_U]` directly; and instead of
+/// transposing `H` back to the official flattening order (`probe * r_V + v`), the columns of the
+/// small encoder weight are permuted to `v * r_U + probe`.
 pub(crate) fn encode_with<B: Backend>(
     probes: &TorchLinear<B>,
     shared: &TorchLinear<B>,
@@ -85,16 +89,70 @@ pub(crate) fn encode_with<B: Backend>(
     x: Tensor<B, 3>,
 ) -> Tensor<B, 2> {
     let [b, d_h, d_w] = x.dims();
-    let u = probes.weight.val(); // [d_W, r_U], used as is: R = X @ probes.weight
-    let r_u = u.dims()[1];
-    let r = x.reshape([b * d_h, d_w]).matmul(u); // [B*d_H, r_U]
-    let rt = r
-        .reshape([b, d_h, r_u])
+    // R = X @ probes.weight ([d_W, r_U], used as is).
+    let r = x.reshape([b * d_h, d_w]).matmul(probes.weight.val());
+    encode_from_r(shared, enc, r, b)
+}
+
+/// The encoder after `R` `[B*d_H, r_U]` (see [`encode_with`]).
+pub(crate) fn encode_from_r<B: Backend>(
+    shared: &TorchLinear<B>,
+    enc: &TorchLinear<B>,
+    r: Tensor<B, 2>,
+    b: usize,
+) -> Tensor<B, 2> {
+    let [rows, r_u] = r.dims();
+    let v = shared.weight.val(); // [r_V, d_H]
+    let r_v = v.dims()[0];
+    let ht = relu(
+        v.unsqueeze_dim::<3>(0)
+            .matmul(r.reshape([b, rows / b.max(1), r_u])),
+    ); // [B, r_V, r_U]
+    let m = enc.weight.val(); // [r_T, r_U * r_V], column probe * r_V + v
+    let r_t = m.dims()[0];
+    let m_vu = m
+        .reshape([r_t, r_u, r_v])
         .swap_dims(1, 2)
-        .reshape([b * r_u, d_h]);
-    let h = relu(shared.forward(rt)); // [B*r_U, r_V]; row (b, probe), column v
-    let r_v = h.dims()[1];
-    enc.forward(h.reshape([b, r_u * r_v]))
+        .reshape([r_t, r_v * r_u]);
+    let e = ht.reshape([b, r_v * r_u]).matmul(m_vu.transpose());
+    match &enc.bias {
+        Some(bias) => e + bias.val().unsqueeze_dim(0),
+        None => e,
+    }
+}
+
+/// The training form of the encoder: `R = X @ U` is computed outside the autodiff graph and
+/// made a gradient leaf, so that the caller computes `dU = (dR^T @ X)^T` itself: the same
+/// product as autodiff's `X^T @ dR`, but in the operand layout the CPU GEMM runs fastest.
+pub(crate) fn encode_split<B: Backend>(
+    probes: &TorchLinear<B>,
+    shared: &TorchLinear<B>,
+    enc: &TorchLinear<B>,
+    x: Tensor<B, 3>,
+) -> (Tensor<B, 2>, SplitLayer<B>) {
+    let [b, d_h, d_w] = x.dims();
+    let r = x
+        .reshape([b * d_h, d_w])
+        .matmul(probes.weight.val().detach())
+        .detach()
+        .require_grad();
+    let e = encode_from_r(shared, enc, r.clone(), b);
+    (
+        e,
+        SplitLayer {
+            param: probes.weight.id,
+            output: r,
+        },
+    )
+}
+
+/// A first layer computed outside the autodiff graph (see [`Net::scores_split`]).
+pub struct SplitLayer<B: Backend> {
+    /// The parameter whose gradient the caller computes: `(dR^T @ X)^T`, X folded to
+    /// `[B*d_H, d_W]`.
+    pub param: burn::module::ParamId,
+    /// `R`, a gradient leaf: its gradient is `dR`.
+    pub output: Tensor<B, 2>,
 }
 
 impl<B: Backend> Net<B> for Probex<B> {
@@ -120,6 +178,20 @@ impl<B: Backend> Net<B> for Probex<B> {
 
     fn scores(&self, x: Tensor<B, 3>, _text: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
         self.classification_head.forward(self.encode(x))
+    }
+
+    fn scores_split(
+        &self,
+        x: Tensor<B, 3>,
+        _text: Option<Tensor<B, 2>>,
+    ) -> (Tensor<B, 2>, Option<SplitLayer<B>>) {
+        let (e, split) = encode_split(
+            &self.probes,
+            &self.shared_probe_proj,
+            &self.per_probe_encoders,
+            x,
+        );
+        (self.classification_head.forward(e), Some(split))
     }
 }
 
@@ -222,5 +294,67 @@ mod tests {
                 assert!((y[b * 3 + o] - want[o]).abs() < 1e-5, "{y:?} vs {want:?}");
             }
         }
+    }
+
+    #[test]
+    fn split_first_layer_gives_autodiff_gradients() {
+        use burn::backend::Autodiff;
+        type AB = Autodiff<Cpu>;
+        let dev = Default::default();
+        let cfg = ProbexConfig::new(6, 5, 3)
+            .with_r_u(4)
+            .with_r_v(3)
+            .with_r_t(5);
+        let model: Probex<AB> = cfg.init(&mut Rng::new(2, 0), &dev);
+        let mut rng = Rng::new(3, 0);
+        let x: Vec<f32> = (0..3 * 30).map(|_| rng.normal()).collect();
+        let x = Tensor::<Cpu, 3>::from_data(TensorData::new(x, [3, 6, 5]), &dev);
+        let loss = |s: Tensor<AB, 2>| s.powi_scalar(2).sum();
+        let grads = loss(model.scores(Tensor::from_inner(x.clone()), None)).backward();
+        let (s, split) = model.scores_split(Tensor::from_inner(x.clone()), None);
+        let grads2 = loss(s).backward();
+        let want = model
+            .probes
+            .weight
+            .val()
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        let extra = crate::training::split_gradient::<AB>(split, x, &grads2);
+        assert_eq!(extra.len(), 1);
+        assert_eq!(extra[0].0, model.probes.weight.id);
+        let got = extra[0].1.clone().into_data().into_vec::<f32>().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{got:?} vs {want:?}"
+            );
+        }
+        // Every other parameter gets the same gradient either way.
+        let v1 = model
+            .per_probe_encoders
+            .weight
+            .val()
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        let v2 = model
+            .per_probe_encoders
+            .weight
+            .val()
+            .grad(&grads2)
+            .unwrap()
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        for (a, b) in v1.iter().zip(&v2) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()));
+        }
+        assert!(model.probes.weight.val().grad(&grads2).is_none());
     }
 }

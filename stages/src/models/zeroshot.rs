@@ -3,7 +3,7 @@
 
 use burn::prelude::*;
 
-use super::probex::{encode_with, init_encoder};
+use super::probex::{SplitLayer, encode_split, encode_with, init_encoder};
 use super::{ModelKind, ModelSpec, Net, TorchLinear, l2_normalize};
 use crate::training::rng::Rng;
 
@@ -83,10 +83,31 @@ impl<B: Backend> Net<B> for ProbexZeroshot<B> {
         )
     }
 
+    fn scores_split(
+        &self,
+        x: Tensor<B, 3>,
+        text: Option<Tensor<B, 2>>,
+    ) -> (Tensor<B, 2>, Option<SplitLayer<B>>) {
+        let (e, split) = encode_split(
+            &self.probes,
+            &self.shared_probe_proj,
+            &self.per_probe_encoders,
+            x,
+        );
+        (self.cosines(e, text), Some(split))
+    }
+
     /// Cosine similarity `[B, C]` between each `e` and each class's projected text vector;
     /// without `text` there are no classes, and the result is `[B, 0]`.
     fn scores(&self, x: Tensor<B, 3>, text: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
-        let e = l2_normalize(self.encode(x));
+        self.cosines(self.encode(x), text)
+    }
+}
+
+impl<B: Backend> ProbexZeroshot<B> {
+    /// Cosines between encodings `e` and the projected `text` rows.
+    fn cosines(&self, e: Tensor<B, 2>, text: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
+        let e = l2_normalize(e);
         match text {
             Some(t) => e.matmul(l2_normalize(self.regression_head.forward(t)).transpose()),
             None => {

@@ -1,6 +1,7 @@
 //! Turns a layer dataset (and a text table) into what a training needs: the model inputs, the
 //! targets, the rows of each split, and the task description stored in checkpoints.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use crate::dataset::{Labels, LayerDataset, Split};
@@ -30,11 +31,11 @@ pub(crate) struct TextMatrix {
 }
 
 /// Everything a training loop needs, independent of the backend.
-pub(crate) struct Prepared {
+pub(crate) struct Prepared<'a> {
     pub spec: ModelSpec,
     pub task: TaskInfo,
-    /// `[n, a, b]` model inputs.
-    pub inputs: Vec<f32>,
+    /// `[n, a, b]` model inputs (the dataset's own weights, not a copy, for matrix models).
+    pub inputs: Cow<'a, [f32]>,
     pub in_dims: [usize; 3],
     /// `[n, w]` training targets as the loss wants them (multi-hot, one-hot, standardised).
     pub targets: Vec<f32>,
@@ -50,7 +51,7 @@ pub(crate) struct Prepared {
     pub selection: &'static str,
 }
 
-impl Prepared {
+impl Prepared<'_> {
     /// Whether rows of `split` are scored against the held-out classes.
     pub fn uses_holdout_text(&self, split: Split) -> bool {
         self.task.kind == TaskKind::ZeroShot
@@ -95,11 +96,11 @@ pub(crate) fn text_matrix(
 }
 
 /// Validates the inputs and prepares a training.
-pub(crate) fn prepare(
-    ds: &LayerDataset,
+pub(crate) fn prepare<'a>(
+    ds: &'a LayerDataset,
     text: Option<&TextTable>,
     cfg: &TrainConfig,
-) -> Result<Prepared, String> {
+) -> Result<Prepared<'a>, String> {
     ds.validate().map_err(|m| format!("layer dataset: {m}"))?;
     let mut rows: BTreeMap<Split, Vec<usize>> = BTreeMap::new();
     for (i, m) in ds.models.iter().enumerate() {
@@ -284,14 +285,14 @@ pub(crate) fn prepare(
 
 /// The model input: the matrices, or for StatNN their standardised statistics (the moments
 /// come from `task` when set, else from the training rows, and are stored into it).
-pub(crate) fn model_inputs(
-    ds: &LayerDataset,
+pub(crate) fn model_inputs<'a>(
+    ds: &'a LayerDataset,
     kind: ModelKind,
     rows: &BTreeMap<Split, Vec<usize>>,
     task: &mut TaskInfo,
-) -> (Vec<f32>, [usize; 3]) {
+) -> (Cow<'a, [f32]>, [usize; 3]) {
     if kind != ModelKind::Statnn {
-        return (ds.weights.clone(), [ds.n, ds.d_h, ds.d_w]);
+        return (Cow::Borrowed(&ds.weights), [ds.n, ds.d_h, ds.d_w]);
     }
     let f = statnn::FEATURES.len();
     let mut feats = statnn::statistics_of_all(&ds.weights, ds.n, ds.d_h * ds.d_w);
@@ -302,7 +303,7 @@ pub(crate) fn model_inputs(
         task.feature_std = std;
     }
     statnn::standardise(&mut feats, &task.feature_mean, &task.feature_std);
-    (feats, [ds.n, 1, f])
+    (Cow::Owned(feats), [ds.n, 1, f])
 }
 
 fn label_kind(l: &Labels) -> &'static str {

@@ -18,7 +18,7 @@ fn log1p_exp(x: f64) -> f64 {
 /// sigmoid > 0.5), `map` (mean over classes with a positive of average precision), `f1_micro`,
 /// `f1_macro` (over classes with a positive or a prediction).
 pub fn multi_label(logits: &[f32], targets: &[f32], w: usize) -> Metrics {
-    let n = if w == 0 { 0 } else { logits.len() / w };
+    let n = logits.len().checked_div(w).unwrap_or(0);
     let mut m = Metrics::new();
     if n == 0 {
         return m;

@@ -38,6 +38,7 @@ use crate::models::{Dense, ModelKind, ModelSpec, Net, Probex, ProbexZeroshot, St
 pub use config::TrainConfig;
 pub use device::DeviceSpec;
 pub use metrics::Metrics;
+pub use trainer::split_gradient;
 
 /// Why a training or an inference failed.
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +146,8 @@ pub struct TrainOutcome {
 /// `e % validate_every == 0`, keep the best `val` score (strictly greater; zero-shot: greater or
 /// equal, and separately the best `val_holdout`); without a `val` split the last epoch is kept.
 /// With `work_dir`, the model, optimiser, epoch and random state are saved there every
-/// `checkpoint_interval` epochs, and a later call with the same data and config resumes from
+/// `checkpoint_every` epochs (default: at each validation), on cancellation and at the end,
+/// and a later call with the same data and config resumes from
 /// them. `progress` is called after every epoch; returning `Break` stops the training
 /// ([`TrainError::Cancelled`]). Reproducible for a given seed and thread count.
 pub fn train(
@@ -418,7 +420,7 @@ fn infer_net<B: Backend, M: Net<B>>(
     let mut task = task.clone();
     let rows = BTreeMap::from([(Split::Train, (0..ds.n).collect::<Vec<_>>())]);
     let (inputs, dims) = data::model_inputs(ds, spec.kind, &rows, &mut task);
-    let x = Tensor::<B, 3>::from_data(TensorData::new(inputs, dims), device);
+    let x = Tensor::<B, 3>::from_data(TensorData::new(inputs.into_owned(), dims), device);
     let t = text.map(|m| {
         Tensor::<B, 2>::from_data(TensorData::new(m.values.clone(), [m.rows, m.dim]), device)
     });

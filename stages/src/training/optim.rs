@@ -2,7 +2,7 @@
 //! correction, epsilon added to the corrected root second moment), with state that can be
 //! saved and restored for resuming.
 
-use burn::module::{AutodiffModule, ModuleMapper, Param};
+use burn::module::{AutodiffModule, ModuleMapper, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::backend::AutodiffBackend;
@@ -47,10 +47,26 @@ impl<B: Backend> Adam<B> {
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
+        self.step_with(model, grads, Vec::new())
+    }
+
+    /// [`Adam::step`] with gradients computed outside the autodiff graph for some parameters
+    /// (flattened, row-major); these take precedence over `grads`.
+    pub fn step_with<AB, M>(
+        &mut self,
+        model: M,
+        grads: &AB::Gradients,
+        extra: Vec<(ParamId, Tensor<B, 1>)>,
+    ) -> M
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
         self.steps += 1;
         let mut mapper = StepMapper::<AB> {
             adam: self,
             grads,
+            extra,
             index: 0,
         };
         model.map(&mut mapper)
@@ -118,6 +134,7 @@ impl<B: Backend> Adam<B> {
 struct StepMapper<'a, AB: AutodiffBackend> {
     adam: &'a mut Adam<AB::InnerBackend>,
     grads: &'a AB::Gradients,
+    extra: Vec<(ParamId, Tensor<AB::InnerBackend, 1>)>,
     index: usize,
 }
 
@@ -126,17 +143,21 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for StepMapper<'_, AB> {
         let i = self.index;
         self.index += 1;
         let (id, tensor, mapper) = param.consume();
-        let Some(grad) = tensor.grad(self.grads) else {
-            return Param::from_mapped_value(id, tensor, mapper);
+        let dims = tensor.dims();
+        let n: usize = dims.iter().product();
+        let grad = match self.extra.iter().position(|(p, _)| *p == id) {
+            Some(k) => self.extra.swap_remove(k).1,
+            None => match tensor.grad(self.grads) {
+                Some(g) => g.reshape([n]),
+                None => return Param::from_mapped_value(id, tensor, mapper),
+            },
         };
         let a = &mut *self.adam;
         if a.moments.len() <= i {
             a.moments.resize_with(i + 1, || None);
         }
-        let dims = tensor.dims();
-        let n: usize = dims.iter().product();
         let p = tensor.inner().reshape([n]);
-        let mut g = grad.reshape([n]);
+        let mut g = grad;
         if a.weight_decay != 0.0 {
             g = g + p.clone().mul_scalar(a.weight_decay);
         }

@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, ParamId};
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
@@ -24,7 +24,7 @@ use crate::embeddings::TextTable;
 use crate::models::checkpoint::{
     Checkpoint, CheckpointMeta, TaskKind, deserialize_named, serialize_named, write_atomic,
 };
-use crate::models::{NamedTensor, Net, load_named, named_tensors, param_names};
+use crate::models::{NamedTensor, Net, SplitLayer, load_named, named_tensors, param_names};
 
 /// File names inside a work dir.
 const STATE_FILE: &str = "state.safetensors";
@@ -35,7 +35,7 @@ const RESUME_FORMAT: u32 = 1;
 
 /// One training's inputs, independent of the backend.
 pub(crate) struct Job<'a> {
-    pub prep: &'a Prepared,
+    pub prep: &'a Prepared<'a>,
     pub cfg: &'a TrainConfig,
     pub device_name: String,
     pub work_dir: Option<&'a Path>,
@@ -201,12 +201,12 @@ fn save_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), TrainError> {
     write_atomic(&dir.join(name), bytes).map_err(TrainError::Checkpoint)
 }
 
+/// A resume state: its metadata and its tensors (model and optimiser) by name.
+type Resume = (ResumeMeta, HashMap<String, NamedTensor>);
+
 /// Loads a matching resume state from `dir`; `None` when there is none or it belongs to
 /// another training (then the training starts over).
-fn load_resume(
-    dir: &Path,
-    fingerprint: &str,
-) -> Result<Option<(ResumeMeta, HashMap<String, NamedTensor>)>, TrainError> {
+fn load_resume(dir: &Path, fingerprint: &str) -> Result<Option<Resume>, TrainError> {
     let path = dir.join(STATE_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -234,6 +234,25 @@ fn read_best(dir: &Path, name: &str) -> Option<Vec<NamedTensor>> {
     Checkpoint::read(&dir.join(name)).ok().map(|c| c.tensors)
 }
 
+/// The gradient of a split-off first layer (see [`Net::scores_split`]): `dU = (dR^T @ X)^T`
+/// with `X` folded to `[B*d_H, d_W]`, flattened for the optimiser.
+pub fn split_gradient<AB: AutodiffBackend>(
+    split: Option<SplitLayer<AB>>,
+    x: Tensor<AB::InnerBackend, 3>,
+    grads: &AB::Gradients,
+) -> Vec<(ParamId, Tensor<AB::InnerBackend, 1>)> {
+    let Some(split) = split else {
+        return Vec::new();
+    };
+    let Some(dr) = split.output.grad(grads) else {
+        return Vec::new();
+    };
+    let [b, d_h, d_w] = x.dims();
+    let r_u = dr.dims()[1];
+    let du_t = dr.transpose().matmul(x.reshape([b * d_h, d_w])); // [r_U, d_W]
+    vec![(split.param, du_t.transpose().reshape([d_w * r_u]))]
+}
+
 /// Trains model `M` on backend `AB`.
 pub(crate) fn run<AB, M>(
     job: &Job,
@@ -252,7 +271,7 @@ where
 
     // The data set goes to the device once; batches are row selections on the device.
     let inputs = Tensor::<AB::InnerBackend, 3>::from_data(
-        TensorData::new(prep.inputs.clone(), prep.in_dims),
+        TensorData::new(prep.inputs.to_vec(), prep.in_dims),
         device,
     );
     let targets = Tensor::<AB::InnerBackend, 2>::from_data(
@@ -323,16 +342,19 @@ where
         let mut loss_sum: Option<Tensor<AB::InnerBackend, 1>> = None;
         for chunk in train_rows.chunks(batch) {
             let idx = index_tensor::<AB::InnerBackend>(chunk, device);
-            let x = Tensor::<AB, 3>::from_inner(inputs.clone().select(0, idx.clone()));
+            let xb = inputs.clone().select(0, idx.clone());
             let y = Tensor::<AB, 2>::from_inner(targets.clone().select(0, idx));
-            let loss = task_loss(prep.task.kind, model.scores(x, text_train_ad.clone()), y);
+            let (scores, split) =
+                model.scores_split(Tensor::from_inner(xb.clone()), text_train_ad.clone());
+            let loss = task_loss(prep.task.kind, scores, y);
             let weighted = loss.clone().inner().mul_scalar(chunk.len() as f64);
             loss_sum = Some(match loss_sum {
                 Some(s) => s + weighted,
                 None => weighted,
             });
             let grads = loss.backward();
-            model = adam.step(model, &grads);
+            let extra = split_gradient::<AB>(split, xb, &grads);
+            model = adam.step_with(model, &grads, extra);
         }
         let train_loss = loss_sum
             .map(|s| s.into_scalar().elem::<f64>() / train_rows.len() as f64)

@@ -1,10 +1,21 @@
 //! Generated layer datasets with planted class-dependent structure, for learning tests.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::needless_range_loop, clippy::too_many_arguments)]
 
 use probex_stages::dataset::{Class, Labels, LayerDataset, LayerInfo, ModelRecord, Split};
 use probex_stages::embeddings::TextTable;
+use probex_stages::training::DeviceSpec;
 use probex_stages::training::rng::Rng;
+
+/// The device tests run on: `$PROBEX_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`), default the CPU.
+pub fn device() -> DeviceSpec {
+    match std::env::var("PROBEX_TEST_DEVICE") {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|e| panic!("PROBEX_TEST_DEVICE: {e}")),
+        Err(_) => DeviceSpec::Cpu,
+    }
+}
 
 /// Split counts, in `Split::ALL` order.
 pub type Counts = [usize; 5];
