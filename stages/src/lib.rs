@@ -6,9 +6,12 @@
 
 pub mod collection;
 pub mod dataset;
+pub mod embed;
+pub mod embeddings;
 pub mod extract;
 pub mod fetch;
 pub mod labels;
+pub mod text;
 pub mod weights;
 
 use probex_engine::Registry;
@@ -16,6 +19,8 @@ use probex_engine::Registry;
 /// Every stage kind of this build.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(fetch::Fetch).register(extract::Extract);
+    r.register(fetch::Fetch)
+        .register(extract::Extract)
+        .register(embed::Embed);
     r
 }
