@@ -148,8 +148,14 @@ impl Stage for Embed {
             .build()?;
         let rows = pool.install(|| -> StageResult<Vec<Vec<f32>>> {
             let device = Default::default();
+            let started = std::time::Instant::now();
             let encoder = Encoder::<burn::backend::Flex>::load(p.encoder, &dir, &device)
                 .with_context(|| format!("loading the `{}` encoder", p.encoder))?;
+            cx.log(format!(
+                "encoder loaded in {:.1}s ({}-d)",
+                started.elapsed().as_secs_f64(),
+                encoder.dim()
+            ));
             let mut rows = Vec::with_capacity(prompts.len());
             for chunk in prompts.chunks(CHUNK) {
                 cx.check_cancelled()?;
