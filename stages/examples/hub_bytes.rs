@@ -18,12 +18,18 @@ use safetensors::tensor::TensorView;
 fn vit_b_shapes() -> Vec<(String, Vec<usize>)> {
     let mut v: Vec<(String, Vec<usize>)> = vec![
         ("vit.embeddings.cls_token".into(), vec![1, 1, 768]),
-        ("vit.embeddings.position_embeddings".into(), vec![1, 197, 768]),
+        (
+            "vit.embeddings.position_embeddings".into(),
+            vec![1, 197, 768],
+        ),
         (
             "vit.embeddings.patch_embeddings.projection.weight".into(),
             vec![768, 3, 16, 16],
         ),
-        ("vit.embeddings.patch_embeddings.projection.bias".into(), vec![768]),
+        (
+            "vit.embeddings.patch_embeddings.projection.bias".into(),
+            vec![768],
+        ),
         ("vit.layernorm.weight".into(), vec![768]),
         ("vit.layernorm.bias".into(), vec![768]),
         ("classifier.weight".into(), vec![100, 768]),
@@ -31,7 +37,12 @@ fn vit_b_shapes() -> Vec<(String, Vec<usize>)> {
     ];
     for l in 0..12 {
         let p = format!("vit.encoder.layer.{l}");
-        for m in ["attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense"] {
+        for m in [
+            "attention.attention.query",
+            "attention.attention.key",
+            "attention.attention.value",
+            "attention.output.dense",
+        ] {
             v.push((format!("{p}.{m}.weight"), vec![768, 768]));
             v.push((format!("{p}.{m}.bias"), vec![768]));
         }
@@ -58,7 +69,9 @@ fn model(seed: u64, shapes: &[(String, Vec<usize>)]) -> Vec<u8> {
                 s ^= s << 13;
                 s ^= s >> 7;
                 s ^= s << 17;
-                b.extend_from_slice(&(((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5).to_le_bytes());
+                b.extend_from_slice(
+                    &(((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5).to_le_bytes(),
+                );
             }
             b
         })
@@ -66,7 +79,12 @@ fn model(seed: u64, shapes: &[(String, Vec<usize>)]) -> Vec<u8> {
     let views: Vec<(String, TensorView)> = shapes
         .iter()
         .zip(&data)
-        .map(|((n, shape), d)| (n.clone(), TensorView::new(Dtype::F32, shape.clone(), d).unwrap()))
+        .map(|((n, shape), d)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), d).unwrap(),
+            )
+        })
         .collect();
     let meta: HashMap<String, String> = [(
         "dataset_chosen_targets".to_string(),
@@ -77,7 +95,10 @@ fn model(seed: u64, shapes: &[(String, Vec<usize>)]) -> Vec<u8> {
 }
 
 fn main() {
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(3);
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(3);
     let shapes = vit_b_shapes();
     let mock = MockHub::start().expect("mock hub");
     let t = Instant::now();

@@ -185,10 +185,14 @@ impl FetchParams {
 impl FetchParams {
     /// The Hub request these params describe (`source = "hub"`).
     pub fn hub_request(&self) -> Result<Request, String> {
-        let given = [self.repo.is_some(), self.repos.is_some(), self.model_j.is_some()]
-            .iter()
-            .filter(|&&b| b)
-            .count();
+        let given = [
+            self.repo.is_some(),
+            self.repos.is_some(),
+            self.model_j.is_some(),
+        ]
+        .iter()
+        .filter(|&&b| b)
+        .count();
         if given != 1 {
             return Err(
                 "source = \"hub\" needs exactly one of `repo` (one repo), `repos` (a list of repo \
@@ -367,7 +371,8 @@ impl Stage for Fetch {
 
     fn identity(&self, p: &FetchParams, cx: &PlanContext) -> StageResult<Option<String>> {
         if p.source == Source::Hub {
-            let hub = Hub::new(&p.hub_config(cx.base_dir, cx.offline)).map_err(anyhow::Error::msg)?;
+            let hub =
+                Hub::new(&p.hub_config(cx.base_dir, cx.offline)).map_err(anyhow::Error::msg)?;
             let plan = hub
                 .plan(
                     &p.hub_request().map_err(anyhow::Error::msg)?,
@@ -504,7 +509,11 @@ fn run_hub(p: &FetchParams, cx: &RunContext) -> StageResult<Outcome> {
     cx.log(format!(
         "hub {} ({}), HF cache {}, tensor cache {}{}",
         hub.endpoint(),
-        if matches!(mode, hub::Mode::Files) { "files" } else { "tensors" },
+        if matches!(mode, hub::Mode::Files) {
+            "files"
+        } else {
+            "tensors"
+        },
         hub.cache_dir().display(),
         hub.tensor_cache_dir().display(),
         if cx.offline() { ", offline" } else { "" }

@@ -107,9 +107,9 @@ pub fn check_repo_id(id: &str) -> Result<(), String> {
 pub fn check_revision(rev: &str) -> Result<(), String> {
     let ok = !rev.is_empty()
         && rev.len() <= 256
-        && rev
-            .chars()
-            .all(|c| c.is_ascii_graphic() && !matches!(c, '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|'))
+        && rev.chars().all(|c| {
+            c.is_ascii_graphic() && !matches!(c, '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|')
+        })
         && rev
             .split('/')
             .all(|p| !p.is_empty() && p != "." && p != ".." && !p.starts_with('.'));
@@ -124,7 +124,9 @@ pub fn check_revision(rev: &str) -> Result<(), String> {
 
 /// Whether `s` is a full commit sha (40 lowercase hex digits).
 pub fn is_commit(s: &str) -> bool {
-    s.len() == 40 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 40
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Turns a repo-relative file path from the server into a relative path that stays inside the
@@ -209,7 +211,10 @@ impl HfCache {
 
     /// `snapshots/{commit}/{path}`.
     pub fn snapshot_path(&self, repo: &RepoRef, commit: &str, path: &Path) -> PathBuf {
-        self.repo_dir(repo).join("snapshots").join(commit).join(path)
+        self.repo_dir(repo)
+            .join("snapshots")
+            .join(commit)
+            .join(path)
     }
 
     /// `blobs/{etag}`.
@@ -342,7 +347,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         ".tmp-{}-{:?}-{}",
         std::process::id(),
         std::thread::current().id(),
-        path.file_name().map_or_else(String::new, |n| n.to_string_lossy().to_string())
+        path.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().to_string())
     ));
     {
         let mut f = File::create(&tmp)?;
@@ -361,7 +367,16 @@ mod tests {
     #[test]
     fn names_from_the_server_cannot_escape() {
         assert!(check_repo_id("ProbeX/Model-J__SD_200").is_ok());
-        for bad in ["a", "a/b/c", "../x", "a/..", "a/b c", "/b", "a/", "a/.hidden"] {
+        for bad in [
+            "a",
+            "a/b/c",
+            "../x",
+            "a/..",
+            "a/b c",
+            "/b",
+            "a/",
+            "a/.hidden",
+        ] {
             assert!(check_repo_id(bad).is_err(), "{bad}");
         }
         for bad in ["../etc/passwd", "/abs", "a/../../b", "", "a\\b"] {

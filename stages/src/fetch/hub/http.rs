@@ -212,7 +212,8 @@ impl Http {
         };
         let mut rb = client.request(method, url.clone());
         let same_origin = reqwest::Url::parse(&self.endpoint).is_ok_and(|e| {
-            e.host_str() == url.host_str() && e.port_or_known_default() == url.port_or_known_default()
+            e.host_str() == url.host_str()
+                && e.port_or_known_default() == url.port_or_known_default()
         });
         if let (Some(t), true) = (&self.token, same_origin) {
             rb = rb.bearer_auth(t);
@@ -285,7 +286,11 @@ impl Http {
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos() as u64);
-        let jitter = if capped > 1 { nanos % (capped / 2 + 1) } else { 0 };
+        let jitter = if capped > 1 {
+            nanos % (capped / 2 + 1)
+        } else {
+            0
+        };
         Duration::from_millis(capped / 2 + jitter)
     }
 
@@ -354,7 +359,10 @@ impl Http {
             }
             let mut resp = self.send(what, cancel, || {
                 self.request(reqwest::Method::GET, url)
-                    .header(header::RANGE, format!("bytes={}-{}", range.start, range.end - 1))
+                    .header(
+                        header::RANGE,
+                        format!("bytes={}-{}", range.start, range.end - 1),
+                    )
                     .header(header::ACCEPT_ENCODING, "identity")
             })?;
             let status = resp.status();
@@ -369,10 +377,15 @@ impl Http {
                     .and_then(|v| v.to_str().ok())
                     .and_then(parse_content_range);
                 match cr {
-                    Some((s, e, total)) if s == range.start && e + 1 == range.end => (0, total, false),
+                    Some((s, e, total)) if s == range.start && e + 1 == range.end => {
+                        (0, total, false)
+                    }
                     // The server clipped the range at the end of the file.
                     Some((s, e, Some(total)))
-                        if allow_short && s == range.start && e + 1 < range.end && e + 1 == total =>
+                        if allow_short
+                            && s == range.start
+                            && e + 1 < range.end
+                            && e + 1 == total =>
                     {
                         cap = (e + 1 - s) as usize;
                         (0, Some(total), false)
@@ -453,9 +466,8 @@ impl Http {
             }
             if have > size {
                 // Longer than the file: not ours to resume from.
-                std::fs::remove_file(part).map_err(|e| {
-                    HttpError::Fatal(format!("{}: {e}", part.display()))
-                })?;
+                std::fs::remove_file(part)
+                    .map_err(|e| HttpError::Fatal(format!("{}: {e}", part.display())))?;
                 continue;
             }
             let mut resp = self.send(what, cancel, || {
@@ -539,7 +551,10 @@ fn retry_after(h: &HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let when = httpdate(v)?;
-    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the only form servers send today.
@@ -641,7 +656,11 @@ fn explain(what: &str, resp: &Response, has_token: bool) -> String {
         (403, _) => format!(
             "{what}: access denied (403){server}: the repo is gated; accept its conditions on \
              its Hub page with the account whose token is in HF_TOKEN{}",
-            if has_token { "" } else { " (HF_TOKEN is not set)" }
+            if has_token {
+                ""
+            } else {
+                " (HF_TOKEN is not set)"
+            }
         ),
         (404, "RepoNotFound") => format!(
             "{what}: repository not found (404){server}: check the repo id{}",
@@ -659,7 +678,9 @@ fn explain(what: &str, resp: &Response, has_token: bool) -> String {
              on its Hub page)"
         ),
         (404, _) => format!("{what}: not found (404){server}"),
-        (416, _) => format!("{what}: the server refused the byte range (416): the file is shorter than its header says"),
+        (416, _) => format!(
+            "{what}: the server refused the byte range (416): the file is shorter than its header says"
+        ),
         _ => format!("{what}: HTTP {status}{server}"),
     }
 }

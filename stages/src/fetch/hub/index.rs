@@ -26,10 +26,7 @@ pub fn parquet_of_subset(path: &str, subset: &str) -> Option<Option<Split>> {
         return None;
     }
     let file = parts.last().copied().unwrap_or_default();
-    let from_name = file
-        .split(['-', '.'])
-        .next()
-        .and_then(split_name);
+    let from_name = file.split(['-', '.']).next().and_then(split_name);
     let from_dir = parts[..parts.len() - 1].iter().find_map(|p| split_name(p));
     Some(from_name.or(from_dir))
 }
@@ -85,9 +82,10 @@ fn read_parquet_inner(path: &Path, file_split: Option<Split>) -> Result<Vec<Inde
             match (name.as_str(), field) {
                 ("hf_model_id", Field::Str(s)) => repo = Some(s.clone()),
                 ("split", Field::Str(s)) => {
-                    split = Some(split_name(s).ok_or_else(|| {
-                        format!("row {i}: split {s:?} is not train, val or test")
-                    })?)
+                    split =
+                        Some(split_name(s).ok_or_else(|| {
+                            format!("row {i}: split {s:?} is not train, val or test")
+                        })?)
                 }
                 _ => {}
             }

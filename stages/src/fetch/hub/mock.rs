@@ -383,7 +383,13 @@ fn serve(
         let Some(repo) = st.repos.get(&key).cloned() else {
             record(&mut *st, 404);
             drop(st);
-            return respond(&mut w, 404, &[("X-Error-Code", "RepoNotFound".into())], b"", head);
+            return respond(
+                &mut w,
+                404,
+                &[("X-Error-Code", "RepoNotFound".into())],
+                b"",
+                head,
+            );
         };
         if repo.private && !auth_ok {
             record(&mut *st, 401);
@@ -393,12 +399,24 @@ fn serve(
         if segs[3] != "main" && segs[3] != repo.commit {
             record(&mut *st, 404);
             drop(st);
-            return respond(&mut w, 404, &[("X-Error-Code", "RevisionNotFound".into())], b"", head);
+            return respond(
+                &mut w,
+                404,
+                &[("X-Error-Code", "RevisionNotFound".into())],
+                b"",
+                head,
+            );
         }
         let Some(data) = repo.files.get(&file).cloned() else {
             record(&mut *st, 404);
             drop(st);
-            return respond(&mut w, 404, &[("X-Error-Code", "EntryNotFound".into())], b"", head);
+            return respond(
+                &mut w,
+                404,
+                &[("X-Error-Code", "EntryNotFound".into())],
+                b"",
+                head,
+            );
         };
         let fault = if head {
             None
@@ -469,7 +487,10 @@ fn serve(
             Some(Fault::ShorterContentLength(less)) => {
                 record(&mut *st, status);
                 drop(st);
-                headers.push(("Content-Length", body.len().saturating_sub(less).to_string()));
+                headers.push((
+                    "Content-Length",
+                    body.len().saturating_sub(less).to_string(),
+                ));
                 bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
                 return respond(&mut w, status, &headers, &body, false);
             }

@@ -406,19 +406,16 @@ fn api_error(what: &str, e: hf_hub::HFError, has_token: bool, endpoint: &str) ->
              page with the account whose token is in HF_TOKEN"
         ),
         E::RevisionNotFound { context, .. }
-            if context
-                .as_ref()
-                .and_then(|c| c.error_code.as_deref())
-                == Some("RepoNotFound") =>
+            if context.as_ref().and_then(|c| c.error_code.as_deref()) == Some("RepoNotFound") =>
         {
             format!("{what}: repository not found (404): check the repo id{token_hint}")
         }
         E::RepoNotFound { .. } => {
             format!("{what}: repository not found (404): check the repo id{token_hint}")
         }
-        E::RevisionNotFound { revision, .. } => format!(
-            "{what}: revision `{revision}` not found (404): check `revision`{token_hint}"
-        ),
+        E::RevisionNotFound { revision, .. } => {
+            format!("{what}: revision `{revision}` not found (404): check `revision`{token_hint}")
+        }
         E::RateLimited { .. } => format!(
             "{what}: the Hub rate-limits this client (429) and retries did not help: wait and \
              run again (a token in HF_TOKEN raises the limits)"
@@ -636,7 +633,12 @@ impl Hub {
     }
 
     /// The plan [`Hub::plan`] made for this request in this process, or a new one.
-    pub fn planned(&self, req: &Request, revision: &str, obs: &dyn Observer) -> Result<Plan, String> {
+    pub fn planned(
+        &self,
+        req: &Request,
+        revision: &str,
+        obs: &dyn Observer,
+    ) -> Result<Plan, String> {
         let key = plan_memo_key(&self.endpoint, req, revision);
         if let Ok(memo) = PLANS.lock()
             && let Some(p) = memo.as_ref().and_then(|m| m.get(&key))
@@ -646,7 +648,12 @@ impl Hub {
         self.plan(req, revision, obs)
     }
 
-    fn plan_uncached(&self, req: &Request, revision: &str, obs: &dyn Observer) -> Result<Plan, String> {
+    fn plan_uncached(
+        &self,
+        req: &Request,
+        revision: &str,
+        obs: &dyn Observer,
+    ) -> Result<Plan, String> {
         let mut plan = match req {
             Request::Repos { repos, file } => {
                 let refs: Vec<RepoRef> = repos
@@ -680,7 +687,10 @@ impl Hub {
                     if re.is_match(&path) {
                         safe_rel_path(&path)?;
                         models.push(PlannedModel {
-                            id: path.strip_suffix(".safetensors").unwrap_or(&path).to_string(),
+                            id: path
+                                .strip_suffix(".safetensors")
+                                .unwrap_or(&path)
+                                .to_string(),
                             split: None,
                             repo: r.id.clone(),
                             revision: revision.to_string(),
@@ -741,7 +751,11 @@ impl Hub {
                     index: None,
                 }
             }
-            Request::ModelJIndex { subset, index, file } => {
+            Request::ModelJIndex {
+                subset,
+                index,
+                file,
+            } => {
                 let ir = RepoRef::dataset(index)?;
                 let icommit = self.resolve(&ir, revision)?;
                 let rows = self.read_index(&ir, &icommit, *subset, obs)?;
@@ -923,9 +937,7 @@ impl Hub {
             });
             let r = self.parallel(&plan.models, |_, m| {
                 let r = match mode {
-                    Mode::Files => {
-                        self.fetch_model_file(m, &progress, obs, &cached, &remote)
-                    }
+                    Mode::Files => self.fetch_model_file(m, &progress, obs, &cached, &remote),
                     Mode::Tensors(sel) => {
                         self.fetch_model_tensors(m, sel, out_dir, &cached, &remote)
                     }
@@ -1023,7 +1035,9 @@ impl Hub {
         let url = http
             .resolve_url(repo.url_prefix(), &repo.id, commit, file)
             .map_err(|e| e.to_string())?;
-        let head = http.head(&url, &what, &self.cancel).map_err(|e| e.to_string())?;
+        let head = http
+            .head(&url, &what, &self.cancel)
+            .map_err(|e| e.to_string())?;
         check_etag(&head.etag).map_err(|m| format!("{what}: {m}"))?;
         if let Some(c) = &head.commit
             && is_commit(c)
@@ -1121,10 +1135,9 @@ impl Hub {
             let (http, url) = match (&self.http, &url) {
                 (Some(h), Some(u)) => (h, u),
                 _ => {
-                    return Err(self.offline_miss(&format!(
-                        "tensor `{}` of {what}",
-                        missing[0].name
-                    )));
+                    return Err(
+                        self.offline_miss(&format!("tensor `{}` of {what}", missing[0].name))
+                    );
                 }
             };
             missing.sort_by_key(|e| e.span.start);
@@ -1172,9 +1185,11 @@ impl Hub {
                 .ok_or_else(|| format!("{what}: tensor `{name}` was not fetched"))?;
             tensors.push((e, bytes.as_slice()));
         }
-        let rel = PathBuf::from("models").join(format!("{}.safetensors", cache::encode_name(&m.id)));
+        let rel =
+            PathBuf::from("models").join(format!("{}.safetensors", cache::encode_name(&m.id)));
         let dest = out_dir.join(&rel);
-        write_safetensors(&dest, &tensors, &meta).map_err(|e| format!("{}: {e}", dest.display()))?;
+        write_safetensors(&dest, &tensors, &meta)
+            .map_err(|e| format!("{}: {e}", dest.display()))?;
         Ok(ModelSource {
             id: m.id.clone(),
             path: dest,
@@ -1221,13 +1236,18 @@ impl Hub {
             bytes.truncate(want);
         } else {
             let more = http
-                .get_range(url, bytes.len() as u64..want as u64, false, what, &self.cancel)
+                .get_range(
+                    url,
+                    bytes.len() as u64..want as u64,
+                    false,
+                    what,
+                    &self.cancel,
+                )
                 .map_err(|e| e.to_string())?;
             bytes.extend_from_slice(&more.bytes);
         }
         // Validate before caching: a bad header is an error now, not a poisoned cache entry.
-        let total_usize =
-            usize::try_from(total).map_err(|_| format!("{what}: file too large"))?;
+        let total_usize = usize::try_from(total).map_err(|_| format!("{what}: file too large"))?;
         parse_header(&bytes[8..], total_usize).map_err(|m| format!("{what}: {m}"))?;
         cache::write_atomic(&size_path, total.to_string().as_bytes())
             .map_err(|e| format!("{}: {e}", size_path.display()))?;
@@ -1281,7 +1301,10 @@ fn write_safetensors(
 
 /// Groups spans (sorted by start) whose gaps are at most `gap` bytes, so neighbours (a LoRA's
 /// up and down factors) come in one request without pulling in much else.
-fn coalesce(spans: &[crate::weights::TensorEntry], gap: usize) -> Vec<Vec<&crate::weights::TensorEntry>> {
+fn coalesce(
+    spans: &[crate::weights::TensorEntry],
+    gap: usize,
+) -> Vec<Vec<&crate::weights::TensorEntry>> {
     let mut out: Vec<Vec<&crate::weights::TensorEntry>> = Vec::new();
     let mut end = 0usize;
     for e in spans {
