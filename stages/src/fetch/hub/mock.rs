@@ -305,12 +305,12 @@ fn serve(
             )
         };
         let Some(repo) = st.repos.get(&key).cloned() else {
-            record(&mut *st, 404);
+            record(&mut st, 404);
             drop(st);
             return not_found(&mut w, "RepoNotFound");
         };
         if repo.private && !auth_ok {
-            record(&mut *st, 401);
+            record(&mut st, 401);
             drop(st);
             return respond(&mut w, 401, &[], b"{\"error\":\"auth\"}", head);
         }
@@ -319,9 +319,9 @@ fn serve(
         let body = match rest {
             [] | ["revision", _] => {
                 if let ["revision", rev] = rest
-                    && !rev_ok(*rev)
+                    && !rev_ok(rev)
                 {
-                    record(&mut *st, 404);
+                    record(&mut st, 404);
                     drop(st);
                     return not_found(&mut w, "RevisionNotFound");
                 }
@@ -332,8 +332,8 @@ fn serve(
                 })
             }
             ["tree", rev, ..] => {
-                if !rev_ok(*rev) {
-                    record(&mut *st, 404);
+                if !rev_ok(rev) {
+                    record(&mut st, 404);
                     drop(st);
                     return not_found(&mut w, "RevisionNotFound");
                 }
@@ -354,12 +354,12 @@ fn serve(
                 )
             }
             _ => {
-                record(&mut *st, 404);
+                record(&mut st, 404);
                 drop(st);
                 return not_found(&mut w, "EntryNotFound");
             }
         };
-        record(&mut *st, 200);
+        record(&mut st, 200);
         drop(st);
         let body = serde_json::to_vec(&body).unwrap_or_default();
         return respond(
@@ -381,7 +381,7 @@ fn serve(
         let key = format!("{kind}/{}/{}", segs[0], segs[1]);
         let file = segs[4..].join("/");
         let Some(repo) = st.repos.get(&key).cloned() else {
-            record(&mut *st, 404);
+            record(&mut st, 404);
             drop(st);
             return respond(
                 &mut w,
@@ -392,12 +392,12 @@ fn serve(
             );
         };
         if repo.private && !auth_ok {
-            record(&mut *st, 401);
+            record(&mut st, 401);
             drop(st);
             return respond(&mut w, 401, &[], b"", head);
         }
         if segs[3] != "main" && segs[3] != repo.commit {
-            record(&mut *st, 404);
+            record(&mut st, 404);
             drop(st);
             return respond(
                 &mut w,
@@ -408,7 +408,7 @@ fn serve(
             );
         }
         let Some(data) = repo.files.get(&file).cloned() else {
-            record(&mut *st, 404);
+            record(&mut st, 404);
             drop(st);
             return respond(
                 &mut w,
@@ -461,7 +461,7 @@ fn serve(
         };
         match fault {
             Some(Fault::Status(code, ra)) => {
-                record(&mut *st, code);
+                record(&mut st, code);
                 drop(st);
                 let mut h = vec![];
                 if let Some(s) = ra {
@@ -470,7 +470,7 @@ fn serve(
                 return respond(&mut w, code, &h, b"", false);
             }
             Some(Fault::CutBody(n)) => {
-                record(&mut *st, status);
+                record(&mut st, status);
                 drop(st);
                 headers.push(("Content-Length", body.len().to_string()));
                 let n = n.min(body.len());
@@ -478,14 +478,14 @@ fn serve(
                 return respond(&mut w, status, &headers, &body[..n], false);
             }
             Some(Fault::LongerContentLength(extra)) => {
-                record(&mut *st, status);
+                record(&mut st, status);
                 drop(st);
                 headers.push(("Content-Length", (body.len() + extra).to_string()));
                 bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
                 return respond(&mut w, status, &headers, &body, false);
             }
             Some(Fault::ShorterContentLength(less)) => {
-                record(&mut *st, status);
+                record(&mut st, status);
                 drop(st);
                 headers.push((
                     "Content-Length",
@@ -496,14 +496,14 @@ fn serve(
             }
             None => {}
         }
-        record(&mut *st, status);
+        record(&mut st, status);
         drop(st);
         if !head {
             bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
         }
         return respond(&mut w, status, &headers, &body, head);
     }
-    record(&mut *st, 404);
+    record(&mut st, 404);
     drop(st);
     respond(&mut w, 404, &[], b"", head)
 }

@@ -842,7 +842,7 @@ impl Hub {
         let results = self.parallel(repos, |_, r| {
             let sha = self.resolve(r, revision);
             let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-            if d % 50 == 0 || d == total {
+            if d.is_multiple_of(50) || d == total {
                 obs.progress(d, total, &format!("resolved {d}/{total} repos"));
             }
             sha
