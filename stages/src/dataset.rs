@@ -296,7 +296,11 @@ impl LayerDataset {
             ));
         }
         if self.models.len() != self.n {
-            return Err(format!("{} model records for {} rows", self.models.len(), self.n));
+            return Err(format!(
+                "{} model records for {} rows",
+                self.models.len(),
+                self.n
+            ));
         }
         if self.labels.len() != self.n {
             return Err(format!("{} labels for {} rows", self.labels.len(), self.n));
@@ -304,7 +308,10 @@ impl LayerDataset {
         if let Labels::Class { classes, targets } = &self.labels
             && let Some(t) = targets.iter().find(|&&t| t as usize >= classes.len())
         {
-            return Err(format!("class target {t} out of range ({} classes)", classes.len()));
+            return Err(format!(
+                "class target {t} out of range ({} classes)",
+                classes.len()
+            ));
         }
         Ok(())
     }
@@ -385,7 +392,10 @@ impl LayerDataset {
         if w.shape() != [n, d_h, d_w] {
             return Err(invalid(
                 &path,
-                format!("tensor `weights` has shape {:?}, sidecar says [{n}, {d_h}, {d_w}]", w.shape()),
+                format!(
+                    "tensor `weights` has shape {:?}, sidecar says [{n}, {d_h}, {d_w}]",
+                    w.shape()
+                ),
             ));
         }
         let weights = decode(w.dtype(), w.data()).map_err(|m| invalid(&path, m))?;
@@ -449,7 +459,10 @@ fn attach_targets(labels: Labels, raw: Vec<f32>) -> Labels {
 /// Encodes f32 values as little-endian bytes of the requested precision.
 pub fn encode(values: &[f32], precision: Precision) -> (Dtype, Vec<u8>) {
     match precision {
-        Precision::F32 => (Dtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        Precision::F32 => (
+            Dtype::F32,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
         Precision::F16 => (
             Dtype::F16,
             values
@@ -486,7 +499,11 @@ pub fn decode(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, String> {
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
             .collect(),
-        other => return Err(format!("dtype {other:?} is not a floating-point weight type")),
+        other => {
+            return Err(format!(
+                "dtype {other:?} is not a floating-point weight type"
+            ));
+        }
     };
     Ok(out)
 }
@@ -530,8 +547,14 @@ mod tests {
             },
             Labels::Class {
                 classes: vec![
-                    Class { id: "n1".into(), name: "dog".into() },
-                    Class { id: "n2".into(), name: "cat".into() },
+                    Class {
+                        id: "n1".into(),
+                        name: "dog".into(),
+                    },
+                    Class {
+                        id: "n2".into(),
+                        name: "cat".into(),
+                    },
                 ],
                 targets: vec![1, 0, 1],
             },
@@ -562,7 +585,10 @@ mod tests {
             let back = LayerDataset::load(dir.path()).unwrap();
             assert_eq!(back.weights.len(), ds.weights.len());
             for (a, b) in back.weights.iter().zip(&ds.weights) {
-                assert!((a - b).abs() <= b.abs() * 1e-2 + 1e-3, "{a} vs {b} at {p:?}");
+                assert!(
+                    (a - b).abs() <= b.abs() * 1e-2 + 1e-3,
+                    "{a} vs {b} at {p:?}"
+                );
             }
         }
     }
@@ -580,7 +606,11 @@ mod tests {
         ds.save(dir.path(), Precision::F32).unwrap();
         let path = dir.path().join(SIDECAR_FILE);
         let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, text.replace("\"shape\": [\n    2,", "\"shape\": [\n    5,")).unwrap();
+        std::fs::write(
+            &path,
+            text.replace("\"shape\": [\n    2,", "\"shape\": [\n    5,"),
+        )
+        .unwrap();
         let err = LayerDataset::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("shape"), "{err}");
     }

@@ -1,3 +1,4 @@
 //! The stage kinds of probex and the Burn models they use.
 
 pub mod dataset;
+pub mod packages;
