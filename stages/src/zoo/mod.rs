@@ -768,6 +768,11 @@ pub fn build_tree(
     Ok(report)
 }
 
+/// A metric rounded to 4 decimals for metadata (the f32 digits beyond are noise).
+fn round4(x: f32) -> f64 {
+    (f64::from(x) * 1e4).round() / 1e4
+}
+
 /// Thread CPU seconds since `cpu` when available, else wall seconds since `t`.
 fn elapsed(t: Instant, cpu: Option<f64>) -> f64 {
     match (cpu, thread_cpu_seconds()) {
@@ -1117,8 +1122,8 @@ fn finetune_one(
         put(key, py_bool(on).into());
     }
     put("image_size", config.image_size.to_string());
-    put("train_loss", py_float(f64::from(loss)));
-    put("eval_accuracy", py_float(f64::from(acc)));
+    put("train_loss", py_float(round4(loss)));
+    put("eval_accuracy", py_float(round4(acc)));
     let weights = safetensors_bytes(&tuned, &meta);
     let config_json = hf_config(arch, config.image_size, &names);
     let path = layout::write_model_repo(
@@ -1466,7 +1471,7 @@ fn lora_one(
     put("n_training_samples", n_samples.to_string());
     put("batch_size", l.batch_size.to_string());
     put("image_size", size.to_string());
-    put("train_loss", py_float(f64::from(loss)));
+    put("train_loss", py_float(round4(loss)));
     let rel_path = LoraRepo::rel_path(split.as_str(), idx);
     let bytes = safetensors_bytes(&state, &meta);
     Ok((
