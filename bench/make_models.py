@@ -6,7 +6,7 @@ Each model has one layer `encoder.layer.0.attention.output.dense.weight` of shap
 multi-hot over the 100 CIFAR-100 classes (50 per model, as Model-J), plus the Model-J metadata
 (`dataset_chosen_targets` as a Python list literal, `split`). Deterministic for a seed.
 
-usage: make_models.py OUT_DIR [--models 1000] [--shape 768x768] [--seed 0]
+usage: make_models.py OUT_DIR [--models 1000] [--shape 768x768] [--seed 0] [--noise-layers 0]
 """
 import argparse
 import os
@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--models", type=int, default=1000)
     ap.add_argument("--shape", default="768x768")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--noise-layers", type=int, default=0,
+                    help="extra layers of the same shape that carry no label signal")
     args = ap.parse_args()
     d_h, d_w = (int(x) for x in args.shape.split("x"))
     rng = np.random.default_rng(args.seed)
@@ -48,8 +50,12 @@ def main():
             "dataset_chosen_targets": repr([CIFAR100[c] for c in chosen]),
             "split": split,
         }
+        tensors = {"encoder.layer.0.attention.output.dense.weight": w.astype(np.float32)}
+        for j in range(args.noise_layers):
+            noise = base + rng.standard_normal((d_h, d_w), dtype=np.float32) * 0.02
+            tensors[f"encoder.layer.{j + 1}.attention.output.dense.weight"] = noise
         save_file(
-            {"encoder.layer.0.attention.output.dense.weight": w.astype(np.float32)},
+            tensors,
             os.path.join(args.out, f"model_idx_{i:04d}.safetensors"),
             metadata=meta,
         )

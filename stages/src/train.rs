@@ -22,7 +22,7 @@ use probex_engine::{InputSlot, Inputs, Outcome, Resource, RunContext, Stage, Sta
 use safetensors::{Dtype, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{LayerDataset, Labels, ModelRecord};
+use crate::dataset::{Labels, LayerDataset, ModelRecord};
 use crate::embeddings::TextTable;
 use crate::extract::ARTIFACT as LAYER;
 use crate::training::{self, DeviceSpec, TrainConfig};
@@ -94,7 +94,11 @@ impl Stage for Train {
     }
 
     fn run(&self, p: &TrainConfig, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
-        let device: DeviceSpec = cx.device().unwrap_or("cpu").parse().map_err(anyhow::Error::msg)?;
+        let device: DeviceSpec = cx
+            .device()
+            .unwrap_or("cpu")
+            .parse()
+            .map_err(anyhow::Error::msg)?;
         let layer_dir = &inputs.one(LAYER)?.dir;
         let ds = LayerDataset::load(layer_dir)?;
         let text = match inputs.optional(EMBEDDINGS)? {
@@ -102,7 +106,10 @@ impl Stage for Train {
             None => None,
         };
         // Threads are a run setting, not a hyperparameter: they come from the engine.
-        let cfg = TrainConfig { threads: cx.threads(), ..p.clone() };
+        let cfg = TrainConfig {
+            threads: cx.threads(),
+            ..p.clone()
+        };
         cx.log(format!(
             "{} on layer {} ({}): {} models of [{}, {}], device {device}, {} threads",
             cfg.model.as_str(),
@@ -114,30 +121,72 @@ impl Stage for Train {
             cfg.threads
         ));
         let mut on_epoch = |pr: &training::TrainProgress| {
-            cx.progress(pr.epoch as u64 + 1, pr.epochs as u64, &format!("loss {:.4}", pr.train_loss));
+            cx.progress(
+                pr.epoch as u64 + 1,
+                pr.epochs as u64,
+                &format!("loss {:.4}", pr.train_loss),
+            );
             if let Some(e) = pr.eval {
-                let val = e.splits.get("val").and_then(|m| m.iter().next().map(|(k, v)| format!("{k} {v:.4}")));
-                cx.log(format!("epoch {}: loss {:.5}{}", pr.epoch, pr.train_loss, val.map_or(String::new(), |v| format!(", val {v}"))));
+                let val = e
+                    .splits
+                    .get("val")
+                    .and_then(|m| m.iter().next().map(|(k, v)| format!("{k} {v:.4}")));
+                cx.log(format!(
+                    "epoch {}: loss {:.5}{}",
+                    pr.epoch,
+                    pr.train_loss,
+                    val.map_or(String::new(), |v| format!(", val {v}"))
+                ));
             }
-            if cx.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            if cx.is_cancelled() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
         };
-        let outcome = training::train(&ds, text.as_ref(), &cfg, &device, Some(cx.work_dir()), &mut on_epoch)?;
+        let outcome = training::train(
+            &ds,
+            text.as_ref(),
+            &cfg,
+            &device,
+            Some(cx.work_dir()),
+            &mut on_epoch,
+        )?;
         let out = cx.out_dir();
         write(out, files::CHECKPOINT, &outcome.checkpoint)?;
         if let Some(h) = &outcome.holdout_checkpoint {
             write(out, files::HOLDOUT_CHECKPOINT, h)?;
         }
-        write(out, files::REPORT, &serde_json::to_vec_pretty(&outcome.report)?)?;
+        write(
+            out,
+            files::REPORT,
+            &serde_json::to_vec_pretty(&outcome.report)?,
+        )?;
 
         let ckpt = out.join(files::CHECKPOINT);
         let enc = training::encode(&ckpt, &ds, &device)?;
         let pred = training::predict(&ckpt, &ds, text.as_ref(), &device)?;
-        write_outputs(&out.join(files::OUTPUTS), ds.n, &enc.values, enc.dim, &pred.scores, pred.columns.len())?;
-        let rows = Rows { layer: ds.layer.clone(), models: ds.models.clone(), labels: ds.labels.clone(), columns: pred.columns };
+        write_outputs(
+            &out.join(files::OUTPUTS),
+            ds.n,
+            &enc.values,
+            enc.dim,
+            &pred.scores,
+            pred.columns.len(),
+        )?;
+        let rows = Rows {
+            layer: ds.layer.clone(),
+            models: ds.models.clone(),
+            labels: ds.labels.clone(),
+            columns: pred.columns,
+        };
         write(out, files::ROWS, &serde_json::to_vec(&rows)?)?;
 
         let r = &outcome.report;
-        cx.log(format!("best epoch {} ({} parameters) in {:.1}s", r.best_epoch, r.params, r.seconds));
+        cx.log(format!(
+            "best epoch {} ({} parameters) in {:.1}s",
+            r.best_epoch, r.params, r.seconds
+        ));
         let mut results = serde_json::to_value(&r.metrics)?;
         if let Some(obj) = results.as_object_mut() {
             obj.insert("params".into(), r.params.into());
@@ -167,12 +216,23 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> StageResult<()> {
     std::fs::write(&path, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-fn write_outputs(path: &Path, n: usize, enc: &[f32], dim: usize, scores: &[f32], cols: usize) -> StageResult<()> {
+fn write_outputs(
+    path: &Path,
+    n: usize,
+    enc: &[f32],
+    dim: usize,
+    scores: &[f32],
+    cols: usize,
+) -> StageResult<()> {
     let eb: Vec<u8> = enc.iter().flat_map(|v| v.to_le_bytes()).collect();
     let sb: Vec<u8> = scores.iter().flat_map(|v| v.to_le_bytes()).collect();
     let e = TensorView::new(Dtype::F32, vec![n, dim], &eb)?;
     let s = TensorView::new(Dtype::F32, vec![n, cols], &sb)?;
-    safetensors::serialize_to_file([("encodings", e), ("scores", s)], None::<HashMap<String, String>>, path)?;
+    safetensors::serialize_to_file(
+        [("encodings", e), ("scores", s)],
+        None::<HashMap<String, String>>,
+        path,
+    )?;
     Ok(())
 }
 
@@ -184,7 +244,10 @@ pub fn read_outputs(dir: &Path) -> StageResult<(Vec<f32>, usize, Vec<f32>, usize
     let get = |name: &str| -> StageResult<(Vec<f32>, usize)> {
         let t = st.tensor(name)?;
         let dim = t.shape().get(1).copied().unwrap_or(0);
-        Ok((crate::dataset::decode(t.dtype(), t.data()).map_err(anyhow::Error::msg)?, dim))
+        Ok((
+            crate::dataset::decode(t.dtype(), t.data()).map_err(anyhow::Error::msg)?,
+            dim,
+        ))
     };
     let (e, ed) = get("encodings")?;
     let (s, sd) = get("scores")?;

@@ -190,18 +190,35 @@ fn train_select_evaluate_finds_the_planted_layer() {
     let report = run(&exp, &cache);
     assert!(report.success(), "{report:#?}");
     // The class signal is planted in layer 0 only: selection must find it.
-    let sel = report.expectations.iter().find(|c| c.path == "best_probex.layer").unwrap();
+    let sel = report
+        .expectations
+        .iter()
+        .find(|c| c.path == "best_probex.layer")
+        .unwrap();
     assert_eq!(sel.actual, Some(0.0), "{report:#?}");
-    let acc = report.expectations.iter().find(|c| c.path == "report.best_probex.test.accuracy").unwrap();
+    let acc = report
+        .expectations
+        .iter()
+        .find(|c| c.path == "report.best_probex.test.accuracy")
+        .unwrap();
     assert!(acc.pass, "{acc:?}");
 
     // The run record holds the report, the plot and the per-method tables.
     let run_dir = dir.path().join("run");
-    for f in ["report.md", "results.json", "best_probex/layers.svg", "best_probex/layers.png", "report/report.md"] {
+    for f in [
+        "report.md",
+        "results.json",
+        "best_probex/layers.svg",
+        "best_probex/layers.png",
+        "report/report.md",
+    ] {
         assert!(run_dir.join(f).is_file(), "missing {f} in the run record");
     }
     let text = std::fs::read_to_string(run_dir.join("report/report.md")).unwrap();
-    assert!(text.contains("best_probex") && text.contains("best_dense"), "{text}");
+    assert!(
+        text.contains("best_probex") && text.contains("best_dense"),
+        "{text}"
+    );
 
     // An impossible expectation fails the run, with everything else cached.
     std::fs::write(&exp, PROBES.replace(">= 0.9\"", ">= 1.01\"")).unwrap();

@@ -20,7 +20,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::report::{Block, Column, MethodRow, Report, Section, format_params, table_csv};
-use super::{Encodings, OneClassMethod, Targets, TieBreak, knn_classify, one_class_auc, one_query_per_class, retrieval_csv, retrieval_top_k};
+use super::{
+    Encodings, OneClassMethod, Targets, TieBreak, knn_classify, one_class_auc, one_query_per_class,
+    retrieval_csv, retrieval_top_k,
+};
 use crate::dataset::{Labels, Split};
 use crate::select::stage::ARTIFACT as SELECTION;
 use crate::train::{read_outputs, read_rows};
@@ -93,9 +96,19 @@ impl Stage for Evaluate {
         let mut publish = vec!["report.md".to_string(), "methods.csv".to_string()];
         for sel in inputs.all(SELECTION) {
             let method = sel.node.clone();
-            let model = sel.meta.get("model").and_then(Value::as_str).unwrap_or("?").to_string();
+            let model = sel
+                .meta
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_string();
             let params = sel.meta.get("params").and_then(Value::as_u64);
-            let layer = sel.meta.get("chosen_layer").and_then(Value::as_str).unwrap_or("?").to_string();
+            let layer = sel
+                .meta
+                .get("chosen_layer")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_string();
             let mut r = sel.results.clone().unwrap_or_else(|| json!({}));
             let mut row = MethodRow::new(format!("{model} (`{method}`, layer {layer})"), params);
             for split in ["test", "test_holdout"] {
@@ -133,7 +146,13 @@ impl Stage for Evaluate {
         let columns = columns_of(&rows);
         let main = super::report::render_table(&rows, &columns);
         std::fs::write(out.join("methods.csv"), table_csv(&rows, &columns))?;
-        let mut sections = vec![Section { heading: "Test metrics of the selected layer".into(), blocks: vec![Block::Table { rows: rows.clone(), columns }] }];
+        let mut sections = vec![Section {
+            heading: "Test metrics of the selected layer".into(),
+            blocks: vec![Block::Table {
+                rows: rows.clone(),
+                columns,
+            }],
+        }];
         if !downstream_rows.is_empty() {
             let dcols = columns_of(&downstream_rows);
             sections.push(Section {
@@ -143,9 +162,17 @@ impl Stage for Evaluate {
         }
         let facts = rows
             .iter()
-            .map(|r| (r.method.clone(), r.params.map_or_else(|| "-".into(), format_params)))
+            .map(|r| {
+                (
+                    r.method.clone(),
+                    r.params.map_or_else(|| "-".into(), format_params),
+                )
+            })
             .collect();
-        sections.push(Section { heading: "Parameters".into(), blocks: vec![Block::Facts(facts)] });
+        sections.push(Section {
+            heading: "Parameters".into(),
+            blocks: vec![Block::Facts(facts)],
+        });
         let report = Report {
             title: p.title.clone().unwrap_or_else(|| cx.node().to_string()),
             intro: Vec::new(),
@@ -163,20 +190,43 @@ impl Stage for Evaluate {
 
 /// Numeric columns present in any row, `test.*` first, in a stable order.
 fn columns_of(rows: &[MethodRow]) -> Vec<Column> {
-    let keys: BTreeSet<&String> = rows.iter().flat_map(|r| r.metrics.keys()).filter(|k| !k.ends_with(".std")).collect();
-    keys.into_iter().map(|k| Column::new(k.clone(), k.clone())).collect()
+    let keys: BTreeSet<&String> = rows
+        .iter()
+        .flat_map(|r| r.metrics.keys())
+        .filter(|k| !k.ends_with(".std"))
+        .collect();
+    keys.into_iter()
+        .map(|k| Column::new(k.clone(), k.clone()))
+        .collect()
 }
 
 /// One-class AUCs, kNN accuracy and the retrieval CSV for one selected probe.
-fn downstream(sel: &Artifact, p: &EvaluateParams, cx: &RunContext, method: &str) -> StageResult<(BTreeMap<String, f64>, Vec<String>)> {
+fn downstream(
+    sel: &Artifact,
+    p: &EvaluateParams,
+    cx: &RunContext,
+    method: &str,
+) -> StageResult<(BTreeMap<String, f64>, Vec<String>)> {
     let rows = read_rows(&sel.dir)?;
     let (enc, dim, _, _) = read_outputs(&sel.dir)?;
-    let split_rows = |s: Split| -> Vec<usize> { (0..rows.models.len()).filter(|&i| rows.models[i].split == s).collect() };
+    let split_rows = |s: Split| -> Vec<usize> {
+        (0..rows.models.len())
+            .filter(|&i| rows.models[i].split == s)
+            .collect()
+    };
     let (train, test) = (split_rows(Split::Train), split_rows(Split::Test));
     if train.is_empty() || test.is_empty() {
-        anyhow::bail!("needs train and test models ({} train, {} test)", train.len(), test.len());
+        anyhow::bail!(
+            "needs train and test models ({} train, {} test)",
+            train.len(),
+            test.len()
+        );
     }
-    let gather = |idx: &[usize]| -> Vec<f32> { idx.iter().flat_map(|&i| enc[i * dim..(i + 1) * dim].iter().copied()).collect() };
+    let gather = |idx: &[usize]| -> Vec<f32> {
+        idx.iter()
+            .flat_map(|&i| enc[i * dim..(i + 1) * dim].iter().copied())
+            .collect()
+    };
     let (tr_enc, te_enc) = (gather(&train), gather(&test));
     let (tr, te) = (Encodings::new(&tr_enc, dim)?, Encodings::new(&te_enc, dim)?);
 
@@ -186,10 +236,33 @@ fn downstream(sel: &Artifact, p: &EvaluateParams, cx: &RunContext, method: &str)
     match &rows.labels {
         Labels::MultiLabel { classes, targets } => {
             let c = classes.len();
-            let pick = |idx: &[usize]| -> Vec<f32> { idx.iter().flat_map(|&i| targets[i * c..(i + 1) * c].iter().copied()).collect() };
+            let pick = |idx: &[usize]| -> Vec<f32> {
+                idx.iter()
+                    .flat_map(|&i| targets[i * c..(i + 1) * c].iter().copied())
+                    .collect()
+            };
             let (trh, teh) = (pick(&train), pick(&test));
-            let (tt, et) = (Targets::Multi { hot: &trh, classes: c }, Targets::Multi { hot: &teh, classes: c });
-            one_class(&mut values, &mut files, out_csv(cx, &safe), tr, tt, te, et, p.k, classes)?;
+            let (tt, et) = (
+                Targets::Multi {
+                    hot: &trh,
+                    classes: c,
+                },
+                Targets::Multi {
+                    hot: &teh,
+                    classes: c,
+                },
+            );
+            one_class(
+                &mut values,
+                &mut files,
+                out_csv(cx, &safe),
+                tr,
+                tt,
+                te,
+                et,
+                p.k,
+                classes,
+            )?;
             let knn = knn_classify(tr, tt, te, et, p.k, TieBreak::LowestLabel)?;
             values.insert("knn.accuracy".into(), knn.accuracy);
         }
@@ -197,9 +270,28 @@ fn downstream(sel: &Artifact, p: &EvaluateParams, cx: &RunContext, method: &str)
             let c = classes.len();
             let pick = |idx: &[usize]| -> Vec<u32> { idx.iter().map(|&i| targets[i]).collect() };
             let (trl, tel) = (pick(&train), pick(&test));
-            let (tt, et) = (Targets::Single { labels: &trl, classes: c }, Targets::Single { labels: &tel, classes: c });
+            let (tt, et) = (
+                Targets::Single {
+                    labels: &trl,
+                    classes: c,
+                },
+                Targets::Single {
+                    labels: &tel,
+                    classes: c,
+                },
+            );
             let names: Vec<String> = classes.iter().map(|c| c.name.clone()).collect();
-            one_class(&mut values, &mut files, out_csv(cx, &safe), tr, tt, te, et, p.k, &names)?;
+            one_class(
+                &mut values,
+                &mut files,
+                out_csv(cx, &safe),
+                tr,
+                tt,
+                te,
+                et,
+                p.k,
+                &names,
+            )?;
             let knn = knn_classify(tr, tt, te, et, p.k, TieBreak::LowestLabel)?;
             values.insert("knn.top1".into(), knn.accuracy);
             // Retrieval as the official code: the pool is train + test, one query per class.
@@ -208,15 +300,35 @@ fn downstream(sel: &Artifact, p: &EvaluateParams, cx: &RunContext, method: &str)
             let pool_labels: Vec<u32> = pool_idx.iter().map(|&i| targets[i]).collect();
             let queries = one_query_per_class(&pool_labels);
             let hits = retrieval_top_k(Encodings::new(&pool_enc, dim)?, &queries, p.retrieve)?;
-            let ids: Vec<String> = pool_idx.iter().map(|&i| rows.models[i].id.clone()).collect();
-            let cls: Vec<String> = pool_labels.iter().map(|&l| names[l as usize].clone()).collect();
-            let same: usize = queries.iter().zip(&hits).map(|(&q, h)| h.iter().filter(|n| pool_labels[n.index] == pool_labels[q]).count()).sum();
+            let ids: Vec<String> = pool_idx
+                .iter()
+                .map(|&i| rows.models[i].id.clone())
+                .collect();
+            let cls: Vec<String> = pool_labels
+                .iter()
+                .map(|&l| names[l as usize].clone())
+                .collect();
+            let same: usize = queries
+                .iter()
+                .zip(&hits)
+                .map(|(&q, h)| {
+                    h.iter()
+                        .filter(|n| pool_labels[n.index] == pool_labels[q])
+                        .count()
+                })
+                .sum();
             let total: usize = hits.iter().map(Vec::len).sum();
             if total > 0 {
-                values.insert(format!("retrieval.precision@{}", p.retrieve), same as f64 / total as f64);
+                values.insert(
+                    format!("retrieval.precision@{}", p.retrieve),
+                    same as f64 / total as f64,
+                );
             }
             let name = format!("{safe}.retrieval.csv");
-            std::fs::write(cx.out_dir().join(&name), retrieval_csv(&ids, &cls, &queries, &hits, p.retrieve)?)?;
+            std::fs::write(
+                cx.out_dir().join(&name),
+                retrieval_csv(&ids, &cls, &queries, &hits, p.retrieve)?,
+            )?;
             files.push(name);
         }
         Labels::Numeric { .. } => anyhow::bail!("downstream tasks need class labels"),
@@ -259,5 +371,13 @@ fn one_class(
 
 /// A node name as a file name.
 pub(crate) fn file_safe(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') { c } else { '_' }).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }

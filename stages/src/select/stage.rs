@@ -65,7 +65,10 @@ impl Stage for Select {
 
     fn check(&self, p: &SelectParams) -> Result<(), String> {
         if p.by.split('.').any(str::is_empty) {
-            return Err(format!("`by = \"{}\"` is not a metric path (e.g. \"val.accuracy\")", p.by));
+            return Err(format!(
+                "`by = \"{}\"` is not a metric path (e.g. \"val.accuracy\")",
+                p.by
+            ));
         }
         Ok(())
     }
@@ -75,30 +78,56 @@ impl Stage for Select {
         let rows: Vec<LayerScore> = probes
             .iter()
             .map(|a| LayerScore {
-                layer: a.coords.iter().find(|(d, _)| d == "layer").map_or_else(|| a.node.clone(), |(_, v)| v.clone()),
+                layer: a
+                    .coords
+                    .iter()
+                    .find(|(d, _)| d == "layer")
+                    .map_or_else(|| a.node.clone(), |(_, v)| v.clone()),
                 metrics: a.results.clone().unwrap_or_default(),
             })
             .collect();
         let sel = select_best(&rows, &p.by, p.direction)?;
         let chosen = &probes[sel.chosen];
-        cx.log(format!("best layer {} by {} = {:.4} ({} layers)", sel.chosen_layer(), p.by, sel.best_value(), rows.len()));
+        cx.log(format!(
+            "best layer {} by {} = {:.4} ({} layers)",
+            sel.chosen_layer(),
+            p.by,
+            sel.best_value(),
+            rows.len()
+        ));
 
         let out = cx.out_dir();
-        for f in [files::CHECKPOINT, files::HOLDOUT_CHECKPOINT, files::REPORT, files::OUTPUTS, files::ROWS] {
+        for f in [
+            files::CHECKPOINT,
+            files::HOLDOUT_CHECKPOINT,
+            files::REPORT,
+            files::OUTPUTS,
+            files::ROWS,
+        ] {
             let src = chosen.dir.join(f);
             if src.is_file() {
-                std::fs::copy(&src, out.join(f)).map_err(|e| anyhow::anyhow!("{}: {e}", src.display()))?;
+                std::fs::copy(&src, out.join(f))
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", src.display()))?;
             }
         }
         std::fs::write(out.join(SELECTION_FILE), serde_json::to_vec_pretty(&sel)?)?;
         std::fs::write(out.join("layers.csv"), sel.csv())?;
-        plot_metric(&sel.plot(), &out.join("layers.svg"), &out.join("layers.png"))?;
+        plot_metric(
+            &sel.plot(),
+            &out.join("layers.svg"),
+            &out.join("layers.png"),
+        )?;
 
         let mut results = chosen.results.clone().unwrap_or_default();
         if let Some(obj) = results.as_object_mut() {
             // A numeric layer stays a number, so expectations can compare it.
             let layer = sel.chosen_layer();
-            obj.insert("layer".into(), layer.parse::<u64>().map_or_else(|_| layer.into(), Into::into));
+            obj.insert(
+                "layer".into(),
+                layer
+                    .parse::<u64>()
+                    .map_or_else(|_| layer.into(), Into::into),
+            );
             obj.insert("selected_by".into(), p.by.clone().into());
             obj.insert("layers_swept".into(), rows.len().into());
         }
@@ -110,8 +139,18 @@ impl Stage for Select {
         Ok(Outcome {
             meta,
             results: Some(results),
-            summary: Some(format!("Best layer by `{}` ({}): **{}**\n\n{}", p.by, p.direction, sel.chosen_layer(), sel.markdown_table())),
-            publish: vec!["layers.svg".into(), "layers.png".into(), "layers.csv".into()],
+            summary: Some(format!(
+                "Best layer by `{}` ({}): **{}**\n\n{}",
+                p.by,
+                p.direction,
+                sel.chosen_layer(),
+                sel.markdown_table()
+            )),
+            publish: vec![
+                "layers.svg".into(),
+                "layers.png".into(),
+                "layers.csv".into(),
+            ],
         })
     }
 }
