@@ -1,10 +1,10 @@
 //! End-to-end extraction on fixture model collections written here.
 
-mod common;
+mod files;
 
 use std::path::{Path, PathBuf};
 
-use common::*;
+use files::*;
 use probex_stages::dataset::{Class, Labels, LayerDataset, Precision, Split};
 use probex_stages::extract::{
     DigestMode, ExtractOptions, LayerOutput, Layout, ModelSource, NonFinitePolicy, SplitSource,

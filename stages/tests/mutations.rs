@@ -6,12 +6,12 @@
 //! `PROBEX_FUZZ_ITERS` sets the number of mutated inputs (default 20,000; the cargo-fuzz
 //! targets in `fuzz/` are the long-running version).
 
-mod common;
+mod files;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::*;
+use files::*;
 use probex_stages::weights::{LayerMode, LayerSelector, Safetensors, layer_rows, transform};
 
 struct Tracking;

@@ -1,8 +1,8 @@
 //! The safetensors reader, layer listing and selectors, on fixture files written here.
 
-mod common;
+mod files;
 
-use common::*;
+use files::*;
 use probex_stages::weights::reader::{MAX_HEADER_LEN, parse_bytes, read_header};
 use probex_stages::weights::{
     LayerMode, LayerSelector, Safetensors, SafetensorsFile, Transform, format_layer_table,
