@@ -55,7 +55,7 @@ pub fn planted_tree(
         let mut chosen: Vec<&'static str> = Vec::new();
         let mut w = base.clone();
         for (c, name) in CLASSES.iter().enumerate() {
-            if rng.next_u64() % 2 == 0 {
+            if rng.next_u64().is_multiple_of(2) {
                 chosen.push(name);
                 for (x, p) in w.iter_mut().zip(&patterns[c]) {
                     *x += 0.5 * p;
