@@ -131,7 +131,7 @@ impl Labels {
 
     /// The label rows as f32, row-major `[N, width]` for multi-label, `[N]` otherwise
     /// (class indices as floats), which is how they are stored in `layer.safetensors`.
-    fn as_f32(&self) -> Vec<f32> {
+    pub fn as_f32(&self) -> Vec<f32> {
         match self {
             Labels::MultiLabel { targets, .. } | Labels::Numeric { targets, .. } => targets.clone(),
             Labels::Class { targets, .. } => targets.iter().map(|&t| t as f32).collect(),

@@ -762,13 +762,6 @@ fn without_targets(labels: &Labels) -> Labels {
     }
 }
 
-fn label_f32(labels: &Labels) -> Vec<f32> {
-    match labels {
-        Labels::MultiLabel { targets, .. } | Labels::Numeric { targets, .. } => targets.clone(),
-        Labels::Class { targets, .. } => targets.iter().map(|&t| t as f32).collect(),
-    }
-}
-
 /// Extracts every layer of `outputs` from every model of `models`, in one pass over the files,
 /// and writes one layer dataset per output directory.
 ///
@@ -1041,7 +1034,7 @@ pub fn extract(
             )));
         }
         let size = file
-            .finish(&kept_slots, &label_f32(&labels), label_columns)
+            .finish(&kept_slots, &labels.as_f32(), label_columns)
             .map_err(io_err(&tensors_path))?;
         bytes_written += size;
         let sidecar = Sidecar {
