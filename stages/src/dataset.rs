@@ -129,6 +129,25 @@ impl Labels {
         }
     }
 
+    /// The same labels without their targets: the classes (or transform) alone, as the
+    /// sidecar stores them.
+    pub fn without_targets(&self) -> Labels {
+        match self {
+            Labels::MultiLabel { classes, .. } => Labels::MultiLabel {
+                classes: classes.clone(),
+                targets: Vec::new(),
+            },
+            Labels::Class { classes, .. } => Labels::Class {
+                classes: classes.clone(),
+                targets: Vec::new(),
+            },
+            Labels::Numeric { transform, .. } => Labels::Numeric {
+                targets: Vec::new(),
+                transform: transform.clone(),
+            },
+        }
+    }
+
     /// The label rows as f32, row-major `[N, width]` for multi-label, `[N]` otherwise
     /// (class indices as floats), which is how they are stored in `layer.safetensors`.
     pub fn as_f32(&self) -> Vec<f32> {
@@ -347,7 +366,7 @@ impl LayerDataset {
             precision,
             models: self.models.clone(),
             label_key: self.label_key.clone(),
-            labels: strip_targets(&self.labels),
+            labels: self.labels.without_targets(),
             skipped: self.skipped.clone(),
         };
         let sidecar_path = dir.join(SIDECAR_FILE);
@@ -419,23 +438,6 @@ impl LayerDataset {
         };
         ds.validate().map_err(|m| invalid(&path, m))?;
         Ok(ds)
-    }
-}
-
-fn strip_targets(labels: &Labels) -> Labels {
-    match labels {
-        Labels::MultiLabel { classes, .. } => Labels::MultiLabel {
-            classes: classes.clone(),
-            targets: Vec::new(),
-        },
-        Labels::Class { classes, .. } => Labels::Class {
-            classes: classes.clone(),
-            targets: Vec::new(),
-        },
-        Labels::Numeric { transform, .. } => Labels::Numeric {
-            targets: Vec::new(),
-            transform: transform.clone(),
-        },
     }
 }
 

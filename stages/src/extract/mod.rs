@@ -745,23 +745,6 @@ fn select_rows(labels: &Labels, rows: &[usize]) -> Labels {
     }
 }
 
-fn without_targets(labels: &Labels) -> Labels {
-    match labels {
-        Labels::MultiLabel { classes, .. } => Labels::MultiLabel {
-            classes: classes.clone(),
-            targets: Vec::new(),
-        },
-        Labels::Class { classes, .. } => Labels::Class {
-            classes: classes.clone(),
-            targets: Vec::new(),
-        },
-        Labels::Numeric { transform, .. } => Labels::Numeric {
-            targets: Vec::new(),
-            transform: transform.clone(),
-        },
-    }
-}
-
 /// Extracts every layer of `outputs` from every model of `models`, in one pass over the files,
 /// and writes one layer dataset per output directory.
 ///
@@ -1044,7 +1027,7 @@ pub fn extract(
             precision: opts.precision,
             models: records,
             label_key: label.key.clone(),
-            labels: without_targets(&labels),
+            labels: labels.without_targets(),
             skipped: layer_skipped.clone(),
         };
         let sidecar_path = out.dir.join(SIDECAR_FILE);
