@@ -72,10 +72,19 @@ impl TextTable {
                 self.dim
             ));
         }
+        // A vocabulary may repeat a name (ImageNet has two "crane"s); the same prompt gives the
+        // same vector, so a repeat is only an error when its vector differs, because then a
+        // lookup by name would be ambiguous.
         let mut seen = HashMap::new();
         for (i, n) in self.names.iter().enumerate() {
-            if let Some(j) = seen.insert(n.as_str(), i) {
-                return Err(format!("name `{n}` appears twice (rows {j} and {i})"));
+            if let Some(&j) = seen.get(n.as_str()) {
+                if self.row(i) != self.row(j) {
+                    return Err(format!(
+                        "name `{n}` appears twice (rows {j} and {i}) with different vectors"
+                    ));
+                }
+            } else {
+                seen.insert(n.as_str(), i);
             }
         }
         if let Some(i) = self.vectors.iter().position(|v| !v.is_finite()) {
@@ -87,6 +96,56 @@ impl TextTable {
         Ok(())
     }
 
+    /// Builds a table from one vector per name; every vector must have the same width.
+    pub fn from_rows(
+        names: Vec<String>,
+        rows: Vec<Vec<f32>>,
+    ) -> Result<TextTable, EmbeddingsError> {
+        let memory = Path::new("<memory>");
+        if names.len() != rows.len() {
+            return Err(invalid(
+                memory,
+                format!("{} names but {} embedding vectors", names.len(), rows.len()),
+            ));
+        }
+        let dim = rows.first().map_or(0, Vec::len);
+        let mut vectors = Vec::with_capacity(rows.len() * dim);
+        for (name, row) in names.iter().zip(&rows) {
+            if row.len() != dim {
+                return Err(invalid(
+                    memory,
+                    format!(
+                        "embedding of `{name}` has {} values, expected {dim}",
+                        row.len()
+                    ),
+                ));
+            }
+            vectors.extend_from_slice(row);
+        }
+        let table = TextTable {
+            names,
+            dim,
+            vectors,
+        };
+        table.validate().map_err(|m| invalid(memory, m))?;
+        Ok(table)
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether the table has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// Row index of the first row named `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
     /// The vector of row `i`.
     pub fn row(&self, i: usize) -> &[f32] {
         &self.vectors[i * self.dim..(i + 1) * self.dim]
@@ -94,10 +153,7 @@ impl TextTable {
 
     /// The vector named `name`, if any.
     pub fn get(&self, name: &str) -> Option<&[f32]> {
-        self.names
-            .iter()
-            .position(|n| n == name)
-            .map(|i| self.row(i))
+        self.index_of(name).map(|i| self.row(i))
     }
 
     /// Writes `embeddings.safetensors` and `embeddings.json` into `dir`.
@@ -195,6 +251,10 @@ mod tests {
             vectors: vec![1.0, 2.0],
         };
         assert!(t.validate().unwrap_err().contains("twice"));
+        let same = TextTable::from_rows(vec!["crane".into(), "crane".into()], vec![vec![1.0]; 2]);
+        assert_eq!(same.unwrap().index_of("crane"), Some(0));
+        let ragged = TextTable::from_rows(vec!["a".into(), "b".into()], vec![vec![1.0], vec![]]);
+        assert!(ragged.unwrap_err().to_string().contains("`b`"));
         let dir = tempfile::tempdir().unwrap();
         let ok = TextTable {
             names: vec!["a".into(), "b".into()],

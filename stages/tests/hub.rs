@@ -1,0 +1,963 @@
+//! `fetch` from the Hub, against a mock Hub on 127.0.0.1 serving fixture models in both
+//! Model-J layouts: whole files and tensors, exact bytes, keys that follow commits, retries
+//! and failures, offline runs, and fetch -> extract through the engine.
+
+mod files;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use files::*;
+use probex_engine::digest::FileDigests;
+use probex_engine::progress::ProgressMode;
+use probex_engine::record::RunDir;
+use probex_engine::{Overrides, PlanContext, Planner, RunOptions, Stage};
+use probex_stages::dataset::{LayerDataset, Split};
+use probex_stages::fetch::hub::http::RetryPolicy;
+use probex_stages::fetch::hub::mock::{Fault, MockHub, MockRepo, commit_id};
+use probex_stages::fetch::hub::{Auth, Hub, HubConfig, Mode, Quiet, Request, TensorSelection};
+use probex_stages::fetch::{Fetch, FetchParams};
+use probex_stages::weights::reader::parse_bytes;
+use probex_stages::weights::{LayerMode, LayerSelector, layer_index, layer_rows};
+
+const TARGETS: [&str; 3] = [
+    "['apple', 'worm']",
+    "['maple_tree', 'bee']",
+    "['bee', 'apple', 'tulip']",
+];
+
+/// A ViT-shaped model (names as a ViT's, small shapes): 4 attention blocks' worth of tensors.
+fn vit_model(seed: u64) -> Vec<u8> {
+    let mut ts = vec![
+        f32t("classifier.weight", &[3, 8], &values(seed, 24)),
+        f32t("vit.embeddings.cls_token", &[1, 1, 8], &values(seed + 1, 8)),
+    ];
+    for l in 0..2 {
+        for (k, part) in ["attention.attention.query", "attention.output.dense"]
+            .iter()
+            .enumerate()
+        {
+            ts.push(f32t(
+                &format!("vit.encoder.layer.{l}.{part}.weight"),
+                &[8, 8],
+                &values(seed * 100 + l * 10 + k as u64, 64),
+            ));
+        }
+    }
+    let t = TARGETS[(seed % 3) as usize];
+    // One metadata key: safetensors writes its metadata map in hash order, and the fixtures
+    // must be byte-identical every time they are made.
+    serialize(&ts, &[("dataset_chosen_targets", t)])
+}
+
+/// A LoRA file with 3 layers (down [2, 8], up [8, 2]).
+fn lora_model(seed: u64, class: &str) -> Vec<u8> {
+    let mut ts = Vec::new();
+    for b in ["down_blocks.0", "mid_block", "up_blocks.1"] {
+        let base = format!("unet.{b}.attentions.0.transformer_blocks.0.attn2.to_q");
+        ts.push(f32t(
+            &format!("{base}.lora.down.weight"),
+            &[2, 8],
+            &values(seed + 7, 16),
+        ));
+        ts.push(f32t(
+            &format!("{base}.lora.up.weight"),
+            &[8, 2],
+            &values(seed + 9, 16),
+        ));
+    }
+    serialize(&ts, &[("imagenet_class_id", class)])
+}
+
+fn serialize(ts: &[T], meta: &[(&str, &str)]) -> Vec<u8> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = ts
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
+            )
+        })
+        .collect();
+    let meta: std::collections::HashMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    safetensors::serialize(views, Some(meta)).unwrap()
+}
+
+fn repo(seed: &str, files: &[(&str, Vec<u8>)]) -> MockRepo {
+    MockRepo {
+        commit: commit_id(seed),
+        files: files
+            .iter()
+            .map(|(p, b)| (p.to_string(), b.clone()))
+            .collect(),
+        private: false,
+    }
+}
+
+/// A mock with three discriminative model repos and one SD_200-style bundled repo.
+fn mock() -> MockHub {
+    let hub = MockHub::start().unwrap();
+    for i in 0..3u64 {
+        hub.put_model(
+            &format!("ProbeX/Model-J__SupViT__model_idx_000{i}"),
+            repo(
+                &format!("vit{i}"),
+                &[
+                    ("model.safetensors", vit_model(i)),
+                    ("config.json", b"{}".to_vec()),
+                ],
+            ),
+        );
+    }
+    let mut files = Vec::new();
+    for (i, split) in ["train", "train", "val", "test"].iter().enumerate() {
+        files.push((
+            format!("{split}/model_idx_000{i}/pytorch_lora_weights.safetensors"),
+            lora_model(i as u64, ["n01440764", "n02102040"][i % 2]),
+        ));
+    }
+    hub.put_model(
+        "ProbeX/Model-J__SD_200",
+        MockRepo {
+            commit: commit_id("sd200"),
+            files: files.into_iter().collect(),
+            private: false,
+        },
+    );
+    hub
+}
+
+struct World {
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    fn new() -> Self {
+        World {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    fn config(&self, hub: &MockHub) -> HubConfig {
+        HubConfig {
+            endpoint: Some(hub.endpoint().to_string()),
+            auth: Auth::Anonymous,
+            cache_dir: Some(self.path("hf/hub")),
+            tensor_cache: Some(self.path("tensors")),
+            offline: false,
+            concurrency: 4,
+            retry: RetryPolicy {
+                attempts: 4,
+                base_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(50),
+                max_retry_after: Duration::from_secs(5),
+            },
+        }
+    }
+    fn hub(&self, mock: &MockHub) -> Hub {
+        Hub::new(&self.config(mock)).unwrap()
+    }
+}
+
+fn vit_repos() -> Request {
+    Request::Repos {
+        repos: (0..3)
+            .map(|i| format!("ProbeX/Model-J__SupViT__model_idx_000{i}"))
+            .collect(),
+        file: "model.safetensors".into(),
+    }
+}
+
+fn layers(sel: &str) -> Mode {
+    Mode::Tensors(TensorSelection {
+        tensors: vec![],
+        layers: Some(sel.parse::<LayerSelector>().unwrap()),
+        layer_mode: LayerMode::Auto,
+    })
+}
+
+/// The bytes of tensor `name` in a complete safetensors buffer.
+fn tensor_bytes(file: &[u8], name: &str) -> Vec<u8> {
+    let h = parse_bytes(file).unwrap();
+    let (_, e) = h.find(name).unwrap();
+    file[e.span.clone()].to_vec()
+}
+
+#[test]
+fn tensors_mode_fetches_exact_bytes_of_only_the_asked_layers() {
+    let mock = mock();
+    let w = World::new();
+    let hub = w.hub(&mock);
+    let name = "vit.encoder.layer.1.attention.output.dense.weight";
+    let original = vit_model(1);
+    let index = parse_bytes(&original).unwrap().find(name).unwrap().0;
+
+    let out = w.path("out1");
+    let report = hub
+        .fetch_request(
+            &vit_repos(),
+            "main",
+            &layers(&index.to_string()),
+            &out,
+            &Quiet,
+        )
+        .unwrap();
+    assert_eq!(report.models.len(), 3);
+    let m1 = &report.models[1];
+    assert_eq!(m1.id, "ProbeX/Model-J__SupViT__model_idx_0001");
+    let got = std::fs::read(&m1.path).unwrap();
+    // The tensor's bytes are the original's, exactly; the metadata is kept.
+    assert_eq!(tensor_bytes(&got, name), tensor_bytes(&original, name));
+    let h = parse_bytes(&got).unwrap();
+    assert_eq!(h.tensors.len(), 1);
+    assert_eq!(h.metadata["dataset_chosen_targets"], TARGETS[1]);
+    // The paper's index survives: counted in the original list, not the partial one.
+    assert_eq!(layer_index(&h, name, false).unwrap(), Some(index));
+    let rows = layer_rows(&h, LayerMode::Auto).unwrap();
+    assert_eq!(rows.len(), parse_bytes(&original).unwrap().tensors.len());
+    assert!(rows[index].matrix.is_some());
+    assert!(rows[0].matrix.is_none() && rows[0].note.as_ref().unwrap().contains("fetch"));
+
+    // Only Range GETs for the header and the span went out; never the whole file.
+    let gets: Vec<_> = mock
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "GET" && s.path.contains("/resolve/"))
+        .collect();
+    assert_eq!(gets.len(), 6, "one header + one span per model: {gets:?}");
+    assert!(gets.iter().all(|s| s.range.is_some()));
+    // Per model: the first 64 KB (the header; these fixtures are smaller, so the whole file)
+    // and the tensor's span.
+    let span = tensor_bytes(&original, name).len() as u64;
+    let want: u64 = (0..3)
+        .map(|i| (vit_model(i).len() as u64).min(64 * 1024) + span)
+        .sum();
+    assert_eq!(report.bytes_transferred, want);
+
+    // Again: everything from the tensor cache, nothing over the network.
+    mock.reset_counts();
+    let again = hub
+        .fetch_request(
+            &vit_repos(),
+            "main",
+            &layers(&index.to_string()),
+            &w.path("out2"),
+            &Quiet,
+        )
+        .unwrap();
+    assert_eq!(again.bytes_transferred, 0);
+    assert!(mock.seen().iter().all(|s| !s.path.contains("/resolve/")));
+
+    // Another layer: only that layer's span per model (the header is cached).
+    mock.reset_counts();
+    let other = "vit.encoder.layer.0.attention.attention.query.weight";
+    let more = hub
+        .fetch_request(
+            &vit_repos(),
+            "main",
+            &layers(other),
+            &w.path("out3"),
+            &Quiet,
+        )
+        .unwrap();
+    let span = tensor_bytes(&original, other).len() as u64;
+    assert_eq!(more.bytes_transferred, 3 * span);
+    let got = std::fs::read(&more.models[2].path).unwrap();
+    assert_eq!(
+        tensor_bytes(&got, other),
+        tensor_bytes(&vit_model(2), other)
+    );
+}
+
+#[test]
+fn files_mode_fills_the_hugging_face_cache_in_pythons_layout() {
+    let mock = mock();
+    let w = World::new();
+    let hub = w.hub(&mock);
+    let report = hub
+        .fetch_request(&vit_repos(), "main", &Mode::Files, &w.path("out"), &Quiet)
+        .unwrap();
+    let commit = commit_id("vit2");
+    let snap = w.path(&format!(
+        "hf/hub/models--ProbeX--Model-J__SupViT__model_idx_0002/snapshots/{commit}/model.safetensors"
+    ));
+    assert_eq!(report.models[2].path, snap);
+    assert_eq!(std::fs::read(&snap).unwrap(), vit_model(2));
+    let link = std::fs::read_link(&snap).unwrap();
+    assert!(link.starts_with("../../blobs"), "{link:?}");
+    let refs = w.path("hf/hub/models--ProbeX--Model-J__SupViT__model_idx_0002/refs/main");
+    assert_eq!(std::fs::read_to_string(refs).unwrap(), commit);
+    // The local-folder source reads what files mode wrote.
+    let found = probex_stages::extract::discover(&probex_stages::extract::Layout::HfCache {
+        root: w.path("hf/hub"),
+        repos: None,
+        file: "model.safetensors".into(),
+        revision: "main".into(),
+    })
+    .unwrap();
+    assert_eq!(found.models.len(), 3);
+}
+
+#[test]
+fn generative_bundle_fetches_lora_pairs_with_splits_from_paths() {
+    let mock = mock();
+    let w = World::new();
+    let hub = w.hub(&mock);
+    let req = Request::ModelJGenerative {
+        repo: "ProbeX/Model-J__SD_200".into(),
+        file: "pytorch_lora_weights.safetensors".into(),
+    };
+    let report = hub
+        .fetch_request(&req, "main", &layers("1"), &w.path("out"), &Quiet)
+        .unwrap();
+    let ids: Vec<(&str, Option<Split>)> = report
+        .models
+        .iter()
+        .map(|m| (m.id.as_str(), m.split))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            ("model_idx_0000", Some(Split::Train)),
+            ("model_idx_0001", Some(Split::Train)),
+            ("model_idx_0002", Some(Split::Val)),
+            ("model_idx_0003", Some(Split::Test)),
+        ]
+    );
+    let got = std::fs::read(&report.models[2].path).unwrap();
+    let h = parse_bytes(&got).unwrap();
+    // LoRA layer 1 (sorted down factors: down_blocks, mid_block, up_blocks) and its up factor.
+    let base = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_q";
+    let names: Vec<&str> = h.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        vec![
+            format!("{base}.lora.down.weight").as_str(),
+            format!("{base}.lora.up.weight").as_str()
+        ]
+    );
+    let original = lora_model(2, "n01440764");
+    for n in &names {
+        assert_eq!(tensor_bytes(&got, n), tensor_bytes(&original, n));
+    }
+    let rows = layer_rows(&h, LayerMode::Auto).unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(rows[1].matrix.is_some() && rows[0].matrix.is_none());
+}
+
+fn write_index_parquet(rows: &[(&str, &str)]) -> Vec<u8> {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+    let schema = Arc::new(
+        parse_message_type(
+            "message schema { REQUIRED BYTE_ARRAY hf_model_id (UTF8); REQUIRED BYTE_ARRAY split (UTF8); REQUIRED BYTE_ARRAY dataset_chosen_targets (UTF8); }",
+        )
+        .unwrap(),
+    );
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .build(),
+    );
+    let mut buf = Vec::new();
+    {
+        let mut w = SerializedFileWriter::new(&mut buf, schema, props).unwrap();
+        let mut rg = w.next_row_group().unwrap();
+        let cols: [Vec<ByteArray>; 3] = [
+            rows.iter().map(|r| ByteArray::from(r.0)).collect(),
+            rows.iter().map(|r| ByteArray::from(r.1)).collect(),
+            rows.iter().map(|_| ByteArray::from("['apple']")).collect(),
+        ];
+        let mut i = 0;
+        while let Some(mut col) = rg.next_column().unwrap() {
+            col.typed::<ByteArrayType>()
+                .write_batch(&cols[i], None, None)
+                .unwrap();
+            col.close().unwrap();
+            i += 1;
+        }
+        rg.close().unwrap();
+        w.close().unwrap();
+    }
+    buf
+}
+
+fn put_index(mock: &MockHub) {
+    let train = write_index_parquet(&[
+        ("ProbeX/Model-J__SupViT__model_idx_0000", "train"),
+        ("ProbeX/Model-J__SupViT__model_idx_0002", "train"),
+    ]);
+    let test = write_index_parquet(&[("ProbeX/Model-J__SupViT__model_idx_0001", "test")]);
+    let other = write_index_parquet(&[("ProbeX/Model-J__DINO__model_idx_0000", "train")]);
+    mock.put_dataset(
+        "ProbeX/Model-J",
+        repo(
+            "index",
+            &[
+                ("SupViT/train-00000-of-00001.parquet", train),
+                ("SupViT/test-00000-of-00001.parquet", test),
+                ("DINO/train-00000-of-00001.parquet", other),
+                ("README.md", b"# Model-J".to_vec()),
+            ],
+        ),
+    );
+}
+
+#[test]
+fn discriminative_subset_takes_repos_and_splits_from_the_index_dataset() {
+    let mock = mock();
+    put_index(&mock);
+    let w = World::new();
+    let hub = w.hub(&mock);
+    let req = Request::ModelJIndex {
+        subset: probex_stages::fetch::hub::ModelJ::SupViT,
+        index: "ProbeX/Model-J".into(),
+        file: "model.safetensors".into(),
+    };
+    let plan = hub.plan(&req, "main", &Quiet).unwrap();
+    let got: Vec<(&str, Option<Split>, &str)> = plan
+        .models
+        .iter()
+        .map(|m| (m.id.as_str(), m.split, m.commit.as_str()))
+        .collect();
+    let (c0, c1, c2) = (commit_id("vit0"), commit_id("vit1"), commit_id("vit2"));
+    assert_eq!(
+        got,
+        vec![
+            (
+                "ProbeX/Model-J__SupViT__model_idx_0000",
+                Some(Split::Train),
+                c0.as_str()
+            ),
+            (
+                "ProbeX/Model-J__SupViT__model_idx_0001",
+                Some(Split::Test),
+                c1.as_str()
+            ),
+            (
+                "ProbeX/Model-J__SupViT__model_idx_0002",
+                Some(Split::Train),
+                c2.as_str()
+            ),
+        ]
+    );
+    assert_eq!(
+        plan.index,
+        Some(("ProbeX/Model-J".to_string(), commit_id("index")))
+    );
+    // The index parquet went into the Hugging Face cache, usable by `datasets`.
+    assert!(
+        w.path(&format!(
+            "hf/hub/datasets--ProbeX--Model-J/snapshots/{}/SupViT/test-00000-of-00001.parquet",
+            commit_id("index")
+        ))
+        .is_file()
+    );
+}
+
+fn hub_params(mock: &MockHub, w: &World, extra: &str) -> FetchParams {
+    let text = format!(
+        "source = \"hub\"\nendpoint = \"{}\"\ncache_dir = \"{}\"\ntensor_cache = \"{}\"\n{extra}",
+        mock.endpoint(),
+        w.path("hf/hub").display(),
+        w.path("tensors").display()
+    );
+    toml::from_str(&text).unwrap()
+}
+
+fn identity(p: &FetchParams, base: &Path, offline: bool) -> Result<String, String> {
+    let digests = FileDigests::in_memory();
+    let cx = PlanContext {
+        base_dir: base,
+        digests: &digests,
+        offline,
+    };
+    Fetch.check(p)?;
+    Fetch
+        .identity(p, &cx)
+        .map(|i| i.unwrap_or_default())
+        .map_err(|e| format!("{e:#}"))
+}
+
+#[test]
+fn the_key_follows_the_commit_and_leaves_out_how_the_hub_is_reached() {
+    let mock = mock();
+    let w = World::new();
+    let p = hub_params(
+        &mock,
+        &w,
+        "repo = \"ProbeX/Model-J__SupViT__model_idx_0001\"\nlayers = 3\n",
+    );
+    let a = identity(&p, w.dir.path(), false).unwrap();
+    assert_eq!(a, identity(&p, w.dir.path(), false).unwrap());
+    // Where the Hub is and how many transfers run are not part of what is fetched.
+    let canonical = serde_json::to_value(&p).unwrap();
+    for k in ["endpoint", "cache_dir", "tensor_cache", "concurrency"] {
+        assert!(canonical.get(k).is_none(), "{k} in {canonical}");
+    }
+    // A new commit on the Hub: a new identity.
+    mock.edit_model("ProbeX/Model-J__SupViT__model_idx_0001", |r| {
+        r.commit = commit_id("vit1-v2");
+        r.files.insert("model.safetensors".into(), vit_model(7));
+    });
+    let b = identity(&p, w.dir.path(), false).unwrap();
+    assert_ne!(a, b);
+    // Offline, the identity comes from the refs recorded while online.
+    assert_eq!(identity(&p, w.dir.path(), true).unwrap(), b);
+}
+
+#[test]
+fn transient_failures_are_retried_honouring_retry_after() {
+    let mock = mock();
+    let w = World::new();
+    let hub = w.hub(&mock);
+    let f = "model_idx_0000/resolve";
+    mock.fault(f, [Fault::Status(429, Some(1)), Fault::Status(500, None)]);
+    let t = Instant::now();
+    let r = hub
+        .fetch_request(&vit_repos(), "main", &layers("2"), &w.path("out"), &Quiet)
+        .unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_secs(1),
+        "Retry-After not honoured"
+    );
+    assert_eq!(r.retries, 2);
+    let got = std::fs::read(&r.models[0].path).unwrap();
+    let name = &parse_bytes(&vit_model(0)).unwrap().tensors[2].name.clone();
+    assert_eq!(tensor_bytes(&got, name), tensor_bytes(&vit_model(0), name));
+    let statuses: Vec<u16> = mock
+        .seen()
+        .iter()
+        .filter(|s| s.path.contains(f))
+        .map(|s| s.status)
+        .collect();
+    assert_eq!(&statuses[..2], &[429, 500]);
+}
+
+#[test]
+fn cut_bodies_and_wrong_lengths_are_retried_and_downloads_resume() {
+    let mock = mock();
+    let w = World::new();
+    let hub = w.hub(&mock);
+    let size = vit_model(1).len();
+    // Files mode: the first GET is cut after 100 bytes; the retry resumes at byte 100.
+    mock.fault("model_idx_0001/resolve", [Fault::CutBody(100)]);
+    // A Content-Length 10 bytes short ends the body early (retried, resuming 10 bytes before
+    // the end); then one that overstates the body: the client stops at the size it expects.
+    mock.fault(
+        "model_idx_0002/resolve",
+        [
+            Fault::ShorterContentLength(10),
+            Fault::LongerContentLength(10),
+        ],
+    );
+    let r = hub
+        .fetch_request(&vit_repos(), "main", &Mode::Files, &w.path("out"), &Quiet)
+        .unwrap();
+    for i in 0..3u64 {
+        assert_eq!(
+            std::fs::read(&r.models[i as usize].path).unwrap(),
+            vit_model(i)
+        );
+    }
+    let ranges: Vec<Option<String>> = mock
+        .seen()
+        .iter()
+        .filter(|s| s.method == "GET" && s.path.contains("model_idx_0001/resolve"))
+        .map(|s| s.range.clone())
+        .collect();
+    assert_eq!(ranges, vec![None, Some("bytes=100-".to_string())]);
+    let size2 = vit_model(2).len();
+    let ranges2: Vec<Option<String>> = mock
+        .seen()
+        .iter()
+        .filter(|s| s.method == "GET" && s.path.contains("model_idx_0002/resolve"))
+        .map(|s| s.range.clone())
+        .collect();
+    assert_eq!(ranges2, vec![None, Some(format!("bytes={}-", size2 - 10))]);
+    assert_eq!(r.retries, 2);
+    assert!(r.bytes_transferred < 2 * (size as u64) * 3);
+
+    // Tensors mode on the same faults.
+    let w2 = World::new();
+    let hub2 = w2.hub(&mock);
+    mock.fault(
+        "model_idx_0000/resolve",
+        [Fault::CutBody(5), Fault::ShorterContentLength(3)],
+    );
+    let r = hub2
+        .fetch_request(&vit_repos(), "main", &layers("4"), &w2.path("out"), &Quiet)
+        .unwrap();
+    let name = parse_bytes(&vit_model(0)).unwrap().tensors[4].name.clone();
+    let got = std::fs::read(&r.models[0].path).unwrap();
+    assert_eq!(
+        tensor_bytes(&got, &name),
+        tensor_bytes(&vit_model(0), &name)
+    );
+}
+
+#[test]
+fn a_server_that_ignores_range_still_gives_the_right_bytes() {
+    let mock = mock();
+    mock.ignore_range
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let w = World::new();
+    let hub = w.hub(&mock);
+    let r = hub
+        .fetch_request(&vit_repos(), "main", &layers("5"), &w.path("out"), &Quiet)
+        .unwrap();
+    assert!(r.range_ignored >= 3);
+    for i in 0..3u64 {
+        let name = parse_bytes(&vit_model(i)).unwrap().tensors[5].name.clone();
+        let got = std::fs::read(&r.models[i as usize].path).unwrap();
+        assert_eq!(
+            tensor_bytes(&got, &name),
+            tensor_bytes(&vit_model(i), &name)
+        );
+    }
+}
+
+#[test]
+fn missing_private_and_persistently_failing_repos_are_explained() {
+    let mock = mock();
+    let w = World::new();
+    let hub = w.hub(&mock);
+    let one = |id: &str, file: &str| Request::Repos {
+        repos: vec![id.into()],
+        file: file.into(),
+    };
+    let e = hub
+        .fetch_request(
+            &one("ProbeX/nope", "model.safetensors"),
+            "main",
+            &Mode::Files,
+            &w.path("o"),
+            &Quiet,
+        )
+        .unwrap_err();
+    assert!(e.contains("ProbeX/nope") && e.contains("not found"), "{e}");
+    let e = hub
+        .fetch_request(
+            &one(
+                "ProbeX/Model-J__SupViT__model_idx_0000",
+                "missing.safetensors",
+            ),
+            "main",
+            &Mode::Files,
+            &w.path("o"),
+            &Quiet,
+        )
+        .unwrap_err();
+    assert!(
+        e.contains("missing.safetensors") && e.contains("no such file"),
+        "{e}"
+    );
+
+    // A private repo: 401 without a token, explained; with the token it works, and the token
+    // is in no file written.
+    mock.put_model("ProbeX/private", {
+        let mut r = repo("private", &[("model.safetensors", vit_model(2))]);
+        r.private = true;
+        r
+    });
+    let e = hub
+        .fetch_request(
+            &one("ProbeX/private", "model.safetensors"),
+            "main",
+            &layers("1"),
+            &w.path("o"),
+            &Quiet,
+        )
+        .unwrap_err();
+    assert!(e.contains("401") && e.contains("HF_TOKEN"), "{e}");
+    let mut cfg = w.config(&mock);
+    cfg.auth = Auth::Token(mock.token.clone());
+    let authed = Hub::new(&cfg).unwrap();
+    let out = w.path("authed");
+    authed
+        .fetch_request(
+            &one("ProbeX/private", "model.safetensors"),
+            "main",
+            &layers("1"),
+            &out,
+            &Quiet,
+        )
+        .unwrap();
+    assert!(mock.seen().iter().any(|s| s.auth.is_some()));
+    for dir in [out, w.path("tensors"), w.path("hf")] {
+        for f in walk(&dir) {
+            let bytes = std::fs::read(&f).unwrap();
+            assert!(
+                !bytes
+                    .windows(mock.token.len())
+                    .any(|x| x == mock.token.as_bytes()),
+                "token in {}",
+                f.display()
+            );
+        }
+    }
+
+    // A repo whose file always answers 500: the error says so after the retries.
+    mock.fault(
+        "model_idx_0001/resolve",
+        std::iter::repeat_n(Fault::Status(500, None), 20),
+    );
+    let e = hub
+        .fetch_request(
+            &one(
+                "ProbeX/Model-J__SupViT__model_idx_0001",
+                "model.safetensors",
+            ),
+            "main",
+            &layers("0"),
+            &w.path("o2"),
+            &Quiet,
+        )
+        .unwrap_err();
+    assert!(
+        e.contains("500") && e.contains("gave up after 4 attempts"),
+        "{e}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&p));
+        } else if e.file_type().unwrap().is_file() {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn hostile_headers_and_paths_are_refused_without_big_allocations() {
+    let mock = mock();
+    let w = World::new();
+    let hub = w.hub(&mock);
+    // A header length of 2^60: refused before any allocation.
+    let mut evil = (1u64 << 60).to_le_bytes().to_vec();
+    evil.extend_from_slice(b"{}");
+    // A header of ~100 KB (big metadata): fetched in two requests and parsed.
+    let big_meta = "x".repeat(100_000);
+    let big = serialize(
+        &[f32t("w", &[2, 2], &[1.0, 2.0, 3.0, 4.0])],
+        &[("notes", &big_meta)],
+    );
+    assert!(parse_bytes(&big).unwrap().data_start > 100_000);
+    mock.put_model("ProbeX/evil", repo("evil", &[("model.safetensors", evil)]));
+    mock.put_model(
+        "ProbeX/big",
+        repo("big", &[("model.safetensors", big.clone())]),
+    );
+    let one = |id: &str| Request::Repos {
+        repos: vec![id.into()],
+        file: "model.safetensors".into(),
+    };
+    let e = hub
+        .fetch_request(
+            &one("ProbeX/evil"),
+            "main",
+            &layers("0"),
+            &w.path("o"),
+            &Quiet,
+        )
+        .unwrap_err();
+    assert!(e.contains("header length"), "{e}");
+    let r = hub
+        .fetch_request(
+            &one("ProbeX/big"),
+            "main",
+            &layers("0"),
+            &w.path("o"),
+            &Quiet,
+        )
+        .unwrap();
+    let got = std::fs::read(&r.models[0].path).unwrap();
+    assert_eq!(tensor_bytes(&got, "w"), tensor_bytes(&big, "w"));
+    assert_eq!(parse_bytes(&got).unwrap().metadata["notes"], big_meta);
+
+    // A listing with a path that climbs out of the repo: refused, nothing written outside.
+    mock.put_model(
+        "ProbeX/climb",
+        repo(
+            "climb",
+            &[(
+                "train/../../../escape/pytorch_lora_weights.safetensors",
+                lora_model(1, "n01440764"),
+            )],
+        ),
+    );
+    let e = hub
+        .fetch_request(
+            &Request::ModelJGenerative {
+                repo: "ProbeX/climb".into(),
+                file: "pytorch_lora_weights.safetensors".into(),
+            },
+            "main",
+            &Mode::Files,
+            &w.path("o"),
+            &Quiet,
+        )
+        .unwrap_err();
+    assert!(e.contains("leaves the repo"), "{e}");
+    assert!(!w.dir.path().parent().unwrap().join("escape").exists());
+}
+
+#[test]
+fn offline_uses_only_what_is_cached() {
+    let mock = mock();
+    let w = World::new();
+    let online = w.hub(&mock);
+    online
+        .fetch_request(&vit_repos(), "main", &layers("3"), &w.path("o1"), &Quiet)
+        .unwrap();
+    drop(mock); // No Hub at all from here on.
+    let mut cfg = HubConfig {
+        endpoint: Some("http://127.0.0.1:9".into()),
+        ..w.config(&MockHub::start().unwrap())
+    };
+    cfg.offline = true;
+    let offline = Hub::new(&cfg).unwrap();
+    let plan = offline.plan(&vit_repos(), "main", &Quiet).unwrap();
+    let r = offline
+        .fetch(&plan, &layers("3"), &w.path("o2"), &Quiet)
+        .unwrap();
+    assert_eq!(r.bytes_transferred, 0);
+    assert_eq!(
+        std::fs::read(&r.models[0].path).unwrap(),
+        std::fs::read(
+            w.path("o1")
+                .join(r.models[0].path.strip_prefix(w.path("o2")).unwrap())
+        )
+        .unwrap()
+    );
+    let e = offline
+        .fetch(&plan, &layers("4"), &w.path("o3"), &Quiet)
+        .unwrap_err();
+    assert!(
+        e.contains("not in the local caches") && e.contains("--offline"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fetch_then_extract_through_the_engine() {
+    let mock = mock();
+    put_index(&mock);
+    let w = World::new();
+    let exp = w.path("exp.toml");
+    let layer = "vit.encoder.layer.1.attention.attention.query.weight";
+    let index = parse_bytes(&vit_model(0)).unwrap().find(layer).unwrap().0;
+    std::fs::write(
+        &exp,
+        format!(
+            r#"
+[experiment]
+name = "hub-mini"
+
+[stage.models]
+kind = "fetch"
+source = "hub"
+model_j = "SupViT"
+layers = {index}
+endpoint = "{}"
+cache_dir = "hf/hub"
+tensor_cache = "tensors"
+
+[stage.layers]
+kind = "extract"
+from = "models"
+layers = "all"
+label = {{ key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar100" }}
+"#,
+            mock.endpoint()
+        ),
+    )
+    .unwrap();
+    let registry = probex_stages::registry();
+    let exp = probex_engine::load(&exp, &registry).unwrap();
+    let store = probex_cache::Store::open(w.path("cache")).unwrap();
+    let digests = FileDigests::in_memory();
+    let planner = Planner::new(
+        &exp,
+        &store,
+        PlanContext {
+            base_dir: &exp.base_dir,
+            digests: &digests,
+            offline: false,
+        },
+        Overrides::default(),
+    );
+    let run_dir = RunDir::create(&exp, Some(&w.path("run"))).unwrap();
+    let opts = RunOptions {
+        jobs: 2,
+        keep_going: false,
+        threads: Some(1),
+        progress: ProgressMode::Quiet,
+        cancel: Arc::new(AtomicBool::new(false)),
+    };
+    let report = probex_engine::run(&planner, &run_dir, &opts).unwrap();
+    assert!(report.success(), "{:?}", report.nodes);
+    let names: Vec<&str> = report.nodes.iter().map(|n| n.node.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["models".to_string(), format!("layers[layer={index}]")]
+    );
+    // The layer dataset holds the original bytes of each model's tensor, in id order, with
+    // the index dataset's splits.
+    let node = &report.nodes[1];
+    let entry = store
+        .get(&probex_cache::Key::parse(&node.key).unwrap())
+        .unwrap()
+        .unwrap();
+    let ds = LayerDataset::load(&entry.dir).unwrap();
+    assert_eq!(ds.layer.index, index);
+    assert_eq!(ds.layer.name, layer);
+    let splits: BTreeMap<String, Split> =
+        ds.models.iter().map(|m| (m.id.clone(), m.split)).collect();
+    assert_eq!(
+        splits["ProbeX/Model-J__SupViT__model_idx_0001"],
+        Split::Test
+    );
+    assert_eq!(
+        splits["ProbeX/Model-J__SupViT__model_idx_0002"],
+        Split::Train
+    );
+    for (row, i) in (0..3u64).enumerate() {
+        let want: Vec<f32> = tensor_bytes(&vit_model(i), layer)
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(ds.matrix(row), want.as_slice());
+    }
+    // A second run is all cached.
+    let again = probex_engine::run(
+        &planner,
+        &RunDir::create(&exp, Some(&w.path("run2"))).unwrap(),
+        &opts,
+    )
+    .unwrap();
+    assert!(
+        again
+            .nodes
+            .iter()
+            .all(|n| serde_json::to_value(&n.state).unwrap()["state"] == "cached")
+    );
+}

