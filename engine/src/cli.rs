@@ -207,6 +207,7 @@ fn with_planner<T>(
     args: &PlanArgs,
     cache: &CacheArgs,
     registry: &Registry,
+    plan_only: bool,
     f: impl FnOnce(&Planner, &Store) -> Result<T, String>,
 ) -> Result<T, String> {
     if let Some(d) = args
@@ -232,6 +233,7 @@ fn with_planner<T>(
         cx,
         Overrides {
             device: args.device.clone(),
+            unresolved_ok: plan_only,
         },
     );
     let out = f(&planner, &store);
@@ -240,7 +242,7 @@ fn with_planner<T>(
 }
 
 fn plan_cmd(args: &PlanArgs, cache: &CacheArgs, registry: &Registry) -> Result<i32, String> {
-    with_planner(args, cache, registry, |planner, store| {
+    with_planner(args, cache, registry, true, |planner, store| {
         let plan = planner.plan().map_err(|d| d.to_string())?;
         let history = History::open(store, &planner.experiment().path);
         let view = crate::status::rows(&plan, planner.experiment(), store, &history);
@@ -263,7 +265,7 @@ fn run_cmd(
     opts: &RunOptions,
     out: Option<&Path>,
 ) -> Result<i32, String> {
-    with_planner(args, cache, registry, |planner, _| {
+    with_planner(args, cache, registry, false, |planner, _| {
         let exp = planner.experiment();
         let run_dir = RunDir::create(exp, out)
             .map_err(|e| format!("cannot create the run directory: {e}"))?;

@@ -64,6 +64,8 @@ pub struct StageDecl {
     pub threads: Option<usize>,
     /// One entry per combination of the stage's own `for_each` sweeps (one if it has none).
     pub variants: Vec<Variant>,
+    /// The artifact type every variant produces (what `from` links are typed by).
+    pub output: &'static str,
     pub(crate) stage: Arc<dyn DynStage>,
 }
 
@@ -760,6 +762,31 @@ fn declare(
         return Err(errors);
     }
 
+    let outputs: BTreeSet<&'static str> = variants
+        .iter()
+        .map(|v| stage.output_for(&v.params))
+        .collect();
+    let output = match outputs.len() {
+        0 | 1 => outputs.first().copied().unwrap_or_else(|| stage.output()),
+        _ => {
+            return Err(vec![
+                Diagnostic::at(
+                    sources,
+                    &s.name_span,
+                    format!(
+                        "stage `{}` ({kind}): its sweep changes what it produces ({})",
+                        s.name,
+                        outputs
+                            .iter()
+                            .map(|o| format!("`{o}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+                .with_help("split it into one stage per artifact type"),
+            ]);
+        }
+    };
     let inputs = stage
         .inputs()
         .into_iter()
@@ -775,6 +802,7 @@ fn declare(
         device,
         threads,
         variants,
+        output,
         stage,
     };
     Ok((decl, expect))
@@ -847,10 +875,7 @@ fn file_of_error(s: &MergedStage, e: &toml::de::Error) -> FileId {
 /// Fills each stage's input slots from `from` by the upstream's output type, and reports
 /// names whose type no slot reads and required slots left empty.
 fn check_types(sources: &SourceMap, decls: &[StageDecl]) -> Result<(), Diagnostics> {
-    let outputs: BTreeMap<&str, &str> = decls
-        .iter()
-        .map(|d| (d.name.as_str(), d.stage.output()))
-        .collect();
+    let outputs: BTreeMap<&str, &str> = decls.iter().map(|d| (d.name.as_str(), d.output)).collect();
     let mut errors = Vec::new();
     for d in decls {
         let slots: Vec<&InputSlot> = d.inputs.iter().map(|(s, _)| s).collect();
@@ -928,7 +953,7 @@ fn check_types(sources: &SourceMap, decls: &[StageDecl]) -> Result<(), Diagnosti
 fn producers(decls: &[StageDecl], ty: &str, reader: &str) -> String {
     let names: Vec<String> = decls
         .iter()
-        .filter(|d| d.stage.output() == ty && d.name != reader)
+        .filter(|d| d.output == ty && d.name != reader)
         .map(|d| format!("`{}`", d.name))
         .collect();
     if names.is_empty() {
@@ -944,10 +969,8 @@ fn order_stages(
     sources: &SourceMap,
     mut decls: Vec<StageDecl>,
 ) -> Result<Vec<StageDecl>, Diagnostics> {
-    let outputs: BTreeMap<String, &'static str> = decls
-        .iter()
-        .map(|d| (d.name.clone(), d.stage.output()))
-        .collect();
+    let outputs: BTreeMap<String, &'static str> =
+        decls.iter().map(|d| (d.name.clone(), d.output)).collect();
     for d in &mut decls {
         for (up, _) in &d.from {
             let ty = outputs.get(up).copied().unwrap_or_default();

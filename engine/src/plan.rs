@@ -53,6 +53,19 @@ pub struct Pending {
     pub stage: String,
     /// Upstream stages whose outputs it waits for.
     pub waits_for: Vec<String>,
+    /// Why the stage's own sources could not be identified (a Hub that cannot be reached
+    /// while only planning); `None` when it merely waits.
+    pub unresolved: Option<String>,
+}
+
+/// What expanding one stage gave.
+enum Expanded {
+    /// Its nodes.
+    Nodes(Vec<usize>),
+    /// Its fan-out needs inputs that do not exist yet.
+    Waiting,
+    /// A source identity could not be read (only when [`Overrides::unresolved_ok`]).
+    Unresolved(String),
 }
 
 /// Every node that can be known now, and the stages that must wait.
@@ -76,6 +89,10 @@ impl Plan {
 pub struct Overrides {
     /// `--device`: replaces every stage's `device`.
     pub device: Option<String>,
+    /// Planning only (`probex plan`): a source whose identity cannot be read now (say, the Hub
+    /// is out of reach) leaves its stage and everything downstream pending with the reason,
+    /// instead of failing the plan. A run always fails: a key needs the identity.
+    pub unresolved_ok: bool,
 }
 
 /// Expands experiments into plans against a cache, remembering source identities so that
@@ -143,13 +160,14 @@ impl<'a> Planner<'a> {
                 plan.pending.push(Pending {
                     stage: decl.name.clone(),
                     waits_for: waiting,
+                    unresolved: None,
                 });
                 continue;
             }
             let before = plan.nodes.len();
             match self.expand(si, decl, &index, &by_stage, &mut plan) {
-                Ok(Some(ids)) => by_stage[si] = Some(ids),
-                Ok(None) => {
+                Ok(Expanded::Nodes(ids)) => by_stage[si] = Some(ids),
+                Ok(waiting @ (Expanded::Waiting | Expanded::Unresolved(_))) => {
                     // A stage is expanded whole or not at all: drop the nodes of the
                     // combinations whose inputs did exist.
                     plan.nodes.truncate(before);
@@ -157,6 +175,10 @@ impl<'a> Planner<'a> {
                     plan.pending.push(Pending {
                         stage: decl.name.clone(),
                         waits_for,
+                        unresolved: match waiting {
+                            Expanded::Unresolved(why) => Some(why),
+                            _ => None,
+                        },
                     });
                 }
                 Err(d) => {
@@ -171,7 +193,7 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// Expands one stage; `Ok(None)` when its fan-out needs inputs that do not exist yet.
+    /// Expands one stage into its nodes, or says why it cannot be yet.
     fn expand(
         &self,
         si: usize,
@@ -179,7 +201,7 @@ impl<'a> Planner<'a> {
         index: &BTreeMap<&str, usize>,
         by_stage: &[Option<Vec<usize>>],
         plan: &mut Plan,
-    ) -> Result<Option<Vec<usize>>, Diagnostic> {
+    ) -> Result<Expanded, Diagnostic> {
         let err = |m: String| Diagnostic::at(&self.exp.sources, &decl.span, m);
         let ups = |name: &str| -> &[usize] {
             index
@@ -272,7 +294,7 @@ impl<'a> Planner<'a> {
                             .stage
                             .sweep(&v.params, Some(&artifacts))
                             .map_err(|e| err(format!("stage `{}`: {e:#}", decl.name)))?,
-                        None => return Ok(None),
+                        None => return Ok(Expanded::Waiting),
                     },
                     s => s,
                 };
@@ -296,7 +318,7 @@ impl<'a> Planner<'a> {
                     }
                 };
                 for (coords, params) in nodes {
-                    let id = self.add_node(
+                    match self.add_node(
                         si,
                         decl,
                         coords,
@@ -304,8 +326,10 @@ impl<'a> Planner<'a> {
                         inputs.clone(),
                         device.clone(),
                         plan,
-                    )?;
-                    ids.push(id);
+                    )? {
+                        Ok(id) => ids.push(id),
+                        Err(why) => return Ok(Expanded::Unresolved(why)),
+                    }
                 }
             }
         }
@@ -321,9 +345,11 @@ impl<'a> Planner<'a> {
                 .with_help(format!("give `{dim}` a list of values in this stage, or read from a stage that fans out over `{dim}`")));
             }
         }
-        Ok(Some(ids))
+        Ok(Expanded::Nodes(ids))
     }
 
+    /// Adds one node; `Ok(Err(why))` when its source identity cannot be read and the planner
+    /// tolerates that ([`Overrides::unresolved_ok`]).
     #[allow(clippy::too_many_arguments)]
     fn add_node(
         &self,
@@ -334,19 +360,23 @@ impl<'a> Planner<'a> {
         inputs: Vec<(&'static str, Vec<usize>)>,
         device: Option<String>,
         plan: &mut Plan,
-    ) -> Result<usize, Diagnostic> {
+    ) -> Result<Result<usize, String>, Diagnostic> {
         let name = if coords.is_empty() {
             decl.name.clone()
         } else {
             format!("{}{}", decl.name, fmt_coords(&coords))
         };
-        let identity = self.identity(si, decl, &params).map_err(|e| {
-            Diagnostic::at(
-                &self.exp.sources,
-                &decl.span,
-                format!("stage `{name}`: {e:#}"),
-            )
-        })?;
+        let identity = match self.identity(si, decl, &params) {
+            Ok(id) => id,
+            Err(e) if self.overrides.unresolved_ok => return Ok(Err(format!("{e:#}"))),
+            Err(e) => {
+                return Err(Diagnostic::at(
+                    &self.exp.sources,
+                    &decl.span,
+                    format!("stage `{name}`: {e:#}"),
+                ));
+            }
+        };
         let material = KeyMaterial {
             kind: decl.kind.clone(),
             version: decl.version(),
@@ -378,7 +408,7 @@ impl<'a> Planner<'a> {
             device,
             resource,
         });
-        Ok(id)
+        Ok(Ok(id))
     }
 
     fn identity(

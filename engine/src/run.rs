@@ -88,6 +88,9 @@ pub struct NodeReport {
 pub struct RunReport {
     /// The run directory.
     pub run_dir: PathBuf,
+    /// The cache the run read and wrote, so a run record names where its artifacts are
+    /// (`probex search`, `describe` and `report` follow it from a run directory).
+    pub cache: PathBuf,
     /// Every node, in plan order.
     pub nodes: Vec<NodeReport>,
     /// Stages that never expanded (their inputs failed).
@@ -607,6 +610,8 @@ fn finish(
     };
     let report = RunReport {
         run_dir: run_dir.path().to_path_buf(),
+        cache: std::fs::canonicalize(planner.store().root())
+            .unwrap_or_else(|_| planner.store().root().to_path_buf()),
         nodes,
         never_planned,
         expectations,

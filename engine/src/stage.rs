@@ -337,6 +337,13 @@ pub trait Stage: Send + Sync + 'static {
     /// The artifact type this kind produces, which downstream input slots name.
     fn output(&self) -> &'static str;
 
+    /// The artifact type of one configured stage of this kind. Most kinds always produce
+    /// [`Stage::output`]; a kind whose params choose what it makes (`fetch` of models or of a
+    /// package) says so here, and the engine types `from` links with it.
+    fn output_for(&self, _p: &Self::Params) -> &'static str {
+        self.output()
+    }
+
     /// The inputs this kind reads.
     fn inputs(&self) -> Vec<InputSlot>;
 
@@ -421,6 +428,7 @@ pub(crate) trait DynStage: Send + Sync {
     fn version(&self) -> u32;
     fn about(&self) -> &'static str;
     fn output(&self) -> &'static str;
+    fn output_for(&self, p: &ParamBox) -> &'static str;
     fn inputs(&self) -> Vec<InputSlot>;
     fn parse(&self, de: toml::de::ValueDeserializer<'_>) -> Result<ParamBox, toml::de::Error>;
     fn check(&self, p: &ParamBox) -> Result<(), String>;
@@ -447,6 +455,9 @@ impl<S: Stage> DynStage for S {
     }
     fn output(&self) -> &'static str {
         Stage::output(self)
+    }
+    fn output_for(&self, p: &ParamBox) -> &'static str {
+        Stage::output_for(self, p.get::<S::Params>())
     }
     fn inputs(&self) -> Vec<InputSlot> {
         Stage::inputs(self)

@@ -76,6 +76,7 @@ pub fn render_plan(view: &PlanView) -> String {
         .nodes
         .iter()
         .map(|r| r.node.len())
+        .chain(view.pending.iter().map(|p| p.stage.len() + 3))
         .max()
         .unwrap_or(4)
         .max(4);
@@ -99,14 +100,17 @@ pub fn render_plan(view: &PlanView) -> String {
         );
     }
     for p in &view.pending {
+        let why = match &p.unresolved {
+            Some(reason) => format!("sources not identified: {reason}"),
+            None => format!("fan-out known once {} ran", p.waits_for.join(", ")),
+        };
         let _ = writeln!(
             out,
-            "{:<width$}  {:<9}  {:<12}  {:<8}  fan-out known once {} ran",
+            "{:<width$}  {:<9}  {:<12}  {:<8}  {why}",
             format!("{}[*]", p.stage),
             "",
             "",
             "pending",
-            p.waits_for.join(", ")
         );
     }
     let cached = view.nodes.len() - view.to_run();
