@@ -87,6 +87,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             *l = Instant::now();
             println!("  {} {:?} {}/{}", p.tree, p.phase, p.done, p.total);
         }
+        Ok(())
     };
     let report = build_tree(&config, &emoji_dir, &out, &progress)?;
     let tm = &report.timings;

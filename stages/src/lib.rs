@@ -1,7 +1,7 @@
 //! The stage kinds of probex and the Burn models they use.
 //!
-//! Each stage kind is a module named after what it does (`fetch`, `extract`, `train`,
-//! `select`, `evaluate`); the libraries they share (reading weights, labels, the layer dataset,
+//! Each stage kind is a module named after what it does (`fetch`, `zoo`, `extract`, `embed`,
+//! `train`, `select`, `evaluate`); the libraries they share (reading weights, labels, the layer dataset,
 //! models, training) are modules of their own.
 
 pub mod collection;
@@ -14,6 +14,7 @@ pub mod fetch;
 pub mod labels;
 pub mod models;
 pub mod packages;
+pub mod query;
 pub mod select;
 pub mod text;
 pub mod train;
@@ -31,6 +32,7 @@ pub fn registry() -> Registry {
         .register(embed::Embed)
         .register(train::Train)
         .register(select::stage::Select)
-        .register(evaluate::stage::Evaluate);
+        .register(evaluate::stage::Evaluate)
+        .register(zoo::stage::Zoo);
     r
 }

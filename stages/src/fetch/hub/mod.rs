@@ -277,6 +277,11 @@ pub struct Plan {
     pub models: Vec<PlannedModel>,
     /// For Model-J discriminative subsets: the index dataset and its commit.
     pub index: Option<(String, String)>,
+    /// Other files of each model's repo fetched whole beside it (`config.json`,
+    /// `tokenizer.json`: what a text encoder needs besides its weights). In tensors mode each
+    /// model then gets its own folder holding the partial file and these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_files: Vec<String>,
 }
 
 impl Plan {
@@ -676,6 +681,7 @@ impl Hub {
                         })
                         .collect(),
                     index: None,
+                    extra_files: Vec::new(),
                 }
             }
             Request::Glob { repo, pattern } => {
@@ -706,6 +712,7 @@ impl Hub {
                     revision: revision.to_string(),
                     models,
                     index: None,
+                    extra_files: Vec::new(),
                 }
             }
             Request::ModelJGenerative { repo, file } => {
@@ -749,6 +756,7 @@ impl Hub {
                     revision: revision.to_string(),
                     models,
                     index: None,
+                    extra_files: Vec::new(),
                 }
             }
             Request::ModelJIndex {
@@ -785,6 +793,7 @@ impl Hub {
                         })
                         .collect(),
                     index: Some((index.clone(), icommit)),
+                    extra_files: Vec::new(),
                 }
             }
         };
@@ -935,13 +944,18 @@ impl Hub {
                     }
                 }
             });
+            let own_dirs = !plan.extra_files.is_empty();
             let r = self.parallel(&plan.models, |_, m| {
                 let r = match mode {
                     Mode::Files => self.fetch_model_file(m, &progress, obs, &cached, &remote),
                     Mode::Tensors(sel) => {
-                        self.fetch_model_tensors(m, sel, out_dir, &cached, &remote)
+                        self.fetch_model_tensors(m, sel, out_dir, own_dirs, &cached, &remote)
                     }
                 };
+                let r = r.and_then(|source| {
+                    self.fetch_extras(m, &plan.extra_files, &source, &progress, obs)?;
+                    Ok(source)
+                });
                 progress.file_done();
                 r.map_err(|e| format!("{} ({}@{} {}): {e}", m.id, m.repo, short(&m.commit), m.file))
             });
@@ -976,6 +990,35 @@ impl Hub {
         self.http
             .as_ref()
             .map_or(0, |h| h.counters.bytes.load(Ordering::Relaxed))
+    }
+
+    /// Fetches `extra` files of `m`'s repo whole (into the Hugging Face cache) and, when the
+    /// model file is not in that snapshot folder (tensors mode), copies them beside it.
+    fn fetch_extras(
+        &self,
+        m: &PlannedModel,
+        extra: &[String],
+        source: &ModelSource,
+        progress: &Progress,
+        obs: &dyn Observer,
+    ) -> Result<(), String> {
+        let repo = RepoRef::model(&m.repo)?;
+        let Some(dir) = source.path.parent() else {
+            return Ok(());
+        };
+        for f in extra {
+            let rel = safe_rel_path(f)?;
+            let snap = self.fetch_file(&repo, &m.commit, f, progress, obs)?;
+            let dest = dir.join(&rel);
+            if dest != snap {
+                if let Some(d) = dest.parent() {
+                    std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+                }
+                std::fs::copy(&snap, &dest)
+                    .map_err(|e| format!("{} -> {}: {e}", snap.display(), dest.display()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Files mode for one model: the snapshot path in the Hugging Face cache.
@@ -1096,6 +1139,7 @@ impl Hub {
         m: &PlannedModel,
         sel: &TensorSelection,
         out_dir: &Path,
+        own_dir: bool,
         cached: &AtomicU64,
         remote: &AtomicU64,
     ) -> Result<ModelSource, String> {
@@ -1185,8 +1229,16 @@ impl Hub {
                 .ok_or_else(|| format!("{what}: tensor `{name}` was not fetched"))?;
             tensors.push((e, bytes.as_slice()));
         }
-        let rel =
-            PathBuf::from("models").join(format!("{}.safetensors", cache::encode_name(&m.id)));
+        let rel = if own_dir {
+            let name = Path::new(&m.file)
+                .file_name()
+                .map_or_else(|| "model.safetensors".into(), |n| n.to_os_string());
+            PathBuf::from("models")
+                .join(cache::encode_name(&m.id))
+                .join(name)
+        } else {
+            PathBuf::from("models").join(format!("{}.safetensors", cache::encode_name(&m.id)))
+        };
         let dest = out_dir.join(&rel);
         write_safetensors(&dest, &tensors, &meta)
             .map_err(|e| format!("{}: {e}", dest.display()))?;
