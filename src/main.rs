@@ -1,9 +1,12 @@
 //! `probex`: run ProbeX experiments declared in TOML.
 //!
 //! The engine's commands (run, plan, cache, report, compare, kinds) come from
-//! `probex_engine::cli`; the commands here need the stage kinds' libraries (reading weights).
+//! `probex_engine::cli`; the commands here need the stage kinds' libraries (reading weights,
+//! applying trained probes).
 
+mod describe;
 mod layers;
+mod search;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -28,6 +31,10 @@ enum Command {
     Engine(EngineCommand),
     /// List a model file's layers: the paper's index, tensor name, shape, dtype, probe matrix
     Layers(layers::LayersArgs),
+    /// Rank the models a zero-shot probe has seen by a free-text query
+    Search(search::SearchArgs),
+    /// Say what one model file was probably trained on, with a trained probe
+    Describe(describe::DescribeArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +58,8 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Engine(cmd) => dispatch(cmd, &cli.cache, &probex_stages::registry(), cancel),
         Command::Layers(args) => layers::run(&args),
+        Command::Search(args) => search::run(&args),
+        Command::Describe(args) => describe::run(&args),
     };
     ExitCode::from(code as u8)
 }

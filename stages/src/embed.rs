@@ -11,7 +11,8 @@
 //! ```
 //! Class names come from the label vocabulary of a layer dataset (`from` a layer stage; one node
 //! reads every layer of a sweep, which must agree) or are listed with `classes = [...]`. The
-//! model folder comes from a `package` input (with `model_subdir` inside it) or from
+//! model folder comes from a `package` input (with `model_subdir` inside it), from a `fetch`
+//! of one Hub repo with `extra_files = ["config.json", "tokenizer.json"]`, or from
 //! `model_dir = "path"` (relative to the experiment file; its files' contents join the key).
 
 use std::path::{Path, PathBuf};
@@ -29,7 +30,7 @@ use crate::text::{self, DEFAULT_TEMPLATE, Encoder, EncoderKind};
 pub const ARTIFACT: &str = "embeddings";
 
 /// The artifact type of an unpacked, pinned package (npm, PyPI, deb) holding model files.
-pub const PACKAGE: &str = "package";
+pub const PACKAGE: &str = crate::packages::ARTIFACT;
 
 /// The prompts actually embedded, row by row (for people and for checking).
 pub const PROMPTS_FILE: &str = "prompts.json";
@@ -71,7 +72,8 @@ impl Stage for Embed {
         "embed"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: the encoder's folder is recorded for free-text queries.
+        2
     }
     fn about(&self) -> &'static str {
         "embed class names as prompts with a text encoder (minilm, clip-text) for zero-shot probes"
@@ -83,6 +85,7 @@ impl Stage for Embed {
         vec![
             InputSlot::optional(LAYER).gathered(),
             InputSlot::optional(PACKAGE),
+            InputSlot::optional(crate::collection::ARTIFACT),
         ]
     }
 
@@ -177,6 +180,9 @@ impl Stage for Embed {
         Ok(Outcome {
             meta: serde_json::json!({
                 "encoder": p.encoder.as_str(),
+                // Where the encoder is, so a zero-shot probe can embed free text later
+                // (`probex search`): a package artifact or the `model_dir` folder.
+                "model_dir": std::fs::canonicalize(&dir).unwrap_or(dir),
                 "classes": table.len(),
                 "dim": table.dim,
                 "template": p.template,
@@ -229,6 +235,32 @@ pub fn label_names(dir: &Path) -> StageResult<Vec<String>> {
 }
 
 fn model_folder(p: &EmbedParams, inputs: &Inputs, base: &Path) -> StageResult<PathBuf> {
+    if let Some(models) = inputs.optional(crate::collection::ARTIFACT)? {
+        if p.model_dir.is_some() || inputs.optional(PACKAGE)?.is_some() {
+            bail!("the encoder comes from a fetched model and from elsewhere: use one source");
+        }
+        // A fetched repo (`extra_files` bring its config and tokenizer beside the weights).
+        let c = crate::collection::Collection::load(&models.dir)?;
+        let [m] = &c.models[..] else {
+            bail!(
+                "the encoder's fetch stage gives {} models; it must give exactly one",
+                c.models.len()
+            );
+        };
+        let dir = m.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let missing: Vec<String> = text::model_files(p.encoder, &dir)
+            .iter()
+            .filter(|f| !f.is_file())
+            .map(|f| f.display().to_string())
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "the fetched encoder lacks {}: add `extra_files = [\"config.json\",                  \"tokenizer.json\"]` to its fetch stage",
+                missing.join(", ")
+            );
+        }
+        return Ok(dir);
+    }
     match (&p.model_dir, inputs.optional(PACKAGE)?) {
         (Some(_), Some(_)) => {
             bail!("`model_dir` is given and a package is an input: use one source for the model")

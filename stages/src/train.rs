@@ -6,7 +6,7 @@
 //! kind = "train"
 //! from = ["layers", "text"]   # a layer dataset, and text embeddings for probex-zeroshot
 //! for_each = "layer"          # one node per layer of the sweep
-//! model = "probex"            # probex | probex-zeroshot | dense | statnn
+//! model = "probex"            # probex | probex-zeroshot | dense | dense-zeroshot | statnn
 //! epochs = 500                # every hyperparameter defaults to the paper's value
 //! ```
 //! The artifact holds the best-validation checkpoint with the official PyTorch parameter names
@@ -44,6 +44,14 @@ pub mod files {
     pub const OUTPUTS: &str = "outputs.safetensors";
     /// Model ids, splits and labels of the rows of `outputs.safetensors`.
     pub const ROWS: &str = "rows.json";
+    /// Zero-shot: the text encoder the class vectors came from (`encoder`, `template`,
+    /// `model_dir`), so free-text queries are embedded the same way.
+    pub const TEXT: &str = "text.json";
+    /// Zero-shot: the class text table the probe was trained and scored with.
+    pub const TEXT_TABLE: [&str; 2] = [
+        crate::embeddings::TENSORS_FILE,
+        crate::embeddings::NAMES_FILE,
+    ];
 }
 
 /// Who the rows of a probe's outputs are.
@@ -70,10 +78,11 @@ impl Stage for Train {
         "train"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: zero-shot probes keep their text table and encoder record.
+        2
     }
     fn about(&self) -> &'static str {
-        "train a probe (probex, probex-zeroshot, dense, statnn) on one layer dataset"
+        "train a probe (probex, probex-zeroshot, dense, dense-zeroshot, statnn) on one layer dataset"
     }
     fn output(&self) -> &'static str {
         ARTIFACT
@@ -101,7 +110,8 @@ impl Stage for Train {
             .map_err(anyhow::Error::msg)?;
         let layer_dir = &inputs.one(LAYER)?.dir;
         let ds = LayerDataset::load(layer_dir)?;
-        let text = match inputs.optional(EMBEDDINGS)? {
+        let text_input = inputs.optional(EMBEDDINGS)?;
+        let text = match text_input {
             Some(a) => Some(TextTable::load(&a.dir)?),
             None => None,
         };
@@ -181,6 +191,10 @@ impl Stage for Train {
             columns: pred.columns,
         };
         write(out, files::ROWS, &serde_json::to_vec(&rows)?)?;
+        if let (Some(a), Some(table)) = (text_input, &text) {
+            table.save(out)?;
+            write(out, files::TEXT, &serde_json::to_vec_pretty(&a.meta)?)?;
+        }
 
         let r = &outcome.report;
         cx.log(format!(

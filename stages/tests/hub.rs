@@ -891,29 +891,7 @@ label = {{ key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar1
         ),
     )
     .unwrap();
-    let registry = probex_stages::registry();
-    let exp = probex_engine::load(&exp, &registry).unwrap();
-    let store = probex_cache::Store::open(w.path("cache")).unwrap();
-    let digests = FileDigests::in_memory();
-    let planner = Planner::new(
-        &exp,
-        &store,
-        PlanContext {
-            base_dir: &exp.base_dir,
-            digests: &digests,
-            offline: false,
-        },
-        Overrides::default(),
-    );
-    let run_dir = RunDir::create(&exp, Some(&w.path("run"))).unwrap();
-    let opts = RunOptions {
-        jobs: 2,
-        keep_going: false,
-        threads: Some(1),
-        progress: ProgressMode::Quiet,
-        cancel: Arc::new(AtomicBool::new(false)),
-    };
-    let report = probex_engine::run(&planner, &run_dir, &opts).unwrap();
+    let report = run_experiment(&exp, &w.path("cache"), &w.path("run"));
     assert!(report.success(), "{:?}", report.nodes);
     let names: Vec<&str> = report.nodes.iter().map(|n| n.node.as_str()).collect();
     assert_eq!(
@@ -922,6 +900,7 @@ label = {{ key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar1
     );
     // The layer dataset holds the original bytes of each model's tensor, in id order, with
     // the index dataset's splits.
+    let store = probex_cache::Store::open(w.path("cache")).unwrap();
     let node = &report.nodes[1];
     let entry = store
         .get(&probex_cache::Key::parse(&node.key).unwrap())
@@ -948,16 +927,204 @@ label = {{ key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar1
         assert_eq!(ds.matrix(row), want.as_slice());
     }
     // A second run is all cached.
-    let again = probex_engine::run(
-        &planner,
-        &RunDir::create(&exp, Some(&w.path("run2"))).unwrap(),
-        &opts,
-    )
-    .unwrap();
+    let again = run_experiment(&exp, &w.path("cache"), &w.path("run2"));
     assert!(
         again
             .nodes
             .iter()
             .all(|n| serde_json::to_value(&n.state).unwrap()["state"] == "cached")
     );
+}
+
+/// Loads and runs the experiment file `exp` with every probex stage kind.
+fn run_experiment(exp: &Path, cache: &Path, run: &Path) -> probex_engine::RunReport {
+    let registry = probex_stages::registry();
+    let exp = probex_engine::load(exp, &registry).unwrap_or_else(|d| panic!("{d}"));
+    let store = probex_cache::Store::open(cache).unwrap();
+    let digests = FileDigests::in_memory();
+    let planner = Planner::new(
+        &exp,
+        &store,
+        PlanContext {
+            base_dir: &exp.base_dir,
+            digests: &digests,
+            offline: false,
+        },
+        Overrides::default(),
+    );
+    let run_dir = RunDir::create(&exp, Some(run)).unwrap();
+    let opts = RunOptions {
+        jobs: 2,
+        keep_going: false,
+        threads: Some(1),
+        progress: ProgressMode::Quiet,
+        cancel: Arc::new(AtomicBool::new(false)),
+    };
+    probex_engine::run(&planner, &run_dir, &opts).unwrap_or_else(|d| panic!("{d}"))
+}
+
+/// The whole pipeline on a Model-J-shaped subset served by the mock: the 160 committed planted
+/// models (experiments/data/planted, layer 0 carries each model's classes) as one repo per
+/// model, splits in the index dataset, fetched in tensors mode (only layer 0 of each), then
+/// extract -> train -> select -> evaluate, with the same qualitative result as
+/// experiments/planted.toml reading the files from disk.
+#[test]
+fn model_j_shaped_experiment_runs_end_to_end_through_the_mock_hub() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/data/planted");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 160);
+    let hub = MockHub::start().unwrap();
+    let mut rows: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        let split = parse_bytes(&bytes).unwrap().metadata["split"].clone();
+        let stem = f.file_stem().unwrap().to_str().unwrap();
+        let id = format!("ProbeX/Model-J__SupViT__{stem}");
+        hub.put_model(&id, repo(stem, &[("model.safetensors", bytes)]));
+        rows.entry(split.clone()).or_default().push((id, split));
+    }
+    let mut index = Vec::new();
+    for (split, r) in &rows {
+        let r: Vec<(&str, &str)> = r.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        index.push((
+            format!("SupViT/{split}-00000-of-00001.parquet"),
+            write_index_parquet(&r),
+        ));
+    }
+    let index: Vec<(&str, Vec<u8>)> = index.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
+    hub.put_dataset("ProbeX/Model-J", repo("index", &index));
+
+    let w = World::new();
+    let exp = w.path("mini-hub.toml");
+    std::fs::write(
+        &exp,
+        format!(
+            r#"
+[experiment]
+name = "mini-hub"
+
+[stage.models]
+kind = "fetch"
+source = "hub"
+model_j = "SupViT"
+layers = 0
+endpoint = "{}"
+cache_dir = "hf/hub"
+tensor_cache = "tensors"
+
+[stage.layers]
+kind = "extract"
+from = "models"
+layers = "all"
+label = {{ key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar100" }}
+
+[stage.probex]
+kind = "train"
+from = "layers"
+for_each = "layer"
+model = "probex"
+epochs = 150
+batch_size = 32
+validate_every = 10
+r_u = 16
+r_v = 16
+r_t = 32
+
+[stage.best]
+kind = "select"
+from = "probex"
+by = "val.accuracy"
+
+[stage.report]
+kind = "evaluate"
+from = "best"
+
+[expect]
+"best.layer" = "0 +- 0"
+"report.best.test.accuracy" = "> 0.6"
+"#,
+            hub.endpoint()
+        ),
+    )
+    .unwrap();
+    let report = run_experiment(&exp, &w.path("cache"), &w.path("run"));
+    assert!(report.success(), "{:#?}", report.nodes);
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w.path("run/results.json")).unwrap()).unwrap();
+    let acc = results["results"]["report"]["best"]["test"]["accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!(acc > 0.6, "test accuracy {acc}");
+}
+
+/// The text encoder of a zero-shot experiment comes from the Hub like the models: only the
+/// text tower's tensors (tensors mode) plus the repo's config and tokenizer (`extra_files`),
+/// and `embed` reads that folder. Served here: the tiny CLIP fixture under the real repo id.
+#[test]
+fn embed_reads_a_text_encoder_fetched_from_the_hub() {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/clip-tiny");
+    let hub = MockHub::start().unwrap();
+    let files: Vec<(&str, Vec<u8>)> = ["model.safetensors", "config.json", "tokenizer.json"]
+        .iter()
+        .map(|f| (*f, std::fs::read(golden.join(f)).unwrap()))
+        .collect();
+    hub.put_model("openai/clip-vit-large-patch14", repo("clip", &files));
+    let w = World::new();
+    let exp = w.path("text.toml");
+    std::fs::write(
+        &exp,
+        format!(
+            r#"
+[experiment]
+name = "hub-text"
+
+[stage.clip]
+kind = "fetch"
+source = "hub"
+repo = "openai/clip-vit-large-patch14"
+tensors = ["text_model.*", "text_projection.weight"]
+extra_files = ["config.json", "tokenizer.json"]
+endpoint = "{}"
+cache_dir = "hf/hub"
+tensor_cache = "tensors"
+
+[stage.text]
+kind = "embed"
+from = "clip"
+encoder = "clip-text"
+classes = ["apple", "maple_tree"]
+"#,
+            hub.endpoint()
+        ),
+    )
+    .unwrap();
+    let report = run_experiment(&exp, &w.path("cache"), &w.path("run"));
+    assert!(report.success(), "{:#?}", report.nodes);
+    let store = probex_cache::Store::open(w.path("cache")).unwrap();
+    let entry = store
+        .get(&probex_cache::Key::parse(&report.nodes[1].key).unwrap())
+        .unwrap()
+        .unwrap();
+    let table = probex_stages::embeddings::TextTable::load(&entry.dir).unwrap();
+    type B = burn::backend::Flex;
+    use probex_stages::text::{self, Encoder, EncoderKind};
+    let enc = Encoder::<B>::load(EncoderKind::ClipText, &golden, &Default::default()).unwrap();
+    let prompts: Vec<String> = ["apple", "maple_tree"]
+        .iter()
+        .map(|c| text::prompt(text::DEFAULT_TEMPLATE, c))
+        .collect();
+    let want = text::embed_texts(&enc, &prompts).unwrap();
+    for (i, row) in want.iter().enumerate() {
+        let d = row
+            .iter()
+            .zip(table.row(i))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(d < 1e-6, "row {i} differs by {d}");
+    }
 }

@@ -54,6 +54,7 @@ fn task(kind: TaskKind, classes: Vec<String>) -> TaskInfo {
         target_std: 1.0,
         feature_mean: vec![],
         feature_std: vec![],
+        input_scale: None,
     }
 }
 

@@ -354,3 +354,84 @@ fn requests_that_cannot_run_are_clear_errors() {
     assert_eq!(out.report.best_epoch, 0);
     assert!(out.report.metrics.contains_key("train"));
 }
+
+/// Standardised inputs remove what every model shares: adding one base matrix to every model
+/// (a model tree's base) changes nothing a standardised probe computes, while the raw probe
+/// sees different inputs. The mean travels in the checkpoint and inference applies it.
+#[test]
+fn standardized_probe_ignores_a_shared_base_and_keeps_its_mean_in_the_checkpoint() {
+    let ds = common::multilabel(COUNTS, 8, 6, 4, 0.3, 5);
+    let mut shifted = ds.clone();
+    let base: Vec<f32> = (0..48)
+        .map(|i| 3.0 + (i as f32 * 0.37).sin() * 5.0)
+        .collect();
+    for row in shifted.weights.chunks_exact_mut(48) {
+        row.iter_mut().zip(&base).for_each(|(v, b)| *v += b);
+    }
+    let cfg = TrainConfig {
+        standardize: true,
+        ..small(ModelKind::Probex, 10)
+    };
+    let a = go(&ds, None, &cfg);
+    let b = go(&shifted, None, &cfg);
+    let la = &a.report.curves.train_loss;
+    let lb = &b.report.curves.train_loss;
+    let worst = la
+        .iter()
+        .zip(lb)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst < 1e-4,
+        "loss curves differ by {worst}: {la:?} vs {lb:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ckpt.safetensors");
+    std::fs::write(&path, &b.checkpoint).unwrap();
+    let ckpt = Checkpoint::read(&path).unwrap();
+    let mean = ckpt.by_name()["input_mean"].clone();
+    assert_eq!(mean.shape, vec![8, 6]);
+    assert!(ckpt.meta.as_ref().unwrap().task.input_scale.is_some());
+    // The stored mean is the training rows' mean, so it carries the base.
+    let avg = mean
+        .values
+        .iter()
+        .zip(&base)
+        .map(|(m, b)| m - b)
+        .sum::<f32>()
+        / 48.0;
+    assert!(avg.abs() < 0.5, "{avg}");
+    // Inference standardises too: the shifted data under the shifted model's checkpoint scores
+    // as well as training measured.
+    let pred = predict(&path, &shifted, None, &common::device()).unwrap();
+    let test: Vec<usize> = (0..shifted.n)
+        .filter(|&i| shifted.models[i].split == Split::Test)
+        .collect();
+    let probex_stages::dataset::Labels::MultiLabel { targets, .. } = &shifted.labels else {
+        unreachable!()
+    };
+    let right = test
+        .iter()
+        .flat_map(|&i| (0..4).map(move |c| (i, c)))
+        .filter(|&(i, c)| (pred.scores[i * 4 + c] > 0.0) == (targets[i * 4 + c] > 0.5))
+        .count();
+    let acc = right as f64 / (test.len() * 4) as f64;
+    let want = metric(&b, "test", "accuracy");
+    assert!(
+        (acc - want).abs() < 1e-9,
+        "predict {acc} vs training's {want}"
+    );
+
+    // A checkpoint that says it standardises but lost its mean is refused.
+    let mut broken = ckpt.clone();
+    broken.tensors.retain(|t| t.name != "input_mean");
+    broken.write(&path).unwrap();
+    let e = predict(&path, &shifted, None, &common::device())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("input_mean") && e.contains("missing"), "{e}");
+    // StatNN standardises its statistics itself; asking for more is an error.
+    let e = toml::from_str::<TrainConfig>("model = \"statnn\"\nstandardize = true").unwrap_err();
+    assert!(e.to_string().contains("statnn"), "{e}");
+}

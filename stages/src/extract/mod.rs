@@ -119,6 +119,54 @@ pub fn resolve_layers(
         .collect()
 }
 
+/// Reads the matrix of `layer` (as a layer dataset records it) from one model file: the row
+/// `extract` would write for it. The file must hold that layer under the same name, index and
+/// shape; used to apply a trained probe to a model outside its dataset (`probex describe`).
+pub fn read_matrix(path: &Path, layer: &LayerInfo) -> Result<Vec<f32>, WeightsError> {
+    let label = path.display().to_string();
+    let mode = if layer.transform == Transform::LoraProduct.as_str() {
+        LayerMode::Lora
+    } else {
+        LayerMode::Tensors
+    };
+    // A broken file reports itself; after that, a failed lookup means the layer is missing.
+    read_header(path)?;
+    let resolved = resolve_layers(path, &LayerSelector::Name(layer.name.clone()), mode).map_err(
+        |e| match e {
+            WeightsError::Invalid { .. } => WeightsError::invalid(
+                &label,
+                format!(
+                    "this model has no layer `{}` (the probe reads layer {} of shape {:?}); \
+                     list its layers with `probex layers {label}`",
+                    layer.name, layer.index, layer.source_shape
+                ),
+            ),
+            other => other,
+        },
+    )?;
+    let [resolved] = &resolved[..] else {
+        return Err(WeightsError::tensor(
+            &label,
+            &layer.name,
+            "matches more than one layer",
+        ));
+    };
+    let st = SafetensorsFile::open(path)?;
+    let (entry, up) = check_entry(&st, resolved).map_err(|m| WeightsError::invalid(&label, m))?;
+    if resolved.index != layer.index || resolved.source_shape != layer.source_shape {
+        return Err(WeightsError::tensor(
+            &label,
+            &layer.name,
+            format!(
+                "is layer {} of shape {:?} here, but the probe was trained on layer {} of shape \
+                 {:?}: this model is not from the probe's model tree",
+                resolved.index, resolved.source_shape, layer.index, layer.source_shape
+            ),
+        ));
+    }
+    row_values(&st, resolved, entry, up).map_err(|m| WeightsError::invalid(&label, m))
+}
+
 /// One layer to extract and the directory its artifact goes to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerOutput {

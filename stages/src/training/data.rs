@@ -49,6 +49,8 @@ pub(crate) struct Prepared<'a> {
     pub text_holdout: Option<TextMatrix>,
     /// Metric chosen on `val` to keep the best checkpoint.
     pub selection: &'static str,
+    /// Standardised inputs: the training mean matrix (saved with the checkpoint).
+    pub input_mean: Option<Vec<f32>>,
 }
 
 impl Prepared<'_> {
@@ -137,6 +139,7 @@ pub(crate) fn prepare<'a>(
         }
         ModelKind::Statnn => spec.hidden = cfg.hidden,
         ModelKind::Dense => {}
+        ModelKind::DenseZeroshot => spec.r_t = cfg.r_t,
     }
     let mut task = TaskInfo {
         kind: TaskKind::Class,
@@ -145,22 +148,24 @@ pub(crate) fn prepare<'a>(
         target_std: 1.0,
         feature_mean: Vec::new(),
         feature_std: Vec::new(),
+        input_scale: None,
     };
     let (mut text_train, mut text_holdout) = (None, None);
-    let (targets, target_width, host, selection) = if cfg.model == ModelKind::ProbexZeroshot {
+    let (targets, target_width, host, selection) = if cfg.model.is_zero_shot() {
         let Labels::Class { classes, targets } = &ds.labels else {
             return Err(format!(
-                "model `probex-zeroshot` needs single-class labels, but key `{}` gives {} labels",
+                "model `{}` needs single-class labels, but key `{}` gives {} labels",
+                cfg.model,
                 ds.label_key,
                 label_kind(&ds.labels)
             ));
         };
         let Some(table) = text else {
-            return Err(
-                "model `probex-zeroshot` needs a text table (class-name embeddings); \
-                 add the embed stage's output to `from`"
-                    .into(),
-            );
+            return Err(format!(
+                "model `{}` needs a text table (class-name embeddings); add the embed stage's \
+                 output to `from`",
+                cfg.model
+            ));
         };
         table.validate().map_err(|m| format!("text table: {m}"))?;
         let collect = |splits: &[Split]| -> Vec<usize> {
@@ -267,8 +272,15 @@ pub(crate) fn prepare<'a>(
             ds.label_key
         ));
     }
-    let (inputs, in_dims) = model_inputs(ds, cfg.model, &rows, &mut task);
+    let input_mean = cfg.standardize.then(|| {
+        let train = rows.get(&Split::Train).map_or(&[][..], Vec::as_slice);
+        let (mean, scale) = input_moments(ds, train);
+        task.input_scale = Some(scale);
+        mean
+    });
+    let (inputs, in_dims) = model_inputs(ds, cfg.model, &rows, &mut task, input_mean.as_deref());
     Ok(Prepared {
+        input_mean,
         spec,
         task,
         inputs,
@@ -283,16 +295,57 @@ pub(crate) fn prepare<'a>(
     })
 }
 
-/// The model input: the matrices, or for StatNN their standardised statistics (the moments
-/// come from `task` when set, else from the training rows, and are stored into it).
+/// The mean matrix of the `train` rows and the standard deviation of their values around it
+/// (1 when they do not vary), accumulated in f64.
+fn input_moments(ds: &LayerDataset, train: &[usize]) -> (Vec<f32>, f32) {
+    let m = ds.d_h * ds.d_w;
+    let mut mean = vec![0f64; m];
+    for &r in train {
+        for (a, &x) in mean.iter_mut().zip(ds.matrix(r)) {
+            *a += f64::from(x);
+        }
+    }
+    let n = train.len().max(1) as f64;
+    mean.iter_mut().for_each(|a| *a /= n);
+    let mut ss = 0f64;
+    for &r in train {
+        for (a, &x) in mean.iter().zip(ds.matrix(r)) {
+            ss += (f64::from(x) - a).powi(2);
+        }
+    }
+    let std = (ss / (n * m as f64).max(1.0)).sqrt();
+    let scale = if std.is_finite() && std > 0.0 {
+        std as f32
+    } else {
+        1.0
+    };
+    (mean.into_iter().map(|a| a as f32).collect(), scale)
+}
+
+/// The model input: the matrices (standardised by `input_mean` and `task.input_scale` when
+/// both are set), or for StatNN their standardised statistics (the moments come from `task`
+/// when set, else from the training rows, and are stored into it).
 pub(crate) fn model_inputs<'a>(
     ds: &'a LayerDataset,
     kind: ModelKind,
     rows: &BTreeMap<Split, Vec<usize>>,
     task: &mut TaskInfo,
+    input_mean: Option<&[f32]>,
 ) -> (Cow<'a, [f32]>, [usize; 3]) {
     if kind != ModelKind::Statnn {
-        return (Cow::Borrowed(&ds.weights), [ds.n, ds.d_h, ds.d_w]);
+        let dims = [ds.n, ds.d_h, ds.d_w];
+        return match (input_mean, task.input_scale) {
+            (Some(mean), Some(scale)) => {
+                let mut x = ds.weights.clone();
+                for row in x.chunks_exact_mut(mean.len()) {
+                    for (v, m) in row.iter_mut().zip(mean) {
+                        *v = (*v - m) / scale;
+                    }
+                }
+                (Cow::Owned(x), dims)
+            }
+            _ => (Cow::Borrowed(&ds.weights), dims),
+        };
     }
     let f = statnn::FEATURES.len();
     let mut feats = statnn::statistics_of_all(&ds.weights, ds.n, ds.d_h * ds.d_w);

@@ -32,8 +32,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::{LayerDataset, Split};
 use crate::embeddings::TextTable;
-use crate::models::checkpoint::{Checkpoint, TaskInfo, TaskKind};
-use crate::models::{Dense, ModelKind, ModelSpec, Net, Probex, ProbexZeroshot, StatNn, load_named};
+use crate::models::checkpoint::{Checkpoint, INPUT_MEAN, TaskInfo, TaskKind};
+use crate::models::{
+    Dense, DenseZeroshot, ModelKind, ModelSpec, Net, Probex, ProbexZeroshot, StatNn, load_named,
+};
 
 pub use config::TrainConfig;
 pub use device::DeviceSpec;
@@ -198,6 +200,7 @@ fn train_kind<AB: burn::tensor::backend::AutodiffBackend>(
         ModelKind::Probex => trainer::run::<AB, Probex<AB>>(job, device, progress),
         ModelKind::ProbexZeroshot => trainer::run::<AB, ProbexZeroshot<AB>>(job, device, progress),
         ModelKind::Dense => trainer::run::<AB, Dense<AB>>(job, device, progress),
+        ModelKind::DenseZeroshot => trainer::run::<AB, DenseZeroshot<AB>>(job, device, progress),
         ModelKind::Statnn => trainer::run::<AB, StatNn<AB>>(job, device, progress),
     }
 }
@@ -319,7 +322,7 @@ fn open_checkpoint(
         None => {
             // A plain state dict: the task comes from the data it is applied to.
             let kind = match (&spec.kind, &ds.labels) {
-                (ModelKind::ProbexZeroshot, _) => TaskKind::ZeroShot,
+                (k, _) if k.is_zero_shot() => TaskKind::ZeroShot,
                 (_, crate::dataset::Labels::MultiLabel { .. }) => TaskKind::MultiLabel,
                 (_, crate::dataset::Labels::Class { .. }) => TaskKind::Class,
                 (_, crate::dataset::Labels::Numeric { .. }) => TaskKind::Regression,
@@ -343,6 +346,7 @@ fn open_checkpoint(
                 target_std: 1.0,
                 feature_mean: Vec::new(),
                 feature_std: Vec::new(),
+                input_scale: None,
             }
         }
     };
@@ -396,6 +400,9 @@ fn infer_on<B: Backend>(
             infer_net::<B, ProbexZeroshot<B>>(ckpt, spec, task, ds, device, mode, text)
         }
         ModelKind::Dense => infer_net::<B, Dense<B>>(ckpt, spec, task, ds, device, mode, text),
+        ModelKind::DenseZeroshot => {
+            infer_net::<B, DenseZeroshot<B>>(ckpt, spec, task, ds, device, mode, text)
+        }
         ModelKind::Statnn => infer_net::<B, StatNn<B>>(ckpt, spec, task, ds, device, mode, text),
     }
 }
@@ -419,7 +426,21 @@ fn infer_net<B: Backend, M: Net<B>>(
     }
     let mut task = task.clone();
     let rows = BTreeMap::from([(Split::Train, (0..ds.n).collect::<Vec<_>>())]);
-    let (inputs, dims) = data::model_inputs(ds, spec.kind, &rows, &mut task);
+    let tensors = ckpt.by_name();
+    let input_mean = match (task.input_scale, tensors.get(INPUT_MEAN)) {
+        (None, _) => None,
+        (Some(_), Some(t)) if t.values.len() == ds.d_h * ds.d_w => Some(t.values.as_slice()),
+        (Some(_), other) => {
+            return Err(TrainError::Checkpoint(format!(
+                "the checkpoint standardises its inputs but its `{INPUT_MEAN}` tensor is {}",
+                match other {
+                    Some(t) => format!("of shape {:?}, not [{}, {}]", t.shape, ds.d_h, ds.d_w),
+                    None => "missing".into(),
+                }
+            )));
+        }
+    };
+    let (inputs, dims) = data::model_inputs(ds, spec.kind, &rows, &mut task, input_mean);
     let x = Tensor::<B, 3>::from_data(TensorData::new(inputs.into_owned(), dims), device);
     let t = text.map(|m| {
         Tensor::<B, 2>::from_data(TensorData::new(m.values.clone(), [m.rows, m.dim]), device)
@@ -438,5 +459,8 @@ pub(crate) fn load_net<B: Backend, M: Net<B>>(
 ) -> Result<M, TrainError> {
     let mut rng = rng::Rng::new(0, 0);
     let model = M::init(spec, &mut rng, device);
-    load_named(model, &ckpt.by_name(), device).map_err(TrainError::Checkpoint)
+    let mut tensors = ckpt.by_name();
+    // Not a module parameter: the inputs' standardisation, applied before the forward pass.
+    tensors.remove(INPUT_MEAN);
+    load_named(model, &tensors, device).map_err(TrainError::Checkpoint)
 }

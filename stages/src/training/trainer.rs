@@ -22,7 +22,8 @@ use super::{
 use crate::dataset::{LayerDataset, Split};
 use crate::embeddings::TextTable;
 use crate::models::checkpoint::{
-    Checkpoint, CheckpointMeta, TaskKind, deserialize_named, serialize_named, write_atomic,
+    Checkpoint, CheckpointMeta, INPUT_MEAN, TaskKind, deserialize_named, serialize_named,
+    write_atomic,
 };
 use crate::models::{NamedTensor, Net, SplitLayer, load_named, named_tensors, param_names};
 
@@ -181,9 +182,18 @@ fn evaluate<B: Backend, N: Net<B>>(
 
 fn ckpt_bytes(
     prep: &Prepared,
-    tensors: Vec<NamedTensor>,
+    mut tensors: Vec<NamedTensor>,
     epoch: usize,
 ) -> Result<Vec<u8>, TrainError> {
+    // Best-so-far files read back on resume already hold it.
+    tensors.retain(|t| t.name != INPUT_MEAN);
+    if let Some(mean) = &prep.input_mean {
+        tensors.push(NamedTensor {
+            name: INPUT_MEAN.into(),
+            shape: vec![prep.spec.d_h, prep.spec.d_w],
+            values: mean.clone(),
+        });
+    }
     Checkpoint {
         meta: Some(CheckpointMeta {
             format: CheckpointMeta::FORMAT,
