@@ -48,3 +48,48 @@ fn every_experiment_file_plans_offline() {
         }
     }
 }
+
+/// The planted experiment runs end to end through the binary with its expectations met (exit
+/// 0), and the same file with an impossible expectation exits 1, reusing every cached node.
+#[test]
+fn planted_experiment_passes_and_an_impossible_expectation_exits_1() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root.join("experiments/data/planted");
+    let text = std::fs::read_to_string(root.join("experiments/planted.toml"))
+        .unwrap()
+        .replace(
+            "path = \"data/planted\"",
+            &format!("path = {:?}", data.display().to_string()),
+        );
+    let run = |name: &str, text: &str| {
+        let file = tmp.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_probex"))
+            .args(["run", "--progress", "plain", "--cache"])
+            .arg(tmp.path().join("cache"))
+            .arg("--out")
+            .arg(tmp.path().join(name).with_extension("run"))
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    let ok = run("planted.toml", &text);
+    let out =
+        String::from_utf8_lossy(&ok.stdout).to_string() + &String::from_utf8_lossy(&ok.stderr);
+    assert_eq!(ok.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("best_probex") && out.contains("| Method"),
+        "{out}"
+    );
+    let impossible = text.replace(
+        "\"report.best_probex.test.accuracy\" = \"> 0.6\"",
+        "\"report.best_probex.test.accuracy\" = \">= 1.01\"",
+    );
+    assert_ne!(impossible, text);
+    let missed = run("impossible.toml", &impossible);
+    let out = String::from_utf8_lossy(&missed.stdout).to_string()
+        + &String::from_utf8_lossy(&missed.stderr);
+    assert_eq!(missed.status.code(), Some(1), "{out}");
+    assert!(out.contains("1.01"), "{out}");
+}
