@@ -1347,12 +1347,21 @@ fn build_lora(
     // The LoRA list: seen classes split train/val/test, held-out ones val_holdout/test_holdout;
     // indices run through the splits in Model-J's order.
     let mut rng = Rng::derive(config.seed, &[TAG_SPLIT]);
-    let mut seen_jobs: Vec<(usize, usize)> = seen
-        .iter()
-        .flat_map(|&c| (0..l.loras_per_class).map(move |j| (c, j)))
-        .collect();
-    rng.shuffle(&mut seen_jobs);
-    let seen_splits = assign_splits(seen_jobs.len(), &config.splits, &mut rng);
+    // Stratified by class: every seen class has training LoRAs (a seen class with none would
+    // be neither trainable nor a held-out class), in the split fractions as near as counts
+    // allow.
+    let mut seen_jobs: Vec<(usize, usize)> = Vec::new();
+    let mut seen_splits: Vec<Split> = Vec::new();
+    for &c in &seen {
+        let mut splits = assign_splits(l.loras_per_class, &config.splits, &mut rng);
+        if !splits.contains(&Split::Train) {
+            splits[0] = Split::Train;
+        }
+        for (j, split) in splits.into_iter().enumerate() {
+            seen_jobs.push((c, j));
+            seen_splits.push(split);
+        }
+    }
     let mut hold_jobs: Vec<(usize, usize)> = holdout
         .iter()
         .flat_map(|&c| (0..l.loras_per_class).map(move |j| (c, j)))

@@ -414,6 +414,20 @@ fn lora_tree_has_seen_and_held_out_splits_and_diffusers_names() {
         Split::ValHoldout,
         Split::TestHoldout,
     ];
+    // Every seen class has LoRAs to train on (splits are stratified by class).
+    let trained: BTreeSet<&str> = report
+        .models
+        .iter()
+        .filter(|m| m.split == Split::Train)
+        .map(|m| m.metadata["class_name"].as_str())
+        .collect();
+    for c in &report.classes {
+        assert_eq!(
+            trained.contains(c.as_str()),
+            !report.holdout_classes.contains(c),
+            "class {c}"
+        );
+    }
     let mut last_rank = 0;
     let mut bases_used = BTreeSet::new();
     for m in &report.models {
