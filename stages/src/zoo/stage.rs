@@ -39,7 +39,8 @@ impl Stage for Zoo {
         "zoo"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: LoRA splits stratified by class.
+        2
     }
     fn about(&self) -> &'static str {
         "build a model tree (MLP, ViT or LoRA) from packaged emoji art, in Model-J's layout"
