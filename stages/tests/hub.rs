@@ -2,19 +2,17 @@
 //! Model-J layouts: whole files and tensors, exact bytes, keys that follow commits, retries
 //! and failures, offline runs, and fetch -> extract through the engine.
 
+mod experiment;
 mod files;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use files::*;
 use probex_engine::digest::FileDigests;
-use probex_engine::progress::ProgressMode;
-use probex_engine::record::RunDir;
-use probex_engine::{Overrides, PlanContext, Planner, RunOptions, Stage};
+use probex_engine::{PlanContext, Stage};
 use probex_stages::dataset::{LayerDataset, Split};
 use probex_stages::fetch::hub::http::RetryPolicy;
 use probex_stages::fetch::hub::mock::{Fault, MockHub, MockRepo, commit_id};
@@ -891,7 +889,7 @@ label = {{ key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar1
         ),
     )
     .unwrap();
-    let report = run_experiment(&exp, &w.path("cache"), &w.path("run"));
+    let report = experiment::run(&exp, &w.path("cache"), Some(&w.path("run")), false);
     assert!(report.success(), "{:?}", report.nodes);
     let names: Vec<&str> = report.nodes.iter().map(|n| n.node.as_str()).collect();
     assert_eq!(
@@ -927,40 +925,13 @@ label = {{ key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar1
         assert_eq!(ds.matrix(row), want.as_slice());
     }
     // A second run is all cached.
-    let again = run_experiment(&exp, &w.path("cache"), &w.path("run2"));
+    let again = experiment::run(&exp, &w.path("cache"), Some(&w.path("run2")), false);
     assert!(
         again
             .nodes
             .iter()
             .all(|n| serde_json::to_value(&n.state).unwrap()["state"] == "cached")
     );
-}
-
-/// Loads and runs the experiment file `exp` with every probex stage kind.
-fn run_experiment(exp: &Path, cache: &Path, run: &Path) -> probex_engine::RunReport {
-    let registry = probex_stages::registry();
-    let exp = probex_engine::load(exp, &registry).unwrap_or_else(|d| panic!("{d}"));
-    let store = probex_cache::Store::open(cache).unwrap();
-    let digests = FileDigests::in_memory();
-    let planner = Planner::new(
-        &exp,
-        &store,
-        PlanContext {
-            base_dir: &exp.base_dir,
-            digests: &digests,
-            offline: false,
-        },
-        Overrides::default(),
-    );
-    let run_dir = RunDir::create(&exp, Some(run)).unwrap();
-    let opts = RunOptions {
-        jobs: 2,
-        keep_going: false,
-        threads: Some(1),
-        progress: ProgressMode::Quiet,
-        cancel: Arc::new(AtomicBool::new(false)),
-    };
-    probex_engine::run(&planner, &run_dir, &opts).unwrap_or_else(|d| panic!("{d}"))
 }
 
 /// The whole pipeline on a Model-J-shaped subset served by the mock: the 160 committed planted
@@ -1052,7 +1023,7 @@ from = "best"
         ),
     )
     .unwrap();
-    let report = run_experiment(&exp, &w.path("cache"), &w.path("run"));
+    let report = experiment::run(&exp, &w.path("cache"), Some(&w.path("run")), false);
     assert!(report.success(), "{:#?}", report.nodes);
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(w.path("run/results.json")).unwrap()).unwrap();
@@ -1103,7 +1074,7 @@ classes = ["apple", "maple_tree"]
         ),
     )
     .unwrap();
-    let report = run_experiment(&exp, &w.path("cache"), &w.path("run"));
+    let report = experiment::run(&exp, &w.path("cache"), Some(&w.path("run")), false);
     assert!(report.success(), "{:#?}", report.nodes);
     let store = probex_cache::Store::open(w.path("cache")).unwrap();
     let entry = store

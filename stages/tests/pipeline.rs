@@ -1,35 +1,14 @@
 //! Whole pipelines through the engine with the real stage kinds, on generated model trees.
 
+mod experiment;
 mod planted;
 
 use std::path::Path;
 
+use probex_engine::RunReport;
 use probex_engine::cache::{Key, Store};
-use probex_engine::digest::FileDigests;
-use probex_engine::record::RunDir;
-use probex_engine::run::{NodeState, RunOptions};
-use probex_engine::{Overrides, PlanContext, Planner, RunReport};
+use probex_engine::run::NodeState;
 use probex_stages::dataset::{Labels, LayerDataset, Split};
-
-fn run(exp_path: &Path, cache: &Path) -> RunReport {
-    let registry = probex_stages::registry();
-    let exp = probex_engine::load(exp_path, &registry).unwrap_or_else(|d| panic!("{d}"));
-    let store = Store::open(cache).unwrap();
-    let digests = FileDigests::in_memory();
-    let cx = PlanContext {
-        base_dir: &exp.base_dir,
-        digests: &digests,
-        offline: true,
-    };
-    let planner = Planner::new(&exp, &store, cx, Overrides::default());
-    let run_dir = RunDir::create(&exp, Some(&exp.base_dir.join("run"))).unwrap();
-    let opts = RunOptions {
-        jobs: 2,
-        progress: probex_engine::progress::ProgressMode::Quiet,
-        ..RunOptions::default()
-    };
-    probex_engine::run(&planner, &run_dir, &opts).unwrap_or_else(|d| panic!("{d}"))
-}
 
 fn entry_dir(cache: &Path, report: &RunReport, node: &str) -> std::path::PathBuf {
     let n = report
@@ -69,7 +48,7 @@ fn fetch_and_extract_every_layer_with_labels_and_splits() {
     std::fs::write(dir.path().join("tiny.toml"), EXTRACT).unwrap();
     let cache = dir.path().join("cache");
 
-    let report = run(&dir.path().join("tiny.toml"), &cache);
+    let report = experiment::run(&dir.path().join("tiny.toml"), &cache, None, true);
     assert!(report.success(), "{report:#?}");
     let names: Vec<&str> = report.nodes.iter().map(|n| n.node.as_str()).collect();
     assert_eq!(
@@ -107,7 +86,7 @@ fn fetch_and_extract_every_layer_with_labels_and_splits() {
     assert_eq!(l0.rows(Split::Test).len(), 4);
 
     // Nothing changed: everything is cached the second time.
-    let again = run(&dir.path().join("tiny.toml"), &cache);
+    let again = experiment::run(&dir.path().join("tiny.toml"), &cache, None, true);
     assert!(
         again.nodes.iter().all(|n| n.state == NodeState::Cached),
         "{again:#?}"
@@ -119,7 +98,7 @@ fn fetch_and_extract_every_layer_with_labels_and_splits() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
     std::fs::write(p, bytes).unwrap();
-    let third = run(&dir.path().join("tiny.toml"), &cache);
+    let third = experiment::run(&dir.path().join("tiny.toml"), &cache, None, true);
     assert!(
         third.nodes.iter().all(|n| n.state == NodeState::Ran),
         "{third:#?}"
@@ -187,7 +166,7 @@ fn train_select_evaluate_finds_the_planted_layer() {
     std::fs::write(&exp, PROBES).unwrap();
     let cache = dir.path().join("cache");
 
-    let report = run(&exp, &cache);
+    let report = experiment::run(&exp, &cache, None, true);
     assert!(report.success(), "{report:#?}");
     // The class signal is planted in layer 0 only: selection must find it, and the probe read
     // from it must beat chance (0.5: each class is in half the models). How well ProbeX learns
@@ -224,7 +203,7 @@ fn train_select_evaluate_finds_the_planted_layer() {
 
     // An impossible expectation fails the run, with everything else cached.
     std::fs::write(&exp, PROBES.replace("> 0.5\"", ">= 1.01\"")).unwrap();
-    let strict = run(&exp, &cache);
+    let strict = experiment::run(&exp, &cache, None, true);
     assert!(!strict.success());
     assert!(strict.nodes.iter().all(|n| n.state == NodeState::Cached));
 }

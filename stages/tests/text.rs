@@ -6,18 +6,15 @@
 //! passes, unless `PROBEX_REQUIRE_PACKAGES` is set (CI). Also `probex search` and `describe`
 //! on a zero-shot probe trained through the engine.
 
+mod experiment;
 mod planted;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use probex_engine::cache::{Key, Store};
-use probex_engine::digest::FileDigests;
-use probex_engine::record::RunDir;
-use probex_engine::run::{NodeState, RunOptions};
-use probex_engine::{
-    Artifact, Inputs, Overrides, PlanContext, Planner, ProgressSink, RunContext, RunReport, Stage,
-};
+use probex_engine::run::NodeState;
+use probex_engine::{Artifact, Inputs, ProgressSink, RunContext, RunReport, Stage};
 use probex_stages::embed::{Embed, EmbedParams};
 use probex_stages::embeddings::TextTable;
 use probex_stages::packages;
@@ -317,26 +314,6 @@ fn embed_stage_reads_a_package_input_and_rejects_bad_combinations() {
     assert!(unknown.unwrap_err().to_string().contains("clip-text"));
 }
 
-fn run(exp_path: &Path, cache: &Path) -> RunReport {
-    let registry = probex_stages::registry();
-    let exp = probex_engine::load(exp_path, &registry).unwrap_or_else(|d| panic!("{d}"));
-    let store = Store::open(cache).unwrap();
-    let digests = FileDigests::in_memory();
-    let cx = PlanContext {
-        base_dir: &exp.base_dir,
-        digests: &digests,
-        offline: true,
-    };
-    let planner = Planner::new(&exp, &store, cx, Overrides::default());
-    let run_dir = RunDir::create(&exp, Some(&exp.base_dir.join("run"))).unwrap();
-    let opts = RunOptions {
-        jobs: 2,
-        progress: probex_engine::progress::ProgressMode::Quiet,
-        ..RunOptions::default()
-    };
-    probex_engine::run(&planner, &run_dir, &opts).unwrap_or_else(|d| panic!("{d}"))
-}
-
 #[test]
 fn embed_reads_the_label_vocabulary_of_a_layer_sweep_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -370,7 +347,7 @@ model_dir = "clip"
 "#;
     std::fs::write(dir.path().join("text.toml"), exp).unwrap();
     let cache = dir.path().join("cache");
-    let report = run(&dir.path().join("text.toml"), &cache);
+    let report = experiment::run(&dir.path().join("text.toml"), &cache, None, true);
     assert!(report.success(), "{report:#?}");
     let text: Vec<_> = report.nodes.iter().filter(|n| n.stage == "text").collect();
     assert_eq!(text.len(), 1, "one embed node for the whole sweep");
@@ -388,13 +365,13 @@ model_dir = "clip"
     assert!(max_abs_diff(&direct, &[table.row(i).to_vec()]) < 1e-5);
 
     // Cached the second time; a changed model file reruns the embedding.
-    let again = run(&dir.path().join("text.toml"), &cache);
+    let again = experiment::run(&dir.path().join("text.toml"), &cache, None, true);
     assert!(again.nodes.iter().all(|n| n.state == NodeState::Cached));
     let cfg = model.join("config.json");
     let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
     c["text_config"]["layer_norm_eps"] = 1e-6.into();
     std::fs::write(&cfg, c.to_string()).unwrap();
-    let third = run(&dir.path().join("text.toml"), &cache);
+    let third = experiment::run(&dir.path().join("text.toml"), &cache, None, true);
     let state = |r: &RunReport, stage: &str| {
         r.nodes
             .iter()
@@ -497,7 +474,7 @@ from = "probe"
 by = "val.top1"
 "#;
     std::fs::write(dir.join("search.toml"), exp).unwrap();
-    let report = run(&dir.join("search.toml"), &dir.join("cache"));
+    let report = experiment::run(&dir.join("search.toml"), &dir.join("cache"), None, true);
     assert!(report.success(), "{report:#?}");
     report.run_dir
 }

@@ -4,38 +4,17 @@
 //! fixture archive placed where `fetch` keeps downloads, so no client or network is needed.
 //! (One test per file: it sets `PROBEX_PACKAGES` for the whole process.)
 
+mod experiment;
+
 use std::io::Write;
 use std::path::Path;
 
 use probex_engine::cache::{Key, Store};
-use probex_engine::digest::FileDigests;
-use probex_engine::record::RunDir;
-use probex_engine::run::{NodeState, RunOptions};
-use probex_engine::{Overrides, PlanContext, Planner, RunReport};
+use probex_engine::run::NodeState;
 use probex_stages::collection::Collection;
 use probex_stages::dataset::{Labels, LayerDataset};
 use probex_stages::weights::reader::read_header;
 use probex_stages::zoo::fixture::write_fixture_package;
-
-fn run(exp: &Path, cache: &Path, offline: bool) -> RunReport {
-    let registry = probex_stages::registry();
-    let exp = probex_engine::load(exp, &registry).unwrap_or_else(|d| panic!("{d}"));
-    let store = Store::open(cache).unwrap();
-    let digests = FileDigests::in_memory();
-    let cx = PlanContext {
-        base_dir: &exp.base_dir,
-        digests: &digests,
-        offline,
-    };
-    let planner = Planner::new(&exp, &store, cx, Overrides::default());
-    let run_dir = RunDir::create(&exp, Some(&exp.base_dir.join("run"))).unwrap();
-    let opts = RunOptions {
-        jobs: 2,
-        progress: probex_engine::progress::ProgressMode::Quiet,
-        ..RunOptions::default()
-    };
-    probex_engine::run(&planner, &run_dir, &opts).unwrap_or_else(|d| panic!("{d}"))
-}
 
 /// A `.tgz` of `dir`'s `package/` folder, as `npm pack` makes them.
 fn tgz(dir: &Path) -> Vec<u8> {
@@ -103,7 +82,7 @@ label = {{ key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar1
     )
     .unwrap();
     let cache = w.path().join("cache");
-    let report = run(&exp, &cache, true);
+    let report = experiment::run(&exp, &cache, None, true);
     assert!(report.success(), "{:#?}", report.nodes);
     let store = Store::open(&cache).unwrap();
     let dir_of = |node: &str| {
@@ -164,6 +143,6 @@ label = {{ key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar1
     }
 
     // Everything is cached the second time, offline, without the package client.
-    let again = run(&exp, &cache, true);
+    let again = experiment::run(&exp, &cache, None, true);
     assert!(again.nodes.iter().all(|n| n.state == NodeState::Cached));
 }
