@@ -2,7 +2,7 @@
 
 use burn::prelude::*;
 
-use super::{ModelKind, ModelSpec, Net, TorchLinear, l2_normalize};
+use super::{ModelKind, ModelSpec, Net, TorchLinear, text_cosines};
 use crate::training::rng::Rng;
 
 /// Shapes of a Dense probe.
@@ -87,13 +87,6 @@ impl<B: Backend> Net<B> for DenseZeroshot<B> {
     }
 
     fn scores(&self, x: Tensor<B, 3>, text: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
-        let e = l2_normalize(self.encode(x));
-        match text {
-            Some(t) => e.matmul(l2_normalize(self.regression_head.forward(t)).transpose()),
-            None => {
-                let b = e.dims()[0];
-                Tensor::zeros([b, 0], &e.device())
-            }
-        }
+        text_cosines(self.encode(x), &self.regression_head, text)
     }
 }

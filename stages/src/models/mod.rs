@@ -326,6 +326,23 @@ pub fn param_ids<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamId> {
     burn::module::list_param_ids(module)
 }
 
+/// Zero-shot scores `[B, C]`: cosines between encodings `e` `[B, r_T]` and the class texts
+/// mapped by `head` into the same space; without `text` there are no classes (`[B, 0]`).
+pub fn text_cosines<B: Backend>(
+    e: Tensor<B, 2>,
+    head: &TorchLinear<B>,
+    text: Option<Tensor<B, 2>>,
+) -> Tensor<B, 2> {
+    let e = l2_normalize(e);
+    match text {
+        Some(t) => e.matmul(l2_normalize(head.forward(t)).transpose()),
+        None => {
+            let b = e.dims()[0];
+            Tensor::zeros([b, 0], &e.device())
+        }
+    }
+}
+
 /// L2-normalises the rows of `x` like `torch.nn.functional.normalize(x, dim=1)`.
 pub fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     let norm = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);

@@ -4,7 +4,7 @@
 use burn::prelude::*;
 
 use super::probex::{SplitLayer, encode_split, encode_with, init_encoder};
-use super::{ModelKind, ModelSpec, Net, TorchLinear, l2_normalize};
+use super::{ModelKind, ModelSpec, Net, TorchLinear, text_cosines};
 use crate::training::rng::Rng;
 
 /// Shapes of a zero-shot ProbeX model.
@@ -107,14 +107,7 @@ impl<B: Backend> Net<B> for ProbexZeroshot<B> {
 impl<B: Backend> ProbexZeroshot<B> {
     /// Cosines between encodings `e` and the projected `text` rows.
     fn cosines(&self, e: Tensor<B, 2>, text: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
-        let e = l2_normalize(e);
-        match text {
-            Some(t) => e.matmul(l2_normalize(self.regression_head.forward(t)).transpose()),
-            None => {
-                let b = e.dims()[0];
-                Tensor::zeros([b, 0], &e.device())
-            }
-        }
+        text_cosines(e, &self.regression_head, text)
     }
 }
 
