@@ -6,6 +6,7 @@
 
 mod describe;
 mod layers;
+mod route;
 mod search;
 
 use std::process::ExitCode;
@@ -35,6 +36,8 @@ enum Command {
     Search(search::SearchArgs),
     /// Say what one model file was probably trained on, with a trained probe
     Describe(describe::DescribeArgs),
+    /// Say which model tree each model file belongs to, with a fitted router, or none
+    Route(route::RouteArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Layers(args) => layers::run(&args),
         Command::Search(args) => search::run(&args),
         Command::Describe(args) => describe::run(&args),
+        Command::Route(args) => route::run(&args),
     };
     ExitCode::from(code as u8)
 }

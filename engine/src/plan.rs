@@ -316,6 +316,23 @@ impl<'a> Planner<'a> {
                             })
                             .collect()
                     }
+                    Sweep::Grid { dims, nodes } => {
+                        if nodes.is_empty() {
+                            return Err(err(format!(
+                                "stage `{}` selects nothing to sweep over {}",
+                                decl.name,
+                                dims.join(" x ")
+                            )));
+                        }
+                        nodes
+                            .into_iter()
+                            .map(|(values, p)| {
+                                let mut c = coords.clone();
+                                c.extend(dims.iter().map(|d| d.to_string()).zip(values));
+                                (c, p)
+                            })
+                            .collect()
+                    }
                 };
                 for (coords, params) in nodes {
                     match self.add_node(
@@ -511,6 +528,7 @@ pub fn artifact(node: &Node, entry: &Entry) -> Artifact {
     let stored = StoredOutcome::of(entry);
     Artifact {
         node: node.name.clone(),
+        stage: node.name.split('[').next().unwrap_or_default().to_string(),
         key: node.key.clone(),
         dir: entry.dir.clone(),
         coords: node.coords.clone(),

@@ -93,6 +93,15 @@ pub enum Sweep<P> {
         /// One entry per node: the coordinate value as shown to users, and that node's params.
         nodes: Vec<(String, P)>,
     },
+    /// One node per point of a grid of new coordinates, in order: (one value per coordinate,
+    /// params). `extract` over a routed collection sweeps `tree` x `layer` this way, because
+    /// each tree resolves its own layers.
+    Grid {
+        /// The coordinates' names, e.g. `["tree", "layer"]`.
+        dims: Vec<&'static str>,
+        /// One entry per node: its value along each of `dims`, and its params.
+        nodes: Vec<(Vec<String>, P)>,
+    },
 }
 
 /// Which shared device a node occupies while it runs.
@@ -126,6 +135,8 @@ pub type Coords = Vec<(String, String)>;
 pub struct Artifact {
     /// The upstream node's name (`probe[layer=59]`).
     pub node: String,
+    /// The declared stage it belongs to (`probe`): nodes of one sweep share it.
+    pub stage: String,
     /// Its cache key.
     pub key: Key,
     /// The directory holding its files (read-only).
@@ -478,6 +489,13 @@ impl<S: Stage> DynStage for S {
                 nodes: nodes
                     .into_iter()
                     .map(|(label, p)| Ok((label, ParamBox::new(p).map_err(anyhow::Error::msg)?)))
+                    .collect::<StageResult<_>>()?,
+            },
+            Sweep::Grid { dims, nodes } => Sweep::Grid {
+                dims,
+                nodes: nodes
+                    .into_iter()
+                    .map(|(values, p)| Ok((values, ParamBox::new(p).map_err(anyhow::Error::msg)?)))
                     .collect::<StageResult<_>>()?,
             },
         })

@@ -1,7 +1,7 @@
 //! The stage kinds of probex and the Burn models they use.
 //!
-//! Each stage kind is a module named after what it does (`fetch`, `zoo`, `extract`, `embed`,
-//! `train`, `select`, `evaluate`); the libraries they share (reading weights, labels, the layer dataset,
+//! Each stage kind is a module named after what it does (`fetch`, `zoo`, `route`, `extract`,
+//! `embed`, `train`, `select`, `evaluate`); the libraries they share (reading weights, labels, the layer dataset,
 //! models, training) are modules of their own.
 
 pub mod collection;
@@ -15,6 +15,7 @@ pub mod labels;
 pub mod models;
 pub mod packages;
 pub mod query;
+pub mod route;
 pub mod select;
 pub mod text;
 pub mod train;
@@ -33,6 +34,7 @@ pub fn registry() -> Registry {
         .register(train::Train)
         .register(select::stage::Select)
         .register(evaluate::stage::Evaluate)
-        .register(zoo::stage::Zoo);
+        .register(zoo::stage::Zoo)
+        .register(route::stage::Route);
     r
 }

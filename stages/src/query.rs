@@ -81,43 +81,9 @@ impl Probe {
                 return Ok(probe);
             }
         }
-        let status = path.join("status.json");
-        if !status.is_file() {
-            bail!(
-                "{}: neither a run directory (no status.json) nor a probe artifact (no {})",
-                path.display(),
-                files::CHECKPOINT
-            );
-        }
-        let run: RunStatus = serde_json::from_slice(
-            &std::fs::read(&status).with_context(|| format!("reading {}", status.display()))?,
-        )
-        .with_context(|| format!("{}: not a probex run record", status.display()))?;
-        let store = Store::open(&run.cache).with_context(|| {
-            format!(
-                "opening the run's cache {} (recorded in {})",
-                run.cache.display(),
-                status.display()
-            )
-        })?;
         let mut found = Vec::new();
-        for n in &run.nodes {
-            let usable = matches!(n.kind.as_str(), "train" | "select")
-                && matches!(n.state.as_str(), "cached" | "ran")
-                && stage.is_none_or(|s| s == n.node || s == n.stage);
-            if !usable {
-                continue;
-            }
-            let Some(entry) = store.get(&Key::parse(&n.key)?)? else {
-                bail!(
-                    "node `{}` of {} is no longer in the cache {} (collected?): run the \
-                     experiment again",
-                    n.node,
-                    path.display(),
-                    run.cache.display()
-                );
-            };
-            let probe = Probe::open(&entry.dir, n.node.clone())?;
+        for (n, dir) in finished_nodes(path, &["train", "select"], stage)? {
+            let probe = Probe::open(&dir, n.node.clone())?;
             if !zero_shot || probe.spec.kind.is_zero_shot() {
                 found.push((n.kind == "select", probe));
             }
@@ -171,13 +137,64 @@ struct RunStatus {
     nodes: Vec<RunNode>,
 }
 
-#[derive(Deserialize)]
-struct RunNode {
-    node: String,
-    stage: String,
-    kind: String,
+/// One node of a run record (`status.json`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct RunNode {
+    /// The node's name (`best_probex`, `probe[layer=5]`).
+    pub node: String,
+    /// Its declared stage.
+    pub stage: String,
+    /// Its stage kind.
+    pub kind: String,
     key: String,
     state: String,
+}
+
+/// The finished nodes of kinds `kinds` in the run directory `run` (filtered to one stage or
+/// node name if given), with their artifact directories in the run's cache.
+pub fn finished_nodes(
+    run: &Path,
+    kinds: &[&str],
+    stage: Option<&str>,
+) -> anyhow::Result<Vec<(RunNode, PathBuf)>> {
+    let status = run.join("status.json");
+    if !status.is_file() {
+        bail!(
+            "{}: neither a run directory (no status.json) nor an artifact directory",
+            run.display()
+        );
+    }
+    let record: RunStatus = serde_json::from_slice(
+        &std::fs::read(&status).with_context(|| format!("reading {}", status.display()))?,
+    )
+    .with_context(|| format!("{}: not a probex run record", status.display()))?;
+    let store = Store::open(&record.cache).with_context(|| {
+        format!(
+            "opening the run's cache {} (recorded in {})",
+            record.cache.display(),
+            status.display()
+        )
+    })?;
+    let mut found = Vec::new();
+    for n in record.nodes {
+        let usable = kinds.contains(&n.kind.as_str())
+            && matches!(n.state.as_str(), "cached" | "ran")
+            && stage.is_none_or(|s| s == n.node || s == n.stage);
+        if !usable {
+            continue;
+        }
+        let Some(entry) = store.get(&Key::parse(&n.key)?)? else {
+            bail!(
+                "node `{}` of {} is no longer in the cache {} (collected?): run the experiment \
+                 again",
+                n.node,
+                run.display(),
+                record.cache.display()
+            );
+        };
+        found.push((n, entry.dir));
+    }
+    Ok(found)
 }
 
 /// What a zero-shot probe's text side was made with (`text.json`, written by `train`).

@@ -267,6 +267,7 @@ fn embed_stage_reads_a_package_input_and_rejects_bad_combinations() {
     }
     let artifact = Artifact {
         node: "minilm".into(),
+        stage: "minilm".into(),
         key: Key::parse(&"0".repeat(64)).unwrap(),
         dir: pkg.path().to_path_buf(),
         coords: Vec::new(),

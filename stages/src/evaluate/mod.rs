@@ -5,6 +5,7 @@
 //! checked against scikit-learn on the same numbers (see `stages/tests/golden/`).
 
 pub mod downstream;
+pub mod experts;
 pub mod linalg;
 pub mod metrics;
 pub mod report;

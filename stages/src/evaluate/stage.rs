@@ -10,8 +10,14 @@
 //! classes where the probe has them), and the downstream tasks on its encodings with train
 //! models as reference and test models as queries: one-class classification by kNN distance
 //! and by Ledoit-Wolf Mahalanobis distance (ROC-AUC averaged over classes), kNN classification,
-//! and retrieval (CSV). Results are keyed by the selection's node name, e.g.
+//! and retrieval (CSV). Results are keyed by the selection's stage name, e.g.
 //! `report.best_probex.test.accuracy` in an `[expect]` table.
+//!
+//! A selection that fans out over model trees (`select` with `for_each = "tree"`) is one
+//! method, a mixture of tree experts: its test metrics are those of every tree's test models,
+//! each predicted by its own tree's expert. With a routing in `from` (a `route` stage), the
+//! report also shows the routing (true against assigned tree) and each method's test metric
+//! per true tree.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,12 +25,14 @@ use probex_engine::{Artifact, InputSlot, Inputs, Outcome, RunContext, Stage, Sta
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::experts::{ByTree, TestRows, weighted_means};
 use super::report::{Block, Column, MethodRow, Report, Section, format_params, table_csv};
 use super::{
     Encodings, OneClassMethod, Targets, TieBreak, knn_classify, one_class_auc, one_query_per_class,
     retrieval_csv, retrieval_top_k,
 };
 use crate::dataset::{Labels, Split};
+use crate::route::{self, Routing};
 use crate::select::stage::ARTIFACT as SELECTION;
 use crate::train::{read_outputs, read_rows};
 
@@ -78,7 +86,10 @@ impl Stage for Evaluate {
         ARTIFACT
     }
     fn inputs(&self) -> Vec<InputSlot> {
-        vec![InputSlot::many(SELECTION)]
+        vec![
+            InputSlot::many(SELECTION).gathered(),
+            InputSlot::optional(route::ARTIFACT),
+        ]
     }
 
     fn check(&self, p: &EvaluateParams) -> Result<(), String> {
@@ -94,52 +105,57 @@ impl Stage for Evaluate {
         let mut rows = Vec::new();
         let mut downstream_rows = Vec::new();
         let mut publish = vec!["report.md".to_string(), "methods.csv".to_string()];
-        for sel in inputs.all(SELECTION) {
-            let method = sel.node.clone();
-            let model = sel
-                .meta
-                .get("model")
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_string();
-            let params = sel.meta.get("params").and_then(Value::as_u64);
-            let layer = sel
-                .meta
-                .get("chosen_layer")
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_string();
-            let mut r = sel.results.clone().unwrap_or_else(|| json!({}));
-            let mut row = MethodRow::new(format!("{model} (`{method}`, layer {layer})"), params);
-            for split in ["test", "test_holdout"] {
-                if let Some(Value::Object(m)) = r.get(split) {
-                    for (k, v) in m {
-                        if let (Some(v), true) = (v.as_f64(), k != "loss") {
-                            row = row.with(format!("{split}.{k}"), v);
+        let routing = match inputs.optional(route::ARTIFACT)? {
+            Some(a) => Some(Routing::load(&a.dir)?),
+            None => None,
+        };
+        let truth = routing.as_ref().map(Routing::truths).unwrap_or_default();
+        let mut per_tree: Vec<(String, ByTree)> = Vec::new();
+        for group in by_stage(inputs.all(SELECTION)) {
+            let method = group[0].stage.clone();
+            let (row, mut r, test_rows) = if let [sel] = group.as_slice()
+                && !sel.coords.iter().any(|(d, _)| d == "tree")
+            {
+                let (row, mut r) = single_row(sel);
+                if p.downstream {
+                    match downstream(sel, p, cx, &method) {
+                        Ok((values, files)) => {
+                            let mut drow = MethodRow::new(row.method.clone(), row.params);
+                            for (k, v) in &values {
+                                drow = drow.with(k.clone(), *v);
+                            }
+                            downstream_rows.push(drow);
+                            publish.extend(files);
+                            r = with(r, "downstream", json!(values));
                         }
+                        Err(e) => cx.log(format!("{method}: downstream tasks skipped: {e:#}")),
                     }
                 }
+                let test_rows = if truth.is_empty() {
+                    None
+                } else {
+                    TestRows::read(&sel.dir)?
+                };
+                (row, r, test_rows)
+            } else {
+                cx.log(format!(
+                    "{method}: {} experts pooled; downstream tasks run on single probes only",
+                    group.len()
+                ));
+                experts_row(&group)?
+            };
+            if let Some(rows) = &test_rows
+                && !truth.is_empty()
+            {
+                let b = rows.by_truth(&truth);
+                let by_tree: serde_json::Map<String, Value> = b
+                    .iter()
+                    .map(|(t, (n, v))| (t.clone(), json!({ "models": n, rows.headline(): v })))
+                    .collect();
+                r = with(r, "by_tree", Value::Object(by_tree));
+                per_tree.push((row.method.clone(), b));
             }
             rows.push(row);
-            if p.downstream {
-                match downstream(sel, p, cx, &method) {
-                    Ok((values, files)) => {
-                        let mut drow = MethodRow::new(format!("{model} (`{method}`)"), params);
-                        for (k, v) in &values {
-                            drow = drow.with(k.clone(), *v);
-                        }
-                        downstream_rows.push(drow);
-                        publish.extend(files);
-                        if let Some(obj) = r.as_object_mut() {
-                            obj.insert("downstream".into(), json!(values));
-                        }
-                    }
-                    Err(e) => cx.log(format!("{method}: downstream tasks skipped: {e:#}")),
-                }
-            }
-            if let Some(obj) = r.as_object_mut() {
-                obj.insert("model".into(), model.clone().into());
-            }
             results.insert(method, r);
         }
 
@@ -169,6 +185,12 @@ impl Stage for Evaluate {
                 )
             })
             .collect();
+        if let Some(routing) = &routing {
+            sections.push(routing_section(routing));
+        }
+        if !per_tree.is_empty() {
+            sections.push(per_tree_section(&per_tree));
+        }
         sections.push(Section {
             heading: "Parameters".into(),
             blocks: vec![Block::Facts(facts)],
@@ -185,6 +207,191 @@ impl Stage for Evaluate {
             summary: Some(main),
             publish,
         })
+    }
+}
+
+/// Selections grouped by declared stage, in the order they came: a stage that fans out over
+/// trees is one method.
+fn by_stage(selections: &[Artifact]) -> Vec<Vec<&Artifact>> {
+    let mut groups: Vec<Vec<&Artifact>> = Vec::new();
+    for sel in selections {
+        match groups.iter_mut().find(|g| g[0].stage == sel.stage) {
+            Some(g) => g.push(sel),
+            None => groups.push(vec![sel]),
+        }
+    }
+    groups
+}
+
+fn with(mut r: Value, key: &str, v: Value) -> Value {
+    if let Some(obj) = r.as_object_mut() {
+        obj.insert(key.into(), v);
+    }
+    r
+}
+
+fn model_of(sel: &Artifact) -> String {
+    sel.meta
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn layer_of(sel: &Artifact) -> String {
+    sel.meta
+        .get("chosen_layer")
+        .and_then(Value::as_str)
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// The row and results of one selected probe.
+fn single_row(sel: &Artifact) -> (MethodRow, Value) {
+    let model = model_of(sel);
+    let params = sel.meta.get("params").and_then(Value::as_u64);
+    let mut row = MethodRow::new(
+        format!("{model} (`{}`, layer {})", sel.stage, layer_of(sel)),
+        params,
+    );
+    let r = sel.results.clone().unwrap_or_else(|| json!({}));
+    for split in ["test", "test_holdout"] {
+        if let Some(Value::Object(m)) = r.get(split) {
+            for (k, v) in m {
+                if let (Some(v), true) = (v.as_f64(), k != "loss") {
+                    row = row.with(format!("{split}.{k}"), v);
+                }
+            }
+        }
+    }
+    (row, with(r, "model", model.into()))
+}
+
+/// The row and results of one expert per tree, scored as one method over all their test
+/// models, and the pooled test rows.
+fn experts_row(group: &[&Artifact]) -> StageResult<(MethodRow, Value, Option<TestRows>)> {
+    let stage = &group[0].stage;
+    let tree = |sel: &Artifact| {
+        sel.coords
+            .iter()
+            .find(|(d, _)| d == "tree")
+            .map_or_else(|| sel.node.clone(), |(_, v)| v.clone())
+    };
+    let models: BTreeSet<String> = group.iter().map(|s| model_of(s)).collect();
+    let model = models.into_iter().collect::<Vec<_>>().join("+");
+    let params: Option<u64> = group
+        .iter()
+        .map(|s| s.meta.get("params").and_then(Value::as_u64))
+        .sum();
+    let mut parts = Vec::new();
+    let mut experts = Vec::new();
+    for sel in group {
+        let rows = TestRows::read(&sel.dir)?;
+        let test = sel.results.as_ref().and_then(|r| r.get("test")).cloned();
+        experts.push(json!({
+            "tree": tree(sel),
+            "layer": layer_of(sel),
+            "models": rows.as_ref().map_or(0, TestRows::len),
+            "test": test,
+        }));
+        parts.push(rows);
+    }
+    let parts: Option<Vec<TestRows>> = parts.into_iter().collect();
+    let pooled = parts.as_deref().and_then(TestRows::concat);
+    let metrics = match (&pooled, &parts) {
+        (Some(all), _) => all.metrics(),
+        // Different vocabularies per tree: the means over rows still pool exactly.
+        (None, Some(parts)) => {
+            let ms: Vec<_> = parts.iter().map(TestRows::metrics).collect();
+            let weighted: Vec<(usize, &_)> = parts.iter().map(TestRows::len).zip(&ms).collect();
+            weighted_means(&weighted)
+        }
+        (None, None) => anyhow::bail!(
+            "`{stage}`: experts of regression probes cannot be pooled yet; evaluate each tree's \
+             selection on its own"
+        ),
+    };
+    let layers: Vec<String> = group.iter().map(|s| layer_of(s)).collect();
+    let mut row = MethodRow::new(
+        format!(
+            "{model} experts (`{stage}`, {} trees, layers {})",
+            group.len(),
+            layers.join("/")
+        ),
+        params,
+    );
+    for (k, v) in &metrics {
+        if k != "loss" {
+            row = row.with(format!("test.{k}"), *v);
+        }
+    }
+    let r = json!({
+        "model": model,
+        "trees": group.len(),
+        "test": metrics,
+        "experts": experts,
+    });
+    Ok((row, r, pooled))
+}
+
+/// The routing: trees found, the share routed home per split, and the test confusion.
+fn routing_section(routing: &Routing) -> Section {
+    let mut facts: Vec<(String, String)> = routing
+        .trees
+        .iter()
+        .map(|t| {
+            (
+                format!("tree {}", t.index),
+                format!(
+                    "{} training models{}; threshold {:.4} (radius {:.4})",
+                    t.train,
+                    t.truth
+                        .as_ref()
+                        .map(|s| format!(", mostly `{s}`"))
+                        .unwrap_or_default(),
+                    t.threshold,
+                    t.radius
+                ),
+            )
+        })
+        .collect();
+    for s in routing.score() {
+        facts.push((
+            format!("{} models", s.split),
+            format!(
+                "{}, {} to no known tree{}",
+                s.models,
+                s.rejected,
+                s.accuracy
+                    .map(|a| format!(", routed to their true tree: {a:.3}"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    Section {
+        heading: "Routing (true tree against the tree each test model was routed to)".into(),
+        blocks: vec![
+            Block::Facts(facts),
+            Block::Markdown(routing.confusion_table(Split::Test)),
+        ],
+    }
+}
+
+/// Each method's headline test metric per true tree.
+fn per_tree_section(per_tree: &[(String, ByTree)]) -> Section {
+    let rows: Vec<MethodRow> = per_tree
+        .iter()
+        .map(|(method, b)| {
+            b.iter()
+                .fold(MethodRow::new(method.clone(), None), |row, (t, (_, v))| {
+                    row.with(t.clone(), *v)
+                })
+        })
+        .collect();
+    let columns = columns_of(&rows);
+    Section {
+        heading: "Test metric per true tree (accuracy, or top-1 for class labels)".into(),
+        blocks: vec![Block::Table { rows, columns }],
     }
 }
 

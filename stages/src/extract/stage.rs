@@ -10,6 +10,11 @@
 //! The stage fans out over `layer` (one node, one cache entry per layer, so any experiment
 //! asking for that layer reuses it) and runs all layers that need computing in one pass over
 //! the model files.
+//!
+//! Reading a routing (`from = "router"`, a `route` stage) instead of a collection, it fans out
+//! over `tree` x `layer`: one dataset per model tree and layer, holding the models the router
+//! placed in that tree (models in no known tree are left out), each tree's layers resolved
+//! against its own first model.
 
 use std::collections::BTreeMap;
 
@@ -19,7 +24,9 @@ use serde::{Deserialize, Serialize};
 use super::{ExtractOptions, LayerOutput, NonFinitePolicy, SplitSource, extract, resolve_layers};
 use crate::collection::{self, Collection};
 use crate::dataset::{self, Precision};
+use crate::extract::ModelSource;
 use crate::labels::{LabelSpec, OnError};
+use crate::route::{self, Routing};
 use crate::weights::{LayerMode, LayerSelector};
 
 /// The artifact type of a layer dataset.
@@ -48,6 +55,9 @@ pub struct ExtractParams {
     /// Unreadable files, missing tensors, shape mismatches: fail or skip the model.
     #[serde(default)]
     pub on_bad_file: OnError,
+    /// With a routing input: only this tree (the sweep sets it for each node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<usize>,
 }
 
 /// The `extract` stage kind.
@@ -69,7 +79,10 @@ impl Stage for Extract {
         ARTIFACT
     }
     fn inputs(&self) -> Vec<InputSlot> {
-        vec![InputSlot::one(collection::ARTIFACT)]
+        vec![
+            InputSlot::optional(collection::ARTIFACT),
+            InputSlot::optional(route::ARTIFACT),
+        ]
     }
 
     fn sweep(
@@ -82,25 +95,50 @@ impl Stage for Extract {
         let Some(inputs) = inputs else {
             return Ok(Sweep::NeedsInputs);
         };
-        let models = Collection::load(&inputs.one(collection::ARTIFACT)?.dir)?;
-        let Some(first) = models.models.first() else {
-            anyhow::bail!("the model collection is empty");
+        let node = |tree: Option<usize>, index: usize| ExtractParams {
+            layers: LayerSelector::Index(index),
+            tree,
+            ..p.clone()
         };
-        let layers = resolve_layers(&first.path, &p.layers, p.mode)?;
-        Ok(Sweep::Many {
-            dim: "layer",
-            nodes: layers
-                .into_iter()
-                .map(|l| {
-                    (
-                        l.index.to_string(),
-                        ExtractParams {
-                            layers: LayerSelector::Index(l.index),
-                            ..p.clone()
-                        },
-                    )
-                })
-                .collect(),
+        let Source::Routed(routing) = Source::of(inputs)? else {
+            let models = models_of(inputs, p.tree)?;
+            let layers = resolve_layers(&models[0].path, &p.layers, p.mode)?;
+            return Ok(Sweep::Many {
+                dim: "layer",
+                nodes: layers
+                    .into_iter()
+                    .map(|l| (l.index.to_string(), node(None, l.index)))
+                    .collect(),
+            });
+        };
+        let mut nodes = Vec::new();
+        for t in &routing.trees {
+            if p.tree.is_some_and(|k| k != t.index) {
+                continue;
+            }
+            let members = routing.members(t.index);
+            let Some(first) = members.first() else {
+                continue;
+            };
+            for l in resolve_layers(&first.path, &p.layers, p.mode)? {
+                nodes.push((
+                    vec![t.index.to_string(), l.index.to_string()],
+                    node(Some(t.index), l.index),
+                ));
+            }
+        }
+        if let Some(k) = p.tree
+            && nodes.is_empty()
+        {
+            anyhow::bail!(
+                "`tree` = {k}, but the routing has {} trees (0 to {})",
+                routing.trees.len(),
+                routing.trees.len().saturating_sub(1)
+            );
+        }
+        Ok(Sweep::Grid {
+            dims: vec!["tree", "layer"],
+            nodes,
         })
     }
 
@@ -156,12 +194,57 @@ impl Stage for Extract {
     }
 }
 
-fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageResult<Vec<Outcome>> {
-    let models = Collection::load(&inputs.one(collection::ARTIFACT)?.dir)?;
-    let Some(first) = models.models.first() else {
-        anyhow::bail!("the model collection is empty")
+/// What `extract` reads: a collection, or the trees of a routing.
+enum Source {
+    Collection(Collection),
+    Routed(Box<Routing>),
+}
+
+impl Source {
+    fn of(inputs: &Inputs) -> StageResult<Source> {
+        match (
+            inputs.optional(collection::ARTIFACT)?,
+            inputs.optional(route::ARTIFACT)?,
+        ) {
+            (Some(c), None) => Ok(Source::Collection(Collection::load(&c.dir)?)),
+            (None, Some(r)) => Ok(Source::Routed(Box::new(Routing::load(&r.dir)?))),
+            (None, None) => anyhow::bail!(
+                "`from` names no model collection (a `fetch` or `zoo` stage) or routing (a \
+                 `route` stage)"
+            ),
+            (Some(_), Some(_)) => {
+                anyhow::bail!("`from` names both a model collection and a routing: name one")
+            }
+        }
+    }
+}
+
+/// The models a node reads: the collection, or tree `tree` of the routing.
+fn models_of(inputs: &Inputs, tree: Option<usize>) -> StageResult<Vec<ModelSource>> {
+    let models = match (Source::of(inputs)?, tree) {
+        (Source::Collection(c), None) => c.models,
+        (Source::Collection(_), Some(_)) => {
+            anyhow::bail!("`tree` needs a routing input (a `route` stage in `from`)")
+        }
+        (Source::Routed(r), Some(k)) => r.members(k),
+        (Source::Routed(r), None) => anyhow::bail!(
+            "reading a routing, each node reads one tree; this one has none ({} trees)",
+            r.trees.len()
+        ),
     };
+    if models.is_empty() {
+        anyhow::bail!(match tree {
+            Some(k) => format!("tree {k} holds no models"),
+            None => "the model collection is empty".to_string(),
+        });
+    }
+    Ok(models)
+}
+
+fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageResult<Vec<Outcome>> {
     let (p, lead) = jobs[0];
+    let models = models_of(inputs, p.tree)?;
+    let first = &models[0];
     let mut outputs = Vec::new();
     for (q, cx) in jobs {
         let mut layer = resolve_layers(&first.path, &q.layers, q.mode)?;
@@ -178,9 +261,10 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
         });
     }
     lead.log(format!(
-        "extracting {} layers from {} models in one pass",
+        "extracting {} layers from {} models in one pass{}",
         outputs.len(),
-        models.models.len()
+        models.len(),
+        p.tree.map(|k| format!(" (tree {k})")).unwrap_or_default()
     ));
     let opts = ExtractOptions {
         precision: p.precision,
@@ -193,7 +277,7 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(lead.threads())
         .build()?;
-    let report = pool.install(|| extract(&models.models, &outputs, &p.label, &opts))?;
+    let report = pool.install(|| extract(&models, &outputs, &p.label, &opts))?;
     for f in &report.non_finite {
         lead.log(format!(
             "non-finite weights in {} ({}): {} NaN, {} Inf -> {}",

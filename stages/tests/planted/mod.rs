@@ -43,9 +43,27 @@ pub fn planted_tree(
     d_w: usize,
     seed: u64,
 ) -> Vec<(PathBuf, Vec<&'static str>)> {
+    planted_tree_named(dir, "model", None, 1.0, n, d_h, d_w, seed)
+}
+
+/// As [`planted_tree`], with files named `{name}_XXXX.safetensors`, metadata `subset = name`
+/// (the tree, as Model-J records it) and, if given, every model in `split`. The base is scaled
+/// by `base_scale`: trees with different seeds have different bases, and a large scale puts
+/// them far apart, as real bases are compared with their fine-tunes.
+#[allow(clippy::too_many_arguments)]
+pub fn planted_tree_named(
+    dir: &Path,
+    name: &str,
+    split: Option<&str>,
+    base_scale: f32,
+    n: usize,
+    d_h: usize,
+    d_w: usize,
+    seed: u64,
+) -> Vec<(PathBuf, Vec<&'static str>)> {
     std::fs::create_dir_all(dir).unwrap();
     let mut rng = Rng::new(seed);
-    let base: Vec<f32> = (0..d_h * d_w).map(|_| rng.uniform()).collect();
+    let base: Vec<f32> = (0..d_h * d_w).map(|_| base_scale * rng.uniform()).collect();
     let patterns: Vec<Vec<f32>> = CLASSES
         .iter()
         .map(|_| (0..d_h * d_w).map(|_| rng.uniform()).collect())
@@ -67,11 +85,11 @@ pub fn planted_tree(
         }
         let bias: Vec<f32> = (0..d_h).map(|_| rng.uniform()).collect();
         let head: Vec<f32> = (0..3 * d_h).map(|_| rng.uniform()).collect();
-        let split = match i % 10 {
+        let split = split.unwrap_or(match i % 10 {
             0 | 1 => "val",
             2 | 3 => "test",
             _ => "train",
-        };
+        });
         let targets = format!(
             "[{}]",
             chosen
@@ -83,12 +101,13 @@ pub fn planted_tree(
         let meta = HashMap::from([
             ("dataset_chosen_targets".to_string(), targets),
             ("split".to_string(), split.to_string()),
+            ("subset".to_string(), name.to_string()),
             (
                 "learning_rate".to_string(),
                 format!("{}", 1e-3 * (1 + i % 3) as f64),
             ),
         ]);
-        let path = dir.join(format!("model_{i:04}.safetensors"));
+        let path = dir.join(format!("{name}_{i:04}.safetensors"));
         write(
             &path,
             &[

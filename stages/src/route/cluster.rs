@@ -1,0 +1,264 @@
+//! Hierarchical clustering of weight vectors: pairwise distances, average linkage, cuts.
+//!
+//! Models fine-tuned from one base sit close together; bases sit far apart. Average linkage
+//! (UPGMA) merges the closest clusters first, so the merges inside trees come before the merges
+//! between them, and cutting the dendrogram below the first between-tree merge recovers the
+//! trees. The merges are found with the nearest-neighbour chain algorithm: O(n²) time and
+//! memory for n models, where the textbook loop is O(n³).
+
+use rayon::prelude::*;
+
+/// One merge of the dendrogram: the clusters holding points `a` and `b` join at `height`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Merge {
+    /// A point of the first cluster.
+    pub a: usize,
+    /// A point of the second cluster.
+    pub b: usize,
+    /// The average distance between the two clusters' points.
+    pub height: f64,
+}
+
+/// Euclidean distances between the `n` rows of `x` (`[n, d]`, row-major), as a full `n x n`
+/// matrix. Accumulates in f64 per block so that long vectors of similar weights keep their
+/// small differences.
+pub fn pairwise_distances(x: &[f32], n: usize, d: usize) -> Vec<f64> {
+    assert_eq!(x.len(), n * d, "rows must be n x d");
+    let rows: Vec<Vec<f64>> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let a = &x[i * d..(i + 1) * d];
+            (0..n)
+                .map(|j| {
+                    if j <= i {
+                        0.0
+                    } else {
+                        squared_distance(a, &x[j * d..(j + 1) * d]).sqrt()
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let mut m = vec![0.0; n * n];
+    for (i, row) in rows.iter().enumerate() {
+        for j in i + 1..n {
+            m[i * n + j] = row[j];
+            m[j * n + i] = row[j];
+        }
+    }
+    m
+}
+
+/// The squared Euclidean distance of two equally long vectors.
+pub fn squared_distance(a: &[f32], b: &[f32]) -> f64 {
+    let mut total = 0.0f64;
+    for (ca, cb) in a.chunks(1024).zip(b.chunks(1024)) {
+        // Eight independent lanes vectorise; each block is summed in f64.
+        let mut lanes = [0.0f32; 8];
+        let (ha, ta) = ca.split_at(ca.len() / 8 * 8);
+        let (hb, tb) = cb.split_at(ha.len());
+        for (xa, xb) in ha.chunks_exact(8).zip(hb.chunks_exact(8)) {
+            for l in 0..8 {
+                let t = xa[l] - xb[l];
+                lanes[l] += t * t;
+            }
+        }
+        let tail: f32 = ta.iter().zip(tb).map(|(p, q)| (p - q) * (p - q)).sum();
+        total += lanes.iter().map(|&v| v as f64).sum::<f64>() + tail as f64;
+    }
+    total
+}
+
+/// The merges of average-linkage clustering of `n` points with distance matrix `dist`
+/// (`n x n`), sorted by height (ties keep the order they were found in). `n - 1` merges.
+pub fn average_linkage(mut dist: Vec<f64>, n: usize) -> Vec<Merge> {
+    assert_eq!(dist.len(), n * n, "distances must be n x n");
+    let mut active = vec![true; n];
+    let mut size = vec![1usize; n];
+    let mut merges = Vec::with_capacity(n.saturating_sub(1));
+    let mut chain: Vec<usize> = Vec::new();
+    let mut remaining = n;
+    while remaining > 1 {
+        if chain.is_empty() {
+            chain.push(active.iter().position(|&a| a).unwrap_or(0));
+        }
+        // Grow the chain until its last two links are each other's nearest neighbours.
+        let (a, b) = loop {
+            let a = chain[chain.len() - 1];
+            let prev = (chain.len() >= 2).then(|| chain[chain.len() - 2]);
+            // The previous link wins ties, which guarantees termination.
+            let mut best = prev.map(|p| (p, dist[a * n + p]));
+            for k in 0..n {
+                if !active[k] || k == a {
+                    continue;
+                }
+                let d = dist[a * n + k];
+                if best.is_none_or(|(_, bd)| d < bd) {
+                    best = Some((k, d));
+                }
+            }
+            let Some((b, _)) = best else {
+                unreachable!("at least two clusters are active")
+            };
+            if Some(b) == prev {
+                chain.pop();
+                chain.pop();
+                break (a, b);
+            }
+            chain.push(b);
+        };
+        let height = dist[a * n + b];
+        // Lance-Williams update for average linkage; the merged cluster lives in slot `b`.
+        let (sa, sb) = (size[a] as f64, size[b] as f64);
+        for k in 0..n {
+            if active[k] && k != a && k != b {
+                let d = (sa * dist[a * n + k] + sb * dist[b * n + k]) / (sa + sb);
+                dist[b * n + k] = d;
+                dist[k * n + b] = d;
+            }
+        }
+        active[a] = false;
+        size[b] += size[a];
+        merges.push(Merge { a, b, height });
+        remaining -= 1;
+    }
+    merges.sort_by(|x, y| x.height.total_cmp(&y.height));
+    merges
+}
+
+/// Cluster labels of `n` points after applying the first `apply` of `merges` (sorted by
+/// height): labels count from 0 in order of each cluster's first point.
+pub fn cut(n: usize, merges: &[Merge], apply: usize) -> Vec<usize> {
+    let mut parent: Vec<usize> = (0..n).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    for m in merges.iter().take(apply) {
+        let (ra, rb) = (root(&mut parent, m.a), root(&mut parent, m.b));
+        if ra != rb {
+            parent[ra.max(rb)] = ra.min(rb);
+        }
+    }
+    let mut label_of_root = vec![usize::MAX; n];
+    let mut next = 0;
+    (0..n)
+        .map(|i| {
+            let r = root(&mut parent, i);
+            if label_of_root[r] == usize::MAX {
+                label_of_root[r] = next;
+                next += 1;
+            }
+            label_of_root[r]
+        })
+        .collect()
+}
+
+/// Where the merge heights (sorted) jump the most: the number of merges below the largest
+/// ratio `h[i+1] / h[i]`, if that ratio is at least `min_ratio`. Trees show up as such a jump:
+/// siblings are far closer to each other than bases are.
+pub fn largest_gap(heights: &[f64], min_ratio: f64) -> Option<usize> {
+    let top = heights.iter().copied().fold(0.0f64, f64::max);
+    let floor = top * 1e-9;
+    let mut best: Option<(usize, f64)> = None;
+    for i in 0..heights.len().saturating_sub(1) {
+        let (lo, hi) = (heights[i].max(floor), heights[i + 1]);
+        if lo <= 0.0 {
+            continue;
+        }
+        let ratio = hi / lo;
+        if ratio >= min_ratio && best.is_none_or(|(_, r)| ratio > r) {
+            best = Some((i + 1, ratio));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn points(centres: &[(f32, f32)], per: usize, spread: f32) -> Vec<f32> {
+        let mut x = Vec::new();
+        let mut s = 1u32;
+        for &(cx, cy) in centres {
+            for _ in 0..per {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let u = (s >> 8) as f32 / (1 << 24) as f32 - 0.5;
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let v = (s >> 8) as f32 / (1 << 24) as f32 - 0.5;
+                x.extend([cx + spread * u, cy + spread * v]);
+            }
+        }
+        x
+    }
+
+    #[test]
+    fn distances_are_euclidean_and_symmetric() {
+        let x = [0.0, 0.0, 3.0, 4.0, 6.0, 8.0];
+        let d = pairwise_distances(&x, 3, 2);
+        assert_eq!(d, vec![0.0, 5.0, 10.0, 5.0, 0.0, 5.0, 10.0, 5.0, 0.0]);
+    }
+
+    #[test]
+    fn long_vectors_keep_small_differences() {
+        // 1e6 weights near 1000 that differ by 1e-3 each: f32 sums of squares would drift.
+        let a = vec![1000.0f32; 1_000_003];
+        let b: Vec<f32> = a.iter().map(|v| v + 0.001).collect();
+        let d2 = squared_distance(&a, &b);
+        let exact: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| ((q - p) as f64).powi(2))
+            .sum();
+        assert!((d2 - exact).abs() / exact < 1e-5, "{d2} vs {exact}");
+    }
+
+    #[test]
+    fn average_linkage_matches_the_textbook_definition() {
+        // Four points on a line: 0, 1, 5, 11. Average linkage merges {0,1} at 1, then
+        // {0,1}+{5} at (5+4)/2 = 4.5, then everything with {11} at (11+10+6)/3 = 9.
+        let x = [0.0f32, 1.0, 5.0, 11.0];
+        let m = average_linkage(pairwise_distances(&x, 4, 1), 4);
+        let h: Vec<f64> = m.iter().map(|m| m.height).collect();
+        assert_eq!(h, vec![1.0, 4.5, 9.0]);
+        assert_eq!(cut(4, &m, 1), vec![0, 0, 1, 2]);
+        assert_eq!(cut(4, &m, 2), vec![0, 0, 0, 1]);
+        assert_eq!(cut(4, &m, 3), vec![0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn three_separated_groups_are_found_by_the_gap() {
+        let x = points(&[(0.0, 0.0), (50.0, 0.0), (0.0, 80.0)], 20, 1.0);
+        let n = 60;
+        let m = average_linkage(pairwise_distances(&x, n, 2), n);
+        let h: Vec<f64> = m.iter().map(|m| m.height).collect();
+        let apply = largest_gap(&h, 3.0).expect("a gap");
+        assert_eq!(n - apply, 3);
+        let labels = cut(n, &m, apply);
+        for (i, &l) in labels.iter().enumerate() {
+            assert_eq!(l, i / 20, "point {i}");
+        }
+    }
+
+    #[test]
+    fn one_group_has_no_gap() {
+        let x = points(&[(0.0, 0.0)], 40, 1.0);
+        let m = average_linkage(pairwise_distances(&x, 40, 2), 40);
+        let h: Vec<f64> = m.iter().map(|m| m.height).collect();
+        assert_eq!(largest_gap(&h, 3.0), None);
+    }
+
+    #[test]
+    fn identical_points_do_not_break_the_gap() {
+        let mut x = vec![0.0f32; 10];
+        x.extend([100.0f32; 10]);
+        let m = average_linkage(pairwise_distances(&x, 20, 1), 20);
+        let h: Vec<f64> = m.iter().map(|m| m.height).collect();
+        assert_eq!(largest_gap(&h, 3.0), Some(18));
+        assert_eq!(cut(20, &m, 18).iter().filter(|&&l| l == 1).count(), 10);
+    }
+}

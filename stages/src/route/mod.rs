@@ -1,0 +1,767 @@
+//! Tree experts: finding the model trees in a mixed collection and routing models to them.
+//!
+//! Learning on weights works within one model tree (models fine-tuned from one base) and fails
+//! across trees, so a mixed collection is first split into its trees, and each tree gets its
+//! own expert probes. The router works in two steps, as the paper's does: architectures
+//! separate first (models with other tensors cannot share a tree), then, within one
+//! architecture, average-linkage clustering of the training models' weights finds the trees.
+//! A new model goes to the tree whose centre (the mean of its training models) is nearest, or
+//! to no known tree when it is farther from every centre than that tree's threshold, which is
+//! calibrated on validation models.
+//!
+//! [`fit`] is the algorithm on plain vectors; [`Routing`] is the artifact the `route` stage
+//! writes and `extract` and `evaluate` read.
+
+pub mod cluster;
+pub mod stage;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::dataset::{LayerInfo, Split};
+use crate::extract::ModelSource;
+use crate::weights::Header;
+
+/// The artifact type of a routing.
+pub const ARTIFACT: &str = "routing";
+/// The routing table inside the artifact.
+pub const FILE: &str = "routing.json";
+/// The tree centres inside the artifact (`tree.{k}`, one vector each).
+pub const CENTROIDS: &str = "centroids.safetensors";
+
+/// How many trees to find.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TreeCount {
+    /// Within each architecture, cut the dendrogram at the largest jump in merge height (one
+    /// tree when no jump is large enough).
+    #[default]
+    Auto,
+    /// Exactly this many trees in all (each architecture is at least one).
+    Fixed(usize),
+}
+
+impl Serialize for TreeCount {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TreeCount::Auto => s.serialize_str("auto"),
+            TreeCount::Fixed(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TreeCount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = TreeCount;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of trees (at least 1) or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<TreeCount, E> {
+                match usize::try_from(v) {
+                    Ok(n) if n >= 1 => Ok(TreeCount::Fixed(n)),
+                    _ => Err(E::custom(format!(
+                        "{v} trees: give at least 1, or \"auto\""
+                    ))),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<TreeCount, E> {
+                match u64::try_from(v) {
+                    Ok(u) => self.visit_u64(u),
+                    Err(_) => Err(E::custom(format!(
+                        "{v} trees: give at least 1, or \"auto\""
+                    ))),
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TreeCount, E> {
+                if v == "auto" {
+                    Ok(TreeCount::Auto)
+                } else {
+                    Err(E::custom(format!(
+                        "`{v}`: expected a number of trees or \"auto\""
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The clustering and calibration settings of [`fit`].
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// How many trees.
+    pub trees: TreeCount,
+    /// With [`TreeCount::Auto`]: the smallest ratio between consecutive merge heights that
+    /// counts as a jump between trees.
+    pub gap: f64,
+    /// A tree's threshold is `margin` times the distance of its farthest training or
+    /// validation model from its centre.
+    pub margin: f64,
+}
+
+/// One model as [`fit`] sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Point<'a> {
+    /// Its architecture (an index; models of different architectures never share a tree).
+    pub arch: usize,
+    /// Its split: training models define the trees, validation models calibrate thresholds.
+    pub split: Split,
+    /// Its weights (the routing layers, concatenated and sampled).
+    pub features: &'a [f32],
+}
+
+/// A tree found by [`fit`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct FittedTree {
+    /// Its architecture.
+    pub arch: usize,
+    /// The mean of its training models.
+    pub centroid: Vec<f32>,
+    /// The largest distance of one of its training models from the centroid.
+    pub radius: f64,
+    /// Models farther than this from the centroid are not of this tree.
+    pub threshold: f64,
+    /// Its training models (point indices).
+    pub members: Vec<usize>,
+}
+
+/// Where one model went.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Its tree; `None` when it belongs to no known tree.
+    pub tree: Option<usize>,
+    /// The nearest tree of its architecture, if there is any.
+    pub nearest: Option<usize>,
+    /// The distance from that tree's centre.
+    pub distance: Option<f64>,
+}
+
+/// The trees of a set of points and the placement of every point.
+#[derive(Clone, Debug)]
+pub struct Fit {
+    /// Trees in order of their first training model.
+    pub trees: Vec<FittedTree>,
+    /// One placement per point, in input order.
+    pub placements: Vec<Placement>,
+}
+
+/// Finds trees among the training points and places every point.
+///
+/// Training points go to the tree their cluster became; every other point goes to the nearest
+/// tree centre of its architecture if it lies within that tree's threshold. Deterministic.
+pub fn fit(points: &[Point], s: &Settings) -> Result<Fit, String> {
+    if !(s.margin.is_finite() && s.margin >= 1.0) {
+        return Err(format!("`margin` = {}: use a number >= 1", s.margin));
+    }
+    if !(s.gap.is_finite() && s.gap > 1.0) {
+        return Err(format!("`gap` = {}: use a number > 1", s.gap));
+    }
+    // Training points by architecture, architectures in order of first appearance.
+    let mut archs: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, p) in points.iter().enumerate() {
+        if p.split != Split::Train {
+            continue;
+        }
+        match archs.iter_mut().find(|(a, _)| *a == p.arch) {
+            Some((_, m)) => m.push(i),
+            None => archs.push((p.arch, vec![i])),
+        }
+    }
+    if archs.is_empty() {
+        return Err("no training models: the trees are found among the training split".into());
+    }
+    for (_, members) in &archs {
+        let d = points[members[0]].features.len();
+        if let Some(&bad) = members.iter().find(|&&i| points[i].features.len() != d) {
+            return Err(format!(
+                "point {bad} has {} features where its architecture has {d}",
+                points[bad].features.len()
+            ));
+        }
+    }
+
+    // The dendrogram of each architecture.
+    let dendrograms: Vec<Vec<cluster::Merge>> = archs
+        .iter()
+        .map(|(_, members)| {
+            let d = points[members[0]].features.len();
+            let rows: Vec<f32> = members
+                .iter()
+                .flat_map(|&i| points[i].features.iter().copied())
+                .collect();
+            let n = members.len();
+            cluster::average_linkage(cluster::pairwise_distances(&rows, n, d), n)
+        })
+        .collect();
+
+    // How many merges each architecture applies.
+    let applied: Vec<usize> = match s.trees {
+        TreeCount::Auto => dendrograms
+            .iter()
+            .map(|m| {
+                let h: Vec<f64> = m.iter().map(|m| m.height).collect();
+                cluster::largest_gap(&h, s.gap).unwrap_or(m.len())
+            })
+            .collect(),
+        TreeCount::Fixed(k) => {
+            let total: usize = archs.iter().map(|(_, m)| m.len()).sum();
+            if k < archs.len() {
+                return Err(format!(
+                    "`trees` = {k}, but the training models have {} architectures and each is \
+                     at least one tree",
+                    archs.len()
+                ));
+            }
+            if k > total {
+                return Err(format!(
+                    "`trees` = {k}, but there are only {total} training models"
+                ));
+            }
+            // The globally lowest merges, architecture by architecture (each list is sorted).
+            let mut all: Vec<(f64, usize)> = dendrograms
+                .iter()
+                .enumerate()
+                .flat_map(|(a, m)| m.iter().map(move |m| (m.height, a)))
+                .collect();
+            all.sort_by(|x, y| x.0.total_cmp(&y.0));
+            let mut applied = vec![0; archs.len()];
+            for &(_, a) in all.iter().take(total - k) {
+                applied[a] += 1;
+            }
+            applied
+        }
+    };
+
+    // Trees, ordered by their first training point.
+    let mut trees: Vec<FittedTree> = Vec::new();
+    for (((arch, members), merges), &apply) in archs.iter().zip(&dendrograms).zip(&applied) {
+        let labels = cluster::cut(members.len(), merges, apply);
+        let count = labels.iter().max().map_or(0, |&l| l + 1);
+        for c in 0..count {
+            let m: Vec<usize> = members
+                .iter()
+                .zip(&labels)
+                .filter(|&(_, &l)| l == c)
+                .map(|(&i, _)| i)
+                .collect();
+            let centroid = mean(points, &m);
+            let radius = m
+                .iter()
+                .map(|&i| distance(points[i].features, &centroid))
+                .fold(0.0, f64::max);
+            trees.push(FittedTree {
+                arch: *arch,
+                centroid,
+                radius,
+                threshold: radius,
+                members: m,
+            });
+        }
+    }
+    trees.sort_by_key(|t| t.members[0]);
+
+    let mut tree_of = vec![None; points.len()];
+    for (k, t) in trees.iter().enumerate() {
+        for &i in &t.members {
+            tree_of[i] = Some(k);
+        }
+    }
+    let nearest = |p: &Point| -> Option<(usize, f64)> {
+        trees
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.arch == p.arch && t.centroid.len() == p.features.len())
+            .map(|(k, t)| (k, distance(p.features, &t.centroid)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+    };
+    let near: Vec<Option<(usize, f64)>> = points.iter().map(nearest).collect();
+
+    // Thresholds: the farthest training or validation model, with a margin.
+    let mut reach: Vec<f64> = trees.iter().map(|t| t.radius).collect();
+    for (p, n) in points.iter().zip(&near) {
+        if matches!(p.split, Split::Val | Split::ValHoldout)
+            && let Some((k, d)) = n
+        {
+            reach[*k] = reach[*k].max(*d);
+        }
+    }
+    for (t, r) in trees.iter_mut().zip(&reach) {
+        t.threshold = s.margin * r;
+    }
+
+    let placements = points
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if let Some(k) = tree_of[i] {
+                let d = distance(p.features, &trees[k].centroid);
+                return Placement {
+                    tree: Some(k),
+                    nearest: Some(k),
+                    distance: Some(d),
+                };
+            }
+            match near[i] {
+                Some((k, d)) => Placement {
+                    tree: (d <= trees[k].threshold).then_some(k),
+                    nearest: Some(k),
+                    distance: Some(d),
+                },
+                None => Placement {
+                    tree: None,
+                    nearest: None,
+                    distance: None,
+                },
+            }
+        })
+        .collect();
+    Ok(Fit { trees, placements })
+}
+
+fn mean(points: &[Point], members: &[usize]) -> Vec<f32> {
+    let d = points[members[0]].features.len();
+    let mut acc = vec![0.0f64; d];
+    for &i in members {
+        for (a, &v) in acc.iter_mut().zip(points[i].features) {
+            *a += v as f64;
+        }
+    }
+    acc.iter()
+        .map(|&a| (a / members.len() as f64) as f32)
+        .collect()
+}
+
+/// The Euclidean distance of two equally long vectors.
+pub fn distance(a: &[f32], b: &[f32]) -> f64 {
+    cluster::squared_distance(a, b).sqrt()
+}
+
+/// Every `stride`-th of `features`: the coordinates routing compares when `sample` is smaller
+/// than the routing layers. The stride is `ceil(len / sample)`, so at most `sample` remain.
+pub fn stride_for(len: usize, sample: usize) -> usize {
+    if sample == 0 || len <= sample {
+        1
+    } else {
+        len.div_ceil(sample)
+    }
+}
+
+/// A digest of the sorted tensor names and shapes: equal for models of one architecture
+/// whatever their dtype or metadata.
+pub(crate) fn signature(h: &Header) -> (String, usize, u64) {
+    let mut hasher = Sha256::new();
+    let mut parameters = 0u64;
+    for t in &h.tensors {
+        hasher.update(t.name.as_bytes());
+        hasher.update(format!("{:?};", t.shape).as_bytes());
+        parameters += t.numel() as u64;
+    }
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    (hex, h.tensors.len(), parameters)
+}
+
+/// A router read back from a `route` artifact: it places model files that were not in the
+/// collection it was fitted on (`probex route`).
+#[derive(Debug)]
+pub struct Router {
+    /// Where it came from, for messages (`router` in a run, or the directory).
+    pub name: String,
+    /// The routing it was fitted as.
+    pub routing: Routing,
+    centroids: Vec<Vec<f32>>,
+}
+
+/// Where [`Router::place`] put a model file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verdict {
+    /// Its architecture among the router's, if it has one of them.
+    pub architecture: Option<usize>,
+    /// Its tree (or none), the nearest tree and the distance from its centre.
+    pub placement: Placement,
+}
+
+impl Router {
+    /// Opens the `route` artifact in `dir`.
+    pub fn open(dir: &Path, name: impl Into<String>) -> anyhow::Result<Router> {
+        let routing = Routing::load(dir)?;
+        let centroids = routing.load_centroids(dir)?;
+        Ok(Router {
+            name: name.into(),
+            routing,
+            centroids,
+        })
+    }
+
+    /// Finds a router at `path`: a `route` artifact directory (or a cache entry holding one in
+    /// `data/`), or a run directory with one `route` node (`stage` picks one of several).
+    pub fn locate(path: &Path, stage: Option<&str>) -> anyhow::Result<Router> {
+        for dir in [path.to_path_buf(), path.join("data")] {
+            if dir.join(FILE).is_file() {
+                return Router::open(&dir, dir.display().to_string());
+            }
+        }
+        let mut found = crate::query::finished_nodes(path, &["route"], stage)?;
+        match found.len() {
+            1 => {
+                let (n, dir) = found.remove(0);
+                Router::open(&dir, n.node)
+            }
+            0 => anyhow::bail!(
+                "{} has no `route` node{}",
+                path.display(),
+                stage.map_or(String::new(), |s| format!(" named `{s}`"))
+            ),
+            k => anyhow::bail!(
+                "{} has {k} `route` nodes ({}): choose one with --stage",
+                path.display(),
+                found
+                    .iter()
+                    .map(|(n, _)| format!("`{}`", n.node))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// Places the model file at `model`: the nearest tree of its architecture if it lies within
+    /// that tree's threshold, else no known tree.
+    pub fn place(&self, model: &Path) -> anyhow::Result<Verdict> {
+        let header = crate::weights::reader::read_header(model)?;
+        let full = crate::weights::partial::original(&header)
+            .map_err(|m| anyhow::anyhow!("{}: {m}", model.display()))?
+            .unwrap_or(header);
+        let (sig, _, _) = signature(&full);
+        let Some(a) = self
+            .routing
+            .architectures
+            .iter()
+            .position(|x| x.signature == sig)
+        else {
+            return Ok(Verdict {
+                architecture: None,
+                placement: Placement {
+                    tree: None,
+                    nearest: None,
+                    distance: None,
+                },
+            });
+        };
+        let arch = &self.routing.architectures[a];
+        let mut v = Vec::new();
+        for layer in &arch.layers {
+            v.extend(crate::extract::read_matrix(model, layer)?);
+        }
+        let features: Vec<f32> = v.into_iter().step_by(arch.stride).collect();
+        let nearest = self
+            .routing
+            .trees
+            .iter()
+            .filter(|t| t.architecture == a)
+            .map(|t| (t, distance(&features, &self.centroids[t.index])))
+            .min_by(|x, y| x.1.total_cmp(&y.1));
+        Ok(Verdict {
+            architecture: Some(a),
+            placement: match nearest {
+                Some((t, d)) => Placement {
+                    tree: (d <= t.threshold).then_some(t.index),
+                    nearest: Some(t.index),
+                    distance: Some(d),
+                },
+                None => Placement {
+                    tree: None,
+                    nearest: None,
+                    distance: None,
+                },
+            },
+        })
+    }
+}
+
+/// One architecture of a routed collection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Architecture {
+    /// A digest of the sorted tensor names and shapes (12 hex digits).
+    pub signature: String,
+    /// How many tensors a model of it has.
+    pub tensors: usize,
+    /// How many weights.
+    pub parameters: u64,
+    /// The first model of it (for messages).
+    pub example: String,
+    /// The layers routing reads, concatenated in this order.
+    pub layers: Vec<LayerInfo>,
+    /// Every `stride`-th weight of the concatenation is compared.
+    pub stride: usize,
+    /// The length of a feature vector (after the stride).
+    pub features: usize,
+}
+
+/// One tree of a routed collection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tree {
+    /// Its index (the `tree` coordinate downstream).
+    pub index: usize,
+    /// Index into [`Routing::architectures`].
+    pub architecture: usize,
+    /// Training models that define it.
+    pub train: usize,
+    /// The largest distance of a training model from its centre.
+    pub radius: f64,
+    /// Models farther than this from its centre belong to no known tree.
+    pub threshold: f64,
+    /// The most common true tree among its training models, where truths are known.
+    pub truth: Option<String>,
+}
+
+/// One model of a routed collection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutedModel {
+    /// The model file, with its split filled in.
+    pub model: ModelSource,
+    /// Its true tree, where known (a metadata key or the collection it came from).
+    pub truth: Option<String>,
+    /// Index into [`Routing::architectures`].
+    pub architecture: usize,
+    /// Where it went.
+    pub placement: Placement,
+}
+
+/// What the `route` stage writes: the trees, and every model with its tree.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Routing {
+    /// Format version.
+    pub format: u32,
+    /// The architectures, in order of first appearance.
+    pub architectures: Vec<Architecture>,
+    /// The trees, in order of their first training model.
+    pub trees: Vec<Tree>,
+    /// Every model, in collection order.
+    pub models: Vec<RoutedModel>,
+}
+
+/// Reading or writing a routing failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct RoutingError {
+    path: String,
+    message: String,
+}
+
+fn err(path: &Path, message: impl Into<String>) -> RoutingError {
+    RoutingError {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+impl Routing {
+    /// Current format version.
+    pub const FORMAT: u32 = 1;
+
+    /// The models placed in tree `k`, as a collection `extract` can read.
+    pub fn members(&self, k: usize) -> Vec<ModelSource> {
+        self.models
+            .iter()
+            .filter(|m| m.placement.tree == Some(k))
+            .map(|m| m.model.clone())
+            .collect()
+    }
+
+    /// The true tree of each model id, where known.
+    pub fn truths(&self) -> BTreeMap<&str, &str> {
+        self.models
+            .iter()
+            .filter_map(|m| Some((m.model.id.as_str(), m.truth.as_deref()?)))
+            .collect()
+    }
+
+    /// Writes `routing.json` and the centres (`centroids[k]` for tree `k`) into `dir`.
+    pub fn save(&self, dir: &Path, centroids: &[Vec<f32>]) -> Result<(), RoutingError> {
+        let path = dir.join(FILE);
+        let json = serde_json::to_vec_pretty(self).map_err(|e| err(&path, e.to_string()))?;
+        std::fs::write(&path, json).map_err(|e| err(&path, e.to_string()))?;
+        let path = dir.join(CENTROIDS);
+        let bytes: Vec<Vec<u8>> = centroids
+            .iter()
+            .map(|c| c.iter().flat_map(|v| v.to_le_bytes()).collect())
+            .collect();
+        let views = bytes
+            .iter()
+            .enumerate()
+            .map(|(k, b)| {
+                let view = TensorView::new(Dtype::F32, vec![b.len() / 4], b)
+                    .map_err(|e| err(&path, e.to_string()))?;
+                Ok((format!("tree.{k}"), view))
+            })
+            .collect::<Result<Vec<_>, RoutingError>>()?;
+        safetensors::serialize_to_file(views, None, &path).map_err(|e| err(&path, e.to_string()))
+    }
+
+    /// Reads the routing table in artifact directory `dir` (paths as written).
+    pub fn load(dir: &Path) -> Result<Routing, RoutingError> {
+        let path = dir.join(FILE);
+        let bytes = std::fs::read(&path).map_err(|e| err(&path, e.to_string()))?;
+        let r: Routing = serde_json::from_slice(&bytes)
+            .map_err(|e| err(&path, format!("not a routing table: {e}")))?;
+        if r.format != Self::FORMAT {
+            return Err(err(
+                &path,
+                format!(
+                    "routing format {} is not supported; run its stage again",
+                    r.format
+                ),
+            ));
+        }
+        let bad_arch = r.models.iter().map(|m| m.architecture);
+        let bad_tree = r
+            .models
+            .iter()
+            .flat_map(|m| [m.placement.tree, m.placement.nearest])
+            .flatten();
+        if bad_arch
+            .chain(r.trees.iter().map(|t| t.architecture))
+            .any(|a| a >= r.architectures.len())
+            || bad_tree.into_iter().any(|t| t >= r.trees.len())
+        {
+            return Err(err(
+                &path,
+                "refers to a tree or architecture it does not list",
+            ));
+        }
+        Ok(r)
+    }
+
+    /// Reads the centre of every tree from artifact directory `dir`.
+    pub fn load_centroids(&self, dir: &Path) -> Result<Vec<Vec<f32>>, RoutingError> {
+        let path = dir.join(CENTROIDS);
+        let bytes = std::fs::read(&path).map_err(|e| err(&path, e.to_string()))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| err(&path, e.to_string()))?;
+        self.trees
+            .iter()
+            .map(|t| {
+                let name = format!("tree.{}", t.index);
+                let v = st
+                    .tensor(&name)
+                    .map_err(|e| err(&path, format!("`{name}`: {e}")))?;
+                let want = self.architectures[t.architecture].features;
+                if v.dtype() != Dtype::F32 || v.shape() != [want] {
+                    return Err(err(&path, format!("`{name}` is not {want} f32 values")));
+                }
+                Ok(v.data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect())
+            })
+            .collect()
+    }
+
+    /// How well the routing matches the true trees, per split (models with a known truth).
+    pub fn score(&self) -> Vec<SplitScore> {
+        let tree_truth: Vec<Option<&str>> = self.trees.iter().map(|t| t.truth.as_deref()).collect();
+        Split::ALL
+            .iter()
+            .filter_map(|&split| {
+                let models: Vec<&RoutedModel> = self
+                    .models
+                    .iter()
+                    .filter(|m| m.model.split == Some(split))
+                    .collect();
+                if models.is_empty() {
+                    return None;
+                }
+                let known: Vec<&&RoutedModel> =
+                    models.iter().filter(|m| m.truth.is_some()).collect();
+                let correct = known
+                    .iter()
+                    .filter(|m| {
+                        m.placement
+                            .tree
+                            .is_some_and(|k| tree_truth[k] == m.truth.as_deref())
+                    })
+                    .count();
+                Some(SplitScore {
+                    split,
+                    models: models.len(),
+                    rejected: models.iter().filter(|m| m.placement.tree.is_none()).count(),
+                    accuracy: (!known.is_empty()).then(|| correct as f64 / known.len() as f64),
+                })
+            })
+            .collect()
+    }
+
+    /// Counts of (true tree, assigned tree or `None`) over the models of `split`.
+    pub fn confusion(&self, split: Split) -> BTreeMap<(String, Option<usize>), usize> {
+        let mut m = BTreeMap::new();
+        for r in self.models.iter().filter(|m| m.model.split == Some(split)) {
+            let truth = r.truth.clone().unwrap_or_else(|| "?".into());
+            *m.entry((truth, r.placement.tree)).or_default() += 1;
+        }
+        m
+    }
+
+    /// The confusion of `split` as a markdown table: true trees down, assigned trees across.
+    pub fn confusion_table(&self, split: Split) -> String {
+        let c = self.confusion(split);
+        let truths: Vec<&String> = {
+            let mut t: Vec<&String> = c.keys().map(|(t, _)| t).collect();
+            t.dedup();
+            t
+        };
+        let mut cols: Vec<Option<usize>> = (0..self.trees.len()).map(Some).collect();
+        if c.keys().any(|(_, k)| k.is_none()) {
+            cols.push(None);
+        }
+        let head = |k: &Option<usize>| match k {
+            Some(k) => match &self.trees[*k].truth {
+                Some(t) => format!("tree {k} ({t})"),
+                None => format!("tree {k}"),
+            },
+            None => "no known tree".to_string(),
+        };
+        let mut out = format!(
+            "| true tree \\ routed to | {} |\n|---|{}\n",
+            cols.iter().map(head).collect::<Vec<_>>().join(" | "),
+            "---:|".repeat(cols.len())
+        );
+        for t in truths {
+            let cells: Vec<String> = cols
+                .iter()
+                .map(|k| c.get(&(t.clone(), *k)).copied().unwrap_or(0).to_string())
+                .collect();
+            out.push_str(&format!("| {t} | {} |\n", cells.join(" | ")));
+        }
+        out
+    }
+}
+
+/// The routing of one split against the true trees.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SplitScore {
+    /// The split.
+    pub split: Split,
+    /// Its models.
+    pub models: usize,
+    /// How many went to no known tree.
+    pub rejected: usize,
+    /// The share of models with a known truth routed to the tree whose training models mostly
+    /// share it (rejections count as wrong); `None` when no truth is known.
+    pub accuracy: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests;
