@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod diagnostic;
 pub mod digest;
+pub mod executor;
 pub mod expect;
 pub mod experiment;
 pub mod history;
