@@ -1,5 +1,5 @@
 //! Running a plan: the scheduling loop shared by every executor. Ready nodes are handed to an
-//! [`Executor`] (threads of this process), each computed under its key's lock
+//! [`Executor`] (threads of this process, or SLURM jobs), each computed under its key's lock
 //! into a staging directory and committed atomically; planning again after each finished node
 //! expands fan-outs that waited for it. The run record is written at the end.
 
@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::diagnostic::Diagnostics;
 use crate::executor::Executor;
 use crate::executor::local::{Local, Worker};
+use crate::executor::slurm::{Slurm, SlurmOptions};
 use crate::expect::{self, Checked, ResultsByStage};
 use crate::history::History;
 use crate::plan::{Node, Plan, Planner, StoredOutcome};
@@ -150,6 +151,19 @@ pub fn run(
         let mut exec = Local::new(scope, worker, jobs);
         drive(planner, run_dir, opts, &start, &mut exec)
     })
+}
+
+/// Runs the experiment behind `planner` with every node computed by a SLURM job over the
+/// shared cache; this process only plans, submits, tracks and writes the run record.
+pub fn run_slurm(
+    planner: &Planner,
+    run_dir: &RunDir,
+    opts: &RunOptions,
+    slurm: &SlurmOptions,
+) -> Result<RunReport, Diagnostics> {
+    let start = Start::new(planner, run_dir, opts)?;
+    let mut exec = Slurm::new(planner, run_dir, &start.reporter, &opts.cancel, slurm);
+    drive(planner, run_dir, opts, &start, &mut exec)
 }
 
 /// What every run does before its first node: the first plan, written to the record, and the

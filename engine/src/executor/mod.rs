@@ -2,11 +2,14 @@
 //!
 //! The scheduling loop ([`crate::run`]) is the same for every executor: plan, settle cached
 //! nodes, hand ready batches to the executor, wait for some to finish, plan again. An
-//! [`Executor`] only decides *where* a batch is computed. Whatever runs it, a node is computed
-//! by one function, [`local::Worker::compute`], under its key's lock, so every guarantee of the
-//! cache (atomic commits, no node computed twice) holds.
+//! [`Executor`] only decides *where* a batch is computed: on threads of this process
+//! ([`local`]) or as jobs of a SLURM cluster over a shared cache ([`slurm`]). Either way a node
+//! is computed by one function, [`local::Worker::compute`], under its key's lock, so every guarantee of
+//! the cache (atomic commits, no node computed twice) holds whatever runs it.
 
 pub mod local;
+pub mod node;
+pub mod slurm;
 
 use probex_cache::{Entry, Key};
 
