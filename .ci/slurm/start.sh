@@ -9,7 +9,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 
 sudo_if() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if command -v sinfo >/dev/null && timeout 10 sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+if command -v sinfo >/dev/null && timeout 5 sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
     echo "slurm: a controller already answers; nothing to start"
     exit 0
 fi
