@@ -108,7 +108,7 @@ pub enum EngineCommand {
     Run {
         #[command(flatten)]
         plan: PlanArgs,
-        /// Nodes to run at once [default: number of CPUs]
+        /// Nodes to run at once [default: number of CPUs; with --executor slurm: jobs queued at once, max_jobs or 100]
         #[arg(short, long)]
         jobs: Option<usize>,
         /// Threads per node when its stage does not say [default: CPUs / jobs]

@@ -161,6 +161,14 @@ pub fn run_slurm(
     opts: &RunOptions,
     slurm: &SlurmOptions,
 ) -> Result<RunReport, Diagnostics> {
+    // Bars would draw one spinner per queued job (hundreds): plain lines read better.
+    let opts = &RunOptions {
+        progress: match opts.progress {
+            ProgressMode::Auto => ProgressMode::Plain,
+            p => p,
+        },
+        ..opts.clone()
+    };
     let start = Start::new(planner, run_dir, opts)?;
     let mut exec = Slurm::new(planner, run_dir, &start.reporter, &opts.cancel, slurm);
     drive(planner, run_dir, opts, &start, &mut exec)

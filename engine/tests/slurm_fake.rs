@@ -63,6 +63,10 @@ const SQUEUE: &str = r#"#!/bin/bash
 # Stand-in squeue: `squeue ... -j ID,ID` prints `ID|INDEX|STATE|REASON` for every task.
 d="$FAKE_SLURM"
 echo "squeue $*" >> "$d/calls"
+if [ -e "$d/down" ]; then
+    echo "squeue: error: Unable to contact slurm controller (connect failure)" >&2
+    exit 1
+fi
 ids=""
 while [ $# -gt 0 ]; do
     if [ "$1" = "-j" ]; then ids="$2"; shift; fi
@@ -497,6 +501,46 @@ fn resubmissions_are_bounded() {
     // a, slow, slow again; b never.
     assert_eq!(f.sbatch_calls(), 3, "{:?}", f.calls());
     assert_eq!(f.starts("slow"), 0);
+}
+
+#[test]
+fn a_controller_that_stops_answering_for_a_while_does_not_fail_the_run() {
+    let f = Fake::new();
+    f.write("slow.toml", &SLOW.replace("ms = 3000", "ms = 10"));
+    fs::write(f.path("slurm/down"), "").unwrap();
+    let driver = f
+        .cmd(
+            "cache",
+            &["run", "slow.toml", "--executor", "slurm", "--out", "rec"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_millis(1500));
+    fs::remove_file(f.path("slurm/down")).unwrap();
+    let out = driver.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Said once, not at every look.
+    assert_eq!(
+        err.matches("slurm: cannot read the queue (trying again for 10 minutes): `squeue")
+            .count(),
+        1,
+        "{}",
+        text(&out)
+    );
+    assert!(
+        err.contains("Unable to contact slurm controller"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        err.contains("slurm: the queue can be read again"),
+        "{}",
+        text(&out)
+    );
+    assert!(f.calls().iter().filter(|c| c.starts_with("squeue")).count() > 3);
 }
 
 #[test]

@@ -38,8 +38,8 @@ pub const DEFAULT_MAX_JOBS: usize = 100;
 pub const DEFAULT_RETRIES: u32 = 2;
 /// Seconds between looks at the queue when `poll_seconds` does not say.
 pub const DEFAULT_POLL_SECONDS: f64 = 5.0;
-/// Failed looks at the queue in a row before the run gives up on SLURM.
-const MAX_POLL_FAILURES: u32 = 10;
+/// How long SLURM's queue may be unreadable (a controller restarting) before the run gives up.
+const MAX_UNREADABLE: Duration = Duration::from_secs(600);
 /// A job SLURM does not list yet is not taken for lost before this long after submission.
 const GRACE: Duration = Duration::from_secs(30);
 
@@ -101,7 +101,8 @@ pub struct Slurm<'a> {
     finished: Vec<Done>,
     submissions: usize,
     last_poll: Instant,
-    poll_failures: u32,
+    /// Since when the queue could not be read, if it cannot.
+    unreadable_since: Option<Instant>,
 }
 
 impl<'a> Slurm<'a> {
@@ -125,7 +126,7 @@ impl<'a> Slurm<'a> {
             finished: Vec::new(),
             submissions: 0,
             last_poll: Instant::now(),
-            poll_failures: 0,
+            unreadable_since: None,
         }
     }
 
@@ -261,16 +262,23 @@ impl<'a> Slurm<'a> {
             .collect();
         let states = match self.commands.states(&jobs) {
             Ok(s) => {
-                self.poll_failures = 0;
+                if self.unreadable_since.take().is_some() {
+                    self.reporter.println("slurm: the queue can be read again");
+                }
                 s
             }
             Err(e) => {
-                self.poll_failures += 1;
-                self.reporter
-                    .println(&format!("slurm: cannot read the queue: {e}"));
-                if self.poll_failures >= MAX_POLL_FAILURES {
+                let since = *self.unreadable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= MAX_UNREADABLE {
                     self.give_up(&format!(
-                        "SLURM's queue could not be read {MAX_POLL_FAILURES} times in a row: {e}"
+                        "SLURM's queue could not be read for {} minutes: {e}",
+                        MAX_UNREADABLE.as_secs() / 60
+                    ));
+                } else if since.elapsed() < self.opts.poll {
+                    // Said once; the jobs keep running meanwhile.
+                    self.reporter.println(&format!(
+                        "slurm: cannot read the queue (trying again for {} minutes): {e}",
+                        MAX_UNREADABLE.as_secs() / 60
                     ));
                 }
                 return;
