@@ -21,7 +21,8 @@ use crate::executor::slurm::commands::Commands;
 use crate::executor::slurm::config::SlurmConfig;
 use crate::executor::slurm::script::{BatchFile, NodeRef};
 use crate::executor::slurm::{
-    DEFAULT_MAX_JOBS, DEFAULT_POLL_SECONDS, DEFAULT_RETRIES, SlurmOptions, absolute,
+    DEFAULT_CACHE_WAIT_SECONDS, DEFAULT_MAX_JOBS, DEFAULT_POLL_SECONDS, DEFAULT_RETRIES,
+    SlurmOptions, absolute,
 };
 use crate::history::History;
 use crate::plan::{Overrides, Planner};
@@ -401,6 +402,10 @@ fn slurm_options(
         poll: config.poll_seconds.map_or_else(
             || Duration::from_secs_f64(DEFAULT_POLL_SECONDS),
             |p| p.duration(),
+        ),
+        cache_wait: config.cache_wait_seconds.map_or_else(
+            || Duration::from_secs_f64(DEFAULT_CACHE_WAIT_SECONDS),
+            |w| w.duration(),
         ),
         config,
     })

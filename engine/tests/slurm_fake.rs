@@ -626,7 +626,15 @@ fn ctrl_c_cancels_every_job_the_run_submitted() {
 #[test]
 fn a_job_that_completes_without_its_node_in_the_cache_says_the_cache_must_be_shared() {
     let f = Fake::new();
-    f.write("slow.toml", SLOW);
+    // The entry gets a second to show up (on NFS it may take a while), then the node fails.
+    f.write(
+        "slow.toml",
+        &SLOW.replace(
+            "poll_seconds = 0.1",
+            "poll_seconds = 0.1\ncache_wait_seconds = 1",
+        ),
+    );
+    let t = Instant::now();
     let out = f
         .cmd(
             "cache",
@@ -647,6 +655,43 @@ fn a_job_that_completes_without_its_node_in_the_cache_says_the_cache_must_be_sha
         "{}",
         text(&out)
     );
+    assert!(t.elapsed() >= Duration::from_secs(1), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_completed_jobs_entry_that_shows_up_late_is_taken() {
+    let f = Fake::new();
+    f.write(
+        "one.toml",
+        "[stage.a]\nkind = \"const\"\nvalue = 1\n\n[executor.slurm]\npoll_seconds = 0.1\ncache_wait_seconds = 30\n",
+    );
+    let driver = f
+        .cmd(
+            "cache",
+            &["run", "one.toml", "--executor", "slurm", "--out", "rec"],
+        )
+        .env("FAKE_SLURM_NOOP", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // The job "completes" without computing anything; the entry lands a second later.
+    let t = Instant::now();
+    while fs::read_to_string(f.path("slurm/jobs/101_0.state"))
+        .map_or(true, |s| s.trim() != "COMPLETED")
+    {
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", f.calls());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let late = f.run(
+        "cache",
+        &["run-node", "one.toml", "--node", "a", "--out", "rec"],
+    );
+    assert_eq!(late.status.code(), Some(0), "{}", text(&late));
+    let out = driver.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
 }
 
 #[test]

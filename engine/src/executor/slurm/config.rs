@@ -9,6 +9,9 @@
 //! cpus = 4
 //! mem = "16G"
 //! max_jobs = 50                # this run's jobs in SLURM's queue at once (array tasks count one)
+//! retries = 2                  # resubmissions of a cancelled, preempted or timed-out job
+//! poll_seconds = 5             # between looks at the queue
+//! cache_wait_seconds = 60      # for a completed job's entry to show here (NFS caches)
 //! extra = ["--qos=normal"]     # more sbatch options, one `#SBATCH` line each
 //! setup = ["module load cuda"] # shell lines run before probex in every job
 //!
@@ -98,6 +101,9 @@ pub struct SlurmConfig {
     pub retries: Option<u32>,
     /// Seconds between two looks at the queue.
     pub poll_seconds: Option<PollSeconds>,
+    /// Seconds a completed job's entry may take to show in the cache here (a shared filesystem
+    /// can show another machine's new directory late) before the node counts as failed.
+    pub cache_wait_seconds: Option<WaitSeconds>,
     /// The probex binary as compute nodes see it [default: the running one].
     pub probex: Option<PathBuf>,
 }
@@ -132,6 +138,9 @@ impl SlurmConfig {
         if t.poll_seconds.is_some() {
             self.poll_seconds = t.poll_seconds;
         }
+        if t.cache_wait_seconds.is_some() {
+            self.cache_wait_seconds = t.cache_wait_seconds;
+        }
         if let Some(p) = t.probex {
             self.probex = Some(p);
         }
@@ -162,6 +171,7 @@ struct SlurmTable {
     max_jobs: Option<NonZeroUsize>,
     retries: Option<u32>,
     poll_seconds: Option<PollSeconds>,
+    cache_wait_seconds: Option<WaitSeconds>,
     probex: Option<PathBuf>,
     #[serde(default)]
     kind: BTreeMap<Spanned<String>, Resources>,
@@ -383,6 +393,30 @@ impl<'de> Deserialize<'de> for PollSeconds {
         } else {
             Err(de::Error::custom(format!(
                 "`poll_seconds` must be between 0.1 and 3600, got {v}"
+            )))
+        }
+    }
+}
+
+/// Seconds to wait for a completed job's entry to show in the cache.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WaitSeconds(f64);
+
+impl WaitSeconds {
+    /// The wait.
+    pub fn duration(self) -> Duration {
+        Duration::from_secs_f64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for WaitSeconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        if v.is_finite() && (0.0..=3600.0).contains(&v) {
+            Ok(WaitSeconds(v))
+        } else {
+            Err(de::Error::custom(format!(
+                "`cache_wait_seconds` must be between 0 and 3600, got {v}"
             )))
         }
     }

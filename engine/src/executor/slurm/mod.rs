@@ -38,6 +38,11 @@ pub const DEFAULT_MAX_JOBS: usize = 100;
 pub const DEFAULT_RETRIES: u32 = 2;
 /// Seconds between looks at the queue when `poll_seconds` does not say.
 pub const DEFAULT_POLL_SECONDS: f64 = 5.0;
+/// Seconds a completed job's entry may take to show here when `cache_wait_seconds` does not
+/// say: NFS clients cache directory attributes for up to a minute by default.
+pub const DEFAULT_CACHE_WAIT_SECONDS: f64 = 60.0;
+/// Tasks per submitted array: SLURM's default `MaxArraySize` is 1001.
+const MAX_ARRAY: usize = 1000;
 /// How long SLURM's queue may be unreadable (a controller restarting) before the run gives up.
 const MAX_UNREADABLE: Duration = Duration::from_secs(600);
 /// A job SLURM does not list yet is not taken for lost before this long after submission.
@@ -66,6 +71,8 @@ pub struct SlurmOptions {
     pub retries: u32,
     /// Time between looks at the queue.
     pub poll: Duration,
+    /// How long a completed job's entry may take to show in the cache here.
+    pub cache_wait: Duration,
 }
 
 /// One task of a submitted array: one batch of nodes.
@@ -84,6 +91,8 @@ struct Task {
     seen: bool,
     /// The last pending reason reported, so each is printed once.
     reason: String,
+    /// When SLURM first said it completed while its nodes were not in the cache yet.
+    completed: Option<Instant>,
 }
 
 /// Submits batches as job arrays and tracks them; see the module docs.
@@ -170,6 +179,7 @@ impl<'a> Slurm<'a> {
                         submitted: now,
                         seen: false,
                         reason: String::new(),
+                        completed: None,
                     });
                 }
             }
@@ -236,7 +246,7 @@ impl<'a> Slurm<'a> {
         }
         let pattern = dir.join(format!("{}-%A_%a.out", file_safe(&decl.name)));
         let script = JobScript {
-            name: format!("probex:{}:{}", exp.name, decl.name),
+            name: job_name(&exp.name, &decl.name),
             tasks: batches.len(),
             output: pattern.clone(),
             resources: &resources,
@@ -335,7 +345,7 @@ impl<'a> Slurm<'a> {
 
     /// A task ended (or vanished, when `state` is empty): its nodes that are in the cache are
     /// done; the others are resubmitted or fail, depending on how it ended.
-    fn settle(&mut self, task: Task, state: &str) {
+    fn settle(&mut self, mut task: Task, state: &str) {
         let store = self.planner.store();
         let mut missing = Vec::new();
         for (node, key) in task.nodes.iter().zip(&task.keys) {
@@ -352,6 +362,15 @@ impl<'a> Slurm<'a> {
         }
         if missing.is_empty() {
             return;
+        }
+        if classify(state) == State::Completed {
+            // A shared filesystem may show the job's commit here a little later.
+            let since = *task.completed.get_or_insert_with(Instant::now);
+            if since.elapsed() < self.opts.cache_wait {
+                (task.nodes, task.keys) = missing.into_iter().unzip();
+                self.tasks.push(task);
+                return;
+            }
         }
         let id = task_name(task.id);
         let log = task.log.display();
@@ -496,7 +515,9 @@ impl Executor for Slurm<'_> {
             by_stage.entry(stage).or_default().push(refs);
         }
         for (stage, batches) in by_stage {
-            self.submit(stage, batches, 1);
+            for chunk in batches.chunks(MAX_ARRAY) {
+                self.submit(stage, chunk.to_vec(), 1);
+            }
         }
     }
 
@@ -520,6 +541,22 @@ impl Executor for Slurm<'_> {
             }
         }
     }
+}
+
+/// `probex:EXPERIMENT:STAGE`, in characters any SLURM tool shows as they are.
+fn job_name(experiment: &str, stage: &str) -> String {
+    let safe = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    format!("probex:{}:{}", safe(experiment), safe(stage))
 }
 
 /// `123_4`.
@@ -571,6 +608,12 @@ pub fn absolute(p: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_names_keep_to_plain_characters() {
+        assert_eq!(job_name("planted", "probe"), "probex:planted:probe");
+        assert_eq!(job_name("my \"exp\" #1", "p"), "probex:my__exp___1:p");
+    }
 
     #[test]
     fn task_logs_resolve_the_array_pattern() {
