@@ -695,6 +695,56 @@ fn a_completed_jobs_entry_that_shows_up_late_is_taken() {
 }
 
 #[test]
+fn a_node_another_process_is_computing_is_not_submitted_until_it_lets_go() {
+    let f = Fake::new();
+    f.write("slow.toml", &SLOW.replace("ms = 3000", "ms = 10"));
+    let plan = f.run("cache", &["plan", "--json", "slow.toml"]);
+    let v: serde_json::Value = serde_json::from_slice(&plan.stdout).expect("plan json");
+    let key = v["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|r| r["node"] == "slow"))
+        .and_then(|r| r["key"].as_str())
+        .map(|k| probex_cache::Key::parse(k).expect("key"))
+        .expect("slow in the plan");
+    // This test holds the key's lock, as a local run computing `slow` would.
+    let store = probex_cache::Store::open(f.path("cache")).expect("store");
+    let lock = store.lock(&key).expect("lock");
+    let driver = f
+        .cmd(
+            "cache",
+            &["run", "slow.toml", "--executor", "slurm", "--out", "rec"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let t = Instant::now();
+    while f.starts("a") == 0 {
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", f.calls());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Ample time for the driver (polling every 0.1 s) to see `a` land and `slow` get ready.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        f.sbatch_calls(),
+        1,
+        "slow was submitted while locked: {:?}",
+        f.calls()
+    );
+    drop(lock);
+    let out = driver.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("slurm: slow computed by another process; waiting for it"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(f.sbatch_calls(), 3, "{:?}", f.calls());
+    assert_eq!(f.starts("slow"), 1);
+}
+
+#[test]
 fn an_sbatch_refusal_fails_the_nodes_with_slurms_words() {
     let f = Fake::new();
     f.write("slow.toml", SLOW);

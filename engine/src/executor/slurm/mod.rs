@@ -11,7 +11,9 @@
 //! of the job's log. Ctrl-C cancels every job this run submitted.
 //!
 //! Jobs compute their nodes under the same key locks and atomic commits as local runs, so two
-//! runs, or a run and a job resubmitted by hand, never compute a node twice.
+//! runs, or a run and a job resubmitted by hand, never compute a node twice; and a batch whose
+//! keys are all locked by another process is not submitted until that process lets go, so no
+//! allocation sits idle waiting for a lock.
 
 pub mod commands;
 pub mod config;
@@ -106,6 +108,9 @@ pub struct Slurm<'a> {
     commands: Commands,
     /// Batches handed over this round, submitted by `flush`.
     queued: Vec<Vec<Node>>,
+    /// Batches whose every node another process is computing (its key is locked): they are
+    /// not submitted while that lasts, so no allocation sits waiting for a lock.
+    elsewhere: Vec<(usize, Vec<NodeRef>, Vec<Key>)>,
     tasks: Vec<Task>,
     finished: Vec<Done>,
     submissions: usize,
@@ -131,6 +136,7 @@ impl<'a> Slurm<'a> {
             record: absolute(run_dir.path()),
             commands: Commands::new(),
             queued: Vec::new(),
+            elsewhere: Vec::new(),
             tasks: Vec::new(),
             finished: Vec::new(),
             submissions: 0,
@@ -428,6 +434,48 @@ impl<'a> Slurm<'a> {
         }
     }
 
+    /// True when every one of `keys` is missing from the cache and locked by another process
+    /// (a local run, another driver's job): submitting would only make a job wait for it.
+    fn computed_elsewhere(&self, keys: &[Key]) -> bool {
+        let store = self.planner.store();
+        keys.iter()
+            .all(|k| !matches!(store.get(k), Ok(Some(_))) && matches!(store.try_lock(k), Ok(None)))
+    }
+
+    /// Batches waited on because another process computes them: nodes that landed are done
+    /// (cached); a batch whose locks were let go without its nodes landing is submitted.
+    fn check_elsewhere(&mut self) {
+        let store = self.planner.store();
+        let mut submit: BTreeMap<usize, Vec<Vec<NodeRef>>> = BTreeMap::new();
+        for (stage, refs, keys) in std::mem::take(&mut self.elsewhere) {
+            let mut missing = Vec::new();
+            for (r, k) in refs.into_iter().zip(keys) {
+                match store.get(&k) {
+                    Ok(Some(entry)) => self.finished.push(Done {
+                        key: k,
+                        result: Ok(entry),
+                        seconds: 0.0,
+                        computed: false,
+                        stopped: false,
+                    }),
+                    _ => missing.push((r, k)),
+                }
+            }
+            if missing.is_empty() {
+                continue;
+            }
+            let (refs, keys): (Vec<NodeRef>, Vec<Key>) = missing.into_iter().unzip();
+            if self.computed_elsewhere(&keys) {
+                self.elsewhere.push((stage, refs, keys));
+            } else {
+                submit.entry(stage).or_default().push(refs);
+            }
+        }
+        for (stage, batches) in submit {
+            self.submit(stage, batches, 1);
+        }
+    }
+
     /// Cancels every job in flight: nodes that landed anyway are done, the others stopped.
     fn cancel_all(&mut self) {
         let jobs: Vec<u64> = self
@@ -438,6 +486,7 @@ impl<'a> Slurm<'a> {
             .into_iter()
             .collect();
         match self.commands.cancel(&jobs) {
+            Ok(()) if jobs.is_empty() => {}
             Ok(()) => self.reporter.println(&format!(
                 "slurm: cancelled job{} {}",
                 if jobs.len() == 1 { "" } else { "s" },
@@ -451,26 +500,30 @@ impl<'a> Slurm<'a> {
             )),
         }
         let store = self.planner.store();
-        for task in std::mem::take(&mut self.tasks) {
-            for key in task.keys {
-                let done = match store.get(&key) {
-                    Ok(Some(entry)) => Done {
-                        key,
-                        seconds: StoredOutcome::of(&entry).seconds,
-                        result: Ok(entry),
-                        computed: true,
-                        stopped: false,
-                    },
-                    _ => Done {
-                        key,
-                        result: Err("cancelled".into()),
-                        seconds: 0.0,
-                        computed: false,
-                        stopped: true,
-                    },
-                };
-                self.finished.push(done);
-            }
+        let waited = std::mem::take(&mut self.elsewhere)
+            .into_iter()
+            .flat_map(|(_, _, keys)| keys);
+        let in_flight = std::mem::take(&mut self.tasks)
+            .into_iter()
+            .flat_map(|t| t.keys);
+        for key in in_flight.chain(waited).collect::<Vec<_>>() {
+            let done = match store.get(&key) {
+                Ok(Some(entry)) => Done {
+                    key,
+                    seconds: StoredOutcome::of(&entry).seconds,
+                    result: Ok(entry),
+                    computed: true,
+                    stopped: false,
+                },
+                _ => Done {
+                    key,
+                    result: Err("cancelled".into()),
+                    seconds: 0.0,
+                    computed: false,
+                    stopped: true,
+                },
+            };
+            self.finished.push(done);
         }
     }
 
@@ -494,7 +547,7 @@ impl<'a> Slurm<'a> {
 
 impl Executor for Slurm<'_> {
     fn full(&self) -> bool {
-        self.tasks.len() + self.queued.len() >= self.opts.max_jobs
+        self.tasks.len() + self.queued.len() + self.elsewhere.len() >= self.opts.max_jobs
     }
 
     fn start(&mut self, _plan: &Plan, batch: Vec<Node>) {
@@ -505,14 +558,23 @@ impl Executor for Slurm<'_> {
         let mut by_stage: BTreeMap<usize, Vec<Vec<NodeRef>>> = BTreeMap::new();
         for batch in std::mem::take(&mut self.queued) {
             let stage = batch[0].stage;
-            let refs = batch
+            let refs: Vec<NodeRef> = batch
                 .iter()
                 .map(|n| NodeRef {
                     node: n.name.clone(),
                     key: n.key.to_string(),
                 })
                 .collect();
-            by_stage.entry(stage).or_default().push(refs);
+            let keys: Vec<Key> = batch.iter().map(|n| n.key.clone()).collect();
+            if self.computed_elsewhere(&keys) {
+                self.reporter.println(&format!(
+                    "slurm: {} computed by another process; waiting for it",
+                    names(&refs)
+                ));
+                self.elsewhere.push((stage, refs, keys));
+            } else {
+                by_stage.entry(stage).or_default().push(refs);
+            }
         }
         for (stage, batches) in by_stage {
             for chunk in batches.chunks(MAX_ARRAY) {
@@ -526,7 +588,7 @@ impl Executor for Slurm<'_> {
             if !self.finished.is_empty() {
                 return std::mem::take(&mut self.finished);
             }
-            if self.tasks.is_empty() {
+            if self.tasks.is_empty() && self.elsewhere.is_empty() {
                 return Vec::new();
             }
             if self.cancel.load(Ordering::Relaxed) {
@@ -535,7 +597,12 @@ impl Executor for Slurm<'_> {
             }
             let since = self.last_poll.elapsed();
             if since >= self.opts.poll {
-                self.poll();
+                self.check_elsewhere();
+                if !self.tasks.is_empty() {
+                    self.poll();
+                } else {
+                    self.last_poll = Instant::now();
+                }
             } else {
                 std::thread::sleep((self.opts.poll - since).min(Duration::from_millis(50)));
             }
