@@ -83,15 +83,6 @@ pub enum ProgressArg {
     Quiet,
 }
 
-/// Where `run` computes nodes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ExecutorArg {
-    /// Threads of this process.
-    Local,
-    /// One SLURM job per ready node (job arrays for sweeps), over a shared cache directory.
-    Slurm,
-}
-
 impl ProgressArg {
     fn mode(self) -> ProgressMode {
         match self {
@@ -102,6 +93,15 @@ impl ProgressArg {
     }
 }
 
+/// Where `run` computes nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExecutorArg {
+    /// Threads of this process.
+    Local,
+    /// One SLURM job per ready node (job arrays for sweeps), over a shared cache directory.
+    Slurm,
+}
+
 /// The engine's subcommands.
 #[derive(Subcommand, Debug)]
 pub enum EngineCommand {
@@ -109,7 +109,8 @@ pub enum EngineCommand {
     Run {
         #[command(flatten)]
         plan: PlanArgs,
-        /// Nodes to run at once [default: number of CPUs; with --executor slurm: jobs queued at once, max_jobs or 100]
+        /// Nodes to run at once [default: number of CPUs; with --executor slurm, jobs in the
+        /// queue at once: max_jobs or 100]
         #[arg(short, long)]
         jobs: Option<usize>,
         /// Threads per node when its stage does not say [default: CPUs / jobs]
