@@ -9,7 +9,11 @@ here="$(cd "$(dirname "$0")" && pwd)"
 
 sudo_if() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if command -v sinfo >/dev/null && timeout 5 sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+conf=/etc/slurm/slurm.conf
+ours() { [ -e "$conf" ] && grep -q '^ClusterName=probex-ci$' "$conf"; }
+# Our own cluster with no controller running needs no probe (sinfo would wait seconds for it).
+if ! { ours && ! pgrep -x slurmctld >/dev/null; } && command -v sinfo >/dev/null \
+    && timeout 5 sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
     echo "slurm: a controller already answers; nothing to start"
     exit 0
 fi
@@ -21,8 +25,7 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
         munge slurm-wlm >/dev/null
 fi
 
-conf=/etc/slurm/slurm.conf
-if [ -e "$conf" ] && ! grep -q '^ClusterName=probex-ci$' "$conf"; then
+if [ -e "$conf" ] && ! ours; then
     echo "slurm: $conf exists and is not probex's test cluster; refusing to replace it" >&2
     exit 1
 fi
