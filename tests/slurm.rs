@@ -1,8 +1,8 @@
 //! `probex run --executor slurm` against a real SLURM cluster (on CI, the one-node cluster
 //! .ci/slurm/start.sh starts on the machine itself): a layer sweep submitted through sbatch
-//! completes and its results equal a local run's; a job killed with scancel while it trains is
-//! detected, resubmitted and resumes from its checkpoint; a second submission finds everything
-//! cached and submits nothing.
+//! completes and its results equal a local run's; a second submission finds everything cached
+//! and submits nothing; a job killed with scancel while it trains is detected, resubmitted and
+//! resumes from its checkpoint; Ctrl-C cancels the run's jobs.
 //!
 //! Without SLURM (no `sbatch` on PATH, or no controller answering) the test says why and
 //! passes, unless `PROBEX_REQUIRE_SLURM=1` (set by .ci/run after starting the cluster), which
@@ -202,7 +202,7 @@ fn jobs_named(name: &str) -> Vec<(String, String)> {
 }
 
 #[test]
-fn a_sweep_runs_on_slurm_like_a_local_run_survives_scancel_and_is_then_all_cached() {
+fn a_sweep_runs_on_slurm_like_a_local_run_is_then_all_cached_and_survives_scancel() {
     if let Some(why) = slurm_missing() {
         if std::env::var("PROBEX_REQUIRE_SLURM").is_ok_and(|v| v == "1") {
             panic!("PROBEX_REQUIRE_SLURM=1 but SLURM cannot be used: {why}");
@@ -347,5 +347,71 @@ fn a_sweep_runs_on_slurm_like_a_local_run_survives_scancel_and_is_then_all_cache
         report["resumed_from"]
     );
     assert_eq!(report["config"]["epochs"], 1000);
+
+    // 4. Ctrl-C cancels the jobs the run submitted, and leaves nothing in the cache.
+    fs::write(
+        &slow_exp,
+        slow(&data).replace("epochs = 1000", "epochs = 1001"),
+    )
+    .unwrap();
+    let stopped_rec = dir.join("stopped-run");
+    let driver = probex(
+        &cache,
+        &[
+            "run",
+            slow_exp.to_str().unwrap(),
+            "--executor",
+            "slurm",
+            "--out",
+        ],
+    )
+    .arg(&stopped_rec)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn probex");
+    let t = Instant::now();
+    let job = loop {
+        let known: Vec<_> = jobs_named("probex:slurm-slow:slow")
+            .into_iter()
+            .filter(|(id, s)| s == "RUNNING" && *id != job)
+            .collect();
+        if let Some((id, _)) = known.first() {
+            break id.clone();
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "the job never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let sent = Command::new("kill")
+        .args(["-INT", &driver.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(sent.success());
+    let out = driver.wait_with_output().expect("wait for probex");
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("slurm: cancelled job"),
+        "{}",
+        text(&out)
+    );
+    let t = Instant::now();
+    while !jobs_named("probex:slurm-slow:slow")
+        .iter()
+        .any(|(id, s)| *id == job && s == "CANCELLED")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "job {job} was not cancelled: {:?}",
+            jobs_named("probex:slurm-slow:slow")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stopped = nodes(&stopped_rec);
+    assert!(
+        stopped
+            .iter()
+            .any(|(n, _, s)| n == "slow[layer=0]" && s == "not_run"),
+        "{stopped:?}"
+    );
     eprintln!("whole test: {:.1}s", started.elapsed().as_secs_f64());
 }
