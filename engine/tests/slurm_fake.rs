@@ -559,7 +559,7 @@ fn a_failed_job_fails_its_node_with_the_job_id_the_error_and_the_log() {
     // Job 101 computed `a`; 102 is `f`.
     let log = f.path("rec/slurm/f-102_0.out");
     assert!(
-        err.contains("error: stage f failed: job 102_0 ended FAILED: error: stage f failed: the probe diverged"),
+        err.contains("error: stage f failed: job 102_0 ended FAILED: the probe diverged\n"),
         "{}",
         text(&out)
     );

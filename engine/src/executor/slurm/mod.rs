@@ -650,7 +650,8 @@ fn log_of(pattern: &Path, job: u64, index: u32) -> PathBuf {
     pattern.with_file_name(name)
 }
 
-/// The last line of a job's log that reports an error, to quote in the failure.
+/// The last line of a job's log that reports an error, to quote in the failure (without
+/// run-node's own `error: stage NODE failed: ` prefix, which the driver's message repeats).
 fn last_error(log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
     let line = text
@@ -658,11 +659,16 @@ fn last_error(log: &Path) -> Option<String> {
         .rev()
         .map(str::trim)
         .find(|l| l.starts_with("error") || l.contains("error:"))?;
-    let mut line: String = line.chars().take(400).collect();
-    if line.len() < text.len() && line.chars().count() == 400 {
-        line.push_str("...");
+    let bare = line.strip_prefix("error: ").unwrap_or(line);
+    let bare = bare
+        .strip_prefix("stage ")
+        .and_then(|rest| rest.split_once(" failed: "))
+        .map_or(bare, |(_, msg)| msg);
+    let mut out: String = bare.chars().take(400).collect();
+    if out.len() < bare.len() {
+        out.push_str("...");
     }
-    Some(line)
+    Some(out)
 }
 
 /// Absolute form of `p` (jobs start in another directory, maybe on another machine).
@@ -693,10 +699,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("x.out");
         std::fs::write(&log, "run    a\nerror: stage a failed: first\nmore\nerror: stage a failed: boom\n  log: /x\n").unwrap();
+        assert_eq!(last_error(&log).as_deref(), Some("boom"));
+        std::fs::write(&log, "slurmstepd: error: *** JOB 12 ON n1 CANCELLED ***\n").unwrap();
         assert_eq!(
             last_error(&log).as_deref(),
-            Some("error: stage a failed: boom")
+            Some("slurmstepd: error: *** JOB 12 ON n1 CANCELLED ***")
         );
+        let long = format!("error: {}\n", "x".repeat(500));
+        std::fs::write(&log, long).unwrap();
+        let quoted = last_error(&log).unwrap();
+        assert_eq!(quoted.len(), 403, "{quoted}");
+        assert!(quoted.ends_with("..."));
         std::fs::write(&log, "all good\n").unwrap();
         assert_eq!(last_error(&log), None);
         assert_eq!(last_error(&dir.path().join("missing")), None);
