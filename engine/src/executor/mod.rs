@@ -1,6 +1,6 @@
 //! Executors: where the nodes the scheduler finds ready are computed.
 //!
-//! The scheduling loop ([`crate::run`]) is the same for every executor: plan, settle cached
+//! The scheduling loop ([`crate::run()`]) is the same for every executor: plan, settle cached
 //! nodes, hand ready batches to the executor, wait for some to finish, plan again. An
 //! [`Executor`] only decides *where* a batch is computed: on threads of this process
 //! ([`local`]) or as jobs of a SLURM cluster over a shared cache ([`slurm`]). Either way a node
