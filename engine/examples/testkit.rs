@@ -9,7 +9,7 @@ mod kinds;
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
 use probex_engine::cli::{CacheArgs, EngineCommand, dispatch};
@@ -43,10 +43,17 @@ fn main() -> ExitCode {
         None => kinds::Trace::new(),
     };
     let registry = kinds::registry(&trace);
-    let code = match cli.command {
-        Command::Engine(cmd) => {
-            dispatch(cmd, &cli.cache, &registry, Arc::new(AtomicBool::new(false)))
+    // As in `probex`: the first Ctrl-C (or SIGTERM, which is how SLURM stops a job) asks the
+    // run to stop, a second one exits at once.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
         }
+    });
+    let code = match cli.command {
+        Command::Engine(cmd) => dispatch(cmd, &cli.cache, &registry, cancel),
     };
     ExitCode::from(code as u8)
 }

@@ -1,5 +1,6 @@
-//! The engine's commands (`run`, `plan`, `cache`, `report`, `compare`, `kinds`), shared by the
-//! `probex` binary and anything else that embeds the engine with its own stage kinds.
+//! The engine's commands (`run`, `plan`, `cache`, `report`, `compare`, `kinds`, and the hidden
+//! `run-node` a SLURM job runs), shared by the `probex` binary and anything else that embeds
+//! the engine with its own stage kinds.
 //!
 //! Exit codes: 0 success; 1 a stage failed or an expectation was missed; 2 bad input or usage;
 //! 130 interrupted.
@@ -15,9 +16,17 @@ use probex_cache::{GcPolicy, Key, Store, Verified};
 use serde_json::Value;
 
 use crate::digest::FileDigests;
+use crate::executor::node::{NodeOutcome, run_nodes};
+use crate::executor::slurm::commands::Commands;
+use crate::executor::slurm::config::SlurmConfig;
+use crate::executor::slurm::script::{BatchFile, NodeRef};
+use crate::executor::slurm::{
+    DEFAULT_CACHE_WAIT_SECONDS, DEFAULT_MAX_JOBS, DEFAULT_POLL_SECONDS, DEFAULT_RETRIES,
+    SlurmOptions, absolute,
+};
 use crate::history::History;
 use crate::plan::{Overrides, Planner};
-use crate::progress::ProgressMode;
+use crate::progress::{ProgressMode, Reporter};
 use crate::record::{RunDir, files};
 use crate::run::{NodeState, RunOptions};
 use crate::stage::{PlanContext, Registry};
@@ -74,6 +83,25 @@ pub enum ProgressArg {
     Quiet,
 }
 
+impl ProgressArg {
+    fn mode(self) -> ProgressMode {
+        match self {
+            ProgressArg::Auto => ProgressMode::Auto,
+            ProgressArg::Plain => ProgressMode::Plain,
+            ProgressArg::Quiet => ProgressMode::Quiet,
+        }
+    }
+}
+
+/// Where `run` computes nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExecutorArg {
+    /// Threads of this process.
+    Local,
+    /// One SLURM job per ready node (job arrays for sweeps), over a shared cache directory.
+    Slurm,
+}
+
 /// The engine's subcommands.
 #[derive(Subcommand, Debug)]
 pub enum EngineCommand {
@@ -81,7 +109,8 @@ pub enum EngineCommand {
     Run {
         #[command(flatten)]
         plan: PlanArgs,
-        /// Nodes to run at once [default: number of CPUs]
+        /// Nodes to run at once [default: number of CPUs; with --executor slurm, jobs in the
+        /// queue at once: max_jobs or 100]
         #[arg(short, long)]
         jobs: Option<usize>,
         /// Threads per node when its stage does not say [default: CPUs / jobs]
@@ -95,6 +124,44 @@ pub enum EngineCommand {
         out: Option<PathBuf>,
         /// Progress display
         #[arg(long, value_enum, default_value = "auto")]
+        progress: ProgressArg,
+        /// Where nodes are computed: threads here, or jobs of a SLURM cluster sharing the cache
+        #[arg(long, value_enum, default_value = "local")]
+        executor: ExecutorArg,
+        /// SLURM settings ([executor.slurm] tables), over the experiment's own
+        #[arg(long, value_name = "FILE")]
+        executor_config: Option<PathBuf>,
+        /// Resubmissions of a SLURM job that was cancelled, preempted or timed out [default: 2]
+        #[arg(long, value_name = "N")]
+        retries: Option<u32>,
+    },
+    /// Compute chosen nodes of an experiment in this process (what a SLURM job runs)
+    #[command(hide = true)]
+    RunNode {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// A node, by name (repeatable; together they must form one batch)
+        #[arg(long = "node", value_name = "NAME")]
+        nodes: Vec<String>,
+        /// A batch file written by `run --executor slurm`: a JSON list of batches
+        #[arg(
+            long,
+            value_name = "FILE",
+            requires = "index",
+            conflicts_with = "nodes"
+        )]
+        batches: Option<PathBuf>,
+        /// Which batch of --batches to compute (the array task index)
+        #[arg(long)]
+        index: Option<usize>,
+        /// The run record that node logs go into
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Threads for the nodes [default: the CPUs this process may use]
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Progress display
+        #[arg(long, value_enum, default_value = "plain")]
         progress: ProgressArg,
     },
     /// Show every node of an experiment: cached, or will run and why
@@ -161,20 +228,47 @@ pub fn dispatch(
             keep_going,
             out,
             progress,
+            executor,
+            executor_config,
+            retries,
         } => {
             let opts = RunOptions {
                 jobs: jobs.unwrap_or_else(|| RunOptions::default().jobs),
                 keep_going,
                 threads,
-                progress: match progress {
-                    ProgressArg::Auto => ProgressMode::Auto,
-                    ProgressArg::Plain => ProgressMode::Plain,
-                    ProgressArg::Quiet => ProgressMode::Quiet,
-                },
+                progress: progress.mode(),
                 cancel,
             };
-            run_cmd(&plan, cache, registry, &opts, out.as_deref())
+            let exec = ExecutorChoice {
+                executor,
+                config: executor_config,
+                retries,
+                jobs,
+            };
+            run_cmd(&plan, cache, registry, &opts, out.as_deref(), &exec)
         }
+        EngineCommand::RunNode {
+            plan,
+            nodes,
+            batches,
+            index,
+            out,
+            threads,
+            progress,
+        } => run_node_cmd(
+            &plan,
+            cache,
+            registry,
+            &NodeChoice {
+                nodes,
+                batches,
+                index,
+                out,
+                threads,
+                progress: progress.mode(),
+            },
+            &cancel,
+        ),
         EngineCommand::Plan { plan } => plan_cmd(&plan, cache, registry),
         EngineCommand::Cache(c) => cache_cmd(c, cache, registry),
         EngineCommand::Report { run } => report_cmd(&run),
@@ -258,18 +352,91 @@ fn plan_cmd(args: &PlanArgs, cache: &CacheArgs, registry: &Registry) -> Result<i
     })
 }
 
+/// `run`'s executor flags.
+struct ExecutorChoice {
+    executor: ExecutorArg,
+    config: Option<PathBuf>,
+    retries: Option<u32>,
+    jobs: Option<usize>,
+}
+
+/// `run-node`'s flags.
+struct NodeChoice {
+    nodes: Vec<String>,
+    batches: Option<PathBuf>,
+    index: Option<usize>,
+    out: PathBuf,
+    threads: Option<usize>,
+    progress: ProgressMode,
+}
+
+/// The SLURM options of a run, from its flags and the executor settings.
+fn slurm_options(
+    args: &PlanArgs,
+    planner: &Planner,
+    config: SlurmConfig,
+    exec: &ExecutorChoice,
+    threads: Option<usize>,
+) -> Result<SlurmOptions, String> {
+    Commands::new().check()?;
+    let probex = match &config.probex {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(|e| {
+            format!(
+                "cannot tell where the probex binary is ({e}); set `probex` in [executor.slurm]"
+            )
+        })?,
+    };
+    Ok(SlurmOptions {
+        probex,
+        experiment: absolute(&planner.experiment().path),
+        cache: absolute(planner.store().root()),
+        device: args.device.clone(),
+        offline: offline(args.offline),
+        threads,
+        max_jobs: exec
+            .jobs
+            .or(config.max_jobs.map(|m| m.get()))
+            .unwrap_or(DEFAULT_MAX_JOBS)
+            .max(1),
+        retries: exec.retries.or(config.retries).unwrap_or(DEFAULT_RETRIES),
+        poll: config.poll_seconds.map_or_else(
+            || Duration::from_secs_f64(DEFAULT_POLL_SECONDS),
+            |p| p.duration(),
+        ),
+        cache_wait: config.cache_wait_seconds.map_or_else(
+            || Duration::from_secs_f64(DEFAULT_CACHE_WAIT_SECONDS),
+            |w| w.duration(),
+        ),
+        config,
+    })
+}
+
 fn run_cmd(
     args: &PlanArgs,
     cache: &CacheArgs,
     registry: &Registry,
     opts: &RunOptions,
     out: Option<&Path>,
+    exec: &ExecutorChoice,
 ) -> Result<i32, String> {
     with_planner(args, cache, registry, false, |planner, _| {
         let exp = planner.experiment();
+        // Checked on every run, so a mistake in the settings shows before they are needed.
+        let config =
+            crate::executor::slurm::config::load(exp, exec.config.as_deref(), &registry.names())
+                .map_err(|d| d.to_string())?;
+        let slurm = match exec.executor {
+            ExecutorArg::Slurm => Some(slurm_options(args, planner, config, exec, opts.threads)?),
+            ExecutorArg::Local => None,
+        };
         let run_dir = RunDir::create(exp, out)
             .map_err(|e| format!("cannot create the run directory: {e}"))?;
-        let report = crate::run::run(planner, &run_dir, opts).map_err(|d| d.to_string())?;
+        let report = match &slurm {
+            Some(s) => crate::run::run_slurm(planner, &run_dir, opts, s),
+            None => crate::run::run(planner, &run_dir, opts),
+        }
+        .map_err(|d| d.to_string())?;
         if args.json {
             println!(
                 "{}",
@@ -333,6 +500,70 @@ fn run_cmd(
         } else {
             EXIT_FAILED
         })
+    })
+}
+
+fn run_node_cmd(
+    args: &PlanArgs,
+    cache: &CacheArgs,
+    registry: &Registry,
+    choice: &NodeChoice,
+    cancel: &AtomicBool,
+) -> Result<i32, String> {
+    let wanted: Vec<NodeRef> = match (&choice.batches, choice.index) {
+        (Some(file), Some(i)) => {
+            let bytes = std::fs::read(file)
+                .map_err(|e| format!("cannot read batch file {}: {e}", file.display()))?;
+            let batches: BatchFile = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{}: not a batch file: {e}", file.display()))?;
+            let n = batches.len();
+            batches
+                .into_iter()
+                .nth(i)
+                .ok_or_else(|| format!("{}: no batch {i} (it has {n})", file.display()))?
+        }
+        _ if !choice.nodes.is_empty() => choice
+            .nodes
+            .iter()
+            .map(|n| NodeRef {
+                node: n.clone(),
+                key: String::new(),
+            })
+            .collect(),
+        _ => return Err("error: give --node NAME, or --batches FILE --index I".into()),
+    };
+    with_planner(args, cache, registry, false, |planner, store| {
+        let run_dir = RunDir::create(planner.experiment(), Some(&choice.out))
+            .map_err(|e| format!("cannot create the run directory: {e}"))?;
+        let reporter = Reporter::new(choice.progress, wanted.len() as u64);
+        let threads = choice
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        reporter.println(&format!(
+            "probex run-node: {} of {} with cache {}",
+            wanted
+                .iter()
+                .map(|w| w.node.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            planner.experiment().path.display(),
+            store.root().display()
+        ));
+        let outcomes = run_nodes(planner, &run_dir, &reporter, cancel, threads, &wanted)
+            .map_err(|e| format!("error: {e}"))?;
+        reporter.finish();
+        let mut code = EXIT_OK;
+        for (node, outcome) in &outcomes {
+            match outcome {
+                NodeOutcome::Failed(e) => {
+                    eprintln!("error: stage {node} failed: {e}");
+                    code = EXIT_FAILED;
+                }
+                NodeOutcome::Stopped if code == EXIT_OK => code = EXIT_INTERRUPTED,
+                _ => {}
+            }
+        }
+        Ok(code)
     })
 }
 

@@ -178,10 +178,12 @@ pub fn load(path: &Path, registry: &Registry) -> Result<Experiment, Diagnostics>
                         format!("`expect` must be a table, found {}", other.type_str()),
                     )),
                 },
+                // Where nodes run, not what they compute: read by `executor::slurm::config`.
+                "executor" => {}
                 other => errors.push(
                     Diagnostic::at(&sources, &span, format!("unknown table `{other}`"))
                         .with_label("not an experiment table")
-                        .with_help("expected one of `experiment`, `stage`, `expect`"),
+                        .with_help("expected one of `experiment`, `stage`, `expect`, `executor`"),
                 ),
             }
         }

@@ -1,24 +1,26 @@
-//! Running a plan: ready nodes on a bounded pool of threads, GPU nodes one at a time per
-//! device, each computed under its key's lock into a staging directory and committed
-//! atomically. Planning again after each finished node expands fan-outs that waited for it.
+//! Running a plan: the scheduling loop shared by every executor. Ready nodes are handed to an
+//! [`Executor`] (threads of this process, or SLURM jobs), each computed under its key's lock
+//! into a staging directory and committed atomically; planning again after each finished node
+//! expands fan-outs that waited for it. The run record is written at the end.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
-use probex_cache::{Entry, EntryInfo, Key, KeyLock, Store};
+use probex_cache::{Entry, Key};
 use serde::Serialize;
 
 use crate::diagnostic::Diagnostics;
+use crate::executor::Executor;
+use crate::executor::local::{Local, Worker};
+use crate::executor::slurm::{Slurm, SlurmOptions};
 use crate::expect::{self, Checked, ResultsByStage};
 use crate::history::History;
-use crate::plan::{Node, Plan, Planner, StoredOutcome, artifact};
+use crate::plan::{Node, Plan, Planner, StoredOutcome};
 use crate::progress::{ProgressMode, Reporter};
 use crate::record::{RunDir, files};
-use crate::stage::{Cancelled, Inputs, Outcome, Resource, RunContext, StageResult};
 
 /// How to run.
 #[derive(Clone, Debug)]
@@ -125,162 +127,191 @@ impl RunReport {
     }
 }
 
-/// A node's result coming back from a worker.
-struct Done {
-    key: Key,
-    result: Result<Entry, String>,
-    seconds: f64,
-    /// False when another process committed the key while this one waited for its lock.
-    computed: bool,
-    /// The stage gave up because the run was cancelled: not a failure of the node.
-    stopped: bool,
-}
-
-/// Runs the experiment behind `planner`, writing the run record into `run_dir`.
+/// Runs the experiment behind `planner` on threads of this process, writing the run record
+/// into `run_dir`.
 pub fn run(
     planner: &Planner,
     run_dir: &RunDir,
     opts: &RunOptions,
 ) -> Result<RunReport, Diagnostics> {
-    let exp = planner.experiment();
-    let store = planner.store();
-    let history = History::open(store, &exp.path);
-    let started = Instant::now();
-    let first = planner.plan()?;
-    let _ = run_dir.write_json(
-        files::PLAN,
-        &crate::status::rows(&first, exp, store, &history),
-    );
-    let reporter = Reporter::new(opts.progress, first.nodes.len() as u64);
-
+    let start = Start::new(planner, run_dir, opts)?;
     let jobs = opts.jobs.max(1);
-    let threads_default = opts.threads.unwrap_or_else(|| {
+    let threads = opts.threads.unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cores / jobs).max(1)
     });
-    let gpu_locks: Mutex<HashMap<String, Arc<Mutex<()>>>> = Mutex::new(HashMap::new());
+    std::thread::scope(|scope| {
+        let worker = Worker {
+            planner,
+            run_dir,
+            reporter: &start.reporter,
+            cancel: &opts.cancel,
+            threads,
+        };
+        let mut exec = Local::new(scope, worker, jobs);
+        drive(planner, run_dir, opts, &start, &mut exec)
+    })
+}
 
+/// Runs the experiment behind `planner` with every node computed by a SLURM job over the
+/// shared cache; this process only plans, submits, tracks and writes the run record.
+pub fn run_slurm(
+    planner: &Planner,
+    run_dir: &RunDir,
+    opts: &RunOptions,
+    slurm: &SlurmOptions,
+) -> Result<RunReport, Diagnostics> {
+    // Bars would draw one spinner per queued job (hundreds): plain lines read better.
+    let opts = &RunOptions {
+        progress: match opts.progress {
+            ProgressMode::Auto => ProgressMode::Plain,
+            p => p,
+        },
+        ..opts.clone()
+    };
+    let start = Start::new(planner, run_dir, opts)?;
+    let mut exec = Slurm::new(planner, run_dir, &start.reporter, &opts.cancel, slurm);
+    drive(planner, run_dir, opts, &start, &mut exec)
+}
+
+/// What every run does before its first node: the first plan, written to the record, and the
+/// progress display.
+struct Start {
+    first: Plan,
+    reporter: Reporter,
+    started: Instant,
+}
+
+impl Start {
+    fn new(planner: &Planner, run_dir: &RunDir, opts: &RunOptions) -> Result<Start, Diagnostics> {
+        let exp = planner.experiment();
+        let store = planner.store();
+        let history = History::open(store, &exp.path);
+        let started = Instant::now();
+        let first = planner.plan()?;
+        let _ = run_dir.write_json(
+            files::PLAN,
+            &crate::status::rows(&first, exp, store, &history),
+        );
+        let reporter = Reporter::new(opts.progress, first.nodes.len() as u64);
+        Ok(Start {
+            first,
+            reporter,
+            started,
+        })
+    }
+}
+
+/// The scheduling loop every executor shares: settle cached nodes and nodes whose inputs
+/// failed, hand ready batches to `exec`, wait for some to finish, plan again (a finished node
+/// may let a pending fan-out expand), until nothing is left to start or running.
+fn drive(
+    planner: &Planner,
+    run_dir: &RunDir,
+    opts: &RunOptions,
+    start: &Start,
+    exec: &mut dyn Executor,
+) -> Result<RunReport, Diagnostics> {
+    let mut plan = start.first.clone();
+    let exp = planner.experiment();
+    let store = planner.store();
+    let history = History::open(store, &exp.path);
+    let reporter = &start.reporter;
     let mut states: HashMap<Key, (NodeState, f64)> = HashMap::new();
     let mut running: HashSet<Key> = HashSet::new();
     let mut stop = false;
-    let mut plan = first;
-    let (tx, rx) = mpsc::channel::<Vec<Done>>();
 
-    std::thread::scope(|scope| -> Result<(), Diagnostics> {
-        loop {
-            reporter.set_total(plan.nodes.len() as u64);
-            // Settle cached nodes and nodes whose inputs failed.
-            for node in &plan.nodes {
-                if states.contains_key(&node.key) || running.contains(&node.key) {
-                    continue;
-                }
-                if let Some(bad) = failed_input(&plan, node, &states) {
-                    states.insert(
-                        node.key.clone(),
-                        (NodeState::Skipped(format!("input {bad} failed")), 0.0),
-                    );
-                    continue;
-                }
-                if matches!(store.get(&node.key), Ok(Some(_))) {
-                    history.record(node);
-                    reporter.finished(&node.name, "cached", 0.0);
-                    states.insert(node.key.clone(), (NodeState::Cached, 0.0));
-                }
+    loop {
+        reporter.set_total(plan.nodes.len() as u64);
+        // Settle cached nodes and nodes whose inputs failed.
+        for node in &plan.nodes {
+            if states.contains_key(&node.key) || running.contains(&node.key) {
+                continue;
             }
-            if opts.cancel.load(Ordering::Relaxed) {
-                stop = true;
+            if let Some(bad) = failed_input(&plan, node, &states) {
+                states.insert(
+                    node.key.clone(),
+                    (NodeState::Skipped(format!("input {bad} failed")), 0.0),
+                );
+                continue;
             }
-            if !stop {
-                let ready: Vec<&Node> = plan
-                    .nodes
-                    .iter()
-                    .filter(|n| !states.contains_key(&n.key) && !running.contains(&n.key))
-                    .filter(|n| {
-                        n.inputs
-                            .iter()
-                            .flat_map(|(_, ids)| ids)
-                            .all(|&u| is_done(&states, &plan.nodes[u].key))
-                    })
-                    .collect();
-                for batch in batches(exp, ready) {
-                    if running.len() >= jobs {
-                        break;
-                    }
-                    for n in &batch {
-                        running.insert(n.key.clone());
-                        reporter.started(&n.name);
-                    }
-                    let inputs = inputs_of(&plan, batch[0], store);
-                    let batch: Vec<Node> = batch.into_iter().cloned().collect();
-                    let gpu = match &batch[0].resource {
-                        Resource::Gpu(dev) => gpu_locks
-                            .lock()
-                            .ok()
-                            .map(|mut m| m.entry(dev.clone()).or_default().clone()),
-                        Resource::Cpu => None,
-                    };
-                    let tx = tx.clone();
-                    let ctx = Worker {
-                        planner,
-                        run_dir,
-                        reporter: &reporter,
-                        cancel: &opts.cancel,
-                        threads: threads_default,
-                    };
-                    scope.spawn(move || {
-                        let _guard = gpu.as_ref().map(|m| m.lock());
-                        let done = ctx.execute(&batch, inputs);
-                        let _ = tx.send(done);
-                    });
-                }
+            if matches!(store.get(&node.key), Ok(Some(_))) {
+                history.record(node);
+                reporter.finished(&node.name, "cached", 0.0);
+                states.insert(node.key.clone(), (NodeState::Cached, 0.0));
             }
-            if running.is_empty() {
-                break;
-            }
-            // Wait for at least one batch, then take whatever else has finished.
-            let mut finished = match rx.recv() {
-                Ok(d) => d,
-                Err(_) => break,
-            };
-            while let Ok(more) = rx.try_recv() {
-                finished.extend(more);
-            }
-            for d in finished {
-                running.remove(&d.key);
-                let node = plan.nodes.iter().find(|n| n.key == d.key);
-                let name = node.map_or_else(|| d.key.to_string(), |n| n.name.clone());
-                match d.result {
-                    Ok(_) => {
-                        if let Some(n) = node {
-                            history.record(n);
-                        }
-                        if d.computed {
-                            reporter.finished(&name, "done", d.seconds);
-                            states.insert(d.key, (NodeState::Ran, d.seconds));
-                        } else {
-                            reporter.finished(&name, "cached", 0.0);
-                            states.insert(d.key, (NodeState::Cached, 0.0));
-                        }
-                    }
-                    Err(_) if d.stopped => {
-                        reporter.finished(&name, "stopped", d.seconds);
-                        states.insert(d.key, (NodeState::NotRun, d.seconds));
-                    }
-                    Err(e) => {
-                        reporter.finished(&name, "FAILED", d.seconds);
-                        reporter.println(&format!("error in {name}: {e}"));
-                        if !opts.keep_going {
-                            stop = true;
-                            opts.cancel.store(true, Ordering::Relaxed);
-                        }
-                        states.insert(d.key, (NodeState::Failed(e), d.seconds));
-                    }
-                }
-            }
-            plan = planner.plan()?;
         }
-        Ok(())
-    })?;
+        if opts.cancel.load(Ordering::Relaxed) {
+            stop = true;
+        }
+        if !stop {
+            let ready: Vec<&Node> = plan
+                .nodes
+                .iter()
+                .filter(|n| !states.contains_key(&n.key) && !running.contains(&n.key))
+                .filter(|n| {
+                    n.inputs
+                        .iter()
+                        .flat_map(|(_, ids)| ids)
+                        .all(|&u| is_done(&states, &plan.nodes[u].key))
+                })
+                .collect();
+            for batch in batches(exp, ready) {
+                if exec.full() {
+                    break;
+                }
+                for n in &batch {
+                    running.insert(n.key.clone());
+                    reporter.started(&n.name);
+                }
+                let batch: Vec<Node> = batch.into_iter().cloned().collect();
+                exec.start(&plan, batch);
+            }
+            exec.flush();
+        }
+        if running.is_empty() {
+            break;
+        }
+        let finished = exec.wait();
+        if finished.is_empty() {
+            // The executor has nothing in flight although nodes were handed to it: a bug, but
+            // the run must still end (the nodes are reported as not run).
+            break;
+        }
+        for d in finished {
+            running.remove(&d.key);
+            let node = plan.nodes.iter().find(|n| n.key == d.key);
+            let name = node.map_or_else(|| d.key.to_string(), |n| n.name.clone());
+            match d.result {
+                Ok(_) => {
+                    if let Some(n) = node {
+                        history.record(n);
+                    }
+                    if d.computed {
+                        reporter.finished(&name, "done", d.seconds);
+                        states.insert(d.key, (NodeState::Ran, d.seconds));
+                    } else {
+                        reporter.finished(&name, "cached", 0.0);
+                        states.insert(d.key, (NodeState::Cached, 0.0));
+                    }
+                }
+                Err(_) if d.stopped => {
+                    reporter.finished(&name, "stopped", d.seconds);
+                    states.insert(d.key, (NodeState::NotRun, d.seconds));
+                }
+                Err(e) => {
+                    reporter.finished(&name, "FAILED", d.seconds);
+                    reporter.println(&format!("error in {name}: {e}"));
+                    if !opts.keep_going {
+                        stop = true;
+                        opts.cancel.store(true, Ordering::Relaxed);
+                    }
+                    states.insert(d.key, (NodeState::Failed(e), d.seconds));
+                }
+            }
+        }
+        plan = planner.plan()?;
+    }
     reporter.finish();
 
     let cancelled = opts.cancel.load(Ordering::Relaxed)
@@ -293,7 +324,7 @@ pub fn run(
         &plan,
         &states,
         cancelled,
-        started.elapsed().as_secs_f64(),
+        start.started.elapsed().as_secs_f64(),
     )
 }
 
@@ -338,216 +369,6 @@ fn batches<'n>(exp: &crate::experiment::Experiment, ready: Vec<&'n Node>) -> Vec
         }
     }
     out
-}
-
-fn inputs_of(plan: &Plan, node: &Node, store: &Store) -> Inputs {
-    Inputs::new(node.inputs.iter().map(|(ty, ids)| {
-        let arts = ids
-            .iter()
-            .filter_map(|&u| {
-                let up = &plan.nodes[u];
-                store.get(&up.key).ok().flatten().map(|e| artifact(up, &e))
-            })
-            .collect();
-        (*ty, arts)
-    }))
-}
-
-/// What a worker thread needs to compute a batch.
-struct Worker<'a> {
-    planner: &'a Planner<'a>,
-    run_dir: &'a RunDir,
-    reporter: &'a Reporter,
-    cancel: &'a AtomicBool,
-    threads: usize,
-}
-
-impl Worker<'_> {
-    /// Computes a batch of nodes under their locks; nodes another process committed meanwhile
-    /// are taken from the cache.
-    fn execute(&self, batch: &[Node], inputs: Inputs) -> Vec<Done> {
-        let store = self.planner.store();
-        let exp = self.planner.experiment();
-        let started = Instant::now();
-        let fail = |n: &Node, e: String| Done {
-            key: n.key.clone(),
-            result: Err(e),
-            seconds: started.elapsed().as_secs_f64(),
-            computed: false,
-            stopped: false,
-        };
-
-        // Locks in key order, so two processes batching overlapping sets cannot deadlock.
-        let mut order: Vec<&Node> = batch.iter().collect();
-        order.sort_by(|a, b| a.key.cmp(&b.key));
-        let mut out = Vec::new();
-        let mut todo: Vec<(&Node, KeyLock)> = Vec::new();
-        for n in order {
-            match store.lock(&n.key) {
-                Err(e) => out.push(fail(n, format!("cannot lock cache entry: {e}"))),
-                Ok(lock) => match store.get(&n.key) {
-                    Ok(Some(entry)) => out.push(Done {
-                        key: n.key.clone(),
-                        result: Ok(entry),
-                        seconds: 0.0,
-                        computed: false,
-                        stopped: false,
-                    }),
-                    _ => todo.push((n, lock)),
-                },
-            }
-        }
-        if todo.is_empty() {
-            return out;
-        }
-        // Every input must still be there (a concurrent `cache gc` could have removed one).
-        let expected: usize = batch[0].inputs.iter().map(|(_, ids)| ids.len()).sum();
-        let present: usize = batch[0]
-            .inputs
-            .iter()
-            .map(|(ty, _)| inputs.all(ty).len())
-            .sum();
-        if present != expected {
-            out.extend(
-                todo.iter()
-                    .map(|(n, _)| fail(n, "an input vanished from the cache; run again".into())),
-            );
-            return out;
-        }
-
-        let mut prepared = Vec::new();
-        for (n, lock) in &todo {
-            let decl = &exp.stages[n.stage];
-            let staging = match store.stage(lock) {
-                Ok(s) => s,
-                Err(e) => {
-                    out.push(fail(n, format!("cannot create staging directory: {e}")));
-                    continue;
-                }
-            };
-            let work = match store.work_dir(lock) {
-                Ok(w) => w,
-                Err(e) => {
-                    out.push(fail(n, format!("cannot create work directory: {e}")));
-                    continue;
-                }
-            };
-            let log = File::create(self.run_dir.log_path(&n.name)).ok();
-            let cx = RunContext::new(
-                n.name.clone(),
-                staging.dir().to_path_buf(),
-                work,
-                exp.base_dir.clone(),
-                n.device.clone(),
-                decl.threads.unwrap_or(self.threads),
-                self.planner.context().offline,
-                log,
-                self.reporter,
-                self.cancel,
-            );
-            cx.log(format!("key {}", n.key));
-            prepared.push((*n, staging, cx));
-        }
-        if prepared.is_empty() {
-            return out;
-        }
-        let decl = &exp.stages[prepared[0].0.stage];
-        let jobs: Vec<(&crate::stage::ParamBox, &RunContext)> =
-            prepared.iter().map(|(n, _, cx)| (&n.params, cx)).collect();
-        let results = run_guarded(|| decl.stage.run_batch(&jobs, &inputs), jobs.len());
-        let seconds = started.elapsed().as_secs_f64() / prepared.len() as f64;
-        for ((n, staging, cx), result) in prepared.into_iter().zip(results) {
-            let stopped = matches!(&result, Err(e) if self.cancel.load(Ordering::Relaxed)
-                && e.chain().any(|c| c.is::<Cancelled>()));
-            let done = match result {
-                Ok(outcome) => commit(n, staging, &outcome, seconds, &cx, decl.kind.as_str()),
-                Err(_) if stopped => {
-                    cx.log("stopped: the run was cancelled");
-                    Err("cancelled".to_string())
-                }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    cx.log(format!("error: {msg}"));
-                    Err(format!(
-                        "{msg}\n  log: {}",
-                        self.run_dir.log_path(&n.name).display()
-                    ))
-                }
-            };
-            out.push(Done {
-                key: n.key.clone(),
-                result: done,
-                seconds,
-                computed: true,
-                stopped,
-            });
-        }
-        drop(todo);
-        out
-    }
-}
-
-/// Runs stage code, turning a panic into an error for every node of the batch.
-fn run_guarded(
-    f: impl FnOnce() -> Vec<StageResult<Outcome>>,
-    n: usize,
-) -> Vec<StageResult<Outcome>> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) if r.len() == n => r,
-        Ok(r) => (0..n)
-            .map(|_| {
-                Err(anyhow::anyhow!(
-                    "stage returned {} results for {n} nodes",
-                    r.len()
-                ))
-            })
-            .collect(),
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            (0..n)
-                .map(|_| Err(anyhow::anyhow!("stage panicked (a bug in probex): {msg}")))
-                .collect()
-        }
-    }
-}
-
-fn commit(
-    n: &Node,
-    staging: probex_cache::Staging,
-    outcome: &Outcome,
-    seconds: f64,
-    cx: &RunContext,
-    kind: &str,
-) -> Result<Entry, String> {
-    let stored = StoredOutcome {
-        node: n.name.clone(),
-        coords: n.coords.clone(),
-        params: n.params.canonical().clone(),
-        meta: outcome.meta.clone(),
-        results: outcome.results.clone(),
-        summary: outcome.summary.clone(),
-        publish: outcome.publish.clone(),
-        seconds,
-    };
-    for p in &outcome.publish {
-        if !staging.dir().join(p).is_file() {
-            return Err(format!("stage publishes `{p}` but did not write it"));
-        }
-    }
-    let info = EntryInfo {
-        kind: kind.to_string(),
-        label: n.name.clone(),
-        meta: serde_json::to_value(&stored).map_err(|e| e.to_string())?,
-    };
-    let entry = staging
-        .commit(info)
-        .map_err(|e| format!("cannot commit to the cache: {e}"))?;
-    cx.log(format!("committed in {seconds:.2}s"));
-    Ok(entry)
 }
 
 /// Writes the run record and checks expectations.

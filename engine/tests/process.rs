@@ -8,53 +8,16 @@
 //! directory as this test binary.
 
 mod kinds;
+mod testkit;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use kinds::read_trace;
 use probex_cache::{Store, Verified};
-
-/// The `testkit` binary, built once per test process.
-fn testkit() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current exe");
-        // <target>/debug/deps/process-HASH -> <target>/debug
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in <target>/<profile>/deps");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "probex-engine",
-                "--example",
-                "testkit",
-            ])
-            .arg("--target-dir")
-            .arg(target_dir)
-            .output()
-            .expect("run cargo build --example testkit");
-        assert!(
-            out.status.success(),
-            "building the testkit example failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bin = profile_dir
-            .join("examples")
-            .join(format!("testkit{}", std::env::consts::EXE_SUFFIX));
-        assert!(bin.is_file(), "no testkit at {}", bin.display());
-        bin
-    })
-}
+use testkit::testkit;
 
 /// One test's directory: experiment files, a private cache and a trace of executions.
 struct Kit {

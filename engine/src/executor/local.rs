@@ -1,0 +1,302 @@
+//! The local executor: batches on a bounded pool of threads of this process, GPU nodes one at a
+//! time per device; and [`Worker::compute`], the one function that computes a batch of nodes
+//! under their key locks and commits them, used by every executor (a SLURM job runs it too).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::Scope;
+use std::time::Instant;
+
+use probex_cache::{Entry, EntryInfo, KeyLock, Store};
+
+use super::{Done, Executor};
+use crate::plan::{Node, Plan, Planner, StoredOutcome, artifact};
+use crate::progress::Reporter;
+use crate::record::RunDir;
+use crate::stage::{Cancelled, Inputs, Outcome, Resource, RunContext, StageResult};
+
+/// Computes batches on scoped threads, at most `jobs` nodes at once.
+pub struct Local<'scope, 'env> {
+    scope: &'scope Scope<'scope, 'env>,
+    worker: Worker<'env>,
+    jobs: usize,
+    in_flight: usize,
+    gpu_locks: HashMap<String, Arc<Mutex<()>>>,
+    tx: mpsc::Sender<Vec<Done>>,
+    rx: mpsc::Receiver<Vec<Done>>,
+}
+
+impl<'scope, 'env> Local<'scope, 'env> {
+    /// An executor whose threads live in `scope` and run at most `jobs` nodes at once.
+    pub fn new(scope: &'scope Scope<'scope, 'env>, worker: Worker<'env>, jobs: usize) -> Self {
+        let (tx, rx) = mpsc::channel();
+        Local {
+            scope,
+            worker,
+            jobs: jobs.max(1),
+            in_flight: 0,
+            gpu_locks: HashMap::new(),
+            tx,
+            rx,
+        }
+    }
+}
+
+impl Executor for Local<'_, '_> {
+    fn full(&self) -> bool {
+        self.in_flight >= self.jobs
+    }
+
+    fn start(&mut self, plan: &Plan, batch: Vec<Node>) {
+        self.in_flight += batch.len();
+        let inputs = inputs_of(plan, &batch[0], self.worker.planner.store());
+        let gpu = match &batch[0].resource {
+            Resource::Gpu(dev) => Some(self.gpu_locks.entry(dev.clone()).or_default().clone()),
+            Resource::Cpu => None,
+        };
+        let tx = self.tx.clone();
+        let worker = self.worker;
+        self.scope.spawn(move || {
+            let _guard = gpu.as_ref().map(|m| m.lock());
+            let done = worker.compute(&batch, inputs);
+            let _ = tx.send(done);
+        });
+    }
+
+    fn wait(&mut self) -> Vec<Done> {
+        if self.in_flight == 0 {
+            return Vec::new();
+        }
+        // At least one batch, then whatever else has finished meanwhile.
+        let Ok(mut finished) = self.rx.recv() else {
+            return Vec::new();
+        };
+        while let Ok(more) = self.rx.try_recv() {
+            finished.extend(more);
+        }
+        self.in_flight = self.in_flight.saturating_sub(finished.len());
+        finished
+    }
+}
+
+/// The artifacts of `node`'s inputs that are in the cache (a missing one is simply absent:
+/// [`Worker::compute`] notices and fails the node).
+pub fn inputs_of(plan: &Plan, node: &Node, store: &Store) -> Inputs {
+    Inputs::new(node.inputs.iter().map(|(ty, ids)| {
+        let arts = ids
+            .iter()
+            .filter_map(|&u| {
+                let up = &plan.nodes[u];
+                store.get(&up.key).ok().flatten().map(|e| artifact(up, &e))
+            })
+            .collect();
+        (*ty, arts)
+    }))
+}
+
+/// What computing a batch needs: the planner (experiment and cache), where logs go, progress,
+/// the cancel flag and the default thread count.
+#[derive(Clone, Copy)]
+pub struct Worker<'a> {
+    /// The planner of the experiment the nodes belong to.
+    pub planner: &'a Planner<'a>,
+    /// The run record nodes log into.
+    pub run_dir: &'a RunDir,
+    /// Progress display.
+    pub reporter: &'a Reporter,
+    /// Set to stop: stages see it through their context.
+    pub cancel: &'a AtomicBool,
+    /// Threads per node when its stage does not say.
+    pub threads: usize,
+}
+
+impl Worker<'_> {
+    /// Computes a batch of nodes (one declared stage, the same inputs) under their locks and
+    /// commits each atomically; nodes another process committed meanwhile are taken from the
+    /// cache. Returns one [`Done`] per node.
+    pub fn compute(&self, batch: &[Node], inputs: Inputs) -> Vec<Done> {
+        let store = self.planner.store();
+        let exp = self.planner.experiment();
+        let started = Instant::now();
+        let fail = |n: &Node, e: String| Done {
+            key: n.key.clone(),
+            result: Err(e),
+            seconds: started.elapsed().as_secs_f64(),
+            computed: false,
+            stopped: false,
+        };
+
+        // Locks in key order, so two processes batching overlapping sets cannot deadlock.
+        let mut order: Vec<&Node> = batch.iter().collect();
+        order.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut out = Vec::new();
+        let mut todo: Vec<(&Node, KeyLock)> = Vec::new();
+        for n in order {
+            match store.lock(&n.key) {
+                Err(e) => out.push(fail(n, format!("cannot lock cache entry: {e}"))),
+                Ok(lock) => match store.get(&n.key) {
+                    Ok(Some(entry)) => out.push(Done {
+                        key: n.key.clone(),
+                        result: Ok(entry),
+                        seconds: 0.0,
+                        computed: false,
+                        stopped: false,
+                    }),
+                    _ => todo.push((n, lock)),
+                },
+            }
+        }
+        if todo.is_empty() {
+            return out;
+        }
+        // Every input must still be there (a concurrent `cache gc` could have removed one).
+        let expected: usize = batch[0].inputs.iter().map(|(_, ids)| ids.len()).sum();
+        let present: usize = batch[0]
+            .inputs
+            .iter()
+            .map(|(ty, _)| inputs.all(ty).len())
+            .sum();
+        if present != expected {
+            out.extend(
+                todo.iter()
+                    .map(|(n, _)| fail(n, "an input vanished from the cache; run again".into())),
+            );
+            return out;
+        }
+
+        let mut prepared = Vec::new();
+        for (n, lock) in &todo {
+            let decl = &exp.stages[n.stage];
+            let staging = match store.stage(lock) {
+                Ok(s) => s,
+                Err(e) => {
+                    out.push(fail(n, format!("cannot create staging directory: {e}")));
+                    continue;
+                }
+            };
+            let work = match store.work_dir(lock) {
+                Ok(w) => w,
+                Err(e) => {
+                    out.push(fail(n, format!("cannot create work directory: {e}")));
+                    continue;
+                }
+            };
+            let log = File::create(self.run_dir.log_path(&n.name)).ok();
+            let cx = RunContext::new(
+                n.name.clone(),
+                staging.dir().to_path_buf(),
+                work,
+                exp.base_dir.clone(),
+                n.device.clone(),
+                decl.threads.unwrap_or(self.threads),
+                self.planner.context().offline,
+                log,
+                self.reporter,
+                self.cancel,
+            );
+            cx.log(format!("key {}", n.key));
+            prepared.push((*n, staging, cx));
+        }
+        if prepared.is_empty() {
+            return out;
+        }
+        let decl = &exp.stages[prepared[0].0.stage];
+        let jobs: Vec<(&crate::stage::ParamBox, &RunContext)> =
+            prepared.iter().map(|(n, _, cx)| (&n.params, cx)).collect();
+        let results = run_guarded(|| decl.stage.run_batch(&jobs, &inputs), jobs.len());
+        let seconds = started.elapsed().as_secs_f64() / prepared.len() as f64;
+        for ((n, staging, cx), result) in prepared.into_iter().zip(results) {
+            let stopped = matches!(&result, Err(e) if self.cancel.load(Ordering::Relaxed)
+                && e.chain().any(|c| c.is::<Cancelled>()));
+            let done = match result {
+                Ok(outcome) => commit(n, staging, &outcome, seconds, &cx, decl.kind.as_str()),
+                Err(_) if stopped => {
+                    cx.log("stopped: the run was cancelled");
+                    Err("cancelled".to_string())
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    cx.log(format!("error: {msg}"));
+                    Err(format!(
+                        "{msg}\n  log: {}",
+                        self.run_dir.log_path(&n.name).display()
+                    ))
+                }
+            };
+            out.push(Done {
+                key: n.key.clone(),
+                result: done,
+                seconds,
+                computed: true,
+                stopped,
+            });
+        }
+        drop(todo);
+        out
+    }
+}
+
+/// Runs stage code, turning a panic into an error for every node of the batch.
+fn run_guarded(
+    f: impl FnOnce() -> Vec<StageResult<Outcome>>,
+    n: usize,
+) -> Vec<StageResult<Outcome>> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) if r.len() == n => r,
+        Ok(r) => (0..n)
+            .map(|_| {
+                Err(anyhow::anyhow!(
+                    "stage returned {} results for {n} nodes",
+                    r.len()
+                ))
+            })
+            .collect(),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            (0..n)
+                .map(|_| Err(anyhow::anyhow!("stage panicked (a bug in probex): {msg}")))
+                .collect()
+        }
+    }
+}
+
+fn commit(
+    n: &Node,
+    staging: probex_cache::Staging,
+    outcome: &Outcome,
+    seconds: f64,
+    cx: &RunContext,
+    kind: &str,
+) -> Result<Entry, String> {
+    let stored = StoredOutcome {
+        node: n.name.clone(),
+        coords: n.coords.clone(),
+        params: n.params.canonical().clone(),
+        meta: outcome.meta.clone(),
+        results: outcome.results.clone(),
+        summary: outcome.summary.clone(),
+        publish: outcome.publish.clone(),
+        seconds,
+    };
+    for p in &outcome.publish {
+        if !staging.dir().join(p).is_file() {
+            return Err(format!("stage publishes `{p}` but did not write it"));
+        }
+    }
+    let info = EntryInfo {
+        kind: kind.to_string(),
+        label: n.name.clone(),
+        meta: serde_json::to_value(&stored).map_err(|e| e.to_string())?,
+    };
+    let entry = staging
+        .commit(info)
+        .map_err(|e| format!("cannot commit to the cache: {e}"))?;
+    cx.log(format!("committed in {seconds:.2}s"));
+    Ok(entry)
+}
