@@ -297,4 +297,46 @@ fn routing_errors_name_the_model_and_what_to_do() {
     );
     let e = run(toml("no.such.layer", "\"a\""));
     assert!(e.contains("routing layers `no.such.layer`"), "{e}");
+
+    // `extract` reads a collection or a routing, not both, and `tree` needs a routing.
+    let extract = |from: &str, extra: &str| {
+        format!(
+            "{}[stage.layers]\nkind = \"extract\"\nfrom = {from}\nlayers = 0\n{extra}\
+             splits = {{ metadata = {{ key = \"split\" }} }}\n\
+             label = {{ key = \"dataset_chosen_targets\", kind = \"multi_label\", vocab = \"cifar100\" }}\n",
+            toml("encoder.dense.weight", "\"a\"")
+        )
+    };
+    let plan_error = |text: String| {
+        std::fs::write(dir.path().join("bad.toml"), text).unwrap();
+        let registry = probex_stages::registry();
+        let exp = probex_engine::load(&dir.path().join("bad.toml"), &registry).unwrap();
+        let store = Store::open(&dir.path().join("cache")).unwrap();
+        let digests = probex_engine::digest::FileDigests::in_memory();
+        let cx = probex_engine::PlanContext {
+            base_dir: &exp.base_dir,
+            digests: &digests,
+            offline: true,
+        };
+        let planner =
+            probex_engine::Planner::new(&exp, &store, cx, probex_engine::Overrides::default());
+        format!("{}", planner.plan().unwrap_err())
+    };
+    // First route `a` alone (unique ids), so that planning `extract` sees its inputs.
+    std::fs::write(
+        dir.path().join("ok.toml"),
+        toml("encoder.dense.weight", "\"a\""),
+    )
+    .unwrap();
+    let ok = experiment::run(
+        &dir.path().join("ok.toml"),
+        &dir.path().join("cache"),
+        None,
+        true,
+    );
+    assert!(ok.success(), "{ok:#?}");
+    let e = plan_error(extract("[\"a\", \"router\"]", ""));
+    assert!(e.contains("both a model collection and a routing"), "{e}");
+    let e = plan_error(extract("\"a\"", "tree = 1\n"));
+    assert!(e.contains("`tree` needs a routing input"), "{e}");
 }
