@@ -311,7 +311,7 @@ fn routing_errors_name_the_model_and_what_to_do() {
         std::fs::write(dir.path().join("bad.toml"), text).unwrap();
         let registry = probex_stages::registry();
         let exp = probex_engine::load(&dir.path().join("bad.toml"), &registry).unwrap();
-        let store = Store::open(&dir.path().join("cache")).unwrap();
+        let store = Store::open(dir.path().join("cache")).unwrap();
         let digests = probex_engine::digest::FileDigests::in_memory();
         let cx = probex_engine::PlanContext {
             base_dir: &exp.base_dir,
