@@ -457,12 +457,7 @@ impl Router {
                 },
             });
         };
-        let arch = &self.routing.architectures[a];
-        let mut v = Vec::new();
-        for layer in &arch.layers {
-            v.extend(crate::extract::read_matrix(model, layer)?);
-        }
-        let features: Vec<f32> = v.into_iter().step_by(arch.stride).collect();
+        let features = self.routing.architectures[a].features_of(model)?;
         let nearest = self
             .routing
             .trees
@@ -506,6 +501,18 @@ pub struct Architecture {
     pub stride: usize,
     /// The length of a feature vector (after the stride).
     pub features: usize,
+}
+
+impl Architecture {
+    /// The feature vector of the model file at `path`: its routing layers, concatenated, every
+    /// `stride`-th weight. What the trees were fitted on, and what places a new model.
+    pub fn features_of(&self, path: &Path) -> Result<Vec<f32>, crate::weights::WeightsError> {
+        let mut v = Vec::new();
+        for layer in &self.layers {
+            v.extend(crate::extract::read_matrix(path, layer)?);
+        }
+        Ok(v.into_iter().step_by(self.stride).collect())
+    }
 }
 
 /// One tree of a routed collection.

@@ -26,7 +26,7 @@ use super::{
 };
 use crate::collection::{self, Collection};
 use crate::dataset::Split;
-use crate::extract::{ModelSource, SplitAssigner, SplitSource, read_matrix, resolve_layers};
+use crate::extract::{ModelSource, SplitAssigner, SplitSource, resolve_layers};
 use crate::weights::{LayerMode, LayerSelector, partial, reader::read_header};
 
 /// Parameters of `route`.
@@ -246,14 +246,7 @@ fn route(
     let features: Vec<Vec<f32>> = candidates
         .par_iter()
         .zip(&arch_of)
-        .map(|(c, &a)| {
-            let arch = &archs[a];
-            let mut v = Vec::new();
-            for layer in &arch.layers {
-                v.extend(read_matrix(&c.model.path, layer)?);
-            }
-            Ok(v.into_iter().step_by(arch.stride).collect())
-        })
+        .map(|(c, &a)| Ok(archs[a].features_of(&c.model.path)?))
         .collect::<StageResult<_>>()?;
     cx.check_cancelled()?;
 
