@@ -127,6 +127,75 @@ fn probex_step_seconds<B: Backend>(a: &Args, dev: &B::Device) -> f64 {
     median(times)
 }
 
+/// FP32 FMA throughput of `threads` threads in GFLOP/s, with the widest vectors this CPU has:
+/// 12 independent FMA chains per thread, no memory traffic, best of 7 runs. No GEMM can beat
+/// it, so it says how far any step time is from this machine's ceiling.
+#[cfg(target_arch = "x86_64")]
+fn fma_peak(threads: usize) -> Option<(f64, &'static str)> {
+    use std::arch::x86_64::*;
+    const ITERS: usize = 20_000_000;
+
+    #[target_feature(enable = "avx512f")]
+    fn chains_512() -> f32 {
+        let (b, c) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(1e-7));
+        let mut a = [_mm512_setzero_ps(); 12];
+        for _ in 0..ITERS {
+            for v in &mut a {
+                *v = _mm512_fmadd_ps(*v, b, c);
+            }
+        }
+        a.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn chains_256() -> f32 {
+        let (b, c) = (_mm256_set1_ps(1.000_000_1), _mm256_set1_ps(1e-7));
+        let mut a = [_mm256_setzero_ps(); 12];
+        for _ in 0..ITERS {
+            for v in &mut a {
+                *v = _mm256_fmadd_ps(*v, b, c);
+            }
+        }
+        let mut lanes = [0f32; 8];
+        a.iter()
+            .map(|&v| {
+                // SAFETY: `lanes` holds the 8 floats the store writes.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+                lanes.iter().sum::<f32>()
+            })
+            .sum()
+    }
+
+    let (lanes, name, chains): (usize, _, fn() -> f32) = if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        (16, "AVX-512", || unsafe { chains_512() })
+    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        (8, "AVX2", || unsafe { chains_256() })
+    } else {
+        return None;
+    };
+    // Best of several short runs: a ceiling, so the run least disturbed by other load counts.
+    let secs = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            let sums: Vec<f32> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..threads).map(|_| s.spawn(chains)).collect();
+                handles.into_iter().filter_map(|h| h.join().ok()).collect()
+            });
+            std::hint::black_box(sums);
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    let flop = (threads * ITERS * 12 * lanes * 2) as f64;
+    Some((flop / secs / 1e9, name))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fma_peak(_threads: usize) -> Option<(f64, &'static str)> {
+    None
+}
+
 fn torch_step_seconds(a: &Args) -> Result<(f64, String), String> {
     let python = std::env::var("PROBEX_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/step_bench.py");
@@ -206,7 +275,20 @@ fn main() {
         flop / ours / 1e9,
         a.steps
     );
-    if !a.torch || a.device != DeviceSpec::Cpu {
+    if a.device != DeviceSpec::Cpu {
+        return;
+    }
+    let peak = fma_peak(a.threads);
+    if let Some((gflops, isa)) = peak {
+        println!(
+            "this CPU's ceiling: {gflops:.0} GFLOP/s ({isa} FMA loop, {} threads): a step takes \
+             at least {:.3} s; probex runs at {:.0}% of it",
+            a.threads,
+            flop / gflops / 1e9,
+            100.0 * flop / ours / 1e9 / gflops
+        );
+    }
+    if !a.torch {
         return;
     }
     match torch_step_seconds(&a) {
@@ -217,6 +299,13 @@ fn main() {
                 a.steps
             );
             println!("speed-up (pytorch / probex): {:.2}x", theirs / ours);
+            if let Some((gflops, _)) = peak {
+                println!(
+                    "2x pytorch would be {:.3} s/step: {:.0}% of the ceiling",
+                    theirs / 2.0,
+                    100.0 * flop / (theirs / 2.0) / 1e9 / gflops
+                );
+            }
         }
         Err(e) => println!("pytorch: skipped ({e}); set PROBEX_PYTHON to a python with torch"),
     }
