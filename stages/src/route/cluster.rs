@@ -177,24 +177,62 @@ pub fn cut(n: usize, merges: &[Merge], apply: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Where the merge heights (sorted) jump the most: the number of merges below the largest
-/// ratio `h[i+1] / h[i]`, if that ratio is at least `min_ratio`. Trees show up as such a jump:
-/// siblings are far closer to each other than bases are.
-pub fn largest_gap(heights: &[f64], min_ratio: f64) -> Option<usize> {
-    let top = heights.iter().copied().fold(0.0f64, f64::max);
-    let floor = top * 1e-9;
-    let mut best: Option<(usize, f64)> = None;
-    for i in 0..heights.len().saturating_sub(1) {
-        let (lo, hi) = (heights[i].max(floor), heights[i + 1]);
-        if lo <= 0.0 {
+/// Mean silhouette of the clustering `labels` (from [`cut`]) under `dist` (`n x n`): for each
+/// point `(b - a) / max(a, b)`, with `a` its mean distance to the rest of its cluster and `b`
+/// its mean distance to the nearest other cluster; 0 for a point alone in its cluster. Near 1:
+/// tight clusters far apart; near 0: no cluster structure. O(n²).
+pub fn silhouette(dist: &[f64], labels: &[usize]) -> f64 {
+    let n = labels.len();
+    let k = labels.iter().max().map_or(0, |&l| l + 1);
+    if n == 0 || k < 2 {
+        return 0.0;
+    }
+    let mut size = vec![0usize; k];
+    for &l in labels {
+        size[l] += 1;
+    }
+    let mut sums = vec![0.0f64; k];
+    let mut total = 0.0;
+    for (i, &own) in labels.iter().enumerate() {
+        if size[own] < 2 {
             continue;
         }
-        let ratio = hi / lo;
-        if ratio >= min_ratio && best.is_none_or(|(_, r)| ratio > r) {
-            best = Some((i + 1, ratio));
+        sums.fill(0.0);
+        for (&d, &l) in dist[i * n..(i + 1) * n].iter().zip(labels) {
+            sums[l] += d;
+        }
+        let a = sums[own] / (size[own] - 1) as f64;
+        let b = (0..k)
+            .filter(|&c| c != own)
+            .map(|c| sums[c] / size[c] as f64)
+            .fold(f64::INFINITY, f64::min);
+        let m = a.max(b);
+        if m > 0.0 {
+            total += (b - a) / m;
         }
     }
-    best.map(|(i, _)| i)
+    total / n as f64
+}
+
+/// The cut of the dendrogram `merges` of `n` points (distances `dist`) with the highest mean
+/// [`silhouette`] among 2 to `max_clusters` clusters, as (merges applied, silhouette); the
+/// fewer clusters win ties. `None` below 3 points, where no cut can be judged.
+pub fn best_silhouette_cut(
+    dist: &[f64],
+    merges: &[Merge],
+    n: usize,
+    max_clusters: usize,
+) -> Option<(usize, f64)> {
+    let top = max_clusters.min(n.saturating_sub(1));
+    let mut best: Option<(usize, f64)> = None;
+    for k in 2..=top {
+        let apply = n - k;
+        let score = silhouette(dist, &cut(n, merges, apply));
+        if best.is_none_or(|(_, s)| score > s) {
+            best = Some((apply, score));
+        }
+    }
+    best
 }
 
 #[cfg(test)]
@@ -264,35 +302,100 @@ mod tests {
         assert_eq!(cut(4, &m, 3), vec![0, 0, 0, 0]);
     }
 
+    /// The cut `best_silhouette_cut` picks for `x` (`n` points of `d` values), as a count of
+    /// clusters and the silhouette.
+    fn auto_cut(x: &[f32], n: usize, d: usize) -> (usize, f64) {
+        let dist = pairwise_distances(x, n, d);
+        let m = average_linkage(dist.clone(), n);
+        let (apply, s) = best_silhouette_cut(&dist, &m, n, 16).expect("a cut");
+        (n - apply, s)
+    }
+
     #[test]
-    fn three_separated_groups_are_found_by_the_gap() {
+    fn silhouette_matches_the_definition() {
+        // Points 0, 1 | 10, 12 on a line. Point 1: a = 1, b = (9 + 11) / 2 = 10, s = 9/10.
+        let x = [0.0f32, 1.0, 10.0, 12.0];
+        let dist = pairwise_distances(&x, 4, 1);
+        let want = [10.0 / 11.0, 9.0 / 10.0, 1.0 - 2.0 / 9.5, 1.0 - 2.0 / 11.5];
+        let s = silhouette(&dist, &[0, 0, 1, 1]);
+        assert!((s - want.iter().sum::<f64>() / 4.0).abs() < 1e-12, "{s}");
+        // A singleton scores 0; one cluster has no silhouette.
+        let s1 = silhouette(&dist, &[0, 0, 0, 1]);
+        assert!(s1 < s);
+        assert_eq!(silhouette(&dist, &[0, 0, 0, 0]), 0.0);
+    }
+
+    #[test]
+    fn three_separated_groups_are_found_by_the_silhouette() {
         let x = points(&[(0.0, 0.0), (50.0, 0.0), (0.0, 80.0)], 20, 1.0);
         let n = 60;
-        let m = average_linkage(pairwise_distances(&x, n, 2), n);
-        let h: Vec<f64> = m.iter().map(|m| m.height).collect();
-        let apply = largest_gap(&h, 3.0).expect("a gap");
-        assert_eq!(n - apply, 3);
-        let labels = cut(n, &m, apply);
+        let (k, s) = auto_cut(&x, n, 2);
+        assert_eq!(k, 3);
+        assert!(s > 0.9, "{s}");
+        let dist = pairwise_distances(&x, n, 2);
+        let m = average_linkage(dist, n);
+        let labels = cut(n, &m, n - 3);
         for (i, &l) in labels.iter().enumerate() {
             assert_eq!(l, i / 20, "point {i}");
         }
     }
 
     #[test]
-    fn one_group_has_no_gap() {
-        let x = points(&[(0.0, 0.0)], 40, 1.0);
-        let m = average_linkage(pairwise_distances(&x, 40, 2), 40);
+    fn far_siblings_do_not_hide_the_trees() {
+        // What the old largest-jump rule missed on a mini tree: three groups (spread 1, 12
+        // apart), each with two members 5 out along a direction of its own. Their late merges
+        // fill the jump in merge heights below the between-group merges, but the silhouette
+        // still peaks at three groups.
+        let centres = [(0.0, 0.0), (12.0, 0.0), (0.0, 12.0)];
+        let d = 5;
+        let mut x: Vec<f32> = points(&centres, 20, 1.0)
+            .chunks(2)
+            .flat_map(|p| [p[0], p[1], 0.0, 0.0, 0.0])
+            .collect();
+        for (g, &(cx, cy)) in centres.iter().enumerate() {
+            for sign in [5.0, -5.0] {
+                let mut p = [cx, cy, 0.0, 0.0, 0.0];
+                p[2 + g] = sign;
+                x.extend(p);
+            }
+        }
+        let n = x.len() / d;
+        let dist = pairwise_distances(&x, n, d);
+        let m = average_linkage(dist, n);
         let h: Vec<f64> = m.iter().map(|m| m.height).collect();
-        assert_eq!(largest_gap(&h, 3.0), None);
+        let (within, between) = (h[n - 4], h[n - 3]);
+        assert!(between / within < 3.0, "the jump is {}", between / within);
+        let (k, s) = auto_cut(&x, n, d);
+        assert_eq!(k, 3, "silhouette {s}");
+        let labels = cut(n, &m, n - 3);
+        for g in 0..3 {
+            let group = &labels[g * 20..(g + 1) * 20];
+            assert!(group.iter().all(|&l| l == group[0]), "group {g}: {group:?}");
+            assert_eq!(
+                labels[60 + 2 * g],
+                group[0],
+                "first far member of group {g}"
+            );
+            assert_eq!(
+                labels[61 + 2 * g],
+                group[0],
+                "second far member of group {g}"
+            );
+        }
     }
 
     #[test]
-    fn identical_points_do_not_break_the_gap() {
+    fn one_group_scores_low() {
+        let x = points(&[(0.0, 0.0)], 40, 1.0);
+        let (_, s) = auto_cut(&x, 40, 2);
+        assert!(s < 0.5, "a uniform square scores {s}");
+    }
+
+    #[test]
+    fn identical_points_are_perfectly_separated() {
         let mut x = vec![0.0f32; 10];
         x.extend([100.0f32; 10]);
-        let m = average_linkage(pairwise_distances(&x, 20, 1), 20);
-        let h: Vec<f64> = m.iter().map(|m| m.height).collect();
-        assert_eq!(largest_gap(&h, 3.0), Some(18));
-        assert_eq!(cut(20, &m, 18).iter().filter(|&&l| l == 1).count(), 10);
+        let (k, s) = auto_cut(&x, 20, 1);
+        assert_eq!((k, s), (2, 1.0));
     }
 }

@@ -39,13 +39,13 @@ pub struct RouteParams {
     /// Plain tensors, LoRA pairs (X = B @ A), or decide per file.
     #[serde(default)]
     pub mode: LayerMode,
-    /// How many trees: a number, or `"auto"` (cut at the largest jump in merge height).
+    /// How many trees: a number, or `"auto"` (the cut with the best-separated clusters).
     #[serde(default)]
     pub trees: TreeCount,
-    /// With `trees = "auto"`: the smallest ratio of consecutive merge heights that separates
-    /// trees. Default 3.
-    #[serde(default = "default_gap")]
-    pub gap: f64,
+    /// With `trees = "auto"`: the mean silhouette a cut must reach to split an architecture
+    /// into several trees. Default 0.7.
+    #[serde(default = "default_min_silhouette")]
+    pub min_silhouette: f64,
     /// A tree's threshold is `margin` times its farthest training or validation model's
     /// distance from the centre. Default 1.5.
     #[serde(default = "default_margin")]
@@ -62,8 +62,8 @@ pub struct RouteParams {
     pub truth: Option<String>,
 }
 
-fn default_gap() -> f64 {
-    3.0
+fn default_min_silhouette() -> f64 {
+    super::DEFAULT_MIN_SILHOUETTE
 }
 fn default_margin() -> f64 {
     1.5
@@ -82,7 +82,7 @@ impl Stage for Route {
         "route"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn about(&self) -> &'static str {
         "split a mixed collection into model trees by clustering weights; place every model in its tree or none"
@@ -98,9 +98,7 @@ impl Stage for Route {
         if !(p.margin.is_finite() && p.margin >= 1.0) {
             return Err(format!("`margin` = {}: use a number >= 1", p.margin));
         }
-        if !(p.gap.is_finite() && p.gap > 1.0) {
-            return Err(format!("`gap` = {}: use a number > 1", p.gap));
-        }
+        super::check_min_silhouette(p.min_silhouette)?;
         SplitAssigner::new(&p.splits).map(|_| ())
     }
 
@@ -262,7 +260,7 @@ fn route(
         .collect();
     let settings = Settings {
         trees: p.trees,
-        gap: p.gap,
+        min_silhouette: p.min_silhouette,
         margin: p.margin,
     };
     cx.log(format!(
@@ -270,6 +268,16 @@ fn route(
         points.iter().filter(|p| p.split == Split::Train).count()
     ));
     let fit = super::fit(&points, &settings).map_err(anyhow::Error::msg)?;
+    for (a, score) in fit.silhouettes.iter().enumerate() {
+        let score = score.map_or("too few models to judge a cut".into(), |s| {
+            format!(
+                "best cut's silhouette {s:.3} (min_silhouette {})",
+                p.min_silhouette
+            )
+        });
+        cx.log(format!("architecture {a}: {score}"));
+    }
+    cx.log(format!("{} trees", fit.trees.len()));
 
     let trees: Vec<Tree> = fit
         .trees

@@ -61,7 +61,7 @@ fn points(t: &Trees) -> Vec<Point<'_>> {
 fn settings(trees: TreeCount) -> Settings {
     Settings {
         trees,
-        gap: 3.0,
+        min_silhouette: DEFAULT_MIN_SILHOUETTE,
         margin: 1.5,
     }
 }
@@ -157,6 +157,15 @@ fn validation_models_widen_the_threshold() {
 }
 
 #[test]
+fn auto_keeps_one_tree_whole() {
+    let mut rng = Rng::new(11);
+    let t = trees(&[base(&mut rng, 60, 1.0)], 40, 0.05, 12);
+    let fit = fit(&points(&t), &settings(TreeCount::Auto)).unwrap();
+    assert_eq!(fit.trees.len(), 1);
+    assert!(fit.placements.iter().all(|p| p.tree == Some(0)));
+}
+
+#[test]
 fn architectures_never_share_a_tree() {
     // Two architectures (feature lengths 50 and 80), one tree each, close in value.
     let mut rng = Rng::new(8);
@@ -196,6 +205,14 @@ fn bad_settings_and_counts_are_errors() {
     let mut s = settings(TreeCount::Auto);
     s.margin = 0.5;
     assert!(fit(&pts, &s).unwrap_err().contains("margin"));
+    for bad in [0.0, 1.0, f64::NAN] {
+        let mut s = settings(TreeCount::Auto);
+        s.min_silhouette = bad;
+        assert!(
+            fit(&pts, &s).unwrap_err().contains("min_silhouette"),
+            "{bad}"
+        );
+    }
     let e = fit(&pts, &settings(TreeCount::Fixed(100))).unwrap_err();
     assert!(e.contains("only 9 training models"), "{e}");
     let only_tests: Vec<Point> = pts
