@@ -207,8 +207,9 @@ pub fn fit(points: &[Point], s: &Settings) -> Result<Fit, String> {
         }
     }
 
-    // The distances and dendrogram of each architecture.
-    let (distances, dendrograms): (Vec<Vec<f64>>, Vec<Vec<cluster::Merge>>) = archs
+    // The dendrogram of each architecture, and with "auto" the distances that judge its cuts.
+    let auto = s.trees == TreeCount::Auto;
+    let (distances, dendrograms): (Vec<Option<Vec<f64>>>, Vec<Vec<cluster::Merge>>) = archs
         .iter()
         .map(|(_, members)| {
             let d = points[members[0]].features.len();
@@ -218,8 +219,10 @@ pub fn fit(points: &[Point], s: &Settings) -> Result<Fit, String> {
                 .collect();
             let n = members.len();
             let dist = cluster::pairwise_distances(&rows, n, d);
-            let merges = cluster::average_linkage(dist.clone(), n);
-            (dist, merges)
+            (
+                auto.then(|| dist.clone()),
+                cluster::average_linkage(dist, n),
+            )
         })
         .unzip();
 
@@ -231,7 +234,9 @@ pub fn fit(points: &[Point], s: &Settings) -> Result<Fit, String> {
             .zip(&dendrograms)
             .map(|(dist, m)| {
                 let n = m.len() + 1;
-                let best = cluster::best_silhouette_cut(dist, m, n, MAX_AUTO_TREES);
+                let best = dist
+                    .as_deref()
+                    .and_then(|d| cluster::best_silhouette_cut(d, m, n, MAX_AUTO_TREES));
                 silhouettes.push(best.map(|(_, score)| score));
                 match best {
                     Some((apply, score)) if score >= s.min_silhouette => apply,
