@@ -20,6 +20,34 @@ use crate::text::{Encoder, EncoderKind};
 use crate::train::{Rows, files};
 use crate::training::{self, DeviceSpec};
 
+/// The one candidate of `found` in the run at `path`, or an error saying there is no `what`
+/// (named `stage`, when given) or naming the several to choose from with `--stage`.
+pub(crate) fn only_one<T>(
+    mut found: Vec<T>,
+    path: &Path,
+    stage: Option<&str>,
+    what: &str,
+    name: impl Fn(&T) -> &str,
+) -> anyhow::Result<T> {
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => bail!(
+            "{} has no {what}{}",
+            path.display(),
+            stage.map_or(String::new(), |s| format!(" named `{s}`"))
+        ),
+        k => bail!(
+            "{} has {k} {what}s ({}): choose one with --stage",
+            path.display(),
+            found
+                .iter()
+                .map(|f| format!("`{}`", name(f)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
 /// A trained probe artifact and what it was trained on.
 #[derive(Debug)]
 pub struct Probe {
@@ -96,24 +124,7 @@ impl Probe {
         } else {
             "probe"
         };
-        match found.len() {
-            1 => Ok(found.remove(0).1),
-            0 => bail!(
-                "{} has no {what}{}",
-                path.display(),
-                stage.map_or(String::new(), |s| format!(" named `{s}`"))
-            ),
-            _ => bail!(
-                "{} has {} {what}s ({}): choose one with --stage",
-                path.display(),
-                found.len(),
-                found
-                    .iter()
-                    .map(|(_, p)| format!("`{}`", p.name))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }
+        only_one(found, path, stage, what, |(_, p)| &p.name).map(|(_, p)| p)
     }
 
     fn checkpoint(&self) -> anyhow::Result<Checkpoint> {

@@ -450,27 +450,10 @@ impl Router {
                 return Router::open(&dir, dir.display().to_string());
             }
         }
-        let mut found = crate::query::finished_nodes(path, &["route"], stage)?;
-        match found.len() {
-            1 => {
-                let (n, dir) = found.remove(0);
-                Router::open(&dir, n.node)
-            }
-            0 => anyhow::bail!(
-                "{} has no `route` node{}",
-                path.display(),
-                stage.map_or(String::new(), |s| format!(" named `{s}`"))
-            ),
-            k => anyhow::bail!(
-                "{} has {k} `route` nodes ({}): choose one with --stage",
-                path.display(),
-                found
-                    .iter()
-                    .map(|(n, _)| format!("`{}`", n.node))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }
+        let found = crate::query::finished_nodes(path, &["route"], stage)?;
+        let (n, dir) =
+            crate::query::only_one(found, path, stage, "`route` node", |(n, _)| n.node.as_str())?;
+        Router::open(&dir, n.node)
     }
 
     /// Places the model file at `model`: the nearest tree of its architecture if it lies within
