@@ -284,14 +284,17 @@ impl<'a> Slurm<'a> {
                 s
             }
             Err(e) => {
+                // Said once per outage, at its first failed look (not by timing: how long
+                // `squeue` takes to fail varies, so a time window could say it twice).
+                let first = self.unreadable_since.is_none();
                 let since = *self.unreadable_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= MAX_UNREADABLE {
                     self.give_up(&format!(
                         "SLURM's queue could not be read for {} minutes: {e}",
                         MAX_UNREADABLE.as_secs() / 60
                     ));
-                } else if since.elapsed() < self.opts.poll {
-                    // Said once; the jobs keep running meanwhile.
+                } else if first {
+                    // The jobs keep running meanwhile.
                     self.reporter.println(&format!(
                         "slurm: cannot read the queue (trying again for {} minutes): {e}",
                         MAX_UNREADABLE.as_secs() / 60
