@@ -4,7 +4,15 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use probex_stages::dataset::Split;
 use probex_stages::query::{Probe, search};
+
+fn parse_split(s: &str) -> Result<Split, String> {
+    Split::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = Split::ALL.iter().map(|v| v.as_str()).collect();
+        format!("unknown split `{s}`; one of {}", all.join(", "))
+    })
+}
 
 /// Arguments of `probex search`.
 #[derive(Args, Debug)]
@@ -20,6 +28,10 @@ pub struct SearchArgs {
     /// How many models to list
     #[arg(long, default_value_t = 10)]
     top: usize,
+    /// Rank only models of this split (repeatable), e.g. `test_holdout`: models of classes
+    /// the probe never trained on
+    #[arg(long = "split", value_parser = parse_split)]
+    splits: Vec<Split>,
     /// Print JSON
     #[arg(long)]
     json: bool,
@@ -28,7 +40,7 @@ pub struct SearchArgs {
 /// Prints the best matches; returns the exit code.
 pub fn run(args: &SearchArgs) -> i32 {
     let hits = Probe::locate(&args.index, args.stage.as_deref(), true)
-        .and_then(|probe| search(&probe, &args.query, args.top).map(|h| (probe, h)));
+        .and_then(|probe| search(&probe, &args.query, args.top, &args.splits).map(|h| (probe, h)));
     let (probe, hits) = match hits {
         Ok(x) => x,
         Err(e) => {

@@ -258,9 +258,16 @@ fn normalized(v: &mut [f32]) {
     v.iter_mut().for_each(|x| *x /= n);
 }
 
-/// Ranks every model of the probe's collection by the cosine between its encoding and the
-/// query mapped through the probe's text head; returns the best `top`.
-pub fn search(probe: &Probe, query: &str, top: usize) -> anyhow::Result<Vec<Hit>> {
+/// Ranks the models of the probe's collection in `splits` (every split when empty) by the
+/// cosine between their encoding and the query mapped through the probe's text head; returns
+/// the best `top`. `splits = [TestHoldout]` searches only models of classes the probe never
+/// trained on.
+pub fn search(
+    probe: &Probe,
+    query: &str,
+    top: usize,
+    splits: &[Split],
+) -> anyhow::Result<Vec<Hit>> {
     if !probe.spec.kind.is_zero_shot() {
         bail!(
             "{} is a `{}` probe; search needs a zero-shot probe (probex-zeroshot or \
@@ -312,6 +319,7 @@ pub fn search(probe: &Probe, query: &str, top: usize) -> anyhow::Result<Vec<Hit>
         .models
         .iter()
         .enumerate()
+        .filter(|(_, m)| splits.is_empty() || splits.contains(&m.split))
         .map(|(i, m)| {
             let mut e = values[i * dim..(i + 1) * dim].to_vec();
             normalized(&mut e);

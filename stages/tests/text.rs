@@ -15,6 +15,7 @@ use std::sync::atomic::AtomicBool;
 use probex_engine::cache::{Key, Store};
 use probex_engine::run::NodeState;
 use probex_engine::{Artifact, Inputs, ProgressSink, RunContext, RunReport, Stage};
+use probex_stages::dataset::Split;
 use probex_stages::embed::{Embed, EmbedParams};
 use probex_stages::embeddings::TextTable;
 use probex_stages::packages;
@@ -492,7 +493,7 @@ fn search_ranks_models_of_the_queried_class_first_and_describe_names_a_models_cl
     assert_eq!(probe.name, "best");
     for class in ["bee", "camel"] {
         let query = text::prompt(text::DEFAULT_TEMPLATE, class);
-        let hits = search(&probe, &query, 12).unwrap();
+        let hits = search(&probe, &query, 12, &[]).unwrap();
         assert_eq!(hits.len(), 12);
         let right = hits
             .iter()
@@ -505,6 +506,15 @@ fn search_ranks_models_of_the_queried_class_first_and_describe_names_a_models_cl
         );
         assert_eq!(hits[0].label.as_deref(), Some(class), "{hits:#?}");
         assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+        // Only the asked splits, best first among them.
+        let tests = search(&probe, &query, 100, &[Split::Test]).unwrap();
+        assert!(!tests.is_empty() && tests.iter().all(|h| h.split == Split::Test));
+        let all_tests: Vec<_> = search(&probe, &query, usize::MAX, &[])
+            .unwrap()
+            .into_iter()
+            .filter(|h| h.split == Split::Test)
+            .collect();
+        assert_eq!(tests, all_tests);
     }
 
     // describe: each test model's top class is its own (the probe never trained on them).
@@ -543,7 +553,7 @@ fn search_ranks_models_of_the_queried_class_first_and_describe_names_a_models_cl
     );
     let e = format!("{:#}", describe(&probe, &wrong, 3).unwrap_err());
     assert!(e.contains("[3, 4]") && e.contains("[6, 5]"), "{e}");
-    assert!(search(&probe, "  ", 5).is_err());
+    assert!(search(&probe, "  ", 5, &[]).is_err());
     let e = format!("{:#}", Probe::locate(dir.path(), None, true).unwrap_err());
     assert!(e.contains("neither a run directory"), "{e}");
 }
