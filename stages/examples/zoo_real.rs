@@ -89,7 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Ok(())
     };
-    let report = build_tree(&config, &emoji_dir, &out, &progress)?;
+    let report = build_tree(&config, &emoji_dir, None, &out, &progress)?;
     let tm = &report.timings;
     println!(
         "classes {} (missing {}), base acc {:.3}",

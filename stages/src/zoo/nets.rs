@@ -701,77 +701,159 @@ impl Default for DenoiserConfig {
 }
 
 impl DenoiserConfig {
-    /// `(name, in, out)` of each adapted layer, in forward order. Names follow the diffusers
+    /// The full shape for images of side `size`, reading text vectors of `text_dim` values
+    /// (0: not text-conditioned).
+    pub fn shape(&self, size: usize, text_dim: usize) -> DenoiserShape {
+        DenoiserShape {
+            hidden: self.hidden.clone(),
+            size,
+            text_dim,
+        }
+    }
+}
+
+/// Everything that fixes a denoiser's tensors: the configured widths, the image side and the
+/// width of the text vector it reads (0 when it reads none).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DenoiserShape {
+    /// Encoder widths; the decoder mirrors them.
+    pub hidden: Vec<usize>,
+    /// Image side in pixels.
+    pub size: usize,
+    /// Text vector width; 0 for an unconditioned denoiser.
+    pub text_dim: usize,
+}
+
+impl DenoiserShape {
+    /// Block names in forward order, diffusers style (`unet.down_blocks.0`).
+    fn blocks(&self) -> Vec<String> {
+        let n = self.hidden.len();
+        (0..n)
+            .map(|i| format!("unet.down_blocks.{i}"))
+            .chain((0..n).map(|i| format!("unet.up_blocks.{i}")))
+            .collect()
+    }
+
+    /// `(name, in, out)` of each image layer, in forward order. Names follow the diffusers
     /// UNet convention so LoRA keys read `unet.down_blocks.0.proj.lora.down.weight`.
-    pub fn layers(&self, size: usize) -> Vec<(String, usize, usize)> {
-        let mut widths = vec![3 * size * size];
+    pub fn layers(&self) -> Vec<(String, usize, usize)> {
+        let mut widths = vec![3 * self.size * self.size];
         widths.extend(self.hidden.iter().copied());
-        let mut out = Vec::new();
-        for i in 0..self.hidden.len() {
-            out.push((
-                format!("unet.down_blocks.{i}.proj"),
-                widths[i],
-                widths[i + 1],
-            ));
+        let n = self.hidden.len();
+        let dims = (0..n)
+            .map(|i| (widths[i], widths[i + 1]))
+            .chain((0..n).map(|i| (widths[n - i], widths[n - i - 1])));
+        self.blocks()
+            .into_iter()
+            .zip(dims)
+            .map(|(block, (i, o))| (format!("{block}.proj"), i, o))
+            .collect()
+    }
+
+    /// `(name, text_dim, out)` of each block's text layer, in forward order; none when
+    /// unconditioned. SD's blocks read the prompt through cross-attention; with one pooled
+    /// text vector as the only key, attention weights are all 1 and cross-attention reduces
+    /// to its value projection, so each block's text layer is SD's `attn2.to_v` (bias-free),
+    /// its output added to the block's.
+    pub fn text_layers(&self) -> Vec<(String, usize, usize)> {
+        if self.text_dim == 0 {
+            return Vec::new();
         }
-        for i in 0..self.hidden.len() {
-            let a = widths[self.hidden.len() - i];
-            let b = widths[self.hidden.len() - i - 1];
-            out.push((format!("unet.up_blocks.{i}.proj"), a, b));
-        }
-        out
+        self.blocks()
+            .into_iter()
+            .zip(self.layers())
+            .map(|(block, (_, _, o))| (format!("{block}.attn2.to_v"), self.text_dim, o))
+            .collect()
+    }
+
+    /// Every layer a LoRA adapts: the image layers, then the text layers.
+    pub fn adapted(&self) -> Vec<(String, usize, usize)> {
+        let mut all = self.layers();
+        all.extend(self.text_layers());
+        all
     }
 
     /// A fresh denoiser state dict.
-    pub fn init(&self, size: usize, rng: &mut Rng) -> StateDict {
+    pub fn init(&self, rng: &mut Rng) -> StateDict {
         let mut s = StateDict::new();
-        for (name, d_in, d_out) in self.layers(size) {
+        for (name, d_in, d_out) in self.layers() {
             let (w, b) = Dense::<burn::backend::Flex>::torch_init(d_in, d_out, rng);
             s.insert(format!("{name}.weight"), w);
             s.insert(format!("{name}.bias"), b);
+        }
+        for (name, d_in, d_out) in self.text_layers() {
+            let (w, _) = Dense::<burn::backend::Flex>::torch_init(d_in, d_out, rng);
+            s.insert(format!("{name}.weight"), w);
         }
         s
     }
 }
 
-/// The denoising MLP: ReLU between layers, linear output (predicts the clean image).
+/// The denoising MLP: ReLU between layers, linear output (predicts the clean image). A
+/// text-conditioned one adds each block's text layer applied to the prompt's vector.
 #[derive(Module, Debug)]
 pub struct Denoiser<B: Backend> {
-    /// Layers in forward order.
+    /// Image layers in forward order.
     pub layers: Vec<Dense<B>>,
+    /// Per block, `attn2.to_v` stored as `[text_dim, out]`; empty when unconditioned.
+    pub text: Vec<Param<Tensor<B, 2>>>,
 }
 
 impl<B: Backend> Denoiser<B> {
     /// Builds the network from a state dict.
     pub fn load(
-        c: &DenoiserConfig,
-        size: usize,
+        shape: &DenoiserShape,
         state: &StateDict,
         device: &B::Device,
     ) -> Result<Self, String> {
-        let layers = c
-            .layers(size)
+        let layers = shape
+            .layers()
             .iter()
             .map(|(name, i, o)| Dense::load(state, name, *i, *o, device))
             .collect::<Result<_, _>>()?;
-        Ok(Denoiser { layers })
+        let text = shape
+            .text_layers()
+            .iter()
+            .map(|(name, i, o)| {
+                let w = take(state, &format!("{name}.weight"), &[*o, *i])?;
+                Ok(Param::from_tensor(Tensor::from_data(
+                    TensorData::new(transpose(&w.data, *o, *i), [*i, *o]),
+                    device,
+                )))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Denoiser { layers, text })
     }
 
-    /// The state dict under the layer names of [`DenoiserConfig::layers`].
-    pub fn state(&self, c: &DenoiserConfig, size: usize) -> Result<StateDict, String> {
+    /// The state dict under the layer names of [`DenoiserShape::layers`] and
+    /// [`DenoiserShape::text_layers`].
+    pub fn state(&self, shape: &DenoiserShape) -> Result<StateDict, String> {
         let mut s = StateDict::new();
-        for ((name, _, _), l) in c.layers(size).iter().zip(&self.layers) {
+        for ((name, _, _), l) in shape.layers().iter().zip(&self.layers) {
             l.save(&mut s, name)?;
+        }
+        for ((name, d_in, d_out), w) in shape.text_layers().iter().zip(&self.text) {
+            s.insert(
+                format!("{name}.weight"),
+                HostTensor {
+                    shape: vec![*d_out, *d_in],
+                    data: transpose(&tensor_data(w.val())?, *d_in, *d_out),
+                },
+            );
         }
         Ok(s)
     }
 
-    /// Denoised images `[n, 3*size*size]`.
-    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    /// Denoised images `[n, 3*size*size]` from noisy ones; `text` is `[n, text_dim]`, each
+    /// image's prompt vector, and is ignored by an unconditioned denoiser.
+    pub fn forward(&self, x: Tensor<B, 2>, text: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
         let last = self.layers.len().saturating_sub(1);
         let mut h = x;
         for (i, l) in self.layers.iter().enumerate() {
             h = l.forward(h);
+            if let (Some(t), Some(w)) = (&text, self.text.get(i)) {
+                h = h + t.clone().matmul(w.val());
+            }
             if i < last {
                 h = activation::relu(h);
             }
@@ -793,17 +875,11 @@ pub struct Lora<B: Backend> {
 
 impl<B: Backend> Lora<B> {
     /// Fresh adapters as peft/diffusers initialise them: `A` random, `B` zero, so training
-    /// starts from the base model exactly.
-    pub fn init(
-        c: &DenoiserConfig,
-        size: usize,
-        rank: usize,
-        rng: &mut Rng,
-        device: &B::Device,
-    ) -> Self {
+    /// starts from the base model exactly. Every layer of [`DenoiserShape::adapted`] gets one.
+    pub fn init(shape: &DenoiserShape, rank: usize, rng: &mut Rng, device: &B::Device) -> Self {
         let mut down = Vec::new();
         let mut up = Vec::new();
-        for (_, d_in, d_out) in c.layers(size) {
+        for (_, d_in, d_out) in shape.adapted() {
             let bound = 1.0 / (d_in as f32).sqrt();
             let a: Vec<f32> = (0..d_in * rank).map(|_| rng.range(-bound, bound)).collect();
             down.push(Param::from_tensor(Tensor::from_data(
@@ -817,9 +893,9 @@ impl<B: Backend> Lora<B> {
 
     /// The adapters under diffusers names: `{layer}.lora.down.weight` `[r, in]` and
     /// `{layer}.lora.up.weight` `[out, r]`.
-    pub fn state(&self, c: &DenoiserConfig, size: usize) -> Result<StateDict, String> {
+    pub fn state(&self, shape: &DenoiserShape) -> Result<StateDict, String> {
         let mut s = StateDict::new();
-        for (((name, d_in, d_out), a), b) in c.layers(size).iter().zip(&self.down).zip(&self.up) {
+        for (((name, d_in, d_out), a), b) in shape.adapted().iter().zip(&self.down).zip(&self.up) {
             let r = a.val().dims()[1];
             s.insert(
                 format!("{name}.lora.down.weight"),
@@ -839,16 +915,23 @@ impl<B: Backend> Lora<B> {
         Ok(s)
     }
 
-    /// The adapted denoiser's output; `base` is frozen (its tensors carry no gradient).
-    pub fn forward(&self, base: &Denoiser<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let last = base.layers.len().saturating_sub(1);
+    /// The adapted denoiser's output; `base` is frozen (its tensors carry no gradient). `text`
+    /// as in [`Denoiser::forward`].
+    pub fn forward(
+        &self,
+        base: &Denoiser<B>,
+        x: Tensor<B, 2>,
+        text: Option<Tensor<B, 2>>,
+    ) -> Tensor<B, 2> {
+        let n = base.layers.len();
+        let last = n.saturating_sub(1);
+        let low = |i: usize, h: Tensor<B, 2>| h.matmul(self.down[i].val()).matmul(self.up[i].val());
         let mut h = x;
         for (i, l) in base.layers.iter().enumerate() {
-            let low = h
-                .clone()
-                .matmul(self.down[i].val())
-                .matmul(self.up[i].val());
-            h = l.forward(h) + low;
+            h = l.forward(h.clone()) + low(i, h);
+            if let (Some(t), Some(w)) = (&text, base.text.get(i)) {
+                h = h + t.clone().matmul(w.val()) + low(n + i, t.clone());
+            }
             if i < last {
                 h = activation::relu(h);
             }

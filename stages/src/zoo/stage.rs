@@ -17,6 +17,8 @@
 //! seed = 0
 //! finetune = { epochs = [4, 6, 8] }
 //! ```
+//! A text-conditioned LoRA tree also reads its text encoder's package, the one `lora.text.from`
+//! names: `from = ["emoji", "minilm"]`, `lora = { text = { from = "minilm", ... } }`.
 //! Every key of [`ZooConfig`] is a param (unknown keys are errors); the output is a byte-for-byte
 //! function of them and of the package, so the key is too. The engine's `threads` sets the
 //! worker count, which never changes the files.
@@ -25,9 +27,14 @@ use std::path::{Path, PathBuf};
 
 use probex_engine::{InputSlot, Inputs, Outcome, RunContext, Stage, StageResult};
 
-use super::{Phase, Progress, TreeKind, ZooConfig, ZooError, build_tree, layout::Layout};
+use burn::backend::Flex;
+
+use super::{
+    Phase, Progress, TextEmbedder, TreeKind, ZooConfig, ZooError, build_tree, layout::Layout,
+};
 use crate::collection::{self, Collection};
 use crate::extract::{self, ModelSource, discover};
+use crate::text::{self, Encoder};
 
 /// The `zoo` stage kind.
 pub struct Zoo;
@@ -49,7 +56,8 @@ impl Stage for Zoo {
         collection::ARTIFACT
     }
     fn inputs(&self) -> Vec<InputSlot> {
-        vec![InputSlot::one(crate::packages::ARTIFACT)]
+        // The emoji package, and for a text-conditioned LoRA tree its encoder's package too.
+        vec![InputSlot::many(crate::packages::ARTIFACT)]
     }
 
     fn check(&self, p: &ZooConfig) -> Result<(), String> {
@@ -57,7 +65,27 @@ impl Stage for Zoo {
     }
 
     fn run(&self, p: &ZooConfig, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
-        let emoji = &inputs.one(crate::packages::ARTIFACT)?.dir;
+        let (emoji, encoder_dir) = packages(p, inputs)?;
+        let encoder = match (&p.lora.text, encoder_dir) {
+            (Some(t), Some(dir)) => {
+                cx.log(format!("text encoder {} from {}", t.encoder, dir.display()));
+                Some(load_encoder(t.encoder, &dir)?)
+            }
+            _ => None,
+        };
+        // One thread, so the vectors (and so the tree) do not depend on the thread count.
+        let embed = |texts: &[String]| -> Result<Vec<Vec<f32>>, String> {
+            let Some(e) = &encoder else {
+                return Err("no text encoder".into());
+            };
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .map_err(|e| e.to_string())?;
+            pool.install(|| text::embed_texts(e, texts))
+                .map_err(|e| format!("{e:#}"))
+        };
+        let text = encoder.as_ref().map(|_| &embed as &TextEmbedder<'_>);
         let mut config = p.clone();
         config.threads = cx.threads().max(1);
         let out = cx.out_dir();
@@ -77,7 +105,7 @@ impl Stage for Zoo {
             );
             Ok(())
         };
-        let report = match build_tree(&config, emoji, out, &progress) {
+        let report = match build_tree(&config, emoji, text, out, &progress) {
             Err(ZooError::Cancelled) => {
                 cx.check_cancelled()?;
                 anyhow::bail!("cancelled")
@@ -117,6 +145,47 @@ impl Stage for Zoo {
             ..Outcome::default()
         })
     }
+}
+
+/// The emoji package's folder and, for a text-conditioned tree, the encoder's model folder: the
+/// package input of stage `lora.text.from` (with `model_subdir`) is the encoder, the other one
+/// the emoji.
+fn packages<'a>(p: &ZooConfig, inputs: &'a Inputs) -> anyhow::Result<(&'a Path, Option<PathBuf>)> {
+    let all = inputs.all(crate::packages::ARTIFACT);
+    let text_from = p.lora.text.as_ref().map(|t| t.from.as_str());
+    let (encoders, emoji): (Vec<_>, Vec<_>) = all
+        .iter()
+        .partition(|a| Some(a.stage.as_str()) == text_from);
+    let [emoji] = emoji[..] else {
+        let names: Vec<&str> = emoji.iter().map(|a| a.stage.as_str()).collect();
+        anyhow::bail!(
+            "the zoo reads one emoji package, but `from` names {} other package stages ({});              a text encoder's package is named by `lora.text.from`",
+            names.len(),
+            names.join(", ")
+        );
+    };
+    let encoder = match (&p.lora.text, &encoders[..]) {
+        (None, _) => None,
+        (Some(t), [pkg]) => Some(match &t.model_subdir {
+            Some(sub) => pkg.dir.join(sub),
+            None => pkg.dir.clone(),
+        }),
+        (Some(t), _) => anyhow::bail!(
+            "`lora.text.from` = {:?} is not a package stage in this stage's `from`: add it there",
+            t.from
+        ),
+    };
+    Ok((&emoji.dir, encoder))
+}
+
+fn load_encoder(kind: text::EncoderKind, dir: &Path) -> anyhow::Result<Encoder<Flex>> {
+    let device = Default::default();
+    Encoder::<Flex>::load(kind, dir, &device).map_err(|e| {
+        anyhow::anyhow!(
+            "loading the `{kind}` text encoder from {}: {e:#}",
+            dir.display()
+        )
+    })
 }
 
 /// The collection of what was written, found with the same discovery code that reads real

@@ -105,7 +105,7 @@ fn discriminative_tree_is_model_j_shaped_and_labelled_by_what_it_learned() {
     let (emoji, fixture_classes) = fixture(8);
     let out = tempfile::tempdir().unwrap();
     let config = tiny();
-    let report = build_tree(&config, emoji.path(), out.path(), &quiet).unwrap();
+    let report = build_tree(&config, emoji.path(), None, out.path(), &quiet).unwrap();
     assert_eq!(report.classes, fixture_classes);
     assert_eq!(report.models.len(), 6);
     let splits: BTreeSet<_> = report.models.iter().map(|m| m.split).collect();
@@ -256,6 +256,7 @@ fn same_seed_gives_identical_files_whatever_the_thread_count() {
             ..config.clone()
         },
         emoji.path(),
+        None,
         a.path(),
         &quiet,
     )
@@ -266,6 +267,7 @@ fn same_seed_gives_identical_files_whatever_the_thread_count() {
             ..config.clone()
         },
         emoji.path(),
+        None,
         b.path(),
         &quiet,
     )
@@ -282,6 +284,7 @@ fn same_seed_gives_identical_files_whatever_the_thread_count() {
             ..config.clone()
         },
         emoji.path(),
+        None,
         c.path(),
         &quiet,
     )
@@ -320,7 +323,7 @@ fn vit_tree_has_hugging_face_vit_names_in_the_split_layout() {
         },
         ..tiny()
     };
-    let report = build_tree(&config, emoji.path(), out.path(), &quiet).unwrap();
+    let report = build_tree(&config, emoji.path(), None, out.path(), &quiet).unwrap();
     for m in &report.models {
         assert_eq!(
             m.path,
@@ -393,7 +396,7 @@ fn lora_tree_has_seen_and_held_out_splits_and_diffusers_names() {
         },
         ..ZooConfig::default()
     };
-    let report = build_tree(&config, emoji.path(), out.path(), &quiet).unwrap();
+    let report = build_tree(&config, emoji.path(), None, out.path(), &quiet).unwrap();
     assert_eq!(report.models.len(), 8 * 3);
     assert_eq!(report.holdout_classes.len(), 2);
     assert_eq!(report.bases.len(), 2);
@@ -540,13 +543,13 @@ fn configs_are_strict_and_explain_themselves() {
         ),
     ] {
         let (emoji, _) = fixture(3);
-        let err = build_tree(&bad, emoji.path(), emoji.path(), &quiet)
+        let err = build_tree(&bad, emoji.path(), None, emoji.path(), &quiet)
             .unwrap_err()
             .to_string();
         assert!(err.contains(word), "{err}");
     }
     let nowhere = tempfile::tempdir().unwrap();
-    let err = build_tree(&tiny(), nowhere.path(), nowhere.path(), &quiet)
+    let err = build_tree(&tiny(), nowhere.path(), None, nowhere.path(), &quiet)
         .unwrap_err()
         .to_string();
     assert!(
@@ -581,13 +584,17 @@ fn state_dicts_round_trip_through_burn_modules() {
     assert_eq!(back, s);
     // The PyTorch layout is [out, in]: a Linear(192 -> 5) weight is [5, 192].
     assert_eq!(s["classifier.weight"].shape, [3, 8]);
-    let d = DenoiserConfig { hidden: vec![6] };
-    let s = d.init(8, &mut rng);
-    let back = Denoiser::<Cpu>::load(&d, 8, &s, &device)
-        .unwrap()
-        .state(&d, 8)
-        .unwrap();
-    assert_eq!(back, s);
+    for text_dim in [0, 5] {
+        let d = DenoiserConfig { hidden: vec![6] }.shape(8, text_dim);
+        let s = d.init(&mut rng);
+        let back = Denoiser::<Cpu>::load(&d, &s, &device)
+            .unwrap()
+            .state(&d)
+            .unwrap();
+        assert_eq!(back, s);
+        // Two blocks, each with a bias-free text layer when conditioned.
+        assert_eq!(s.len(), 4 + 2 * usize::from(text_dim > 0));
+    }
 }
 
 /// Checks the shipped mapping table against a real emoji-datasource package:
@@ -629,4 +636,252 @@ fn mapping_matches_real_emoji_datasource() {
     assert_eq!(set.classes.len(), 84, "{:?}", set.missing);
     assert!(set.classes.iter().all(|c| c.images.len() == 2));
     assert!(set.classes.iter().all(|c| cifar_index(&c.name).is_some()));
+}
+
+/// Width of [`fake_embed`]'s vectors.
+const FAKE_TEXT_DIM: usize = 6;
+
+/// A stand-in text encoder: a fixed unit vector per prompt, seeded by the prompt's bytes, so
+/// conditioning is tested without a model.
+fn fake_embed(texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+    Ok(texts
+        .iter()
+        .map(|t| {
+            let seed = t
+                .bytes()
+                .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
+            let mut rng = rng::Rng::derive(seed, &[]);
+            let v: Vec<f32> = (0..FAKE_TEXT_DIM).map(|_| rng.normal()).collect();
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / norm).collect()
+        })
+        .collect())
+}
+
+fn tiny_text_lora() -> ZooConfig {
+    ZooConfig {
+        name: "TinyText".into(),
+        kind: TreeKind::Lora,
+        image_size: 8,
+        threads: 2,
+        lora: LoraConfig {
+            loras_per_class: 2,
+            holdout_fraction: 0.25,
+            rank: 2,
+            denoiser: DenoiserConfig {
+                hidden: vec![16, 8],
+            },
+            base_steps: 10,
+            base_batch_size: 16,
+            steps: vec![8],
+            n_training_samples: vec![3],
+            batch_size: 8,
+            text: Some(LoraText {
+                from: "encoder".into(),
+                encoder: crate::text::EncoderKind::Minilm,
+                model_subdir: None,
+                template: "an emoji of a {}".into(),
+            }),
+            ..LoraConfig::default()
+        },
+        ..ZooConfig::default()
+    }
+}
+
+#[test]
+fn text_conditioned_lora_tree_adapts_text_layers_trained_on_each_class_prompt() {
+    let (emoji, _) = fixture(8);
+    let config = tiny_text_lora();
+    let out = tempfile::tempdir().unwrap();
+    let report = build_tree(&config, emoji.path(), Some(&fake_embed), out.path(), &quiet).unwrap();
+    let base_path = out.path().join(report.bases[0].path.as_ref().unwrap());
+    let base_bytes = fs::read(&base_path).unwrap();
+    let base = safetensors::SafeTensors::deserialize(&base_bytes).unwrap();
+    assert_eq!(
+        tensor(&base, "unet.down_blocks.1.attn2.to_v.weight").shape,
+        [8, FAKE_TEXT_DIM]
+    );
+    assert_eq!(
+        header(&base_bytes)["__metadata__"]["text_encoder"],
+        "minilm"
+    );
+    for m in &report.models {
+        let prompt = format!(
+            "an emoji of a {}",
+            m.metadata["class_name"].replace('_', " ")
+        );
+        assert_eq!(m.metadata["instance_prompt"], prompt);
+        let bytes = fs::read(out.path().join(&m.path)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        // Four image layers and four text layers, each with down and up.
+        assert_eq!(st.len(), 16);
+        assert_eq!(
+            tensor(&st, "unet.up_blocks.1.attn2.to_v.lora.down.weight").shape,
+            [2, FAKE_TEXT_DIM]
+        );
+        let up = tensor(&st, "unet.up_blocks.1.attn2.to_v.lora.up.weight");
+        assert_eq!(up.shape, [192, 2]);
+        assert!(
+            up.data.iter().any(|v| *v != 0.0),
+            "the text adapter trained"
+        );
+    }
+
+    // The prompts' vectors shape the LoRAs: other vectors, other text adapters.
+    let shifted = |texts: &[String]| -> Result<Vec<Vec<f32>>, String> {
+        let t: Vec<String> = texts.iter().map(|t| format!("{t}!")).collect();
+        fake_embed(&t)
+    };
+    let other = tempfile::tempdir().unwrap();
+    let again = build_tree(&config, emoji.path(), Some(&shifted), other.path(), &quiet).unwrap();
+    let name = "unet.down_blocks.0.attn2.to_v.lora.up.weight";
+    let read = |dir: &Path, m: &ModelRecord| {
+        let bytes = fs::read(dir.join(&m.path)).unwrap();
+        tensor(
+            &safetensors::SafeTensors::deserialize(&bytes).unwrap(),
+            name,
+        )
+    };
+    assert_ne!(
+        read(out.path(), &report.models[0]),
+        read(other.path(), &again.models[0])
+    );
+}
+
+#[test]
+fn text_conditioned_trees_do_not_depend_on_the_thread_count() {
+    let (emoji, _) = fixture(4);
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    for (threads, dir) in [(1, &a), (3, &b)] {
+        let config = ZooConfig {
+            threads,
+            ..tiny_text_lora()
+        };
+        build_tree(&config, emoji.path(), Some(&fake_embed), dir.path(), &quiet).unwrap();
+    }
+    assert_eq!(files(a.path()), files(b.path()));
+}
+
+#[test]
+fn text_conditioning_needs_an_encoder_exactly_when_configured() {
+    let (emoji, _) = fixture(4);
+    let out = tempfile::tempdir().unwrap();
+    let err = build_tree(&tiny_text_lora(), emoji.path(), None, out.path(), &quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no text encoder was given"), "{err}");
+
+    let mut plain = tiny_text_lora();
+    plain.lora.text = None;
+    let err = build_tree(&plain, emoji.path(), Some(&fake_embed), out.path(), &quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("only a LoRA tree with `lora.text`"), "{err}");
+
+    let failing = |_: &[String]| -> Result<Vec<Vec<f32>>, String> { Err("tokenizer broke".into()) };
+    let err = build_tree(
+        &tiny_text_lora(),
+        emoji.path(),
+        Some(&failing),
+        out.path(),
+        &quiet,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("tokenizer broke"), "{err}");
+
+    let short = |t: &[String]| -> Result<Vec<Vec<f32>>, String> { fake_embed(&t[1..]) };
+    let err = build_tree(
+        &tiny_text_lora(),
+        emoji.path(),
+        Some(&short),
+        out.path(),
+        &quiet,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("vectors for 4 prompts"), "{err}");
+
+    let mut bad = tiny_text_lora();
+    if let Some(t) = &mut bad.lora.text {
+        t.template = "an emoji".into();
+    }
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(err.contains("placeholders"), "{err}");
+}
+
+/// `Lora::forward` against the same network computed by hand: each block adds `W h + b`, its
+/// image adapter `B A h`, its text layer `T c` and its text adapter `B_t A_t c`.
+#[test]
+fn lora_forward_adds_each_blocks_text_path() {
+    let shape = DenoiserConfig { hidden: vec![2] }.shape(1, 2);
+    let mut rng = rng::Rng::derive(11, &[]);
+    let state = shape.init(&mut rng);
+    let device = Default::default();
+    let base = Denoiser::<train::Cpu>::load(&shape, &state, &device).unwrap();
+    let mut lora = Lora::<train::Cpu>::init(&shape, 1, &mut rng, &device);
+    // Fresh `B`s are zero: give them values so every adapter counts.
+    for (k, up) in lora.up.iter_mut().enumerate() {
+        let [r, o] = up.val().dims();
+        let v: Vec<f32> = (0..r * o).map(|j| 0.1 * (k + j + 1) as f32).collect();
+        *up = burn::module::Param::from_tensor(burn::tensor::Tensor::from_data(
+            burn::tensor::TensorData::new(v, [r, o]),
+            &device,
+        ));
+    }
+    let adapters = lora.state(&shape).unwrap();
+    let x = [0.3f32, -0.7, 1.1];
+    let c = [0.6f32, -0.8];
+    let got = lora
+        .forward(
+            &base,
+            burn::tensor::Tensor::from_data(
+                burn::tensor::TensorData::new(x.to_vec(), [1, 3]),
+                &device,
+            ),
+            Some(burn::tensor::Tensor::from_data(
+                burn::tensor::TensorData::new(c.to_vec(), [1, 2]),
+                &device,
+            )),
+        )
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+
+    // y = M v for M [out, in] row-major.
+    let mv = |m: &HostTensor, v: &[f32]| -> Vec<f32> {
+        m.data
+            .chunks(v.len())
+            .map(|row| row.iter().zip(v).map(|(a, b)| a * b).sum())
+            .collect()
+    };
+    let adapted = |name: &str, v: &[f32]| {
+        let a = &adapters[&format!("{name}.lora.down.weight")];
+        let b = &adapters[&format!("{name}.lora.up.weight")];
+        mv(b, &mv(a, v))
+    };
+    let mut h = x.to_vec();
+    for (k, block) in ["unet.down_blocks.0", "unet.up_blocks.0"]
+        .iter()
+        .enumerate()
+    {
+        let proj = format!("{block}.proj");
+        let text = format!("{block}.attn2.to_v");
+        let terms = [
+            mv(&state[&format!("{proj}.weight")], &h),
+            state[&format!("{proj}.bias")].data.clone(),
+            adapted(&proj, &h),
+            mv(&state[&format!("{text}.weight")], &c),
+            adapted(&text, &c),
+        ];
+        h = (0..terms[0].len())
+            .map(|i| terms.iter().map(|t| t[i]).sum::<f32>())
+            .map(|v| if k == 0 { v.max(0.0) } else { v })
+            .collect();
+    }
+    assert_eq!(got.len(), h.len());
+    for (g, w) in got.iter().zip(&h) {
+        assert!((g - w).abs() < 1e-5, "{got:?} vs {h:?}");
+    }
 }

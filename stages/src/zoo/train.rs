@@ -236,11 +236,13 @@ pub fn accuracy<M: Classifier<Cpu>>(
 }
 
 /// Trains the denoiser (all weights) to recover images from noisy copies: `steps` steps of
-/// `batch` random examples of every class, all augmentations on, cosine schedule.
+/// `batch` random examples of every class, all augmentations on, cosine schedule. A
+/// text-conditioned denoiser gets `text`, one prompt vector per class, each example its own.
 #[allow(clippy::too_many_arguments)]
 pub fn train_denoiser(
     mut model: Denoiser<Ad>,
     images: &[Vec<Prepared>],
+    text: Option<&[Vec<f32>]>,
     size: usize,
     steps: usize,
     batch: usize,
@@ -257,21 +259,43 @@ pub fn train_denoiser(
     let mut last = 0.0;
     for step in 0..steps {
         let mut clean = vec![0.0f32; batch * f];
+        let mut prompts = Vec::new();
         for i in 0..batch {
-            let c = &images[rng.below(images.len())];
+            let k = rng.below(images.len());
+            let c = &images[k];
             render(&c[rng.below(c.len())], &Augment::ALL, rng, &mut chw);
             clean[i * f..(i + 1) * f].copy_from_slice(&chw);
+            if let Some(t) = text {
+                prompts.extend_from_slice(&t[k]);
+            }
         }
         let noisy = add_noise(&clean, f, rng);
         let xt = Tensor::<Ad, 2>::from_data(TensorData::new(noisy, [batch, f]), &device);
         let target = Tensor::<Ad, 2>::from_data(TensorData::new(clean, [batch, f]), &device);
-        let loss = (model.forward(xt) - target).powi_scalar(2).mean();
+        let text = text_batch(prompts, batch, &device);
+        let loss = (model.forward(xt, text) - target).powi_scalar(2).mean();
         last = loss.clone().into_scalar();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let rate = Scheduler::Cosine.lr(lr, step, steps);
         model = optim.step(rate, model, grads);
     }
     (model, last)
+}
+
+/// The `[batch, text_dim]` tensor of concatenated prompt vectors; none when there are none.
+fn text_batch<B: Backend>(
+    values: Vec<f32>,
+    batch: usize,
+    device: &B::Device,
+) -> Option<Tensor<B, 2>> {
+    if values.is_empty() {
+        return None;
+    }
+    let dim = values.len() / batch;
+    Some(Tensor::from_data(
+        TensorData::new(values, [batch, dim]),
+        device,
+    ))
 }
 
 /// Noisy copies of `clean` rows: each row gets Gaussian noise of a level drawn in [0.1, 0.8],
@@ -288,12 +312,14 @@ fn add_noise(clean: &[f32], f: usize, rng: &mut Rng) -> Vec<f32> {
 }
 
 /// Fine-tunes LoRA adapters on `samples` (pre-rendered images of one class, `[n * f]`) for
-/// `steps` steps of `batch` examples; the base stays frozen.
+/// `steps` steps of `batch` examples; the base stays frozen. A text-conditioned tree passes
+/// the LoRA's prompt vector as `text`, as a DreamBooth LoRA is trained on its instance prompt.
 #[allow(clippy::too_many_arguments)]
 pub fn train_lora(
     base: &Denoiser<Ad>,
     mut lora: Lora<Ad>,
     samples: &[f32],
+    text: Option<&[f32]>,
     f: usize,
     steps: usize,
     batch: usize,
@@ -316,7 +342,11 @@ pub fn train_lora(
         let noisy = add_noise(&clean, f, rng);
         let xt = Tensor::<Ad, 2>::from_data(TensorData::new(noisy, [batch, f]), &device);
         let target = Tensor::<Ad, 2>::from_data(TensorData::new(clean, [batch, f]), &device);
-        let loss = (lora.forward(base, xt) - target).powi_scalar(2).mean();
+        let prompts = text.map_or_else(Vec::new, |t| t.repeat(batch));
+        let text = text_batch(prompts, batch, &device);
+        let loss = (lora.forward(base, xt, text) - target)
+            .powi_scalar(2)
+            .mean();
         last = loss.clone().into_scalar();
         let grads = GradientsParams::from_grads(loss.backward(), &lora);
         lora = optim.step(lr, lora, grads);
