@@ -290,8 +290,9 @@ fn default_instance_prompt() -> String {
     "an emoji of a {}".into()
 }
 
-/// Embeds prompts with a tree's text encoder: one vector per prompt, in order.
-pub type TextEmbedder<'a> = dyn Fn(&[String]) -> Result<Vec<Vec<f32>>, String> + 'a;
+/// Embeds prompts with a tree's text encoder: one vector per prompt, in order. The zoo calls
+/// it on one thread, so that the vectors, and so the tree, do not depend on the thread count.
+pub type TextEmbedder<'a> = dyn Fn(&[String]) -> Result<Vec<Vec<f32>>, String> + Sync + 'a;
 
 impl Default for LoraConfig {
     fn default() -> Self {
@@ -1525,7 +1526,8 @@ fn class_prompts(
         .iter()
         .map(|c| crate::text::prompt(&t.template, &c.name))
         .collect();
-    let vectors = embed(&texts).map_err(|e| ZooError::Config(format!("lora.text: {e}")))?;
+    let vectors = single_threaded(|| embed(&texts))?
+        .map_err(|e| ZooError::Config(format!("lora.text: {e}")))?;
     let dim = vectors.first().map_or(0, Vec::len);
     if vectors.len() != texts.len()
         || dim == 0

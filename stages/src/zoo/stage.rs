@@ -73,17 +73,11 @@ impl Stage for Zoo {
             }
             _ => None,
         };
-        // One thread, so the vectors (and so the tree) do not depend on the thread count.
         let embed = |texts: &[String]| -> Result<Vec<Vec<f32>>, String> {
             let Some(e) = &encoder else {
                 return Err("no text encoder".into());
             };
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .map_err(|e| e.to_string())?;
-            pool.install(|| text::embed_texts(e, texts))
-                .map_err(|e| format!("{e:#}"))
+            text::embed_texts(e, texts).map_err(|e| format!("{e:#}"))
         };
         let text = encoder.as_ref().map(|_| &embed as &TextEmbedder<'_>);
         let mut config = p.clone();
