@@ -8,13 +8,13 @@
 
 mod experiment;
 mod planted;
+mod stage_run;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 use probex_engine::cache::{Key, Store};
 use probex_engine::run::NodeState;
-use probex_engine::{Artifact, Inputs, ProgressSink, RunContext, RunReport, Stage};
+use probex_engine::{Artifact, Inputs, RunReport};
 use probex_stages::dataset::Split;
 use probex_stages::embed::{Embed, EmbedParams};
 use probex_stages::embeddings::TextTable;
@@ -203,27 +203,8 @@ fn missing_or_mismatched_model_files_are_clear_errors() {
     );
 }
 
-struct Quiet;
-impl ProgressSink for Quiet {
-    fn progress(&self, _: &str, _: u64, _: u64, _: &str) {}
-}
-
 fn run_embed(p: &EmbedParams, inputs: &Inputs, out: &Path) -> anyhow::Result<()> {
-    let cancel = AtomicBool::new(false);
-    let cx = RunContext::new(
-        "text".into(),
-        out.to_path_buf(),
-        out.join("work"),
-        PathBuf::from("/"),
-        None,
-        1,
-        true,
-        None,
-        &Quiet,
-        &cancel,
-    );
-    Embed.check(p).map_err(anyhow::Error::msg)?;
-    Embed.run(p, inputs, &cx).map(|_| ())
+    stage_run::run(&Embed, p, inputs, out, 1).map(|_| ())
 }
 
 fn params(toml_text: &str) -> EmbedParams {

@@ -4,20 +4,16 @@
 //! that every LoRA adapts the text layers and records its prompt, and the errors for inputs
 //! that do not fit.
 
+mod stage_run;
+
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 use probex_engine::cache::Key;
-use probex_engine::{Artifact, Inputs, ProgressSink, RunContext, Stage};
+use probex_engine::{Artifact, Inputs};
 use probex_stages::weights::reader::read_header;
 use probex_stages::zoo::ZooConfig;
 use probex_stages::zoo::fixture::write_fixture_package;
 use probex_stages::zoo::stage::Zoo;
-
-struct Quiet;
-impl ProgressSink for Quiet {
-    fn progress(&self, _: &str, _: u64, _: u64, _: &str) {}
-}
 
 fn package(stage: &str, dir: &Path) -> Artifact {
     Artifact {
@@ -32,21 +28,7 @@ fn package(stage: &str, dir: &Path) -> Artifact {
 }
 
 fn run_zoo(p: &ZooConfig, inputs: &Inputs, out: &Path) -> anyhow::Result<()> {
-    let cancel = AtomicBool::new(false);
-    let cx = RunContext::new(
-        "tree".into(),
-        out.to_path_buf(),
-        out.join("work"),
-        PathBuf::from("/"),
-        None,
-        2,
-        true,
-        None,
-        &Quiet,
-        &cancel,
-    );
-    Zoo.check(p).map_err(anyhow::Error::msg)?;
-    Zoo.run(p, inputs, &cx).map(|_| ())
+    stage_run::run(&Zoo, p, inputs, out, 2).map(|_| ())
 }
 
 const TREE: &str = r#"

@@ -374,28 +374,9 @@ fn vit_tree_has_hugging_face_vit_names_in_the_split_layout() {
 fn lora_tree_has_seen_and_held_out_splits_and_diffusers_names() {
     let (emoji, _) = fixture(8);
     let out = tempfile::tempdir().unwrap();
-    let config = ZooConfig {
-        name: "TinyLoRA".into(),
-        kind: TreeKind::Lora,
-        image_size: 8,
-        bases: 2,
-        threads: 2,
-        lora: LoraConfig {
-            loras_per_class: 3,
-            holdout_fraction: 0.25,
-            rank: 2,
-            denoiser: DenoiserConfig {
-                hidden: vec![16, 8],
-            },
-            base_steps: 10,
-            base_batch_size: 16,
-            steps: vec![8],
-            n_training_samples: vec![3],
-            batch_size: 8,
-            ..LoraConfig::default()
-        },
-        ..ZooConfig::default()
-    };
+    let mut config = tiny_lora("TinyLoRA");
+    config.bases = 2;
+    config.lora.loras_per_class = 3;
     let report = build_tree(&config, emoji.path(), None, out.path(), &quiet).unwrap();
     assert_eq!(report.models.len(), 8 * 3);
     assert_eq!(report.holdout_classes.len(), 2);
@@ -658,9 +639,11 @@ fn fake_embed(texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
         .collect())
 }
 
-fn tiny_text_lora() -> ZooConfig {
+/// A LoRA tree small enough to build in a test: 2 LoRAs per class, a quarter of the classes
+/// held out, rank 2, a 16-8 denoiser, a few steps.
+fn tiny_lora(name: &str) -> ZooConfig {
     ZooConfig {
-        name: "TinyText".into(),
+        name: name.into(),
         kind: TreeKind::Lora,
         image_size: 8,
         threads: 2,
@@ -676,16 +659,21 @@ fn tiny_text_lora() -> ZooConfig {
             steps: vec![8],
             n_training_samples: vec![3],
             batch_size: 8,
-            text: Some(LoraText {
-                from: "encoder".into(),
-                encoder: crate::text::EncoderKind::Minilm,
-                model_subdir: None,
-                template: "an emoji of a {}".into(),
-            }),
             ..LoraConfig::default()
         },
         ..ZooConfig::default()
     }
+}
+
+fn tiny_text_lora() -> ZooConfig {
+    let mut c = tiny_lora("TinyText");
+    c.lora.text = Some(LoraText {
+        from: "encoder".into(),
+        encoder: crate::text::EncoderKind::Minilm,
+        model_subdir: None,
+        template: "an emoji of a {}".into(),
+    });
+    c
 }
 
 #[test]
