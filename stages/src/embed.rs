@@ -255,7 +255,8 @@ fn model_folder(p: &EmbedParams, inputs: &Inputs, base: &Path) -> StageResult<Pa
             .collect();
         if !missing.is_empty() {
             bail!(
-                "the fetched encoder lacks {}: add `extra_files = [\"config.json\",                  \"tokenizer.json\"]` to its fetch stage",
+                "the fetched encoder lacks {}: add `extra_files = [\"config.json\", \
+                 \"tokenizer.json\"]` to its fetch stage",
                 missing.join(", ")
             );
         }

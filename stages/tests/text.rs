@@ -236,6 +236,48 @@ fn embed_stage_writes_the_table_of_class_names() {
     assert_eq!(prompts[1], "a photo of a maple tree");
 }
 
+/// An encoder fetched from the Hub without its config and tokenizer: the error says which
+/// files are missing and the exact `extra_files` line to add, in one readable sentence.
+#[test]
+fn a_fetched_encoder_without_its_tokenizer_says_what_to_add() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let weights = repo.join("model.safetensors");
+    std::fs::copy(golden("bert-tiny/model.safetensors"), &weights).unwrap();
+    let listed = dir.path().join("collection");
+    std::fs::create_dir_all(&listed).unwrap();
+    let model = probex_stages::extract::ModelSource {
+        id: "tiny".into(),
+        path: weights,
+        split: None,
+    };
+    probex_stages::collection::Collection::new("test", vec![model])
+        .save(&listed)
+        .unwrap();
+    let artifact = Artifact {
+        node: "bert".into(),
+        stage: "bert".into(),
+        key: Key::parse(&"0".repeat(64)).unwrap(),
+        dir: listed,
+        coords: Vec::new(),
+        meta: serde_json::Value::Null,
+        results: None,
+    };
+    let inputs = Inputs::new([(probex_stages::collection::ARTIFACT, vec![artifact])]);
+    let out = tempfile::tempdir().unwrap();
+    let p = params("encoder = \"minilm\"\nclasses = [\"a\"]");
+    let e = format!("{:#}", run_embed(&p, &inputs, out.path()).unwrap_err());
+    assert!(
+        e.contains("config.json")
+            && e.contains(
+                "add `extra_files = [\"config.json\", \"tokenizer.json\"]` to its fetch stage"
+            )
+            && !e.contains("  "),
+        "{e}"
+    );
+}
+
 #[test]
 fn embed_stage_reads_a_package_input_and_rejects_bad_combinations() {
     let want = expected(&golden("bert-tiny/expected.json"));

@@ -96,7 +96,15 @@ fn zoo_stage_conditions_a_lora_tree_on_the_named_encoder_package() {
     );
     assert_ne!(unconditioned, TREE);
     let extra = err(&unconditioned, &inputs);
-    assert!(extra.contains("one emoji package"), "{extra}");
+    assert!(
+        extra.contains("names 2 package stages (encoder, emoji)") && !extra.contains("  "),
+        "{extra}"
+    );
+    let no_emoji = err(
+        TREE,
+        &Inputs::new([("package", vec![package("encoder", &enc)])]),
+    );
+    assert!(no_emoji.contains("no emoji package"), "{no_emoji}");
     let wrong_dir = err(&TREE.replace("pkg/model", "pkg/nothing"), &inputs);
     assert!(
         wrong_dir.contains("pkg/nothing") && wrong_dir.contains("text encoder"),

@@ -152,8 +152,12 @@ fn packages<'a>(p: &ZooConfig, inputs: &'a Inputs) -> anyhow::Result<(&'a Path, 
         .partition(|a| Some(a.stage.as_str()) == text_from);
     let [emoji] = emoji[..] else {
         let names: Vec<&str> = emoji.iter().map(|a| a.stage.as_str()).collect();
+        if names.is_empty() {
+            anyhow::bail!("`from` names no emoji package, only the text encoder's");
+        }
         anyhow::bail!(
-            "the zoo reads one emoji package, but `from` names {} other package stages ({});              a text encoder's package is named by `lora.text.from`",
+            "`from` names {} package stages ({}) where the zoo reads one emoji package; a text \
+             encoder's package must be the one `lora.text.from` names",
             names.len(),
             names.join(", ")
         );
