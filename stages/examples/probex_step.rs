@@ -17,11 +17,12 @@ use std::time::Instant;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use probex_stages::models::{Net, ProbexConfig};
+use probex_stages::models::ProbexConfig;
+use probex_stages::models::encoder::Scratch;
 use probex_stages::training::device::with_threads;
 use probex_stages::training::optim::Adam;
 use probex_stages::training::rng::Rng;
-use probex_stages::training::{DeviceSpec, split_gradient};
+use probex_stages::training::{DeviceSpec, split_gradients, train_scores};
 
 struct Args {
     threads: usize,
@@ -93,17 +94,18 @@ fn probex_step_seconds<B: Backend>(a: &Args, dev: &B::Device) -> f64 {
         .collect();
     let x = Tensor::<B, 3>::from_data(TensorData::new(x, [a.batch, a.d, a.d]), &dev);
     let y = Tensor::<B, 2>::from_data(TensorData::new(y, [a.batch, a.classes]), &dev);
+    let mut scratch = Scratch::default();
     let mut times = Vec::new();
     let mut phases = [Vec::new(), Vec::new(), Vec::new()];
     for i in 0..=a.steps {
         let t = Instant::now();
-        let (s, split) = model.scores_split(Tensor::from_inner(x.clone()), None);
+        let (s, split) = train_scores(&model, x.clone(), None, &mut scratch);
         let yy = Tensor::<AB<B>, 2>::from_inner(y.clone());
         let loss = (s.clone().clamp_min(0.0) - s.clone() * yy + s.abs().neg().exp().log1p()).mean();
         let _ = B::sync(&dev);
         let t_fwd = t.elapsed().as_secs_f64();
         let grads = loss.backward();
-        let extra = split_gradient::<AB<B>>(split, x.clone(), &grads);
+        let extra = split_gradients(split, &grads, &mut scratch);
         let _ = B::sync(&dev);
         let t_bwd = t.elapsed().as_secs_f64();
         model = adam.step_with(model, &grads, extra);

@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod dense;
+pub mod encoder;
 pub mod probex;
 pub mod statnn;
 pub mod zeroshot;
@@ -19,9 +20,10 @@ use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 
 use crate::training::rng::Rng;
+use encoder::EncoderLayers;
 
 pub use dense::{Dense, DenseConfig, DenseZeroshot};
-pub use probex::{Probex, ProbexConfig, SplitLayer};
+pub use probex::{Probex, ProbexConfig};
 pub use statnn::{StatNn, StatNnConfig};
 pub use zeroshot::{ProbexZeroshot, ProbexZeroshotConfig};
 
@@ -109,16 +111,20 @@ pub trait Net<B: Backend>: Module<B> + Sized {
     /// `[C, d_text]`.
     fn scores(&self, x: Tensor<B, 3>, text: Option<Tensor<B, 2>>) -> Tensor<B, 2>;
 
-    /// [`Net::scores`] for training, where a model may compute its first layer outside the
-    /// autodiff graph and leave that layer's gradient to the caller ([`SplitLayer`]); by default
-    /// nothing is split.
-    fn scores_split(
-        &self,
-        x: Tensor<B, 3>,
-        text: Option<Tensor<B, 2>>,
-    ) -> (Tensor<B, 2>, Option<SplitLayer<B>>) {
-        (self.scores(x, text), None)
+    /// The model as one that starts with ProbeX's encoder, which training computes outside
+    /// the autodiff graph ([`encoder`]); `None` for the other models.
+    fn probe_encoded(&self) -> Option<&dyn ProbeEncoded<B>> {
+        None
     }
+}
+
+/// A model that starts with ProbeX's encoder ([`encoder`]): ProbeX and its zero-shot form.
+pub trait ProbeEncoded<B: Backend> {
+    /// The encoder's layers.
+    fn encoder(&self) -> EncoderLayers<'_, B>;
+
+    /// [`Net::scores`] from the encodings `e` `[B, r_T]` rather than the input.
+    fn scores_from_encoding(&self, e: Tensor<B, 2>, text: Option<Tensor<B, 2>>) -> Tensor<B, 2>;
 }
 
 /// A PyTorch-style Linear layer: `weight` `[out, in]`, optional `bias` `[out]`,

@@ -2,9 +2,9 @@
 //! response, an encoder maps all responses to `e`, and a head maps `e` to the task.
 
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 
-use super::{ModelSpec, Net, TorchLinear};
+use super::encoder::{self, EncoderLayers, Scratch};
+use super::{ModelSpec, Net, ProbeEncoded, TorchLinear};
 use crate::training::rng::Rng;
 
 /// Shapes of a ProbeX model (defaults are the paper's ranks).
@@ -74,85 +74,12 @@ pub(crate) fn init_encoder<B: Backend>(
     (probes, shared, enc)
 }
 
-/// `e = M(flatten(relu(V((X @ U)^T))))` for `x` `[B, d_H, d_W]`.
-///
-/// Arranged so that no large tensor is ever transposed (a strided copy is slow on the CPU
-/// backend): the batch is folded into rows so that `X @ U` is one `[B*d_H, d_W] @ [d_W, r_U]`
-/// GEMM (its gradient one `[d_W, B*d_H] @ [B*d_H, r_U]` GEMM: most of the work); the shared
-/// projection is applied as `V @ R_b`, giving `H^T` `[B, r_V, r_U]` directly; and instead of
-/// transposing `H` back to the official flattening order (`probe * r_V + v`), the columns of the
-/// small encoder weight are permuted to `v * r_U + probe`.
+/// `e = M(flatten(relu(V((X @ U)^T))))` for `x` `[B, d_H, d_W]` (see [`encoder`]).
 pub(crate) fn encode_with<B: Backend>(
-    probes: &TorchLinear<B>,
-    shared: &TorchLinear<B>,
-    enc: &TorchLinear<B>,
+    layers: EncoderLayers<'_, B>,
     x: Tensor<B, 3>,
 ) -> Tensor<B, 2> {
-    let [b, d_h, d_w] = x.dims();
-    // R = X @ probes.weight ([d_W, r_U], used as is).
-    let r = x.reshape([b * d_h, d_w]).matmul(probes.weight.val());
-    encode_from_r(shared, enc, r, b)
-}
-
-/// The encoder after `R` `[B*d_H, r_U]` (see [`encode_with`]).
-pub(crate) fn encode_from_r<B: Backend>(
-    shared: &TorchLinear<B>,
-    enc: &TorchLinear<B>,
-    r: Tensor<B, 2>,
-    b: usize,
-) -> Tensor<B, 2> {
-    let [rows, r_u] = r.dims();
-    let v = shared.weight.val(); // [r_V, d_H]
-    let r_v = v.dims()[0];
-    let ht = relu(
-        v.unsqueeze_dim::<3>(0)
-            .matmul(r.reshape([b, rows / b.max(1), r_u])),
-    ); // [B, r_V, r_U]
-    let m = enc.weight.val(); // [r_T, r_U * r_V], column probe * r_V + v
-    let r_t = m.dims()[0];
-    let m_vu = m
-        .reshape([r_t, r_u, r_v])
-        .swap_dims(1, 2)
-        .reshape([r_t, r_v * r_u]);
-    let e = ht.reshape([b, r_v * r_u]).matmul(m_vu.transpose());
-    match &enc.bias {
-        Some(bias) => e + bias.val().unsqueeze_dim(0),
-        None => e,
-    }
-}
-
-/// The training form of the encoder: `R = X @ U` is computed outside the autodiff graph and
-/// made a gradient leaf, so that the caller computes `dU = (dR^T @ X)^T` itself: the same
-/// product as autodiff's `X^T @ dR`, but in the operand layout the CPU GEMM runs fastest.
-pub(crate) fn encode_split<B: Backend>(
-    probes: &TorchLinear<B>,
-    shared: &TorchLinear<B>,
-    enc: &TorchLinear<B>,
-    x: Tensor<B, 3>,
-) -> (Tensor<B, 2>, SplitLayer<B>) {
-    let [b, d_h, d_w] = x.dims();
-    let r = x
-        .reshape([b * d_h, d_w])
-        .matmul(probes.weight.val().detach())
-        .detach()
-        .require_grad();
-    let e = encode_from_r(shared, enc, r.clone(), b);
-    (
-        e,
-        SplitLayer {
-            param: probes.weight.id,
-            output: r,
-        },
-    )
-}
-
-/// A first layer computed outside the autodiff graph (see [`Net::scores_split`]).
-pub struct SplitLayer<B: Backend> {
-    /// The parameter whose gradient the caller computes: `(dR^T @ X)^T`, X folded to
-    /// `[B*d_H, d_W]`.
-    pub param: burn::module::ParamId,
-    /// `R`, a gradient leaf: its gradient is `dR`.
-    pub output: Tensor<B, 2>,
+    encoder::forward(x, layers.weights(), &mut Scratch::default()).e
 }
 
 impl<B: Backend> Net<B> for Probex<B> {
@@ -168,30 +95,29 @@ impl<B: Backend> Net<B> for Probex<B> {
     }
 
     fn encode(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
-        encode_with(
-            &self.probes,
-            &self.shared_probe_proj,
-            &self.per_probe_encoders,
-            x,
-        )
+        encode_with(self.encoder(), x)
     }
 
     fn scores(&self, x: Tensor<B, 3>, _text: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
         self.classification_head.forward(self.encode(x))
     }
 
-    fn scores_split(
-        &self,
-        x: Tensor<B, 3>,
-        _text: Option<Tensor<B, 2>>,
-    ) -> (Tensor<B, 2>, Option<SplitLayer<B>>) {
-        let (e, split) = encode_split(
-            &self.probes,
-            &self.shared_probe_proj,
-            &self.per_probe_encoders,
-            x,
-        );
-        (self.classification_head.forward(e), Some(split))
+    fn probe_encoded(&self) -> Option<&dyn ProbeEncoded<B>> {
+        Some(self)
+    }
+}
+
+impl<B: Backend> ProbeEncoded<B> for Probex<B> {
+    fn encoder(&self) -> EncoderLayers<'_, B> {
+        EncoderLayers {
+            probes: &self.probes,
+            shared: &self.shared_probe_proj,
+            enc: &self.per_probe_encoders,
+        }
+    }
+
+    fn scores_from_encoding(&self, e: Tensor<B, 2>, _text: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
+        self.classification_head.forward(e)
     }
 }
 
@@ -201,6 +127,7 @@ mod tests {
     use crate::models::named_tensors;
     use crate::models::test_util::Cpu;
     use burn::tensor::TensorData;
+    use burn::tensor::backend::AutodiffBackend;
 
     /// A direct, loop-based evaluation of the method page's equations.
     fn reference(
@@ -296,10 +223,17 @@ mod tests {
         }
     }
 
+    /// Training's split step (the encoder outside the graph, on the host buffers) gives every
+    /// parameter the gradient that autodiff through the whole model gives; a batch larger
+    /// than one chunk of the host backward pass covers its chunk edges.
     #[test]
-    fn split_first_layer_gives_autodiff_gradients() {
+    fn split_step_gives_autodiff_gradients() {
+        use crate::models::encoder::Scratch;
+        use crate::training::{split_gradients, train_scores};
         use burn::backend::Autodiff;
+        use burn::module::Param;
         type AB = Autodiff<Cpu>;
+        type Grads = <AB as AutodiffBackend>::Gradients;
         let dev = Default::default();
         let cfg = ProbexConfig::new(6, 5, 3)
             .with_r_u(4)
@@ -307,54 +241,54 @@ mod tests {
             .with_r_t(5);
         let model: Probex<AB> = cfg.init(&mut Rng::new(2, 0), &dev);
         let mut rng = Rng::new(3, 0);
-        let x: Vec<f32> = (0..3 * 30).map(|_| rng.normal()).collect();
-        let x = Tensor::<Cpu, 3>::from_data(TensorData::new(x, [3, 6, 5]), &dev);
+        let b = 37;
+        let x: Vec<f32> = (0..b * 30).map(|_| rng.normal()).collect();
+        let x = Tensor::<Cpu, 3>::from_data(TensorData::new(x, [b, 6, 5]), &dev);
         let loss = |s: Tensor<AB, 2>| s.powi_scalar(2).sum();
         let grads = loss(model.scores(Tensor::from_inner(x.clone()), None)).backward();
-        let (s, split) = model.scores_split(Tensor::from_inner(x.clone()), None);
+        let mut scratch = Scratch::default();
+        let (s, split) = train_scores(&model, x, None, &mut scratch);
         let grads2 = loss(s).backward();
-        let want = model
-            .probes
-            .weight
-            .val()
-            .grad(&grads)
-            .unwrap()
-            .into_data()
-            .into_vec::<f32>()
-            .unwrap();
-        let extra = crate::training::split_gradient::<AB>(split, x, &grads2);
-        assert_eq!(extra.len(), 1);
-        assert_eq!(extra[0].0, model.probes.weight.id);
-        let got = extra[0].1.clone().into_data().into_vec::<f32>().unwrap();
-        assert_eq!(got.len(), want.len());
-        for (a, b) in got.iter().zip(&want) {
-            assert!(
-                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                "{got:?} vs {want:?}"
-            );
+        let extra = split_gradients(split, &grads2, &mut scratch);
+
+        let values = |t: Tensor<Cpu, 1>| t.into_data().into_vec::<f32>().unwrap();
+        let close = |got: &[f32], want: &[f32]| {
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(want) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{got:?} vs {want:?}"
+                );
+            }
+        };
+        fn grad<const D: usize>(p: &Param<Tensor<AB, D>>, g: &Grads) -> Option<Vec<f32>> {
+            let t = p.val().grad(g)?;
+            let n = t.dims().iter().product::<usize>();
+            Some(t.reshape([n]).into_data().into_vec::<f32>().unwrap())
         }
-        // Every other parameter gets the same gradient either way.
-        let v1 = model
-            .per_probe_encoders
-            .weight
-            .val()
-            .grad(&grads)
-            .unwrap()
-            .into_data()
-            .into_vec::<f32>()
-            .unwrap();
-        let v2 = model
-            .per_probe_encoders
-            .weight
-            .val()
-            .grad(&grads2)
-            .unwrap()
-            .into_data()
-            .into_vec::<f32>()
-            .unwrap();
-        for (a, b) in v1.iter().zip(&v2) {
-            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()));
+        let enc = &model.per_probe_encoders;
+        let bias = enc.bias.as_ref().unwrap();
+        let split_params = [
+            (model.probes.weight.id, grad(&model.probes.weight, &grads)),
+            (
+                model.shared_probe_proj.weight.id,
+                grad(&model.shared_probe_proj.weight, &grads),
+            ),
+            (enc.weight.id, grad(&enc.weight, &grads)),
+            (bias.id, grad(bias, &grads)),
+        ];
+        assert_eq!(extra.len(), split_params.len());
+        for ((id, got), (want_id, want)) in extra.into_iter().zip(split_params) {
+            assert_eq!(id, want_id);
+            close(&values(got), &want.unwrap());
         }
-        assert!(model.probes.weight.val().grad(&grads2).is_none());
+        assert!(
+            grad(&model.probes.weight, &grads2).is_none(),
+            "the encoder is outside the graph"
+        );
+        assert!(grad(bias, &grads2).is_none());
+        // The head is differentiated by autodiff either way.
+        let head = &model.classification_head.weight;
+        close(&grad(head, &grads2).unwrap(), &grad(head, &grads).unwrap());
     }
 }

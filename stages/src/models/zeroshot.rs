@@ -3,8 +3,9 @@
 
 use burn::prelude::*;
 
-use super::probex::{SplitLayer, encode_split, encode_with, init_encoder};
-use super::{ModelKind, ModelSpec, Net, TorchLinear, text_cosines};
+use super::encoder::EncoderLayers;
+use super::probex::{encode_with, init_encoder};
+use super::{ModelKind, ModelSpec, Net, ProbeEncoded, TorchLinear, text_cosines};
 use crate::training::rng::Rng;
 
 /// Shapes of a zero-shot ProbeX model.
@@ -75,32 +76,31 @@ impl<B: Backend> Net<B> for ProbexZeroshot<B> {
     }
 
     fn encode(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
-        encode_with(
-            &self.probes,
-            &self.shared_probe_proj,
-            &self.per_probe_encoders,
-            x,
-        )
-    }
-
-    fn scores_split(
-        &self,
-        x: Tensor<B, 3>,
-        text: Option<Tensor<B, 2>>,
-    ) -> (Tensor<B, 2>, Option<SplitLayer<B>>) {
-        let (e, split) = encode_split(
-            &self.probes,
-            &self.shared_probe_proj,
-            &self.per_probe_encoders,
-            x,
-        );
-        (self.cosines(e, text), Some(split))
+        encode_with(self.encoder(), x)
     }
 
     /// Cosine similarity `[B, C]` between each `e` and each class's projected text vector;
     /// without `text` there are no classes, and the result is `[B, 0]`.
     fn scores(&self, x: Tensor<B, 3>, text: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
         self.cosines(self.encode(x), text)
+    }
+
+    fn probe_encoded(&self) -> Option<&dyn ProbeEncoded<B>> {
+        Some(self)
+    }
+}
+
+impl<B: Backend> ProbeEncoded<B> for ProbexZeroshot<B> {
+    fn encoder(&self) -> EncoderLayers<'_, B> {
+        EncoderLayers {
+            probes: &self.probes,
+            shared: &self.shared_probe_proj,
+            enc: &self.per_probe_encoders,
+        }
+    }
+
+    fn scores_from_encoding(&self, e: Tensor<B, 2>, text: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
+        self.cosines(e, text)
     }
 }
 

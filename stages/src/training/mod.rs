@@ -40,7 +40,7 @@ use crate::models::{
 pub use config::TrainConfig;
 pub use device::DeviceSpec;
 pub use metrics::Metrics;
-pub use trainer::split_gradient;
+pub use trainer::{SplitForward, split_gradients, train_scores};
 
 /// Why a training or an inference failed.
 #[derive(Debug, thiserror::Error)]

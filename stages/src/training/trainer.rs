@@ -25,7 +25,8 @@ use crate::models::checkpoint::{
     Checkpoint, CheckpointMeta, INPUT_MEAN, TaskKind, deserialize_named, serialize_named,
     write_atomic,
 };
-use crate::models::{NamedTensor, Net, SplitLayer, load_named, named_tensors, param_names};
+use crate::models::encoder::{self, Encoding, Scratch};
+use crate::models::{NamedTensor, Net, load_named, named_tensors, param_names};
 
 /// File names inside a work dir.
 const STATE_FILE: &str = "state.safetensors";
@@ -244,23 +245,57 @@ fn read_best(dir: &Path, name: &str) -> Option<Vec<NamedTensor>> {
     Checkpoint::read(&dir.join(name)).ok().map(|c| c.tensors)
 }
 
-/// The gradient of a split-off first layer (see [`Net::scores_split`]): `dU = (dR^T @ X)^T`
-/// with `X` folded to `[B*d_H, d_W]`, flattened for the optimiser.
-pub fn split_gradient<AB: AutodiffBackend>(
-    split: Option<SplitLayer<AB>>,
+/// A training forward pass whose ProbeX encoder ran outside the autodiff graph.
+pub struct SplitForward<AB: AutodiffBackend> {
+    encoding: Encoding<AB::InnerBackend>,
+    /// `e`: a gradient leaf of the graph of the head and the loss.
+    leaf: Tensor<AB, 2>,
+    /// The encoder's parameters, in [`encoder::Encoding::gradients`]' order.
+    params: Vec<ParamId>,
+}
+
+/// Scores of a batch for training: through the autodiff graph, except a model's ProbeX
+/// encoder ([`crate::models::ProbeEncoded`]), which [`split_gradients`] differentiates.
+pub fn train_scores<AB, M>(
+    model: &M,
     x: Tensor<AB::InnerBackend, 3>,
+    text: Option<Tensor<AB, 2>>,
+    scratch: &mut Scratch,
+) -> (Tensor<AB, 2>, Option<SplitForward<AB>>)
+where
+    AB: AutodiffBackend,
+    M: Net<AB>,
+{
+    let Some(net) = model.probe_encoded() else {
+        return (model.scores(Tensor::from_inner(x), text), None);
+    };
+    let layers = net.encoder();
+    let encoding = encoder::forward(x, layers.weights().inner(), scratch);
+    let leaf = Tensor::<AB, 2>::from_inner(encoding.e.clone()).require_grad();
+    let scores = net.scores_from_encoding(leaf.clone(), text);
+    let split = SplitForward {
+        encoding,
+        leaf,
+        params: layers.param_ids(),
+    };
+    (scores, Some(split))
+}
+
+/// The gradients of the parameters [`train_scores`] left out of the graph, flattened for
+/// [`Adam::step_with`].
+pub fn split_gradients<AB: AutodiffBackend>(
+    split: Option<SplitForward<AB>>,
     grads: &AB::Gradients,
+    scratch: &mut Scratch,
 ) -> Vec<(ParamId, Tensor<AB::InnerBackend, 1>)> {
     let Some(split) = split else {
         return Vec::new();
     };
-    let Some(dr) = split.output.grad(grads) else {
+    let Some(de) = split.leaf.grad(grads) else {
         return Vec::new();
     };
-    let [b, d_h, d_w] = x.dims();
-    let r_u = dr.dims()[1];
-    let du_t = dr.transpose().matmul(x.reshape([b * d_h, d_w])); // [r_U, d_W]
-    vec![(split.param, du_t.transpose().reshape([d_w * r_u]))]
+    let gradients = split.encoding.gradients(de, scratch).0;
+    split.params.into_iter().zip(gradients).collect()
 }
 
 /// Trains model `M` on backend `AB`.
@@ -344,6 +379,7 @@ where
     let base_rows = prep.rows.get(&Split::Train).cloned().unwrap_or_default();
     let batch = cfg.batch_size;
     let interval = cfg.checkpoint_interval();
+    let mut scratch = Scratch::default();
     for epoch in first_epoch..cfg.epochs {
         // Each epoch permutes the row order afresh, so the order depends only on the random
         // state (which a resume restores), not on the previous epoch's order.
@@ -354,8 +390,7 @@ where
             let idx = index_tensor::<AB::InnerBackend>(chunk, device);
             let xb = inputs.clone().select(0, idx.clone());
             let y = Tensor::<AB, 2>::from_inner(targets.clone().select(0, idx));
-            let (scores, split) =
-                model.scores_split(Tensor::from_inner(xb.clone()), text_train_ad.clone());
+            let (scores, split) = train_scores(&model, xb, text_train_ad.clone(), &mut scratch);
             let loss = task_loss(prep.task.kind, scores, y);
             let weighted = loss.clone().inner().mul_scalar(chunk.len() as f64);
             loss_sum = Some(match loss_sum {
@@ -363,7 +398,7 @@ where
                 None => weighted,
             });
             let grads = loss.backward();
-            let extra = split_gradient::<AB>(split, xb, &grads);
+            let extra = split_gradients(split, &grads, &mut scratch);
             model = adam.step_with(model, &grads, extra);
         }
         let train_loss = loss_sum
