@@ -5,22 +5,22 @@
 //! ([`forward`]), makes `e` a gradient leaf of the graph that holds the head and the loss,
 //! and turns that leaf's gradient into the encoder's gradients itself
 //! ([`Encoding::gradients`]). On the CPU backend both passes run on its host buffers
-//! ([`host`]); on any other backend they are the same products through the tensor API.
-
-mod host;
-
-use std::any::{Any, TypeId};
+//! ([`probex_kernels::encoder`]); on any other backend they are the same products through
+//! the tensor API.
 
 use burn::module::ParamId;
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 
 use super::TorchLinear;
 
-pub use host::Scratch;
+use probex_kernels::encoder as kernels;
+
+pub use kernels::Scratch;
+
+use crate::host::{self, Host};
 
 /// The encoder's layers: `probes` (`U^T`), `shared_probe_proj` (`V`), `per_probe_encoders`
 /// (`M`, bias).
@@ -67,26 +67,21 @@ struct HostWeights {
 }
 
 impl HostWeights {
-    /// The weights of `w`, when all are on the CPU backend.
-    fn of<B: Backend>(w: &Weights<B>) -> Option<Self> {
-        let bias = match &w.bias {
-            Some(b) => Some(host_buffer(b)?),
-            None => None,
-        };
-        Some(HostWeights {
-            u: host_buffer(&w.u)?,
-            v: host_buffer(&w.v)?,
-            m: host_buffer(&w.m)?,
-            bias,
-        })
+    fn of<B: Backend>(host: Host<B>, w: &Weights<B>) -> Self {
+        HostWeights {
+            u: host.buffer(w.u.clone()),
+            v: host.buffer(w.v.clone()),
+            m: host.buffer(w.m.clone()),
+            bias: w.bias.clone().map(|b| host.buffer(b)),
+        }
     }
 
-    fn slices(&self) -> host::Weights<'_> {
-        host::Weights {
-            u: slice(&self.u),
-            v: slice(&self.v),
-            m: slice(&self.m),
-            bias: self.bias.as_ref().map(slice),
+    fn slices(&self) -> kernels::Weights<'_> {
+        kernels::Weights {
+            u: host::values(&self.u),
+            v: host::values(&self.v),
+            m: host::values(&self.m),
+            bias: self.bias.as_ref().map(host::values),
         }
     }
 }
@@ -107,14 +102,15 @@ enum Saved<B: Backend> {
         h: Tensor<B, 3>,
     },
     /// The CPU backend: its buffers, and the host forward pass.
-    Host(Box<HostSaved>),
+    Host(Box<HostSaved<B>>),
 }
 
-struct HostSaved {
+struct HostSaved<B> {
+    host: Host<B>,
     x: FlexTensor,
     w: HostWeights,
-    fwd: host::Forward,
-    dims: host::Dims,
+    fwd: kernels::Forward,
+    dims: kernels::Dims,
 }
 
 /// The encodings of `x` `[B, d_H, d_W]`.
@@ -131,7 +127,7 @@ pub fn forward<B: Backend>(x: Tensor<B, 3>, w: Weights<B>, scratch: &mut Scratch
         d_w_u == d_w && d_h_v == d_h && m_in == r_u * r_v,
         "encoder weights do not fit a [{b}, {d_h}, {d_w}] input"
     );
-    let dims = host::Dims {
+    let dims = kernels::Dims {
         b,
         d_h,
         d_w,
@@ -139,19 +135,20 @@ pub fn forward<B: Backend>(x: Tensor<B, 3>, w: Weights<B>, scratch: &mut Scratch
         r_v,
         r_t,
     };
-    if let (Some(hx), Some(hw)) = (host_buffer(&x), HostWeights::of(&w)) {
-        let fwd = host::forward(slice(&hx), &hw.slices(), dims, scratch);
-        if let Some(e) = from_host(fwd.e.clone(), [b, r_t]) {
-            return Encoding {
-                e,
-                saved: Saved::Host(Box::new(HostSaved {
-                    x: hx,
-                    w: hw,
-                    fwd,
-                    dims,
-                })),
-            };
-        }
+    if let Some(host) = Host::<B>::of() {
+        let hx = host.buffer(x);
+        let hw = HostWeights::of(host, &w);
+        let fwd = kernels::forward(host::values(&hx), &hw.slices(), dims, scratch);
+        return Encoding {
+            e: host.tensor_of(fwd.e.clone(), [b, r_t]),
+            saved: Saved::Host(Box::new(HostSaved {
+                host,
+                x: hx,
+                w: hw,
+                fwd,
+                dims,
+            })),
+        };
     }
     let r = x
         .clone()
@@ -185,21 +182,31 @@ impl<B: Backend> Encoding<B> {
     pub fn gradients(self, de: Tensor<B, 2>, scratch: &mut Scratch) -> EncoderGradients<B> {
         match self.saved {
             Saved::Host(saved) => {
-                let HostSaved { x, w, fwd, dims } = *saved;
-                let de = match host_buffer(&de) {
-                    Some(de) => de,
-                    None => FlexTensor::from_data(de.into_data().convert::<f32>()),
-                };
-                let g = host::backward(slice(&x), &w.slices(), fwd, slice(&de), dims, scratch);
+                let HostSaved {
+                    host,
+                    x,
+                    w,
+                    fwd,
+                    dims,
+                } = *saved;
+                let de = host.buffer(de);
+                let g = kernels::backward(
+                    host::values(&x),
+                    &w.slices(),
+                    fwd,
+                    host::values(&de),
+                    dims,
+                    scratch,
+                );
                 let mut out = vec![g.u, g.v, g.m];
                 if w.bias.is_some() {
                     out.push(g.bias);
                 }
                 EncoderGradients(
                     out.into_iter()
-                        .filter_map(|values| {
+                        .map(|values| {
                             let n = values.len();
-                            from_host(values, [n])
+                            host.tensor_of(values, [n])
                         })
                         .collect(),
                 )
@@ -224,11 +231,10 @@ impl<B: Backend> Encoding<B> {
                 // dU^T = G^T @ X with G_b = V^T @ dPre_b^T, the batch folded into rows: one
                 // GEMM over all B*d_H rows, as in the forward pass.
                 let [_, d_h, d_w] = x.dims();
-                let g = w
-                    .v
-                    .transpose()
-                    .unsqueeze_dim::<3>(0)
-                    .matmul(dpre.swap_dims(1, 2)); // [B, d_H, r_U]
+                let g =
+                    w.v.transpose()
+                        .unsqueeze_dim::<3>(0)
+                        .matmul(dpre.swap_dims(1, 2)); // [B, d_H, r_U]
                 let du_t = g
                     .reshape([b * d_h, r_u])
                     .transpose()
@@ -271,44 +277,13 @@ fn flat<B: Backend>(t: Tensor<B, 2>) -> Tensor<B, 1> {
     t.reshape([a * b])
 }
 
-/// The CPU backend's contiguous f32 buffer behind `t`; `None` on any other backend or type.
-fn host_buffer<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
-    if TypeId::of::<B::FloatTensorPrimitive>() != TypeId::of::<FlexTensor>()
-        || t.dtype() != DType::F32
-    {
-        return None;
-    }
-    let primitive: Box<dyn Any> = Box::new(t.clone().into_primitive().tensor());
-    let f = *primitive.downcast::<FlexTensor>().ok()?;
-    // A view (a transpose, a slice) is copied out to a plain buffer first.
-    Some(if f.as_slice::<f32>().is_some() {
-        f
-    } else {
-        f.to_contiguous()
-    })
-}
-
-/// The values of a buffer from [`host_buffer`] (contiguous f32 by construction).
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().unwrap_or(&[])
-}
-
-/// `values` as a tensor of backend `B`, when that is the CPU backend.
-fn from_host<B: Backend, const D: usize>(
-    values: Vec<f32>,
-    shape: [usize; D],
-) -> Option<Tensor<B, D>> {
-    let boxed: Box<dyn Any> = Box::new(FlexTensor::from_data(TensorData::new(values, shape)));
-    let primitive = *boxed.downcast::<B::FloatTensorPrimitive>().ok()?;
-    Some(Tensor::from_primitive(TensorPrimitive::Float(primitive)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::models::test_util::Cpu;
     use crate::training::rng::Rng;
     use burn::backend::Autodiff;
+    use burn::tensor::TensorData;
 
     fn random<const D: usize>(shape: [usize; D], rng: &mut Rng) -> Tensor<Cpu, D> {
         let n = shape.iter().product();

@@ -1,4 +1,5 @@
-//! The ProbeX encoder on the host CPU: `gemm` straight on the CPU backend's buffers.
+//! ProbeX's encoder, `e = M flatten(relu((X_b @ U)^T @ V^T)) + b`, and its gradients, with
+//! `gemm` on the CPU backend's buffers.
 //!
 //! Two products carry nearly all of a training step's work: `R = X @ U` and `dU = X^T @ G`,
 //! each one GEMM with the batch folded into rows (`[B*d_H, d_W]`). Through the tensor API each
@@ -21,7 +22,8 @@ const G_CHUNK: usize = 8;
 /// Shapes of one call: `X` `[b, d_h, d_w]`, `U` `[d_w, r_u]`, `V` `[r_v, d_h]`, `M`
 /// `[r_t, r_u * r_v]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Dims {
+#[allow(missing_docs)]
+pub struct Dims {
     pub b: usize,
     pub d_h: usize,
     pub d_w: usize,
@@ -39,7 +41,7 @@ pub struct Scratch {
 
 impl Scratch {
     /// Takes the `R` buffer, sized for `len` values; [`backward`] hands it back.
-    pub(super) fn take_r(&mut self, len: usize) -> Vec<f32> {
+    fn take_r(&mut self, len: usize) -> Vec<f32> {
         let mut r = std::mem::take(&mut self.r);
         r.resize(len, 0.0);
         r
@@ -125,8 +127,10 @@ fn all_threads() -> Parallelism {
     Parallelism::Rayon(rayon::current_num_threads().max(1))
 }
 
-/// The encoder's weights as host buffers: `U`, `V`, `M` and `M`'s bias.
-pub(super) struct Weights<'a> {
+/// The encoder's weights, row-major: `U` `[d_w, r_u]`, `V` `[r_v, d_h]`, `M`
+/// `[r_t, r_u * r_v]` and `M`'s bias `[r_t]`.
+#[allow(missing_docs)]
+pub struct Weights<'a> {
     pub u: &'a [f32],
     pub v: &'a [f32],
     pub m: &'a [f32],
@@ -134,7 +138,7 @@ pub(super) struct Weights<'a> {
 }
 
 /// What [`forward`] computes: the encodings and what [`backward`] needs.
-pub(super) struct Forward {
+pub struct Forward {
     /// `e` `[b, r_t]`.
     pub e: Vec<f32>,
     /// `H` `[b, r_u, r_v]`, after the ReLU.
@@ -143,8 +147,11 @@ pub(super) struct Forward {
     pub r: Vec<f32>,
 }
 
-/// `e = M flatten(relu((X_b @ U)^T @ V^T)) + bias` for every sample of `x`.
-pub(super) fn forward(x: &[f32], w: &Weights, d: Dims, scratch: &mut Scratch) -> Forward {
+/// `e = M flatten(relu((X_b @ U)^T @ V^T)) + bias` for every sample of `x` `[b, d_h, d_w]`.
+///
+/// # Panics
+/// When a slice is shorter than `d` says.
+pub fn forward(x: &[f32], w: &Weights, d: Dims, scratch: &mut Scratch) -> Forward {
     let Dims {
         b,
         d_h,
@@ -197,7 +204,7 @@ pub(super) fn forward(x: &[f32], w: &Weights, d: Dims, scratch: &mut Scratch) ->
 }
 
 /// The encoder's gradients.
-pub(super) struct Gradients {
+pub struct Gradients {
     /// `[d_w, r_u]`.
     pub u: Vec<f32>,
     /// `[r_v, d_h]`.
@@ -210,7 +217,10 @@ pub(super) struct Gradients {
 
 /// The gradients of every encoder weight from `de` `[b, r_t]`, the loss gradient of `e`,
 /// given what [`forward`] saw and returned; `R`'s buffer goes back into `scratch`.
-pub(super) fn backward(
+///
+/// # Panics
+/// When a slice is shorter than `d` says.
+pub fn backward(
     x: &[f32],
     w: &Weights,
     fwd: Forward,
