@@ -138,21 +138,20 @@ pub struct Weights<'a> {
     pub bias: Option<&'a [f32]>,
 }
 
-/// What [`forward`] computes: the encodings and what [`backward`] needs.
+/// What [`backward`] needs of a [`forward`] pass.
 pub struct Forward {
-    /// `e` `[b, r_t]`.
-    pub e: Vec<f32>,
     /// `H` `[b, r_u, r_v]`, after the ReLU.
     pub h: Vec<f32>,
     /// `R = X @ U` `[b * d_h, r_u]`, in the scratch's buffer.
     pub r: Vec<f32>,
 }
 
-/// `e = M flatten(relu((X_b @ U)^T @ V^T)) + bias` for every sample of `x` `[b, d_h, d_w]`.
+/// `e = M flatten(relu((X_b @ U)^T @ V^T)) + bias` `[b, r_t]` for every sample of `x`
+/// `[b, d_h, d_w]`, and what [`backward`] needs.
 ///
 /// # Panics
 /// When a slice is shorter than `d` says.
-pub fn forward(x: &[f32], w: &Weights, d: Dims, scratch: &mut Scratch) -> Forward {
+pub fn forward(x: &[f32], w: &Weights, d: Dims, scratch: &mut Scratch) -> (Vec<f32>, Forward) {
     let Dims {
         b,
         d_h,
@@ -201,7 +200,7 @@ pub fn forward(x: &[f32], w: &Weights, d: Dims, scratch: &mut Scratch) -> Forwar
         w.bias.is_some(),
         all_threads(),
     );
-    Forward { e, h, r }
+    (e, Forward { h, r })
 }
 
 /// The encoder's gradients.
@@ -238,7 +237,7 @@ pub fn backward(
         r_t,
     } = d;
     let per = r_u * r_v;
-    let Forward { h, r, .. } = fwd;
+    let Forward { h, r } = fwd;
     let mut bias = vec![0f32; r_t];
     for row in de.chunks(r_t) {
         bias.iter_mut().zip(row).for_each(|(a, g)| *a += g);

@@ -138,9 +138,9 @@ pub fn forward<B: Backend>(x: Tensor<B, 3>, w: Weights<B>, scratch: &mut Scratch
     if let Some(host) = Host::<B>::of() {
         let hx = host.buffer(x);
         let hw = HostWeights::of(host, &w);
-        let fwd = kernels::forward(host::values(&hx), &hw.slices(), dims, scratch);
+        let (e, fwd) = kernels::forward(host::values(&hx), &hw.slices(), dims, scratch);
         return Encoding {
-            e: host.tensor_of(fwd.e.clone(), [b, r_t]),
+            e: host.tensor_of(e, [b, r_t]),
             saved: Saved::Host(Box::new(HostSaved {
                 host,
                 x: hx,
