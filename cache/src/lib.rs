@@ -15,7 +15,12 @@
 //!     None => {
 //!         let staging = store.stage(&lock)?;
 //!         std::fs::write(staging.dir().join("out.json"), b"{}")?;
-//!         let info = EntryInfo { kind: "demo".into(), label: "demo".into(), meta: serde_json::Value::Null };
+//!         let info = EntryInfo {
+//!             kind: "demo".into(),
+//!             label: "demo".into(),
+//!             meta: serde_json::Value::Null,
+//!             references: Vec::new(),
+//!         };
 //!         staging.commit(info)? // atomic; also removes the key's work dir
 //!     }
 //! };

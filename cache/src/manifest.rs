@@ -19,6 +19,27 @@ pub struct EntryInfo {
     pub label: String,
     /// Free-form metadata the engine wants to keep with the entry (params, timings, ...).
     pub meta: serde_json::Value,
+    /// Files outside the entry that its files refer to (absolute paths): a layer dataset that
+    /// points into fetched model files instead of copying them. The entry is valid only while
+    /// they stay as they were at commit, and `gc` keeps the entries that hold them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<PathBuf>,
+}
+
+/// A file outside an entry that the entry's files refer to, as recorded at commit: where it
+/// is, and the size and modification time it had then (a cheap check that it is unchanged).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reference {
+    /// The cache entry holding the file, when it is in this cache (`gc` keeps that entry as
+    /// long as this one), or `None` for a file outside the cache.
+    pub entry: Option<Key>,
+    /// The file: relative to that entry's data folder (`/`-separated), or absolute.
+    pub path: String,
+    /// Size in bytes at commit.
+    pub size: u64,
+    /// Modification time at commit, nanoseconds since the Unix epoch.
+    pub mtime_ns: u64,
 }
 
 /// One file of an entry, as recorded at commit.
@@ -55,6 +76,10 @@ pub struct Manifest {
     /// [`content_digest`] of `files`: one hash that changes iff any path, size or content does.
     /// Downstream keys are built from it.
     pub content_digest: String,
+    /// Files outside the entry its files refer to (see [`EntryInfo::references`]). What they
+    /// hold is not in `content_digest`: the files that refer to them name their content.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<Reference>,
 }
 
 /// A committed entry: its key, where its files are, and its manifest.
@@ -156,6 +181,20 @@ impl Manifest {
                 self.key
             ));
         }
+        for r in &self.references {
+            match &r.entry {
+                Some(_) => {
+                    check_rel_path(&r.path).map_err(|e| format!("reference `{}`: {e}", r.path))?
+                }
+                None if !Path::new(&r.path).is_absolute() => {
+                    return Err(format!(
+                        "reference `{}` is neither in an entry nor an absolute path",
+                        r.path
+                    ));
+                }
+                None => {}
+            }
+        }
         let mut seen = HashSet::with_capacity(self.files.len());
         for f in &self.files {
             check_rel_path(&f.path)?;
@@ -226,6 +265,7 @@ mod tests {
             files,
             meta: serde_json::Value::Null,
             content_digest,
+            references: Vec::new(),
         }
     }
 

@@ -13,6 +13,7 @@ use crate::fsutil::{
     LockMode, Node, Slot, hash_file, list_names, lock_at, mtime_secs, remove_any, sync_dir,
     tree_size, unix_secs, unlink_held_lock, walk,
 };
+use crate::manifest::Reference;
 use crate::manifest::{MANIFEST_FORMAT, check_rel_path, content_digest, join_rel};
 use crate::{CacheError, Entry, EntryInfo, FileRecord, Key, Manifest};
 
@@ -182,6 +183,9 @@ pub struct GcReport {
     pub quarantine_cleaned: usize,
     /// Entries the policy selected but that were locked or pinned, and so were kept.
     pub skipped_in_use: Vec<Key>,
+    /// Entries the policy selected but that a kept entry refers to (a layer dataset reading
+    /// their files), each with that entry, and so were kept.
+    pub kept_referenced: Vec<(Key, Key)>,
 }
 
 /// Resolves the default root from environment variables through `get` (testable without
@@ -266,6 +270,26 @@ impl Store {
     /// that fails validation is an error ([`CacheError::BadManifest`]) rather than `None`, so
     /// that damage is reported instead of silently recomputed.
     pub fn get(&self, key: &Key) -> Result<Option<Entry>, CacheError> {
+        let Some(manifest) = self.read_manifest(key)? else {
+            return Ok(None);
+        };
+        let dir = self.entry_dir(key);
+        // An entry whose referenced files changed or vanished is stale: it goes to quarantine
+        // like a corrupt one (a plan then says so), and the node computes it again.
+        if !self.stale_references(&manifest).is_empty() {
+            self.quarantine(key, &dir)?;
+            return Ok(None);
+        }
+        Ok(Some(Entry {
+            key: key.clone(),
+            dir: dir.join(DATA),
+            manifest,
+        }))
+    }
+
+    /// The validated manifest of `key`'s entry, or `None` when there is none; referenced
+    /// files are not looked at (gc judges entries by their own files).
+    fn read_manifest(&self, key: &Key) -> Result<Option<Manifest>, CacheError> {
         let dir = self.entry_dir(key);
         let mpath = dir.join(MANIFEST);
         let bytes = match fs::read(&mpath) {
@@ -281,11 +305,73 @@ impl Store {
         let manifest: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| bad(format!("not a valid manifest: {e}")))?;
         manifest.validate(key).map_err(bad)?;
-        Ok(Some(Entry {
-            key: key.clone(),
-            dir: dir.join(DATA),
-            manifest,
-        }))
+        Ok(Some(manifest))
+    }
+
+    /// Where a reference's file is on disk.
+    fn reference_path(&self, r: &Reference) -> PathBuf {
+        match &r.entry {
+            Some(k) => join_rel(&self.entry_dir(k).join(DATA), &r.path),
+            None => PathBuf::from(&r.path),
+        }
+    }
+
+    /// What is wrong with the files `manifest` refers to (empty when each still has the size
+    /// and modification time it had at commit).
+    fn stale_references(&self, manifest: &Manifest) -> Vec<String> {
+        manifest
+            .references
+            .iter()
+            .filter_map(|r| {
+                let path = self.reference_path(r);
+                let now = match fs::metadata(&path) {
+                    Ok(m) => (m.len(), mtime_ns(&m)),
+                    Err(e) => return Some(format!("referenced `{}`: {e}", path.display())),
+                };
+                (now != (r.size, r.mtime_ns)).then(|| {
+                    format!(
+                        "referenced `{}` changed since the entry was made (size {} -> {}, \
+                         modified {} -> {} ns)",
+                        path.display(),
+                        r.size,
+                        now.0,
+                        r.mtime_ns,
+                        now.1
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// The record of a file an entry refers to: in which entry of this cache it is (if any),
+    /// and its size and modification time now.
+    fn reference(&self, path: &Path) -> Result<Reference, CacheError> {
+        let meta = fs::metadata(path).map_err(io_err(
+            "inspect the referenced file",
+            path,
+            "the stage referred to a file that must exist",
+        ))?;
+        let entries = self.root.join(ENTRIES);
+        let in_entry = path.strip_prefix(&entries).ok().and_then(|rest| {
+            let mut parts = rest.components();
+            let shard = parts.next()?.as_os_str().to_str()?;
+            let key = Key::parse(parts.next()?.as_os_str().to_str()?).ok()?;
+            (key.shard() == shard && parts.next()?.as_os_str() == DATA).then_some(())?;
+            let rel: Vec<&str> = parts
+                .map(|c| c.as_os_str().to_str())
+                .collect::<Option<_>>()?;
+            Some((key, rel.join("/")))
+        });
+        let (entry, path) = match in_entry {
+            Some((key, rel)) => (Some(key), rel),
+            None => (None, path.to_string_lossy().into_owned()),
+        };
+        Ok(Reference {
+            entry,
+            path,
+            size: meta.len(),
+            mtime_ns: mtime_ns(&meta),
+        })
     }
 
     /// Takes the exclusive lock on `key`, waiting for the current holder (in any process) to
@@ -478,6 +564,7 @@ impl Store {
         for rel in on_disk.keys() {
             problems.push(format!("{DATA}/{rel} is not listed in the manifest"));
         }
+        problems.extend(self.stale_references(&m));
         Ok(problems)
     }
 
@@ -617,6 +704,7 @@ impl Store {
         self.gc_locks()?;
         r.removed.sort();
         r.skipped_in_use.sort();
+        r.kept_referenced.sort();
         Ok(r)
     }
 
@@ -652,18 +740,59 @@ impl Store {
 
     /// How old the entry of `key` is, and whether its directory is garbage (no manifest).
     fn entry_age(&self, key: &Key) -> Result<(Option<u64>, bool), CacheError> {
-        match self.get(key) {
-            Ok(Some(e)) => Ok((Some(e.manifest.created_unix), false)),
+        match self.read_manifest(key) {
+            Ok(Some(m)) => Ok((Some(m.created_unix), false)),
             Ok(None) => Ok((None, true)),
             Err(CacheError::BadManifest { .. }) => Ok((mtime_secs(&self.entry_dir(key)), false)),
             Err(e) => Err(e),
         }
     }
 
+    /// The entries that entries kept by `policy` refer to, directly or through others, each
+    /// with the kept entry that needs it (gc never removes a file a live dataset reads).
+    fn referenced_by_kept(
+        &self,
+        policy: &GcPolicy,
+        keys: &[Key],
+    ) -> Result<std::collections::BTreeMap<Key, Key>, CacheError> {
+        let mut refs = std::collections::BTreeMap::new();
+        let mut live = Vec::new();
+        for key in keys {
+            let Ok(Some(m)) = self.read_manifest(key) else {
+                continue;
+            };
+            let targets: Vec<Key> = m
+                .references
+                .iter()
+                .filter_map(|r| r.entry.clone())
+                .collect();
+            if !policy.selects(key, Some(m.created_unix)) {
+                live.push(key.clone());
+            }
+            refs.insert(key.clone(), targets);
+        }
+        let mut needed = std::collections::BTreeMap::new();
+        while let Some(key) = live.pop() {
+            for t in refs.get(&key).into_iter().flatten() {
+                if !needed.contains_key(t) {
+                    needed.insert(t.clone(), key.clone());
+                    live.push(t.clone());
+                }
+            }
+        }
+        Ok(needed)
+    }
+
     fn gc_entries(&self, policy: &GcPolicy, r: &mut GcReport) -> Result<(), CacheError> {
-        for key in self.entry_keys()? {
+        let keys = self.entry_keys()?;
+        let needed = self.referenced_by_kept(policy, &keys)?;
+        for key in keys {
             let (age, garbage) = self.entry_age(&key)?;
             if !garbage && !policy.selects(&key, age) {
+                continue;
+            }
+            if let Some(by) = needed.get(&key) {
+                r.kept_referenced.push((key, by.clone()));
                 continue;
             }
             let Some(lock) = self.try_lock(&key)? else {
@@ -840,6 +969,13 @@ impl Staging {
             }
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut references = info
+            .references
+            .iter()
+            .map(|p| self.store.reference(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        references.sort_by(|a, b| (&a.entry, &a.path).cmp(&(&b.entry, &b.path)));
+        references.dedup();
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             key: self.key.clone(),
@@ -849,6 +985,7 @@ impl Staging {
             content_digest: content_digest(&files),
             files,
             meta: info.meta,
+            references,
         };
         let mpath = self.slot_dir.join(MANIFEST);
         let json = serde_json::to_vec_pretty(&manifest)
@@ -930,6 +1067,14 @@ impl Drop for Staging {
             slot.discard();
         }
     }
+}
+
+/// A file's modification time in nanoseconds since the Unix epoch (0 when unknown).
+fn mtime_ns(meta: &fs::Metadata) -> u64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

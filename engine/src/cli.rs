@@ -648,7 +648,7 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                 })
                 .map_err(|e| e.to_string())?;
             println!(
-                "removed {} entries, {} staging dirs of dead runs; freed {}{}",
+                "removed {} entries, {} staging dirs of dead runs; freed {}{}{}",
                 report.removed.len(),
                 report.tmp_cleaned,
                 human(report.freed_bytes),
@@ -656,6 +656,14 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                     String::new()
                 } else {
                     format!("; {} in use, kept", report.skipped_in_use.len())
+                },
+                if report.kept_referenced.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; {} kept because kept entries read their files in place",
+                        report.kept_referenced.len()
+                    )
                 }
             );
         }

@@ -35,6 +35,7 @@ fn info(kind: &str) -> EntryInfo {
         kind: kind.into(),
         label: "crashtest".into(),
         meta: serde_json::json!({ "pid": std::process::id() }),
+        references: Vec::new(),
     }
 }
 

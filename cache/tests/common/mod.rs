@@ -24,6 +24,7 @@ pub fn info(label: &str) -> EntryInfo {
         kind: "test".into(),
         label: label.into(),
         meta: serde_json::json!({ "label": label }),
+        references: Vec::new(),
     }
 }
 

@@ -293,6 +293,7 @@ fn commit(
         kind: kind.to_string(),
         label: n.name.clone(),
         meta: serde_json::to_value(&stored).map_err(|e| e.to_string())?,
+        references: outcome.references.clone(),
     };
     let entry = staging
         .commit(info)

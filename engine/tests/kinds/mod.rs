@@ -175,6 +175,7 @@ fn numeric(value: f64) -> Outcome {
         results: Some(json!({ "value": value })),
         summary: None,
         publish: vec!["value.json".into()],
+        references: Vec::new(),
     }
 }
 
@@ -438,6 +439,7 @@ impl Sweeper {
             results: Some(json!({ "value": v })),
             summary: None,
             publish: Vec::new(),
+            references: Vec::new(),
         })
     }
 }
@@ -548,6 +550,7 @@ impl Stage for Double {
             results: Some(json!({ "value": v })),
             summary: None,
             publish: Vec::new(),
+            references: Vec::new(),
         })
     }
 }
@@ -615,6 +618,7 @@ impl Stage for Gather {
             results: Some(out),
             summary: Some(format!("gathered {} nodes, sum {sum}", all.len())),
             publish: vec!["value.json".into()],
+            references: Vec::new(),
         })
     }
 }
@@ -678,6 +682,7 @@ impl Stage for SlowWrite {
             results: None,
             summary: None,
             publish: Vec::new(),
+            references: Vec::new(),
         })
     }
 }
