@@ -5,6 +5,7 @@
 //! applying trained probes).
 
 mod describe;
+mod export;
 mod layers;
 mod route;
 mod search;
@@ -38,6 +39,8 @@ enum Command {
     Describe(describe::DescribeArgs),
     /// Say which model tree each model file belongs to, with a fitted router, or none
     Route(route::RouteArgs),
+    /// Write a layer dataset as one plain stacked safetensors file (for Python tools)
+    Export(export::ExportArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Command::Search(args) => search::run(&args),
         Command::Describe(args) => describe::run(&args),
         Command::Route(args) => route::run(&args),
+        Command::Export(args) => export::run(&args, &cli.cache),
     };
     ExitCode::from(code as u8)
 }

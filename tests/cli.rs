@@ -39,3 +39,81 @@ fn search_and_describe_explain_what_is_wrong_and_exit_2() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("no longer in the cache"), "{err}");
 }
+
+/// `probex export` writes a factored (or in-place) layer dataset as one stacked file that
+/// loads back with every row's matrix, and refuses what is not a layer dataset.
+#[test]
+fn export_writes_the_plain_stacked_form() {
+    use probex_stages::dataset::{
+        Labels, LayerDataset, LayerInfo, Matrices, ModelRecord, Precision, Split, Storage,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = LayerDataset {
+        layer: LayerInfo {
+            index: 46,
+            name: "unet.x.attn2.to_q.lora.down.weight".into(),
+            source_shape: vec![2, 3],
+            transform: "lora_product".into(),
+        },
+        n: 2,
+        d_h: 2,
+        d_w: 3,
+        weights: Matrices::Factored {
+            rank: 2,
+            up: vec![1.0, 2.0, 3.0, 4.0, 1.0, 0.0, -1.0, 0.0],
+            down: vec![1.0, 0.0, 2.0, 0.0, 1.0, -1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0],
+        },
+        models: (0..2)
+            .map(|i| ModelRecord {
+                id: format!("m{i}"),
+                split: Split::Train,
+                source_digest: String::new(),
+            })
+            .collect(),
+        label_key: "k".into(),
+        labels: Labels::Numeric {
+            targets: vec![0.5, 1.5],
+            transform: "identity".into(),
+        },
+        skipped: vec![],
+    };
+    let src = tmp.path().join("factored");
+    std::fs::create_dir_all(&src).unwrap();
+    ds.save(&src, Precision::F32).unwrap();
+    let out = tmp.path().join("out");
+    let (code, err) = probex(&["export", src.to_str().unwrap(), out.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let back = LayerDataset::load(&out).unwrap();
+    assert_eq!(
+        LayerDataset::load_sidecar(&out).unwrap().storage,
+        Storage::Stacked
+    );
+    assert_eq!(
+        back.weights,
+        Matrices::Stacked(vec![
+            1.0, 2.0, 0.0, 3.0, 4.0, 2.0, 2.0, 3.0, 4.0, -2.0, -3.0, -4.0
+        ])
+    );
+    assert_eq!(back.labels, ds.labels);
+
+    let (code, err) = probex(&["export", src.to_str().unwrap(), src.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the dataset itself"), "{err}");
+    let (code, err) = probex(&[
+        "export",
+        tmp.path().to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("holds no layer dataset"), "{err}");
+    let cache = tmp.path().join("cache");
+    let (code, err) = probex(&[
+        "export",
+        "abc123",
+        out.to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no cache entry's key starts with"), "{err}");
+}

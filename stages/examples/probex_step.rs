@@ -99,7 +99,7 @@ fn probex_step_seconds<B: Backend>(a: &Args, dev: &B::Device) -> f64 {
     let mut phases = [Vec::new(), Vec::new(), Vec::new()];
     for i in 0..=a.steps {
         let t = Instant::now();
-        let (s, split) = train_scores(&model, x.clone(), None, &mut scratch);
+        let (s, split) = train_scores(&model, x.clone().into(), None, &mut scratch);
         let yy = Tensor::<AB<B>, 2>::from_inner(y.clone());
         let loss = (s.clone().clamp_min(0.0) - s.clone() * yy + s.abs().neg().exp().log1p()).mean();
         let _ = B::sync(&dev);

@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use probex_engine::cache::{Key, Store};
 use serde::Deserialize;
 
-use crate::dataset::{Labels, LayerDataset, ModelRecord, Split};
+use crate::dataset::{Labels, LayerDataset, Matrices, ModelRecord, Split};
 use crate::embeddings::TextTable;
 use crate::models::ModelSpec;
 use crate::models::checkpoint::{Checkpoint, TaskKind};
@@ -400,7 +400,7 @@ pub fn describe(probe: &Probe, model: &Path, top: usize) -> anyhow::Result<Descr
         n: 1,
         d_h,
         d_w,
-        weights: x,
+        weights: Matrices::Stacked(x),
         models: vec![ModelRecord {
             id: model.display().to_string(),
             split: Split::Test,

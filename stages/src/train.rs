@@ -22,7 +22,7 @@ use probex_engine::{InputSlot, Inputs, Outcome, Resource, RunContext, Stage, Sta
 use safetensors::{Dtype, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{Labels, LayerDataset, ModelRecord};
+use crate::dataset::{Labels, LayerDataset, Matrices, ModelRecord};
 use crate::embeddings::TextTable;
 use crate::extract::ARTIFACT as LAYER;
 use crate::training::{self, DeviceSpec, TrainConfig};
@@ -109,7 +109,17 @@ impl Stage for Train {
             .parse()
             .map_err(anyhow::Error::msg)?;
         let layer_dir = &inputs.one(LAYER)?.dir;
-        let ds = LayerDataset::load(layer_dir)?;
+        let budget = training::memory::budget().map_err(anyhow::Error::msg)?;
+        let ds = LayerDataset::open(layer_dir, budget)?;
+        if let Matrices::OnDisk(_) = ds.weights {
+            cx.log(format!(
+                "layer of {} MB as f32 exceeds the memory budget of {} MB ({}): reading it \
+                 from disk batch by batch",
+                (ds.n * ds.d_h * ds.d_w * 4) >> 20,
+                budget >> 20,
+                training::memory::ENV
+            ));
+        }
         let text_input = inputs.optional(EMBEDDINGS)?;
         let text = match text_input {
             Some(a) => Some(TextTable::load(&a.dir)?),
@@ -221,6 +231,7 @@ impl Stage for Train {
             results: Some(results),
             summary: None,
             publish: vec![files::REPORT.into()],
+            references: Vec::new(),
         })
     }
 }

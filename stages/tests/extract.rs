@@ -5,13 +5,14 @@ mod files;
 use std::path::{Path, PathBuf};
 
 use files::*;
-use probex_stages::dataset::{Class, Labels, LayerDataset, Precision, Split};
+use probex_stages::dataset::{Class, Labels, LayerDataset, Matrices, Precision, Split, Storage};
 use probex_stages::extract::{
     DigestMode, ExtractOptions, LayerOutput, Layout, ModelSource, NonFinitePolicy, SplitSource,
     discover, extract, resolve_layers,
 };
 use probex_stages::labels::{LabelKind, LabelSpec, NameTable, OnError, Vocab};
-use probex_stages::weights::{LayerMode, LayerSelector};
+use probex_stages::weights::reader::read_header;
+use probex_stages::weights::{LayerMode, LayerSelector, transform};
 
 fn cifar_spec() -> LabelSpec {
     LabelSpec {
@@ -90,7 +91,7 @@ fn layer_index_and_rows_match_the_files() {
     for (i, model) in models.iter().enumerate() {
         assert_eq!(ds.models[i].id, format!("m{i}"));
         assert_eq!(ds.models[i].split, Split::ALL[i % 3]);
-        assert_eq!(ds.matrix(i), values(i as u64, 12).as_slice());
+        assert_eq!(ds.matrix(i).unwrap(), values(i as u64, 12).as_slice());
         let digest = blake3::hash(&std::fs::read(&model.path).unwrap())
             .to_hex()
             .to_string();
@@ -123,7 +124,7 @@ fn conv_weights_are_a_row_major_reshape_not_a_permute() {
     assert_eq!(ds.layer.transform, "conv_reshape");
     assert_eq!(ds.layer.source_shape, [4, 3, 2, 2]);
     let flat = values(200, 48);
-    let m = ds.matrix(0);
+    let m = ds.matrix(0).unwrap();
     for r in 0..12 {
         for c in 0..4 {
             assert_eq!(m[r * 4 + c], flat[r * 4 + c]);
@@ -213,7 +214,7 @@ fn lora_layers_are_b_times_a() {
     for i in 0..3u64 {
         let a = values(10 + i, 10); // [2, 5]
         let b = values(20 + i, 6); // [3, 2]
-        let m = ds.matrix(i as usize);
+        let m = ds.matrix(i as usize).unwrap();
         for r in 0..3 {
             for c in 0..5 {
                 let want = b[r * 2] * a[c] + b[r * 2 + 1] * a[5 + c];
@@ -273,7 +274,7 @@ fn half_precision_sources_decode_exactly() {
     extract(&models, &outs, &spec, &ExtractOptions::default()).unwrap();
     let ds = LayerDataset::load(&outs[0].dir).unwrap();
     for i in 0..4 {
-        assert_eq!(ds.matrix(i), vals, "model {i}");
+        assert_eq!(ds.matrix(i).unwrap(), &vals[..], "model {i}");
     }
     assert_eq!(
         ds.labels,
@@ -297,14 +298,14 @@ fn half_precision_sources_decode_exactly() {
         let out = dir.path().join(format!("out-{p:?}"));
         let outs = outputs(&models[0].path, "w", &out, LayerMode::Auto);
         let opts = ExtractOptions {
-            precision: p,
+            precision: Some(p),
             ..Default::default()
         };
         extract(&models, &outs, &spec, &opts).unwrap();
         let side = LayerDataset::load_sidecar(&outs[0].dir).unwrap();
         assert_eq!(side.precision, p);
         let ds = LayerDataset::load(&outs[0].dir).unwrap();
-        assert_eq!(ds.matrix(2), vals);
+        assert_eq!(ds.matrix(2).unwrap(), &vals[..]);
     }
 }
 
@@ -430,8 +431,8 @@ fn bad_labels_fail_or_skip_with_file_and_key() {
         ["m1", "m3"]
     );
     // Rows were compacted: each row is its own model's tensor.
-    assert_eq!(ds.matrix(0), values(1, 12).as_slice());
-    assert_eq!(ds.matrix(1), values(3, 12).as_slice());
+    assert_eq!(ds.matrix(0).unwrap(), values(1, 12).as_slice());
+    assert_eq!(ds.matrix(1).unwrap(), values(3, 12).as_slice());
     assert_eq!(ds.skipped.len(), 2);
 }
 
@@ -482,7 +483,7 @@ fn non_finite_weights_follow_the_policy() {
     assert_eq!(l10.layer.name, "layer.10.weight");
     assert_eq!(l10.n, 2);
     assert_eq!(l10.skipped[0].id, "m1");
-    assert_eq!(l10.matrix(1), values(2, 12).as_slice());
+    assert_eq!(l10.matrix(1).unwrap(), values(2, 12).as_slice());
     assert_eq!(l2.n, 3);
 
     let opts = ExtractOptions {
@@ -498,7 +499,7 @@ fn non_finite_weights_follow_the_policy() {
             *v = 0.0;
         }
     }
-    assert_eq!(l10.matrix(1), want.as_slice());
+    assert_eq!(l10.matrix(1).unwrap(), want.as_slice());
 }
 
 #[test]
@@ -755,7 +756,7 @@ fn hub_cache_layouts_are_discovered() {
     let r = extract(&found.models, &outs, &cifar_spec(), &Default::default()).unwrap();
     assert_eq!(r.layers[0].rows, 4);
     let ds = LayerDataset::load(&outs[0].dir).unwrap();
-    assert_eq!(ds.matrix(3), values(7, 4).as_slice());
+    assert_eq!(ds.matrix(3).unwrap(), values(7, 4).as_slice());
 
     // Duplicated ids across splits are an error naming both files.
     make_repo(
@@ -806,4 +807,314 @@ fn digests_cover_files_or_what_was_read() {
     let c = LayerDataset::load_sidecar(&outs[0].dir).unwrap();
     assert!(c.models[0].source_digest.starts_with("read:"));
     assert_ne!(c.models[0].source_digest, c.models[1].source_digest);
+}
+
+/// Writes LoRA files `m{i}` with one layer `unet.b.attn1.to_q` of matrix [4, 6]: `ranks[i]`
+/// is model `i`'s rank, f16 values; returns the sources and each model's (up, down) values
+/// as f16 rounds them.
+/// A LoRA pair's factors: (up, down).
+type Factors = (Vec<f32>, Vec<f32>);
+
+fn lora_zoo(dir: &Path, ranks: &[usize]) -> (Vec<ModelSource>, Vec<Factors>) {
+    let round = |v: Vec<f32>| -> Vec<f32> {
+        v.into_iter()
+            .map(|x| half::f16::from_f32(x).to_f32())
+            .collect()
+    };
+    let mut sources = Vec::new();
+    let mut factors = Vec::new();
+    for (i, &r) in ranks.iter().enumerate() {
+        let p = dir.join(format!("m{i}.safetensors"));
+        let up = round(values(50 + i as u64, 4 * r));
+        let down = round(values(60 + i as u64, r * 6));
+        write_model(
+            &p,
+            &[
+                f16t("unet.b.attn1.to_q.lora.up.weight", &[4, r], &up),
+                f16t("unet.b.attn1.to_q.lora.down.weight", &[r, 6], &down),
+            ],
+            &[("class_name", ["cat", "dog"][i % 2])],
+        );
+        sources.push(source(&format!("m{i}"), p, Split::ALL[i % 2]));
+        factors.push((up, down));
+    }
+    (sources, factors)
+}
+
+fn class_spec() -> LabelSpec {
+    LabelSpec::new("class_name", LabelKind::Class)
+}
+
+/// A LoRA layer keeps its factors, at the files' f16, never the product: the layer file is
+/// the size of the factors, they come back exactly, and each row's matrix is `B @ A`.
+#[test]
+fn lora_layers_are_stored_as_their_factors_at_the_files_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let (models, factors) = lora_zoo(&dir.path().join("models"), &[3, 3, 3, 3]);
+    let outs = outputs(
+        &models[0].path,
+        "0",
+        &dir.path().join("out"),
+        LayerMode::Auto,
+    );
+    let report = extract(&models, &outs, &class_spec(), &ExtractOptions::default()).unwrap();
+    let side = LayerDataset::load_sidecar(&outs[0].dir).unwrap();
+    assert_eq!(side.storage, Storage::LoraFactors { rank: 3 });
+    assert_eq!(side.precision, Precision::F16);
+    let header = read_header(&outs[0].dir.join("layer.safetensors")).unwrap();
+    let shapes: Vec<(&str, &[usize], String)> = header
+        .tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.as_str(),
+                t.shape.as_slice(),
+                format!("{:?}", t.dtype),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shapes,
+        [
+            ("down", &[4usize, 3, 6][..], "F16".to_string()),
+            ("labels", &[4][..], "F32".to_string()),
+            ("up", &[4, 4, 3][..], "F16".to_string()),
+        ]
+    );
+    // 4 models x (12 + 18) f16 values: the factors' bytes, not the [4, 6] f32 products'.
+    assert_eq!(
+        header.tensors.iter().map(|t| t.span.len()).sum::<usize>(),
+        4 * 30 * 2 + 4 * 4
+    );
+    assert_eq!(
+        report.bytes_written,
+        std::fs::metadata(outs[0].dir.join("layer.safetensors"))
+            .unwrap()
+            .len()
+    );
+    let ds = LayerDataset::load(&outs[0].dir).unwrap();
+    let Matrices::Factored { rank, up, down } = &ds.weights else {
+        panic!("a LoRA layer loads factored");
+    };
+    assert_eq!(*rank, 3);
+    for (i, (b, a)) in factors.iter().enumerate() {
+        assert_eq!(&up[i * 12..(i + 1) * 12], b.as_slice());
+        assert_eq!(&down[i * 18..(i + 1) * 18], a.as_slice());
+        let mut want = Vec::new();
+        transform::lora_product(b, a, 4, 3, 6, &mut want);
+        assert_eq!(&*ds.matrix(i).unwrap(), want.as_slice());
+    }
+    // Asking for a precision converts the factors.
+    let out32 = dir.path().join("out32");
+    let outs32 = outputs(&models[0].path, "0", &out32, LayerMode::Auto);
+    let opts = ExtractOptions {
+        precision: Some(Precision::F32),
+        ..Default::default()
+    };
+    extract(&models, &outs32, &class_spec(), &opts).unwrap();
+    let ds32 = LayerDataset::load(&outs32[0].dir).unwrap();
+    assert_eq!(ds32.weights, ds.weights);
+    assert_eq!(
+        LayerDataset::load_sidecar(&outs32[0].dir)
+            .unwrap()
+            .precision,
+        Precision::F32
+    );
+}
+
+/// Models trained at different ranks share one layer: the rows take the largest rank, lower
+/// ranks zero-padded, and every row's matrix is still its own `B @ A` (whichever model the
+/// reference is).
+#[test]
+fn lora_models_of_different_ranks_share_a_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (models, factors) = lora_zoo(&dir.path().join("models"), &[2, 4, 1, 4]);
+    let outs = outputs(
+        &models[0].path,
+        "0",
+        &dir.path().join("out"),
+        LayerMode::Auto,
+    );
+    assert_eq!(outs[0].layer.storage, Storage::LoraFactors { rank: 2 });
+    extract(&models, &outs, &class_spec(), &ExtractOptions::default()).unwrap();
+    let ds = LayerDataset::load(&outs[0].dir).unwrap();
+    assert_eq!(ds.weights.storage(), Storage::LoraFactors { rank: 4 });
+    for (i, (b, a)) in factors.iter().enumerate() {
+        let r = b.len() / 4;
+        let mut want = Vec::new();
+        transform::lora_product(b, a, 4, r, 6, &mut want);
+        let got = ds.matrix(i).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-6 * (1.0 + w.abs()),
+                "model {i}: {g} vs {w}"
+            );
+        }
+    }
+}
+
+/// A LoRA pair that is broken in one model (a missing factor, ranks that disagree between up
+/// and down, a matrix of another shape) fails the extraction naming the file and tensor, or
+/// under `on_bad_file = "skip"` leaves exactly that model out, saying why.
+#[test]
+fn broken_lora_pairs_name_the_file_and_tensor() {
+    let cases: [(&str, Vec<T>, &str); 3] = [
+        (
+            "missing up",
+            vec![f16t(
+                "unet.b.attn1.to_q.lora.down.weight",
+                &[3, 6],
+                &[0.5; 18],
+            )],
+            "up factor `unet.b.attn1.to_q.lora.up.weight`",
+        ),
+        (
+            "rank mismatch",
+            vec![
+                f16t("unet.b.attn1.to_q.lora.up.weight", &[4, 2], &[0.5; 8]),
+                f16t("unet.b.attn1.to_q.lora.down.weight", &[3, 6], &[0.5; 18]),
+            ],
+            "rank mismatch",
+        ),
+        (
+            "other shape",
+            vec![
+                f16t("unet.b.attn1.to_q.lora.up.weight", &[5, 3], &[0.5; 15]),
+                f16t("unet.b.attn1.to_q.lora.down.weight", &[3, 6], &[0.5; 18]),
+            ],
+            "forms a [5, 6] matrix",
+        ),
+    ];
+    for (what, tensors, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut models, _) = lora_zoo(&dir.path().join("models"), &[3, 3, 3]);
+        let bad = dir.path().join("models").join("m9.safetensors");
+        write_model(&bad, &tensors, &[("class_name", "cat")]);
+        models.push(source("m9", bad.clone(), Split::Train));
+        let outs = outputs(
+            &models[0].path,
+            "0",
+            &dir.path().join("out"),
+            LayerMode::Auto,
+        );
+        let err = extract(&models, &outs, &class_spec(), &ExtractOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&bad.display().to_string()), "{what}: {err}");
+        assert!(err.contains("unet.b.attn1.to_q"), "{what}: {err}");
+        assert!(err.contains(want), "{what}: {err}");
+
+        let skip = ExtractOptions {
+            on_bad_file: OnError::Skip,
+            ..Default::default()
+        };
+        let outs = outputs(
+            &models[0].path,
+            "0",
+            &dir.path().join("skip"),
+            LayerMode::Auto,
+        );
+        let report = extract(&models, &outs, &class_spec(), &skip).unwrap();
+        assert_eq!(report.layers[0].rows, 3, "{what}");
+        let skipped: Vec<&str> = report.skipped.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(skipped, ["m9"], "{what}");
+        assert!(report.skipped[0].reason.contains(want), "{what}");
+    }
+}
+
+/// In place, a plain layer's dataset holds no matrix at all: its sidecar says where each row
+/// is in its model file, and loading reads them, giving what a copy gives. A model file that
+/// changes or vanishes afterwards is an error naming it, never other numbers.
+#[test]
+fn in_place_layers_refer_to_the_model_files_and_notice_when_they_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = zoo(&dir.path().join("models"), 5);
+    let spec = cifar_spec();
+    let copied = outputs(
+        &models[0].path,
+        "1",
+        &dir.path().join("copy"),
+        LayerMode::Auto,
+    );
+    let copy_report = extract(&models, &copied, &spec, &ExtractOptions::default()).unwrap();
+    let in_place = outputs(
+        &models[0].path,
+        "1",
+        &dir.path().join("ref"),
+        LayerMode::Auto,
+    );
+    let opts = ExtractOptions {
+        in_place: true,
+        ..Default::default()
+    };
+    let report = extract(&models, &in_place, &spec, &opts).unwrap();
+    let side = LayerDataset::load_sidecar(&in_place[0].dir).unwrap();
+    assert_eq!(side.storage, Storage::References);
+    assert_eq!(side.references.len(), 5);
+    assert!(side.references.iter().all(|r| r.file.is_absolute()));
+    let header = read_header(&in_place[0].dir.join("layer.safetensors")).unwrap();
+    let names: Vec<&str> = header.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["labels"], "no copy of any matrix");
+    // At least the 5 rows of [3, 4] f32 fewer bytes than the copy.
+    assert!(
+        report.bytes_written + 5 * 12 * 4 <= copy_report.bytes_written,
+        "{} vs {}",
+        report.bytes_written,
+        copy_report.bytes_written
+    );
+    let want = LayerDataset::load(&copied[0].dir).unwrap();
+    let got = LayerDataset::load(&in_place[0].dir).unwrap();
+    assert_eq!(got.weights, want.weights);
+    assert_eq!(got.labels, want.labels);
+
+    // The same bytes rewritten keep working; other bytes are refused, naming the file.
+    let victim = &side.references[3].file;
+    let mut bytes = std::fs::read(victim).unwrap();
+    std::fs::write(victim, &bytes).unwrap();
+    LayerDataset::load(&in_place[0].dir).unwrap();
+    let at = side.references[3].offset as usize;
+    bytes[at] ^= 0x40;
+    std::fs::write(victim, &bytes).unwrap();
+    let err = LayerDataset::load(&in_place[0].dir)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&victim.display().to_string()), "{err}");
+    assert!(err.contains("changed since extraction"), "{err}");
+    std::fs::remove_file(victim).unwrap();
+    let err = LayerDataset::load(&in_place[0].dir)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&victim.display().to_string()), "{err}");
+
+    // A conversion, or zeroing NaN/Inf, copies.
+    for (what, opts) in [
+        (
+            "precision",
+            ExtractOptions {
+                in_place: true,
+                precision: Some(Precision::F16),
+                ..Default::default()
+            },
+        ),
+        (
+            "zero",
+            ExtractOptions {
+                in_place: true,
+                non_finite: NonFinitePolicy::Zero,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let models = zoo(&dir.path().join(what), 3);
+        let outs = outputs(
+            &models[0].path,
+            "1",
+            &dir.path().join(format!("{what}-out")),
+            LayerMode::Auto,
+        );
+        extract(&models, &outs, &spec, &opts).unwrap();
+        let side = LayerDataset::load_sidecar(&outs[0].dir).unwrap();
+        assert_eq!(side.storage, Storage::Stacked, "{what}");
+        assert!(side.references.is_empty(), "{what}");
+    }
 }

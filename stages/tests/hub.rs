@@ -922,7 +922,7 @@ label = {{ key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar1
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        assert_eq!(ds.matrix(row), want.as_slice());
+        assert_eq!(ds.matrix(row).unwrap(), want.as_slice());
     }
     // A second run is all cached.
     let again = experiment::run(&exp, &w.path("cache"), Some(&w.path("run2")), false);

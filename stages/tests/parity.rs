@@ -9,7 +9,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use probex_stages::dataset::{Class, Labels, LayerDataset, LayerInfo, ModelRecord, Split};
+use probex_stages::dataset::{
+    Class, Labels, LayerDataset, LayerInfo, Matrices, ModelRecord, Split,
+};
 use probex_stages::embeddings::TextTable;
 use probex_stages::models::checkpoint::{
     Checkpoint, CheckpointMeta, TaskInfo, TaskKind, deserialize_named, serialize_named,
@@ -157,7 +159,7 @@ fn dataset(labels: Labels) -> LayerDataset {
         n: B,
         d_h: D_H,
         d_w: D_W,
-        weights: tensor(&inputs, "x").values.clone(),
+        weights: Matrices::Stacked(tensor(&inputs, "x").values.clone()),
         models: (0..B)
             .map(|i| ModelRecord {
                 id: format!("m{i}"),

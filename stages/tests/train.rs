@@ -5,7 +5,7 @@ mod common;
 
 use std::ops::ControlFlow;
 
-use probex_stages::dataset::{LayerDataset, Split};
+use probex_stages::dataset::{LayerDataset, Matrices, Split};
 use probex_stages::embeddings::TextTable;
 use probex_stages::models::ModelKind;
 use probex_stages::models::checkpoint::{Checkpoint, TaskKind};
@@ -300,7 +300,7 @@ fn regression_predicts_on_the_original_scale() {
     // Target = a linear read-out of the weights, on a scale far from 0 and 1.
     let mut ds = common::multilabel([160, 40, 40, 0, 0], 8, 6, 1, 0.3, 8);
     let t: Vec<f32> = (0..ds.n)
-        .map(|i| 100.0 + 10.0 * ds.matrix(i).iter().take(12).sum::<f32>())
+        .map(|i| 100.0 + 10.0 * ds.matrix(i).unwrap().iter().take(12).sum::<f32>())
         .collect();
     ds.labels = probex_stages::dataset::Labels::Numeric {
         targets: t.clone(),
@@ -365,7 +365,10 @@ fn standardized_probe_ignores_a_shared_base_and_keeps_its_mean_in_the_checkpoint
     let base: Vec<f32> = (0..48)
         .map(|i| 3.0 + (i as f32 * 0.37).sin() * 5.0)
         .collect();
-    for row in shifted.weights.chunks_exact_mut(48) {
+    let Matrices::Stacked(weights) = &mut shifted.weights else {
+        unreachable!("generated stacked")
+    };
+    for row in weights.chunks_exact_mut(48) {
         row.iter_mut().zip(&base).for_each(|(v, b)| *v += b);
     }
     let cfg = TrainConfig {
@@ -434,4 +437,111 @@ fn standardized_probe_ignores_a_shared_base_and_keeps_its_mean_in_the_checkpoint
     // StatNN standardises its statistics itself; asking for more is an error.
     let e = toml::from_str::<TrainConfig>("model = \"statnn\"\nstandardize = true").unwrap_err();
     assert!(e.to_string().contains("statnn"), "{e}");
+}
+
+/// Training on a LoRA layer's factors (ProbeX's encoder reads them without forming `B @ A`;
+/// Dense and StatNN form it per batch) gives what training on the stacked products gives,
+/// within float tolerance: every epoch's loss, the kept epoch, the metrics, the checkpoint's
+/// parameters, and inference through `encode` and `predict`. Standardised inputs too.
+#[test]
+fn factored_and_materialised_lora_layers_train_alike() {
+    let (factored, stacked) = common::factored_multilabel(COUNTS, 12, 10, 4, 0.3, 9);
+    let close = |a: f64, b: f64, tol: f64, what: &str| {
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "{what}: factored {a} vs stacked {b}"
+        );
+    };
+    for (model, standardize) in [
+        (ModelKind::Probex, false),
+        (ModelKind::Probex, true),
+        (ModelKind::Dense, true),
+        (ModelKind::Statnn, false),
+    ] {
+        let what = format!("{model} standardize={standardize}");
+        let cfg = TrainConfig {
+            standardize,
+            ..small(model, 20)
+        };
+        let f = go(&factored, None, &cfg);
+        let s = go(&stacked, None, &cfg);
+        let (fl, sl) = (&f.report.curves.train_loss, &s.report.curves.train_loss);
+        assert_eq!(fl.len(), sl.len());
+        for (e, (a, b)) in fl.iter().zip(sl).enumerate() {
+            close(*a, *b, 1e-3, &format!("{what} epoch {e} loss"));
+        }
+        assert_eq!(f.report.best_epoch, s.report.best_epoch, "{what}");
+        for split in ["train", "val", "test"] {
+            close(
+                metric(&f, split, "accuracy"),
+                metric(&s, split, "accuracy"),
+                0.005,
+                &format!("{what} {split} accuracy"),
+            );
+        }
+        assert!(metric(&f, "test", "accuracy") > 0.8, "{what}: learns");
+        let (cf, cs) = (
+            Checkpoint::from_bytes(&f.checkpoint, "factored").unwrap(),
+            Checkpoint::from_bytes(&s.checkpoint, "stacked").unwrap(),
+        );
+        for (a, b) in cf.tensors.iter().zip(&cs.tensors) {
+            assert_eq!(a.name, b.name);
+            for (x, y) in a.values.iter().zip(&b.values) {
+                close(
+                    f64::from(*x),
+                    f64::from(*y),
+                    1e-3,
+                    &format!("{what} {}", a.name),
+                );
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("c.safetensors");
+        std::fs::write(&ckpt, &f.checkpoint).unwrap();
+        let device = common::device();
+        let (ef, es) = (
+            encode(&ckpt, &factored, &device).unwrap(),
+            encode(&ckpt, &stacked, &device).unwrap(),
+        );
+        for (a, b) in ef.values.iter().zip(&es.values) {
+            close(
+                f64::from(*a),
+                f64::from(*b),
+                1e-4,
+                &format!("{what} encoding"),
+            );
+        }
+        let (pf, ps) = (
+            predict(&ckpt, &factored, None, &device).unwrap(),
+            predict(&ckpt, &stacked, None, &device).unwrap(),
+        );
+        for (a, b) in pf.scores.iter().zip(&ps.scores) {
+            close(f64::from(*a), f64::from(*b), 1e-4, &format!("{what} score"));
+        }
+    }
+}
+
+/// A layer left on disk (opened with a memory budget smaller than it) trains exactly as the
+/// same layer in memory: batches are read from the file as they are needed, standardised
+/// then, and nothing else changes.
+#[test]
+fn a_layer_read_from_disk_batch_by_batch_trains_as_in_memory() {
+    let ds = common::multilabel(COUNTS, 8, 6, 4, 0.3, 11);
+    let dir = tempfile::tempdir().unwrap();
+    ds.save(dir.path(), probex_stages::dataset::Precision::F32)
+        .unwrap();
+    let on_disk = LayerDataset::open(dir.path(), 1024).unwrap();
+    assert!(matches!(on_disk.weights, Matrices::OnDisk(_)));
+    let in_memory = LayerDataset::open(dir.path(), u64::MAX).unwrap();
+    assert_eq!(in_memory.weights, ds.weights);
+    for (model, standardize) in [(ModelKind::Probex, true), (ModelKind::Statnn, false)] {
+        let cfg = TrainConfig {
+            standardize,
+            ..small(model, 6)
+        };
+        let a = go(&on_disk, None, &cfg);
+        let b = go(&in_memory, None, &cfg);
+        assert_eq!(a.checkpoint, b.checkpoint, "{model}");
+        assert_eq!(a.report.curves, b.report.curves, "{model}");
+    }
 }

@@ -1,16 +1,31 @@
 //! The layer dataset: the artifact that `extract` writes and `train` reads.
 //!
-//! One layer of every model of a collection, stacked: `weights` is `[N, d_H, d_W]`, with one
-//! label and one split per model. On disk it is two files in the artifact directory:
-//! `layer.safetensors` (tensors `weights` and `labels`) and `layer.json` (everything else), so a
-//! Python user can open it with `safetensors` and `json` alone.
+//! One layer of every model of a collection, with one label and one split per model. The
+//! matrices are held in the form that costs least and stays exact ([`Matrices`]): stacked,
+//! `weights` `[N, d_H, d_W]`, or for LoRA layers the factors `up` `[N, d_H, r]` and `down`
+//! `[N, r, d_W]` (each model's matrix is `up[i] @ down[i]`; the product would be ~40x larger
+//! for an SD LoRA). On disk it is two files in the artifact directory: `layer.safetensors`
+//! (those tensors and `labels`) and `layer.json` (everything else, its `storage` saying which
+//! form), so a Python user can open it with `safetensors` and `json` alone:
+//!
+//! ```python
+//! from safetensors.numpy import load_file
+//! t = load_file("layer.safetensors")
+//! x = t["weights"] if "weights" in t else t["up"] @ t["down"]   # [N, d_H, d_W]
+//! ```
 
-use std::collections::HashMap;
+pub mod rows;
+pub mod writer;
+
+use std::borrow::Cow;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
+
+pub use rows::RowReader;
 
 /// File name of the tensors of a layer dataset inside its artifact directory.
 pub const TENSORS_FILE: &str = "layer.safetensors";
@@ -204,6 +219,63 @@ pub enum Precision {
     Bf16,
 }
 
+/// How the matrices of a layer dataset are stored (the sidecar's `storage`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "form", rename_all = "snake_case")]
+pub enum Storage {
+    /// One tensor `weights` `[N, d_H, d_W]`.
+    #[default]
+    Stacked,
+    /// LoRA factors `up` `[N, d_H, rank]` and `down` `[N, rank, d_W]`; a model's matrix is
+    /// `up[i] @ down[i]`. Models trained at a lower rank are zero-padded to `rank`, which
+    /// leaves their product unchanged.
+    LoraFactors {
+        /// The largest rank of the layer's models.
+        rank: usize,
+    },
+    /// No copy: each row's matrix stays where its model file has it, as the sidecar's
+    /// `references` say (file, header length, offset, dtype). Loading reads them and checks
+    /// each against the row's source digest, so a changed file is an error, never other
+    /// numbers. `probex export` writes the stacked form for tools that want one file.
+    References,
+}
+
+impl Storage {
+    /// The tensors this form stores, with their shapes for `n` rows of `[d_h, d_w]`
+    /// matrices, in file order.
+    pub fn parts(self, n: usize, [d_h, d_w]: [usize; 2]) -> Vec<(&'static str, [usize; 3])> {
+        match self {
+            Storage::Stacked => vec![(WEIGHTS, [n, d_h, d_w])],
+            Storage::LoraFactors { rank } => vec![(UP, [n, d_h, rank]), (DOWN, [n, rank, d_w])],
+            Storage::References => Vec::new(),
+        }
+    }
+}
+
+/// Where one row's matrix is in its model file (a [`Storage::References`] dataset).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorRef {
+    /// The model file (absolute).
+    pub file: std::path::PathBuf,
+    /// Bytes before the tensor data: the 8-byte length and the JSON header, which the row's
+    /// source digest covers with the tensor's bytes.
+    pub header: u64,
+    /// Offset of the tensor's first byte in the file.
+    pub offset: u64,
+    /// Its dtype (`F32`, `F16`, `BF16`, `F64`); the bytes are the matrix in row-major order.
+    pub dtype: Dtype,
+}
+
+/// Name of the stacked matrices in `layer.safetensors`.
+pub const WEIGHTS: &str = "weights";
+/// Name of the LoRA up factors (`B`) in `layer.safetensors`.
+pub const UP: &str = "up";
+/// Name of the LoRA down factors (`A`) in `layer.safetensors`.
+pub const DOWN: &str = "down";
+/// Name of the label rows in `layer.safetensors`.
+pub const LABELS: &str = "labels";
+
 /// The JSON sidecar of a layer dataset: everything but the tensors.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -214,8 +286,10 @@ pub struct Sidecar {
     pub layer: LayerInfo,
     /// `[d_H, d_W]` of every model's matrix.
     pub shape: [usize; 2],
-    /// On-disk precision of `weights`.
+    /// On-disk precision of the matrices.
     pub precision: Precision,
+    /// The form the matrices are stored in.
+    pub storage: Storage,
     /// One record per row, in row order.
     pub models: Vec<ModelRecord>,
     /// Metadata key the labels came from.
@@ -225,6 +299,9 @@ pub struct Sidecar {
     /// Models left out.
     #[serde(default)]
     pub skipped: Vec<Skipped>,
+    /// [`Storage::References`]: where each row's matrix is, in row order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<TensorRef>,
 }
 
 /// A whole layer dataset in memory.
@@ -238,8 +315,8 @@ pub struct LayerDataset {
     pub d_h: usize,
     /// Columns of each model's matrix.
     pub d_w: usize,
-    /// Row-major `[n, d_h, d_w]`.
-    pub weights: Vec<f32>,
+    /// The matrices.
+    pub weights: Matrices,
     /// One record per row.
     pub models: Vec<ModelRecord>,
     /// Metadata key the labels came from.
@@ -250,9 +327,53 @@ pub struct LayerDataset {
     pub skipped: Vec<Skipped>,
 }
 
+/// The matrices of a layer dataset, one per row, as f32 (decoded from whatever precision they
+/// are stored at).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Matrices {
+    /// In memory, row-major `[n, d_h, d_w]`.
+    Stacked(Vec<f32>),
+    /// LoRA factors: row `i`'s matrix is `up_i @ down_i`, `up` row-major `[n, d_h, rank]`,
+    /// `down` `[n, rank, d_w]` (see [`Storage::LoraFactors`]).
+    Factored {
+        /// The common (padded) rank.
+        rank: usize,
+        /// `B` of every row.
+        up: Vec<f32>,
+        /// `A` of every row.
+        down: Vec<f32>,
+    },
+    /// On disk, read row by row when asked ([`LayerDataset::open`] of a layer larger than
+    /// the memory it may use).
+    OnDisk(Arc<RowReader>),
+}
+
+impl Matrices {
+    /// The form [`LayerDataset::save`] stores these matrices in.
+    pub fn storage(&self) -> Storage {
+        match self {
+            Matrices::Stacked(_) | Matrices::OnDisk(_) => Storage::Stacked,
+            Matrices::Factored { rank, .. } => Storage::LoraFactors { rank: *rank },
+        }
+    }
+
+    /// Values held in memory per stored tensor, in [`Storage::parts`] order (`None` on disk).
+    fn in_memory(&self) -> Option<Vec<&[f32]>> {
+        match self {
+            Matrices::Stacked(w) => Some(vec![w]),
+            Matrices::Factored { up, down, .. } => Some(vec![up, down]),
+            Matrices::OnDisk(_) => None,
+        }
+    }
+}
+
 /// Why a layer dataset could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
+    /// A row could not be read (a model file an in-place dataset reads changed or vanished,
+    /// or a row past the end was asked for).
+    #[error("{0}")]
+    Row(String),
     /// File system error on a named file.
     #[error("{path}: {source}")]
     Io {
@@ -286,8 +407,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DatasetError + '_ {
 }
 
 impl LayerDataset {
-    /// Current sidecar format version.
-    pub const FORMAT: u32 = 1;
+    /// Current sidecar format version (2: the `storage` form; LoRA layers stored factored).
+    pub const FORMAT: u32 = 2;
 
     /// Row indices of the models in `split`, in row order.
     pub fn rows(&self, split: Split) -> Vec<usize> {
@@ -296,23 +417,83 @@ impl LayerDataset {
             .collect()
     }
 
-    /// The matrix of row `i`, `[d_h * d_w]` row-major.
-    pub fn matrix(&self, i: usize) -> &[f32] {
+    /// The matrix of row `i`, `[d_h * d_w]` row-major: formed from the factors when the
+    /// layer is stored factored, read from disk when it is on disk.
+    pub fn matrix(&self, i: usize) -> Result<Cow<'_, [f32]>, DatasetError> {
         let m = self.d_h * self.d_w;
-        &self.weights[i * m..(i + 1) * m]
+        if i >= self.n {
+            return Err(DatasetError::Row(format!("row {i} of {}", self.n)));
+        }
+        Ok(match &self.weights {
+            Matrices::Stacked(w) => Cow::Borrowed(&w[i * m..(i + 1) * m]),
+            Matrices::Factored { rank, up, down } => {
+                let (b, a) = (self.d_h * rank, rank * self.d_w);
+                let mut x = Vec::new();
+                crate::weights::transform::lora_product(
+                    &up[i * b..(i + 1) * b],
+                    &down[i * a..(i + 1) * a],
+                    self.d_h,
+                    *rank,
+                    self.d_w,
+                    &mut x,
+                );
+                Cow::Owned(x)
+            }
+            Matrices::OnDisk(reader) => {
+                let mut x = vec![0.0; m];
+                reader.read(i, &mut x).map_err(DatasetError::Row)?;
+                Cow::Owned(x)
+            }
+        })
+    }
+
+    /// The matrices of `rows`, one after the other, into `out` (resized to fit).
+    pub fn read_rows(&self, rows: &[usize], out: &mut Vec<f32>) -> Result<(), DatasetError> {
+        let m = self.d_h * self.d_w;
+        out.clear();
+        out.resize(rows.len() * m, 0.0);
+        if let Some(&i) = rows.iter().find(|&&i| i >= self.n) {
+            return Err(DatasetError::Row(format!("row {i} of {}", self.n)));
+        }
+        match &self.weights {
+            Matrices::OnDisk(reader) => reader.read_rows(rows, out).map_err(DatasetError::Row),
+            Matrices::Stacked(w) => {
+                for (o, &i) in out.chunks_exact_mut(m.max(1)).zip(rows) {
+                    o.copy_from_slice(&w[i * m..(i + 1) * m]);
+                }
+                Ok(())
+            }
+            Matrices::Factored { .. } => {
+                for (o, &i) in out.chunks_exact_mut(m.max(1)).zip(rows) {
+                    o.copy_from_slice(&self.matrix(i)?);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Checks that every part agrees on the number of rows and the shape.
     pub fn validate(&self) -> Result<(), String> {
-        let want = self.n * self.d_h * self.d_w;
-        if self.weights.len() != want {
-            return Err(format!(
-                "weights hold {} values, expected {} x {} x {} = {want}",
-                self.weights.len(),
-                self.n,
-                self.d_h,
-                self.d_w
-            ));
+        let held = match &self.weights {
+            Matrices::OnDisk(r) if r.len() != self.n => {
+                return Err(format!("{} rows on disk for {} models", r.len(), self.n));
+            }
+            w => w.in_memory().unwrap_or_default(),
+        };
+        for ((name, shape), values) in self
+            .weights
+            .storage()
+            .parts(self.n, [self.d_h, self.d_w])
+            .into_iter()
+            .zip(held)
+        {
+            let want: usize = shape.iter().product();
+            if values.len() != want {
+                return Err(format!(
+                    "`{name}` holds {} values, expected {shape:?} = {want}",
+                    values.len()
+                ));
+            }
         }
         if self.models.len() != self.n {
             return Err(format!(
@@ -335,35 +516,71 @@ impl LayerDataset {
         Ok(())
     }
 
-    /// Writes `layer.safetensors` and `layer.json` into `dir`.
+    /// Writes `layer.safetensors` and `layer.json` into `dir`, the matrices at `precision`
+    /// (a dataset on disk is written row by row, never held whole).
     pub fn save(&self, dir: &Path, precision: Precision) -> Result<(), DatasetError> {
+        self.write(dir, precision, self.weights.storage())
+    }
+
+    /// Writes the dataset into `dir` stacked, whatever its form: one `weights` `[N, d_H,
+    /// d_W]` tensor of the rows' matrices (LoRA products formed row by row), for tools that
+    /// read nothing else (`probex export`).
+    pub fn save_stacked(&self, dir: &Path, precision: Precision) -> Result<(), DatasetError> {
+        self.write(dir, precision, Storage::Stacked)
+    }
+
+    fn write(
+        &self,
+        dir: &Path,
+        precision: Precision,
+        storage: Storage,
+    ) -> Result<(), DatasetError> {
         self.validate().map_err(|m| invalid(dir, m))?;
         let tensors_path = dir.join(TENSORS_FILE);
-        let (dtype, weight_bytes) = encode(&self.weights, precision);
-        let labels = self.labels.as_f32();
-        let label_bytes: Vec<u8> = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let label_shape = match &self.labels {
-            Labels::MultiLabel { classes, .. } => vec![self.n, classes.len()],
-            _ => vec![self.n],
+        let label_width = match &self.labels {
+            Labels::MultiLabel { classes, .. } => Some(classes.len()),
+            _ => None,
         };
-        let weights = TensorView::new(dtype, vec![self.n, self.d_h, self.d_w], &weight_bytes)
-            .map_err(|e| invalid(&tensors_path, e.to_string()))?;
-        let labels_view = TensorView::new(Dtype::F32, label_shape, &label_bytes)
-            .map_err(|e| invalid(&tensors_path, e.to_string()))?;
-        let mut meta = HashMap::new();
-        meta.insert("layer".to_string(), self.layer.name.clone());
-        safetensors::serialize_to_file(
-            [("weights", weights), ("labels", labels_view)],
-            Some(meta),
-            &tensors_path,
+        let file = writer::LayerFile::create(
+            dir,
+            &self.layer.name,
+            precision,
+            storage,
+            [self.d_h, self.d_w],
+            self.n,
+            label_width,
         )
-        .map_err(|e| invalid(&tensors_path, e.to_string()))?;
+        .map_err(io(&tensors_path))?;
+        let shapes = storage.parts(1, [self.d_h, self.d_w]);
+        let write = |i: usize, part: usize, values: &[f32]| {
+            file.write_row(i, part, &encode(values, precision).1)
+                .map_err(io(&tensors_path))
+        };
+        let held = self
+            .weights
+            .in_memory()
+            .filter(|_| storage == self.weights.storage());
+        for i in 0..self.n {
+            match &held {
+                Some(parts) => {
+                    for (part, (values, (_, [_, a, b]))) in parts.iter().zip(&shapes).enumerate() {
+                        write(i, part, &values[i * a * b..(i + 1) * a * b])?;
+                    }
+                }
+                None => write(i, 0, &self.matrix(i)?)?,
+            }
+        }
+        let rows: Vec<usize> = (0..self.n).collect();
+        file.finish(&rows, &self.labels.as_f32(), label_width)
+            .map_err(io(&tensors_path))?;
 
         let sidecar = Sidecar {
             format: Self::FORMAT,
             layer: self.layer.clone(),
             shape: [self.d_h, self.d_w],
             precision,
+            storage,
+            references: Vec::new(),
             models: self.models.clone(),
             label_key: self.label_key.clone(),
             labels: self.labels.without_targets(),
@@ -394,8 +611,16 @@ impl LayerDataset {
         Ok(sidecar)
     }
 
-    /// Reads the dataset in `dir` (written by [`LayerDataset::save`]), decoding weights to f32.
+    /// Reads the dataset in `dir` (written by [`LayerDataset::save`] or `extract`), every
+    /// matrix decoded to f32 in memory.
     pub fn load(dir: &Path) -> Result<LayerDataset, DatasetError> {
+        Self::open(dir, u64::MAX)
+    }
+
+    /// Reads the dataset in `dir` like [`LayerDataset::load`], but leaves stacked or in-place
+    /// matrices on disk ([`Matrices::OnDisk`]) when they would take more than `budget` bytes
+    /// as f32. LoRA factors are always read: they are small.
+    pub fn open(dir: &Path, budget: u64) -> Result<LayerDataset, DatasetError> {
         let sidecar = Self::load_sidecar(dir)?;
         let path = dir.join(TENSORS_FILE);
         let file = std::fs::File::open(&path).map_err(io(&path))?;
@@ -404,23 +629,92 @@ impl LayerDataset {
         let st = SafeTensors::deserialize(&map).map_err(|e| invalid(&path, e.to_string()))?;
         let n = sidecar.models.len();
         let [d_h, d_w] = sidecar.shape;
+        let values = d_h * d_w;
+        let fits = (n as u64).saturating_mul(values as u64).saturating_mul(4) <= budget;
 
-        let w = st
-            .tensor("weights")
-            .map_err(|e| invalid(&path, format!("tensor `weights`: {e}")))?;
-        if w.shape() != [n, d_h, d_w] {
-            return Err(invalid(
-                &path,
-                format!(
-                    "tensor `weights` has shape {:?}, sidecar says [{n}, {d_h}, {d_w}]",
-                    w.shape()
-                ),
-            ));
-        }
-        let weights = decode(w.dtype(), w.data()).map_err(|m| invalid(&path, m))?;
+        let tensor = |name: &str, shape: [usize; 3]| {
+            let t = st
+                .tensor(name)
+                .map_err(|e| invalid(&path, format!("tensor `{name}`: {e}")))?;
+            if t.shape() != shape {
+                return Err(invalid(
+                    &path,
+                    format!(
+                        "tensor `{name}` has shape {:?}, the sidecar says {shape:?}",
+                        t.shape()
+                    ),
+                ));
+            }
+            Ok(t)
+        };
+        let read_all = |reader: &RowReader, at: &Path| {
+            let mut all = vec![0.0; n * values];
+            reader
+                .read_rows(&(0..n).collect::<Vec<_>>(), &mut all)
+                .map(|()| all)
+                .map_err(|m| invalid(at, m))
+        };
+        let weights = match sidecar.storage {
+            Storage::Stacked => {
+                let w = tensor(WEIGHTS, [n, d_h, d_w])?;
+                if fits {
+                    Matrices::Stacked(decode(w.dtype(), w.data()).map_err(|m| invalid(&path, m))?)
+                } else {
+                    let header = crate::weights::reader::read_header(&path)
+                        .map_err(|e| invalid(&path, e.to_string()))?;
+                    let (_, entry) = header
+                        .find(WEIGHTS)
+                        .ok_or_else(|| invalid(&path, "tensor `weights` is missing"))?;
+                    Matrices::OnDisk(Arc::new(RowReader::stacked(
+                        &path,
+                        entry.span.start as u64,
+                        w.dtype(),
+                        n,
+                        values,
+                    )))
+                }
+            }
+            Storage::LoraFactors { rank } => {
+                let up = tensor(UP, [n, d_h, rank])?;
+                let down = tensor(DOWN, [n, rank, d_w])?;
+                Matrices::Factored {
+                    rank,
+                    up: decode(up.dtype(), up.data()).map_err(|m| invalid(&path, m))?,
+                    down: decode(down.dtype(), down.data()).map_err(|m| invalid(&path, m))?,
+                }
+            }
+            Storage::References => {
+                let at = dir.join(SIDECAR_FILE);
+                if sidecar.references.len() != n {
+                    return Err(invalid(
+                        &at,
+                        format!("{} references for {n} rows", sidecar.references.len()),
+                    ));
+                }
+                let digests: Vec<String> = sidecar
+                    .models
+                    .iter()
+                    .map(|m| m.source_digest.clone())
+                    .collect();
+                let reader = RowReader::references(&sidecar.references, &digests, values);
+                if fits {
+                    Matrices::Stacked(read_all(&reader, &at).map_err(|e| {
+                        invalid(
+                            &at,
+                            format!(
+                                "{e}. This layer dataset reads the model files in place; run \
+                                 the experiment again and its extract node is recomputed"
+                            ),
+                        )
+                    })?)
+                } else {
+                    Matrices::OnDisk(Arc::new(reader))
+                }
+            }
+        };
 
         let l = st
-            .tensor("labels")
+            .tensor(LABELS)
             .map_err(|e| invalid(&path, format!("tensor `labels`: {e}")))?;
         let raw = decode(l.dtype(), l.data()).map_err(|m| invalid(&path, m))?;
         let labels = attach_targets(sidecar.labels, raw);
@@ -525,7 +819,7 @@ mod tests {
             n,
             d_h: 2,
             d_w: 3,
-            weights: (0..n * 6).map(|i| i as f32 * 0.5 - 1.0).collect(),
+            weights: Matrices::Stacked((0..n * 6).map(|i| i as f32 * 0.5 - 1.0).collect()),
             models: (0..n)
                 .map(|i| ModelRecord {
                     id: format!("m{i}"),
@@ -585,14 +879,55 @@ mod tests {
         for p in [Precision::F16, Precision::Bf16] {
             ds.save(dir.path(), p).unwrap();
             let back = LayerDataset::load(dir.path()).unwrap();
-            assert_eq!(back.weights.len(), ds.weights.len());
-            for (a, b) in back.weights.iter().zip(&ds.weights) {
+            let (Matrices::Stacked(got), Matrices::Stacked(want)) = (&back.weights, &ds.weights)
+            else {
+                panic!("stacked in, stacked out");
+            };
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(want) {
                 assert!(
                     (a - b).abs() <= b.abs() * 1e-2 + 1e-3,
                     "{a} vs {b} at {p:?}"
                 );
             }
         }
+    }
+
+    /// A factored layer saves `up` and `down` (never their product), loads back as it was,
+    /// and each row's matrix is the product of its factors.
+    #[test]
+    fn factored_layers_round_trip_and_multiply_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ds = sample(
+            Labels::Numeric {
+                targets: vec![0.5, 1.5],
+                transform: "identity".into(),
+            },
+            2,
+        );
+        // d_h = 2, d_w = 3, rank 2; row 1 has rank 1 (its second column/row are padding).
+        ds.weights = Matrices::Factored {
+            rank: 2,
+            up: vec![1.0, 2.0, 3.0, 4.0, /* row 1 */ 1.0, 0.0, -1.0, 0.0],
+            down: vec![
+                1.0, 0.0, 2.0, 0.0, 1.0, -1.0, /* row 1 */ 2.0, 3.0, 4.0, 0.0, 0.0, 0.0,
+            ],
+        };
+        ds.save(dir.path(), Precision::F32).unwrap();
+        let header = crate::weights::reader::read_header(&dir.path().join(TENSORS_FILE)).unwrap();
+        let names: Vec<&str> = header.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, [DOWN, LABELS, UP]);
+        let back = LayerDataset::load(dir.path()).unwrap();
+        assert_eq!(back, ds);
+        assert_eq!(
+            LayerDataset::load_sidecar(dir.path()).unwrap().storage,
+            Storage::LoraFactors { rank: 2 }
+        );
+        assert_eq!(&*back.matrix(0).unwrap(), &[1.0, 2.0, 0.0, 3.0, 4.0, 2.0]);
+        assert_eq!(
+            &*back.matrix(1).unwrap(),
+            &[2.0, 3.0, 4.0, -2.0, -3.0, -4.0]
+        );
     }
 
     #[test]

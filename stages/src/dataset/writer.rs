@@ -1,9 +1,10 @@
 //! Streaming writer of `layer.safetensors`: rows go straight to their place in the file as each
 //! model is read, so no layer is ever held whole in memory.
 //!
-//! The file is the one [`crate::dataset::LayerDataset::save`] writes (tensors `weights`
-//! `[n, d_H, d_W]` and `labels`, `__metadata__.layer`), laid out as: header padded with spaces
-//! to a capacity reserved for the largest possible row count, then `weights`, then `labels`.
+//! The file is the one [`crate::dataset::LayerDataset::save`] writes (the matrices in their
+//! [`Storage`] form, `labels`, `__metadata__.layer`), laid out as: header padded with spaces to
+//! a capacity reserved for the largest possible row count, then each stored tensor (`weights`,
+//! or `up` then `down`), then `labels`. A row (one model) has one piece in each stored tensor.
 //! Rows are first written at the position of their model; [`LayerFile::finish`] closes the gaps
 //! left by models that were dropped, appends the labels and rewrites the header for the final
 //! count (same capacity, so nothing moves).
@@ -13,47 +14,8 @@ use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
 
-use crate::dataset::{Precision, TENSORS_FILE};
-
-#[cfg(unix)]
-fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    file.write_all_at(buf, offset)
-}
-
-#[cfg(unix)]
-fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    file.read_exact_at(buf, offset)
-}
-
-#[cfg(windows)]
-fn write_at(file: &File, mut buf: &[u8], mut offset: u64) -> std::io::Result<()> {
-    use std::os::windows::fs::FileExt;
-    while !buf.is_empty() {
-        let k = file.seek_write(buf, offset)?;
-        if k == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        buf = &buf[k..];
-        offset += k as u64;
-    }
-    Ok(())
-}
-
-#[cfg(windows)]
-fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
-    use std::os::windows::fs::FileExt;
-    while !buf.is_empty() {
-        let k = file.seek_read(buf, offset)?;
-        if k == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf = &mut std::mem::take(&mut buf)[k..];
-        offset += k as u64;
-    }
-    Ok(())
-}
+use super::rows::{read_at, write_at};
+use crate::dataset::{LABELS, Precision, Storage, TENSORS_FILE};
 
 /// Bytes per stored value at `precision`.
 pub fn value_bytes(precision: Precision) -> usize {
@@ -63,7 +25,8 @@ pub fn value_bytes(precision: Precision) -> usize {
     }
 }
 
-fn dtype_of(precision: Precision) -> Dtype {
+/// The safetensors dtype of values stored at `precision`.
+pub fn dtype_of(precision: Precision) -> Dtype {
     match precision {
         Precision::F32 => Dtype::F32,
         Precision::F16 => Dtype::F16,
@@ -71,34 +34,50 @@ fn dtype_of(precision: Precision) -> Dtype {
     }
 }
 
+/// The shape of one stored tensor of a layer file: its name and the shape of one row's piece.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Part {
+    name: &'static str,
+    row: [usize; 2],
+}
+
 fn header_json(
     layer: &str,
     precision: Precision,
+    parts: &[Part],
     n: usize,
-    matrix: [usize; 2],
     label_width: Option<usize>,
 ) -> Vec<u8> {
-    let weight_bytes = n * matrix[0] * matrix[1] * value_bytes(precision);
+    let mut tensors = serde_json::Map::new();
+    let mut at = 0;
+    for p in parts {
+        let bytes = n * p.row[0] * p.row[1] * value_bytes(precision);
+        tensors.insert(
+            p.name.into(),
+            serde_json::json!({
+                "dtype": dtype_of(precision),
+                "shape": [n, p.row[0], p.row[1]],
+                "data_offsets": [at, at + bytes],
+            }),
+        );
+        at += bytes;
+    }
     let label_shape: Vec<usize> = match label_width {
         Some(w) => vec![n, w],
         None => vec![n],
     };
     let label_bytes = label_shape.iter().product::<usize>() * 4;
-    let json = serde_json::json!({
-        "__metadata__": { "layer": layer },
-        "weights": {
-            "dtype": dtype_of(precision),
-            "shape": [n, matrix[0], matrix[1]],
-            "data_offsets": [0, weight_bytes],
-        },
-        "labels": {
+    tensors.insert(
+        LABELS.into(),
+        serde_json::json!({
             "dtype": Dtype::F32,
             "shape": label_shape,
-            "data_offsets": [weight_bytes, weight_bytes + label_bytes],
-        },
-    });
-    // Serialising a json! value of strings and integers cannot fail.
-    serde_json::to_vec(&json).unwrap_or_default()
+            "data_offsets": [at, at + label_bytes],
+        }),
+    );
+    tensors.insert("__metadata__".into(), serde_json::json!({ "layer": layer }));
+    // Serialising a map of strings and integers cannot fail.
+    serde_json::to_vec(&tensors).unwrap_or_default()
 }
 
 /// One layer's `layer.safetensors`, being written.
@@ -107,19 +86,21 @@ pub struct LayerFile {
     file: File,
     name: String,
     precision: Precision,
-    matrix: [usize; 2],
+    parts: Vec<Part>,
     label_width: Option<usize>,
     capacity: usize,
     slots: usize,
 }
 
 impl LayerFile {
-    /// Creates `dir/layer.safetensors` with room for `slots` rows of `matrix` values.
-    /// `label_width` is `Some(classes)` for multi-label targets (`labels` is `[n, classes]`).
+    /// Creates `dir/layer.safetensors` with room for `slots` rows of `[d_h, d_w]` matrices
+    /// stored as `storage`. `label_width` is `Some(classes)` for multi-label targets (`labels`
+    /// is `[n, classes]`).
     pub fn create(
         dir: &Path,
         name: &str,
         precision: Precision,
+        storage: Storage,
         matrix: [usize; 2],
         slots: usize,
         label_width: Option<usize>,
@@ -132,21 +113,26 @@ impl LayerFile {
             .create(true)
             .truncate(true)
             .open(&path)?;
+        let parts: Vec<Part> = storage
+            .parts(1, matrix)
+            .into_iter()
+            .map(|(name, [_, a, b])| Part { name, row: [a, b] })
+            .collect();
         // Reserve the header for the largest counts; the final one is never longer.
-        let capacity = (header_json(name, precision, slots, matrix, label_width).len() + 16)
+        let capacity = (header_json(name, precision, &parts, slots, label_width).len() + 16)
             .next_multiple_of(8);
         let lf = LayerFile {
             path,
             file,
             name: name.to_string(),
             precision,
-            matrix,
+            parts,
             label_width,
             capacity,
             slots,
         };
         lf.file
-            .set_len((lf.data_start() + lf.row_bytes() * slots) as u64)?;
+            .set_len(lf.part_start(lf.parts.len(), slots) as u64)?;
         Ok(lf)
     }
 
@@ -155,39 +141,53 @@ impl LayerFile {
         &self.path
     }
 
-    fn data_start(&self) -> usize {
-        8 + self.capacity
+    /// Number of stored tensors a row has a piece in (1 stacked, 2 factored).
+    pub fn parts(&self) -> usize {
+        self.parts.len()
     }
 
-    /// Bytes of one row (one model's matrix) at the stored precision.
-    pub fn row_bytes(&self) -> usize {
-        self.matrix[0] * self.matrix[1] * value_bytes(self.precision)
+    /// Bytes of row piece `part` at the stored precision.
+    pub fn part_bytes(&self, part: usize) -> usize {
+        self.parts
+            .get(part)
+            .map_or(0, |p| p.row[0] * p.row[1] * value_bytes(self.precision))
     }
 
-    /// Writes row `slot` (encoded at the file's precision, `row_bytes` long). Safe to call
-    /// from several threads for different slots.
-    pub fn write_row(&self, slot: usize, bytes: &[u8]) -> std::io::Result<()> {
-        if slot >= self.slots || bytes.len() != self.row_bytes() {
+    /// Where stored tensor `part` starts when the file holds `rows` rows (`part == parts()`:
+    /// where the labels start).
+    fn part_start(&self, part: usize, rows: usize) -> usize {
+        8 + self.capacity + (0..part).map(|p| rows * self.part_bytes(p)).sum::<usize>()
+    }
+
+    /// Writes piece `part` of row `slot` (encoded at the file's precision, `part_bytes` long).
+    /// Safe to call from several threads for different slots.
+    pub fn write_row(&self, slot: usize, part: usize, bytes: &[u8]) -> std::io::Result<()> {
+        if bytes.len() != self.part_bytes(part) {
             return Err(std::io::Error::other(format!(
-                "row {slot} of {} bytes does not fit {} slots of {} bytes",
+                "piece {part} of row {slot} is {} bytes, expected {}",
                 bytes.len(),
-                self.slots,
-                self.row_bytes()
+                self.part_bytes(part)
             )));
         }
-        write_at(
-            &self.file,
-            bytes,
-            (self.data_start() + slot * self.row_bytes()) as u64,
-        )
+        self.write_row_part(slot, part, 0, bytes)
     }
 
-    /// Writes `bytes` at byte `at` of row `slot` (rows can be written in pieces).
-    pub fn write_row_part(&self, slot: usize, at: usize, bytes: &[u8]) -> std::io::Result<()> {
-        let rb = self.row_bytes();
-        if slot >= self.slots || at.checked_add(bytes.len()).is_none_or(|end| end > rb) {
+    /// Writes `bytes` at byte `at` of piece `part` of row `slot` (pieces can be written in
+    /// chunks).
+    pub fn write_row_part(
+        &self,
+        slot: usize,
+        part: usize,
+        at: usize,
+        bytes: &[u8],
+    ) -> std::io::Result<()> {
+        let pb = self.part_bytes(part);
+        if slot >= self.slots
+            || part >= self.parts.len()
+            || at.checked_add(bytes.len()).is_none_or(|end| end > pb)
+        {
             return Err(std::io::Error::other(format!(
-                "{} bytes at {at} do not fit row {slot} ({} slots of {rb} bytes)",
+                "{} bytes at {at} do not fit piece {part} of row {slot} ({} slots of {pb} bytes)",
                 bytes.len(),
                 self.slots
             )));
@@ -195,7 +195,7 @@ impl LayerFile {
         write_at(
             &self.file,
             bytes,
-            (self.data_start() + slot * rb + at) as u64,
+            (self.part_start(part, self.slots) + slot * pb + at) as u64,
         )
     }
 
@@ -215,25 +215,30 @@ impl LayerFile {
                 kept.len()
             )));
         }
-        let rb = self.row_bytes();
-        let start = self.data_start();
-        if kept.iter().enumerate().any(|(i, &s)| s != i) {
-            let mut buf = vec![0u8; rb];
+        let n = kept.len();
+        // Every piece moves down or stays (n <= slots, destination row <= source slot), and
+        // tensors are compacted in file order, so no copy overwrites bytes still to be read.
+        for part in 0..self.parts.len() {
+            let pb = self.part_bytes(part);
+            let (from, to) = (self.part_start(part, self.slots), self.part_start(part, n));
+            if from == to && kept.iter().enumerate().all(|(i, &s)| s == i) {
+                continue;
+            }
+            let mut buf = vec![0u8; pb];
             for (dst, &src) in kept.iter().enumerate() {
-                if src != dst {
-                    read_at(&self.file, &mut buf, (start + src * rb) as u64)?;
-                    write_at(&self.file, &buf, (start + dst * rb) as u64)?;
+                if from + src * pb != to + dst * pb {
+                    read_at(&self.file, &mut buf, (from + src * pb) as u64)?;
+                    write_at(&self.file, &buf, (to + dst * pb) as u64)?;
                 }
             }
         }
-        let n = kept.len();
-        let labels_at = start + n * rb;
+        let labels_at = self.part_start(self.parts.len(), n);
         let label_bytes: Vec<u8> = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
         write_at(&self.file, &label_bytes, labels_at as u64)?;
         let end = labels_at + label_bytes.len();
         self.file.set_len(end as u64)?;
 
-        let mut json = header_json(&self.name, self.precision, n, self.matrix, label_width);
+        let mut json = header_json(&self.name, self.precision, &self.parts, n, label_width);
         if json.len() > self.capacity {
             return Err(std::io::Error::other(
                 "layer header outgrew its reserved space",

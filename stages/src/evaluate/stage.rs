@@ -206,6 +206,7 @@ impl Stage for Evaluate {
             results: Some(Value::Object(results)),
             summary: Some(main),
             publish,
+            references: Vec::new(),
         })
     }
 }

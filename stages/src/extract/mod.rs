@@ -7,11 +7,15 @@
 //! only the requested tensors' pages are touched; rows are written straight into each layer's
 //! file (files in parallel with rayon), so memory stays at a few rows per thread whatever the
 //! number of models or layers.
+//!
+//! Plain layers are stacked; LoRA layers keep their factors (`up` `B`, `down` `A`), never the
+//! product `B @ A`, which for an SD LoRA is ~40x larger. Values are stored as the files store
+//! them (f16 stays f16) unless a precision is asked for: then a row whose dtype already is that
+//! precision is a byte copy of the file, and only a conversion costs decoding.
 
 pub mod digest;
 pub mod discover;
 pub mod stage;
-pub mod writer;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -27,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::{
     Labels, LayerDataset, LayerInfo, ModelRecord, Precision, SIDECAR_FILE, Sidecar, Skipped, Split,
-    encode,
+    Storage, TensorRef, encode,
 };
 use crate::labels::{LabelSpec, LabelValue, Labeler, OnError};
 use crate::weights::layers::is_float;
@@ -37,10 +41,10 @@ use crate::weights::{
     transform,
 };
 
+use crate::dataset::writer::{self, LayerFile};
 pub use digest::DigestCache;
 pub use discover::{Discovered, Layout, ModelSource, SplitAssigner, SplitSource, discover};
 pub use stage::{ARTIFACT, Extract, ExtractParams};
-use writer::LayerFile;
 
 /// A layer chosen for extraction, resolved against a reference model.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +61,12 @@ pub struct ResolvedLayer {
     pub transform: Transform,
     /// `[d_H, d_W]`.
     pub matrix: [usize; 2],
+    /// How the rows are stored: stacked, or (LoRA) as factors of the largest rank among the
+    /// models ([`extract`] raises the reference model's rank to it).
+    pub storage: Storage,
+    /// The precision the reference model stores the layer at (f64 counts as f32): what the
+    /// dataset keeps unless another precision is asked for.
+    pub source_precision: Precision,
 }
 
 impl ResolvedLayer {
@@ -107,6 +117,13 @@ pub fn resolve_layers(
                 }
                 None => None,
             };
+            let storage = match lora_up {
+                Some(_) => Storage::LoraFactors {
+                    rank: r.shape.first().copied().unwrap_or(0),
+                },
+                None => Storage::Stacked,
+            };
+            let dtype = header.find(&r.name).map(|(_, e)| e.dtype);
             Ok(ResolvedLayer {
                 index: r.index,
                 name: r.name.clone(),
@@ -114,13 +131,24 @@ pub fn resolve_layers(
                 lora_up,
                 transform,
                 matrix,
+                storage,
+                source_precision: dtype.map_or(Precision::F32, precision_of),
             })
         })
         .collect()
 }
 
-/// Reads the matrix of `layer` (as a layer dataset records it) from one model file: the row
-/// `extract` would write for it. The file must hold that layer under the same name, index and
+/// The stored precision closest to a float dtype: itself, or f32 for f64.
+pub fn precision_of(dtype: Dtype) -> Precision {
+    match dtype {
+        Dtype::F16 => Precision::F16,
+        Dtype::BF16 => Precision::Bf16,
+        _ => Precision::F32,
+    }
+}
+
+/// Reads the matrix of `layer` (as a layer dataset records it) from one model file: the
+/// matrix of the row `extract` would write for it (for LoRA, the product of its factors). The file must hold that layer under the same name, index and
 /// shape; used to apply a trained probe to a model outside its dataset (`probex describe`).
 pub fn read_matrix(path: &Path, layer: &LayerInfo) -> Result<Vec<f32>, WeightsError> {
     let label = path.display().to_string();
@@ -164,7 +192,17 @@ pub fn read_matrix(path: &Path, layer: &LayerInfo) -> Result<Vec<f32>, WeightsEr
             ),
         ));
     }
-    row_values(&st, resolved, entry, up).map_err(|m| WeightsError::invalid(&label, m))
+    let parts =
+        row_parts(&st, resolved, entry, up).map_err(|m| WeightsError::invalid(&label, m))?;
+    Ok(match (resolved.storage, parts.as_slice()) {
+        (Storage::LoraFactors { rank }, [b, a]) => {
+            let [out, cols] = resolved.matrix;
+            let mut x = Vec::new();
+            transform::lora_product(b, a, out, rank, cols, &mut x);
+            x
+        }
+        _ => parts.into_iter().next().unwrap_or_default(),
+    })
 }
 
 /// One layer to extract and the directory its artifact goes to.
@@ -206,8 +244,9 @@ pub enum DigestMode {
 /// Options of an extraction.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExtractOptions {
-    /// On-disk precision of `weights`.
-    pub precision: Precision,
+    /// On-disk precision of the matrices; `None`: as the files store them (see
+    /// [`ResolvedLayer::source_precision`]).
+    pub precision: Option<Precision>,
     /// NaN/Inf weights.
     pub non_finite: NonFinitePolicy,
     /// What the per-model source digest covers.
@@ -218,6 +257,10 @@ pub struct ExtractOptions {
     pub splits: SplitSource,
     /// Unreadable files, missing tensors and shape mismatches: fail (default) or skip the model.
     pub on_bad_file: OnError,
+    /// Plain layers refer to the model files ([`Storage::References`]) instead of copying
+    /// their rows, unless a precision conversion or `non_finite = zero` needs a copy. Their
+    /// source digests are then `read:` digests whatever `digest` says: loading checks them.
+    pub in_place: bool,
 }
 
 /// A NaN/Inf finding in one model's layer.
@@ -305,7 +348,11 @@ struct Problem {
 }
 
 enum RowOutcome {
-    Written { digest: Option<String> },
+    /// The row is in the dataset: copied, or (`reference`) left where the model file has it.
+    Written {
+        digest: Option<String>,
+        reference: Option<TensorRef>,
+    },
     Dropped(String),
 }
 
@@ -329,39 +376,75 @@ fn count_non_finite(values: &[f32]) -> (usize, usize) {
     (nan, inf)
 }
 
-/// Writes a mapped f32 row in cache-sized chunks, counting non-finite values of each chunk
-/// just before it is copied. Returns the count.
-fn write_scanned(file: &LayerFile, slot: usize, bytes: &[u8]) -> std::io::Result<usize> {
+/// Writes a mapped row piece (already at the stored precision) in cache-sized chunks,
+/// counting non-finite values of each chunk just before it is copied. Returns the count.
+fn write_scanned(
+    file: &LayerFile,
+    slot: usize,
+    part: usize,
+    precision: Precision,
+    bytes: &[u8],
+) -> std::io::Result<usize> {
     const CHUNK: usize = 256 << 10;
-    if bytes.len() != file.row_bytes() {
+    if bytes.len() != file.part_bytes(part) {
         return Err(std::io::Error::other(format!(
-            "row of {} bytes, expected {}",
+            "row piece of {} bytes, expected {}",
             bytes.len(),
-            file.row_bytes()
+            file.part_bytes(part)
         )));
     }
     let mut bad = 0;
     let mut at = 0;
     for chunk in bytes.chunks(CHUNK) {
-        bad += count_non_finite_f32_bytes(chunk);
-        file.write_row_part(slot, at, chunk)?;
+        bad += count_non_finite_bytes(chunk, precision);
+        file.write_row_part(slot, part, at, chunk)?;
         at += chunk.len();
     }
     Ok(bad)
 }
 
-/// Counts non-finite little-endian f32 values straight from bytes (exponent all ones).
-fn count_non_finite_f32_bytes(bytes: &[u8]) -> usize {
-    bytes
-        .chunks_exact(4)
-        .map(|c| {
-            let bits = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            usize::from(bits & 0x7f80_0000 == 0x7f80_0000)
-        })
-        .sum()
+/// Counts non-finite little-endian values straight from bytes (exponent all ones).
+fn count_non_finite_bytes(bytes: &[u8], precision: Precision) -> usize {
+    match precision {
+        Precision::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| {
+                let bits = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                usize::from(bits & 0x7f80_0000 == 0x7f80_0000)
+            })
+            .sum(),
+        Precision::F16 | Precision::Bf16 => {
+            let exponent = if precision == Precision::F16 {
+                0x7c00
+            } else {
+                0x7f80
+            };
+            bytes
+                .chunks_exact(2)
+                .map(|c| usize::from(u16::from_le_bytes([c[0], c[1]]) & exponent == exponent))
+                .sum()
+        }
+    }
 }
 
-/// Bytes of one row on their way to a layer file's writer thread.
+/// Counts non-finite values in little-endian bytes of a float dtype (0 for other dtypes).
+fn non_finite_in(dtype: Dtype, bytes: &[u8]) -> usize {
+    match dtype {
+        Dtype::F32 => count_non_finite_bytes(bytes, Precision::F32),
+        Dtype::F16 => count_non_finite_bytes(bytes, Precision::F16),
+        Dtype::BF16 => count_non_finite_bytes(bytes, Precision::Bf16),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .filter(|c| {
+                let bits = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                bits & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000
+            })
+            .count(),
+        _ => 0,
+    }
+}
+
+/// Bytes of one row piece on their way to a layer file's writer thread.
 enum RowBytes {
     /// A span of a mapped model file (already in the file's byte order and dtype).
     Mapped(SharedMmap, Range<usize>),
@@ -371,6 +454,7 @@ enum RowBytes {
 
 struct Job {
     slot: usize,
+    part: usize,
     bytes: RowBytes,
 }
 
@@ -409,6 +493,10 @@ const IN_FLIGHT_BYTES: usize = 512 << 20;
 
 struct Ctx<'a> {
     outputs: &'a [LayerOutput],
+    /// The stored precision of each output.
+    precision: &'a [Precision],
+    /// Whether each output refers to the model files instead of copying its rows.
+    referenced: &'a [bool],
     budget: &'a ByteBudget,
     sinks: &'a [SyncSender<Job>],
     labeler: &'a Labeler,
@@ -438,44 +526,53 @@ fn check_entry<'a>(
             layer.name, layer.index
         ));
     }
-    if entry.shape != layer.source_shape {
-        return Err(format!(
-            "tensor `{}` has shape {:?}, the first model's has {:?}; all models must share the \
-             layer's shape",
-            layer.name, entry.shape, layer.source_shape
-        ));
-    }
     if !is_float(entry.dtype) {
         return Err(format!(
             "tensor `{}` is {:?}, not floating point",
             layer.name, entry.dtype
         ));
     }
-    let up = match &layer.lora_up {
-        Some((up_name, up_shape)) => {
-            let (_, up) = st.header().find(up_name).ok_or_else(|| {
-                format!(
-                    "LoRA up factor `{up_name}` of layer {} is not in this file",
-                    layer.index
-                )
-            })?;
-            if &up.shape != up_shape {
-                return Err(format!(
-                    "tensor `{up_name}` has shape {:?}, the first model's has {up_shape:?}",
-                    up.shape
-                ));
-            }
-            if !is_float(up.dtype) {
-                return Err(format!(
-                    "tensor `{up_name}` is {:?}, not floating point",
-                    up.dtype
-                ));
-            }
-            Some(up)
+    let Some((up_name, _)) = &layer.lora_up else {
+        if entry.shape != layer.source_shape {
+            return Err(format!(
+                "tensor `{}` has shape {:?}, the first model's has {:?}; all models must share \
+                 the layer's shape",
+                layer.name, entry.shape, layer.source_shape
+            ));
         }
-        None => None,
+        return Ok((entry, None));
     };
-    Ok((entry, up))
+    let (_, up) = st.header().find(up_name).ok_or_else(|| {
+        format!(
+            "LoRA up factor `{up_name}` of layer {} is not in this file (its down factor `{}` is)",
+            layer.index, layer.name
+        )
+    })?;
+    if !is_float(up.dtype) {
+        return Err(format!(
+            "tensor `{up_name}` is {:?}, not floating point",
+            up.dtype
+        ));
+    }
+    // Models may be trained at different ranks: what must agree is the matrix the pair forms.
+    let matrix = transform::plan_lora(&up.shape, &entry.shape)
+        .map_err(|m| format!("LoRA layer `{}`: {m}", layer.name))?;
+    if matrix != layer.matrix {
+        return Err(format!(
+            "LoRA layer `{}` forms a {:?} matrix (up {:?}, down {:?}), the first model's forms \
+             {:?}; all models must share the layer's shape",
+            layer.name, matrix, up.shape, entry.shape, layer.matrix
+        ));
+    }
+    if let Storage::LoraFactors { rank } = layer.storage
+        && entry.shape[0] > rank
+    {
+        return Err(format!(
+            "LoRA layer `{}` has rank {}, more than the {rank} its dataset was laid out for",
+            layer.name, entry.shape[0]
+        ));
+    }
+    Ok((entry, Some(up)))
 }
 
 /// Reads, checks and writes one layer of one model into slot `slot`.
@@ -500,7 +597,8 @@ fn extract_row(
         None => None,
     };
     *bytes_read += (data.len() + up_data.map_or(0, <[u8]>::len)) as u64;
-    let digest = (cx.opts.digest == DigestMode::Read).then(|| {
+    let referenced = cx.referenced[out];
+    let digest = (cx.opts.digest == DigestMode::Read || referenced).then(|| {
         let mut h = blake3::Hasher::new();
         h.update(st.header_bytes());
         if let Some(u) = up_data {
@@ -509,79 +607,133 @@ fn extract_row(
         h.update(data);
         format!("read:{}", h.finalize().to_hex())
     });
-    let precision = cx.opts.precision;
-    let send = |bytes: RowBytes| {
+    let precision = cx.precision[out];
+    let send = |part: usize, bytes: RowBytes| {
         cx.sinks[out]
-            .send(Job { slot, bytes })
+            .send(Job { slot, part, bytes })
             .map_err(|_| Problem {
                 fatal: true,
                 message: "the layer writer stopped (see the write error)".into(),
             })
     };
 
-    // Fast path: f32 in, f32 out, a pure reinterpretation: the file bytes are the row. The
-    // writer thread checks them for NaN/Inf while it copies them from the mapping (one pass
-    // over the bytes while they are in cache); flagged rows are handled after the pass.
-    if cfg!(target_endian = "little")
-        && up.is_none()
-        && entry.dtype == Dtype::F32
-        && precision == Precision::F32
-    {
-        send(RowBytes::Mapped(st.mapping(), entry.span.clone()))?;
-        return Ok(RowOutcome::Written { digest });
+    if referenced {
+        if non_finite_in(entry.dtype, data) > 0 {
+            let mut parts = row_parts(st, layer, entry, up).map_err(bad_file)?;
+            if let Some(dropped) =
+                non_finite_policy(cx.opts.non_finite, model, layer, &mut parts, findings)?
+            {
+                return Ok(RowOutcome::Dropped(dropped));
+            }
+        }
+        // Absolute and through any symlink (the Hugging Face cache links snapshots to
+        // blobs): the reference must name the file itself, wherever it is read from.
+        let file = std::fs::canonicalize(&model.path)
+            .map_err(|e| bad_file(format!("{}: {e}", model.path.display())))?;
+        let reference = TensorRef {
+            file,
+            header: st.header().data_start as u64,
+            offset: entry.span.start as u64,
+            dtype: entry.dtype,
+        };
+        return Ok(RowOutcome::Written {
+            digest,
+            reference: Some(reference),
+        });
     }
 
-    let mut values = row_values(st, layer, entry, up).map_err(bad_file)?;
+    // Fast path: every stored piece is already the file's bytes (same dtype, LoRA factors of
+    // the layer's full rank). The writer thread checks them for NaN/Inf while it copies them
+    // from the mapping (one pass over the bytes while they are in cache); flagged rows are
+    // handled after the pass.
+    let pieces: Vec<&TensorEntry> = up.into_iter().chain([entry]).collect();
+    let full_rank = match layer.storage {
+        Storage::LoraFactors { rank } => entry.shape[0] == rank,
+        Storage::Stacked | Storage::References => true,
+    };
+    if cfg!(target_endian = "little")
+        && full_rank
+        && pieces
+            .iter()
+            .all(|e| e.dtype == writer::dtype_of(precision))
+    {
+        for (part, e) in pieces.iter().enumerate() {
+            send(part, RowBytes::Mapped(st.mapping(), e.span.clone()))?;
+        }
+        return Ok(RowOutcome::Written {
+            digest,
+            reference: None,
+        });
+    }
+
+    let mut parts = row_parts(st, layer, entry, up).map_err(bad_file)?;
     if let Some(dropped) =
-        non_finite_policy(cx.opts.non_finite, model, layer, &mut values, findings)?
+        non_finite_policy(cx.opts.non_finite, model, layer, &mut parts, findings)?
     {
         return Ok(RowOutcome::Dropped(dropped));
     }
-    let (_, bytes) = encode(&values, precision);
-    let n = bytes.len();
-    cx.budget.acquire(n);
-    if let Err(p) = send(RowBytes::Owned(bytes)) {
-        cx.budget.release(n);
-        return Err(p);
+    for (part, values) in parts.iter().enumerate() {
+        let (_, bytes) = encode(values, precision);
+        let n = bytes.len();
+        cx.budget.acquire(n);
+        if let Err(p) = send(part, RowBytes::Owned(bytes)) {
+            cx.budget.release(n);
+            return Err(p);
+        }
     }
-    Ok(RowOutcome::Written { digest })
+    Ok(RowOutcome::Written {
+        digest,
+        reference: None,
+    })
 }
 
-/// The matrix of `layer` in `st` as f32 (decoded; the LoRA product for pairs).
-fn row_values(
+/// The stored pieces of `layer` in `st`, decoded to f32: the matrix, or for a LoRA pair its
+/// factors `up` `[out, rank]` and `down` `[rank, cols]`, zero-padded to the layer's rank.
+fn row_parts(
     st: &SafetensorsFile,
     layer: &ResolvedLayer,
     entry: &TensorEntry,
     up: Option<&TensorEntry>,
-) -> Result<Vec<f32>, String> {
+) -> Result<Vec<Vec<f32>>, String> {
     let decode = |e: &TensorEntry| {
         let d = st.data(e).map_err(|e| e.to_string())?;
         crate::dataset::decode(e.dtype, d).map_err(|m| format!("tensor `{}`: {m}", e.name))
     };
     let values = decode(entry)?;
-    match up {
-        None => Ok(values),
-        Some(u) => {
-            let b = decode(u)?;
-            let [out_dim, cols] = layer.matrix;
-            let r = b.len() / out_dim.max(1);
-            let mut x = Vec::new();
-            transform::lora_product(&b, &values, out_dim, r, cols, &mut x);
-            Ok(x)
-        }
+    let (Some(u), Storage::LoraFactors { rank }) = (up, layer.storage) else {
+        return Ok(vec![values]);
+    };
+    let b = decode(u)?;
+    let [out, cols] = layer.matrix;
+    let r = entry.shape[0];
+    if r == rank {
+        return Ok(vec![b, values]);
     }
+    // A lower rank pads `up` with zero columns and `down` with zero rows: the product is the
+    // same matrix.
+    let mut b_padded = vec![0.0; out * rank];
+    for (dst, src) in b_padded.chunks_exact_mut(rank).zip(b.chunks_exact(r)) {
+        dst[..r].copy_from_slice(src);
+    }
+    let mut a_padded = values;
+    a_padded.resize(rank * cols, 0.0);
+    Ok(vec![b_padded, a_padded])
 }
 
-/// Applies the NaN/Inf policy to a row: records a finding when there are any, then fails,
-/// returns the reason the row is dropped, or zeroes them in place (`Ok(None)`: keep the row).
+/// Applies the NaN/Inf policy to a row's stored pieces (for LoRA, its factors): records a
+/// finding when there are any, then fails, returns the reason the row is dropped, or zeroes
+/// them in place (`Ok(None)`: keep the row).
 fn non_finite_policy(
     policy: NonFinitePolicy,
     model: &ModelSource,
     layer: &ResolvedLayer,
-    values: &mut [f32],
+    parts: &mut [Vec<f32>],
     findings: &mut Vec<NonFiniteFinding>,
 ) -> Result<Option<String>, Problem> {
-    let (nan, inf) = count_non_finite(values);
+    let (nan, inf) = parts.iter().fold((0, 0), |(nan, inf), p| {
+        let (a, b) = count_non_finite(p);
+        (nan + a, inf + b)
+    });
     if nan + inf == 0 {
         return Ok(None);
     }
@@ -610,7 +762,7 @@ fn non_finite_policy(
         }),
         NonFinitePolicy::Skip => Ok(Some(what)),
         NonFinitePolicy::Zero => {
-            for v in values.iter_mut() {
+            for v in parts.iter_mut().flatten() {
                 if !v.is_finite() {
                     *v = 0.0;
                 }
@@ -624,6 +776,7 @@ fn non_finite_policy(
 /// (rare: only rows with non-finite values get here).
 fn recheck_flagged(
     cx_opts: &ExtractOptions,
+    precision: Precision,
     model: &ModelSource,
     layer: &ResolvedLayer,
     file: &LayerFile,
@@ -636,13 +789,15 @@ fn recheck_flagged(
     };
     let st = SafetensorsFile::open(&model.path).map_err(|e| fatal(e.to_string()))?;
     let (entry, up) = check_entry(&st, layer).map_err(|m| fatal(prefix_path(&model.path, m)))?;
-    let mut values =
-        row_values(&st, layer, entry, up).map_err(|m| fatal(prefix_path(&model.path, m)))?;
-    let dropped = non_finite_policy(cx_opts.non_finite, model, layer, &mut values, findings)?;
+    let mut parts =
+        row_parts(&st, layer, entry, up).map_err(|m| fatal(prefix_path(&model.path, m)))?;
+    let dropped = non_finite_policy(cx_opts.non_finite, model, layer, &mut parts, findings)?;
     if dropped.is_none() {
-        let (_, bytes) = encode(&values, cx_opts.precision);
-        file.write_row(slot, &bytes)
-            .map_err(|e| fatal(format!("writing {}: {e}", file.path().display())))?;
+        for (part, values) in parts.iter().enumerate() {
+            let (_, bytes) = encode(values, precision);
+            file.write_row(slot, part, &bytes)
+                .map_err(|e| fatal(format!("writing {}: {e}", file.path().display())))?;
+        }
     }
     Ok(dropped)
 }
@@ -818,6 +973,7 @@ pub fn extract(
             w[1].path.display()
         )));
     }
+    let outputs = &widen_lora_ranks(&models, outputs);
     let labeler = Labeler::new(label.clone()).map_err(ExtractError::Config)?;
     let splits = SplitAssigner::new(&opts.splits).map_err(ExtractError::Config)?;
     let cache = match &opts.digest_cache {
@@ -830,13 +986,41 @@ pub fn extract(
         None if label.kind == crate::labels::LabelKind::MultiLabel => Some(100_000),
         None => None,
     };
-    let files: Vec<LayerFile> = outputs
+    let precision: Vec<Precision> = outputs
+        .iter()
+        .map(|o| opts.precision.unwrap_or(o.layer.source_precision))
+        .collect();
+    // A plain layer is read where it is unless a copy pays: a conversion was asked for, or
+    // NaN/Inf values are to be zeroed (the file's bytes are not the row then).
+    let referenced: Vec<bool> = outputs
         .iter()
         .map(|o| {
+            opts.in_place
+                && o.layer.storage == Storage::Stacked
+                && opts.non_finite != NonFinitePolicy::Zero
+                && opts.precision.is_none_or(|p| p == o.layer.source_precision)
+        })
+        .collect();
+    let storage: Vec<Storage> = outputs
+        .iter()
+        .zip(&referenced)
+        .map(|(o, &r)| {
+            if r {
+                Storage::References
+            } else {
+                o.layer.storage
+            }
+        })
+        .collect();
+    let files: Vec<LayerFile> = outputs
+        .iter()
+        .zip(precision.iter().zip(&storage))
+        .map(|(o, (&p, &st))| {
             LayerFile::create(
                 &o.dir,
                 &o.layer.name,
-                opts.precision,
+                p,
+                st,
                 o.layer.matrix,
                 models.len(),
                 label_width,
@@ -866,21 +1050,24 @@ pub fn extract(
             let abort = &abort;
             let flagged = &flagged;
             let budget = &budget;
+            let precision = precision[out_i];
             scope.spawn(move || {
                 for job in rx {
                     let result = match &job.bytes {
                         RowBytes::Mapped(map, range) => match map.as_ref().get(range.clone()) {
-                            Some(b) => write_scanned(file, job.slot, b).map(|bad| {
-                                if bad > 0
-                                    && let Ok(mut f) = flagged.lock()
-                                {
-                                    f.push((out_i, job.slot));
-                                }
-                            }),
+                            Some(b) => {
+                                write_scanned(file, job.slot, job.part, precision, b).map(|bad| {
+                                    if bad > 0
+                                        && let Ok(mut f) = flagged.lock()
+                                    {
+                                        f.push((out_i, job.slot));
+                                    }
+                                })
+                            }
                             None => Err(std::io::Error::other("row span outside its mapping")),
                         },
                         RowBytes::Owned(v) => {
-                            let r = file.write_row(job.slot, v);
+                            let r = file.write_row(job.slot, job.part, v);
                             budget.release(v.len());
                             r
                         }
@@ -896,6 +1083,8 @@ pub fn extract(
         }
         let cx = Ctx {
             outputs,
+            precision: &precision,
+            referenced: &referenced,
             budget: &budget,
             sinks: &sinks,
             labeler: &labeler,
@@ -925,6 +1114,7 @@ pub fn extract(
     let mut outcomes = outcomes;
     let mut flagged = flagged.into_inner().unwrap_or_default();
     flagged.sort_unstable();
+    flagged.dedup();
     for (out_i, slot) in flagged {
         let o = &mut outcomes[slot];
         if o.label.is_err() || o.split.is_err() {
@@ -932,6 +1122,7 @@ pub fn extract(
         }
         match recheck_flagged(
             opts,
+            precision[out_i],
             models[slot],
             &outputs[out_i].layer,
             &files[out_i],
@@ -1018,14 +1209,16 @@ pub fn extract(
         let mut kept_slots = Vec::new();
         let mut kept_label_rows = Vec::new();
         let mut records = Vec::new();
+        let mut references = Vec::new();
         let mut layer_skipped = skipped.clone();
         for (row, &(slot, split)) in labelled.iter().enumerate() {
             let m = models[slot];
             let o = &outcomes[slot];
             match o.rows.get(out_i) {
-                Some(RowOutcome::Written { digest }) => {
+                Some(RowOutcome::Written { digest, reference }) => {
                     kept_slots.push(slot);
                     kept_label_rows.push(row);
+                    references.extend(reference.clone());
                     records.push(ModelRecord {
                         id: m.id.clone(),
                         split,
@@ -1067,7 +1260,13 @@ pub fn extract(
             format: LayerDataset::FORMAT,
             layer: out.layer.info(),
             shape: out.layer.matrix,
-            precision: opts.precision,
+            precision: precision[out_i],
+            storage: if referenced[out_i] {
+                Storage::References
+            } else {
+                out.layer.storage
+            },
+            references,
             models: records,
             label_key: label.key.clone(),
             labels: labels.without_targets(),
@@ -1097,6 +1296,46 @@ pub fn extract(
         bytes_written,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// `outputs` with each LoRA layer's rank raised to the largest rank any model has for it, so
+/// that every model's factors fit the layer's rows (lower ranks are zero-padded).
+///
+/// Reads every header once more (a few kB each); headers that cannot be read are left to the
+/// extraction pass, which reports them with everything else about that file.
+fn widen_lora_ranks(models: &[&ModelSource], outputs: &[LayerOutput]) -> Vec<LayerOutput> {
+    let mut outputs = outputs.to_vec();
+    if !outputs
+        .iter()
+        .any(|o| matches!(o.layer.storage, Storage::LoraFactors { .. }))
+    {
+        return outputs;
+    }
+    let ranks: Vec<Vec<usize>> = models
+        .par_iter()
+        .map(|m| {
+            let header = read_header(&m.path).ok();
+            outputs
+                .iter()
+                .map(|o| {
+                    // Only pairs that form the layer's matrix count: any other is an error the
+                    // extraction pass reports, and must not size every model's rows.
+                    let (h, (up, _)) = (header.as_ref()?, o.layer.lora_up.as_ref()?);
+                    let (_, down) = h.find(&o.layer.name)?;
+                    let (_, up) = h.find(up)?;
+                    let fits = transform::plan_lora(&up.shape, &down.shape).ok()? == o.layer.matrix;
+                    fits.then(|| down.shape[0])
+                })
+                .map(|r| r.unwrap_or(0))
+                .collect()
+        })
+        .collect();
+    for (i, o) in outputs.iter_mut().enumerate() {
+        if let Storage::LoraFactors { rank } = &mut o.layer.storage {
+            *rank = ranks.iter().map(|r| r[i]).fold(*rank, usize::max);
+        }
+    }
+    outputs
 }
 
 /// Summary of the split sizes of a layer's rows, for logs (`train 701, val 100, test 201`).

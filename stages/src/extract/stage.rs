@@ -7,6 +7,9 @@
 //! layers = "all"                 # 59 | [57, 59] | "40..60" | "glob:*.query.weight" | "re:attn2" | a name
 //! label = { key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar100" }
 //! ```
+//! LoRA layers are stored as their factors `up` and `down` (see [`crate::dataset`]), values
+//! at the files' own precision unless `precision = "f32" | "f16" | "bf16"` asks for another.
+//!
 //! The stage fans out over `layer` (one node, one cache entry per layer, so any experiment
 //! asking for that layer reuses it) and runs all layers that need computing in one pass over
 //! the model files.
@@ -46,15 +49,21 @@ pub struct ExtractParams {
     /// Where splits come from (default: the layout).
     #[serde(default)]
     pub splits: SplitSource,
-    /// On-disk precision of the stacked weights.
-    #[serde(default)]
-    pub precision: Precision,
+    /// On-disk precision of the matrices (or LoRA factors); default: as the model files store
+    /// them, so nothing is converted and an f16 LoRA stays f16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
     /// NaN/Inf weights: fail, skip the model, or zero them.
     #[serde(default)]
     pub non_finite: NonFinitePolicy,
     /// Unreadable files, missing tensors, shape mismatches: fail or skip the model.
     #[serde(default)]
     pub on_bad_file: OnError,
+    /// Copy every plain layer's rows into the dataset. By default they are read where the
+    /// model files have them (the cache keeps those files while the dataset lives), and only
+    /// a precision conversion or `non_finite = "zero"` copies.
+    #[serde(default)]
+    pub copy: bool,
     /// With a routing input: only this tree (the sweep sets it for each node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tree: Option<usize>,
@@ -70,7 +79,9 @@ impl Stage for Extract {
         "extract"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: LoRA layers are stored as their factors, and values at the files' own precision
+        // unless `precision` asks for another.
+        2
     }
     fn about(&self) -> &'static str {
         "stack one layer of every model into a dataset with labels and splits (one node per layer)"
@@ -273,6 +284,7 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
         digest_cache: None,
         splits: p.splits.clone(),
         on_bad_file: p.on_bad_file,
+        in_place: !p.copy,
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(lead.threads())
@@ -309,9 +321,21 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
                 "splits": splits,
                 "skipped": layer.skipped.len(),
                 "label_width": sidecar.labels.width(),
+                "storage": sidecar.storage,
             }),
+            references: referenced_files(&sidecar),
             ..Outcome::default()
         });
     }
     Ok(outcomes)
+}
+
+/// The model files a dataset reads in place, once each, for the cache to keep and watch.
+fn referenced_files(sidecar: &dataset::Sidecar) -> Vec<std::path::PathBuf> {
+    let files: std::collections::BTreeSet<&std::path::Path> = sidecar
+        .references
+        .iter()
+        .map(|r| r.file.as_path())
+        .collect();
+    files.into_iter().map(Into::into).collect()
 }

@@ -5,6 +5,7 @@
 //! official PyTorch code, so a checkpoint ([`checkpoint`]) is a `state_dict` a PyTorch user can
 //! load, and the other way round.
 
+pub mod batch;
 pub mod checkpoint;
 pub mod dense;
 pub mod encoder;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::training::rng::Rng;
 use encoder::EncoderLayers;
 
+pub use batch::{Batch, Standardize};
 pub use dense::{Dense, DenseConfig, DenseZeroshot};
 pub use probex::{Probex, ProbexConfig};
 pub use statnn::{StatNn, StatNnConfig};
@@ -125,6 +127,43 @@ pub trait ProbeEncoded<B: Backend> {
 
     /// [`Net::scores`] from the encodings `e` `[B, r_T]` rather than the input.
     fn scores_from_encoding(&self, e: Tensor<B, 2>, text: Option<Tensor<B, 2>>) -> Tensor<B, 2>;
+}
+
+/// Scores (or, with `encode`, the encodings [`Net::encode`] gives) of a batch: ProbeX's
+/// encoder reads LoRA factors as they are; every other model reads the matrices they form.
+pub fn forward_batch<B: Backend, M: Net<B>>(
+    model: &M,
+    batch: Batch<B>,
+    text: Option<Tensor<B, 2>>,
+    encode: bool,
+) -> Tensor<B, 2> {
+    if let (
+        Batch::Factored {
+            up,
+            down,
+            standardize,
+        },
+        Some(net),
+    ) = (&batch, model.probe_encoded())
+    {
+        let e = encoder::factored(
+            net.encoder().weights(),
+            up.clone(),
+            down.clone(),
+            standardize.clone(),
+        );
+        return if encode {
+            e
+        } else {
+            net.scores_from_encoding(e, text)
+        };
+    }
+    let x = batch.stacked();
+    if encode {
+        model.encode(x)
+    } else {
+        model.scores(x, text)
+    }
 }
 
 /// A PyTorch-style Linear layer: `weight` `[out, in]`, optional `bias` `[out]`,

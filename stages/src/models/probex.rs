@@ -247,7 +247,7 @@ mod tests {
         let loss = |s: Tensor<AB, 2>| s.powi_scalar(2).sum();
         let grads = loss(model.scores(Tensor::from_inner(x.clone()), None)).backward();
         let mut scratch = Scratch::default();
-        let (s, split) = train_scores(&model, x, None, &mut scratch);
+        let (s, split) = train_scores(&model, x.into(), None, &mut scratch);
         let grads2 = loss(s).backward();
         let extra = split_gradients(split, &grads2, &mut scratch);
 

@@ -152,6 +152,7 @@ impl Stage for Route {
             results: Some(Value::Object(results)),
             summary: Some(summary),
             publish: vec![super::FILE.to_string()],
+            references: Vec::new(),
         })
     }
 }

@@ -154,6 +154,7 @@ impl Stage for Select {
                 "layers.png".into(),
                 "layers.csv".into(),
             ],
+            references: Vec::new(),
         })
     }
 }

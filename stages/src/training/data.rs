@@ -1,13 +1,16 @@
 //! Turns a layer dataset (and a text table) into what a training needs: the model inputs, the
 //! targets, the rows of each split, and the task description stored in checkpoints.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use crate::dataset::{Labels, LayerDataset, Split};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+use crate::dataset::{Labels, LayerDataset, Matrices, Split};
 use crate::embeddings::TextTable;
 use crate::models::checkpoint::{TaskInfo, TaskKind};
-use crate::models::{ModelKind, ModelSpec, statnn};
+use crate::models::{Batch, ModelKind, ModelSpec, Standardize, statnn};
+use crate::weights::transform::add_product;
 
 use super::TrainConfig;
 
@@ -22,6 +25,142 @@ pub(crate) enum HostTargets {
     Numeric(Vec<f32>),
 }
 
+/// What a model reads of every row, on the host, ready to go to a device.
+pub(crate) enum HostInputs<'a> {
+    /// StatNN's standardised statistics `[n, 1, F]`.
+    Stacked { values: Vec<f32>, dims: [usize; 3] },
+    /// The layer's matrices, read from the dataset (in memory or on disk) a batch of rows at
+    /// a time and standardised then, so no second copy of the layer is ever made.
+    Rows {
+        ds: &'a LayerDataset,
+        standardize: Option<(Vec<f32>, f32)>,
+    },
+    /// A LoRA layer's factors as the dataset holds them; the standardisation (mean matrix,
+    /// scale) is applied on the device, after the product.
+    Factored {
+        up: &'a [f32],
+        down: &'a [f32],
+        /// `[n, d_h, d_w]`.
+        dims: [usize; 3],
+        rank: usize,
+        standardize: Option<(Vec<f32>, f32)>,
+    },
+}
+
+impl HostInputs<'_> {
+    /// Number of rows (models).
+    pub fn rows(&self) -> usize {
+        match self {
+            HostInputs::Stacked { dims, .. } | HostInputs::Factored { dims, .. } => dims[0],
+            HostInputs::Rows { ds, .. } => ds.n,
+        }
+    }
+
+    /// Whether [`HostInputs::upload`] can hold every row on a device at once: all but a
+    /// layer the dataset itself keeps on disk.
+    pub fn fits(&self) -> bool {
+        !matches!(self, HostInputs::Rows { ds, .. } if matches!(ds.weights, Matrices::OnDisk(_)))
+    }
+
+    /// The inputs as a batch of every row on `device`.
+    pub fn upload<B: Backend>(&self, device: &B::Device) -> Result<Batch<B>, String> {
+        match self {
+            HostInputs::Stacked { values, dims } => Ok(Batch::Stacked(Tensor::from_data(
+                TensorData::new(values.clone(), *dims),
+                device,
+            ))),
+            HostInputs::Rows { ds, standardize } => read_batch(
+                ds,
+                standardize.as_ref(),
+                &(0..ds.n).collect::<Vec<_>>(),
+                device,
+            ),
+            HostInputs::Factored {
+                up,
+                down,
+                dims: [n, d_h, d_w],
+                rank,
+                standardize,
+            } => Ok(Batch::Factored {
+                up: Tensor::from_data(TensorData::new(up.to_vec(), [*n, *d_h, *rank]), device),
+                down: Tensor::from_data(TensorData::new(down.to_vec(), [*n, *rank, *d_w]), device),
+                standardize: standardize.as_ref().map(|(mean, scale)| Standardize {
+                    mean: Tensor::from_data(TensorData::new(mean.clone(), [*d_h, *d_w]), device),
+                    scale: *scale,
+                }),
+            }),
+        }
+    }
+}
+
+/// Rows `rows` of a dataset's matrices as a batch on `device`, standardised as asked.
+fn read_batch<B: Backend>(
+    ds: &LayerDataset,
+    standardize: Option<&(Vec<f32>, f32)>,
+    rows: &[usize],
+    device: &B::Device,
+) -> Result<Batch<B>, String> {
+    let mut x = Vec::new();
+    ds.read_rows(rows, &mut x).map_err(|e| e.to_string())?;
+    if let Some((mean, scale)) = standardize {
+        for row in x.chunks_exact_mut(mean.len().max(1)) {
+            for (v, m) in row.iter_mut().zip(mean) {
+                *v = (*v - m) / scale;
+            }
+        }
+    }
+    Ok(Batch::Stacked(Tensor::from_data(
+        TensorData::new(x, [rows.len(), ds.d_h, ds.d_w]),
+        device,
+    )))
+}
+
+/// The model inputs as a device sees them: every row held there at once (a selection per
+/// batch), or a layer's matrices read from the dataset a batch at a time. The CPU backend
+/// always reads per batch (its "device" is this memory: holding the layer twice gains
+/// nothing), other backends when the dataset keeps the layer on disk.
+pub(crate) enum DeviceInputs<'h, B: Backend> {
+    /// Every row, on the device.
+    Resident(Batch<B>),
+    /// A layer's matrices, read per batch from the dataset and standardised as asked.
+    PerBatch {
+        ds: &'h LayerDataset,
+        standardize: Option<&'h (Vec<f32>, f32)>,
+    },
+}
+
+impl<'h, B: Backend> DeviceInputs<'h, B> {
+    /// Places `host` on `device` (see the type's docs for which way).
+    pub fn new(host: &'h HostInputs<'h>, device: &B::Device) -> Result<Self, String> {
+        let cpu = crate::host::Host::<B>::of().is_some();
+        match host {
+            HostInputs::Rows { ds, standardize } if cpu || !host.fits() => {
+                Ok(DeviceInputs::PerBatch {
+                    ds,
+                    standardize: standardize.as_ref(),
+                })
+            }
+            _ => host.upload(device).map(DeviceInputs::Resident),
+        }
+    }
+
+    /// Rows `rows` as a batch on `device`.
+    pub fn batch(&self, rows: &[usize], device: &B::Device) -> Result<Batch<B>, String> {
+        match self {
+            DeviceInputs::Resident(all) => {
+                let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+                Ok(all.select(Tensor::from_data(
+                    TensorData::new(idx, [rows.len()]),
+                    device,
+                )))
+            }
+            DeviceInputs::PerBatch { ds, standardize } => {
+                read_batch(ds, *standardize, rows, device)
+            }
+        }
+    }
+}
+
 /// A text matrix `[rows, dim]`.
 #[derive(Clone, Debug)]
 pub(crate) struct TextMatrix {
@@ -34,9 +173,8 @@ pub(crate) struct TextMatrix {
 pub(crate) struct Prepared<'a> {
     pub spec: ModelSpec,
     pub task: TaskInfo,
-    /// `[n, a, b]` model inputs (the dataset's own weights, not a copy, for matrix models).
-    pub inputs: Cow<'a, [f32]>,
-    pub in_dims: [usize; 3],
+    /// What the model reads of every row.
+    pub inputs: HostInputs<'a>,
     /// `[n, w]` training targets as the loss wants them (multi-hot, one-hot, standardised).
     pub targets: Vec<f32>,
     pub target_width: usize,
@@ -274,17 +412,18 @@ pub(crate) fn prepare<'a>(
     }
     let input_mean = cfg.standardize.then(|| {
         let train = rows.get(&Split::Train).map_or(&[][..], Vec::as_slice);
-        let (mean, scale) = input_moments(ds, train);
-        task.input_scale = Some(scale);
-        mean
+        input_moments(ds, train).map(|(mean, scale)| {
+            task.input_scale = Some(scale);
+            mean
+        })
     });
-    let (inputs, in_dims) = model_inputs(ds, cfg.model, &rows, &mut task, input_mean.as_deref());
+    let input_mean = input_mean.transpose()?;
+    let inputs = model_inputs(ds, cfg.model, &rows, &mut task, input_mean.as_deref())?;
     Ok(Prepared {
         input_mean,
         spec,
         task,
         inputs,
-        in_dims,
         targets,
         target_width,
         host,
@@ -297,58 +436,106 @@ pub(crate) fn prepare<'a>(
 
 /// The mean matrix of the `train` rows and the standard deviation of their values around it
 /// (1 when they do not vary), accumulated in f64.
-fn input_moments(ds: &LayerDataset, train: &[usize]) -> (Vec<f32>, f32) {
+fn input_moments(ds: &LayerDataset, train: &[usize]) -> Result<(Vec<f32>, f32), String> {
     let m = ds.d_h * ds.d_w;
-    let mut mean = vec![0f64; m];
-    for &r in train {
-        for (a, &x) in mean.iter_mut().zip(ds.matrix(r)) {
-            *a += f64::from(x);
-        }
-    }
     let n = train.len().max(1) as f64;
-    mean.iter_mut().for_each(|a| *a /= n);
-    let mut ss = 0f64;
-    for &r in train {
-        for (a, &x) in mean.iter().zip(ds.matrix(r)) {
-            ss += (f64::from(x) - a).powi(2);
+    let (mean, ss) = match &ds.weights {
+        Matrices::Stacked(_) | Matrices::OnDisk(_) => {
+            let mut mean = vec![0f64; m];
+            for &r in train {
+                let x = ds.matrix(r).map_err(|e| e.to_string())?;
+                for (a, &x) in mean.iter_mut().zip(x.iter()) {
+                    *a += f64::from(x);
+                }
+            }
+            mean.iter_mut().for_each(|a| *a /= n);
+            let mut ss = 0f64;
+            for &r in train {
+                let x = ds.matrix(r).map_err(|e| e.to_string())?;
+                for (a, &x) in mean.iter().zip(x.iter()) {
+                    ss += (f64::from(x) - a).powi(2);
+                }
+            }
+            (mean, ss)
         }
-    }
+        // Without forming any matrix: the sum of the products B_i A_i accumulates in one
+        // buffer, and sum_i |X_i - M|^2 is sum_i |X_i|^2 - n |M|^2, where |B A|^2 is
+        // <B^T B, A A^T>, two r x r Gram matrices.
+        Matrices::Factored { rank, up, down } => {
+            let (r, d_h, d_w) = (*rank, ds.d_h, ds.d_w);
+            let (b_len, a_len) = (d_h * r, r * d_w);
+            let mut sum = vec![0f32; m];
+            let mut norms = 0f64;
+            let (mut btb, mut aat) = (vec![0f32; r * r], vec![0f32; r * r]);
+            for &i in train {
+                let (b, a) = (
+                    &up[i * b_len..(i + 1) * b_len],
+                    &down[i * a_len..(i + 1) * a_len],
+                );
+                add_product(b, false, a, false, [d_h, r, d_w], &mut sum);
+                btb.fill(0.0);
+                aat.fill(0.0);
+                add_product(b, true, b, false, [r, d_h, r], &mut btb);
+                add_product(a, false, a, true, [r, d_w, r], &mut aat);
+                norms += btb
+                    .iter()
+                    .zip(&aat)
+                    .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                    .sum::<f64>();
+            }
+            let mean: Vec<f64> = sum.iter().map(|&s| f64::from(s) / n).collect();
+            let ss = norms - n * mean.iter().map(|a| a * a).sum::<f64>();
+            (mean, ss.max(0.0))
+        }
+    };
     let std = (ss / (n * m as f64).max(1.0)).sqrt();
     let scale = if std.is_finite() && std > 0.0 {
         std as f32
     } else {
         1.0
     };
-    (mean.into_iter().map(|a| a as f32).collect(), scale)
+    Ok((mean.into_iter().map(|a| a as f32).collect(), scale))
 }
 
 /// The model input: the matrices (standardised by `input_mean` and `task.input_scale` when
-/// both are set), or for StatNN their standardised statistics (the moments come from `task`
-/// when set, else from the training rows, and are stored into it).
+/// both are set; LoRA layers as their factors, standardised on the device), or for StatNN
+/// their standardised statistics (the moments come from `task` when set, else from the
+/// training rows, and are stored into it).
 pub(crate) fn model_inputs<'a>(
     ds: &'a LayerDataset,
     kind: ModelKind,
     rows: &BTreeMap<Split, Vec<usize>>,
     task: &mut TaskInfo,
     input_mean: Option<&[f32]>,
-) -> (Cow<'a, [f32]>, [usize; 3]) {
+) -> Result<HostInputs<'a>, String> {
+    let standardize = input_mean
+        .zip(task.input_scale)
+        .map(|(mean, scale)| (mean.to_vec(), scale));
     if kind != ModelKind::Statnn {
-        let dims = [ds.n, ds.d_h, ds.d_w];
-        return match (input_mean, task.input_scale) {
-            (Some(mean), Some(scale)) => {
-                let mut x = ds.weights.clone();
-                for row in x.chunks_exact_mut(mean.len()) {
-                    for (v, m) in row.iter_mut().zip(mean) {
-                        *v = (*v - m) / scale;
-                    }
-                }
-                (Cow::Owned(x), dims)
-            }
-            _ => (Cow::Borrowed(&ds.weights), dims),
-        };
+        return Ok(match &ds.weights {
+            Matrices::Factored { rank, up, down } => HostInputs::Factored {
+                up,
+                down,
+                dims: [ds.n, ds.d_h, ds.d_w],
+                rank: *rank,
+                standardize,
+            },
+            Matrices::Stacked(_) | Matrices::OnDisk(_) => HostInputs::Rows { ds, standardize },
+        });
     }
     let f = statnn::FEATURES.len();
-    let mut feats = statnn::statistics_of_all(&ds.weights, ds.n, ds.d_h * ds.d_w);
+    let mut feats = match &ds.weights {
+        Matrices::Stacked(w) => statnn::statistics_of_all(w, ds.n, ds.d_h * ds.d_w),
+        Matrices::Factored { .. } | Matrices::OnDisk(_) => {
+            use rayon::prelude::*;
+            let per_row: Vec<[f32; statnn::FEATURES.len()]> = (0..ds.n)
+                .into_par_iter()
+                .map(|i| ds.matrix(i).map(|x| statnn::statistics(&x)))
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?;
+            per_row.concat()
+        }
+    };
     if task.feature_mean.len() != f || task.feature_std.len() != f {
         let train = rows.get(&Split::Train).cloned().unwrap_or_default();
         let (mean, std) = statnn::moments(&feats, &train);
@@ -356,7 +543,10 @@ pub(crate) fn model_inputs<'a>(
         task.feature_std = std;
     }
     statnn::standardise(&mut feats, &task.feature_mean, &task.feature_std);
-    (Cow::Owned(feats), [ds.n, 1, f])
+    Ok(HostInputs::Stacked {
+        values: feats,
+        dims: [ds.n, 1, f],
+    })
 }
 
 fn label_kind(l: &Labels) -> &'static str {

@@ -15,6 +15,7 @@
 pub mod config;
 pub(crate) mod data;
 pub mod device;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod rng;
@@ -440,15 +441,22 @@ fn infer_net<B: Backend, M: Net<B>>(
             )));
         }
     };
-    let (inputs, dims) = data::model_inputs(ds, spec.kind, &rows, &mut task, input_mean);
-    let x = Tensor::<B, 3>::from_data(TensorData::new(inputs.into_owned(), dims), device);
+    let host = data::model_inputs(ds, spec.kind, &rows, &mut task, input_mean)
+        .map_err(TrainError::Data)?;
+    let x = data::DeviceInputs::<B>::new(&host, device).map_err(TrainError::Data)?;
     let t = text.map(|m| {
         Tensor::<B, 2>::from_data(TensorData::new(m.values.clone(), [m.rows, m.dim]), device)
     });
     let all: Vec<usize> = (0..ds.n).collect();
-    let (values, width) =
-        trainer::forward_rows(&model, &x, &all, t.as_ref(), 128, mode == Mode::Encode);
-    Ok((values, width))
+    trainer::forward_rows(
+        &model,
+        &x,
+        device,
+        &all,
+        t.as_ref(),
+        128,
+        mode == Mode::Encode,
+    )
 }
 
 /// Builds a model of kind `M` holding the checkpoint's parameters.

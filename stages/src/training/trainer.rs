@@ -12,7 +12,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::data::{HostTargets, Prepared};
+use super::data::{DeviceInputs, HostTargets, Prepared};
 use super::optim::Adam;
 use super::rng::Rng;
 use super::{
@@ -26,7 +26,9 @@ use crate::models::checkpoint::{
     write_atomic,
 };
 use crate::models::encoder::{self, Encoding, Scratch};
-use crate::models::{NamedTensor, Net, load_named, named_tensors, param_names};
+use crate::models::{
+    Batch, NamedTensor, Net, forward_batch, load_named, named_tensors, param_names,
+};
 
 /// File names inside a work dir.
 const STATE_FILE: &str = "state.safetensors";
@@ -112,22 +114,18 @@ fn index_tensor<B: Backend>(rows: &[usize], device: &B::Device) -> Tensor<B, 1, 
 /// width.
 pub(crate) fn forward_rows<B: Backend, N: Net<B>>(
     model: &N,
-    inputs: &Tensor<B, 3>,
+    inputs: &DeviceInputs<B>,
+    device: &B::Device,
     rows: &[usize],
     text: Option<&Tensor<B, 2>>,
     batch: usize,
     encode: bool,
-) -> (Vec<f32>, usize) {
-    let device = inputs.device();
+) -> Result<(Vec<f32>, usize), TrainError> {
     let mut out = Vec::new();
     let mut width = 0;
     for chunk in rows.chunks(batch.max(1)) {
-        let x = inputs.clone().select(0, index_tensor::<B>(chunk, &device));
-        let s = if encode {
-            model.encode(x)
-        } else {
-            model.scores(x, text.cloned())
-        };
+        let x = inputs.batch(chunk, device).map_err(TrainError::Data)?;
+        let s = forward_batch(model, x, text.cloned(), encode);
         width = s.dims()[1];
         out.extend(
             s.into_data()
@@ -136,7 +134,7 @@ pub(crate) fn forward_rows<B: Backend, N: Net<B>>(
                 .unwrap_or_default(),
         );
     }
-    (out, width)
+    Ok((out, width))
 }
 
 fn rows_of(v: &[f32], w: usize, rows: &[usize]) -> Vec<f32> {
@@ -149,11 +147,12 @@ fn rows_of(v: &[f32], w: usize, rows: &[usize]) -> Vec<f32> {
 fn evaluate<B: Backend, N: Net<B>>(
     model: &N,
     prep: &Prepared,
-    inputs: &Tensor<B, 3>,
+    inputs: &DeviceInputs<B>,
+    device: &B::Device,
     text_train: Option<&Tensor<B, 2>>,
     text_holdout: Option<&Tensor<B, 2>>,
     batch: usize,
-) -> SplitMetrics {
+) -> Result<SplitMetrics, TrainError> {
     let mut out = SplitMetrics::new();
     for (split, rows) in &prep.rows {
         let text = if prep.uses_holdout_text(*split) {
@@ -161,7 +160,7 @@ fn evaluate<B: Backend, N: Net<B>>(
         } else {
             text_train
         };
-        let (scores, w) = forward_rows(model, inputs, rows, text, batch, false);
+        let (scores, w) = forward_rows(model, inputs, device, rows, text, batch, false)?;
         let m = match &prep.host {
             HostTargets::MultiLabel(t, tw) => {
                 metrics::multi_label(&scores, &rows_of(t, *tw, rows), w)
@@ -178,7 +177,7 @@ fn evaluate<B: Backend, N: Net<B>>(
         };
         out.insert(split.as_str().to_string(), m);
     }
-    out
+    Ok(out)
 }
 
 fn ckpt_bytes(
@@ -255,10 +254,12 @@ pub struct SplitForward<AB: AutodiffBackend> {
 }
 
 /// Scores of a batch for training: through the autodiff graph, except a model's ProbeX
-/// encoder ([`crate::models::ProbeEncoded`]), which [`split_gradients`] differentiates.
+/// encoder ([`crate::models::ProbeEncoded`]) reading stacked matrices, which
+/// [`split_gradients`] differentiates. LoRA factors go through the graph whole: their encoder
+/// is a few small products ([`encoder::factored`]).
 pub fn train_scores<AB, M>(
     model: &M,
-    x: Tensor<AB::InnerBackend, 3>,
+    x: Batch<AB::InnerBackend>,
     text: Option<Tensor<AB, 2>>,
     scratch: &mut Scratch,
 ) -> (Tensor<AB, 2>, Option<SplitForward<AB>>)
@@ -266,9 +267,10 @@ where
     AB: AutodiffBackend,
     M: Net<AB>,
 {
-    let Some(net) = model.probe_encoded() else {
-        return (model.scores(Tensor::from_inner(x), text), None);
+    let (Batch::Stacked(x), Some(net)) = (&x, model.probe_encoded()) else {
+        return (forward_batch(model, x.tracked(), text, false), None);
     };
+    let x = x.clone();
     let layers = net.encoder();
     let encoding = encoder::forward(x, layers.weights().inner(), scratch);
     let leaf = Tensor::<AB, 2>::from_inner(encoding.e.clone()).require_grad();
@@ -312,13 +314,12 @@ where
     let start = Instant::now();
     let (prep, cfg) = (job.prep, job.cfg);
     let zero_shot = prep.task.kind == TaskKind::ZeroShot;
-    let n = prep.in_dims[0];
+    let n = prep.inputs.rows();
 
-    // The data set goes to the device once; batches are row selections on the device.
-    let inputs = Tensor::<AB::InnerBackend, 3>::from_data(
-        TensorData::new(prep.inputs.to_vec(), prep.in_dims),
-        device,
-    );
+    // Batches are row selections of data held on the device, or read from the dataset as
+    // they are needed (see DeviceInputs).
+    let inputs =
+        DeviceInputs::<AB::InnerBackend>::new(&prep.inputs, device).map_err(TrainError::Data)?;
     let targets = Tensor::<AB::InnerBackend, 2>::from_data(
         TensorData::new(prep.targets.clone(), [n, prep.target_width]),
         device,
@@ -388,7 +389,7 @@ where
         let mut loss_sum: Option<Tensor<AB::InnerBackend, 1>> = None;
         for chunk in train_rows.chunks(batch) {
             let idx = index_tensor::<AB::InnerBackend>(chunk, device);
-            let xb = inputs.clone().select(0, idx.clone());
+            let xb = inputs.batch(chunk, device).map_err(TrainError::Data)?;
             let y = Tensor::<AB, 2>::from_inner(targets.clone().select(0, idx));
             let (scores, split) = train_scores(&model, xb, text_train_ad.clone(), &mut scratch);
             let loss = task_loss(prep.task.kind, scores, y);
@@ -413,10 +414,11 @@ where
                 &inner,
                 prep,
                 &inputs,
+                device,
                 text_train.as_ref(),
                 text_holdout.as_ref(),
                 batch,
-            );
+            )?;
             let pick = |split: &str, current: &Option<Best>| -> Option<f64> {
                 let v = *splits.get(split)?.get(prep.selection)?;
                 let better = match current {
@@ -501,10 +503,11 @@ where
                 &inner,
                 prep,
                 &inputs,
+                device,
                 text_train.as_ref(),
                 text_holdout.as_ref(),
                 batch,
-            );
+            )?;
             (cfg.epochs.saturating_sub(1), splits, named_tensors(&inner))
         }
     };

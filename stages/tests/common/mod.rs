@@ -2,7 +2,9 @@
 
 #![allow(dead_code, clippy::needless_range_loop, clippy::too_many_arguments)]
 
-use probex_stages::dataset::{Class, Labels, LayerDataset, LayerInfo, ModelRecord, Split};
+use probex_stages::dataset::{
+    Class, Labels, LayerDataset, LayerInfo, Matrices, ModelRecord, Split,
+};
 use probex_stages::embeddings::TextTable;
 use probex_stages::training::DeviceSpec;
 use probex_stages::training::rng::Rng;
@@ -86,7 +88,7 @@ pub fn multilabel(
         n,
         d_h,
         d_w,
-        weights,
+        weights: Matrices::Stacked(weights),
         models,
         label_key: "dataset_chosen_targets".into(),
         labels: Labels::MultiLabel {
@@ -134,7 +136,7 @@ pub fn sign_blocks(
         n,
         d_h,
         d_w,
-        weights,
+        weights: Matrices::Stacked(weights),
         models,
         label_key: "dataset_chosen_targets".into(),
         labels: Labels::MultiLabel {
@@ -169,7 +171,7 @@ pub fn scale_classes(
         n,
         d_h,
         d_w,
-        weights,
+        weights: Matrices::Stacked(weights),
         models,
         label_key: "scale".into(),
         labels: Labels::Class {
@@ -237,7 +239,7 @@ pub fn zero_shot(
         n: models.len(),
         d_h,
         d_w,
-        weights,
+        weights: Matrices::Stacked(weights),
         models,
         label_key: "imagenet_class_id".into(),
         labels: Labels::Class {
@@ -261,4 +263,70 @@ pub fn zero_shot(
             vectors: text,
         },
     )
+}
+
+/// A multi-label LoRA-like layer, twice: stored as factors, and as the products of the same
+/// factors. Model `i`'s matrix is `sum_c y_ic p_c q_c^T + noise * n_i m_i^T`, i.e. `up_i` has
+/// the columns `y_ic p_c` and `noise n_i`, `down_i` the rows `q_c^T` and `m_i^T` (rank
+/// `classes + 1`), so the labels are in the weights and the probes learn them confidently.
+pub fn factored_multilabel(
+    counts: Counts,
+    d_h: usize,
+    d_w: usize,
+    classes: usize,
+    noise: f32,
+    seed: u64,
+) -> (LayerDataset, LayerDataset) {
+    let mut rng = Rng::new(seed, 400);
+    let rank = classes + 1;
+    let p: Vec<Vec<f32>> = (0..classes)
+        .map(|_| (0..d_h).map(|_| rng.normal()).collect())
+        .collect();
+    let q: Vec<Vec<f32>> = (0..classes)
+        .map(|_| (0..d_w).map(|_| rng.normal()).collect())
+        .collect();
+    let models = records(counts);
+    let n = models.len();
+    let (mut up, mut down, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        let y: Vec<f32> = (0..classes)
+            .map(|_| (rng.unit_f32() < 0.5) as u8 as f32)
+            .collect();
+        let own: Vec<f32> = (0..d_h).map(|_| noise * rng.normal()).collect();
+        for i in 0..d_h {
+            up.extend((0..classes).map(|c| y[c] * p[c][i]));
+            up.push(own[i]);
+        }
+        for qc in &q {
+            down.extend_from_slice(qc);
+        }
+        down.extend((0..d_w).map(|_| rng.normal()));
+        targets.extend(y);
+    }
+    let factored = LayerDataset {
+        layer: LayerInfo {
+            transform: "lora_product".into(),
+            ..layer(d_h, d_w)
+        },
+        n,
+        d_h,
+        d_w,
+        weights: Matrices::Factored { rank, up, down },
+        models,
+        label_key: "dataset_chosen_targets".into(),
+        labels: Labels::MultiLabel {
+            classes: (0..classes).map(|c| format!("class_{c}")).collect(),
+            targets,
+        },
+        skipped: vec![],
+    };
+    let stacked = LayerDataset {
+        weights: Matrices::Stacked(
+            (0..n)
+                .flat_map(|i| factored.matrix(i).unwrap().into_owned())
+                .collect(),
+        ),
+        ..factored.clone()
+    };
+    (factored, stacked)
 }

@@ -15,6 +15,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn_flex::FlexTensor;
 
 use super::TorchLinear;
+use super::batch::Standardize;
 
 use probex_kernels::encoder as kernels;
 
@@ -171,6 +172,51 @@ pub fn forward<B: Backend>(x: Tensor<B, 3>, w: Weights<B>, scratch: &mut Scratch
         e,
         saved: Saved::Tensors { x, w, r, h },
     }
+}
+
+/// The encodings of LoRA layers given by their factors, `X_b = up_b @ down_b` (standardised
+/// as `(X_b - mean) / scale` when `standardize` is set), without forming `X_b`.
+///
+/// The probes' responses before the ReLU are `U^T X^T V^T`, which for `X = B A` is
+/// `(A U)^T (B^T V^T)`: two rank-`r` products instead of a `d_H x d_W` one, ~40x fewer
+/// operations for an SD LoRA's 1280x1280 layer at rank 16, forward and backward. The mean
+/// matrix adds one `U^T mean^T V^T` per batch. These are ordinary tensor operations, so
+/// autodiff differentiates them on every backend.
+pub fn factored<B: Backend>(
+    w: Weights<B>,
+    up: Tensor<B, 3>,
+    down: Tensor<B, 3>,
+    standardize: Option<Standardize<B>>,
+) -> Tensor<B, 2> {
+    let [b, d_h, r] = up.dims();
+    let [b_a, r_a, d_w] = down.dims();
+    let [d_w_u, r_u] = w.u.dims();
+    let [r_v, d_h_v] = w.v.dims();
+    assert!(
+        b_a == b && r_a == r && d_w_u == d_w && d_h_v == d_h,
+        "encoder weights do not fit factors [{b}, {d_h}, {r}] @ [{b_a}, {r_a}, {d_w}]"
+    );
+    let vt = w.v.transpose(); // [d_H, r_V]
+    // The two large products with the batch folded into rows: one GEMM each, of B*r rows.
+    let p = down
+        .reshape([b * r, d_w])
+        .matmul(w.u.clone())
+        .reshape([b, r, r_u]); // A U
+    let q = up
+        .swap_dims(1, 2)
+        .reshape([b * r, d_h])
+        .matmul(vt.clone())
+        .reshape([b, r, r_v]); // B^T V^T
+    let mut pre = p.swap_dims(1, 2).matmul(q); // [B, r_U, r_V]
+    if let Some(s) = standardize {
+        let shift = w.u.transpose().matmul(s.mean.transpose().matmul(vt)); // [r_U, r_V]
+        pre = (pre - shift.unsqueeze_dim(0)).div_scalar(s.scale);
+    }
+    let mut e = relu(pre).reshape([b, r_u * r_v]).matmul(w.m.transpose());
+    if let Some(bias) = w.bias {
+        e = e + bias.unsqueeze_dim(0);
+    }
+    e
 }
 
 /// Gradients of the encoder's weights: `probes`, `shared_probe_proj`, `per_probe_encoders`

@@ -1,0 +1,207 @@
+//! Reading a layer dataset's rows on demand: from its own `layer.safetensors`, or where an
+//! in-place dataset's references say they are in the model files. Training reads a layer this
+//! way, batch by batch, when the whole layer does not fit the memory it may use.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use super::{TensorRef, decode};
+
+#[cfg(unix)]
+pub(crate) fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(buf, offset)
+}
+
+#[cfg(unix)]
+pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, offset)
+}
+
+#[cfg(windows)]
+pub(crate) fn write_at(file: &File, mut buf: &[u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        let k = file.seek_write(buf, offset)?;
+        if k == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[k..];
+        offset += k as u64;
+    }
+    Ok(())
+}
+
+#[cfg(windows)]
+pub(crate) fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        let k = file.seek_read(buf, offset)?;
+        if k == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf = &mut std::mem::take(&mut buf)[k..];
+        offset += k as u64;
+    }
+    Ok(())
+}
+
+/// Bytes of one value of a float dtype; `None` for any other.
+fn width(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F64 => Some(8),
+        Dtype::F32 => Some(4),
+        Dtype::F16 | Dtype::BF16 => Some(2),
+        _ => None,
+    }
+}
+
+/// Where one row is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RowAt {
+    file: PathBuf,
+    offset: u64,
+    dtype: Dtype,
+    /// For a model file: its header length and the row's `read:` digest, checked on the
+    /// first read (a dataset's own file is checked by the cache instead).
+    check: Option<(u64, String)>,
+}
+
+/// The rows of a layer dataset on disk, read on demand (see the module docs).
+#[derive(Debug)]
+pub struct RowReader {
+    rows: Vec<RowAt>,
+    values: usize,
+    checked: Vec<AtomicBool>,
+}
+
+impl PartialEq for RowReader {
+    fn eq(&self, other: &Self) -> bool {
+        self.rows == other.rows && self.values == other.values
+    }
+}
+
+impl RowReader {
+    /// Rows stacked in `file` from byte `start`, `values` values of `dtype` each.
+    pub fn stacked(file: &Path, start: u64, dtype: Dtype, rows: usize, values: usize) -> Self {
+        let row_bytes = (values * width(dtype).unwrap_or(4)) as u64;
+        Self::new(
+            (0..rows)
+                .map(|i| RowAt {
+                    file: file.to_path_buf(),
+                    offset: start + i as u64 * row_bytes,
+                    dtype,
+                    check: None,
+                })
+                .collect(),
+            values,
+        )
+    }
+
+    /// Rows where `references` say, each checked against its digest (`read:<blake3>` of the
+    /// model file's header and the row's bytes) the first time it is read.
+    pub fn references(references: &[TensorRef], digests: &[String], values: usize) -> Self {
+        Self::new(
+            references
+                .iter()
+                .zip(digests)
+                .map(|(r, d)| RowAt {
+                    file: r.file.clone(),
+                    offset: r.offset,
+                    dtype: r.dtype,
+                    check: Some((r.header, d.clone())),
+                })
+                .collect(),
+            values,
+        )
+    }
+
+    fn new(rows: Vec<RowAt>, values: usize) -> Self {
+        let checked = rows.iter().map(|_| AtomicBool::new(false)).collect();
+        RowReader {
+            rows,
+            values,
+            checked,
+        }
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// True when there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Reads row `i` into `out` (`values` long).
+    pub fn read(&self, i: usize, out: &mut [f32]) -> Result<(), String> {
+        let Some(row) = self.rows.get(i) else {
+            return Err(format!("row {i} of {}", self.rows.len()));
+        };
+        let gone = |e: std::io::Error| format!("{}: {e}", row.file.display());
+        let w = width(row.dtype).ok_or_else(|| {
+            format!(
+                "{}: dtype {:?} is not a weight",
+                row.file.display(),
+                row.dtype
+            )
+        })?;
+        let file = File::open(&row.file).map_err(gone)?;
+        let mut data = vec![0u8; self.values * w];
+        read_at(&file, &mut data, row.offset).map_err(gone)?;
+        if let Some((header_len, digest)) = &row.check
+            && !self.checked[i].load(Ordering::Relaxed)
+        {
+            let header_len =
+                usize::try_from(*header_len).map_err(|_| "header too large".to_string())?;
+            let mut header = vec![0u8; header_len];
+            read_at(&file, &mut header, 0).map_err(gone)?;
+            let mut h = blake3::Hasher::new();
+            h.update(&header);
+            h.update(&data);
+            let got = format!("read:{}", h.finalize().to_hex());
+            if &got != digest {
+                return Err(format!(
+                    "referenced model file {} changed since extraction (its header and tensor \
+                     at byte {} hash to {got}, extraction saw {digest})",
+                    row.file.display(),
+                    row.offset
+                ));
+            }
+            self.checked[i].store(true, Ordering::Relaxed);
+        }
+        let values = decode(row.dtype, &data)?;
+        if values.len() != out.len() {
+            return Err(format!(
+                "{}: row of {} values, expected {}",
+                row.file.display(),
+                values.len(),
+                out.len()
+            ));
+        }
+        out.copy_from_slice(&values);
+        Ok(())
+    }
+
+    /// Reads `rows` into `out` (`rows.len() * values` long, row after row), in parallel.
+    pub fn read_rows(&self, rows: &[usize], out: &mut [f32]) -> Result<(), String> {
+        if out.len() != rows.len() * self.values {
+            return Err(format!(
+                "{} values for {} rows of {}",
+                out.len(),
+                rows.len(),
+                self.values
+            ));
+        }
+        out.par_chunks_mut(self.values.max(1))
+            .zip(rows)
+            .try_for_each(|(o, &i)| self.read(i, o))
+    }
+}
