@@ -351,8 +351,11 @@ impl Store {
             path,
             "the stage referred to a file that must exist",
         ))?;
-        let entries = self.root.join(ENTRIES);
-        let in_entry = path.strip_prefix(&entries).ok().and_then(|rest| {
+        // Compared through symlinks: a cache under a linked folder still owns its files.
+        let entries =
+            fs::canonicalize(self.root.join(ENTRIES)).unwrap_or_else(|_| self.root.join(ENTRIES));
+        let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let in_entry = canonical.strip_prefix(&entries).ok().and_then(|rest| {
             let mut parts = rest.components();
             let shard = parts.next()?.as_os_str().to_str()?;
             let key = Key::parse(parts.next()?.as_os_str().to_str()?).ok()?;

@@ -207,3 +207,51 @@ fn train_select_evaluate_finds_the_planted_layer() {
     assert!(!strict.success());
     assert!(strict.nodes.iter().all(|n| n.state == NodeState::Cached));
 }
+
+/// A layer dataset reads its model files in place: a file rewritten with the same bytes (a
+/// new modification time) makes the dataset stale, so the next run extracts again, says
+/// why, and the probes downstream stay cached (the rows' content is unchanged). A file whose
+/// bytes change reruns everything from the source.
+#[test]
+fn in_place_datasets_are_recomputed_when_their_files_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = planted::planted_tree(&dir.path().join("models"), 20, 8, 6, 1);
+    let toml = format!(
+        "{EXTRACT}
+[stage.probe]
+kind = \"train\"
+from = \"layers\"
+for_each = \"layer\"
+model = \"statnn\"
+epochs = 2
+"
+    );
+    std::fs::write(dir.path().join("tiny.toml"), toml).unwrap();
+    let cache = dir.path().join("cache");
+    let first = experiment::run(&dir.path().join("tiny.toml"), &cache, None, true);
+    assert!(first.success(), "{first:#?}");
+    let side = LayerDataset::load_sidecar(&entry_dir(&cache, &first, "layers[layer=0]")).unwrap();
+    assert_eq!(side.storage, probex_stages::dataset::Storage::References);
+
+    // Same bytes, new mtime: only the datasets run again.
+    let (p, _) = &models[3];
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(p, std::fs::read(p).unwrap()).unwrap();
+    let second = experiment::run(&dir.path().join("tiny.toml"), &cache, None, true);
+    assert!(second.success(), "{second:#?}");
+    for n in &second.nodes {
+        let want = if n.kind == "extract" {
+            NodeState::Ran
+        } else {
+            NodeState::Cached
+        };
+        assert_eq!(n.state, want, "{}", n.node);
+    }
+    let store = Store::open(&cache).unwrap();
+    let layer0 = first
+        .nodes
+        .iter()
+        .find(|n| n.node == "layers[layer=0]")
+        .unwrap();
+    assert!(store.was_quarantined(&Key::parse(&layer0.key).unwrap()));
+}
