@@ -1049,7 +1049,7 @@ fn in_place_layers_refer_to_the_model_files_and_notice_when_they_change() {
     };
     let report = extract(&models, &in_place, &spec, &opts).unwrap();
     let side = LayerDataset::load_sidecar(&in_place[0].dir).unwrap();
-    assert_eq!(side.storage, Storage::References);
+    assert_eq!(side.storage, Storage::References { lora_rank: None });
     assert_eq!(side.references.len(), 5);
     assert!(side.references.iter().all(|r| r.file.is_absolute()));
     let header = read_header(&in_place[0].dir.join("layer.safetensors")).unwrap();
@@ -1072,7 +1072,7 @@ fn in_place_layers_refer_to_the_model_files_and_notice_when_they_change() {
     let mut bytes = std::fs::read(victim).unwrap();
     std::fs::write(victim, &bytes).unwrap();
     LayerDataset::load(&in_place[0].dir).unwrap();
-    let at = side.references[3].offset as usize;
+    let at = side.references[3].tensors[0].offset as usize;
     bytes[at] ^= 0x40;
     std::fs::write(victim, &bytes).unwrap();
     let err = LayerDataset::load(&in_place[0].dir)
@@ -1117,4 +1117,46 @@ fn in_place_layers_refer_to_the_model_files_and_notice_when_they_change() {
         assert_eq!(side.storage, Storage::Stacked, "{what}");
         assert!(side.references.is_empty(), "{what}");
     }
+}
+
+/// In place, a LoRA layer refers to each model's up and down factors in its file (ranks may
+/// differ) and loads as the same factors a copy holds.
+#[test]
+fn in_place_lora_layers_refer_to_both_factors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (models, _) = lora_zoo(&dir.path().join("models"), &[2, 4, 1, 4]);
+    let copied = outputs(
+        &models[0].path,
+        "0",
+        &dir.path().join("copy"),
+        LayerMode::Auto,
+    );
+    extract(&models, &copied, &class_spec(), &ExtractOptions::default()).unwrap();
+    let in_place = outputs(
+        &models[0].path,
+        "0",
+        &dir.path().join("ref"),
+        LayerMode::Auto,
+    );
+    let opts = ExtractOptions {
+        in_place: true,
+        ..Default::default()
+    };
+    extract(&models, &in_place, &class_spec(), &opts).unwrap();
+    let side = LayerDataset::load_sidecar(&in_place[0].dir).unwrap();
+    assert_eq!(side.storage, Storage::References { lora_rank: Some(4) });
+    let shapes: Vec<Vec<Vec<usize>>> = side
+        .references
+        .iter()
+        .map(|r| r.tensors.iter().map(|t| t.shape.clone()).collect())
+        .collect();
+    assert_eq!(
+        shapes[2],
+        [vec![4, 1], vec![1, 6]],
+        "model 2: rank 1, up then down"
+    );
+    let got = LayerDataset::load(&in_place[0].dir).unwrap();
+    let want = LayerDataset::load(&copied[0].dir).unwrap();
+    assert_eq!(got.weights, want.weights);
+    assert!(matches!(got.weights, Matrices::Factored { rank: 4, .. }));
 }

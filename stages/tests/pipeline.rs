@@ -231,7 +231,10 @@ epochs = 2
     let first = experiment::run(&dir.path().join("tiny.toml"), &cache, None, true);
     assert!(first.success(), "{first:#?}");
     let side = LayerDataset::load_sidecar(&entry_dir(&cache, &first, "layers[layer=0]")).unwrap();
-    assert_eq!(side.storage, probex_stages::dataset::Storage::References);
+    assert_eq!(
+        side.storage,
+        probex_stages::dataset::Storage::References { lora_rank: None }
+    );
 
     // Same bytes, new mtime: only the datasets run again.
     let (p, _) = &models[3];

@@ -233,11 +233,17 @@ pub enum Storage {
         /// The largest rank of the layer's models.
         rank: usize,
     },
-    /// No copy: each row's matrix stays where its model file has it, as the sidecar's
-    /// `references` say (file, header length, offset, dtype). Loading reads them and checks
-    /// each against the row's source digest, so a changed file is an error, never other
-    /// numbers. `probex export` writes the stacked form for tools that want one file.
-    References,
+    /// No copy: each row stays where its model file has it, as the sidecar's `references`
+    /// say (file, header length, and each tensor's offset, dtype and shape: the matrix, or a
+    /// LoRA pair's up and down factors). Loading reads them and checks each row against its
+    /// source digest, so a changed file is an error, never other numbers. `probex export`
+    /// writes the stacked form for tools that want one file.
+    References {
+        /// For a LoRA layer, the largest rank of its models (loading pads lower ranks to it,
+        /// as [`Storage::LoraFactors`] stores them); `None` for a plain layer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lora_rank: Option<usize>,
+    },
 }
 
 impl Storage {
@@ -247,24 +253,34 @@ impl Storage {
         match self {
             Storage::Stacked => vec![(WEIGHTS, [n, d_h, d_w])],
             Storage::LoraFactors { rank } => vec![(UP, [n, d_h, rank]), (DOWN, [n, rank, d_w])],
-            Storage::References => Vec::new(),
+            Storage::References { .. } => Vec::new(),
         }
     }
 }
 
-/// Where one row's matrix is in its model file (a [`Storage::References`] dataset).
+/// Where one row is in its model file (a [`Storage::References`] dataset).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TensorRef {
     /// The model file (absolute).
     pub file: std::path::PathBuf,
     /// Bytes before the tensor data: the 8-byte length and the JSON header, which the row's
-    /// source digest covers with the tensor's bytes.
+    /// source digest covers with the tensors' bytes.
     pub header: u64,
-    /// Offset of the tensor's first byte in the file.
+    /// The row's tensors, in digest order: the matrix, or a LoRA pair's up then down factor.
+    pub tensors: Vec<TensorSpan>,
+}
+
+/// One tensor's bytes in a model file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpan {
+    /// Offset of its first byte in the file.
     pub offset: u64,
-    /// Its dtype (`F32`, `F16`, `BF16`, `F64`); the bytes are the matrix in row-major order.
+    /// Its dtype (`F32`, `F16`, `BF16`, `F64`), little-endian, row-major.
     pub dtype: Dtype,
+    /// Its shape in the file.
+    pub shape: Vec<usize>,
 }
 
 /// Name of the stacked matrices in `layer.safetensors`.
@@ -647,12 +663,11 @@ impl LayerDataset {
             }
             Ok(t)
         };
-        let read_all = |reader: &RowReader, at: &Path| {
+        let read_all = |reader: &RowReader| {
             let mut all = vec![0.0; n * values];
             reader
                 .read_rows(&(0..n).collect::<Vec<_>>(), &mut all)
                 .map(|()| all)
-                .map_err(|m| invalid(at, m))
         };
         let weights = match sidecar.storage {
             Storage::Stacked => {
@@ -683,7 +698,7 @@ impl LayerDataset {
                     down: decode(down.dtype(), down.data()).map_err(|m| invalid(&path, m))?,
                 }
             }
-            Storage::References => {
+            Storage::References { lora_rank } => {
                 let at = dir.join(SIDECAR_FILE);
                 if sidecar.references.len() != n {
                     return Err(invalid(
@@ -696,19 +711,23 @@ impl LayerDataset {
                     .iter()
                     .map(|m| m.source_digest.clone())
                     .collect();
+                let stale = |e: String| {
+                    invalid(
+                        &at,
+                        format!(
+                            "{e}. This layer dataset reads the model files in place; run the \
+                             experiment again and its extract node is recomputed"
+                        ),
+                    )
+                };
                 let reader = RowReader::references(&sidecar.references, &digests, values);
-                if fits {
-                    Matrices::Stacked(read_all(&reader, &at).map_err(|e| {
-                        invalid(
-                            &at,
-                            format!(
-                                "{e}. This layer dataset reads the model files in place; run \
-                                 the experiment again and its extract node is recomputed"
-                            ),
-                        )
-                    })?)
-                } else {
-                    Matrices::OnDisk(Arc::new(reader))
+                match lora_rank {
+                    Some(rank) => {
+                        let (up, down) = reader.factors(rank, [d_h, d_w]).map_err(stale)?;
+                        Matrices::Factored { rank, up, down }
+                    }
+                    None if fits => Matrices::Stacked(read_all(&reader).map_err(stale)?),
+                    None => Matrices::OnDisk(Arc::new(reader)),
                 }
             }
         };

@@ -61,12 +61,12 @@ fn width(dtype: Dtype) -> Option<usize> {
     }
 }
 
-/// Where one row is.
+/// Where one row is: its tensors' spans in one file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct RowAt {
     file: PathBuf,
-    offset: u64,
-    dtype: Dtype,
+    /// (offset, dtype, values) of each tensor, in digest order.
+    spans: Vec<(u64, Dtype, usize)>,
     /// For a model file: its header length and the row's `read:` digest, checked on the
     /// first read (a dataset's own file is checked by the cache instead).
     check: Option<(u64, String)>,
@@ -94,8 +94,7 @@ impl RowReader {
             (0..rows)
                 .map(|i| RowAt {
                     file: file.to_path_buf(),
-                    offset: start + i as u64 * row_bytes,
-                    dtype,
+                    spans: vec![(start + i as u64 * row_bytes, dtype, values)],
                     check: None,
                 })
                 .collect(),
@@ -104,7 +103,7 @@ impl RowReader {
     }
 
     /// Rows where `references` say, each checked against its digest (`read:<blake3>` of the
-    /// model file's header and the row's bytes) the first time it is read.
+    /// model file's header and the row's tensors' bytes) the first time it is read.
     pub fn references(references: &[TensorRef], digests: &[String], values: usize) -> Self {
         Self::new(
             references
@@ -112,8 +111,11 @@ impl RowReader {
                 .zip(digests)
                 .map(|(r, d)| RowAt {
                     file: r.file.clone(),
-                    offset: r.offset,
-                    dtype: r.dtype,
+                    spans: r
+                        .tensors
+                        .iter()
+                        .map(|t| (t.offset, t.dtype, t.shape.iter().product()))
+                        .collect(),
                     check: Some((r.header, d.clone())),
                 })
                 .collect(),
@@ -140,22 +142,22 @@ impl RowReader {
         self.rows.is_empty()
     }
 
-    /// Reads row `i` into `out` (`values` long).
-    pub fn read(&self, i: usize, out: &mut [f32]) -> Result<(), String> {
+    /// Row `i`'s tensors, decoded (checked against the row's digest on its first read).
+    fn tensors(&self, i: usize) -> Result<Vec<Vec<f32>>, String> {
         let Some(row) = self.rows.get(i) else {
             return Err(format!("row {i} of {}", self.rows.len()));
         };
         let gone = |e: std::io::Error| format!("{}: {e}", row.file.display());
-        let w = width(row.dtype).ok_or_else(|| {
-            format!(
-                "{}: dtype {:?} is not a weight",
-                row.file.display(),
-                row.dtype
-            )
-        })?;
         let file = File::open(&row.file).map_err(gone)?;
-        let mut data = vec![0u8; self.values * w];
-        read_at(&file, &mut data, row.offset).map_err(gone)?;
+        let mut bytes = Vec::with_capacity(row.spans.len());
+        for &(offset, dtype, values) in &row.spans {
+            let w = width(dtype).ok_or_else(|| {
+                format!("{}: dtype {dtype:?} is not a weight", row.file.display())
+            })?;
+            let mut data = vec![0u8; values * w];
+            read_at(&file, &mut data, offset).map_err(gone)?;
+            bytes.push((dtype, data));
+        }
         if let Some((header_len, digest)) = &row.check
             && !self.checked[i].load(Ordering::Relaxed)
         {
@@ -165,29 +167,80 @@ impl RowReader {
             read_at(&file, &mut header, 0).map_err(gone)?;
             let mut h = blake3::Hasher::new();
             h.update(&header);
-            h.update(&data);
+            for (_, data) in &bytes {
+                h.update(data);
+            }
             let got = format!("read:{}", h.finalize().to_hex());
             if &got != digest {
                 return Err(format!(
-                    "referenced model file {} changed since extraction (its header and tensor \
-                     at byte {} hash to {got}, extraction saw {digest})",
+                    "referenced model file {} changed since extraction (its header and tensors \
+                     at bytes {:?} hash to {got}, extraction saw {digest})",
                     row.file.display(),
-                    row.offset
+                    row.spans.iter().map(|s| s.0).collect::<Vec<_>>()
                 ));
             }
             self.checked[i].store(true, Ordering::Relaxed);
         }
-        let values = decode(row.dtype, &data)?;
+        bytes
+            .into_iter()
+            .map(|(dtype, data)| decode(dtype, &data))
+            .collect()
+    }
+
+    /// Reads row `i`'s matrix into `out` (`values` long).
+    pub fn read(&self, i: usize, out: &mut [f32]) -> Result<(), String> {
+        let tensors = self.tensors(i)?;
+        let [values] = tensors.as_slice() else {
+            return Err(format!(
+                "row {i} holds {} tensors, not one matrix",
+                tensors.len()
+            ));
+        };
         if values.len() != out.len() {
             return Err(format!(
-                "{}: row of {} values, expected {}",
-                row.file.display(),
+                "row {i}: {} values, expected {}",
                 values.len(),
                 out.len()
             ));
         }
-        out.copy_from_slice(&values);
+        out.copy_from_slice(values);
         Ok(())
+    }
+
+    /// Every row's LoRA factors, zero-padded to `rank`: `up` `[n, d_h, rank]` and `down`
+    /// `[n, rank, d_w]` (each row's tensors being its up `[d_h, r]` and down `[r, d_w]`).
+    pub fn factors(
+        &self,
+        rank: usize,
+        [d_h, d_w]: [usize; 2],
+    ) -> Result<(Vec<f32>, Vec<f32>), String> {
+        let rows: Vec<(Vec<f32>, Vec<f32>)> = (0..self.rows.len())
+            .into_par_iter()
+            .map(|i| {
+                let mut t = self.tensors(i)?;
+                let (Some(down), Some(up), None) = (t.pop(), t.pop(), t.pop()) else {
+                    return Err(format!("row {i} is not a LoRA pair"));
+                };
+                let r = down.len() / d_w.max(1);
+                if r > rank || up.len() != d_h * r || down.len() != r * d_w {
+                    return Err(format!(
+                        "row {i}: factors of {} and {} values do not form a [{d_h}, {d_w}] \
+                         matrix of rank at most {rank}",
+                        up.len(),
+                        down.len()
+                    ));
+                }
+                let mut b = vec![0.0; d_h * rank];
+                for (dst, src) in b.chunks_exact_mut(rank).zip(up.chunks_exact(r.max(1))) {
+                    dst[..r].copy_from_slice(&src[..r]);
+                }
+                let mut a = down;
+                a.resize(rank * d_w, 0.0);
+                Ok((b, a))
+            })
+            .collect::<Result<_, String>>()?;
+        let (up, down): (Vec<Vec<f32>>, Vec<Vec<f32>>) = rows.into_iter().unzip();
+        Ok((up.concat(), down.concat()))
     }
 
     /// Reads `rows` into `out` (`rows.len() * values` long, row after row), in parallel.

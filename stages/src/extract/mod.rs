@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::{
     Labels, LayerDataset, LayerInfo, ModelRecord, Precision, SIDECAR_FILE, Sidecar, Skipped, Split,
-    Storage, TensorRef, encode,
+    Storage, TensorRef, TensorSpan, encode,
 };
 use crate::labels::{LabelSpec, LabelValue, Labeler, OnError};
 use crate::weights::layers::is_float;
@@ -257,9 +257,10 @@ pub struct ExtractOptions {
     pub splits: SplitSource,
     /// Unreadable files, missing tensors and shape mismatches: fail (default) or skip the model.
     pub on_bad_file: OnError,
-    /// Plain layers refer to the model files ([`Storage::References`]) instead of copying
-    /// their rows, unless a precision conversion or `non_finite = zero` needs a copy. Their
-    /// source digests are then `read:` digests whatever `digest` says: loading checks them.
+    /// Layers refer to the model files ([`Storage::References`]) instead of copying their
+    /// rows (a LoRA pair's factors, a plain layer's matrix), unless a precision conversion or
+    /// `non_finite = zero` needs a copy. Their source digests are then `read:` digests
+    /// whatever `digest` says: loading checks them.
     pub in_place: bool,
 }
 
@@ -618,7 +619,10 @@ fn extract_row(
     };
 
     if referenced {
-        if non_finite_in(entry.dtype, data) > 0 {
+        let bad = non_finite_in(entry.dtype, data)
+            + up.zip(up_data)
+                .map_or(0, |(u, d)| non_finite_in(u.dtype, d));
+        if bad > 0 {
             let mut parts = row_parts(st, layer, entry, up).map_err(bad_file)?;
             if let Some(dropped) =
                 non_finite_policy(cx.opts.non_finite, model, layer, &mut parts, findings)?
@@ -633,8 +637,16 @@ fn extract_row(
         let reference = TensorRef {
             file,
             header: st.header().data_start as u64,
-            offset: entry.span.start as u64,
-            dtype: entry.dtype,
+            // The digest's order: up factor first, then the down factor (or the matrix).
+            tensors: up
+                .into_iter()
+                .chain([entry])
+                .map(|e| TensorSpan {
+                    offset: e.span.start as u64,
+                    dtype: e.dtype,
+                    shape: e.shape.clone(),
+                })
+                .collect(),
         };
         return Ok(RowOutcome::Written {
             digest,
@@ -649,7 +661,7 @@ fn extract_row(
     let pieces: Vec<&TensorEntry> = up.into_iter().chain([entry]).collect();
     let full_rank = match layer.storage {
         Storage::LoraFactors { rank } => entry.shape[0] == rank,
-        Storage::Stacked | Storage::References => true,
+        Storage::Stacked | Storage::References { .. } => true,
     };
     if cfg!(target_endian = "little")
         && full_rank
@@ -990,13 +1002,12 @@ pub fn extract(
         .iter()
         .map(|o| opts.precision.unwrap_or(o.layer.source_precision))
         .collect();
-    // A plain layer is read where it is unless a copy pays: a conversion was asked for, or
-    // NaN/Inf values are to be zeroed (the file's bytes are not the row then).
+    // A layer is read where it is unless a copy pays: a conversion was asked for, or NaN/Inf
+    // values are to be zeroed (the file's bytes are not the row then).
     let referenced: Vec<bool> = outputs
         .iter()
         .map(|o| {
             opts.in_place
-                && o.layer.storage == Storage::Stacked
                 && opts.non_finite != NonFinitePolicy::Zero
                 && opts.precision.is_none_or(|p| p == o.layer.source_precision)
         })
@@ -1004,12 +1015,12 @@ pub fn extract(
     let storage: Vec<Storage> = outputs
         .iter()
         .zip(&referenced)
-        .map(|(o, &r)| {
-            if r {
-                Storage::References
-            } else {
-                o.layer.storage
-            }
+        .map(|(o, &r)| match o.layer.storage {
+            _ if !r => o.layer.storage,
+            Storage::LoraFactors { rank } => Storage::References {
+                lora_rank: Some(rank),
+            },
+            _ => Storage::References { lora_rank: None },
         })
         .collect();
     let files: Vec<LayerFile> = outputs
@@ -1261,11 +1272,7 @@ pub fn extract(
             layer: out.layer.info(),
             shape: out.layer.matrix,
             precision: precision[out_i],
-            storage: if referenced[out_i] {
-                Storage::References
-            } else {
-                out.layer.storage
-            },
+            storage: storage[out_i],
             references,
             models: records,
             label_key: label.key.clone(),

@@ -7,8 +7,9 @@
 //! layers = "all"                 # 59 | [57, 59] | "40..60" | "glob:*.query.weight" | "re:attn2" | a name
 //! label = { key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar100" }
 //! ```
-//! LoRA layers are stored as their factors `up` and `down` (see [`crate::dataset`]), values
-//! at the files' own precision unless `precision = "f32" | "f16" | "bf16"` asks for another.
+//! Layers are read in place from the model files by default; copied, LoRA layers keep their
+//! factors `up` and `down` (see [`crate::dataset`]), values at the files' own precision
+//! unless `precision = "f32" | "f16" | "bf16"` asks for another.
 //!
 //! The stage fans out over `layer` (one node, one cache entry per layer, so any experiment
 //! asking for that layer reuses it) and runs all layers that need computing in one pass over
@@ -59,9 +60,10 @@ pub struct ExtractParams {
     /// Unreadable files, missing tensors, shape mismatches: fail or skip the model.
     #[serde(default)]
     pub on_bad_file: OnError,
-    /// Copy every plain layer's rows into the dataset. By default they are read where the
-    /// model files have them (the cache keeps those files while the dataset lives), and only
-    /// a precision conversion or `non_finite = "zero"` copies.
+    /// Copy every layer's rows into the dataset. By default they are read where the model
+    /// files have them (a plain layer's matrix, a LoRA pair's factors; the cache keeps those
+    /// files while the dataset lives), and only a precision conversion or
+    /// `non_finite = "zero"` copies.
     #[serde(default)]
     pub copy: bool,
     /// With a routing input: only this tree (the sweep sets it for each node).
