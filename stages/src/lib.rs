@@ -11,6 +11,7 @@ pub mod embeddings;
 pub mod evaluate;
 pub mod extract;
 pub mod fetch;
+mod gemm;
 mod host;
 pub mod labels;
 pub mod models;

@@ -23,42 +23,7 @@ pub(crate) fn matmul(
         a.len() == m * k && b.len() == k * n,
         "matmul: buffer sizes do not match m, k, n"
     );
-    let mut c = vec![0.0; m * n];
-    if m == 0 || n == 0 || k == 0 {
-        return c;
-    }
-    let (rsa, csa) = if a_t {
-        (1, m as isize)
-    } else {
-        (k as isize, 1)
-    };
-    let (rsb, csb) = if b_t {
-        (1, k as isize)
-    } else {
-        (n as isize, 1)
-    };
-    // SAFETY: the assert above makes every index the strides reach ((m-1)*rsa + (k-1)*csa <
-    // m*k, same for B) lie inside `a` and `b`; `c` is a fresh m x n buffer with row stride n
-    // and column stride 1, so no two elements alias.
-    unsafe {
-        matrixmultiply::dgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            0.0,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
-    c
+    crate::gemm::product(a, a_t, b, b_t, [m, k, n])
 }
 
 /// Lower Cholesky factor `L` (row-major, `A = L L'`) of a symmetric positive definite matrix;

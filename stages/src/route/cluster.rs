@@ -37,26 +37,7 @@ pub fn pairwise_distances(x: &[f32], n: usize, d: usize) -> Vec<f64> {
         .chunks_exact(d.max(1))
         .flat_map(|row| row.iter().zip(&mean).map(|(&v, &m)| v as f64 - m))
         .collect();
-    let mut gram = vec![0.0f64; n * n];
-    // SAFETY: `c` is n x d and `gram` n x n, both row-major with the strides given.
-    unsafe {
-        matrixmultiply::dgemm(
-            n,
-            d,
-            n,
-            1.0,
-            c.as_ptr(),
-            d as isize,
-            1,
-            c.as_ptr(),
-            1,
-            d as isize,
-            0.0,
-            gram.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
+    let gram = crate::gemm::product(&c, false, &c, true, [n, d, n]);
     let mut m = vec![0.0; n * n];
     for i in 0..n {
         for j in i + 1..n {

@@ -8,9 +8,9 @@ use burn::tensor::TensorData;
 
 use crate::dataset::{Labels, LayerDataset, Matrices, Split};
 use crate::embeddings::TextTable;
+use crate::gemm::add_product;
 use crate::models::checkpoint::{TaskInfo, TaskKind};
 use crate::models::{Batch, ModelKind, ModelSpec, Standardize, statnn};
-use crate::weights::transform::add_product;
 
 use super::TrainConfig;
 

@@ -108,61 +108,7 @@ pub fn plan_lora(up: &[usize], down: &[usize]) -> Result<[usize; 2], String> {
 pub fn lora_product(b: &[f32], a: &[f32], out: usize, r: usize, cols: usize, x: &mut Vec<f32>) {
     x.clear();
     x.resize(out * cols, 0.0);
-    add_product(b, false, a, false, [out, r, cols], x);
-}
-
-/// `c += op(a) @ op(b)` for row-major f32 matrices, `op` transposing when its flag is set:
-/// `op(a)` is `[m, k]`, `op(b)` `[k, n]`, `c` `[m, n]`. Through `matrixmultiply`, a
-/// dependency and so optimised even where probex's own crates are not.
-///
-/// # Panics
-/// When a slice is shorter than its matrix (a caller's bug, never data-dependent).
-pub fn add_product(
-    a: &[f32],
-    a_t: bool,
-    b: &[f32],
-    b_t: bool,
-    [m, k, n]: [usize; 3],
-    c: &mut [f32],
-) {
-    assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "add_product: operands do not hold [{m}, {k}] @ [{k}, {n}]"
-    );
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    let (rsa, csa) = if a_t {
-        (1, m as isize)
-    } else {
-        (k as isize, 1)
-    };
-    let (rsb, csb) = if b_t {
-        (1, k as isize)
-    } else {
-        (n as isize, 1)
-    };
-    // SAFETY: the assert above makes every index the strides reach ((m-1)*rsa + (k-1)*csa <
-    // m*k, the same for B and C) lie inside `a`, `b` and `c`; `c` is borrowed mutably and
-    // with unit column stride and row stride n, so no two of its elements alias.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            1.0,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
+    crate::gemm::add_product(b, false, a, false, [out, r, cols], x);
 }
 
 #[cfg(test)]
