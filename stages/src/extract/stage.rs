@@ -5,8 +5,12 @@
 //! kind = "extract"
 //! from = "models"
 //! layers = "all"                 # 59 | [57, 59] | "40..60" | "glob:*.query.weight" | "re:attn2" | a name
+//! mode = "auto"                  # the layer list: auto | vit | resnet | lora | matrices | tensors
 //! label = { key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar100" }
 //! ```
+//! Indices and `all` count in the model's layer list (the paper's for ViT, ResNet and LoRA
+//! files, weight matrices for anything else; see [`crate::weights::arch`]); `mode = "tensors"`
+//! counts every tensor instead.
 //! The stage fans out over `layer` (one node, one cache entry per layer, so any experiment
 //! asking for that layer reuses it) and runs all layers that need computing in one pass over
 //! the model files.
@@ -38,7 +42,8 @@ pub const ARTIFACT: &str = "layer";
 pub struct ExtractParams {
     /// Which layers: after the sweep, each node holds exactly one index.
     pub layers: LayerSelector,
-    /// Plain tensors, LoRA pairs (X = B @ A), or decide per file.
+    /// The layer list: `auto` (the paper's list for a recognised architecture, else weight
+    /// matrices), or one by name (`vit`, `resnet`, `lora`, `matrices`, `tensors`).
     #[serde(default)]
     pub mode: LayerMode,
     /// What the probe learns to predict.
@@ -70,7 +75,10 @@ impl Stage for Extract {
         "extract"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: layer indices and `all` count in the paper's per-architecture lists (weight
+        // matrices for unknown architectures) instead of every tensor, so the same `layers`
+        // can name another tensor; sidecars record the list.
+        2
     }
     fn about(&self) -> &'static str {
         "stack one layer of every model into a dataset with labels and splits (one node per layer)"
@@ -259,6 +267,14 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
             layer: layer.remove(0),
             dir: cx.out_dir().to_path_buf(),
         });
+    }
+    if let Some(o) = outputs.first() {
+        lead.log(format!(
+            "layer list: {} ({}), resolved on {}",
+            o.layer.list,
+            o.layer.list.rule(),
+            first.path.display()
+        ));
     }
     lead.log(format!(
         "extracting {} layers from {} models in one pass{}",

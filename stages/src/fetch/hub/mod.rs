@@ -29,7 +29,7 @@ use crate::extract::ModelSource;
 use crate::extract::discover::glob_to_regex;
 use crate::weights::partial::{self, ORIGINAL_TENSORS_KEY, SOURCE_KEY};
 use crate::weights::reader::{Header, header_len, parse_header};
-use crate::weights::{LayerMode, LayerSelector, layer_rows};
+use crate::weights::{LayerList, LayerMode, LayerSelector};
 use cache::{HfCache, RepoKind, RepoRef, TensorCache, check_etag, is_commit, safe_rel_path};
 use http::{Http, RetryPolicy};
 
@@ -125,7 +125,7 @@ pub struct TensorSelection {
     /// Layers, resolved against each file's header with the paper's indexing (for LoRA, the
     /// up factor comes along).
     pub layers: Option<LayerSelector>,
-    /// How layers are counted (plain tensors or LoRA pairs).
+    /// The layer list `layers` counts in (as extract's `mode`).
     pub layer_mode: LayerMode,
 }
 
@@ -168,9 +168,9 @@ impl TensorSelection {
             }
         }
         if let Some(sel) = &self.layers {
-            let rows = layer_rows(header, self.layer_mode)?;
-            for i in sel.resolve(&rows)? {
-                let r = &rows[i];
+            let list = LayerList::of(header, self.layer_mode)?;
+            for i in list.select(sel)? {
+                let r = &list.rows[i];
                 out.insert(r.name.clone());
                 if let Some(up) = &r.lora_up {
                     out.insert(up.clone());
