@@ -270,10 +270,10 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
     }
     if let Some(o) = outputs.first() {
         lead.log(format!(
-            "layer list: {} ({}), resolved on {}",
+            "layer list: {}, resolved on {}: {}",
             o.layer.list,
-            o.layer.list.rule(),
-            first.path.display()
+            first.path.display(),
+            o.layer.list.rule()
         ));
     }
     lead.log(format!(
