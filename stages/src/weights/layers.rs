@@ -137,6 +137,14 @@ impl LayerList {
     /// indices are the paper's; layers whose tensors the file does not hold have no matrix and
     /// a note saying so (`all` and patterns skip them; naming one is an error with that note).
     pub fn of(header: &Header, mode: LayerMode) -> Result<LayerList, String> {
+        Self::with_original(header, mode).map(|(list, _)| list)
+    }
+
+    /// [`LayerList::of`], and the original header of a partial file (read once for both).
+    fn with_original(
+        header: &Header,
+        mode: LayerMode,
+    ) -> Result<(LayerList, Option<Header>), String> {
         let original = super::partial::original(header)?;
         let whole = original.as_ref().unwrap_or(header);
         let architecture = mode.resolve(whole)?;
@@ -165,11 +173,12 @@ impl LayerList {
             .filter(|t| !listed.contains(t.name.as_str()))
             .map(|t| t.name.clone())
             .collect();
-        Ok(LayerList {
+        let list = LayerList {
             architecture,
             rows,
             unlisted,
-        })
+        };
+        Ok((list, original))
     }
 
     /// The indices (ascending, unique) `selector` picks, as [`LayerSelector::resolve`]; naming
@@ -373,8 +382,7 @@ pub struct Listing {
 
 /// The listing of a header in `mode`: each tensor's position beside its layer index.
 pub fn listing(header: &Header, mode: LayerMode) -> Result<Listing, String> {
-    let list = LayerList::of(header, mode)?;
-    let original = super::partial::original(header)?;
+    let (list, original) = LayerList::with_original(header, mode)?;
     let whole = original.as_ref().unwrap_or(header);
     let by_name: BTreeMap<&str, &LayerRow> =
         list.rows.iter().map(|r| (r.name.as_str(), r)).collect();
