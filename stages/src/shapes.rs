@@ -279,64 +279,52 @@ fn bytes_per(dtype: Dtype) -> usize {
     dtype.bitsize() / 8
 }
 
-/// The header JSON of a safetensors file of `specs` in `dtype` (padded with spaces to a multiple
-/// of 8, as the reference writer does) and the size of its data section. Tensors are laid out
-/// in the order given.
+/// The header JSON of a safetensors file of `specs` in `dtype` and the size of its data
+/// section, after checking what the shared encoder ([`crate::weights::writer::header_json`])
+/// assumes: a float dtype, sizes that fit, unique names.
 fn header_json(
     specs: &[TensorSpec],
     dtype: Dtype,
     metadata: &BTreeMap<String, String>,
 ) -> io::Result<(Vec<u8>, u64)> {
     check_float(dtype)?;
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::Value::Object(
-                metadata
-                    .iter()
-                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                    .collect(),
-            ),
-        );
-    }
-    let mut offset = 0usize;
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+    let mut lens = Vec::with_capacity(specs.len());
+    let mut names = std::collections::BTreeSet::new();
     for s in specs {
-        let d = s.dtype.unwrap_or(dtype);
+        if !names.insert(s.name.as_str()) {
+            return Err(invalid(format!("tensor `{}` is listed twice", s.name)));
+        }
         let len = s
             .shape
             .iter()
-            .try_fold(bytes_per(d), |acc, &x| acc.checked_mul(x))
+            .try_fold(bytes_per(s.dtype.unwrap_or(dtype)), |acc, &x| {
+                acc.checked_mul(x)
+            })
             .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("tensor `{}`: shape {:?} overflows", s.name, s.shape),
-                )
+                invalid(format!(
+                    "tensor `{}`: shape {:?} overflows",
+                    s.name, s.shape
+                ))
             })?;
-        let dtype_name = serde_json::to_value(d).map_err(io::Error::other)?;
-        if header
-            .insert(
-                s.name.clone(),
-                serde_json::json!({
-                    "dtype": dtype_name,
-                    "shape": s.shape,
-                    "data_offsets": [offset, offset + len],
-                }),
+        lens.push(len);
+    }
+    let data = lens
+        .iter()
+        .try_fold(0u64, |acc, &l| acc.checked_add(l as u64))
+        .ok_or_else(|| invalid("the tensors' sizes overflow".into()))?;
+    let json = crate::weights::writer::header_json(
+        specs.iter().zip(&lens).map(|(s, &len)| {
+            (
+                s.name.as_str(),
+                s.dtype.unwrap_or(dtype),
+                s.shape.as_slice(),
+                len,
             )
-            .is_some()
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("tensor `{}` is listed twice", s.name),
-            ));
-        }
-        offset += len;
-    }
-    let mut json = serde_json::Value::Object(header).to_string().into_bytes();
-    while !json.len().is_multiple_of(8) {
-        json.push(b' ');
-    }
-    Ok((json, offset as u64))
+        }),
+        metadata,
+    );
+    Ok((json, data))
 }
 
 /// The validated header a file of `specs` written by [`write_safetensors`] would have, without

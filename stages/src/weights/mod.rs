@@ -1,5 +1,6 @@
-//! Reading model weights: a hostile-input-safe safetensors reader, the paper's layer lists and indexing,
-//! layer selectors and the tensor-to-matrix transforms.
+//! Reading model weights: a hostile-input-safe safetensors reader, the paper's layer lists and
+//! indexing, layer selectors, the tensor-to-matrix transforms, and the header encoder probex's
+//! own safetensors files share.
 
 pub mod arch;
 pub mod layers;
@@ -7,6 +8,7 @@ pub mod partial;
 pub mod reader;
 pub mod select;
 pub mod transform;
+pub mod writer;
 
 pub use arch::Architecture;
 pub use layers::{

@@ -1315,30 +1315,13 @@ fn write_safetensors(
     tensors: &[(&crate::weights::TensorEntry, &[u8])],
     metadata: &BTreeMap<String, String>,
 ) -> std::io::Result<()> {
-    let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".into(),
-        serde_json::Value::Object(
-            metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                .collect(),
-        ),
+    let json = crate::weights::writer::header_json(
+        tensors
+            .iter()
+            .map(|(e, bytes)| (e.name.as_str(), e.dtype, e.shape.as_slice(), bytes.len())),
+        metadata,
     );
-    let mut offset = 0usize;
-    for (e, bytes) in tensors {
-        header.insert(
-            e.name.clone(),
-            serde_json::json!({
-                "dtype": format!("{:?}", e.dtype),
-                "shape": e.shape,
-                "data_offsets": [offset, offset + bytes.len()],
-            }),
-        );
-        offset += bytes.len();
-    }
-    let mut json = serde_json::to_vec(&serde_json::Value::Object(header))?;
-    json.resize(json.len().next_multiple_of(8), b' ');
+    let offset: usize = tensors.iter().map(|(_, bytes)| bytes.len()).sum();
     let mut out = Vec::with_capacity(8 + json.len() + offset);
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
