@@ -3,14 +3,15 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use probex_stages::weights::{LayerMode, list_layers};
+use probex_stages::weights::{LayerMode, describe_layers, format_layer_table};
 
 /// Arguments of `probex layers`.
 #[derive(Args, Debug)]
 pub struct LayersArgs {
     /// A .safetensors model file
     file: PathBuf,
-    /// Plain tensors, LoRA pairs (X = B @ A), or decide from the file
+    /// The layer list: the paper's for a recognised architecture (ViT, ResNet, LoRA), else
+    /// weight matrices (auto); or one by name; `tensors` counts every tensor
     #[arg(long, value_enum, default_value = "auto")]
     mode: ModeArg,
     /// Print JSON
@@ -21,26 +22,33 @@ pub struct LayersArgs {
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ModeArg {
     Auto,
-    Tensors,
+    Vit,
+    Resnet,
     Lora,
+    Matrices,
+    Tensors,
 }
 
-/// Prints the layers; returns the exit code.
+/// Prints every tensor with its position in the file and its layer index; returns the exit
+/// code.
 pub fn run(args: &LayersArgs) -> i32 {
     let mode = match args.mode {
         ModeArg::Auto => LayerMode::Auto,
-        ModeArg::Tensors => LayerMode::Tensors,
+        ModeArg::Vit => LayerMode::Vit,
+        ModeArg::Resnet => LayerMode::Resnet,
         ModeArg::Lora => LayerMode::Lora,
+        ModeArg::Matrices => LayerMode::Matrices,
+        ModeArg::Tensors => LayerMode::Tensors,
     };
-    let rows = match list_layers(&args.file, mode) {
-        Ok(r) => r,
+    let listing = match describe_layers(&args.file, mode) {
+        Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e}");
             return 2;
         }
     };
     if args.json {
-        match serde_json::to_string_pretty(&rows) {
+        match serde_json::to_string_pretty(&listing) {
             Ok(s) => println!("{s}"),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -49,23 +57,6 @@ pub fn run(args: &LayersArgs) -> i32 {
         }
         return 0;
     }
-    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
-    println!(
-        "{:>5}  {:<width$}  {:<18}  {:<5}  probe matrix",
-        "index", "name", "shape", "dtype"
-    );
-    for r in &rows {
-        let matrix = match (&r.matrix, &r.transform) {
-            (Some([h, w]), Some(t)) => format!("[{h}, {w}] ({})", t.as_str()),
-            _ => r.note.clone().unwrap_or_else(|| "-".into()),
-        };
-        println!(
-            "{:>5}  {:<width$}  {:<18}  {:<5}  {matrix}",
-            r.index,
-            r.name,
-            format!("{:?}", r.shape),
-            r.dtype
-        );
-    }
+    print!("{}", format_layer_table(&listing));
     0
 }

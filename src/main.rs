@@ -31,7 +31,7 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Engine(EngineCommand),
-    /// List a model file's layers: the paper's index, tensor name, shape, dtype, probe matrix
+    /// List a model file's tensors: position in the file, layer index (the paper's list), shape, matrix
     Layers(layers::LayersArgs),
     /// Rank the models a zero-shot probe has seen by a free-text query
     Search(search::SearchArgs),

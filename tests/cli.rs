@@ -54,6 +54,7 @@ fn export_writes_the_plain_stacked_form() {
             name: "unet.x.attn2.to_q.lora.down.weight".into(),
             source_shape: vec![2, 3],
             transform: "lora_product".into(),
+            list: Some(probex_stages::weights::Architecture::SdLora),
         },
         n: 2,
         d_h: 2,
@@ -116,4 +117,103 @@ fn export_writes_the_plain_stacked_form() {
     ]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("no cache entry's key starts with"), "{err}");
+}
+
+fn probex_stdout(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_probex"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn layers_shows_the_file_position_beside_the_papers_index() {
+    use probex_stages::shapes::{self, Dtype, VitConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model.safetensors");
+    // ViT-B's 200 tensor names at tiny widths.
+    let specs = shapes::vit(&VitConfig {
+        hidden: 4,
+        intermediate: 8,
+        patch: 2,
+        image: 4,
+        channels: 1,
+        ..VitConfig::b16(3)
+    });
+    shapes::write_safetensors(&model, &specs, Dtype::F16, &Default::default(), 0).unwrap();
+    let path = model.to_str().unwrap();
+
+    let (code, out, err) = probex_stdout(&["layers", path]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with("layer list: vit (74 layers of 200 tensors): the paper's ViT list"),
+        "{out}"
+    );
+    let line = |n: &str| line_of(&out, n);
+    // Position among all 200 tensors, then the paper's index.
+    assert_eq!(
+        line("vit.encoder.layer.7.attention.output.dense.weight"),
+        ["157", "59"]
+    );
+    assert_eq!(
+        line("vit.encoder.layer.8.attention.attention.value.weight"),
+        ["171", "64"]
+    );
+    assert_eq!(line("classifier.weight"), ["1", "0"]);
+    assert_eq!(
+        line("vit.encoder.layer.7.attention.output.dense.bias"),
+        ["156", "-"]
+    );
+    assert_eq!(line("vit.embeddings.cls_token"), ["2", "-"]);
+
+    let (code, json, err) = probex_stdout(&["layers", path, "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["architecture"], "vit");
+    assert_eq!(v["layers"], 74);
+    let t = &v["tensors"][157];
+    assert_eq!(
+        t["name"],
+        "vit.encoder.layer.7.attention.output.dense.weight"
+    );
+    assert_eq!(
+        (t["position"].as_u64(), t["layer"].as_u64()),
+        (Some(157), Some(59))
+    );
+
+    // Every tensor, on request: the index is the position.
+    let (code, out, err) = probex_stdout(&["layers", path, "--mode", "tensors"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with("layer list: tensors (200 layers of 200 tensors)"),
+        "{out}"
+    );
+    assert_eq!(
+        line_of(&out, "vit.encoder.layer.7.attention.output.dense.weight"),
+        ["157", "157"]
+    );
+
+    // A list the file does not hold is an error naming the file and what is missing.
+    let (code, _, err) = probex_stdout(&["layers", path, "--mode", "resnet"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("classifier.1.weight"),
+        "{err}"
+    );
+}
+
+/// The first two columns (file position, layer index) of tensor `name`'s row.
+fn line_of(out: &str, name: &str) -> Vec<String> {
+    out.lines()
+        .find(|l| l.split_whitespace().nth(2) == Some(name))
+        .unwrap_or_else(|| panic!("no line for {name} in\n{out}"))
+        .split_whitespace()
+        .take(2)
+        .map(String::from)
+        .collect()
 }

@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         }
         let _ = transform::plan(&t.shape);
     }
-    for mode in [LayerMode::Auto, LayerMode::Tensors, LayerMode::Lora] {
+    for mode in LayerMode::ALL {
         let Ok(rows) = layer_rows(&header, mode) else { continue };
         for sel in ["all", "0", "1..3", "re:lora", "*.weight"] {
             let sel: LayerSelector = sel.parse().expect("fixed selector");

@@ -19,6 +19,7 @@ pub mod packages;
 pub mod query;
 pub mod route;
 pub mod select;
+pub mod shapes;
 pub mod text;
 pub mod train;
 pub mod training;

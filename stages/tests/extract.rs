@@ -325,11 +325,12 @@ fn category_and_numeric_labels_from_metadata() {
         );
         models.push(source(&format!("m{i}"), p, Split::Train));
     }
+    // A vector is a layer only when every tensor is (`mode = "tensors"`).
     let outs = outputs(
         &models[0].path,
         "all",
         &dir.path().join("a"),
-        LayerMode::Auto,
+        LayerMode::Tensors,
     );
     extract(
         &models,
@@ -350,11 +351,12 @@ fn category_and_numeric_labels_from_metadata() {
     );
     assert_eq!(targets, &[0, 1, 0]);
 
+    // A vector is a layer only when every tensor is (`mode = "tensors"`).
     let outs = outputs(
         &models[0].path,
         "all",
         &dir.path().join("b"),
-        LayerMode::Auto,
+        LayerMode::Tensors,
     );
     let spec: LabelSpec = toml::from_str::<toml::Table>(
         "label = { key = \"learning_rate\", kind = \"numeric\", transform = \"log10\" }",

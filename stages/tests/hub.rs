@@ -18,8 +18,9 @@ use probex_stages::fetch::hub::http::RetryPolicy;
 use probex_stages::fetch::hub::mock::{Fault, MockHub, MockRepo, commit_id};
 use probex_stages::fetch::hub::{Auth, Hub, HubConfig, Mode, Quiet, Request, TensorSelection};
 use probex_stages::fetch::{Fetch, FetchParams};
+use probex_stages::shapes;
 use probex_stages::weights::reader::parse_bytes;
-use probex_stages::weights::{LayerMode, LayerSelector, layer_index, layer_rows};
+use probex_stages::weights::{Architecture, LayerMode, LayerSelector, layer_index, layer_rows};
 
 const TARGETS: [&str; 3] = [
     "['apple', 'worm']",
@@ -27,28 +28,31 @@ const TARGETS: [&str; 3] = [
     "['bee', 'apple', 'tulip']",
 ];
 
-/// A ViT-shaped model (names as a ViT's, small shapes): 4 attention blocks' worth of tensors.
+/// A ViT with Hugging Face's names and every tensor of `ViTForImageClassification` (biases,
+/// norms, `cls_token`, the patch conv), at small shapes: 2 blocks, so 14 layers in the paper's
+/// ViT list among 40 tensors.
 fn vit_model(seed: u64) -> Vec<u8> {
-    let mut ts = vec![
-        f32t("classifier.weight", &[3, 8], &values(seed, 24)),
-        f32t("vit.embeddings.cls_token", &[1, 1, 8], &values(seed + 1, 8)),
-    ];
-    for l in 0..2 {
-        for (k, part) in ["attention.attention.query", "attention.output.dense"]
-            .iter()
-            .enumerate()
-        {
-            ts.push(f32t(
-                &format!("vit.encoder.layer.{l}.{part}.weight"),
-                &[8, 8],
-                &values(seed * 100 + l * 10 + k as u64, 64),
-            ));
-        }
-    }
+    let specs = shapes::vit(&shapes::VitConfig {
+        hidden: 8,
+        blocks: 2,
+        intermediate: 16,
+        patch: 2,
+        image: 4,
+        channels: 1,
+        classes: 3,
+    });
     let t = TARGETS[(seed % 3) as usize];
-    // One metadata key: safetensors writes its metadata map in hash order, and the fixtures
-    // must be byte-identical every time they are made.
-    serialize(&ts, &[("dataset_chosen_targets", t)])
+    let meta = BTreeMap::from([("dataset_chosen_targets".to_string(), t.to_string())]);
+    let mut out = Vec::new();
+    shapes::safetensors_to(&mut out, &specs, safetensors::Dtype::F32, &meta, seed).unwrap();
+    out
+}
+
+/// The name of layer `index` (the paper's ViT list) of a model file.
+fn layer_name(file: &[u8], index: usize) -> String {
+    layer_rows(&parse_bytes(file).unwrap(), LayerMode::Auto).unwrap()[index]
+        .name
+        .clone()
 }
 
 /// A LoRA file with 3 layers (down [2, 8], up [8, 2]).
@@ -196,7 +200,10 @@ fn tensors_mode_fetches_exact_bytes_of_only_the_asked_layers() {
     let hub = w.hub(&mock);
     let name = "vit.encoder.layer.1.attention.output.dense.weight";
     let original = vit_model(1);
-    let index = parse_bytes(&original).unwrap().find(name).unwrap().0;
+    // In the ViT list: classifier, position embeddings, block 0 (2-7), block 1: key, query,
+    // value, then this one.
+    let index = 11;
+    assert_eq!(layer_name(&original, index), name);
 
     let out = w.path("out1");
     let report = hub
@@ -218,9 +225,12 @@ fn tensors_mode_fetches_exact_bytes_of_only_the_asked_layers() {
     assert_eq!(h.tensors.len(), 1);
     assert_eq!(h.metadata["dataset_chosen_targets"], TARGETS[1]);
     // The paper's index survives: counted in the original list, not the partial one.
-    assert_eq!(layer_index(&h, name, false).unwrap(), Some(index));
+    assert_eq!(
+        layer_index(&h, name, Architecture::Vit).unwrap(),
+        Some(index)
+    );
     let rows = layer_rows(&h, LayerMode::Auto).unwrap();
-    assert_eq!(rows.len(), parse_bytes(&original).unwrap().tensors.len());
+    assert_eq!(rows.len(), 14);
     assert!(rows[index].matrix.is_some());
     assert!(rows[0].matrix.is_none() && rows[0].note.as_ref().unwrap().contains("fetch"));
 
@@ -531,7 +541,7 @@ fn transient_failures_are_retried_honouring_retry_after() {
     );
     assert_eq!(r.retries, 2);
     let got = std::fs::read(&r.models[0].path).unwrap();
-    let name = &parse_bytes(&vit_model(0)).unwrap().tensors[2].name.clone();
+    let name = &layer_name(&vit_model(0), 2);
     assert_eq!(tensor_bytes(&got, name), tensor_bytes(&vit_model(0), name));
     let statuses: Vec<u16> = mock
         .seen()
@@ -596,7 +606,7 @@ fn cut_bodies_and_wrong_lengths_are_retried_and_downloads_resume() {
     let r = hub2
         .fetch_request(&vit_repos(), "main", &layers("4"), &w2.path("out"), &Quiet)
         .unwrap();
-    let name = parse_bytes(&vit_model(0)).unwrap().tensors[4].name.clone();
+    let name = layer_name(&vit_model(0), 4);
     let got = std::fs::read(&r.models[0].path).unwrap();
     assert_eq!(
         tensor_bytes(&got, &name),
@@ -616,7 +626,7 @@ fn a_server_that_ignores_range_still_gives_the_right_bytes() {
         .unwrap();
     assert!(r.range_ignored >= 3);
     for i in 0..3u64 {
-        let name = parse_bytes(&vit_model(i)).unwrap().tensors[5].name.clone();
+        let name = layer_name(&vit_model(i), 5);
         let got = std::fs::read(&r.models[i as usize].path).unwrap();
         assert_eq!(
             tensor_bytes(&got, &name),
@@ -862,7 +872,10 @@ fn fetch_then_extract_through_the_engine() {
     let w = World::new();
     let exp = w.path("exp.toml");
     let layer = "vit.encoder.layer.1.attention.attention.query.weight";
-    let index = parse_bytes(&vit_model(0)).unwrap().find(layer).unwrap().0;
+    // The paper's ViT list: classifier, position embeddings, block 0's six, then block 1's
+    // key and query.
+    let index = 9;
+    assert_eq!(layer_name(&vit_model(0), index), layer);
     std::fs::write(
         &exp,
         format!(

@@ -163,7 +163,7 @@ fn exercise(data: &[u8]) {
         }
         let _ = transform::plan(&t.shape);
     }
-    for mode in [LayerMode::Auto, LayerMode::Tensors, LayerMode::Lora] {
+    for mode in LayerMode::ALL {
         let Ok(rows) = layer_rows(&header, mode) else {
             continue;
         };

@@ -155,6 +155,7 @@ fn dataset(labels: Labels) -> LayerDataset {
             name: "parity".into(),
             source_shape: vec![D_H, D_W],
             transform: "squeeze".into(),
+            list: None,
         },
         n: B,
         d_h: D_H,

@@ -51,24 +51,21 @@ fn fetch_and_extract_every_layer_with_labels_and_splits() {
     let report = experiment::run(&dir.path().join("tiny.toml"), &cache, None, true);
     assert!(report.success(), "{report:#?}");
     let names: Vec<&str> = report.nodes.iter().map(|n| n.node.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "models",
-            "layers[layer=0]",
-            "layers[layer=1]",
-            "layers[layer=2]"
-        ]
-    );
+    assert_eq!(names, ["models", "layers[layer=0]", "layers[layer=1]"]);
 
-    // Sorted names: encoder.dense.weight (0), encoder.norm.bias (1, a column), head.weight (2).
+    // The weight matrices, sorted: encoder.dense.weight (0), head.weight (1); the bias
+    // encoder.norm.bias (all-tensor position 1) is no layer in the fallback list.
     let l0 = LayerDataset::load(&entry_dir(&cache, &report, "layers[layer=0]")).unwrap();
     assert_eq!(
         (l0.layer.name.as_str(), l0.n, l0.d_h, l0.d_w),
         ("encoder.dense.weight", 20, 8, 6)
     );
     let l1 = LayerDataset::load(&entry_dir(&cache, &report, "layers[layer=1]")).unwrap();
-    assert_eq!((l1.d_h, l1.d_w), (8, 1));
+    assert_eq!(l1.layer.name, "head.weight");
+    assert_eq!(
+        l1.layer.list,
+        Some(probex_stages::weights::Architecture::Matrices)
+    );
     let Labels::MultiLabel { classes, targets } = &l0.labels else {
         panic!("multi-label expected")
     };

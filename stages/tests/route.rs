@@ -261,9 +261,10 @@ splits = { metadata = { key = "split" } }
     let truths: Vec<Option<&str>> = routing.trees.iter().map(|t| t.truth.as_deref()).collect();
     assert_eq!(truths, [Some("a"), Some("b")]);
     assert!(routing.score().iter().all(|s| s.accuracy == Some(1.0)));
-    // `layers = "all"` concatenates every float tensor of the architecture.
-    assert_eq!(routing.architectures[0].layers.len(), 3);
-    assert_eq!(routing.architectures[0].features, 6 * 4 + 6 + 3 * 6);
+    // `layers = "all"` concatenates every layer of the architecture: its two weight matrices
+    // (the fallback list; the bias is no layer).
+    assert_eq!(routing.architectures[0].layers.len(), 2);
+    assert_eq!(routing.architectures[0].features, 6 * 4 + 3 * 6);
 }
 
 #[test]

@@ -3,10 +3,11 @@
 mod files;
 
 use files::*;
+use probex_stages::shapes;
 use probex_stages::weights::reader::{MAX_HEADER_LEN, parse_bytes, read_header};
 use probex_stages::weights::{
-    LayerMode, LayerSelector, Safetensors, SafetensorsFile, Transform, format_layer_table,
-    list_layers,
+    Architecture, LayerList, LayerMode, LayerSelector, Safetensors, SafetensorsFile, Transform,
+    describe_layers, format_layer_table, layer_index, layer_rows, list_layers,
 };
 
 fn err_of(bytes: Vec<u8>) -> String {
@@ -17,7 +18,7 @@ fn err_of(bytes: Vec<u8>) -> String {
 }
 
 #[test]
-fn layer_index_is_the_sorted_name_position() {
+fn tensors_mode_keeps_the_sorted_name_position_of_every_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("m.safetensors");
     // Written in a scrambled order; `layer.10` must sort before `layer.2` (byte order).
@@ -32,7 +33,8 @@ fn layer_index_is_the_sorted_name_position() {
         ],
         &[],
     );
-    let rows = list_layers(&p, LayerMode::Auto).unwrap();
+    // `mode = "tensors"`: what indices meant before the paper's lists, kept as an opt-in.
+    let rows = list_layers(&p, LayerMode::Tensors).unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(
         names,
@@ -54,12 +56,21 @@ fn layer_index_is_the_sorted_name_position() {
     assert_eq!(rows[4].matrix, None);
     assert!(rows[4].note.as_deref().unwrap().contains("I64"));
 
-    let table = format_layer_table(&rows);
-    let lines: Vec<&str> = table.lines().collect();
-    assert_eq!(lines.len(), 6);
-    assert!(lines[0].starts_with("index"));
+    let table = format_layer_table(&describe_layers(&p, LayerMode::Tensors).unwrap());
+    let lines: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.is_empty())
+        .skip(1)
+        .collect();
     assert!(
-        lines[3].contains("layer.10.weight") && lines[3].contains("3 x 2 (squeeze)"),
+        table.starts_with("layer list: tensors (5 layers of 5 tensors)"),
+        "{table}"
+    );
+    assert_eq!(lines.len(), 6, "{table}");
+    assert!(lines[0].starts_with("tensor  layer  name"), "{table}");
+    assert!(
+        lines[3].starts_with("     2      2  layer.10.weight")
+            && lines[3].contains("3 x 2 (squeeze)"),
         "{table}"
     );
     assert!(
@@ -283,4 +294,249 @@ fn files_on_disk_report_their_path() {
     assert!(e.contains("missing.safetensors"), "{e}");
     let e = SafetensorsFile::open(dir.path()).err().unwrap().to_string();
     assert!(e.contains("not a regular file"), "{e}");
+}
+
+/// The header of a generated model at its real names and shapes (no file: a ViT-B is 343 MB).
+fn header_of(specs: &[shapes::TensorSpec]) -> probex_stages::weights::Header {
+    shapes::header(specs, safetensors::Dtype::F32, &Default::default()).unwrap()
+}
+
+#[test]
+fn vit_b16_layers_are_the_papers_74() {
+    let h = header_of(&shapes::vit_b16(100));
+    assert_eq!(h.tensors.len(), 200);
+    let list = LayerList::of(&h, LayerMode::Auto).unwrap();
+    assert_eq!(list.architecture, Architecture::Vit);
+    assert_eq!(list.rows.len(), 74);
+    let name = |i: usize| list.rows[i].name.as_str();
+    assert_eq!(name(0), "classifier.weight");
+    assert_eq!(name(1), "vit.embeddings.position_embeddings");
+    assert_eq!(
+        name(59),
+        "vit.encoder.layer.7.attention.output.dense.weight"
+    );
+    assert_eq!(
+        name(64),
+        "vit.encoder.layer.8.attention.attention.value.weight"
+    );
+    assert_eq!(list.rows[1].matrix, Some([197, 768]));
+    assert_eq!(list.rows[59].matrix, Some([768, 768]));
+    // `all` is the 74: no bias, norm, cls_token or patch embedding.
+    assert_eq!(
+        list.select(&LayerSelector::All).unwrap(),
+        (0..74).collect::<Vec<_>>()
+    );
+    for r in &list.rows {
+        assert!(
+            r.name.ends_with(".weight") || r.name.ends_with("position_embeddings"),
+            "{}",
+            r.name
+        );
+        assert!(!r.name.contains("layernorm") && !r.name.contains("patch_embeddings"));
+    }
+    // Patterns pick inside the list too.
+    let picked = list.select(&"*.weight".parse().unwrap()).unwrap();
+    assert_eq!(picked.len(), 73);
+    // The check extraction runs on every model counts the same way.
+    assert_eq!(layer_index(&h, name(59), Architecture::Vit), Ok(Some(59)));
+    assert_eq!(layer_index(&h, name(64), Architecture::Vit), Ok(Some(64)));
+    let bias = "vit.encoder.layer.7.attention.output.dense.bias";
+    assert_eq!(layer_index(&h, bias, Architecture::Vit), Ok(None));
+    // Naming a tensor that is not a layer says so, and how to get it.
+    let e = list.select(&bias.parse().unwrap()).unwrap_err();
+    assert!(
+        e.contains("not a layer") && e.contains("mode = \"tensors\""),
+        "{e}"
+    );
+    // Asking for the ViT list by name gives the same list.
+    assert_eq!(LayerList::of(&h, LayerMode::Vit).unwrap(), list);
+    // Every tensor (the old meaning, on request): there the paper's 59 is 157, and 59 is
+    // another tensor.
+    let every = LayerList::of(&h, LayerMode::Tensors).unwrap();
+    assert_eq!(every.rows.len(), 200);
+    assert_eq!(every.rows[157].name, name(59));
+    assert_eq!(
+        every.rows[59].name,
+        "vit.encoder.layer.11.attention.attention.value.weight"
+    );
+    // The fallback on the same file would add the patch embedding conv.
+    assert_eq!(
+        LayerList::of(&h, LayerMode::Matrices).unwrap().rows.len(),
+        75
+    );
+    // Other sizes: the blocks the file has (ViT-L: 24 blocks, 146 layers).
+    let large = shapes::vit(&shapes::VitConfig {
+        hidden: 1024,
+        blocks: 24,
+        intermediate: 4096,
+        ..shapes::VitConfig::b16(10)
+    });
+    assert_eq!(
+        layer_rows(&header_of(&large), LayerMode::Auto)
+            .unwrap()
+            .len(),
+        146
+    );
+}
+
+#[test]
+fn resnet101_layers_are_the_papers_105() {
+    let h = header_of(&shapes::resnet101(100));
+    let list = LayerList::of(&h, LayerMode::Auto).unwrap();
+    assert_eq!(list.architecture, Architecture::Resnet);
+    assert_eq!(list.rows.len(), 105);
+    let name = |i: usize| list.rows[i].name.as_str();
+    assert_eq!(name(0), "classifier.1.weight");
+    assert_eq!(name(1), "resnet.embedder.embedder.convolution.weight");
+    assert_eq!(
+        name(59),
+        "resnet.encoder.stages.2.layers.19.layer.0.convolution.weight"
+    );
+    // [256, 1024, 1, 1] squeezes to a matrix; the stem [64, 3, 7, 7] is reshaped.
+    assert_eq!(list.rows[59].matrix, Some([256, 1024]));
+    assert_eq!(list.rows[1].matrix, Some([3 * 7 * 7, 64]));
+    assert!(list.rows.iter().all(|r| !r.name.contains("normalization")));
+    assert_eq!(
+        layer_index(&h, name(59), Architecture::Resnet),
+        Ok(Some(59))
+    );
+    // Every tensor: batch norms (4 statistics and the I64 counter per convolution) too.
+    assert_eq!(layer_rows(&h, LayerMode::Tensors).unwrap().len(), 626);
+}
+
+#[test]
+fn sd1_lora_layers_are_the_128_down_factors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("pytorch_lora_weights.safetensors");
+    let specs = shapes::sd1_lora(4);
+    shapes::write_safetensors(&p, &specs, safetensors::Dtype::F16, &Default::default(), 1).unwrap();
+    let rows = list_layers(&p, LayerMode::Auto).unwrap();
+    assert_eq!(rows.len(), 128);
+    assert_eq!(
+        rows[46].name,
+        "unet.down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_q.lora.down.weight"
+    );
+    assert_eq!(rows[46].matrix, Some([1280, 1280]));
+    assert_eq!(rows[46].transform, Some(Transform::LoraProduct));
+    // attn2.to_k reads the 768-wide text states.
+    assert_eq!(
+        rows[44].name,
+        "unet.down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k.lora.down.weight"
+    );
+    assert_eq!(rows[44].matrix, Some([1280, 768]));
+    let listing = describe_layers(&p, LayerMode::Auto).unwrap();
+    assert_eq!(listing.architecture, Architecture::SdLora);
+    assert_eq!((listing.layers, listing.tensors.len()), (128, 256));
+    let up = listing
+        .tensors
+        .iter()
+        .find(|t| {
+            t.name.ends_with("attn2.to_q.lora.up.weight")
+                && t.name.contains("down_blocks.2.attentions.1")
+        })
+        .unwrap();
+    assert_eq!(up.layer, None);
+    assert_eq!(up.note.as_deref(), Some("LoRA up factor of layer 46"));
+}
+
+#[test]
+fn unknown_architectures_fall_back_to_the_weight_matrices() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("mlp.safetensors");
+    let t = |n: &str, s: &[usize]| f32t(n, s, &vec![0.5; s.iter().product()]);
+    write_model(
+        &p,
+        &[
+            t("encoder.0.weight", &[8, 4]),
+            t("encoder.0.bias", &[8]),
+            t("norm.weight", &[8]),
+            t("norm.bias", &[8]),
+            t("head.weight", &[3, 8]),
+            t("head.bias", &[3]),
+            t("conv.weight", &[4, 2, 3, 3]),
+            t("scale", &[]),
+            t("token", &[1, 1, 8]),
+            i64t("steps", &[2, 2], &[0, 1, 2, 3]),
+        ],
+        &[],
+    );
+    let rows = list_layers(&p, LayerMode::Auto).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["conv.weight", "encoder.0.weight", "head.weight"]);
+    let pick = |s: &str| s.parse::<LayerSelector>().unwrap().resolve(&rows);
+    assert_eq!(pick("all").unwrap(), [0, 1, 2]);
+    // `norm.weight` is a vector, so no layer.
+    assert_eq!(pick("*.weight").unwrap(), [0, 1, 2]);
+
+    // The rule used is said, and each tensor shows both numbers.
+    let listing = describe_layers(&p, LayerMode::Auto).unwrap();
+    assert_eq!(listing.architecture, Architecture::Matrices);
+    let table = format_layer_table(&listing);
+    assert!(
+        table.starts_with("layer list: matrices (3 layers of 10 tensors)")
+            && table.contains("fallback"),
+        "{table}"
+    );
+    let line = |n: &str| {
+        table
+            .lines()
+            .find(|l| l.contains(&format!(" {n} ")))
+            .unwrap()
+            .to_string()
+    };
+    // Sorted: conv.weight, encoder.0.bias, encoder.0.weight, head.bias, head.weight, ...
+    assert!(
+        line("encoder.0.weight").starts_with("     2      1  "),
+        "{table}"
+    );
+    assert!(
+        line("encoder.0.bias").starts_with("     1      -  "),
+        "{table}"
+    );
+    assert!(
+        line("head.weight").starts_with("     4      2  "),
+        "{table}"
+    );
+
+    // Naming a bias is an error that says why and what to do.
+    let header = probex_stages::weights::reader::read_header(&p).unwrap();
+    let e = LayerList::of(&header, LayerMode::Auto)
+        .unwrap()
+        .select(&"encoder.0.bias".parse().unwrap())
+        .unwrap_err();
+    assert!(e.contains("not a layer") && e.contains("fallback"), "{e}");
+}
+
+#[test]
+fn a_vit_that_lacks_part_of_its_list_is_an_error_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("vit.safetensors");
+    let mut specs = shapes::vit(&shapes::VitConfig {
+        hidden: 4,
+        blocks: 3,
+        intermediate: 8,
+        patch: 2,
+        image: 4,
+        channels: 1,
+        classes: 2,
+    });
+    specs.retain(|s| s.name != "vit.encoder.layer.1.intermediate.dense.weight");
+    shapes::write_safetensors(&p, &specs, safetensors::Dtype::F32, &Default::default(), 0).unwrap();
+    let e = list_layers(&p, LayerMode::Auto).unwrap_err().to_string();
+    assert!(
+        e.contains("vit.safetensors")
+            && e.contains("vit.encoder.layer.1.intermediate.dense.weight")
+            && e.contains("mode = \"matrices\""),
+        "{e}"
+    );
+    // Asked for, the fallback reads it.
+    assert_eq!(
+        list_layers(&p, LayerMode::Matrices).unwrap().len(),
+        2 + 1 + 6 * 3 - 1
+    );
+    // The ViT list on a file that is no ViT is the same error.
+    let q = dir.path().join("mlp.safetensors");
+    write_model(&q, &[f32t("fc.weight", &[2, 2], &[1.0; 4])], &[]);
+    let e = list_layers(&q, LayerMode::Vit).unwrap_err().to_string();
+    assert!(e.contains("classifier.weight"), "{e}");
 }

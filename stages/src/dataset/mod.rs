@@ -187,7 +187,7 @@ pub struct ModelRecord {
 /// Which tensor the layer is and how it was turned into a matrix.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerInfo {
-    /// Index in the sorted tensor-name list (the paper's layer index).
+    /// Index in the layer list `list` (the paper's layer index for the architectures it uses).
     pub index: usize,
     /// Tensor name (for LoRA, the `.lora.down.weight` name of the pair).
     pub name: String,
@@ -195,6 +195,26 @@ pub struct LayerInfo {
     pub source_shape: Vec<usize>,
     /// The transform applied (`squeeze`, `conv_reshape`, `column`, `lora_product`).
     pub transform: String,
+    /// The layer list `index` counts in (`vit`, `resnet`, `lora`, `matrices`, `tensors`).
+    /// Absent in datasets written before probex had the paper's lists, whose indices counted
+    /// every tensor (or the LoRA pairs): see [`LayerInfo::architecture`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list: Option<crate::weights::Architecture>,
+}
+
+impl LayerInfo {
+    /// The list `index` counts in. Without a recorded list (an older dataset, probe or
+    /// routing) that is what indices meant then: the LoRA pairs for a LoRA product, else every
+    /// tensor; so reading such a layer from a model file still finds the same tensor.
+    pub fn architecture(&self) -> crate::weights::Architecture {
+        use crate::weights::{Architecture, Transform};
+        self.list
+            .unwrap_or(if self.transform == Transform::LoraProduct.as_str() {
+                Architecture::SdLora
+            } else {
+                Architecture::AllTensors
+            })
+    }
 }
 
 /// A model that was left out, and why (labels with `on_error = "skip"`, bad weights).
@@ -834,6 +854,7 @@ mod tests {
                 name: "a.weight".into(),
                 source_shape: vec![2, 3],
                 transform: "squeeze".into(),
+                list: None,
             },
             n,
             d_h: 2,

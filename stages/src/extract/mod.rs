@@ -37,8 +37,8 @@ use crate::labels::{LabelSpec, LabelValue, Labeler, OnError};
 use crate::weights::layers::is_float;
 use crate::weights::reader::{SharedMmap, read_header};
 use crate::weights::{
-    LayerMode, LayerSelector, SafetensorsFile, TensorEntry, Transform, WeightsError, layer_rows,
-    transform,
+    Architecture, LayerList, LayerMode, LayerSelector, SafetensorsFile, TensorEntry, Transform,
+    WeightsError, transform,
 };
 
 use crate::dataset::writer::{self, LayerFile};
@@ -49,8 +49,10 @@ pub use stage::{ARTIFACT, Extract, ExtractParams};
 /// A layer chosen for extraction, resolved against a reference model.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResolvedLayer {
-    /// The paper's index (in the sorted name list, or the sorted LoRA-down list).
+    /// The index in the layer list `list` (the paper's, for the architectures it uses).
     pub index: usize,
+    /// The layer list `index` counts in; every model is checked against it.
+    pub list: Architecture,
     /// Tensor name (the down factor's for LoRA).
     pub name: String,
     /// Shape in the file (the down factor's for LoRA); every model must match it.
@@ -77,13 +79,15 @@ impl ResolvedLayer {
             name: self.name.clone(),
             source_shape: self.source_shape.clone(),
             transform: self.transform.as_str().to_string(),
+            list: Some(self.list),
         }
     }
 }
 
-/// Resolves `selector` against the model file `reference` (reading only its header). The
-/// result is in index order; use the first model of the sorted list as the reference so the
-/// indices are the paper's.
+/// Resolves `selector` against the model file `reference` (reading only its header), in the
+/// layer list `mode` gives for it ([`LayerList::of`]). The result is in index order; use the
+/// first model of the sorted list as the reference: every other model is checked against the
+/// list, names, indices and shapes found here.
 pub fn resolve_layers(
     reference: &Path,
     selector: &LayerSelector,
@@ -91,10 +95,11 @@ pub fn resolve_layers(
 ) -> Result<Vec<ResolvedLayer>, WeightsError> {
     let label = reference.display().to_string();
     let header = read_header(reference)?;
-    let rows = layer_rows(&header, mode).map_err(|m| WeightsError::invalid(&label, m))?;
-    let picked = selector
-        .resolve(&rows)
+    let list = LayerList::of(&header, mode).map_err(|m| WeightsError::invalid(&label, m))?;
+    let picked = list
+        .select(selector)
         .map_err(|m| WeightsError::invalid(&label, m))?;
+    let rows = &list.rows;
     picked
         .into_iter()
         .map(|i| {
@@ -126,6 +131,7 @@ pub fn resolve_layers(
             let dtype = header.find(&r.name).map(|(_, e)| e.dtype);
             Ok(ResolvedLayer {
                 index: r.index,
+                list: list.architecture,
                 name: r.name.clone(),
                 source_shape: r.shape.clone(),
                 lora_up,
@@ -152,11 +158,8 @@ pub fn precision_of(dtype: Dtype) -> Precision {
 /// shape; used to apply a trained probe to a model outside its dataset (`probex describe`).
 pub fn read_matrix(path: &Path, layer: &LayerInfo) -> Result<Vec<f32>, WeightsError> {
     let label = path.display().to_string();
-    let mode = if layer.transform == Transform::LoraProduct.as_str() {
-        LayerMode::Lora
-    } else {
-        LayerMode::Tensors
-    };
+    // The list the probe's index counts in, so the same index means the same tensor here.
+    let mode = LayerMode::from(layer.architecture());
     // A broken file reports itself; after that, a failed lookup means the layer is missing.
     read_header(path)?;
     let resolved = resolve_layers(path, &LayerSelector::Name(layer.name.clone()), mode).map_err(
@@ -511,19 +514,27 @@ fn check_entry<'a>(
     st: &'a SafetensorsFile,
     layer: &ResolvedLayer,
 ) -> Result<(&'a TensorEntry, Option<&'a TensorEntry>), String> {
-    let Some((pos, entry)) = st.header().find(&layer.name) else {
+    let Some((_, entry)) = st.header().find(&layer.name) else {
         return Err(format!(
             "tensor `{}` (layer {}) is not in this file",
             layer.name, layer.index
         ));
     };
     // Partial files (fetch in tensors mode) count in their original tensor list.
-    let index = crate::weights::layer_index(st.header(), &layer.name, layer.lora_up.is_some())?
-        .unwrap_or(pos);
+    let Some(index) = crate::weights::layer_index(st.header(), &layer.name, layer.list)? else {
+        return Err(format!(
+            "tensor `{}` (layer {} of the first model) is not a layer here: in this file it \
+             is not in the {} list ({})",
+            layer.name,
+            layer.index,
+            layer.list,
+            layer.list.rule()
+        ));
+    };
     if index != layer.index {
         return Err(format!(
             "tensor `{}` is layer {index} in this file but layer {} in the first model: the \
-             models do not share one tensor list, so layer indices disagree",
+             models do not share one layer list, so layer indices disagree",
             layer.name, layer.index
         ));
     }

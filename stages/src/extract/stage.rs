@@ -5,8 +5,13 @@
 //! kind = "extract"
 //! from = "models"
 //! layers = "all"                 # 59 | [57, 59] | "40..60" | "glob:*.query.weight" | "re:attn2" | a name
+//! mode = "auto"                  # the layer list: auto | vit | resnet | lora | matrices | tensors
 //! label = { key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar100" }
 //! ```
+//! Indices and `all` count in the model's layer list (the paper's for ViT, ResNet and LoRA
+//! files, weight matrices for anything else; see [`crate::weights::arch`]); `mode = "tensors"`
+//! counts every tensor instead.
+//!
 //! Layers are read in place from the model files by default; copied, LoRA layers keep their
 //! factors `up` and `down` (see [`crate::dataset`]), values at the files' own precision
 //! unless `precision = "f32" | "f16" | "bf16"` asks for another.
@@ -42,7 +47,8 @@ pub const ARTIFACT: &str = "layer";
 pub struct ExtractParams {
     /// Which layers: after the sweep, each node holds exactly one index.
     pub layers: LayerSelector,
-    /// Plain tensors, LoRA pairs (X = B @ A), or decide per file.
+    /// The layer list: `auto` (the paper's list for a recognised architecture, else weight
+    /// matrices), or one by name (`vit`, `resnet`, `lora`, `matrices`, `tensors`).
     #[serde(default)]
     pub mode: LayerMode,
     /// What the probe learns to predict.
@@ -81,8 +87,10 @@ impl Stage for Extract {
         "extract"
     }
     fn version(&self) -> u32 {
-        // 2: LoRA layers are stored as their factors, and values at the files' own precision
-        // unless `precision` asks for another.
+        // 2: layer indices and `all` count in the paper's per-architecture lists (weight
+        // matrices for unknown architectures) instead of every tensor, so the same `layers`
+        // can name another tensor; sidecars record the list. Layers are read in place or, when
+        // copied, stored as LoRA factors at the files' own precision (not f32 products).
         2
     }
     fn about(&self) -> &'static str {
@@ -272,6 +280,14 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
             layer: layer.remove(0),
             dir: cx.out_dir().to_path_buf(),
         });
+    }
+    if let Some(o) = outputs.first() {
+        lead.log(format!(
+            "layer list: {}, resolved on {}: {}",
+            o.layer.list,
+            first.path.display(),
+            o.layer.list.rule()
+        ));
     }
     lead.log(format!(
         "extracting {} layers from {} models in one pass{}",

@@ -153,7 +153,8 @@ pub struct FetchParams {
     /// with both factors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<LayerSelector>,
-    /// hub, tensors mode: how `layers` counts (as extract's `mode`; default auto).
+    /// hub, tensors mode: the layer list `layers` counts in (as extract's `mode`; default
+    /// auto).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_mode: Option<LayerMode>,
     /// hub: other files of each repo fetched whole beside the model (`["config.json",
@@ -385,7 +386,9 @@ impl Stage for Fetch {
         "fetch"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: a hub fetch's `layers` counts in the paper's per-architecture layer lists (as
+        // extract 2), so the same `layers` can fetch other tensors.
+        2
     }
     fn about(&self) -> &'static str {
         "a model collection from a local folder or the Hugging Face Hub (whole files or only \

@@ -36,7 +36,7 @@ pub struct RouteParams {
     /// The layers whose weights place a model, as `extract`'s `layers` (several are
     /// concatenated). A small layer is enough: bases are far apart in every layer.
     pub layers: LayerSelector,
-    /// Plain tensors, LoRA pairs (X = B @ A), or decide per file.
+    /// The layer list `layers` counts in, as `extract`'s `mode`.
     #[serde(default)]
     pub mode: LayerMode,
     /// How many trees: a number, or `"auto"` (the cut with the best-separated clusters).
@@ -82,7 +82,9 @@ impl Stage for Route {
         "route"
     }
     fn version(&self) -> u32 {
-        2
+        // 3: `layers` counts in the paper's per-architecture layer lists (as extract 2), and
+        // the routing records the list of each layer it reads.
+        3
     }
     fn about(&self) -> &'static str {
         "split a mixed collection into model trees by clustering weights; place every model in its tree or none"

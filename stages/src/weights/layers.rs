@@ -1,45 +1,82 @@
 //! The layer list of a model: what `layer = N` means.
 //!
-//! For a plain model, layer `N` is the `N`-th name of the lexicographically sorted tensor-name
-//! list (byte order, as Python's `sorted`), so `layer.10` comes before `layer.2`: that is the
-//! paper's index. For a LoRA file, layer `N` is the `N`-th of the sorted names containing
-//! `.lora.down.weight`, paired with its `.lora.up.weight`.
+//! Layer `N` is the `N`-th tensor of the model's layer list: for the architectures the paper
+//! uses (Hugging Face ViT and ResNet, SD LoRAs) the paper's per-architecture list, for anything
+//! else the weight-matrix fallback, or every tensor on request; see [`super::arch`] for the
+//! lists and why. Lists are sorted by name in byte order (as Python's `sorted`), so `layer.10`
+//! comes before `layer.2`. A LoRA layer is a `.lora.down.weight` factor paired with its
+//! `.lora.up.weight`.
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+pub use super::arch::{Architecture, LORA_DOWN, LORA_UP};
 use super::reader::{Header, TensorEntry};
+use super::select::LayerSelector;
 use super::transform::{self, Transform};
 
-/// The marker of a LoRA down factor in a tensor name (diffusers' PEFT-less LoRA format).
-pub const LORA_DOWN: &str = ".lora.down.weight";
-/// The marker of the matching up factor.
-pub const LORA_UP: &str = ".lora.up.weight";
-
-/// How a file's tensors become layers.
+/// Which layer list to use: the one the file's names call for, or one asked for by name.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LayerMode {
-    /// LoRA pairs when the file has any `.lora.down.weight` tensor, plain tensors otherwise.
+    /// The list of the architecture recognised from the tensor names
+    /// ([`Architecture::detect`]): LoRA, ViT, ResNet, else the weight-matrix fallback.
     #[default]
     Auto,
-    /// Every tensor is a layer.
+    /// Every tensor is a layer (biases and norms too): the opt-in for the old meaning.
     Tensors,
     /// Only LoRA pairs are layers.
     Lora,
+    /// The paper's ViT list; an error on a file that lacks part of it.
+    Vit,
+    /// The paper's ResNet list; an error on a file that lacks part of it.
+    Resnet,
+    /// The weight-matrix fallback, whatever the architecture.
+    Matrices,
 }
 
 impl LayerMode {
-    /// The concrete mode (`Tensors` or `Lora`) for a file with this header.
-    pub fn resolve(self, header: &Header) -> LayerMode {
+    /// Every mode, for tools and tests that try them all.
+    pub const ALL: [LayerMode; 6] = [
+        LayerMode::Auto,
+        LayerMode::Tensors,
+        LayerMode::Lora,
+        LayerMode::Vit,
+        LayerMode::Resnet,
+        LayerMode::Matrices,
+    ];
+
+    /// The list this mode asks for, or `None` for `Auto` (decided per file).
+    pub fn fixed(self) -> Option<Architecture> {
         match self {
-            LayerMode::Auto => {
-                if header.tensors.iter().any(|t| t.name.contains(LORA_DOWN)) {
-                    LayerMode::Lora
-                } else {
-                    LayerMode::Tensors
-                }
-            }
-            m => m,
+            LayerMode::Auto => None,
+            LayerMode::Tensors => Some(Architecture::AllTensors),
+            LayerMode::Lora => Some(Architecture::SdLora),
+            LayerMode::Vit => Some(Architecture::Vit),
+            LayerMode::Resnet => Some(Architecture::Resnet),
+            LayerMode::Matrices => Some(Architecture::Matrices),
+        }
+    }
+
+    /// The list for a file with this header, checked to be whole in it (so an index means the
+    /// same tensor as in the paper). For a partial file pass its original header
+    /// ([`super::partial::original`]); [`LayerList::of`] does.
+    pub fn resolve(self, header: &Header) -> Result<Architecture, String> {
+        let arch = self.fixed().unwrap_or_else(|| Architecture::detect(header));
+        arch.check(header)?;
+        Ok(arch)
+    }
+}
+
+impl From<Architecture> for LayerMode {
+    fn from(a: Architecture) -> LayerMode {
+        match a {
+            Architecture::Vit => LayerMode::Vit,
+            Architecture::Resnet => LayerMode::Resnet,
+            Architecture::SdLora => LayerMode::Lora,
+            Architecture::Matrices => LayerMode::Matrices,
+            Architecture::AllTensors => LayerMode::Tensors,
         }
     }
 }
@@ -47,7 +84,8 @@ impl LayerMode {
 /// One layer of a model, as `probex layers FILE` prints it and as extraction uses it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerRow {
-    /// The paper's layer index.
+    /// The layer index: the position in the layer list (the paper's index for the
+    /// architectures it uses).
     pub index: usize,
     /// Tensor name (the down factor's name for LoRA).
     pub name: String,
@@ -76,62 +114,145 @@ fn dtype_name(dtype: safetensors::Dtype) -> String {
     format!("{dtype:?}")
 }
 
-/// The layer rows of a header in `mode` (resolved against the header when `Auto`).
-///
-/// A LoRA down factor without its up factor is an error: the pair cannot be formed and the
-/// index of every later layer would be ambiguous.
-///
-/// For a partial file (see [`super::partial`]) the rows are those of the original file, so
-/// indices are the paper's; layers whose tensors the file does not hold have no matrix and a
-/// note saying so (`all` and patterns skip them; naming one is an error with that note).
-pub fn layer_rows(header: &Header, mode: LayerMode) -> Result<Vec<LayerRow>, String> {
-    let Some(original) = super::partial::original(header)? else {
-        return rows_of(header, mode);
-    };
-    let mut rows = rows_of(&original, mode)?;
-    for r in &mut rows {
-        let missing: Vec<&str> = std::iter::once(r.name.as_str())
-            .chain(r.lora_up.as_deref())
-            .filter(|n| header.find(n).is_none())
-            .collect();
-        if !missing.is_empty() {
-            r.matrix = None;
-            r.transform = None;
-            r.note = Some(format!(
-                "`{}` is not in this partial file (fetch downloaded only the tensors it was \
-                 asked for): add the layer to the fetch stage's `layers` or `tensors`",
-                missing.join("`, `")
-            ));
-        }
+/// The layers of one model file: the list they come from and one row per layer, in index
+/// order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerList {
+    /// The list the indices count in.
+    pub architecture: Architecture,
+    /// One row per layer; `rows[i].index == i`.
+    pub rows: Vec<LayerRow>,
+    /// The names of the file's tensors that are not layers (to say so when one is named).
+    unlisted: BTreeSet<String>,
+}
+
+impl LayerList {
+    /// The layers of a header in `mode` (the list recognised from its names when `Auto`).
+    ///
+    /// A file that lacks part of its architecture's list is an error naming what is missing
+    /// (its indices would not be the paper's). A LoRA down factor without its up factor is an
+    /// error: the pair cannot be formed and the index of every later layer would be ambiguous.
+    ///
+    /// For a partial file (see [`super::partial`]) the list is that of the original file, so
+    /// indices are the paper's; layers whose tensors the file does not hold have no matrix and
+    /// a note saying so (`all` and patterns skip them; naming one is an error with that note).
+    pub fn of(header: &Header, mode: LayerMode) -> Result<LayerList, String> {
+        Self::with_original(header, mode).map(|(list, _)| list)
     }
-    Ok(rows)
-}
 
-/// The paper's index of tensor `name` in `header`: its position in the sorted name list, or
-/// for a LoRA layer (`lora` set, `name` a down factor) among the sorted down factors. Partial
-/// files count in their original tensor list. `None` when `name` is not listed.
-pub fn layer_index(header: &Header, name: &str, lora: bool) -> Result<Option<usize>, String> {
-    let original = super::partial::original(header)?;
-    let h = original.as_ref().unwrap_or(header);
-    let Some((pos, _)) = h.find(name) else {
-        return Ok(None);
-    };
-    Ok(Some(if lora {
-        h.tensors[..pos]
-            .iter()
-            .filter(|t| t.name.contains(LORA_DOWN))
-            .count()
-    } else {
-        pos
-    }))
-}
-
-fn rows_of(header: &Header, mode: LayerMode) -> Result<Vec<LayerRow>, String> {
-    match mode.resolve(header) {
-        LayerMode::Lora => lora_rows(header),
-        _ => Ok(header
+    /// [`LayerList::of`], and the original header of a partial file (read once for both).
+    fn with_original(
+        header: &Header,
+        mode: LayerMode,
+    ) -> Result<(LayerList, Option<Header>), String> {
+        let original = super::partial::original(header)?;
+        let whole = original.as_ref().unwrap_or(header);
+        let architecture = mode.resolve(whole)?;
+        let mut rows = rows_of(whole, architecture)?;
+        if original.is_some() {
+            for r in &mut rows {
+                let missing: Vec<&str> = std::iter::once(r.name.as_str())
+                    .chain(r.lora_up.as_deref())
+                    .filter(|n| header.find(n).is_none())
+                    .collect();
+                if !missing.is_empty() {
+                    r.matrix = None;
+                    r.transform = None;
+                    r.note = Some(format!(
+                        "`{}` is not in this partial file (fetch downloaded only the tensors it \
+                         was asked for): add the layer to the fetch stage's `layers` or `tensors`",
+                        missing.join("`, `")
+                    ));
+                }
+            }
+        }
+        let listed: BTreeSet<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        let unlisted = whole
             .tensors
             .iter()
+            .filter(|t| !listed.contains(t.name.as_str()))
+            .map(|t| t.name.clone())
+            .collect();
+        let list = LayerList {
+            architecture,
+            rows,
+            unlisted,
+        };
+        Ok((list, original))
+    }
+
+    /// The indices (ascending, unique) `selector` picks, as [`LayerSelector::resolve`]; naming
+    /// a tensor of the file that is not in the list says so and how to reach it.
+    pub fn select(&self, selector: &LayerSelector) -> Result<Vec<usize>, String> {
+        if let Some(name) = selector
+            .names()
+            .into_iter()
+            .find(|n| self.unlisted.contains(*n))
+        {
+            let hint = match self.architecture {
+                Architecture::SdLora => "name its `.lora.down.weight` factor, or set \
+                                         `mode = \"tensors\"` to count every tensor"
+                    .to_string(),
+                _ => "set `mode = \"tensors\"` to count every tensor".to_string(),
+            };
+            return Err(format!(
+                "`{name}` is a tensor of this file but not a layer: layers here are {} ({}); \
+                 {hint}",
+                self.architecture,
+                self.architecture.rule()
+            ));
+        }
+        if self.rows.is_empty() {
+            return Err(format!(
+                "this file has no layers: layers here are {} ({}); set `mode = \"tensors\"` \
+                 to count every tensor",
+                self.architecture,
+                self.architecture.rule()
+            ));
+        }
+        selector.resolve(&self.rows)
+    }
+}
+
+/// The layer rows of a header in `mode`: [`LayerList::of`] without the list's name.
+pub fn layer_rows(header: &Header, mode: LayerMode) -> Result<Vec<LayerRow>, String> {
+    LayerList::of(header, mode).map(|l| l.rows)
+}
+
+/// The index of tensor `name` in `header` under list `architecture`: the number of listed
+/// tensors sorted before it. Partial files count in their original tensor list. `None` when
+/// `name` is not in the file or not in the list.
+///
+/// Cheap (no check that the whole list is present): extraction calls it for every model and
+/// layer, against a list already checked on the first model; a model whose list differs shows
+/// up as an index that disagrees.
+pub fn layer_index(
+    header: &Header,
+    name: &str,
+    architecture: Architecture,
+) -> Result<Option<usize>, String> {
+    let original = super::partial::original(header)?;
+    let h = original.as_ref().unwrap_or(header);
+    let Some((pos, entry)) = h.find(name) else {
+        return Ok(None);
+    };
+    if !architecture.lists(entry) {
+        return Ok(None);
+    }
+    Ok(Some(
+        h.tensors[..pos]
+            .iter()
+            .filter(|t| architecture.lists(t))
+            .count(),
+    ))
+}
+
+fn rows_of(header: &Header, architecture: Architecture) -> Result<Vec<LayerRow>, String> {
+    match architecture {
+        Architecture::SdLora => lora_rows(header),
+        _ => Ok(architecture
+            .list(header)
+            .into_iter()
             .enumerate()
             .map(|(i, t)| plain_row(i, t))
             .collect()),
@@ -177,7 +298,7 @@ pub fn lora_up_name(down: &str) -> Option<String> {
 fn lora_rows(header: &Header) -> Result<Vec<LayerRow>, String> {
     let mut rows = Vec::new();
     // header.tensors is sorted, so the down names come out sorted too.
-    for down in header.tensors.iter().filter(|t| t.name.contains(LORA_DOWN)) {
+    for down in Architecture::SdLora.list(header) {
         let index = rows.len();
         let up_name = lora_up_name(&down.name).unwrap_or_default();
         let Some((_, up)) = header.find(&up_name) else {
@@ -215,7 +336,7 @@ fn lora_rows(header: &Header) -> Result<Vec<LayerRow>, String> {
     Ok(rows)
 }
 
-/// The layer rows of the file at `path`, reading only its header (for `probex layers FILE`).
+/// The layer rows of the file at `path` in `mode`, reading only its header.
 pub fn list_layers(
     path: &std::path::Path,
     mode: LayerMode,
@@ -224,9 +345,95 @@ pub fn list_layers(
     layer_rows(&header, mode).map_err(|m| super::WeightsError::invalid(path.display(), m))
 }
 
-/// Formats layer rows as the aligned text table `probex layers FILE` prints:
-/// index, name, shape, dtype, and the matrix a probe sees (or why there is none).
-pub fn format_layer_table(rows: &[LayerRow]) -> String {
+/// One tensor of a file as `probex layers FILE` shows it: where it sits among all the file's
+/// tensors, and its layer index if it is a layer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorRow {
+    /// Position in the file's sorted tensor list (what `mode = "tensors"` would call it).
+    pub position: usize,
+    /// Layer index in the list used (what `layers = N` means), or `None` when it is no layer.
+    pub layer: Option<usize>,
+    /// Tensor name.
+    pub name: String,
+    /// Shape in the file.
+    pub shape: Vec<usize>,
+    /// Dtype name in the file (`F32`, `BF16`, `I64`, ...).
+    pub dtype: String,
+    /// For a layer, the matrix `[d_H, d_W]` a probe would see (for LoRA, of `B @ A`).
+    pub matrix: Option<[usize; 2]>,
+    /// The transform from tensor to matrix, when there is a matrix.
+    pub transform: Option<Transform>,
+    /// Why a layer has no matrix, or what a LoRA up factor belongs to.
+    pub note: Option<String>,
+}
+
+/// What `probex layers FILE` prints: the list used, the rule it follows, and every tensor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    /// The list the layer indices count in (`vit`, `resnet`, `lora`, `matrices`, `tensors`).
+    pub architecture: Architecture,
+    /// What that list holds, in words.
+    pub rule: String,
+    /// How many layers the list has.
+    pub layers: usize,
+    /// Every tensor of the file (of the original, for a partial file), in name order.
+    pub tensors: Vec<TensorRow>,
+}
+
+/// The listing of a header in `mode`: each tensor's position beside its layer index.
+pub fn listing(header: &Header, mode: LayerMode) -> Result<Listing, String> {
+    let (list, original) = LayerList::with_original(header, mode)?;
+    let whole = original.as_ref().unwrap_or(header);
+    let by_name: BTreeMap<&str, &LayerRow> =
+        list.rows.iter().map(|r| (r.name.as_str(), r)).collect();
+    let up_of: BTreeMap<&str, usize> = list
+        .rows
+        .iter()
+        .filter_map(|r| Some((r.lora_up.as_deref()?, r.index)))
+        .collect();
+    let tensors = whole
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(position, t)| {
+            let row = by_name.get(t.name.as_str());
+            TensorRow {
+                position,
+                layer: row.map(|r| r.index),
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                dtype: dtype_name(t.dtype),
+                matrix: row.and_then(|r| r.matrix),
+                transform: row.and_then(|r| r.transform),
+                note: match (row, up_of.get(t.name.as_str())) {
+                    (Some(r), _) => r.note.clone(),
+                    (None, Some(i)) => Some(format!("LoRA up factor of layer {i}")),
+                    (None, None) => None,
+                },
+            }
+        })
+        .collect();
+    Ok(Listing {
+        architecture: list.architecture,
+        rule: list.architecture.rule().to_string(),
+        layers: list.rows.len(),
+        tensors,
+    })
+}
+
+/// The listing of the file at `path` in `mode`, reading only its header (`probex layers`).
+pub fn describe_layers(
+    path: &std::path::Path,
+    mode: LayerMode,
+) -> Result<Listing, super::WeightsError> {
+    let header = super::reader::read_header(path)?;
+    listing(&header, mode).map_err(|m| super::WeightsError::invalid(path.display(), m))
+}
+
+/// Formats a listing as the text `probex layers FILE` prints: the list and its rule, then an
+/// aligned table of every tensor: its position in the file, its layer index (`-` when it is
+/// no layer), name, shape, dtype, and the matrix a probe sees (or why there is none).
+pub fn format_layer_table(listing: &Listing) -> String {
     let shape = |s: &[usize]| {
         format!(
             "[{}]",
@@ -236,15 +443,19 @@ pub fn format_layer_table(rows: &[LayerRow]) -> String {
                 .join(", ")
         )
     };
-    let cells: Vec<[String; 5]> = rows
+    let cells: Vec<[String; 6]> = listing
+        .tensors
         .iter()
         .map(|r| {
-            let matrix = match (r.matrix, r.transform) {
-                (Some([h, w]), Some(t)) => format!("{h} x {w} ({t})"),
-                _ => format!("- ({})", r.note.as_deref().unwrap_or("not a matrix")),
+            let matrix = match (r.matrix, r.transform, &r.note) {
+                (Some([h, w]), Some(t), _) => format!("{h} x {w} ({t})"),
+                (_, _, Some(note)) if r.layer.is_some() => format!("- ({note})"),
+                (_, _, Some(note)) => note.clone(),
+                _ => "-".to_string(),
             };
             [
-                r.index.to_string(),
+                r.position.to_string(),
+                r.layer.map_or_else(|| "-".to_string(), |i| i.to_string()),
                 r.name.clone(),
                 shape(&r.shape),
                 r.dtype.clone(),
@@ -252,33 +463,43 @@ pub fn format_layer_table(rows: &[LayerRow]) -> String {
             ]
         })
         .collect();
-    let head = ["index", "name", "shape", "dtype", "matrix"];
+    let head = ["tensor", "layer", "name", "shape", "dtype", "matrix"];
     let mut width = head.map(str::len);
     for c in &cells {
         for (w, v) in width.iter_mut().zip(c) {
             *w = (*w).max(v.chars().count());
         }
     }
-    let mut out = String::new();
-    let mut line = |c: [&str; 5]| {
+    let mut out = format!(
+        "layer list: {} ({} layers of {} tensors): {}\n\
+         `layer` is what `layers = N` means; `tensor` is the position among all tensors \
+         (mode = \"tensors\")\n\n",
+        listing.architecture,
+        listing.layers,
+        listing.tensors.len(),
+        listing.rule
+    );
+    let mut line = |c: [&str; 6]| {
         let text = format!(
-            "{:>w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}",
+            "{:>w0$}  {:>w1$}  {:<w2$}  {:<w3$}  {:<w4$}  {}",
             c[0],
             c[1],
             c[2],
             c[3],
             c[4],
+            c[5],
             w0 = width[0],
             w1 = width[1],
             w2 = width[2],
-            w3 = width[3]
+            w3 = width[3],
+            w4 = width[4]
         );
         out.push_str(text.trim_end());
         out.push('\n');
     };
     line(head);
     for c in &cells {
-        line([&c[0], &c[1], &c[2], &c[3], &c[4]]);
+        line([&c[0], &c[1], &c[2], &c[3], &c[4], &c[5]]);
     }
     out
 }

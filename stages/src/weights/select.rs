@@ -4,6 +4,10 @@
 //! index (`"59"`), a range (`"40..60"` end-exclusive, `"40..=60"` inclusive), `re:<regex>`
 //! (searched anywhere in the name), `glob:<pattern>` or a bare pattern containing `*`, `?` or
 //! `[` (matched against the whole name; `*` also crosses dots), or an exact tensor name.
+//!
+//! Every selector picks among the model's layers (its layer list, see [`super::arch`]):
+//! indices count in that list, and `all`, names and patterns see only its tensors (on a ViT,
+//! `"*.weight"` matches no layernorm).
 
 use std::fmt;
 use std::str::FromStr;
@@ -17,7 +21,7 @@ use super::layers::LayerRow;
 pub enum LayerSelector {
     /// Every layer that can be a probe input (floating point, non-empty).
     All,
-    /// One layer by its index in the sorted name list.
+    /// One layer by its index in the layer list.
     Index(usize),
     /// Layers `start..end` (end exclusive).
     Range {
@@ -189,6 +193,15 @@ fn glob_regex(glob: &str) -> Result<regex::Regex, String> {
 }
 
 impl LayerSelector {
+    /// The exact tensor names this selector gives (its [`LayerSelector::Name`]s, in lists too).
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            LayerSelector::Name(n) => vec![n.as_str()],
+            LayerSelector::List(v) => v.iter().flat_map(LayerSelector::names).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The indices (ascending, unique) of the layers of `rows` this selector picks.
     ///
     /// `All`, globs and regexes pick only layers that can be probe inputs (`matrix` present);

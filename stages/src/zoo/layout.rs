@@ -40,33 +40,18 @@ pub enum Layout {
 /// Serialises tensors (F32, little-endian) and string metadata into a safetensors file image.
 /// Tensors are laid out in name order; the header is padded with spaces to a multiple of 8.
 pub fn safetensors_bytes(state: &StateDict, metadata: &BTreeMap<String, String>) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".into(),
-        serde_json::Value::Object(
-            metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                .collect(),
-        ),
+    let json = crate::weights::writer::header_json(
+        state.iter().map(|(name, t)| {
+            (
+                name.as_str(),
+                safetensors::Dtype::F32,
+                t.shape.as_slice(),
+                t.data.len() * 4,
+            )
+        }),
+        metadata,
     );
-    let mut offset = 0usize;
-    for (name, t) in state {
-        let len = t.data.len() * 4;
-        header.insert(
-            name.clone(),
-            serde_json::json!({
-                "dtype": "F32",
-                "shape": t.shape,
-                "data_offsets": [offset, offset + len],
-            }),
-        );
-        offset += len;
-    }
-    let mut json = serde_json::Value::Object(header).to_string().into_bytes();
-    while !json.len().is_multiple_of(8) {
-        json.push(b' ');
-    }
+    let offset: usize = state.values().map(|t| t.data.len() * 4).sum();
     let mut out = Vec::with_capacity(8 + json.len() + offset);
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);

@@ -42,6 +42,7 @@ fn layer(d_h: usize, d_w: usize) -> LayerInfo {
         name: "generated.weight".into(),
         source_shape: vec![d_h, d_w],
         transform: "squeeze".into(),
+        list: None,
     }
 }
 

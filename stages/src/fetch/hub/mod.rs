@@ -29,7 +29,7 @@ use crate::extract::ModelSource;
 use crate::extract::discover::glob_to_regex;
 use crate::weights::partial::{self, ORIGINAL_TENSORS_KEY, SOURCE_KEY};
 use crate::weights::reader::{Header, header_len, parse_header};
-use crate::weights::{LayerMode, LayerSelector, layer_rows};
+use crate::weights::{LayerList, LayerMode, LayerSelector};
 use cache::{HfCache, RepoKind, RepoRef, TensorCache, check_etag, is_commit, safe_rel_path};
 use http::{Http, RetryPolicy};
 
@@ -125,7 +125,7 @@ pub struct TensorSelection {
     /// Layers, resolved against each file's header with the paper's indexing (for LoRA, the
     /// up factor comes along).
     pub layers: Option<LayerSelector>,
-    /// How layers are counted (plain tensors or LoRA pairs).
+    /// The layer list `layers` counts in (as extract's `mode`).
     pub layer_mode: LayerMode,
 }
 
@@ -168,9 +168,9 @@ impl TensorSelection {
             }
         }
         if let Some(sel) = &self.layers {
-            let rows = layer_rows(header, self.layer_mode)?;
-            for i in sel.resolve(&rows)? {
-                let r = &rows[i];
+            let list = LayerList::of(header, self.layer_mode)?;
+            for i in list.select(sel)? {
+                let r = &list.rows[i];
                 out.insert(r.name.clone());
                 if let Some(up) = &r.lora_up {
                     out.insert(up.clone());
@@ -1315,30 +1315,13 @@ fn write_safetensors(
     tensors: &[(&crate::weights::TensorEntry, &[u8])],
     metadata: &BTreeMap<String, String>,
 ) -> std::io::Result<()> {
-    let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".into(),
-        serde_json::Value::Object(
-            metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                .collect(),
-        ),
+    let json = crate::weights::writer::header_json(
+        tensors
+            .iter()
+            .map(|(e, bytes)| (e.name.as_str(), e.dtype, e.shape.as_slice(), bytes.len())),
+        metadata,
     );
-    let mut offset = 0usize;
-    for (e, bytes) in tensors {
-        header.insert(
-            e.name.clone(),
-            serde_json::json!({
-                "dtype": format!("{:?}", e.dtype),
-                "shape": e.shape,
-                "data_offsets": [offset, offset + bytes.len()],
-            }),
-        );
-        offset += bytes.len();
-    }
-    let mut json = serde_json::to_vec(&serde_json::Value::Object(header))?;
-    json.resize(json.len().next_multiple_of(8), b' ');
+    let offset: usize = tensors.iter().map(|(_, bytes)| bytes.len()).sum();
     let mut out = Vec::with_capacity(8 + json.len() + offset);
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
