@@ -2,8 +2,8 @@
 //! `run-node` a SLURM job runs), shared by the `probex` binary and anything else that embeds
 //! the engine with its own stage kinds.
 //!
-//! Exit codes: 0 success; 1 a stage failed or an expectation was missed; 2 bad input or usage;
-//! 130 interrupted.
+//! Exit codes (the README has the table): 0 success; 1 the work failed (a stage, an
+//! expectation, writing the run record or the cache); 2 bad input or usage; 130 interrupted.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -33,12 +33,60 @@ use crate::stage::{PlanContext, Registry};
 
 /// Exit code: everything worked and every expectation held.
 pub const EXIT_OK: i32 = 0;
-/// Exit code: a stage failed or an expectation was missed.
+/// Exit code: the work failed: a stage, an expectation, or writing the run record or cache.
 pub const EXIT_FAILED: i32 = 1;
 /// Exit code: bad input (experiment file, flags, cache directory).
 pub const EXIT_USAGE: i32 = 2;
 /// Exit code: stopped by Ctrl-C.
 pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Why a command stopped early: the message (printed as is) and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    /// The exit code: [`EXIT_USAGE`] for bad input, [`EXIT_FAILED`] when the work failed.
+    pub code: i32,
+    /// What went wrong, for stderr.
+    pub message: String,
+}
+
+impl Failure {
+    /// The work failed (a full disk, an incomplete run record): exit 1.
+    pub fn failed(message: impl Into<String>) -> Self {
+        Failure {
+            code: EXIT_FAILED,
+            message: message.into(),
+        }
+    }
+}
+
+/// Bad input: exit 2.
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure {
+            code: EXIT_USAGE,
+            message,
+        }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
+impl From<crate::run::RunError> for Failure {
+    fn from(e: crate::run::RunError) -> Self {
+        let code = match e {
+            crate::run::RunError::Invalid(_) => EXIT_USAGE,
+            crate::run::RunError::Record(_) => EXIT_FAILED,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
 
 /// Where the artifact cache is.
 #[derive(Args, Clone, Debug)]
@@ -282,12 +330,12 @@ pub fn dispatch(
     };
     match result {
         Ok(code) => code,
-        Err(msg) => {
-            eprint!("{msg}");
-            if !msg.ends_with('\n') {
+        Err(Failure { code, message }) => {
+            eprint!("{message}");
+            if !message.ends_with('\n') {
                 eprintln!();
             }
-            EXIT_USAGE
+            code
         }
     }
 }
@@ -302,8 +350,8 @@ fn with_planner<T>(
     cache: &CacheArgs,
     registry: &Registry,
     plan_only: bool,
-    f: impl FnOnce(&Planner, &Store) -> Result<T, String>,
-) -> Result<T, String> {
+    f: impl FnOnce(&Planner, &Store) -> Result<T, Failure>,
+) -> Result<T, Failure> {
     if let Some(d) = args
         .device
         .as_deref()
@@ -311,7 +359,8 @@ fn with_planner<T>(
     {
         return Err(format!(
             "error: --device {d}: not a device\n  = help: use cpu, cuda or cuda:N"
-        ));
+        )
+        .into());
     }
     let exp = crate::experiment::load(&args.file, registry).map_err(|d| d.to_string())?;
     let store = cache.open()?;
@@ -335,7 +384,7 @@ fn with_planner<T>(
     out
 }
 
-fn plan_cmd(args: &PlanArgs, cache: &CacheArgs, registry: &Registry) -> Result<i32, String> {
+fn plan_cmd(args: &PlanArgs, cache: &CacheArgs, registry: &Registry) -> Result<i32, Failure> {
     with_planner(args, cache, registry, true, |planner, store| {
         let plan = planner.plan().map_err(|d| d.to_string())?;
         let history = History::open(store, &planner.experiment().path);
@@ -419,7 +468,7 @@ fn run_cmd(
     opts: &RunOptions,
     out: Option<&Path>,
     exec: &ExecutorChoice,
-) -> Result<i32, String> {
+) -> Result<i32, Failure> {
     with_planner(args, cache, registry, false, |planner, _| {
         let exp = planner.experiment();
         // Checked on every run, so a mistake in the settings shows before they are needed.
@@ -430,13 +479,15 @@ fn run_cmd(
             ExecutorArg::Slurm => Some(slurm_options(args, planner, config, exec, opts.threads)?),
             ExecutorArg::Local => None,
         };
-        let run_dir = RunDir::create(exp, out)
-            .map_err(|e| format!("cannot create the run directory: {e}"))?;
+        let run_dir = RunDir::create(exp, out).map_err(|e| {
+            Failure::failed(format!(
+                "error: cannot create the run directory {e}\n  = help: free some space or give another directory with --out"
+            ))
+        })?;
         let report = match &slurm {
             Some(s) => crate::run::run_slurm(planner, &run_dir, opts, s),
             None => crate::run::run(planner, &run_dir, opts),
-        }
-        .map_err(|d| d.to_string())?;
+        }?;
         if args.json {
             println!(
                 "{}",
@@ -469,6 +520,16 @@ fn run_cmd(
             for p in &report.never_planned {
                 eprintln!("note: stage {p} never ran (its inputs did not complete)");
             }
+            if !report.record_errors.is_empty() {
+                eprintln!(
+                    "\nerror: the run record {} is incomplete:",
+                    report.run_dir.display()
+                );
+                for e in &report.record_errors {
+                    eprintln!("  {e}");
+                }
+                eprintln!("  = help: free some space, or give another directory with --out");
+            }
             let ran = report
                 .nodes
                 .iter()
@@ -493,7 +554,7 @@ fn run_cmd(
                 report.run_dir.display()
             );
         }
-        Ok(if report.cancelled {
+        Ok(if report.cancelled && report.record_errors.is_empty() {
             EXIT_INTERRUPTED
         } else if report.success() {
             EXIT_OK
@@ -509,7 +570,7 @@ fn run_node_cmd(
     registry: &Registry,
     choice: &NodeChoice,
     cancel: &AtomicBool,
-) -> Result<i32, String> {
+) -> Result<i32, Failure> {
     let wanted: Vec<NodeRef> = match (&choice.batches, choice.index) {
         (Some(file), Some(i)) => {
             let bytes = std::fs::read(file)
@@ -534,7 +595,7 @@ fn run_node_cmd(
     };
     with_planner(args, cache, registry, false, |planner, store| {
         let run_dir = RunDir::create(planner.experiment(), Some(&choice.out))
-            .map_err(|e| format!("cannot create the run directory: {e}"))?;
+            .map_err(|e| Failure::failed(format!("error: cannot create the run directory {e}")))?;
         let reporter = Reporter::new(choice.progress, wanted.len() as u64);
         let threads = choice
             .threads
@@ -567,7 +628,7 @@ fn run_node_cmd(
     })
 }
 
-fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Result<i32, String> {
+fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Result<i32, Failure> {
     let store = cache.open()?;
     match cmd {
         CacheCommand::Path => println!("{}", store.root().display()),
@@ -637,7 +698,7 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                     Some(SystemTime::now() - Duration::from_secs_f64(days * 86_400.0))
                 }
                 Some(days) => {
-                    return Err(format!("--older-than {days}: give a number of days >= 0"));
+                    return Err(format!("--older-than {days}: give a number of days >= 0").into());
                 }
                 None => None,
             };
@@ -692,23 +753,54 @@ fn human(bytes: u64) -> String {
     }
 }
 
-fn report_cmd(run: &Path) -> Result<i32, String> {
+/// Reads a JSON file of a run record; an empty, truncated or missing file is an error that
+/// says the record is incomplete rather than a parse error.
+fn read_record_json(run: &Path, name: &str) -> Result<Value, String> {
+    let path = run.join(name);
+    let incomplete = |why: String| {
+        format!(
+            "error: {} is not a complete run record: {why}\n  = help: give a run directory (runs/<experiment>/<timestamp>); a run whose disk filled up or that was killed before it finished has no complete record, run it again",
+            run.display()
+        )
+    };
+    let bytes = std::fs::read(&path).map_err(|e| incomplete(format!("{}: {e}", path.display())))?;
+    if bytes.is_empty() {
+        return Err(incomplete(format!("{} is empty", path.display())));
+    }
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| incomplete(format!("{}: {e}", path.display())))?;
+    if !v.is_object() {
+        return Err(incomplete(format!(
+            "{} is not a JSON object",
+            path.display()
+        )));
+    }
+    Ok(v)
+}
+
+fn report_cmd(run: &Path) -> Result<i32, Failure> {
+    // status.json is written last: a record without a whole one is not finished.
+    read_record_json(run, files::STATUS)?;
     let path = run.join(files::REPORT);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         format!(
-            "cannot read {}: {e}\n  = help: give a run directory (runs/<experiment>/<timestamp>)",
+            "error: cannot read {}: {e}\n  = help: give a run directory (runs/<experiment>/<timestamp>)",
             path.display()
         )
     })?;
+    if text.trim().is_empty() {
+        return Err(format!(
+            "error: {} is empty: the run record is incomplete\n  = help: run the experiment again",
+            path.display()
+        )
+        .into());
+    }
     print!("{text}");
     Ok(EXIT_OK)
 }
 
 fn read_results(run: &Path) -> Result<BTreeMap<String, f64>, String> {
-    let path = run.join(files::RESULTS);
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let v: Value =
-        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v = read_record_json(run, files::RESULTS)?;
     let mut out = BTreeMap::new();
     flatten("", v.get("results").unwrap_or(&Value::Null), &mut out);
     Ok(out)
@@ -738,7 +830,7 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, f64>) {
     }
 }
 
-fn compare_cmd(a: &Path, b: &Path) -> Result<i32, String> {
+fn compare_cmd(a: &Path, b: &Path) -> Result<i32, Failure> {
     let (ra, rb) = (read_results(a)?, read_results(b)?);
     let mut keys: Vec<&String> = ra.keys().chain(rb.keys()).collect();
     keys.sort();

@@ -23,7 +23,7 @@ pub use probex_cache as cache;
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use experiment::{Experiment, load};
 pub use plan::{Overrides, Plan, Planner};
-pub use run::{RunOptions, RunReport, run, run_slurm};
+pub use run::{RunError, RunOptions, RunReport, run, run_slurm};
 pub use stage::{
     Artifact, Cancelled, Coords, InputSlot, Inputs, Outcome, PlanContext, ProgressSink, Registry,
     Resource, RunContext, Stage, StageResult, Sweep,

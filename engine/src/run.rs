@@ -105,12 +105,16 @@ pub struct RunReport {
     pub cancelled: bool,
     /// Wall time in seconds.
     pub seconds: f64,
+    /// Parts of the run record that could not be written (a full disk, a vanished directory):
+    /// a run with an incomplete record has failed, whatever its nodes did.
+    pub record_errors: Vec<String>,
 }
 
 impl RunReport {
     /// True when every node finished and every expectation held.
     pub fn success(&self) -> bool {
         !self.cancelled
+            && self.record_errors.is_empty()
             && self.never_planned.is_empty()
             && self
                 .nodes
@@ -127,13 +131,38 @@ impl RunReport {
     }
 }
 
+/// Why a run could not even start.
+#[derive(Debug)]
+pub enum RunError {
+    /// The experiment cannot be planned (bad input).
+    Invalid(Diagnostics),
+    /// The run record cannot be written (a full disk, a read-only `--out`): nothing was run.
+    Record(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Invalid(d) => write!(f, "{d}"),
+            RunError::Record(e) => write!(
+                f,
+                "error: cannot write the run record: {e}\n  = help: free some space or give another directory with --out"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+impl From<Diagnostics> for RunError {
+    fn from(d: Diagnostics) -> Self {
+        RunError::Invalid(d)
+    }
+}
+
 /// Runs the experiment behind `planner` on threads of this process, writing the run record
 /// into `run_dir`.
-pub fn run(
-    planner: &Planner,
-    run_dir: &RunDir,
-    opts: &RunOptions,
-) -> Result<RunReport, Diagnostics> {
+pub fn run(planner: &Planner, run_dir: &RunDir, opts: &RunOptions) -> Result<RunReport, RunError> {
     let start = Start::new(planner, run_dir, opts)?;
     let jobs = opts.jobs.max(1);
     let threads = opts.threads.unwrap_or_else(|| {
@@ -160,7 +189,7 @@ pub fn run_slurm(
     run_dir: &RunDir,
     opts: &RunOptions,
     slurm: &SlurmOptions,
-) -> Result<RunReport, Diagnostics> {
+) -> Result<RunReport, RunError> {
     // Bars would draw one spinner per queued job (hundreds): plain lines read better.
     let opts = &RunOptions {
         progress: match opts.progress {
@@ -183,16 +212,20 @@ struct Start {
 }
 
 impl Start {
-    fn new(planner: &Planner, run_dir: &RunDir, opts: &RunOptions) -> Result<Start, Diagnostics> {
+    fn new(planner: &Planner, run_dir: &RunDir, opts: &RunOptions) -> Result<Start, RunError> {
         let exp = planner.experiment();
         let store = planner.store();
         let history = History::open(store, &exp.path);
         let started = Instant::now();
         let first = planner.plan()?;
-        let _ = run_dir.write_json(
-            files::PLAN,
-            &crate::status::rows(&first, exp, store, &history),
-        );
+        // A record that cannot be written now will not be writable at the end either: stop
+        // before computing anything.
+        run_dir
+            .write_json(
+                files::PLAN,
+                &crate::status::rows(&first, exp, store, &history),
+            )
+            .map_err(|e| RunError::Record(e.to_string()))?;
         let reporter = Reporter::new(opts.progress, first.nodes.len() as u64);
         Ok(Start {
             first,
@@ -211,7 +244,7 @@ fn drive(
     opts: &RunOptions,
     start: &Start,
     exec: &mut dyn Executor,
-) -> Result<RunReport, Diagnostics> {
+) -> Result<RunReport, RunError> {
     let mut plan = start.first.clone();
     let exp = planner.experiment();
     let store = planner.store();
@@ -371,7 +404,8 @@ fn batches<'n>(exp: &crate::experiment::Experiment, ready: Vec<&'n Node>) -> Vec
     out
 }
 
-/// Writes the run record and checks expectations.
+/// Writes the run record and checks expectations. `status.json` is written last: a record
+/// with a complete `status.json` is complete.
 fn finish(
     planner: &Planner,
     run_dir: &RunDir,
@@ -379,7 +413,7 @@ fn finish(
     states: &HashMap<Key, (NodeState, f64)>,
     cancelled: bool,
     seconds: f64,
-) -> Result<RunReport, Diagnostics> {
+) -> Result<RunReport, RunError> {
     let exp = planner.experiment();
     let store = planner.store();
     let mut nodes = Vec::new();
@@ -407,7 +441,9 @@ fn finish(
             if let Some(s) = &stored.summary {
                 summaries.push((n.name.clone(), s.clone()));
             }
-            publish(&entry, &stored.publish, &run_dir.publish_dir(&n.name));
+            if let Err(e) = publish(&entry, &stored.publish, &run_dir.publish_dir(&n.name)) {
+                run_dir.problem(e);
+            }
         }
         nodes.push(NodeReport {
             node: n.name.clone(),
@@ -429,7 +465,7 @@ fn finish(
     } else {
         Vec::new()
     };
-    let report = RunReport {
+    let mut report = RunReport {
         run_dir: run_dir.path().to_path_buf(),
         cache: std::fs::canonicalize(planner.store().root())
             .unwrap_or_else(|_| planner.store().root().to_path_buf()),
@@ -439,8 +475,10 @@ fn finish(
         summaries,
         cancelled,
         seconds,
+        record_errors: run_dir.problems(),
     };
-    let _ = run_dir.write_json(files::STATUS, &report);
+    // Each file says what was known to have failed when it was written; the caller gets every
+    // failure. Write errors are remembered by `run_dir`.
     let _ = run_dir.write_json(
         files::RESULTS,
         &serde_json::json!({
@@ -450,19 +488,25 @@ fn finish(
             "success": report.success(),
         }),
     );
+    report.record_errors = run_dir.problems();
     let _ = run_dir.write_text(files::REPORT, &crate::status::markdown_report(exp, &report));
+    report.record_errors = run_dir.problems();
+    let _ = run_dir.write_json(files::STATUS, &report);
+    report.record_errors = run_dir.problems();
     Ok(report)
 }
 
 /// Copies a node's published files into the run directory (hard links would tie the run to
-/// the cache entry's lifetime; copies survive `cache gc`).
-fn publish(entry: &Entry, files: &[String], dest: &Path) {
+/// the cache entry's lifetime; copies survive `cache gc`), each whole or not at all.
+fn publish(entry: &Entry, files: &[String], dest: &Path) -> Result<(), String> {
     for f in files {
         let src = entry.dir.join(f);
         let dst = dest.join(f);
+        let bytes = std::fs::read(&src).map_err(|e| format!("{}: {e}", src.display()))?;
         if let Some(parent) = dst.parent() {
-            let _ = std::fs::create_dir_all(parent);
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         }
-        let _ = std::fs::copy(&src, &dst);
+        crate::record::write_atomic(&dst, &bytes).map_err(|e| e.to_string())?;
     }
+    Ok(())
 }

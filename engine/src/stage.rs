@@ -217,6 +217,7 @@ pub struct RunContext<'a> {
     threads: usize,
     offline: bool,
     log: Arc<Mutex<Option<File>>>,
+    log_error: Mutex<Option<String>>,
     progress: &'a dyn ProgressSink,
     cancel: &'a AtomicBool,
     started: Instant,
@@ -246,6 +247,7 @@ impl<'a> RunContext<'a> {
             threads: threads.max(1),
             offline,
             log: Arc::new(Mutex::new(log)),
+            log_error: Mutex::new(None),
             progress,
             cancel,
             started: Instant::now(),
@@ -287,14 +289,24 @@ impl<'a> RunContext<'a> {
         self.offline
     }
 
-    /// Appends a line to the node's log.
+    /// Appends a line to the node's log. A stage never fails for a log line; the first write
+    /// error is kept for the engine ([`RunContext::log_error`]), which fails the run record.
     pub fn log(&self, line: impl AsRef<str>) {
         if let Ok(mut guard) = self.log.lock()
             && let Some(f) = guard.as_mut()
         {
             let t = self.started.elapsed().as_secs_f64();
-            let _ = writeln!(f, "[{t:8.2}s] {}", line.as_ref());
+            if let Err(e) = writeln!(f, "[{t:8.2}s] {}", line.as_ref())
+                && let Ok(mut first) = self.log_error.lock()
+            {
+                first.get_or_insert_with(|| e.to_string());
+            }
         }
+    }
+
+    /// The first error writing the node's log, if any.
+    pub fn log_error(&self) -> Option<String> {
+        self.log_error.lock().ok().and_then(|e| e.clone())
     }
 
     /// Reports progress: `done` of `total` units.

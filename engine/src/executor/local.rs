@@ -183,7 +183,10 @@ impl Worker<'_> {
                     continue;
                 }
             };
-            let log = File::create(self.run_dir.log_path(&n.name)).ok();
+            let log_path = self.run_dir.log_path(&n.name);
+            let log = File::create(&log_path)
+                .inspect_err(|e| self.run_dir.problem(format!("{}: {e}", log_path.display())))
+                .ok();
             let cx = RunContext::new(
                 n.name.clone(),
                 staging.dir().to_path_buf(),
@@ -225,6 +228,10 @@ impl Worker<'_> {
                     ))
                 }
             };
+            if let Some(e) = cx.log_error() {
+                let path = self.run_dir.log_path(&n.name);
+                self.run_dir.problem(format!("{}: {e}", path.display()));
+            }
             out.push(Done {
                 key: n.key.clone(),
                 result: done,

@@ -1,0 +1,148 @@
+//! The edges a user falls into (issue 23): a full disk under the run record, Ctrl-C and SIGTERM
+//! in the middle of a stage, a closed stdout, experiment names that are paths, `cache gc` while a
+//! run is live, staging left by killed runs. Each drives the `testkit` example (the engine's CLI
+//! with the test kinds) as a separate process.
+//!
+//! A full disk is simulated without root by a file-size limit on the child process
+//! (`RLIMIT_FSIZE`, with `SIGXFSZ` ignored so a write past it fails with `EFBIG`, as a write to
+//! a full disk fails with `ENOSPC`): every write the child makes past the limit fails.
+
+mod kinds;
+mod testkit;
+
+use std::fs;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Output;
+
+use testkit::{Kit, stderr, stdout};
+
+const GOOD: &str = r#"
+[experiment]
+name = "good"
+description = "two numbers and their sum"
+
+[stage.a]
+kind = "const"
+value = 2.0
+
+[stage.b]
+kind = "add"
+from = "a"
+offset = 0.5
+expect = { value = "2.5 +- 0.01" }
+
+[stage.g]
+kind = "gather"
+from = "b"
+"#;
+
+/// The files of a run record a reader relies on.
+const RECORD: [&str; 4] = ["plan.json", "status.json", "results.json", "report.md"];
+
+/// Runs the testkit with every file it writes limited to `bytes`.
+fn run_with_file_limit(k: &Kit, bytes: u64, args: &[&str]) -> Output {
+    let mut cmd = k.cmd(args);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: bytes as libc::rlim_t,
+                rlim_max: bytes as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("run testkit")
+}
+
+/// Every file of the record is absent or whole: never empty, never cut short.
+fn assert_no_partial_record(dir: &Path) {
+    for f in RECORD {
+        let path = dir.join(f);
+        let Ok(bytes) = fs::read(&path) else { continue };
+        assert!(!bytes.is_empty(), "{f} was left empty");
+        if f.ends_with(".json") {
+            let parsed: Result<serde_json::Value, _> = serde_json::from_slice(&bytes);
+            assert!(parsed.is_ok(), "{f} was left cut short: {parsed:?}");
+        }
+    }
+    let leftovers: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+#[test]
+fn a_full_disk_under_the_run_record_fails_the_run_and_leaves_no_partial_file() {
+    let k = Kit::new();
+    k.write("good.toml", GOOD);
+    // Everything cached first, so the limited runs write nothing but their record.
+    let out = k.run(&["run", "good.toml", "--out", "warm"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = k.run(&["run", "good.toml", "--out", "cached"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let size = |f: &str| fs::metadata(k.path("cached").join(f)).unwrap().len();
+
+    // Nothing can be written: the run stops before its first node.
+    let out = run_with_file_limit(&k, 0, &["run", "good.toml", "--out", "full"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{}{err}", stdout(&out));
+    assert!(err.contains("cannot write the run record"), "{err}");
+    assert!(err.contains("plan.json"), "{err}");
+    assert!(!stdout(&out).contains("ok:"), "{}", stdout(&out));
+    assert_no_partial_record(&k.path("full"));
+
+    // plan.json fits but status.json does not: the run fails at the end and says which file.
+    let limit = size("plan.json") + 64;
+    assert!(
+        size("status.json") > limit + 64,
+        "the fixture needs a status.json larger than plan.json"
+    );
+    let out = run_with_file_limit(&k, limit, &["run", "good.toml", "--out", "late"]);
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{text}{err}");
+    assert!(err.contains("the run record"), "{err}");
+    assert!(err.contains("is incomplete"), "{err}");
+    assert!(err.contains("status.json"), "{err}");
+    assert!(text.contains("FAILED: 3 nodes"), "{text}");
+    assert_no_partial_record(&k.path("late"));
+
+    // Reading an incomplete record is an error, not an empty print.
+    for rec in ["full", "late"] {
+        let out = k.run(&["report", rec]);
+        assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+        assert!(stdout(&out).is_empty(), "{}", stdout(&out));
+        assert!(
+            stderr(&out).contains("is not a complete run record"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    fs::write(k.path("late/status.json"), b"").unwrap();
+    let out = k.run(&["report", "late"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("status.json is empty"),
+        "{}",
+        stderr(&out)
+    );
+    let out = k.run(&["compare", "cached", "full"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("is not a complete run record"),
+        "{}",
+        stderr(&out)
+    );
+    // A complete record still reads.
+    let out = k.run(&["report", "cached"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("Outcome: **success**"));
+}
