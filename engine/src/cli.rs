@@ -517,8 +517,22 @@ fn run_cmd(
                     eprintln!("\nerror: stage {} failed: {e}", f.node);
                 }
             }
-            for p in &report.never_planned {
-                eprintln!("note: stage {p} never ran (its inputs did not complete)");
+            let interrupted: Vec<&str> = report
+                .nodes
+                .iter()
+                .filter(|n| n.state == NodeState::Interrupted)
+                .map(|n| n.node.as_str())
+                .collect();
+            if !interrupted.is_empty() {
+                eprintln!(
+                    "note: interrupted while running: {}; run again to finish (they resume where they keep checkpoints)",
+                    interrupted.join(", ")
+                );
+            }
+            if !report.cancelled {
+                for p in &report.never_planned {
+                    eprintln!("note: stage {p} never ran (its inputs did not complete)");
+                }
             }
             if !report.record_errors.is_empty() {
                 eprintln!(

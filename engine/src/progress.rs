@@ -129,6 +129,10 @@ impl Reporter {
 }
 
 impl ProgressSink for Reporter {
+    fn note(&self, node: &str, message: &str) {
+        self.println(&format!("  note {node}: {message}"));
+    }
+
     fn progress(&self, node: &str, done: u64, total: u64, message: &str) {
         if self.bars.is_some() {
             if let Ok(r) = self.running.lock()

@@ -61,8 +61,12 @@ pub enum NodeState {
     Failed(String),
     /// Not run because an upstream node failed.
     Skipped(String),
-    /// Not run because the run stopped first.
+    /// Not run because the run stopped first (or stopped before it finished, because another
+    /// node failed).
     NotRun,
+    /// Running when the run was interrupted (Ctrl-C, SIGTERM): not failed, not finished; the
+    /// next run computes it again, resuming from its checkpoint where the kind keeps one.
+    Interrupted,
 }
 
 /// One node of a finished run.
@@ -164,6 +168,7 @@ impl From<Diagnostics> for RunError {
 /// into `run_dir`.
 pub fn run(planner: &Planner, run_dir: &RunDir, opts: &RunOptions) -> Result<RunReport, RunError> {
     let start = Start::new(planner, run_dir, opts)?;
+    let failure_stop = AtomicBool::new(false);
     let jobs = opts.jobs.max(1);
     let threads = opts.threads.unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -175,10 +180,11 @@ pub fn run(planner: &Planner, run_dir: &RunDir, opts: &RunOptions) -> Result<Run
             run_dir,
             reporter: &start.reporter,
             cancel: &opts.cancel,
+            failure_stop: &failure_stop,
             threads,
         };
         let mut exec = Local::new(scope, worker, jobs);
-        drive(planner, run_dir, opts, &start, &mut exec)
+        drive(planner, run_dir, opts, &start, &mut exec, &failure_stop)
     })
 }
 
@@ -200,7 +206,14 @@ pub fn run_slurm(
     };
     let start = Start::new(planner, run_dir, opts)?;
     let mut exec = Slurm::new(planner, run_dir, &start.reporter, &opts.cancel, slurm);
-    drive(planner, run_dir, opts, &start, &mut exec)
+    drive(
+        planner,
+        run_dir,
+        opts,
+        &start,
+        &mut exec,
+        &AtomicBool::new(false),
+    )
 }
 
 /// What every run does before its first node: the first plan, written to the record, and the
@@ -238,12 +251,14 @@ impl Start {
 /// The scheduling loop every executor shares: settle cached nodes and nodes whose inputs
 /// failed, hand ready batches to `exec`, wait for some to finish, plan again (a finished node
 /// may let a pending fan-out expand), until nothing is left to start or running.
+/// `failure_stop` is set when a failure (not the user) stops the run.
 fn drive(
     planner: &Planner,
     run_dir: &RunDir,
     opts: &RunOptions,
     start: &Start,
     exec: &mut dyn Executor,
+    failure_stop: &AtomicBool,
 ) -> Result<RunReport, RunError> {
     let mut plan = start.first.clone();
     let exp = planner.experiment();
@@ -328,6 +343,10 @@ fn drive(
                         states.insert(d.key, (NodeState::Cached, 0.0));
                     }
                 }
+                Err(_) if d.stopped && !failure_stop.load(Ordering::Relaxed) => {
+                    reporter.finished(&name, "interrupted", d.seconds);
+                    states.insert(d.key, (NodeState::Interrupted, d.seconds));
+                }
                 Err(_) if d.stopped => {
                     reporter.finished(&name, "stopped", d.seconds);
                     states.insert(d.key, (NodeState::NotRun, d.seconds));
@@ -335,9 +354,12 @@ fn drive(
                 Err(e) => {
                     reporter.finished(&name, "FAILED", d.seconds);
                     reporter.println(&format!("error in {name}: {e}"));
-                    if !opts.keep_going {
+                    if !opts.keep_going && !opts.cancel.load(Ordering::Relaxed) {
                         stop = true;
-                        opts.cancel.store(true, Ordering::Relaxed);
+                        // Before `cancel`: a node that sees `cancel` must know it is not the
+                        // user's interrupt.
+                        failure_stop.store(true, Ordering::SeqCst);
+                        opts.cancel.store(true, Ordering::SeqCst);
                     }
                     states.insert(d.key, (NodeState::Failed(e), d.seconds));
                 }
@@ -426,7 +448,10 @@ fn finish(
             .get(&n.key)
             .cloned()
             .unwrap_or((NodeState::NotRun, 0.0));
-        let ran = matches!(state, NodeState::Ran | NodeState::Failed(_));
+        let ran = matches!(
+            state,
+            NodeState::Ran | NodeState::Failed(_) | NodeState::Interrupted
+        );
         if matches!(state, NodeState::Cached | NodeState::Ran)
             && let Ok(Some(entry)) = store.get(&n.key)
         {

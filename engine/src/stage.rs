@@ -204,6 +204,10 @@ pub struct PlanContext<'a> {
 pub trait ProgressSink: Send + Sync {
     /// `node` has done `done` of `total` units, with an optional short message.
     fn progress(&self, node: &str, done: u64, total: u64, message: &str);
+
+    /// A line the person running `node` should see (it resumed from a checkpoint, it skipped
+    /// models); by default dropped.
+    fn note(&self, _node: &str, _message: &str) {}
 }
 
 /// What a running stage may use: its output and work directories, settings, logging,
@@ -307,6 +311,13 @@ impl<'a> RunContext<'a> {
     /// The first error writing the node's log, if any.
     pub fn log_error(&self) -> Option<String> {
         self.log_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Logs `line` and shows it on the terminal too: for what the person running the
+    /// experiment should know (a resume from a checkpoint, models skipped), not for progress.
+    pub fn note(&self, line: impl AsRef<str>) {
+        self.log(line.as_ref());
+        self.progress.note(&self.node, line.as_ref());
     }
 
     /// Reports progress: `done` of `total` units.

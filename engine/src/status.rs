@@ -150,6 +150,8 @@ pub fn markdown_report(exp: &Experiment, report: &RunReport) -> String {
         "Outcome: **{}** ({} nodes: {ran} computed, {cached} cached; {:.1} s)\n",
         if report.success() {
             "success"
+        } else if report.cancelled && report.record_errors.is_empty() {
+            "interrupted"
         } else {
             "FAILED"
         },

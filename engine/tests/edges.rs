@@ -14,9 +14,10 @@ use std::fs;
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Output;
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
-use testkit::{Kit, stderr, stdout};
+use testkit::{Kit, stderr, stdout, wait_for};
 
 const GOOD: &str = r#"
 [experiment]
@@ -145,4 +146,65 @@ fn a_full_disk_under_the_run_record_fails_the_run_and_leaves_no_partial_file() {
     let out = k.run(&["report", "cached"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains("Outcome: **success**"));
+}
+
+/// The state of `node` in a run record's status.json.
+fn node_state(record: &Path, node: &str) -> String {
+    let v: serde_json::Value =
+        serde_json::from_slice(&fs::read(record.join("status.json")).expect("status.json"))
+            .expect("status json");
+    v["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|r| r["node"] == node))
+        .and_then(|r| r["state"].as_str())
+        .unwrap_or_else(|| panic!("no node {node} in {v}"))
+        .to_string()
+}
+
+#[test]
+fn a_signal_during_a_stage_is_an_interruption_that_the_next_run_resumes() {
+    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
+        let k = Kit::new();
+        k.write(
+            "count.toml",
+            "[stage.c]\nkind = \"count\"\nsteps = 1000\nstep_ms = 1\n\n[stage.d]\nkind = \"add\"\nfrom = \"c\"\n",
+        );
+        let key = k.key_of("count.toml", "c");
+        let progress = k.cache().join("work").join(key.as_str()).join("count");
+        let child = k
+            .cmd(&["run", "count.toml", "--out", "r1", "--progress", "plain"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn testkit");
+        wait_for(Duration::from_secs(20), "the stage to count", || {
+            fs::read_to_string(&progress).is_ok_and(|s| s.trim().parse::<u64>().unwrap_or(0) >= 5)
+        });
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+        let out = child.wait_with_output().expect("wait");
+        let (text, err) = (stdout(&out), stderr(&out));
+        assert_eq!(out.status.code(), Some(130), "{name}: {text}{err}");
+        assert!(text.contains("interrupted: 2 nodes"), "{name}: {text}");
+        assert!(
+            !text.contains("FAILED") && !err.contains("error"),
+            "{name}: {text}{err}"
+        );
+        assert!(
+            err.contains("interrupted while running: c"),
+            "{name}: {err}"
+        );
+        assert_eq!(node_state(&k.path("r1"), "c"), "interrupted", "{name}");
+        assert_eq!(node_state(&k.path("r1"), "d"), "not_run", "{name}");
+        let md = fs::read_to_string(k.path("r1/report.md")).unwrap();
+        assert!(md.contains("Outcome: **interrupted**"), "{name}: {md}");
+
+        // The next run resumes the count and says so.
+        let out = k.run(&["run", "count.toml", "--out", "r2", "--progress", "plain"]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{name}: {}{err}", stdout(&out));
+        assert!(err.contains("note c: resumed from step "), "{name}: {err}");
+        assert_eq!(node_state(&k.path("r2"), "c"), "ran", "{name}");
+        assert_eq!(k.starts("c"), 2, "{name}");
+    }
 }

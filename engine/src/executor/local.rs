@@ -108,6 +108,9 @@ pub struct Worker<'a> {
     pub reporter: &'a Reporter,
     /// Set to stop: stages see it through their context.
     pub cancel: &'a AtomicBool,
+    /// Set (before `cancel`) when the run stops because a node failed, not because it was
+    /// interrupted (Ctrl-C, SIGTERM, scancel).
+    pub failure_stop: &'a AtomicBool,
     /// Threads per node when its stage does not say.
     pub threads: usize,
 }
@@ -211,12 +214,17 @@ impl Worker<'_> {
         let results = run_guarded(|| decl.stage.run_batch(&jobs, &inputs), jobs.len());
         let seconds = started.elapsed().as_secs_f64() / prepared.len() as f64;
         for ((n, staging, cx), result) in prepared.into_iter().zip(results) {
-            let stopped = matches!(&result, Err(e) if self.cancel.load(Ordering::Relaxed)
-                && e.chain().any(|c| c.is::<Cancelled>()));
+            // A stage that gives up because the run is stopping did not fail. When the user
+            // interrupted the run, any error counts (a kind may surface cancellation as its own
+            // error type); when a failure elsewhere stops the run, only the engine's typed
+            // `Cancelled`, so that genuine errors during the wind-down still show.
+            let stopped = matches!(&result, Err(e) if self.cancel.load(Ordering::SeqCst)
+                && (!self.failure_stop.load(Ordering::SeqCst)
+                    || e.chain().any(|c| c.is::<Cancelled>())));
             let done = match result {
                 Ok(outcome) => commit(n, staging, &outcome, seconds, &cx, decl.kind.as_str()),
-                Err(_) if stopped => {
-                    cx.log("stopped: the run was cancelled");
+                Err(e) if stopped => {
+                    cx.log(format!("stopped: the run was cancelled ({e:#})"));
                     Err("cancelled".to_string())
                 }
                 Err(e) => {

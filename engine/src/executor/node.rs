@@ -97,11 +97,14 @@ pub fn run_nodes(
     for n in &batch {
         reporter.started(&n.name);
     }
+    // A job computes one batch: it only stops when it is told to (scancel, Ctrl-C).
+    let failure_stop = AtomicBool::new(false);
     let worker = Worker {
         planner,
         run_dir,
         reporter,
         cancel,
+        failure_stop: &failure_stop,
         threads,
     };
     let inputs = inputs_of(&plan, first, store);
