@@ -35,31 +35,34 @@ pub fn run(args: &LayersArgs) -> i32 {
     let rows = match list_layers(&args.file, mode) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {e}");
+            probex_engine::errln!("error: {e}");
             return 2;
         }
     };
     if args.json {
         match serde_json::to_string_pretty(&rows) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => probex_engine::outln!("{s}"),
             Err(e) => {
-                eprintln!("error: {e}");
+                probex_engine::errln!("error: {e}");
                 return 2;
             }
         }
         return 0;
     }
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
-    println!(
+    probex_engine::outln!(
         "{:>5}  {:<width$}  {:<18}  {:<5}  probe matrix",
-        "index", "name", "shape", "dtype"
+        "index",
+        "name",
+        "shape",
+        "dtype"
     );
     for r in &rows {
         let matrix = match (&r.matrix, &r.transform) {
             (Some([h, w]), Some(t)) => format!("[{h}, {w}] ({})", t.as_str()),
             _ => r.note.clone().unwrap_or_else(|| "-".into()),
         };
-        println!(
+        probex_engine::outln!(
             "{:>5}  {:<width$}  {:<18}  {:<5}  {matrix}",
             r.index,
             r.name,

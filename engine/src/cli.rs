@@ -323,21 +323,22 @@ pub fn dispatch(
         EngineCommand::Compare { a, b } => compare_cmd(&a, &b),
         EngineCommand::Kinds => {
             for (kind, about) in registry.describe() {
-                println!("{kind:<12} {about}");
+                crate::outln!("{kind:<12} {about}");
             }
             Ok(EXIT_OK)
         }
     };
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(Failure { code, message }) => {
-            eprint!("{message}");
+            crate::err!("{message}");
             if !message.ends_with('\n') {
-                eprintln!();
+                crate::errln!();
             }
             code
         }
-    }
+    };
+    crate::console::finish(code)
 }
 
 fn offline(flag: bool) -> bool {
@@ -390,12 +391,12 @@ fn plan_cmd(args: &PlanArgs, cache: &CacheArgs, registry: &Registry) -> Result<i
         let history = History::open(store, &planner.experiment().path);
         let view = crate::status::rows(&plan, planner.experiment(), store, &history);
         if args.json {
-            println!(
+            crate::outln!(
                 "{}",
                 serde_json::to_string_pretty(&view).map_err(|e| e.to_string())?
             );
         } else {
-            print!("{}", crate::status::render_plan(&view));
+            crate::out!("{}", crate::status::render_plan(&view));
         }
         Ok(EXIT_OK)
     })
@@ -489,22 +490,22 @@ fn run_cmd(
             None => crate::run::run(planner, &run_dir, opts),
         }?;
         if args.json {
-            println!(
+            crate::outln!(
                 "{}",
                 serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
             );
         } else {
             for (node, summary) in &report.summaries {
-                println!("\n== {node} ==\n{}", summary.trim_end());
+                crate::outln!("\n== {node} ==\n{}", summary.trim_end());
             }
             if !report.expectations.is_empty() {
-                println!("\nexpectations:");
+                crate::outln!("\nexpectations:");
                 for c in &report.expectations {
                     let actual = c
                         .actual
                         .map_or_else(|| "missing".into(), |a| format!("{a:.4}"));
                     let mark = if c.pass { "ok" } else { "MISSED" };
-                    println!(
+                    crate::outln!(
                         "  {mark:<6} {} = {actual} (expected {}){}",
                         c.path,
                         c.expected,
@@ -514,7 +515,7 @@ fn run_cmd(
             }
             for f in report.failures() {
                 if let NodeState::Failed(e) = &f.state {
-                    eprintln!("\nerror: stage {} failed: {e}", f.node);
+                    crate::errln!("\nerror: stage {} failed: {e}", f.node);
                 }
             }
             let interrupted: Vec<&str> = report
@@ -524,25 +525,25 @@ fn run_cmd(
                 .map(|n| n.node.as_str())
                 .collect();
             if !interrupted.is_empty() {
-                eprintln!(
+                crate::errln!(
                     "note: interrupted while running: {}; run again to finish (they resume where they keep checkpoints)",
                     interrupted.join(", ")
                 );
             }
             if !report.cancelled {
                 for p in &report.never_planned {
-                    eprintln!("note: stage {p} never ran (its inputs did not complete)");
+                    crate::errln!("note: stage {p} never ran (its inputs did not complete)");
                 }
             }
             if !report.record_errors.is_empty() {
-                eprintln!(
+                crate::errln!(
                     "\nerror: the run record {} is incomplete:",
                     report.run_dir.display()
                 );
                 for e in &report.record_errors {
-                    eprintln!("  {e}");
+                    crate::errln!("  {e}");
                 }
-                eprintln!("  = help: free some space, or give another directory with --out");
+                crate::errln!("  = help: free some space, or give another directory with --out");
             }
             let ran = report
                 .nodes
@@ -554,7 +555,7 @@ fn run_cmd(
                 .iter()
                 .filter(|n| n.state == NodeState::Cached)
                 .count();
-            println!(
+            crate::outln!(
                 "\n{}: {} nodes ({ran} computed, {cached} cached) in {:.1}s; record: {}",
                 if report.success() {
                     "ok"
@@ -631,7 +632,7 @@ fn run_node_cmd(
         for (node, outcome) in &outcomes {
             match outcome {
                 NodeOutcome::Failed(e) => {
-                    eprintln!("error: stage {node} failed: {e}");
+                    crate::errln!("error: stage {node} failed: {e}");
                     code = EXIT_FAILED;
                 }
                 NodeOutcome::Stopped if code == EXIT_OK => code = EXIT_INTERRUPTED,
@@ -645,7 +646,7 @@ fn run_node_cmd(
 fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Result<i32, Failure> {
     let store = cache.open()?;
     match cmd {
-        CacheCommand::Path => println!("{}", store.root().display()),
+        CacheCommand::Path => crate::outln!("{}", store.root().display()),
         CacheCommand::Ls { json } => {
             let entries = store.list().map_err(|e| e.to_string())?;
             if json {
@@ -658,14 +659,14 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                         })
                     })
                     .collect();
-                println!(
+                crate::outln!(
                     "{}",
                     serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?
                 );
             } else {
                 let total: u64 = entries.iter().map(|e| e.size()).sum();
                 for e in &entries {
-                    println!(
+                    crate::outln!(
                         "{}  {:<9} {:>10}  {}",
                         &e.key.as_str()[..12],
                         e.manifest.kind,
@@ -673,7 +674,7 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                         e.manifest.label
                     );
                 }
-                println!("{} entries, {}", entries.len(), human(total));
+                crate::outln!("{} entries, {}", entries.len(), human(total));
             }
         }
         CacheCommand::Verify => {
@@ -684,13 +685,13 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                 .collect();
             for (k, v) in &bad {
                 if let Verified::Corrupt(problems) = v {
-                    println!("corrupt {k}:");
+                    crate::outln!("corrupt {k}:");
                     for p in problems {
-                        println!("  {p}");
+                        crate::outln!("  {p}");
                     }
                 }
             }
-            println!(
+            crate::outln!(
                 "{} entries verified, {} corrupt (quarantined)",
                 results.len(),
                 bad.len()
@@ -722,7 +723,7 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                     older_than: older,
                 })
                 .map_err(|e| e.to_string())?;
-            println!(
+            crate::outln!(
                 "removed {} entries, {} staging dirs of dead runs; freed {}{}",
                 report.removed.len(),
                 report.tmp_cleaned,
@@ -809,7 +810,7 @@ fn report_cmd(run: &Path) -> Result<i32, Failure> {
         )
         .into());
     }
-    print!("{text}");
+    crate::out!("{text}");
     Ok(EXIT_OK)
 }
 
@@ -850,9 +851,12 @@ fn compare_cmd(a: &Path, b: &Path) -> Result<i32, Failure> {
     keys.sort();
     keys.dedup();
     let width = keys.iter().map(|k| k.len()).max().unwrap_or(4);
-    println!(
+    crate::outln!(
         "{:<width$}  {:>12}  {:>12}  {:>10}",
-        "result", "a", "b", "b - a"
+        "result",
+        "a",
+        "b",
+        "b - a"
     );
     let mut differ = 0;
     for k in keys {
@@ -866,9 +870,9 @@ fn compare_cmd(a: &Path, b: &Path) -> Result<i32, Failure> {
             (Some(x), Some(y)) => format!("{:+.4}", y - x),
             _ => String::new(),
         };
-        println!("{k:<width$}  {:>12}  {:>12}  {d:>10}", f(x), f(y));
+        crate::outln!("{k:<width$}  {:>12}  {:>12}  {d:>10}", f(x), f(y));
     }
-    println!(
+    crate::outln!(
         "{differ} results differ ({} in a, {} in b)",
         ra.len(),
         rb.len()

@@ -3,7 +3,11 @@
 //! It knows nothing of Burn, safetensors or the Hub: stage kinds come from outside through
 //! [`Registry`], artifacts live in a [`probex_cache::Store`].
 
+// Output goes through `console` (outln!, errln!): println! panics on a closed pipe.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod cli;
+pub mod console;
 pub mod diagnostic;
 pub mod digest;
 pub mod executor;

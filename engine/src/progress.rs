@@ -79,7 +79,7 @@ impl Reporter {
                     r.insert(node.to_string(), (bar, Instant::now()));
                 }
             }
-            (None, ProgressMode::Plain) => eprintln!("run    {node}"),
+            (None, ProgressMode::Plain) => crate::errln!("run    {node}"),
             _ => {}
         }
     }
@@ -99,9 +99,9 @@ impl Reporter {
             }
         } else if self.mode == ProgressMode::Plain {
             if what == "cached" {
-                eprintln!("cached {node}");
+                crate::errln!("cached {node}");
             } else {
-                eprintln!("{what:>6} {node} ({seconds:.1}s)");
+                crate::errln!("{what:>6} {node} ({seconds:.1}s)");
             }
         }
     }
@@ -154,7 +154,7 @@ impl ProgressSink for Reporter {
                 due
             });
             if due {
-                eprintln!("  ...  {node}: {done}/{total} {message}");
+                crate::errln!("  ...  {node}: {done}/{total} {message}");
             }
         }
     }

@@ -12,6 +12,7 @@ mod testkit;
 
 use std::fs;
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Output, Stdio};
@@ -207,4 +208,75 @@ fn a_signal_during_a_stage_is_an_interruption_that_the_next_run_resumes() {
         assert_eq!(node_state(&k.path("r2"), "c"), "ran", "{name}");
         assert_eq!(k.starts("c"), 2, "{name}");
     }
+}
+
+/// The write end of a pipe whose read end is already closed: every write to it fails with
+/// EPIPE, as when `probex ... | head -1` has read what it wanted.
+fn closed_pipe() -> Stdio {
+    let mut fds = [0; 2];
+    // SAFETY: `pipe` fills both descriptors; the read end is closed at once and the write end
+    // is owned by the returned Stdio.
+    unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        libc::close(fds[0]);
+        Stdio::from(OwnedFd::from_raw_fd(fds[1]))
+    }
+}
+
+#[test]
+fn a_closed_stdout_ends_every_command_quietly() {
+    let k = Kit::new();
+    k.write("good.toml", GOOD);
+    for rec in ["r1", "r2"] {
+        let out = k.run(&["run", "good.toml", "--out", rec]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    let commands: &[&[&str]] = &[
+        &["kinds"],
+        &["plan", "good.toml"],
+        &["plan", "--json", "good.toml"],
+        &["cache", "ls"],
+        &["cache", "ls", "--json"],
+        &["cache", "verify"],
+        &["cache", "path"],
+        &["report", "r1"],
+        &["compare", "r1", "r2"],
+        &["run", "good.toml", "--out", "r3"],
+        &["run", "good.toml", "--json", "--out", "r4"],
+    ];
+    for args in commands {
+        let out = k
+            .cmd(args)
+            .stdout(closed_pipe())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run testkit");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{args:?}: {err}"
+        );
+    }
+    // The run still wrote its whole record.
+    assert!(k.path("r3/status.json").is_file());
+
+    // A write that fails for another reason (a full disk under `> file`) is an error.
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let out = k
+        .cmd(&["cache", "ls"])
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run testkit");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error: cannot write the output to stdout"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }
