@@ -200,6 +200,15 @@ pub fn load(path: &Path, registry: &Registry) -> Result<Experiment, Diagnostics>
         }
     }
 
+    if stages.is_empty() {
+        return Err(Diagnostic::in_file(
+            path,
+            format!("{} declares no stages", path.display()),
+        )
+        .with_help("an experiment declares at least one [stage.NAME] table with a `kind = ...` line (`probex kinds` lists the kinds)")
+        .into());
+    }
+
     let declared: BTreeSet<String> = stages.iter().map(|s| s.name.clone()).collect();
     let mut decls = Vec::new();
     for s in &stages {
@@ -244,13 +253,32 @@ pub fn load(path: &Path, registry: &Registry) -> Result<Experiment, Diagnostics>
         return Err(Diagnostics(errors));
     }
 
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = match name {
+        Some(n) => n,
+        None => {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if let Err(why) = check_name(&stem) {
+                return Err(Diagnostic::in_file(
+                    path,
+                    format!(
+                        "the experiment has no name, and its file name `{}` {why}",
+                        stem.escape_debug()
+                    ),
+                )
+                .with_help(format!(
+                    "name it in the file: [experiment] name = \"...\"; {NAME_HELP}"
+                ))
+                .into());
+            }
+            stem
+        }
+    };
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok(Experiment {
-        name: name.unwrap_or(stem),
+        name,
         description,
         path: path.to_path_buf(),
         base_dir: if base_dir.as_os_str().is_empty() {
@@ -368,10 +396,39 @@ fn includes_of(
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Header {
-    name: Option<String>,
+    name: Option<Spanned<String>>,
     description: Option<String>,
     #[allow(dead_code)] // read by `includes_of`; declared here so it is a known key
     include: Option<toml::Value>,
+}
+
+const NAME_HELP: &str =
+    "use letters, digits, `-`, `_` and `.` (not first), e.g. name = \"mini-zeroshot\"";
+
+/// Why `name` cannot name the folder `runs/<name>/` of an experiment's run records, if it
+/// cannot: it must be one plain folder name, so that no record lands outside `runs/` (`..`,
+/// `/abs`), in `runs/` itself (empty) or in a hidden folder.
+pub fn check_name(name: &str) -> Result<(), String> {
+    const MAX: usize = 100;
+    if name.is_empty() {
+        return Err("is empty".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | '+')))
+    {
+        return Err(format!(
+            "contains `{}`, which cannot be part of a folder name",
+            c.escape_debug()
+        ));
+    }
+    if name.starts_with('.') {
+        return Err("starts with `.`".into());
+    }
+    if name.chars().count() > MAX {
+        return Err(format!("is longer than {MAX} characters"));
+    }
+    Ok(())
 }
 
 fn read_header(
@@ -384,6 +441,20 @@ fn read_header(
     let h: Header = serde::Deserialize::deserialize(toml::de::ValueDeserializer::from(value))
         .map_err(|e| Diagnostic::from_toml(sources, file, &e))?;
     if let Some(n) = h.name {
+        let span = Span {
+            file,
+            range: n.span(),
+        };
+        let n = n.into_inner();
+        if let Err(why) = check_name(&n) {
+            return Err(Diagnostic::at(
+                sources,
+                &span,
+                format!("experiment name `{}` {why}", n.escape_debug()),
+            )
+            .with_label("the run record goes into runs/<name>/ beside the file")
+            .with_help(NAME_HELP));
+        }
         *name = Some(n);
     }
     if let Some(d) = h.description {

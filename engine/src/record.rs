@@ -42,6 +42,13 @@ impl RunDir {
         let path = match out {
             Some(p) => p.to_path_buf(),
             None => {
+                // `load` checked the name; this keeps a record inside runs/ whatever built `exp`.
+                if crate::experiment::check_name(&exp.name).is_err() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("experiment name `{}` is not a folder name", exp.name),
+                    ));
+                }
                 let base = exp.base_dir.join("runs").join(&exp.name);
                 let stamp = utc_stamp(SystemTime::now());
                 let mut path = base.join(&stamp);

@@ -280,3 +280,46 @@ fn a_closed_stdout_ends_every_command_quietly() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn names_that_are_paths_and_empty_files_never_write_a_record() {
+    let k = Kit::new();
+    fs::create_dir_all(k.path("exp")).unwrap();
+    let outside = k.path("escaped");
+    for (name, text) in [
+        (
+            "escape",
+            "[experiment]\nname = \"../../escaped\"\n".to_string(),
+        ),
+        (
+            "absolute",
+            format!("[experiment]\nname = \"{}\"\n", outside.display()),
+        ),
+        ("empty", "[experiment]\nname = \"\"\n".to_string()),
+    ] {
+        let file = format!("exp/{name}.toml");
+        k.write(
+            &file,
+            &format!("{text}\n[stage.a]\nkind = \"const\"\nvalue = 1\n"),
+        );
+        let out = k.run(&["run", &file]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{name}: {}{err}", stdout(&out));
+        assert!(err.contains(&format!("--> {file}:2:8")), "{name}: {err}");
+        assert!(err.contains('^'), "{name}: {err}");
+    }
+    assert!(!outside.exists(), "a record was written outside runs/");
+    assert!(!k.path("exp/runs").exists(), "a record was written");
+
+    // `probex run /dev/null`: nothing to run is an error, and nothing is created beside it.
+    let out = k.run(&["run", "/dev/null", "--progress", "quiet"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{}{err}", stdout(&out));
+    assert!(err.contains("/dev/null declares no stages"), "{err}");
+    assert!(!Path::new("/dev/runs").exists());
+    k.write("empty.toml", "");
+    let out = k.run(&["run", "empty.toml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("ok: 0 nodes"), "{}", stdout(&out));
+    assert!(!k.path("runs").exists());
+}
