@@ -33,6 +33,7 @@ const HASH_BUF: usize = 1 << 20;
 ///
 /// Layout: `entries/<first 2 hex>/<key>/{manifest.json, data/...}` (committed entries),
 /// `tmp/<name>/` + `tmp/<name>.lock` (staging and trash), `locks/<key>.lock` (per-key OS locks),
+/// `locks/<key>.pin` (readers' shared locks),
 /// `work/<key>/` (resumable scratch) and `quarantine/<key>-<unix>` (entries that failed verify).
 /// An entry exists iff its directory holds `manifest.json`; commit publishes the directory with
 /// one atomic rename, so readers never see half an entry. Several processes may share a store.
@@ -69,8 +70,9 @@ impl std::fmt::Debug for KeyLock {
     }
 }
 
-/// A committed entry held under a shared lock: `gc` and `remove` leave it alone until dropped,
-/// so a downstream stage can read its files safely. Dereferences to the [`Entry`].
+/// A committed entry held under a shared lock (`locks/<key>.pin`): `gc` and `remove` leave it
+/// alone until dropped, so a run can read its files safely for as long as it needs them.
+/// Dereferences to the [`Entry`].
 pub struct Pinned {
     entry: Entry,
     _lock: File,
@@ -257,6 +259,12 @@ impl Store {
         self.root.join(LOCKS).join(format!("{key}.lock"))
     }
 
+    /// Readers hold this one shared, so that a writer's exclusive `<key>.lock` (held by the
+    /// process that computed the entry, until it has pinned it) never conflicts with them.
+    fn pin_path(&self, key: &Key) -> PathBuf {
+        self.root.join(LOCKS).join(format!("{key}.pin"))
+    }
+
     fn work_path(&self, key: &Key) -> PathBuf {
         self.root.join(WORK).join(key.as_str())
     }
@@ -314,12 +322,15 @@ impl Store {
         }
     }
 
-    /// Waits for a shared lock on `key` and returns the committed entry pinned by it, or `None`
-    /// if there is no entry. While pinned, `gc` and `remove` leave the entry alone; several
-    /// readers may pin at once, and a writer's `lock()` waits for them. Do not call it while
-    /// this process holds the key's [`KeyLock`] (it would wait for itself).
+    /// Takes a shared pin on `key` and returns the committed entry it protects, or `None` if
+    /// there is no entry. While pinned, `gc` and `remove` leave the entry alone; several readers
+    /// may pin at once. A writer's [`Store::lock`] does not wait for pins (it only ever adds
+    /// an entry), so the holder of the key's lock may pin the entry it just committed before
+    /// letting go of the lock, leaving no moment in which `gc` could take it. Waits only while
+    /// a `gc` or `remove` is deleting the entry. Do not call [`Store::remove`] on a key while
+    /// this process pins it (it would wait for itself).
     pub fn pin(&self, key: &Key) -> Result<Option<Pinned>, CacheError> {
-        let path = self.lock_path(key);
+        let path = self.pin_path(key);
         let Some(lock) = lock_at(&path, LockMode::Shared, true)? else {
             return Err(io_err("lock", path, HINT_WRITABLE)(io::Error::other(
                 "a blocking lock reported contention",
@@ -566,9 +577,16 @@ impl Store {
         self.remove_locked(&lock)
     }
 
-    /// Like [`Store::remove`], for a caller that already holds the key's lock.
+    /// Like [`Store::remove`], for a caller that already holds the key's lock. Waits for the
+    /// readers that pin the entry to let go.
     pub fn remove_locked(&self, lock: &KeyLock) -> Result<bool, CacheError> {
         self.check_lock(lock)?;
+        let pin_path = self.pin_path(&lock.key);
+        let Some(_no_readers) = lock_at(&pin_path, LockMode::Exclusive, true)? else {
+            return Err(io_err("lock", pin_path, HINT_WRITABLE)(io::Error::other(
+                "a blocking lock reported contention",
+            )));
+        };
         let dir = self.entry_dir(&lock.key);
         let existed = exists(&dir);
         self.trash(&dir)?;
@@ -670,6 +688,11 @@ impl Store {
                 r.skipped_in_use.push(key);
                 continue;
             };
+            let Some(_no_readers) = lock_at(&self.pin_path(&key), LockMode::Exclusive, false)?
+            else {
+                r.skipped_in_use.push(key);
+                continue;
+            };
             // Decide again under the lock: the entry may have been replaced meanwhile.
             let (age, garbage) = self.entry_age(&key)?;
             if !garbage && !policy.selects(&key, age) {
@@ -741,7 +764,7 @@ impl Store {
     fn gc_locks(&self) -> Result<(), CacheError> {
         let locks = self.root.join(LOCKS);
         for name in list_names(&locks)? {
-            if !name.ends_with(".lock") {
+            if !name.ends_with(".lock") && !name.ends_with(".pin") {
                 continue;
             }
             let path = locks.join(&name);

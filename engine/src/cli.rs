@@ -724,16 +724,32 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                 })
                 .map_err(|e| e.to_string())?;
             crate::outln!(
-                "removed {} entries, {} staging dirs of dead runs; freed {}{}",
+                "removed {} entries, {} staging dirs of dead runs; freed {}",
                 report.removed.len(),
                 report.tmp_cleaned,
                 human(report.freed_bytes),
-                if report.skipped_in_use.is_empty() {
-                    String::new()
-                } else {
-                    format!("; {} in use, kept", report.skipped_in_use.len())
-                }
             );
+            if !report.skipped_in_use.is_empty() {
+                let label = |k: &Key| match store.get(k) {
+                    Ok(Some(e)) => e.manifest.label,
+                    _ => k.as_str()[..12].to_string(),
+                };
+                let shown: Vec<String> = report.skipped_in_use.iter().take(8).map(label).collect();
+                let more = report.skipped_in_use.len() - shown.len();
+                crate::outln!(
+                    "kept {} entries in use by a running probex (being computed, or read by a live run): {}{}",
+                    report.skipped_in_use.len(),
+                    shown.join(", "),
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
+                );
+                crate::outln!(
+                    "  = help: run gc again once those runs have finished to remove them"
+                );
+            }
         }
     }
     Ok(EXIT_OK)

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use probex_cache::{Entry, Key};
+use probex_cache::{Entry, Key, Pinned};
 use serde::Serialize;
 
 use crate::diagnostic::Diagnostics;
@@ -268,8 +268,17 @@ fn drive(
     let mut states: HashMap<Key, (NodeState, f64)> = HashMap::new();
     let mut running: HashSet<Key> = HashSet::new();
     let mut stop = false;
+    // Every entry this run has found or made stays pinned until the run ends, so that a
+    // `cache gc` meanwhile (another experiment's --keep, --older-than 0) cannot take what a
+    // later node reads, or what the record publishes.
+    let mut pins: HashMap<Key, Pinned> = HashMap::new();
+    // Names of every node ever planned: a re-plan can lose a node, its messages must not.
+    let mut names: HashMap<Key, String> = HashMap::new();
 
     loop {
+        for n in &plan.nodes {
+            names.entry(n.key.clone()).or_insert_with(|| n.name.clone());
+        }
         reporter.set_total(plan.nodes.len() as u64);
         // Settle cached nodes and nodes whose inputs failed.
         for node in &plan.nodes {
@@ -283,10 +292,11 @@ fn drive(
                 );
                 continue;
             }
-            if matches!(store.get(&node.key), Ok(Some(_))) {
+            if let Ok(Some(pin)) = store.pin(&node.key) {
                 history.record(node);
                 reporter.finished(&node.name, "cached", 0.0);
                 states.insert(node.key.clone(), (NodeState::Cached, 0.0));
+                pins.insert(node.key.clone(), pin);
             }
         }
         if opts.cancel.load(Ordering::Relaxed) {
@@ -329,9 +339,16 @@ fn drive(
         for d in finished {
             running.remove(&d.key);
             let node = plan.nodes.iter().find(|n| n.key == d.key);
-            let name = node.map_or_else(|| d.key.to_string(), |n| n.name.clone());
+            let name = names
+                .get(&d.key)
+                .cloned()
+                .unwrap_or_else(|| d.key.to_string());
             match d.result {
                 Ok(_) => {
+                    let pin = d.pin.or_else(|| store.pin(&d.key).ok().flatten());
+                    if let Some(pin) = pin {
+                        pins.insert(d.key.clone(), pin);
+                    }
                     if let Some(n) = node {
                         history.record(n);
                     }
@@ -373,14 +390,16 @@ fn drive(
         && !states
             .values()
             .any(|(s, _)| matches!(s, NodeState::Failed(_)));
-    finish(
+    let report = finish(
         planner,
         run_dir,
         &plan,
         &states,
         cancelled,
         start.started.elapsed().as_secs_f64(),
-    )
+    );
+    drop(pins);
+    report
 }
 
 /// The first failed or skipped input of `node`, if any.

@@ -323,3 +323,48 @@ fn names_that_are_paths_and_empty_files_never_write_a_record() {
     assert!(!stdout(&out).contains("ok: 0 nodes"), "{}", stdout(&out));
     assert!(!k.path("runs").exists());
 }
+
+#[test]
+fn cache_gc_during_a_run_keeps_what_the_run_uses_and_says_so() {
+    let k = Kit::new();
+    k.write("other.toml", "[stage.o]\nkind = \"const\"\nvalue = 7\n");
+    let out = k.run(&["run", "other.toml", "--out", "o"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // `s` reads `a`'s files only when it has slept: a gc in between must leave them.
+    k.write(
+        "live.toml",
+        "[stage.a]\nkind = \"const\"\nvalue = 2\n\n[stage.s]\nkind = \"sleep\"\nfrom = \"a\"\nms = 1500\n\n[stage.b]\nkind = \"add\"\nfrom = \"s\"\n",
+    );
+    let child = k
+        .cmd(&["run", "live.toml", "--out", "live", "--progress", "plain"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn testkit");
+    wait_for(Duration::from_secs(20), "s to start", || k.starts("s") == 1);
+    // Every entry but `other`'s is selected; `a` is read by the live run (`s` is not
+    // committed yet, so it has no entry to take).
+    let out = k.run(&["cache", "gc", "--keep", "other.toml"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("kept 1 entries in use by a running probex") && text.contains(": a\n"),
+        "{text}"
+    );
+    let out = child.wait_with_output().expect("wait");
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{text}{err}");
+    assert!(text.contains("ok: 3 nodes"), "{text}");
+    assert!(!err.contains("never ran"), "{err}");
+    let results: serde_json::Value =
+        serde_json::from_slice(&fs::read(k.path("live/results.json")).unwrap()).unwrap();
+    assert_eq!(results["results"]["b"]["value"], 2.0);
+    // Once the run is over, the same gc removes what it kept.
+    let out = k.run(&["cache", "gc", "--keep", "other.toml"]);
+    assert!(
+        stdout(&out).contains("removed 3 entries"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(!stdout(&out).contains("kept"), "{}", stdout(&out));
+}

@@ -129,6 +129,7 @@ impl Worker<'_> {
             seconds: started.elapsed().as_secs_f64(),
             computed: false,
             stopped: false,
+            pin: None,
         };
 
         // Locks in key order, so two processes batching overlapping sets cannot deadlock.
@@ -139,13 +140,14 @@ impl Worker<'_> {
         for n in order {
             match store.lock(&n.key) {
                 Err(e) => out.push(fail(n, format!("cannot lock cache entry: {e}"))),
-                Ok(lock) => match store.get(&n.key) {
-                    Ok(Some(entry)) => out.push(Done {
+                Ok(lock) => match store.pin(&n.key) {
+                    Ok(Some(pin)) => out.push(Done {
                         key: n.key.clone(),
-                        result: Ok(entry),
+                        result: Ok(pin.entry().clone()),
                         seconds: 0.0,
                         computed: false,
                         stopped: false,
+                        pin: Some(pin),
                     }),
                     _ => todo.push((n, lock)),
                 },
@@ -240,12 +242,19 @@ impl Worker<'_> {
                 let path = self.run_dir.log_path(&n.name);
                 self.run_dir.problem(format!("{}: {e}", path.display()));
             }
+            // Pinned while the key is still locked: no moment in which `cache gc` could take
+            // the entry before the run that needs it reads it.
+            let pin = match &done {
+                Ok(_) => store.pin(&n.key).ok().flatten(),
+                Err(_) => None,
+            };
             out.push(Done {
                 key: n.key.clone(),
                 result: done,
                 seconds,
                 computed: true,
                 stopped,
+                pin,
             });
         }
         drop(todo);

@@ -198,6 +198,7 @@ impl<'a> Slurm<'a> {
                             seconds: 0.0,
                             computed: false,
                             stopped: false,
+                            pin: None,
                         });
                     }
                 }
@@ -365,6 +366,7 @@ impl<'a> Slurm<'a> {
                     result: Ok(entry),
                     computed: true,
                     stopped: false,
+                    pin: None,
                 }),
                 _ => missing.push((node.clone(), key.clone())),
             }
@@ -433,6 +435,7 @@ impl<'a> Slurm<'a> {
                 seconds: task.submitted.elapsed().as_secs_f64(),
                 computed: true,
                 stopped: false,
+                pin: None,
             });
         }
     }
@@ -460,6 +463,7 @@ impl<'a> Slurm<'a> {
                         seconds: 0.0,
                         computed: false,
                         stopped: false,
+                        pin: None,
                     }),
                     _ => missing.push((r, k)),
                 }
@@ -517,6 +521,7 @@ impl<'a> Slurm<'a> {
                     result: Ok(entry),
                     computed: true,
                     stopped: false,
+                    pin: None,
                 },
                 _ => Done {
                     key,
@@ -524,6 +529,7 @@ impl<'a> Slurm<'a> {
                     seconds: 0.0,
                     computed: false,
                     stopped: true,
+                    pin: None,
                 },
             };
             self.finished.push(done);
@@ -542,6 +548,7 @@ impl<'a> Slurm<'a> {
                     seconds: 0.0,
                     computed: false,
                     stopped: false,
+                    pin: None,
                 });
             }
         }
