@@ -516,6 +516,17 @@ fn run_cmd(
             for f in report.failures() {
                 if let NodeState::Failed(e) = &f.state {
                     crate::errln!("\nerror: stage {} failed: {e}", f.node);
+                    let with: Vec<&str> = report
+                        .failed_with(&f.node)
+                        .map(|n| n.node.as_str())
+                        .collect();
+                    if !with.is_empty() {
+                        crate::errln!(
+                            "  = note: {} more node(s) computed in the same pass failed with it: {}",
+                            with.len(),
+                            list_some(&with, 6)
+                        );
+                    }
                 }
             }
             let interrupted: Vec<&str> = report
@@ -767,6 +778,15 @@ fn keys_of(file: &Path, store: &Store, registry: &Registry) -> Result<Vec<Key>, 
     let planner = Planner::new(&exp, store, cx, Overrides::default());
     let plan = planner.plan().map_err(|d| d.to_string())?;
     Ok(plan.nodes.into_iter().map(|n| n.key).collect())
+}
+
+/// `a, b, c and N more`: the first `n` items of a long list.
+fn list_some(items: &[&str], n: usize) -> String {
+    let shown = items[..items.len().min(n)].join(", ");
+    match items.len().saturating_sub(n) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
+    }
 }
 
 fn human(bytes: u64) -> String {

@@ -29,6 +29,6 @@ pub use experiment::{Experiment, load};
 pub use plan::{Overrides, Plan, Planner};
 pub use run::{RunError, RunOptions, RunReport, run, run_slurm};
 pub use stage::{
-    Artifact, Cancelled, Coords, InputSlot, Inputs, Outcome, PlanContext, ProgressSink, Registry,
-    Resource, RunContext, Stage, StageResult, Sweep,
+    Artifact, Cancelled, Coords, FailedWith, InputSlot, Inputs, Outcome, PlanContext, ProgressSink,
+    Registry, Resource, RunContext, Stage, StageResult, Sweep,
 };

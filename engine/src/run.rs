@@ -59,6 +59,9 @@ pub enum NodeState {
     Ran,
     /// Failed, with the error.
     Failed(String),
+    /// Failed because the node named here failed: they were computed in one pass (a batching
+    /// stage such as `extract`), and that node's error says why.
+    FailedWith(String),
     /// Not run because an upstream node failed.
     Skipped(String),
     /// Not run because the run stopped first (or stopped before it finished, because another
@@ -127,11 +130,18 @@ impl RunReport {
             && self.expectations.iter().all(|c| c.pass)
     }
 
-    /// Nodes that failed.
+    /// Nodes that failed with an error of their own.
     pub fn failures(&self) -> impl Iterator<Item = &NodeReport> {
         self.nodes
             .iter()
             .filter(|n| matches!(n.state, NodeState::Failed(_)))
+    }
+
+    /// The nodes that failed with `node` (computed in the same pass), in plan order.
+    pub fn failed_with<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a NodeReport> {
+        self.nodes
+            .iter()
+            .filter(move |n| matches!(&n.state, NodeState::FailedWith(w) if w == node))
     }
 }
 
@@ -370,7 +380,13 @@ fn drive(
                 }
                 Err(e) => {
                     reporter.finished(&name, "FAILED", d.seconds);
-                    reporter.println(&format!("error in {name}: {e}"));
+                    // One line as it happens; the whole error once, in the summary at the end.
+                    if d.with.is_none() {
+                        reporter.println(&format!(
+                            "error in {name}: {}",
+                            e.lines().next().unwrap_or_default()
+                        ));
+                    }
                     if !opts.keep_going && !opts.cancel.load(Ordering::Relaxed) {
                         stop = true;
                         // Before `cancel`: a node that sees `cancel` must know it is not the
@@ -378,7 +394,11 @@ fn drive(
                         failure_stop.store(true, Ordering::SeqCst);
                         opts.cancel.store(true, Ordering::SeqCst);
                     }
-                    states.insert(d.key, (NodeState::Failed(e), d.seconds));
+                    let state = match d.with {
+                        Some(first) => NodeState::FailedWith(first),
+                        None => NodeState::Failed(e),
+                    };
+                    states.insert(d.key, (state, d.seconds));
                 }
             }
         }
@@ -389,7 +409,7 @@ fn drive(
     let cancelled = opts.cancel.load(Ordering::Relaxed)
         && !states
             .values()
-            .any(|(s, _)| matches!(s, NodeState::Failed(_)));
+            .any(|(s, _)| matches!(s, NodeState::Failed(_) | NodeState::FailedWith(_)));
     let report = finish(
         planner,
         run_dir,
@@ -411,7 +431,9 @@ fn failed_input(
     node.inputs.iter().flat_map(|(_, ids)| ids).find_map(|&u| {
         let up = &plan.nodes[u];
         match states.get(&up.key) {
-            Some((NodeState::Failed(_) | NodeState::Skipped(_), _)) => Some(up.name.clone()),
+            Some((NodeState::Failed(_) | NodeState::FailedWith(_) | NodeState::Skipped(_), _)) => {
+                Some(up.name.clone())
+            }
             _ => None,
         }
     })
@@ -469,7 +491,10 @@ fn finish(
             .unwrap_or((NodeState::NotRun, 0.0));
         let ran = matches!(
             state,
-            NodeState::Ran | NodeState::Failed(_) | NodeState::Interrupted
+            NodeState::Ran
+                | NodeState::Failed(_)
+                | NodeState::FailedWith(_)
+                | NodeState::Interrupted
         );
         if matches!(state, NodeState::Cached | NodeState::Ran)
             && let Ok(Some(entry)) = store.get(&n.key)

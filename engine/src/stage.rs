@@ -353,6 +353,20 @@ impl std::fmt::Display for Cancelled {
 
 impl std::error::Error for Cancelled {}
 
+/// The error a batching stage gives the other nodes of a batch that failed as one (one bad
+/// model file fails every layer read in the same pass): the engine reports the error once, on
+/// the node named here, and the others as failed with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailedWith(pub String);
+
+impl std::fmt::Display for FailedWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "failed with {} (computed in the same pass)", self.0)
+    }
+}
+
+impl std::error::Error for FailedWith {}
+
 /// One kind of stage. Implementations parse `Params` with `#[serde(deny_unknown_fields)]`
 /// and defaults filled in: the canonical encoding of the parsed params is part of the key.
 pub trait Stage: Send + Sync + 'static {

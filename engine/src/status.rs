@@ -184,12 +184,26 @@ pub fn markdown_report(exp: &Experiment, report: &RunReport) -> String {
         let _ = writeln!(out, "## Failures\n");
         for f in failures {
             if let NodeState::Failed(e) = &f.state {
+                // The whole error: its first line is often only a summary ("1 model(s)
+                // failed:") of the lines that say which file.
                 let _ = writeln!(
                     out,
                     "- `{}`: {}",
                     f.node,
-                    e.lines().next().unwrap_or_default()
+                    e.trim_end().replace('\n', "\n  ")
                 );
+                let with: Vec<String> = report
+                    .failed_with(&f.node)
+                    .map(|n| format!("`{}`", n.node))
+                    .collect();
+                if !with.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "  - {} more node(s) computed in the same pass failed with it: {}",
+                        with.len(),
+                        with.join(", ")
+                    );
+                }
             }
         }
     }

@@ -15,7 +15,7 @@ use super::{Done, Executor};
 use crate::plan::{Node, Plan, Planner, StoredOutcome, artifact};
 use crate::progress::Reporter;
 use crate::record::RunDir;
-use crate::stage::{Cancelled, Inputs, Outcome, Resource, RunContext, StageResult};
+use crate::stage::{Cancelled, FailedWith, Inputs, Outcome, Resource, RunContext, StageResult};
 
 /// Computes batches on scoped threads, at most `jobs` nodes at once.
 pub struct Local<'scope, 'env> {
@@ -130,6 +130,7 @@ impl Worker<'_> {
             computed: false,
             stopped: false,
             pin: None,
+            with: None,
         };
 
         // Locks in key order, so two processes batching overlapping sets cannot deadlock.
@@ -148,6 +149,7 @@ impl Worker<'_> {
                         computed: false,
                         stopped: false,
                         pin: Some(pin),
+                        with: None,
                     }),
                     _ => todo.push((n, lock)),
                 },
@@ -223,6 +225,11 @@ impl Worker<'_> {
             let stopped = matches!(&result, Err(e) if self.cancel.load(Ordering::SeqCst)
                 && (!self.failure_stop.load(Ordering::SeqCst)
                     || e.chain().any(|c| c.is::<Cancelled>())));
+            let with = match &result {
+                Err(e) => e.chain().find_map(|c| c.downcast_ref::<FailedWith>()),
+                Ok(_) => None,
+            }
+            .map(|w| w.0.clone());
             let done = match result {
                 Ok(outcome) => commit(n, staging, &outcome, seconds, &cx, decl.kind.as_str()),
                 Err(e) if stopped => {
@@ -255,6 +262,7 @@ impl Worker<'_> {
                 computed: true,
                 stopped,
                 pin,
+                with,
             });
         }
         drop(todo);

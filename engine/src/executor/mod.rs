@@ -31,6 +31,9 @@ pub struct Done {
     /// The entry, pinned before the key's lock was released (so `cache gc` could not take it
     /// in between), when the executor computed it in this process.
     pub pin: Option<Pinned>,
+    /// The node failed because the node named here, computed in the same pass, failed: its
+    /// error is that node's to report.
+    pub with: Option<String>,
 }
 
 /// Computes batches of ready nodes somewhere, and says when they are done.

@@ -18,7 +18,9 @@
 
 use std::collections::BTreeMap;
 
-use probex_engine::{InputSlot, Inputs, Outcome, RunContext, Stage, StageResult, Sweep};
+use probex_engine::{
+    FailedWith, InputSlot, Inputs, Outcome, RunContext, Stage, StageResult, Sweep,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{ExtractOptions, LayerOutput, NonFinitePolicy, SplitSource, extract, resolve_layers};
@@ -179,10 +181,13 @@ impl Stage for Extract {
                         results[i] = Some(Ok(o));
                     }
                 }
+                // One pass failed: its error is said once, on the first node; the others
+                // failed with it (a 30-layer sweep gave 30 copies of one bad file's error).
                 Err(e) => {
-                    let msg = format!("{e:#}");
-                    for &i in members {
-                        results[i] = Some(Err(anyhow::anyhow!("{msg}")));
+                    let first = jobs[members[0]].1.node().to_string();
+                    results[members[0]] = Some(Err(e));
+                    for &i in &members[1..] {
+                        results[i] = Some(Err(FailedWith(first.clone()).into()));
                     }
                 }
             }

@@ -199,6 +199,7 @@ impl<'a> Slurm<'a> {
                             computed: false,
                             stopped: false,
                             pin: None,
+                            with: None,
                         });
                     }
                 }
@@ -367,6 +368,7 @@ impl<'a> Slurm<'a> {
                     computed: true,
                     stopped: false,
                     pin: None,
+                    with: None,
                 }),
                 _ => missing.push((node.clone(), key.clone())),
             }
@@ -436,6 +438,7 @@ impl<'a> Slurm<'a> {
                 computed: true,
                 stopped: false,
                 pin: None,
+                with: None,
             });
         }
     }
@@ -464,6 +467,7 @@ impl<'a> Slurm<'a> {
                         computed: false,
                         stopped: false,
                         pin: None,
+                        with: None,
                     }),
                     _ => missing.push((r, k)),
                 }
@@ -522,6 +526,7 @@ impl<'a> Slurm<'a> {
                     computed: true,
                     stopped: false,
                     pin: None,
+                    with: None,
                 },
                 _ => Done {
                     key,
@@ -530,6 +535,7 @@ impl<'a> Slurm<'a> {
                     computed: false,
                     stopped: true,
                     pin: None,
+                    with: None,
                 },
             };
             self.finished.push(done);
@@ -549,6 +555,7 @@ impl<'a> Slurm<'a> {
                     computed: false,
                     stopped: false,
                     pin: None,
+                    with: None,
                 });
             }
         }
