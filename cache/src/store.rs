@@ -186,6 +186,34 @@ pub struct GcReport {
     pub skipped_in_use: Vec<Key>,
 }
 
+/// Disk space outside the committed entries, as `cache ls` shows it: what `gc` would free and
+/// what it keeps on purpose.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    /// Staging (and trash) directories whose writer died: a killed run. Any `gc`, and the next
+    /// run, removes them.
+    pub dead_staging: usize,
+    /// Their bytes.
+    pub dead_staging_bytes: u64,
+    /// Entries moved aside by `verify`; `gc` with a policy (`--keep`, `--older-than`) removes
+    /// them.
+    pub quarantined: usize,
+    /// Their bytes.
+    pub quarantined_bytes: u64,
+    /// Scratch of nodes that never finished (checkpoints a later run resumes from); kept until
+    /// the node commits, or a policy removes it.
+    pub resumable_bytes: u64,
+    /// Scratch of nodes that have committed since: any `gc` removes it.
+    pub stale_scratch_bytes: u64,
+}
+
+impl Leftovers {
+    /// Bytes a plain `gc` frees.
+    pub fn reclaimable_bytes(&self) -> u64 {
+        self.dead_staging_bytes + self.stale_scratch_bytes
+    }
+}
+
 /// Resolves the default root from environment variables through `get` (testable without
 /// touching the process environment).
 pub(crate) fn root_from_env(get: impl Fn(&str) -> Option<OsString>) -> PathBuf {
@@ -636,6 +664,51 @@ impl Store {
         r.removed.sort();
         r.skipped_in_use.sort();
         Ok(r)
+    }
+
+    /// Removes the staging directories of dead writers (a killed run's), as `gc` does first;
+    /// returns how many and their bytes. Runs call it when they start, so a killed run's
+    /// leftovers do not pile up until someone thinks of `gc`.
+    pub fn clean_dead_staging(&self) -> Result<(usize, u64), CacheError> {
+        let mut r = GcReport::default();
+        self.gc_tmp(&mut r)?;
+        Ok((r.tmp_cleaned, r.freed_bytes))
+    }
+
+    /// What lies on disk beside the committed entries (see [`Leftovers`]); removes nothing.
+    pub fn leftovers(&self) -> Result<Leftovers, CacheError> {
+        let mut l = Leftovers::default();
+        let tmp = self.root.join(TMP);
+        for name in list_names(&tmp)? {
+            if name.ends_with(".lock") {
+                continue;
+            }
+            let lock_path = tmp.join(format!("{name}.lock"));
+            // A slot's lock file exists before its directory, so one without is dead; a lock
+            // that can be taken means its owner has died (let go at once: removing is gc's).
+            let dead =
+                !exists(&lock_path) || lock_at(&lock_path, LockMode::Exclusive, false)?.is_some();
+            if dead {
+                l.dead_staging += 1;
+                l.dead_staging_bytes += tree_size(&tmp.join(&name));
+            }
+        }
+        let qdir = self.root.join(QUARANTINE);
+        for name in list_names(&qdir)? {
+            l.quarantined += 1;
+            l.quarantined_bytes += tree_size(&qdir.join(name));
+        }
+        let work = self.root.join(WORK);
+        for name in list_names(&work)? {
+            let size = tree_size(&work.join(&name));
+            match Key::parse(&name) {
+                Ok(key) if exists(&self.entry_dir(&key).join(MANIFEST)) => {
+                    l.stale_scratch_bytes += size;
+                }
+                _ => l.resumable_bytes += size,
+            }
+        }
+        Ok(l)
     }
 
     /// Removes `tmp/` items whose lock file can be taken: their owner has died.

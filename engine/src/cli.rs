@@ -30,6 +30,7 @@ use crate::progress::{ProgressMode, Reporter};
 use crate::record::{RunDir, files};
 use crate::run::{NodeState, RunOptions};
 use crate::stage::{PlanContext, Registry};
+use crate::status::human;
 
 /// Exit code: everything worked and every expectation held.
 pub const EXIT_OK: i32 = 0;
@@ -686,6 +687,7 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                     );
                 }
                 crate::outln!("{} entries, {}", entries.len(), human(total));
+                print_leftovers(&store)?;
             }
         }
         CacheCommand::Verify => {
@@ -707,6 +709,7 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                 results.len(),
                 bad.len()
             );
+            print_leftovers(&store)?;
             return Ok(if bad.is_empty() { EXIT_OK } else { EXIT_FAILED });
         }
         CacheCommand::Gc { keep, older_than } => {
@@ -766,6 +769,36 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
     Ok(EXIT_OK)
 }
 
+/// Says what lies in the cache beside its entries, and what removes it (nothing when empty).
+fn print_leftovers(store: &Store) -> Result<(), Failure> {
+    let l = store
+        .leftovers()
+        .map_err(|e| Failure::failed(format!("error: {e}")))?;
+    if l.dead_staging > 0 || l.stale_scratch_bytes > 0 {
+        crate::outln!(
+            "reclaimable: {} ({} staging folder(s) of killed runs, {} scratch of finished nodes); `probex cache gc` removes it, as does the next run for the staging",
+            human(l.reclaimable_bytes()),
+            l.dead_staging,
+            human(l.stale_scratch_bytes),
+        );
+    }
+    if l.quarantined > 0 {
+        crate::outln!(
+            "quarantined: {} entr{} that failed verification ({}); `probex cache gc --older-than DAYS` removes them",
+            l.quarantined,
+            if l.quarantined == 1 { "y" } else { "ies" },
+            human(l.quarantined_bytes),
+        );
+    }
+    if l.resumable_bytes > 0 {
+        crate::outln!(
+            "resumable: {} of checkpoints of unfinished nodes (kept for the next run)",
+            human(l.resumable_bytes)
+        );
+    }
+    Ok(())
+}
+
 /// Every key an experiment's current plan references.
 fn keys_of(file: &Path, store: &Store, registry: &Registry) -> Result<Vec<Key>, String> {
     let exp = crate::experiment::load(file, registry).map_err(|d| d.to_string())?;
@@ -786,21 +819,6 @@ fn list_some(items: &[&str], n: usize) -> String {
     match items.len().saturating_sub(n) {
         0 => shown,
         more => format!("{shown} and {more} more"),
-    }
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 

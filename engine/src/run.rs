@@ -250,6 +250,19 @@ impl Start {
             )
             .map_err(|e| RunError::Record(e.to_string()))?;
         let reporter = Reporter::new(opts.progress, first.nodes.len() as u64);
+        // What killed runs left in the cache's staging area is garbage nobody else removes
+        // unless someone thinks of `cache gc`: a run removes it (only dead writers' slots,
+        // by their locks; a live run's staging is never touched).
+        match store.clean_dead_staging() {
+            Ok((0, _)) => {}
+            Ok((n, bytes)) => reporter.println(&format!(
+                "cache: removed {n} staging folder(s) of killed runs ({})",
+                crate::status::human(bytes)
+            )),
+            Err(e) => reporter.println(&format!(
+                "cache: could not remove the staging folders of killed runs: {e}"
+            )),
+        }
         Ok(Start {
             first,
             reporter,

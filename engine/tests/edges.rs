@@ -368,3 +368,60 @@ fn cache_gc_during_a_run_keeps_what_the_run_uses_and_says_so() {
     );
     assert!(!stdout(&out).contains("kept"), "{}", stdout(&out));
 }
+
+#[test]
+fn a_killed_runs_staging_is_shown_as_reclaimable_and_removed_by_the_next_run() {
+    let k = Kit::new();
+    k.write(
+        "slow.toml",
+        "[stage.w]\nkind = \"slow_write\"\nchunks = 400\nchunk_ms = 25\n",
+    );
+    let mut child = k.spawn(&["run", "slow.toml", "--out", "r1"]);
+    let staged = || -> u64 {
+        fs::read_dir(k.cache().join("tmp"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|slot| slot.path().join("data/big.bin"))
+            .filter_map(|f| fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    wait_for(Duration::from_secs(20), "the stage to write 1 MiB", || {
+        staged() >= 1 << 20
+    });
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let left = staged();
+
+    let ls = k.run(&["cache", "ls"]);
+    let text = stdout(&ls);
+    assert!(
+        text.contains("reclaimable: ") && text.contains("(1 staging folder(s) of killed runs"),
+        "{text}"
+    );
+    let verify = k.run(&["cache", "verify"]);
+    assert!(
+        stdout(&verify).contains("1 staging folder(s) of killed runs"),
+        "{}",
+        stdout(&verify)
+    );
+
+    // Any later run removes it (here another experiment's), saying how much it freed.
+    k.write("other.toml", "[stage.o]\nkind = \"const\"\nvalue = 1\n");
+    let out = k.run(&["run", "other.toml", "--out", "r2"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("cache: removed 1 staging folder(s) of killed runs"),
+        "{err}"
+    );
+    assert!(left >= 1 << 20);
+    assert_eq!(staged(), 0);
+    let dirs: Vec<_> = fs::read_dir(k.cache().join("tmp"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(dirs.is_empty(), "{dirs:?}");
+    assert!(!stdout(&k.run(&["cache", "ls"])).contains("reclaimable"));
+}

@@ -285,10 +285,15 @@ chunk_ms = 25
         40 * 256 * 1024
     );
     k.assert_verify_clean(2);
-    // The dead run's staging directory is garbage that gc removes.
+    // The dead run's staging directory was garbage, which the second run removed.
+    assert!(
+        stderr(&out).contains("cache: removed 1 staging folder(s) of killed runs"),
+        "{}",
+        stderr(&out)
+    );
     let gc = k.run(&["cache", "gc"]);
     assert!(
-        stdout(&gc).contains("1 staging dirs of dead runs"),
+        stdout(&gc).contains("0 staging dirs of dead runs"),
         "{}",
         stdout(&gc)
     );
