@@ -530,6 +530,16 @@ fn run_cmd(
                     }
                 }
             }
+            if !report.warnings.is_empty() {
+                crate::outln!("\nwarnings:");
+                for w in &report.warnings {
+                    let nodes: Vec<&str> = w.nodes.iter().map(String::as_str).collect();
+                    crate::outln!("  {}: {}", list_some(&nodes, 3), w.message);
+                    if let Some(files) = &w.files {
+                        crate::outln!("    files: {}", files.display());
+                    }
+                }
+            }
             let interrupted: Vec<&str> = report
                 .nodes
                 .iter()

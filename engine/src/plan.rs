@@ -505,6 +505,10 @@ pub struct StoredOutcome {
     pub publish: Vec<String>,
     /// Seconds the stage ran.
     pub seconds: f64,
+    /// What the stage warned about ([`crate::RunContext::warn`]): every run that uses the
+    /// entry says it again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl StoredOutcome {
@@ -519,6 +523,7 @@ impl StoredOutcome {
             summary: None,
             publish: Vec::new(),
             seconds: 0.0,
+            warnings: Vec::new(),
         })
     }
 }

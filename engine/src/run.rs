@@ -92,6 +92,19 @@ pub struct NodeReport {
     pub log: Option<PathBuf>,
 }
 
+/// One warning of the nodes a run used, with every node that gave it (a layer sweep leaves
+/// the same models out of every layer).
+#[derive(Clone, Debug, Serialize)]
+pub struct Warning {
+    /// What the stage said.
+    pub message: String,
+    /// The nodes that said it, in plan order.
+    pub nodes: Vec<String>,
+    /// Where the first of them published its files in the run record, if it published any
+    /// (a list of what was left out).
+    pub files: Option<PathBuf>,
+}
+
 /// The outcome of a run.
 #[derive(Debug, Serialize)]
 pub struct RunReport {
@@ -112,6 +125,8 @@ pub struct RunReport {
     pub cancelled: bool,
     /// Wall time in seconds.
     pub seconds: f64,
+    /// What the stages of the nodes used warned about, one entry per distinct message.
+    pub warnings: Vec<Warning>,
     /// Parts of the run record that could not be written (a full disk, a vanished directory):
     /// a run with an incomplete record has failed, whatever its nodes did.
     pub record_errors: Vec<String>,
@@ -496,6 +511,7 @@ fn finish(
     let mut results = ResultsByStage::new();
     let mut summaries = Vec::new();
     let mut all_results = BTreeMap::new();
+    let mut warnings: Vec<Warning> = Vec::new();
     for n in &plan.nodes {
         let decl = &exp.stages[n.stage];
         let (state, secs) = states
@@ -522,6 +538,16 @@ fn finish(
             }
             if let Some(s) = &stored.summary {
                 summaries.push((n.name.clone(), s.clone()));
+            }
+            for w in &stored.warnings {
+                match warnings.iter_mut().find(|x| x.message == *w) {
+                    Some(x) => x.nodes.push(n.name.clone()),
+                    None => warnings.push(Warning {
+                        message: w.clone(),
+                        nodes: vec![n.name.clone()],
+                        files: (!stored.publish.is_empty()).then(|| run_dir.publish_dir(&n.name)),
+                    }),
+                }
             }
             if let Err(e) = publish(&entry, &stored.publish, &run_dir.publish_dir(&n.name)) {
                 run_dir.problem(e);
@@ -557,6 +583,7 @@ fn finish(
         summaries,
         cancelled,
         seconds,
+        warnings,
         record_errors: run_dir.problems(),
     };
     // Each file says what was known to have failed when it was written; the caller gets every

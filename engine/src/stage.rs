@@ -222,6 +222,7 @@ pub struct RunContext<'a> {
     offline: bool,
     log: Arc<Mutex<Option<File>>>,
     log_error: Mutex<Option<String>>,
+    warnings: Mutex<Vec<String>>,
     progress: &'a dyn ProgressSink,
     cancel: &'a AtomicBool,
     started: Instant,
@@ -252,6 +253,7 @@ impl<'a> RunContext<'a> {
             offline,
             log: Arc::new(Mutex::new(log)),
             log_error: Mutex::new(None),
+            warnings: Mutex::new(Vec::new()),
             progress,
             cancel,
             started: Instant::now(),
@@ -318,6 +320,24 @@ impl<'a> RunContext<'a> {
     pub fn note(&self, line: impl AsRef<str>) {
         self.log(line.as_ref());
         self.progress.note(&self.node, line.as_ref());
+    }
+
+    /// Warns about the artifact being made (models left out, files passed over): logged,
+    /// shown on the terminal, and kept with the artifact, so every run's summary and report
+    /// that uses it says it again, cached or not. Say how many and where the list is.
+    pub fn warn(&self, message: impl AsRef<str>) {
+        let message = message.as_ref();
+        self.log(format!("warning: {message}"));
+        self.progress
+            .note(&self.node, &format!("warning: {message}"));
+        if let Ok(mut w) = self.warnings.lock() {
+            w.push(message.to_string());
+        }
+    }
+
+    /// What [`RunContext::warn`] said so far.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.lock().map(|w| w.clone()).unwrap_or_default()
     }
 
     /// Reports progress: `done` of `total` units.

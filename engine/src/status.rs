@@ -179,6 +179,22 @@ pub fn markdown_report(exp: &Experiment, report: &RunReport) -> String {
         }
         let _ = writeln!(out);
     }
+    if !report.warnings.is_empty() {
+        let _ = writeln!(out, "## Warnings\n");
+        for w in &report.warnings {
+            let nodes: Vec<String> = w.nodes.iter().map(|n| format!("`{n}`")).collect();
+            let _ = write!(out, "- {}: {}", nodes.join(", "), w.message);
+            match w.files.as_ref().and_then(|f| f.file_name()) {
+                Some(dir) => {
+                    let _ = writeln!(out, " (files: `{}/`)", dir.to_string_lossy());
+                }
+                None => {
+                    let _ = writeln!(out);
+                }
+            }
+        }
+        let _ = writeln!(out);
+    }
     let failures: Vec<_> = report.failures().collect();
     if !failures.is_empty() {
         let _ = writeln!(out, "## Failures\n");

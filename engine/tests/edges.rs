@@ -425,3 +425,27 @@ fn a_killed_runs_staging_is_shown_as_reclaimable_and_removed_by_the_next_run() {
     assert!(dirs.is_empty(), "{dirs:?}");
     assert!(!stdout(&k.run(&["cache", "ls"])).contains("reclaimable"));
 }
+
+#[test]
+fn warnings_are_in_the_summary_and_the_report_of_every_run_that_uses_the_node() {
+    let k = Kit::new();
+    k.write(
+        "warn.toml",
+        "[stage.a]\nkind = \"const\"\nvalue = 1\nseed = [1, 2]\nfor_each = \"seed\"\nwarn = \"left out 2 of 9 models\"\n",
+    );
+    for (rec, computed) in [("r1", "2 computed"), ("r2", "0 computed")] {
+        let out = k.run(&["run", "warn.toml", "--out", rec]);
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+        assert!(text.contains(computed), "{text}");
+        assert!(
+            text.contains("warnings:\n  a[seed=1], a[seed=2]: left out 2 of 9 models\n"),
+            "{text}"
+        );
+        let md = fs::read_to_string(k.path(rec).join("report.md")).unwrap();
+        assert!(
+            md.contains("## Warnings\n\n- `a[seed=1]`, `a[seed=2]`: left out 2 of 9 models (files: `a_seed=1_/`)"),
+            "{md}"
+        );
+    }
+}

@@ -197,3 +197,95 @@ fn a_full_disk_under_extract_is_an_output_error_not_the_models() {
     assert!(!e.contains("model(s) failed"), "{e}");
     assert_eq!(e.matches("No space left on device").count(), 1, "{e}");
 }
+
+#[test]
+fn dangling_and_looping_model_links_are_warned_about() {
+    use probex_stages::extract::{Layout, discover};
+    use std::os::unix::fs::symlink;
+
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    planted::planted_tree(&models, 6, 4, 3, 1);
+    symlink(models.join("gone.bin"), models.join("dangling.safetensors")).unwrap();
+    symlink(models.join("b.safetensors"), models.join("a.safetensors")).unwrap();
+    symlink(models.join("a.safetensors"), models.join("b.safetensors")).unwrap();
+
+    let found = discover(&Layout::Folder {
+        root: models.clone(),
+        recursive: false,
+    })
+    .unwrap();
+    assert_eq!(found.models.len(), 6);
+    assert_eq!(found.problems.len(), 3, "{:?}", found.problems);
+    let all = found.problems.join("\n");
+    assert!(
+        all.contains("dangling.safetensors: is a symbolic link to"),
+        "{all}"
+    );
+    assert!(all.contains("does not exist (dangling)"), "{all}");
+    assert!(all.contains("Too many levels of symbolic links"), "{all}");
+
+    // Through a run: the terminal summary and the report say it.
+    std::fs::write(
+        dir.path().join("links.toml"),
+        "[stage.models]\nkind = \"fetch\"\nsource = \"dir\"\npath = \"models\"\nlayout = \"folder\"\n",
+    )
+    .unwrap();
+    let report = experiment::run(
+        &dir.path().join("links.toml"),
+        &dir.path().join("cache"),
+        None,
+        true,
+    );
+    assert!(report.success(), "{:?}", report.nodes);
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    let w = &report.warnings[0];
+    assert!(
+        w.message
+            .starts_with("passed over 3 file(s) named like models"),
+        "{w:?}"
+    );
+    let md = std::fs::read_to_string(report.run_dir.join("report.md")).unwrap();
+    assert!(
+        md.contains("## Warnings") && md.contains("passed over 3 file(s)"),
+        "{md}"
+    );
+}
+
+#[test]
+fn models_left_out_are_counted_in_the_summary_and_the_report_with_their_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = planted::planted_tree(&dir.path().join("models"), 20, 8, 6, 1);
+    let bad = &models[5].0;
+    let bytes = std::fs::read(bad).unwrap();
+    std::fs::write(bad, &bytes[..bytes.len() - 10]).unwrap();
+    std::fs::write(
+        dir.path().join("sweep.toml"),
+        format!("{SWEEP}on_bad_file = \"skip\"\n"),
+    )
+    .unwrap();
+    let cache = dir.path().join("cache");
+    for (run, fresh) in [("r1", true), ("r2", false)] {
+        let report = experiment::run(
+            &dir.path().join("sweep.toml"),
+            &cache,
+            Some(&dir.path().join(run)),
+            true,
+        );
+        assert!(report.success(), "{:?}", report.nodes);
+        // Said again by a run that finds the layers cached.
+        let computed = report.nodes.iter().any(|n| n.state == NodeState::Ran);
+        assert_eq!(computed, fresh);
+        assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+        let w = &report.warnings[0];
+        assert!(w.message.starts_with("left out 1 of 20 models"), "{w:?}");
+        assert_eq!(w.nodes.len(), 3, "{w:?}");
+        let files = w.files.as_ref().expect("the list is published");
+        let list = std::fs::read_to_string(files.join("skipped.json")).unwrap();
+        let name = bad.file_name().unwrap().to_string_lossy();
+        assert!(list.contains(&*name), "{list}");
+        let md = std::fs::read_to_string(report.run_dir.join("report.md")).unwrap();
+        assert!(md.contains("left out 1 of 20 models"), "{md}");
+        assert!(md.contains("(files: `layers_layer=0_/`)"), "{md}");
+    }
+}

@@ -315,6 +315,7 @@ fn commit(
         summary: outcome.summary.clone(),
         publish: outcome.publish.clone(),
         seconds,
+        warnings: cx.warnings(),
     };
     for p in &outcome.publish {
         if !staging.dir().join(p).is_file() {

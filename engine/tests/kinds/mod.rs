@@ -211,6 +211,9 @@ pub struct ConstParams {
     /// Only there to be swept by `for_each = "seed"`; added to the value.
     #[serde(default)]
     pub seed: Option<i64>,
+    /// A warning to give (`RunContext::warn`); absent from the key when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warn: Option<String>,
 }
 
 impl Stage for Const {
@@ -239,6 +242,9 @@ impl Stage for Const {
     fn run(&self, p: &ConstParams, _: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
         let t = self.0.begin("const", cx);
         let v = p.value * p.scale + p.extra.values().sum::<f64>() + p.seed.unwrap_or(0) as f64;
+        if let Some(w) = &p.warn {
+            cx.warn(w);
+        }
         write_value(cx, "value.json", &json!({ "value": v }))?;
         self.0.finish("const", cx, t, 1);
         Ok(numeric(v))

@@ -199,6 +199,9 @@ impl Stage for Extract {
     }
 }
 
+/// The list of models a layer left out, published into the run record when there are any.
+const SKIPPED_FILE: &str = "skipped.json";
+
 /// What `extract` reads: a collection, or the trees of a routing.
 enum Source {
     Collection(Collection),
@@ -301,6 +304,23 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
     ));
     let mut outcomes = Vec::new();
     for ((_, cx), layer) in jobs.iter().zip(&report.layers) {
+        // Left-out models were only in the sidecar and the lead's log: say how many on the
+        // terminal and in every report that uses this layer, and publish the list.
+        let mut publish = Vec::new();
+        if !layer.skipped.is_empty() {
+            std::fs::write(
+                cx.out_dir().join(SKIPPED_FILE),
+                serde_json::to_vec_pretty(&layer.skipped)?,
+            )?;
+            publish.push(SKIPPED_FILE.to_string());
+            cx.warn(format!(
+                "left out {} of {} models (skipped by `on_error`, `on_bad_file` or \
+                 `non_finite`); the list, with why, is {SKIPPED_FILE} among the node's files \
+                 in the run record",
+                layer.skipped.len(),
+                models.len()
+            ));
+        }
         let sidecar = dataset::LayerDataset::load_sidecar(cx.out_dir())?;
         let splits: BTreeMap<String, usize> = super::split_counts(&sidecar.models)
             .into_iter()
@@ -315,6 +335,7 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
                 "skipped": layer.skipped.len(),
                 "label_width": sidecar.labels.width(),
             }),
+            publish,
             ..Outcome::default()
         });
     }
