@@ -98,10 +98,28 @@ pub struct CacheArgs {
 }
 
 impl CacheArgs {
-    /// Opens the store, or explains why it cannot.
+    /// The cache directory asked for.
+    pub fn root(&self) -> PathBuf {
+        self.cache.clone().unwrap_or_else(Store::default_root)
+    }
+
+    /// Opens the store, creating it if needed, or explains why it cannot.
     pub fn open(&self) -> Result<Store, String> {
-        let root = self.cache.clone().unwrap_or_else(Store::default_root);
+        let root = self.root();
         Store::open(&root).map_err(|e| format!("cannot open the cache at {}: {e}", root.display()))
+    }
+
+    /// Opens a store that must already exist: the commands that only inspect or clean a cache
+    /// (`cache ls`, `verify`, `gc`) never create one where a mistyped `--cache` points.
+    pub fn open_existing(&self) -> Result<Store, String> {
+        let root = self.root();
+        if !root.is_dir() {
+            return Err(format!(
+                "no cache at {}: the directory does not exist\n  = help: check --cache or PROBEX_CACHE; `probex run` creates the cache",
+                root.display()
+            ));
+        }
+        self.open()
     }
 }
 
@@ -213,7 +231,8 @@ pub enum EngineCommand {
         #[arg(long, value_enum, default_value = "plain")]
         progress: ProgressArg,
     },
-    /// Show every node of an experiment: cached, or will run and why
+    /// Show every node of an experiment: cached, or will run and why. Cached means a valid
+    /// manifest; files are re-hashed when a node reads them, and by `cache verify`
     Plan {
         #[command(flatten)]
         plan: PlanArgs,
@@ -332,6 +351,10 @@ pub fn dispatch(
     let code = match result {
         Ok(code) => code,
         Err(Failure { code, message }) => {
+            // Every error starts the same way, whichever layer worded it.
+            if !message.starts_with("error") {
+                crate::err!("error: ");
+            }
             crate::err!("{message}");
             if !message.ends_with('\n') {
                 crate::errln!();
@@ -666,9 +689,18 @@ fn run_node_cmd(
 }
 
 fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Result<i32, Failure> {
-    let store = cache.open()?;
+    if let CacheCommand::Path = cmd {
+        // Where it is or would be; asking must not create it.
+        let root = cache.root();
+        let shown = std::fs::canonicalize(&root)
+            .or_else(|_| std::path::absolute(&root))
+            .unwrap_or(root);
+        crate::outln!("{}", shown.display());
+        return Ok(EXIT_OK);
+    }
+    let store = cache.open_existing()?;
     match cmd {
-        CacheCommand::Path => crate::outln!("{}", store.root().display()),
+        CacheCommand::Path => {}
         CacheCommand::Ls { json } => {
             let entries = store.list().map_err(|e| e.to_string())?;
             if json {

@@ -111,6 +111,19 @@ impl<'a> MergedStage<'a> {
     }
 }
 
+/// The entry of `stage` that a `check` message names: the first key in backticks that is a
+/// key of the table (`` `epochs` ``, `` `layers = "5..2"` ``; for `` `finetune.epochs` ``, the
+/// `finetune` table).
+fn named_key<'s, 'a>(message: &str, stage: &'s MergedStage<'a>) -> Option<&'s Entry<'a>> {
+    message.split('`').skip(1).step_by(2).find_map(|quoted| {
+        let key = quoted
+            .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '-'))
+            .next()
+            .unwrap_or(quoted);
+        stage.get(key)
+    })
+}
+
 /// Loads and validates the experiment at `path` against the kinds in `registry`.
 pub fn load(path: &Path, registry: &Registry) -> Result<Experiment, Diagnostics> {
     let mut sources = SourceMap::default();
@@ -795,17 +808,27 @@ fn declare(
         match parsed {
             Ok(params) => {
                 if let Err(m) = stage.check(&params) {
+                    // Point at the value of the key the message names (the trait asks kinds
+                    // to name it first, in backticks), or at the stage when it names none.
+                    let at = named_key(&m, s).map_or_else(
+                        || s.name_span.clone(),
+                        |e| {
+                            let swept = combo
+                                .iter()
+                                .find(|(dim, _)| *dim == e.key.get_ref().as_ref());
+                            Span {
+                                file: e.file,
+                                range: swept.map_or_else(|| e.value.span(), |(_, v)| v.span()),
+                            }
+                        },
+                    );
                     errors.push(
-                        Diagnostic::at(
-                            sources,
-                            &s.name_span,
-                            format!("stage `{}` ({kind}): {m}", s.name),
-                        )
-                        .with_help(if coords.is_empty() {
-                            "fix the value in the stage table".to_string()
-                        } else {
-                            format!("for the sweep value {}", fmt_coords(&coords))
-                        }),
+                        Diagnostic::at(sources, &at, format!("stage `{}` ({kind}): {m}", s.name))
+                            .with_help(if coords.is_empty() {
+                                "fix the value in the stage table".to_string()
+                            } else {
+                                format!("for the sweep value {}", fmt_coords(&coords))
+                            }),
                     );
                 }
                 variants.push(Variant { coords, params });
@@ -813,6 +836,17 @@ fn declare(
             Err(e) => {
                 let file = file_of_error(s, &e);
                 let mut d = Diagnostic::from_toml(sources, file, &e);
+                // A kind that validates while deserializing (`try_from`) gives an error with
+                // no position; point at the key it names, as for `check`.
+                if e.span().is_none()
+                    && let Some(entry) = named_key(e.message(), s)
+                {
+                    let at = Span {
+                        file: entry.file,
+                        range: entry.value.span(),
+                    };
+                    d.location = Diagnostic::at(sources, &at, "").location;
+                }
                 d.message = format!("stage `{}` ({kind}): {}", s.name, d.message);
                 // A misspelt engine key (`for-each`) lands among the kind's params; say what
                 // the engine itself reads too.

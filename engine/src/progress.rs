@@ -106,6 +106,18 @@ impl Reporter {
         }
     }
 
+    /// A started node goes back to wait (its inputs must be computed again): its line goes,
+    /// the overall count stays.
+    pub fn requeued(&self, node: &str) {
+        if let Some((multi, _)) = &self.bars
+            && let Ok(mut r) = self.running.lock()
+            && let Some((bar, _)) = r.remove(node)
+        {
+            bar.finish_and_clear();
+            multi.remove(&bar);
+        }
+    }
+
     /// Prints a line above the bars.
     pub fn println(&self, line: &str) {
         match &self.bars {

@@ -312,6 +312,8 @@ fn drive(
     let mut pins: HashMap<Key, Pinned> = HashMap::new();
     // Names of every node ever planned: a re-plan can lose a node, its messages must not.
     let mut names: HashMap<Key, String> = HashMap::new();
+    // Inputs found corrupt once and computed again: a second time is a failure, not a loop.
+    let mut recomputed: HashSet<Key> = HashSet::new();
 
     loop {
         for n in &plan.nodes {
@@ -381,6 +383,22 @@ fn drive(
                 .get(&d.key)
                 .cloned()
                 .unwrap_or_else(|| d.key.to_string());
+            if !d.corrupt_inputs.is_empty()
+                && d.corrupt_inputs.iter().all(|k| !recomputed.contains(k))
+            {
+                // The node did not run: its inputs go back to be computed, then it runs.
+                reporter.requeued(&name);
+                for k in &d.corrupt_inputs {
+                    recomputed.insert(k.clone());
+                    states.remove(k);
+                    pins.remove(k);
+                    let input = names.get(k).cloned().unwrap_or_else(|| k.to_string());
+                    reporter.println(&format!(
+                        "cache: {input} failed verification as {name} was about to read it; moved to quarantine, computing it again"
+                    ));
+                }
+                continue;
+            }
             match d.result {
                 Ok(_) => {
                     let pin = d.pin.or_else(|| store.pin(&d.key).ok().flatten());

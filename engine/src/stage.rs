@@ -163,6 +163,11 @@ impl Inputs {
         }
     }
 
+    /// Every artifact of every slot.
+    pub fn iter(&self) -> impl Iterator<Item = &Artifact> {
+        self.slots.values().flatten()
+    }
+
     /// Every artifact of slot `ty` (empty if none was declared).
     pub fn all(&self, ty: &str) -> &[Artifact] {
         self.slots.get(ty).map_or(&[], Vec::as_slice)
@@ -415,7 +420,8 @@ pub trait Stage: Send + Sync + 'static {
     /// The inputs this kind reads.
     fn inputs(&self) -> Vec<InputSlot>;
 
-    /// Checks that go beyond types (ranges, combinations); the message names the key.
+    /// Checks that go beyond types (ranges, combinations). Name the key first, in backticks
+    /// (`` `epochs` must be at least 1 ``): the error then points at its value.
     fn check(&self, _params: &Self::Params) -> Result<(), String> {
         Ok(())
     }

@@ -107,15 +107,15 @@ const CASES: &[Case] = &[
     (
         "bad_range",
         "[stage.s]\nkind = \"sweep\"\nlayers = \"5..2\"\n",
-        1,
-        8,
+        3,
+        10,
         "empty range",
     ),
     (
         "bad_layers",
         "[stage.s]\nkind = \"sweep\"\nlayers = \"first\"\n",
-        1,
-        8,
+        3,
+        10,
         "START..END",
     ),
     (
@@ -296,8 +296,8 @@ const CASES: &[Case] = &[
     (
         "check_fails",
         "[stage.a]\nkind = \"const\"\nvalue = 1\nscale = 0\n",
-        1,
-        8,
+        4,
+        9,
         "`scale` must not be 0",
     ),
     (
@@ -306,6 +306,13 @@ const CASES: &[Case] = &[
         2,
         8,
         "expected a string",
+    ),
+    (
+        "check_fails_in_a_sweep",
+        "[stage.a]\nkind = \"const\"\nvalue = 1\nscale = [1.0, 0.0]\nfor_each = \"scale\"\n",
+        4,
+        15,
+        "`scale` must not be 0",
     ),
     (
         "name_escapes",

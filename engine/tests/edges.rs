@@ -449,3 +449,82 @@ fn warnings_are_in_the_summary_and_the_report_of_every_run_that_uses_the_node() 
         );
     }
 }
+
+#[test]
+fn a_bit_flipped_input_is_caught_when_read_and_computed_again() {
+    let k = Kit::new();
+    k.write("good.toml", GOOD);
+    let out = k.run(&["run", "good.toml", "--out", "r1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Flip one byte of `a`'s file, keeping its size.
+    let key = k.key_of("good.toml", "a");
+    let file = k.store().get(&key).unwrap().unwrap().dir.join("value.json");
+    let mut bytes = fs::read(&file).unwrap();
+    let at = bytes.iter().position(|&b| b == b'2').expect("the value 2");
+    bytes[at] = b'3';
+    let mut perm = fs::metadata(&file).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perm.set_readonly(false);
+    fs::set_permissions(&file, perm).unwrap();
+    fs::write(&file, &bytes).unwrap();
+
+    // `plan` trusts manifests: it still says cached (the README says what is checked when).
+    let plan = stdout(&k.run(&["plan", "good.toml"]));
+    assert!(plan.contains("3 cached"), "{plan}");
+    // A node that reads `a` re-hashes it first: `a` is computed again, then the node.
+    k.write(
+        "good.toml",
+        &GOOD
+            .replace("offset = 0.5", "offset = 1.5")
+            .replace("2.5 +- 0.01", "3.5 +- 0.01"),
+    );
+    let out = k.run(&["run", "good.toml", "--out", "r2", "--progress", "plain"]);
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{text}{err}");
+    assert!(
+        err.contains("cache: a failed verification as b was about to read it; moved to quarantine, computing it again"),
+        "{err}"
+    );
+    assert_eq!(k.starts("a"), 2);
+    let results: serde_json::Value =
+        serde_json::from_slice(&fs::read(k.path("r2/results.json")).unwrap()).unwrap();
+    assert_eq!(results["results"]["b"]["value"], 3.5);
+    // a (computed again), b and g of both runs.
+    k.assert_verify_clean(5);
+}
+
+#[test]
+fn cache_commands_do_not_create_a_missing_cache_and_errors_say_error() {
+    let k = Kit::new();
+    let missing = k.path("no-such-cache");
+    for args in [&["ls"][..], &["verify"][..], &["gc"][..]] {
+        let out = std::process::Command::new(testkit::testkit())
+            .args(["--cache", missing.to_str().unwrap(), "cache"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.starts_with("error: no cache at "), "{args:?}: {err}");
+        assert!(!missing.exists(), "{args:?} created the cache");
+    }
+    let out = std::process::Command::new(testkit::testkit())
+        .args(["--cache", missing.to_str().unwrap(), "cache", "path"])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out).trim(), missing.to_str().unwrap());
+    assert!(!missing.exists());
+    // A cache that cannot be opened says so with the same prefix as every other error.
+    k.write("good.toml", GOOD);
+    let out = std::process::Command::new(testkit::testkit())
+        .args(["--cache", "/dev/null/cache", "run", "good.toml"])
+        .current_dir(k.dir.path())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("error: cannot open the cache at /dev/null/cache"),
+        "{err}"
+    );
+}

@@ -289,3 +289,50 @@ fn models_left_out_are_counted_in_the_summary_and_the_report_with_their_list() {
         assert!(md.contains("(files: `layers_layer=0_/`)"), "{md}");
     }
 }
+
+#[test]
+fn train_range_errors_point_at_the_value_and_counts_have_an_upper_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "[stage.models]\nkind = \"fetch\"\nsource = \"dir\"\npath = \"models\"\n\n\
+                [stage.layers]\nkind = \"extract\"\nfrom = \"models\"\nlayers = \"all\"\n\
+                label = { key = \"dataset_chosen_targets\", kind = \"multi_label\", vocab = \"cifar100\" }\n\n\
+                [stage.probe]\nkind = \"train\"\nfrom = \"layers\"\nfor_each = \"layer\"\nmodel = \"probex\"\n";
+    let registry = probex_stages::registry();
+    // (line, column, what it says) of the error for each bad line appended at line 17.
+    for (bad, col, says) in [
+        (
+            "epochs = 9223372036854775807",
+            10,
+            "`epochs` = 9223372036854775807 is too large",
+        ),
+        ("epochs = 0", 10, "`epochs` must be at least 1"),
+        ("batch_size = 0", 14, "`batch_size` must be at least 1"),
+        ("lr = -0.001", 6, "`lr` must be a positive number"),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, format!("{base}{bad}\n")).unwrap();
+        let err = match probex_engine::load(&path, &registry) {
+            Ok(_) => panic!("{bad}: loaded"),
+            Err(d) => d.to_string(),
+        };
+        assert!(err.contains(says), "{bad}: {err}");
+        assert!(
+            err.contains(&format!("bad.toml:17:{col}\n")),
+            "{bad}: {err}"
+        );
+        assert!(err.contains('^'), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn an_empty_model_folder_is_described_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("models")).unwrap();
+    let e = probex_stages::extract::discover(&probex_stages::extract::Layout::Folder {
+        root: dir.path().join("models"),
+        recursive: false,
+    })
+    .unwrap_err();
+    assert!(!e.contains("Folder {") && !e.contains("root:"), "{e}");
+    assert!(e.contains("no *.safetensors files in the folder"), "{e}");
+}

@@ -34,6 +34,9 @@ pub struct Done {
     /// The node failed because the node named here, computed in the same pass, failed: its
     /// error is that node's to report.
     pub with: Option<String>,
+    /// Inputs that failed verification when the node was about to read them (moved to
+    /// quarantine): the node did not run; the run computes them again, then the node.
+    pub corrupt_inputs: Vec<Key>,
 }
 
 /// Computes batches of ready nodes somewhere, and says when they are done.

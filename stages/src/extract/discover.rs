@@ -174,7 +174,7 @@ pub fn discover(layout: &Layout) -> Result<Discovered, String> {
         ));
     }
     if found.models.is_empty() {
-        let mut msg = format!("no model files found for {layout:?}");
+        let mut msg = format!("no model files found: {}", describe(layout));
         let passed: Vec<&String> = found.problems.iter().chain(&found.notes).collect();
         if !passed.is_empty() {
             msg.push_str(&format!(
@@ -189,6 +189,41 @@ pub fn discover(layout: &Layout) -> Result<Discovered, String> {
         return Err(msg);
     }
     Ok(found)
+}
+
+/// Where `layout` looked and for what, in words (for "no model files found").
+fn describe(layout: &Layout) -> String {
+    match layout {
+        Layout::HfCache {
+            root,
+            repos,
+            file,
+            revision,
+        } => format!(
+            "no {file} in the Hugging Face cache at {} (models--*/snapshots/<{revision}>/{file}{})",
+            root.display(),
+            repos
+                .as_deref()
+                .map_or(String::new(), |r| format!(", repos matching `{r}`"))
+        ),
+        Layout::ModelJDiscriminative { root, file } => format!(
+            "no {file} under the split folders of {} (<split>/<model>/{file}, or a hub cache per split)",
+            root.display()
+        ),
+        Layout::ModelJGenerative { root, file } => format!(
+            "no {file} under the split folders of {} (<split>/<model>/{file})",
+            root.display()
+        ),
+        Layout::Folder { root, recursive } => format!(
+            "no *.safetensors files in the folder {}{}",
+            root.display(),
+            if *recursive {
+                " or its subfolders"
+            } else {
+                " (set recursive = true to look in subfolders)"
+            }
+        ),
+    }
 }
 
 fn split_dirs(root: &Path, notes: &mut Vec<String>) -> Result<Vec<(Split, PathBuf)>, String> {

@@ -200,6 +200,7 @@ impl<'a> Slurm<'a> {
                             stopped: false,
                             pin: None,
                             with: None,
+                            corrupt_inputs: Vec::new(),
                         });
                     }
                 }
@@ -369,6 +370,7 @@ impl<'a> Slurm<'a> {
                     stopped: false,
                     pin: None,
                     with: None,
+                    corrupt_inputs: Vec::new(),
                 }),
                 _ => missing.push((node.clone(), key.clone())),
             }
@@ -439,6 +441,7 @@ impl<'a> Slurm<'a> {
                 stopped: false,
                 pin: None,
                 with: None,
+                corrupt_inputs: Vec::new(),
             });
         }
     }
@@ -468,6 +471,7 @@ impl<'a> Slurm<'a> {
                         stopped: false,
                         pin: None,
                         with: None,
+                        corrupt_inputs: Vec::new(),
                     }),
                     _ => missing.push((r, k)),
                 }
@@ -527,6 +531,7 @@ impl<'a> Slurm<'a> {
                     stopped: false,
                     pin: None,
                     with: None,
+                    corrupt_inputs: Vec::new(),
                 },
                 _ => Done {
                     key,
@@ -536,6 +541,7 @@ impl<'a> Slurm<'a> {
                     stopped: true,
                     pin: None,
                     with: None,
+                    corrupt_inputs: Vec::new(),
                 },
             };
             self.finished.push(done);
@@ -556,6 +562,7 @@ impl<'a> Slurm<'a> {
                     stopped: false,
                     pin: None,
                     with: None,
+                    corrupt_inputs: Vec::new(),
                 });
             }
         }
