@@ -30,5 +30,5 @@ pub use plan::{Overrides, Plan, Planner};
 pub use run::{RunError, RunOptions, RunReport, run, run_slurm};
 pub use stage::{
     Artifact, Cancelled, Coords, FailedWith, InputSlot, Inputs, Outcome, PlanContext, ProgressSink,
-    Registry, Resource, RunContext, Stage, StageResult, Sweep,
+    Registry, Resource, RunContext, Stage, StageResult, Sweep, error_text,
 };

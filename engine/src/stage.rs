@@ -365,6 +365,25 @@ impl<'a> RunContext<'a> {
     }
 }
 
+/// A stage's error with its causes, as `{:#}` prints it (`outer: cause: root`), except that a
+/// cause whose text an outer message already holds is not said again: many error types put
+/// their `source` in their own message too (`{path}: {source}`), and a full disk read
+/// "File too large: File too large".
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// The error of a stage that stopped because the run was cancelled (Ctrl-C, or another node
 /// failed without `--keep-going`): the node did not fail, it was not finished.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -621,5 +640,33 @@ impl Registry {
     /// Names of every kind, sorted.
     pub fn names(&self) -> Vec<&'static str> {
         self.kinds.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: {source}")]
+    struct Io {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_already_said_is_not_said_again() {
+        let io = Io {
+            path: "out/layer.safetensors".into(),
+            source: std::io::Error::other("No space left on device"),
+        };
+        let e = anyhow::Error::new(io).context("extracting layer 3");
+        assert_eq!(
+            error_text(&e),
+            "extracting layer 3: out/layer.safetensors: No space left on device"
+        );
+        assert_eq!(format!("{e:#}").matches("No space").count(), 2);
+        let plain = anyhow::anyhow!("root").context("outer");
+        assert_eq!(error_text(&plain), "outer: root");
     }
 }

@@ -274,11 +274,14 @@ impl Worker<'_> {
             let done = match result {
                 Ok(outcome) => commit(n, staging, &outcome, seconds, &cx, decl.kind.as_str()),
                 Err(e) if stopped => {
-                    cx.log(format!("stopped: the run was cancelled ({e:#})"));
+                    cx.log(format!(
+                        "stopped: the run was cancelled ({})",
+                        crate::stage::error_text(&e)
+                    ));
                     Err("cancelled".to_string())
                 }
                 Err(e) => {
-                    let msg = format!("{e:#}");
+                    let msg = crate::stage::error_text(&e);
                     cx.log(format!("error: {msg}"));
                     Err(format!(
                         "{msg}\n  log: {}",
