@@ -332,7 +332,10 @@ fn drive(
                 );
                 continue;
             }
-            if let Ok(Some(pin)) = store.pin(&node.key) {
+            // `get` first: pinning creates a lock file, which an absent entry does not need.
+            if matches!(store.get(&node.key), Ok(Some(_)))
+                && let Ok(Some(pin)) = store.pin(&node.key)
+            {
                 history.record(node);
                 reporter.finished(&node.name, "cached", 0.0);
                 states.insert(node.key.clone(), (NodeState::Cached, 0.0));
