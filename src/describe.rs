@@ -33,7 +33,7 @@ pub fn run(args: &DescribeArgs) -> i32 {
     let (probe, d) = match described {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            probex_engine::errln!("error: {e:#}");
             return 2;
         }
     };
@@ -46,10 +46,10 @@ pub fn run(args: &DescribeArgs) -> i32 {
             "classes": d.classes.iter().map(|(c, s)| serde_json::json!({"class": c, "score": s})).collect::<Vec<_>>(),
             "value": d.value,
         });
-        println!("{v}");
+        probex_engine::outln!("{v}");
         return 0;
     }
-    println!(
+    probex_engine::outln!(
         "{} (layer {} `{}`, probe `{}`, {} {}):",
         args.model.display(),
         probe.rows.layer.index,
@@ -64,10 +64,10 @@ pub fn run(args: &DescribeArgs) -> i32 {
         }
     );
     if let Some(v) = d.value {
-        println!("  {} = {v:.6}", probe.rows.columns.join(", "));
+        probex_engine::outln!("  {} = {v:.6}", probe.rows.columns.join(", "));
     }
     for (c, s) in &d.classes {
-        println!("  {s:>8.4}  {c}");
+        probex_engine::outln!("  {s:>8.4}  {c}");
     }
     0
 }

@@ -34,11 +34,11 @@ enum PrecisionArg {
 pub fn run(args: &ExportArgs, cache: &CacheArgs) -> i32 {
     match export(args, cache) {
         Ok(msg) => {
-            println!("{msg}");
+            probex_engine::outln!("{msg}");
             0
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            probex_engine::errln!("error: {e}");
             2
         }
     }

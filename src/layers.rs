@@ -43,20 +43,20 @@ pub fn run(args: &LayersArgs) -> i32 {
     let listing = match describe_layers(&args.file, mode) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("error: {e}");
+            probex_engine::errln!("error: {e}");
             return 2;
         }
     };
     if args.json {
         match serde_json::to_string_pretty(&listing) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => probex_engine::outln!("{s}"),
             Err(e) => {
-                eprintln!("error: {e}");
+                probex_engine::errln!("error: {e}");
                 return 2;
             }
         }
         return 0;
     }
-    print!("{}", format_layer_table(&listing));
+    probex_engine::outln!("{}", format_layer_table(&listing).trim_end());
     0
 }

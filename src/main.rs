@@ -4,6 +4,9 @@
 //! `probex_engine::cli`; the commands here need the stage kinds' libraries (reading weights,
 //! applying trained probes).
 
+// Output goes through probex_engine::console (outln!, errln!): println! panics on a closed pipe.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 mod describe;
 mod export;
 mod layers;
@@ -59,7 +62,7 @@ fn main() -> ExitCode {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\nstopping (Ctrl-C again to exit at once)...");
+        probex_engine::errln!("\nstopping (Ctrl-C again to exit at once)...");
     });
     let code = match cli.command {
         Command::Engine(cmd) => dispatch(cmd, &cli.cache, &probex_stages::registry(), cancel),
@@ -69,5 +72,5 @@ fn main() -> ExitCode {
         Command::Route(args) => route::run(&args),
         Command::Export(args) => export::run(&args, &cli.cache),
     };
-    ExitCode::from(code as u8)
+    ExitCode::from(probex_engine::console::finish(code) as u8)
 }

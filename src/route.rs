@@ -28,7 +28,7 @@ pub fn run(args: &RouteArgs) -> i32 {
     let router = match Router::locate(&args.router, args.stage.as_deref()) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            probex_engine::errln!("error: {e:#}");
             return 2;
         }
     };
@@ -38,7 +38,7 @@ pub fn run(args: &RouteArgs) -> i32 {
         let v = match router.place(model) {
             Ok(v) => v,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                probex_engine::errln!("error: {e:#}");
                 code = 2;
                 continue;
             }
@@ -54,7 +54,7 @@ pub fn run(args: &RouteArgs) -> i32 {
                 "distance": p.distance,
                 "threshold": p.nearest.map(|k| trees[k].threshold),
             });
-            println!("{j}");
+            probex_engine::outln!("{j}");
             continue;
         }
         let name = |k: usize| match &trees[k].truth {
@@ -74,7 +74,7 @@ pub fn run(args: &RouteArgs) -> i32 {
             ),
             _ => "no known tree: no tree of the router has this architecture".to_string(),
         };
-        println!("{}: {line}", model.display());
+        probex_engine::outln!("{}: {line}", model.display());
     }
     code
 }

@@ -44,7 +44,7 @@ pub fn run(args: &SearchArgs) -> i32 {
     let (probe, hits) = match hits {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            probex_engine::errln!("error: {e:#}");
             return 2;
         }
     };
@@ -57,10 +57,10 @@ pub fn run(args: &SearchArgs) -> i32 {
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(rows));
+        probex_engine::outln!("{}", serde_json::Value::Array(rows));
         return 0;
     }
-    println!(
+    probex_engine::outln!(
         "{} models of {} by cosine to \"{}\" (probe `{}`, layer {}):",
         hits.len(),
         probe.rows.models.len(),
@@ -69,12 +69,15 @@ pub fn run(args: &SearchArgs) -> i32 {
         probe.rows.layer.index
     );
     let width = hits.iter().map(|h| h.id.len()).max().unwrap_or(2).max(2);
-    println!(
+    probex_engine::outln!(
         "{:>4}  {:>7}  {:<width$}  {:<12}  label",
-        "rank", "score", "id", "split"
+        "rank",
+        "score",
+        "id",
+        "split"
     );
     for (i, h) in hits.iter().enumerate() {
-        println!(
+        probex_engine::outln!(
             "{:>4}  {:>7.4}  {:<width$}  {:<12}  {}",
             i + 1,
             h.score,

@@ -410,7 +410,7 @@ fn a_sweep_runs_on_slurm_like_a_local_run_is_then_all_cached_and_survives_scance
     assert!(
         stopped
             .iter()
-            .any(|(n, _, s)| n == "slow[layer=0]" && s == "not_run"),
+            .any(|(n, _, s)| n == "slow[layer=0]" && s == "interrupted"),
         "{stopped:?}"
     );
     eprintln!("whole test: {:.1}s", started.elapsed().as_secs_f64());

@@ -42,7 +42,7 @@ mod store;
 pub use error::CacheError;
 pub use key::Key;
 pub use manifest::{Entry, EntryInfo, FileRecord, MANIFEST_FORMAT, Manifest, content_digest};
-pub use store::{GcPolicy, GcReport, KeyLock, Pinned, Staging, Store, Verified};
+pub use store::{GcPolicy, GcReport, KeyLock, Leftovers, Pinned, Staging, Store, Verified};
 
 #[cfg(test)]
 mod tests {

@@ -34,6 +34,7 @@ const HASH_BUF: usize = 1 << 20;
 ///
 /// Layout: `entries/<first 2 hex>/<key>/{manifest.json, data/...}` (committed entries),
 /// `tmp/<name>/` + `tmp/<name>.lock` (staging and trash), `locks/<key>.lock` (per-key OS locks),
+/// `locks/<key>.pin` (readers' shared locks),
 /// `work/<key>/` (resumable scratch) and `quarantine/<key>-<unix>` (entries that failed verify).
 /// An entry exists iff its directory holds `manifest.json`; commit publishes the directory with
 /// one atomic rename, so readers never see half an entry. Several processes may share a store.
@@ -70,8 +71,9 @@ impl std::fmt::Debug for KeyLock {
     }
 }
 
-/// A committed entry held under a shared lock: `gc` and `remove` leave it alone until dropped,
-/// so a downstream stage can read its files safely. Dereferences to the [`Entry`].
+/// A committed entry held under a shared lock (`locks/<key>.pin`): `gc` and `remove` leave it
+/// alone until dropped, so a run can read its files safely for as long as it needs them.
+/// Dereferences to the [`Entry`].
 pub struct Pinned {
     entry: Entry,
     _lock: File,
@@ -188,6 +190,34 @@ pub struct GcReport {
     pub kept_referenced: Vec<(Key, Key)>,
 }
 
+/// Disk space outside the committed entries, as `cache ls` shows it: what `gc` would free and
+/// what it keeps on purpose.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    /// Staging (and trash) directories whose writer died: a killed run. Any `gc`, and the next
+    /// run, removes them.
+    pub dead_staging: usize,
+    /// Their bytes.
+    pub dead_staging_bytes: u64,
+    /// Entries moved aside by `verify`; `gc` with a policy (`--keep`, `--older-than`) removes
+    /// them.
+    pub quarantined: usize,
+    /// Their bytes.
+    pub quarantined_bytes: u64,
+    /// Scratch of nodes that never finished (checkpoints a later run resumes from); kept until
+    /// the node commits, or a policy removes it.
+    pub resumable_bytes: u64,
+    /// Scratch of nodes that have committed since: any `gc` removes it.
+    pub stale_scratch_bytes: u64,
+}
+
+impl Leftovers {
+    /// Bytes a plain `gc` frees.
+    pub fn reclaimable_bytes(&self) -> u64 {
+        self.dead_staging_bytes + self.stale_scratch_bytes
+    }
+}
+
 /// Resolves the default root from environment variables through `get` (testable without
 /// touching the process environment).
 pub(crate) fn root_from_env(get: impl Fn(&str) -> Option<OsString>) -> PathBuf {
@@ -259,6 +289,12 @@ impl Store {
 
     fn lock_path(&self, key: &Key) -> PathBuf {
         self.root.join(LOCKS).join(format!("{key}.lock"))
+    }
+
+    /// Readers hold this one shared, so that a writer's exclusive `<key>.lock` (held by the
+    /// process that computed the entry, until it has pinned it) never conflicts with them.
+    fn pin_path(&self, key: &Key) -> PathBuf {
+        self.root.join(LOCKS).join(format!("{key}.pin"))
     }
 
     fn work_path(&self, key: &Key) -> PathBuf {
@@ -403,12 +439,15 @@ impl Store {
         }
     }
 
-    /// Waits for a shared lock on `key` and returns the committed entry pinned by it, or `None`
-    /// if there is no entry. While pinned, `gc` and `remove` leave the entry alone; several
-    /// readers may pin at once, and a writer's `lock()` waits for them. Do not call it while
-    /// this process holds the key's [`KeyLock`] (it would wait for itself).
+    /// Takes a shared pin on `key` and returns the committed entry it protects, or `None` if
+    /// there is no entry. While pinned, `gc` and `remove` leave the entry alone; several readers
+    /// may pin at once. A writer's [`Store::lock`] does not wait for pins (it only ever adds
+    /// an entry), so the holder of the key's lock may pin the entry it just committed before
+    /// letting go of the lock, leaving no moment in which `gc` could take it. Waits only while
+    /// a `gc` or `remove` is deleting the entry. Do not call [`Store::remove`] on a key while
+    /// this process pins it (it would wait for itself).
     pub fn pin(&self, key: &Key) -> Result<Option<Pinned>, CacheError> {
-        let path = self.lock_path(key);
+        let path = self.pin_path(key);
         let Some(lock) = lock_at(&path, LockMode::Shared, true)? else {
             return Err(io_err("lock", path, HINT_WRITABLE)(io::Error::other(
                 "a blocking lock reported contention",
@@ -656,9 +695,16 @@ impl Store {
         self.remove_locked(&lock)
     }
 
-    /// Like [`Store::remove`], for a caller that already holds the key's lock.
+    /// Like [`Store::remove`], for a caller that already holds the key's lock. Waits for the
+    /// readers that pin the entry to let go.
     pub fn remove_locked(&self, lock: &KeyLock) -> Result<bool, CacheError> {
         self.check_lock(lock)?;
+        let pin_path = self.pin_path(&lock.key);
+        let Some(_no_readers) = lock_at(&pin_path, LockMode::Exclusive, true)? else {
+            return Err(io_err("lock", pin_path, HINT_WRITABLE)(io::Error::other(
+                "a blocking lock reported contention",
+            )));
+        };
         let dir = self.entry_dir(&lock.key);
         let existed = exists(&dir);
         self.trash(&dir)?;
@@ -709,6 +755,51 @@ impl Store {
         r.skipped_in_use.sort();
         r.kept_referenced.sort();
         Ok(r)
+    }
+
+    /// Removes the staging directories of dead writers (a killed run's), as `gc` does first;
+    /// returns how many and their bytes. Runs call it when they start, so a killed run's
+    /// leftovers do not pile up until someone thinks of `gc`.
+    pub fn clean_dead_staging(&self) -> Result<(usize, u64), CacheError> {
+        let mut r = GcReport::default();
+        self.gc_tmp(&mut r)?;
+        Ok((r.tmp_cleaned, r.freed_bytes))
+    }
+
+    /// What lies on disk beside the committed entries (see [`Leftovers`]); removes nothing.
+    pub fn leftovers(&self) -> Result<Leftovers, CacheError> {
+        let mut l = Leftovers::default();
+        let tmp = self.root.join(TMP);
+        for name in list_names(&tmp)? {
+            if name.ends_with(".lock") {
+                continue;
+            }
+            let lock_path = tmp.join(format!("{name}.lock"));
+            // A slot's lock file exists before its directory, so one without is dead; a lock
+            // that can be taken means its owner has died (let go at once: removing is gc's).
+            let dead =
+                !exists(&lock_path) || lock_at(&lock_path, LockMode::Exclusive, false)?.is_some();
+            if dead {
+                l.dead_staging += 1;
+                l.dead_staging_bytes += tree_size(&tmp.join(&name));
+            }
+        }
+        let qdir = self.root.join(QUARANTINE);
+        for name in list_names(&qdir)? {
+            l.quarantined += 1;
+            l.quarantined_bytes += tree_size(&qdir.join(name));
+        }
+        let work = self.root.join(WORK);
+        for name in list_names(&work)? {
+            let size = tree_size(&work.join(&name));
+            match Key::parse(&name) {
+                Ok(key) if exists(&self.entry_dir(&key).join(MANIFEST)) => {
+                    l.stale_scratch_bytes += size;
+                }
+                _ => l.resumable_bytes += size,
+            }
+        }
+        Ok(l)
     }
 
     /// Removes `tmp/` items whose lock file can be taken: their owner has died.
@@ -802,6 +893,11 @@ impl Store {
                 r.skipped_in_use.push(key);
                 continue;
             };
+            let Some(_no_readers) = lock_at(&self.pin_path(&key), LockMode::Exclusive, false)?
+            else {
+                r.skipped_in_use.push(key);
+                continue;
+            };
             // Decide again under the lock: the entry may have been replaced meanwhile.
             let (age, garbage) = self.entry_age(&key)?;
             if !garbage && !policy.selects(&key, age) {
@@ -873,7 +969,7 @@ impl Store {
     fn gc_locks(&self) -> Result<(), CacheError> {
         let locks = self.root.join(LOCKS);
         for name in list_names(&locks)? {
-            if !name.ends_with(".lock") {
+            if !name.ends_with(".lock") && !name.ends_with(".pin") {
                 continue;
             }
             let path = locks.join(&name);

@@ -210,3 +210,26 @@ fn unused_lock_files_are_removed_and_locking_still_works() {
     assert!(store.try_lock(&a).unwrap().is_none());
     drop(again);
 }
+
+#[test]
+fn leftovers_count_what_gc_would_free_without_removing_it() {
+    let (_t, store) = store();
+    let tmp = store.root().join("tmp");
+    let k = key("live");
+    let lock = store.lock(&k).unwrap();
+    let live = store.stage(&lock).unwrap();
+    fs::write(live.dir().join("f"), [0u8; 100]).unwrap();
+    // A dead writer's slot (its lock file unheld) and one whose lock file is gone.
+    fs::create_dir_all(tmp.join("stage-dead-1/data")).unwrap();
+    fs::write(tmp.join("stage-dead-1/data/f"), [0u8; 1000]).unwrap();
+    fs::write(tmp.join("stage-dead-1.lock"), b"").unwrap();
+    fs::create_dir_all(tmp.join("stage-dead-2/data")).unwrap();
+    fs::write(tmp.join("stage-dead-2/data/f"), [0u8; 10]).unwrap();
+    let l = store.leftovers().unwrap();
+    assert_eq!((l.dead_staging, l.dead_staging_bytes), (2, 1010), "{l:?}");
+    // Nothing was removed, and the live staging is not counted.
+    assert!(tmp.join("stage-dead-1/data/f").is_file());
+    assert_eq!(store.clean_dead_staging().unwrap(), (2, 1010));
+    assert_eq!(store.leftovers().unwrap().dead_staging, 0);
+    assert!(live.dir().join("f").is_file());
+}

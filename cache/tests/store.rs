@@ -313,15 +313,33 @@ fn remove_deletes_entry_and_scratch() {
 }
 
 #[test]
-fn pinned_entries_block_writers_but_not_readers() {
+fn pinned_entries_block_removal_but_not_readers_or_the_key_lock() {
     let (_t, store) = store();
     let k = key("a");
     commit(&store, &k, &[("f", b"1")]);
     let p1 = store.pin(&k).unwrap().expect("pinned");
     let p2 = store.pin(&k).unwrap().expect("two readers at once");
     assert_eq!(p1.size(), 1);
-    assert!(store.try_lock(&k).unwrap().is_none());
-    drop((p1, p2));
-    assert!(store.try_lock(&k).unwrap().is_some());
+    // The key lock is free: whoever commits a key can pin the entry before letting go of it.
+    let lock = store
+        .try_lock(&k)
+        .unwrap()
+        .expect("the key lock is not held by readers");
+    let p3 = store.pin(&k).unwrap().expect("pinned under the key lock");
+    drop(lock);
+    // Removal waits for every reader.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| tx.send(store.remove(&k).unwrap()).unwrap());
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "removed while pinned"
+        );
+        assert!(p3.file("f").unwrap().is_file());
+        drop((p1, p2, p3));
+        assert!(rx.recv().unwrap(), "removed once unpinned");
+    });
+    assert!(store.get(&k).unwrap().is_none());
     assert!(store.pin(&key("none")).unwrap().is_none());
 }

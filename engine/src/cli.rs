@@ -2,8 +2,8 @@
 //! `run-node` a SLURM job runs), shared by the `probex` binary and anything else that embeds
 //! the engine with its own stage kinds.
 //!
-//! Exit codes: 0 success; 1 a stage failed or an expectation was missed; 2 bad input or usage;
-//! 130 interrupted.
+//! Exit codes (the README has the table): 0 success; 1 the work failed (a stage, an
+//! expectation, writing the run record or the cache); 2 bad input or usage; 130 interrupted.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -30,15 +30,64 @@ use crate::progress::{ProgressMode, Reporter};
 use crate::record::{RunDir, files};
 use crate::run::{NodeState, RunOptions};
 use crate::stage::{PlanContext, Registry};
+use crate::status::human;
 
 /// Exit code: everything worked and every expectation held.
 pub const EXIT_OK: i32 = 0;
-/// Exit code: a stage failed or an expectation was missed.
+/// Exit code: the work failed: a stage, an expectation, or writing the run record or cache.
 pub const EXIT_FAILED: i32 = 1;
 /// Exit code: bad input (experiment file, flags, cache directory).
 pub const EXIT_USAGE: i32 = 2;
 /// Exit code: stopped by Ctrl-C.
 pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Why a command stopped early: the message (printed as is) and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    /// The exit code: [`EXIT_USAGE`] for bad input, [`EXIT_FAILED`] when the work failed.
+    pub code: i32,
+    /// What went wrong, for stderr.
+    pub message: String,
+}
+
+impl Failure {
+    /// The work failed (a full disk, an incomplete run record): exit 1.
+    pub fn failed(message: impl Into<String>) -> Self {
+        Failure {
+            code: EXIT_FAILED,
+            message: message.into(),
+        }
+    }
+}
+
+/// Bad input: exit 2.
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure {
+            code: EXIT_USAGE,
+            message,
+        }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
+impl From<crate::run::RunError> for Failure {
+    fn from(e: crate::run::RunError) -> Self {
+        let code = match e {
+            crate::run::RunError::Invalid(_) => EXIT_USAGE,
+            crate::run::RunError::Record(_) => EXIT_FAILED,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
 
 /// Where the artifact cache is.
 #[derive(Args, Clone, Debug)]
@@ -49,10 +98,28 @@ pub struct CacheArgs {
 }
 
 impl CacheArgs {
-    /// Opens the store, or explains why it cannot.
+    /// The cache directory asked for.
+    pub fn root(&self) -> PathBuf {
+        self.cache.clone().unwrap_or_else(Store::default_root)
+    }
+
+    /// Opens the store, creating it if needed, or explains why it cannot.
     pub fn open(&self) -> Result<Store, String> {
-        let root = self.cache.clone().unwrap_or_else(Store::default_root);
+        let root = self.root();
         Store::open(&root).map_err(|e| format!("cannot open the cache at {}: {e}", root.display()))
+    }
+
+    /// Opens a store that must already exist: the commands that only inspect or clean a cache
+    /// (`cache ls`, `verify`, `gc`) never create one where a mistyped `--cache` points.
+    pub fn open_existing(&self) -> Result<Store, String> {
+        let root = self.root();
+        if !root.is_dir() {
+            return Err(format!(
+                "no cache at {}: the directory does not exist\n  = help: check --cache or PROBEX_CACHE; `probex run` creates the cache",
+                root.display()
+            ));
+        }
+        self.open()
     }
 }
 
@@ -164,7 +231,8 @@ pub enum EngineCommand {
         #[arg(long, value_enum, default_value = "plain")]
         progress: ProgressArg,
     },
-    /// Show every node of an experiment: cached, or will run and why
+    /// Show every node of an experiment: cached, or will run and why. Cached means a valid
+    /// manifest; files are re-hashed when a node reads them, and by `cache verify`
     Plan {
         #[command(flatten)]
         plan: PlanArgs,
@@ -275,21 +343,26 @@ pub fn dispatch(
         EngineCommand::Compare { a, b } => compare_cmd(&a, &b),
         EngineCommand::Kinds => {
             for (kind, about) in registry.describe() {
-                println!("{kind:<12} {about}");
+                crate::outln!("{kind:<12} {about}");
             }
             Ok(EXIT_OK)
         }
     };
-    match result {
+    let code = match result {
         Ok(code) => code,
-        Err(msg) => {
-            eprint!("{msg}");
-            if !msg.ends_with('\n') {
-                eprintln!();
+        Err(Failure { code, message }) => {
+            // Every error starts the same way, whichever layer worded it.
+            if !message.starts_with("error") {
+                crate::err!("error: ");
             }
-            EXIT_USAGE
+            crate::err!("{message}");
+            if !message.ends_with('\n') {
+                crate::errln!();
+            }
+            code
         }
-    }
+    };
+    crate::console::finish(code)
 }
 
 fn offline(flag: bool) -> bool {
@@ -302,8 +375,8 @@ fn with_planner<T>(
     cache: &CacheArgs,
     registry: &Registry,
     plan_only: bool,
-    f: impl FnOnce(&Planner, &Store) -> Result<T, String>,
-) -> Result<T, String> {
+    f: impl FnOnce(&Planner, &Store) -> Result<T, Failure>,
+) -> Result<T, Failure> {
     if let Some(d) = args
         .device
         .as_deref()
@@ -311,7 +384,8 @@ fn with_planner<T>(
     {
         return Err(format!(
             "error: --device {d}: not a device\n  = help: use cpu, cuda or cuda:N"
-        ));
+        )
+        .into());
     }
     let exp = crate::experiment::load(&args.file, registry).map_err(|d| d.to_string())?;
     let store = cache.open()?;
@@ -335,18 +409,18 @@ fn with_planner<T>(
     out
 }
 
-fn plan_cmd(args: &PlanArgs, cache: &CacheArgs, registry: &Registry) -> Result<i32, String> {
+fn plan_cmd(args: &PlanArgs, cache: &CacheArgs, registry: &Registry) -> Result<i32, Failure> {
     with_planner(args, cache, registry, true, |planner, store| {
         let plan = planner.plan().map_err(|d| d.to_string())?;
         let history = History::open(store, &planner.experiment().path);
         let view = crate::status::rows(&plan, planner.experiment(), store, &history);
         if args.json {
-            println!(
+            crate::outln!(
                 "{}",
                 serde_json::to_string_pretty(&view).map_err(|e| e.to_string())?
             );
         } else {
-            print!("{}", crate::status::render_plan(&view));
+            crate::out!("{}", crate::status::render_plan(&view));
         }
         Ok(EXIT_OK)
     })
@@ -419,7 +493,7 @@ fn run_cmd(
     opts: &RunOptions,
     out: Option<&Path>,
     exec: &ExecutorChoice,
-) -> Result<i32, String> {
+) -> Result<i32, Failure> {
     with_planner(args, cache, registry, false, |planner, _| {
         let exp = planner.experiment();
         // Checked on every run, so a mistake in the settings shows before they are needed.
@@ -430,30 +504,32 @@ fn run_cmd(
             ExecutorArg::Slurm => Some(slurm_options(args, planner, config, exec, opts.threads)?),
             ExecutorArg::Local => None,
         };
-        let run_dir = RunDir::create(exp, out)
-            .map_err(|e| format!("cannot create the run directory: {e}"))?;
+        let run_dir = RunDir::create(exp, out).map_err(|e| {
+            Failure::failed(format!(
+                "error: cannot create the run directory {e}\n  = help: free some space or give another directory with --out"
+            ))
+        })?;
         let report = match &slurm {
             Some(s) => crate::run::run_slurm(planner, &run_dir, opts, s),
             None => crate::run::run(planner, &run_dir, opts),
-        }
-        .map_err(|d| d.to_string())?;
+        }?;
         if args.json {
-            println!(
+            crate::outln!(
                 "{}",
                 serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
             );
         } else {
             for (node, summary) in &report.summaries {
-                println!("\n== {node} ==\n{}", summary.trim_end());
+                crate::outln!("\n== {node} ==\n{}", summary.trim_end());
             }
             if !report.expectations.is_empty() {
-                println!("\nexpectations:");
+                crate::outln!("\nexpectations:");
                 for c in &report.expectations {
                     let actual = c
                         .actual
                         .map_or_else(|| "missing".into(), |a| format!("{a:.4}"));
                     let mark = if c.pass { "ok" } else { "MISSED" };
-                    println!(
+                    crate::outln!(
                         "  {mark:<6} {} = {actual} (expected {}){}",
                         c.path,
                         c.expected,
@@ -463,11 +539,56 @@ fn run_cmd(
             }
             for f in report.failures() {
                 if let NodeState::Failed(e) = &f.state {
-                    eprintln!("\nerror: stage {} failed: {e}", f.node);
+                    crate::errln!("\nerror: stage {} failed: {e}", f.node);
+                    let with: Vec<&str> = report
+                        .failed_with(&f.node)
+                        .map(|n| n.node.as_str())
+                        .collect();
+                    if !with.is_empty() {
+                        crate::errln!(
+                            "  = note: {} more node(s) computed in the same pass failed with it: {}",
+                            with.len(),
+                            list_some(&with, 6)
+                        );
+                    }
                 }
             }
-            for p in &report.never_planned {
-                eprintln!("note: stage {p} never ran (its inputs did not complete)");
+            if !report.warnings.is_empty() {
+                crate::outln!("\nwarnings:");
+                for w in &report.warnings {
+                    let nodes: Vec<&str> = w.nodes.iter().map(String::as_str).collect();
+                    crate::outln!("  {}: {}", list_some(&nodes, 3), w.message);
+                    if let Some(files) = &w.files {
+                        crate::outln!("    files: {}", files.display());
+                    }
+                }
+            }
+            let interrupted: Vec<&str> = report
+                .nodes
+                .iter()
+                .filter(|n| n.state == NodeState::Interrupted)
+                .map(|n| n.node.as_str())
+                .collect();
+            if !interrupted.is_empty() {
+                crate::errln!(
+                    "note: interrupted while running: {}; run again to finish (they resume where they keep checkpoints)",
+                    interrupted.join(", ")
+                );
+            }
+            if !report.cancelled {
+                for p in &report.never_planned {
+                    crate::errln!("note: stage {p} never ran (its inputs did not complete)");
+                }
+            }
+            if !report.record_errors.is_empty() {
+                crate::errln!(
+                    "\nerror: the run record {} is incomplete:",
+                    report.run_dir.display()
+                );
+                for e in &report.record_errors {
+                    crate::errln!("  {e}");
+                }
+                crate::errln!("  = help: free some space, or give another directory with --out");
             }
             let ran = report
                 .nodes
@@ -479,7 +600,7 @@ fn run_cmd(
                 .iter()
                 .filter(|n| n.state == NodeState::Cached)
                 .count();
-            println!(
+            crate::outln!(
                 "\n{}: {} nodes ({ran} computed, {cached} cached) in {:.1}s; record: {}",
                 if report.success() {
                     "ok"
@@ -493,7 +614,7 @@ fn run_cmd(
                 report.run_dir.display()
             );
         }
-        Ok(if report.cancelled {
+        Ok(if report.cancelled && report.record_errors.is_empty() {
             EXIT_INTERRUPTED
         } else if report.success() {
             EXIT_OK
@@ -509,7 +630,7 @@ fn run_node_cmd(
     registry: &Registry,
     choice: &NodeChoice,
     cancel: &AtomicBool,
-) -> Result<i32, String> {
+) -> Result<i32, Failure> {
     let wanted: Vec<NodeRef> = match (&choice.batches, choice.index) {
         (Some(file), Some(i)) => {
             let bytes = std::fs::read(file)
@@ -534,7 +655,7 @@ fn run_node_cmd(
     };
     with_planner(args, cache, registry, false, |planner, store| {
         let run_dir = RunDir::create(planner.experiment(), Some(&choice.out))
-            .map_err(|e| format!("cannot create the run directory: {e}"))?;
+            .map_err(|e| Failure::failed(format!("error: cannot create the run directory {e}")))?;
         let reporter = Reporter::new(choice.progress, wanted.len() as u64);
         let threads = choice
             .threads
@@ -556,7 +677,7 @@ fn run_node_cmd(
         for (node, outcome) in &outcomes {
             match outcome {
                 NodeOutcome::Failed(e) => {
-                    eprintln!("error: stage {node} failed: {e}");
+                    crate::errln!("error: stage {node} failed: {e}");
                     code = EXIT_FAILED;
                 }
                 NodeOutcome::Stopped if code == EXIT_OK => code = EXIT_INTERRUPTED,
@@ -567,10 +688,19 @@ fn run_node_cmd(
     })
 }
 
-fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Result<i32, String> {
-    let store = cache.open()?;
+fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Result<i32, Failure> {
+    if let CacheCommand::Path = cmd {
+        // Where it is or would be; asking must not create it.
+        let root = cache.root();
+        let shown = std::fs::canonicalize(&root)
+            .or_else(|_| std::path::absolute(&root))
+            .unwrap_or(root);
+        crate::outln!("{}", shown.display());
+        return Ok(EXIT_OK);
+    }
+    let store = cache.open_existing()?;
     match cmd {
-        CacheCommand::Path => println!("{}", store.root().display()),
+        CacheCommand::Path => {}
         CacheCommand::Ls { json } => {
             let entries = store.list().map_err(|e| e.to_string())?;
             if json {
@@ -583,14 +713,14 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                         })
                     })
                     .collect();
-                println!(
+                crate::outln!(
                     "{}",
                     serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?
                 );
             } else {
                 let total: u64 = entries.iter().map(|e| e.size()).sum();
                 for e in &entries {
-                    println!(
+                    crate::outln!(
                         "{}  {:<9} {:>10}  {}",
                         &e.key.as_str()[..12],
                         e.manifest.kind,
@@ -598,7 +728,8 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                         e.manifest.label
                     );
                 }
-                println!("{} entries, {}", entries.len(), human(total));
+                crate::outln!("{} entries, {}", entries.len(), human(total));
+                print_leftovers(&store)?;
             }
         }
         CacheCommand::Verify => {
@@ -609,17 +740,18 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                 .collect();
             for (k, v) in &bad {
                 if let Verified::Corrupt(problems) = v {
-                    println!("corrupt {k}:");
+                    crate::outln!("corrupt {k}:");
                     for p in problems {
-                        println!("  {p}");
+                        crate::outln!("  {p}");
                     }
                 }
             }
-            println!(
+            crate::outln!(
                 "{} entries verified, {} corrupt (quarantined)",
                 results.len(),
                 bad.len()
             );
+            print_leftovers(&store)?;
             return Ok(if bad.is_empty() { EXIT_OK } else { EXIT_FAILED });
         }
         CacheCommand::Gc { keep, older_than } => {
@@ -637,7 +769,7 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                     Some(SystemTime::now() - Duration::from_secs_f64(days * 86_400.0))
                 }
                 Some(days) => {
-                    return Err(format!("--older-than {days}: give a number of days >= 0"));
+                    return Err(format!("--older-than {days}: give a number of days >= 0").into());
                 }
                 None => None,
             };
@@ -647,28 +779,73 @@ fn cache_cmd(cmd: CacheCommand, cache: &CacheArgs, registry: &Registry) -> Resul
                     older_than: older,
                 })
                 .map_err(|e| e.to_string())?;
-            println!(
-                "removed {} entries, {} staging dirs of dead runs; freed {}{}{}",
+            crate::outln!(
+                "removed {} entries, {} staging dirs of dead runs; freed {}",
                 report.removed.len(),
                 report.tmp_cleaned,
                 human(report.freed_bytes),
-                if report.skipped_in_use.is_empty() {
-                    String::new()
-                } else {
-                    format!("; {} in use, kept", report.skipped_in_use.len())
-                },
-                if report.kept_referenced.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        "; {} kept because kept entries read their files in place",
-                        report.kept_referenced.len()
-                    )
-                }
             );
+            if !report.kept_referenced.is_empty() {
+                crate::outln!(
+                    "kept {} entries that kept entries read in place (the model files under \
+                     their layer datasets)",
+                    report.kept_referenced.len()
+                );
+            }
+            if !report.skipped_in_use.is_empty() {
+                let label = |k: &Key| match store.get(k) {
+                    Ok(Some(e)) => e.manifest.label,
+                    _ => k.as_str()[..12].to_string(),
+                };
+                let shown: Vec<String> = report.skipped_in_use.iter().take(8).map(label).collect();
+                let more = report.skipped_in_use.len() - shown.len();
+                crate::outln!(
+                    "kept {} entries in use by a running probex (being computed, or read by a live run): {}{}",
+                    report.skipped_in_use.len(),
+                    shown.join(", "),
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
+                );
+                crate::outln!(
+                    "  = help: run gc again once those runs have finished to remove them"
+                );
+            }
         }
     }
     Ok(EXIT_OK)
+}
+
+/// Says what lies in the cache beside its entries, and what removes it (nothing when empty).
+fn print_leftovers(store: &Store) -> Result<(), Failure> {
+    let l = store
+        .leftovers()
+        .map_err(|e| Failure::failed(format!("error: {e}")))?;
+    if l.dead_staging > 0 || l.stale_scratch_bytes > 0 {
+        crate::outln!(
+            "reclaimable: {} ({} staging folder(s) of killed runs, {} scratch of finished nodes); `probex cache gc` removes it, as does the next run for the staging",
+            human(l.reclaimable_bytes()),
+            l.dead_staging,
+            human(l.stale_scratch_bytes),
+        );
+    }
+    if l.quarantined > 0 {
+        crate::outln!(
+            "quarantined: {} entr{} that failed verification ({}); `probex cache gc --older-than DAYS` removes them",
+            l.quarantined,
+            if l.quarantined == 1 { "y" } else { "ies" },
+            human(l.quarantined_bytes),
+        );
+    }
+    if l.resumable_bytes > 0 {
+        crate::outln!(
+            "resumable: {} of checkpoints of unfinished nodes (kept for the next run)",
+            human(l.resumable_bytes)
+        );
+    }
+    Ok(())
 }
 
 /// Every key an experiment's current plan references.
@@ -685,38 +862,63 @@ fn keys_of(file: &Path, store: &Store, registry: &Registry) -> Result<Vec<Key>, 
     Ok(plan.nodes.into_iter().map(|n| n.key).collect())
 }
 
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
+/// `a, b, c and N more`: the first `n` items of a long list.
+fn list_some(items: &[&str], n: usize) -> String {
+    let shown = items[..items.len().min(n)].join(", ");
+    match items.len().saturating_sub(n) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
     }
 }
 
-fn report_cmd(run: &Path) -> Result<i32, String> {
+/// Reads a JSON file of a run record; an empty, truncated or missing file is an error that
+/// says the record is incomplete rather than a parse error.
+fn read_record_json(run: &Path, name: &str) -> Result<Value, String> {
+    let path = run.join(name);
+    let incomplete = |why: String| {
+        format!(
+            "error: {} is not a complete run record: {why}\n  = help: give a run directory (runs/<experiment>/<timestamp>); a run whose disk filled up or that was killed before it finished has no complete record, run it again",
+            run.display()
+        )
+    };
+    let bytes = std::fs::read(&path).map_err(|e| incomplete(format!("{}: {e}", path.display())))?;
+    if bytes.is_empty() {
+        return Err(incomplete(format!("{} is empty", path.display())));
+    }
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| incomplete(format!("{}: {e}", path.display())))?;
+    if !v.is_object() {
+        return Err(incomplete(format!(
+            "{} is not a JSON object",
+            path.display()
+        )));
+    }
+    Ok(v)
+}
+
+fn report_cmd(run: &Path) -> Result<i32, Failure> {
+    // status.json is written last: a record without a whole one is not finished.
+    read_record_json(run, files::STATUS)?;
     let path = run.join(files::REPORT);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         format!(
-            "cannot read {}: {e}\n  = help: give a run directory (runs/<experiment>/<timestamp>)",
+            "error: cannot read {}: {e}\n  = help: give a run directory (runs/<experiment>/<timestamp>)",
             path.display()
         )
     })?;
-    print!("{text}");
+    if text.trim().is_empty() {
+        return Err(format!(
+            "error: {} is empty: the run record is incomplete\n  = help: run the experiment again",
+            path.display()
+        )
+        .into());
+    }
+    crate::out!("{text}");
     Ok(EXIT_OK)
 }
 
 fn read_results(run: &Path) -> Result<BTreeMap<String, f64>, String> {
-    let path = run.join(files::RESULTS);
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let v: Value =
-        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v = read_record_json(run, files::RESULTS)?;
     let mut out = BTreeMap::new();
     flatten("", v.get("results").unwrap_or(&Value::Null), &mut out);
     Ok(out)
@@ -746,15 +948,18 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, f64>) {
     }
 }
 
-fn compare_cmd(a: &Path, b: &Path) -> Result<i32, String> {
+fn compare_cmd(a: &Path, b: &Path) -> Result<i32, Failure> {
     let (ra, rb) = (read_results(a)?, read_results(b)?);
     let mut keys: Vec<&String> = ra.keys().chain(rb.keys()).collect();
     keys.sort();
     keys.dedup();
     let width = keys.iter().map(|k| k.len()).max().unwrap_or(4);
-    println!(
+    crate::outln!(
         "{:<width$}  {:>12}  {:>12}  {:>10}",
-        "result", "a", "b", "b - a"
+        "result",
+        "a",
+        "b",
+        "b - a"
     );
     let mut differ = 0;
     for k in keys {
@@ -768,9 +973,9 @@ fn compare_cmd(a: &Path, b: &Path) -> Result<i32, String> {
             (Some(x), Some(y)) => format!("{:+.4}", y - x),
             _ => String::new(),
         };
-        println!("{k:<width$}  {:>12}  {:>12}  {d:>10}", f(x), f(y));
+        crate::outln!("{k:<width$}  {:>12}  {:>12}  {d:>10}", f(x), f(y));
     }
-    println!(
+    crate::outln!(
         "{differ} results differ ({} in a, {} in b)",
         ra.len(),
         rb.len()

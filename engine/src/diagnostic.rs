@@ -92,6 +92,17 @@ impl Diagnostic {
         }
     }
 
+    /// A diagnostic about a whole file (it is empty, its name is unusable): `--> path` with no
+    /// line.
+    pub fn in_file(path: &Path, message: impl Into<String>) -> Self {
+        Diagnostic {
+            message: message.into(),
+            location: Some(Box::new(locate(path, "", 0..0))),
+            label: None,
+            help: Vec::new(),
+        }
+    }
+
     /// A diagnostic pointing at `span` of a file in `sources`.
     pub fn at(sources: &SourceMap, span: &Span, message: impl Into<String>) -> Self {
         let file = sources.file(span.file);
@@ -108,11 +119,7 @@ impl Diagnostic {
         let message = first_line(err.message());
         let mut d = match err.span() {
             Some(range) => Diagnostic::at(sources, &Span { file, range }, message),
-            None => {
-                let mut d = Diagnostic::new(message);
-                d.location = Some(Box::new(locate(&sources.file(file).path, "", 0..0)));
-                d
-            }
+            None => Diagnostic::in_file(&sources.file(file).path, message),
         };
         // toml puts "expected ..." lists on later lines of its message.
         d.help.extend(

@@ -111,6 +111,19 @@ impl<'a> MergedStage<'a> {
     }
 }
 
+/// The entry of `stage` that a `check` message names: the first key in backticks that is a
+/// key of the table (`` `epochs` ``, `` `layers = "5..2"` ``; for `` `finetune.epochs` ``, the
+/// `finetune` table).
+fn named_key<'s, 'a>(message: &str, stage: &'s MergedStage<'a>) -> Option<&'s Entry<'a>> {
+    message.split('`').skip(1).step_by(2).find_map(|quoted| {
+        let key = quoted
+            .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '-'))
+            .next()
+            .unwrap_or(quoted);
+        stage.get(key)
+    })
+}
+
 /// Loads and validates the experiment at `path` against the kinds in `registry`.
 pub fn load(path: &Path, registry: &Registry) -> Result<Experiment, Diagnostics> {
     let mut sources = SourceMap::default();
@@ -200,6 +213,15 @@ pub fn load(path: &Path, registry: &Registry) -> Result<Experiment, Diagnostics>
         }
     }
 
+    if stages.is_empty() {
+        return Err(Diagnostic::in_file(
+            path,
+            format!("{} declares no stages", path.display()),
+        )
+        .with_help("an experiment declares at least one [stage.NAME] table with a `kind = ...` line (`probex kinds` lists the kinds)")
+        .into());
+    }
+
     let declared: BTreeSet<String> = stages.iter().map(|s| s.name.clone()).collect();
     let mut decls = Vec::new();
     for s in &stages {
@@ -244,13 +266,32 @@ pub fn load(path: &Path, registry: &Registry) -> Result<Experiment, Diagnostics>
         return Err(Diagnostics(errors));
     }
 
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = match name {
+        Some(n) => n,
+        None => {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if let Err(why) = check_name(&stem) {
+                return Err(Diagnostic::in_file(
+                    path,
+                    format!(
+                        "the experiment has no name, and its file name `{}` {why}",
+                        stem.escape_debug()
+                    ),
+                )
+                .with_help(format!(
+                    "name it in the file: [experiment] name = \"...\"; {NAME_HELP}"
+                ))
+                .into());
+            }
+            stem
+        }
+    };
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok(Experiment {
-        name: name.unwrap_or(stem),
+        name,
         description,
         path: path.to_path_buf(),
         base_dir: if base_dir.as_os_str().is_empty() {
@@ -368,10 +409,39 @@ fn includes_of(
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Header {
-    name: Option<String>,
+    name: Option<Spanned<String>>,
     description: Option<String>,
     #[allow(dead_code)] // read by `includes_of`; declared here so it is a known key
     include: Option<toml::Value>,
+}
+
+const NAME_HELP: &str =
+    "use letters, digits, `-`, `_` and `.` (not first), e.g. name = \"mini-zeroshot\"";
+
+/// Why `name` cannot name the folder `runs/<name>/` of an experiment's run records, if it
+/// cannot: it must be one plain folder name, so that no record lands outside `runs/` (`..`,
+/// `/abs`), in `runs/` itself (empty) or in a hidden folder.
+pub fn check_name(name: &str) -> Result<(), String> {
+    const MAX: usize = 100;
+    if name.is_empty() {
+        return Err("is empty".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | '+')))
+    {
+        return Err(format!(
+            "contains `{}`, which cannot be part of a folder name",
+            c.escape_debug()
+        ));
+    }
+    if name.starts_with('.') {
+        return Err("starts with `.`".into());
+    }
+    if name.chars().count() > MAX {
+        return Err(format!("is longer than {MAX} characters"));
+    }
+    Ok(())
 }
 
 fn read_header(
@@ -384,6 +454,20 @@ fn read_header(
     let h: Header = serde::Deserialize::deserialize(toml::de::ValueDeserializer::from(value))
         .map_err(|e| Diagnostic::from_toml(sources, file, &e))?;
     if let Some(n) = h.name {
+        let span = Span {
+            file,
+            range: n.span(),
+        };
+        let n = n.into_inner();
+        if let Err(why) = check_name(&n) {
+            return Err(Diagnostic::at(
+                sources,
+                &span,
+                format!("experiment name `{}` {why}", n.escape_debug()),
+            )
+            .with_label("the run record goes into runs/<name>/ beside the file")
+            .with_help(NAME_HELP));
+        }
         *name = Some(n);
     }
     if let Some(d) = h.description {
@@ -724,17 +808,27 @@ fn declare(
         match parsed {
             Ok(params) => {
                 if let Err(m) = stage.check(&params) {
+                    // Point at the value of the key the message names (the trait asks kinds
+                    // to name it first, in backticks), or at the stage when it names none.
+                    let at = named_key(&m, s).map_or_else(
+                        || s.name_span.clone(),
+                        |e| {
+                            let swept = combo
+                                .iter()
+                                .find(|(dim, _)| *dim == e.key.get_ref().as_ref());
+                            Span {
+                                file: e.file,
+                                range: swept.map_or_else(|| e.value.span(), |(_, v)| v.span()),
+                            }
+                        },
+                    );
                     errors.push(
-                        Diagnostic::at(
-                            sources,
-                            &s.name_span,
-                            format!("stage `{}` ({kind}): {m}", s.name),
-                        )
-                        .with_help(if coords.is_empty() {
-                            "fix the value in the stage table".to_string()
-                        } else {
-                            format!("for the sweep value {}", fmt_coords(&coords))
-                        }),
+                        Diagnostic::at(sources, &at, format!("stage `{}` ({kind}): {m}", s.name))
+                            .with_help(if coords.is_empty() {
+                                "fix the value in the stage table".to_string()
+                            } else {
+                                format!("for the sweep value {}", fmt_coords(&coords))
+                            }),
                     );
                 }
                 variants.push(Variant { coords, params });
@@ -742,6 +836,17 @@ fn declare(
             Err(e) => {
                 let file = file_of_error(s, &e);
                 let mut d = Diagnostic::from_toml(sources, file, &e);
+                // A kind that validates while deserializing (`try_from`) gives an error with
+                // no position; point at the key it names, as for `check`.
+                if e.span().is_none()
+                    && let Some(entry) = named_key(e.message(), s)
+                {
+                    let at = Span {
+                        file: entry.file,
+                        range: entry.value.span(),
+                    };
+                    d.location = Diagnostic::at(sources, &at, "").location;
+                }
                 d.message = format!("stage `{}` ({kind}): {}", s.name, d.message);
                 // A misspelt engine key (`for-each`) lands among the kind's params; say what
                 // the engine itself reads too.

@@ -3,7 +3,11 @@
 //! It knows nothing of Burn, safetensors or the Hub: stage kinds come from outside through
 //! [`Registry`], artifacts live in a [`probex_cache::Store`].
 
+// Output goes through `console` (outln!, errln!): println! panics on a closed pipe.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod cli;
+pub mod console;
 pub mod diagnostic;
 pub mod digest;
 pub mod executor;
@@ -23,8 +27,8 @@ pub use probex_cache as cache;
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use experiment::{Experiment, load};
 pub use plan::{Overrides, Plan, Planner};
-pub use run::{RunOptions, RunReport, run, run_slurm};
+pub use run::{RunError, RunOptions, RunReport, run, run_slurm};
 pub use stage::{
-    Artifact, Cancelled, Coords, InputSlot, Inputs, Outcome, PlanContext, ProgressSink, Registry,
-    Resource, RunContext, Stage, StageResult, Sweep,
+    Artifact, Cancelled, Coords, FailedWith, InputSlot, Inputs, Outcome, PlanContext, ProgressSink,
+    Registry, Resource, RunContext, Stage, StageResult, Sweep, error_text,
 };

@@ -284,16 +284,24 @@ impl<'a> Planner<'a> {
                     .iter()
                     .map(|(s, _)| (s.ty, b.inputs.get(s.ty).cloned().unwrap_or_default()))
                     .collect();
-                let sweep = decl
-                    .stage
-                    .sweep(&v.params, None)
-                    .map_err(|e| err(format!("stage `{}`: {e:#}", decl.name)))?;
+                let sweep = decl.stage.sweep(&v.params, None).map_err(|e| {
+                    err(format!(
+                        "stage `{}`: {}",
+                        decl.name,
+                        crate::stage::error_text(&e)
+                    ))
+                })?;
                 let sweep = match sweep {
                     Sweep::NeedsInputs => match self.materialised(plan, &inputs) {
-                        Some(artifacts) => decl
-                            .stage
-                            .sweep(&v.params, Some(&artifacts))
-                            .map_err(|e| err(format!("stage `{}`: {e:#}", decl.name)))?,
+                        Some(artifacts) => {
+                            decl.stage.sweep(&v.params, Some(&artifacts)).map_err(|e| {
+                                err(format!(
+                                    "stage `{}`: {}",
+                                    decl.name,
+                                    crate::stage::error_text(&e)
+                                ))
+                            })?
+                        }
                         None => return Ok(Expanded::Waiting),
                     },
                     s => s,
@@ -385,12 +393,12 @@ impl<'a> Planner<'a> {
         };
         let identity = match self.identity(si, decl, &params) {
             Ok(id) => id,
-            Err(e) if self.overrides.unresolved_ok => return Ok(Err(format!("{e:#}"))),
+            Err(e) if self.overrides.unresolved_ok => return Ok(Err(crate::stage::error_text(&e))),
             Err(e) => {
                 return Err(Diagnostic::at(
                     &self.exp.sources,
                     &decl.span,
-                    format!("stage `{name}`: {e:#}"),
+                    format!("stage `{name}`: {}", crate::stage::error_text(&e)),
                 ));
             }
         };
@@ -505,6 +513,10 @@ pub struct StoredOutcome {
     pub publish: Vec<String>,
     /// Seconds the stage ran.
     pub seconds: f64,
+    /// What the stage warned about ([`crate::RunContext::warn`]): every run that uses the
+    /// entry says it again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl StoredOutcome {
@@ -519,6 +531,7 @@ impl StoredOutcome {
             summary: None,
             publish: Vec::new(),
             seconds: 0.0,
+            warnings: Vec::new(),
         })
     }
 }

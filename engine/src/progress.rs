@@ -79,7 +79,7 @@ impl Reporter {
                     r.insert(node.to_string(), (bar, Instant::now()));
                 }
             }
-            (None, ProgressMode::Plain) => eprintln!("run    {node}"),
+            (None, ProgressMode::Plain) => crate::errln!("run    {node}"),
             _ => {}
         }
     }
@@ -99,10 +99,22 @@ impl Reporter {
             }
         } else if self.mode == ProgressMode::Plain {
             if what == "cached" {
-                eprintln!("cached {node}");
+                crate::errln!("cached {node}");
             } else {
-                eprintln!("{what:>6} {node} ({seconds:.1}s)");
+                crate::errln!("{what:>6} {node} ({seconds:.1}s)");
             }
+        }
+    }
+
+    /// A started node goes back to wait (its inputs must be computed again): its line goes,
+    /// the overall count stays.
+    pub fn requeued(&self, node: &str) {
+        if let Some((multi, _)) = &self.bars
+            && let Ok(mut r) = self.running.lock()
+            && let Some((bar, _)) = r.remove(node)
+        {
+            bar.finish_and_clear();
+            multi.remove(&bar);
         }
     }
 
@@ -129,6 +141,10 @@ impl Reporter {
 }
 
 impl ProgressSink for Reporter {
+    fn note(&self, node: &str, message: &str) {
+        self.println(&format!("  note {node}: {message}"));
+    }
+
     fn progress(&self, node: &str, done: u64, total: u64, message: &str) {
         if self.bars.is_some() {
             if let Ok(r) = self.running.lock()
@@ -150,7 +166,7 @@ impl ProgressSink for Reporter {
                 due
             });
             if due {
-                eprintln!("  ...  {node}: {done}/{total} {message}");
+                crate::errln!("  ...  {node}: {done}/{total} {message}");
             }
         }
     }

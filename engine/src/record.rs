@@ -2,7 +2,9 @@
 //! timing, key and log, the results, the expectations and the published reports of one run.
 
 use std::fs;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -24,9 +26,14 @@ pub mod files {
 }
 
 /// The directory of one run.
+///
+/// Every file of the record is written whole or not at all ([`write_atomic`]), and every write
+/// that fails is remembered ([`RunDir::problems`]): a run whose record is incomplete has not
+/// succeeded, whatever its nodes did.
 #[derive(Clone, Debug)]
 pub struct RunDir {
     path: PathBuf,
+    problems: Arc<Mutex<Vec<String>>>,
 }
 
 impl RunDir {
@@ -35,6 +42,13 @@ impl RunDir {
         let path = match out {
             Some(p) => p.to_path_buf(),
             None => {
+                // `load` checked the name; this keeps a record inside runs/ whatever built `exp`.
+                if crate::experiment::check_name(&exp.name).is_err() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("experiment name `{}` is not a folder name", exp.name),
+                    ));
+                }
                 let base = exp.base_dir.join("runs").join(&exp.name);
                 let stamp = utc_stamp(SystemTime::now());
                 let mut path = base.join(&stamp);
@@ -46,8 +60,12 @@ impl RunDir {
                 path
             }
         };
-        fs::create_dir_all(path.join(files::LOGS))?;
-        Ok(RunDir { path })
+        fs::create_dir_all(path.join(files::LOGS))
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        Ok(RunDir {
+            path,
+            problems: Arc::default(),
+        })
     }
 
     /// The directory.
@@ -67,16 +85,66 @@ impl RunDir {
         self.path.join(file_safe(node))
     }
 
-    /// Writes `value` as pretty JSON to `name`.
-    pub fn write_json(&self, name: &str, value: &impl Serialize) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
-        fs::write(self.path.join(name), bytes)
+    /// Writes `value` as pretty JSON to `name`, atomically; a failure is also remembered.
+    pub fn write_json(&self, name: &str, value: &impl Serialize) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+        self.write_bytes(name, &bytes)
     }
 
-    /// Writes text to `name`.
-    pub fn write_text(&self, name: &str, text: &str) -> std::io::Result<()> {
-        fs::write(self.path.join(name), text)
+    /// Writes text to `name`, atomically; a failure is also remembered.
+    pub fn write_text(&self, name: &str, text: &str) -> io::Result<()> {
+        self.write_bytes(name, text.as_bytes())
     }
+
+    fn write_bytes(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let path = self.path.join(name);
+        write_atomic(&path, bytes).inspect_err(|e| self.problem(e.to_string()))
+    }
+
+    /// Remembers that part of the record could not be written (a node's log, a published file).
+    pub fn problem(&self, what: impl Into<String>) {
+        if let Ok(mut p) = self.problems.lock() {
+            p.push(what.into());
+        }
+    }
+
+    /// Every write to the record that failed so far, in order.
+    pub fn problems(&self) -> Vec<String> {
+        self.problems.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+}
+
+/// Writes `bytes` to `path` whole or not at all: into a temporary file beside it, synced, then
+/// renamed over `path` and the directory synced. A reader (`probex report`, `compare`) sees the
+/// old file, the new one, or none; never a truncated one, even when the disk fills up or the
+/// process dies. The error names the path.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map_or_else(|| "record".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let written = fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
+        let _ = fs::remove_file(&tmp);
+        return Err(with_path(e));
+    }
+    // The rename is only durable once the directory is; some file systems refuse to sync a
+    // directory (EINVAL), which loses nothing the rename itself did not already guarantee.
+    if let Ok(d) = fs::File::open(dir)
+        && let Err(e) = d.sync_all()
+        && e.kind() != io::ErrorKind::InvalidInput
+    {
+        return Err(with_path(e));
+    }
+    Ok(())
 }
 
 /// A node name as a file name: brackets and separators replaced.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use probex_cache::{Entry, Key};
+use probex_cache::{Entry, Key, Pinned};
 use serde::Serialize;
 
 use crate::diagnostic::Diagnostics;
@@ -59,10 +59,17 @@ pub enum NodeState {
     Ran,
     /// Failed, with the error.
     Failed(String),
+    /// Failed because the node named here failed: they were computed in one pass (a batching
+    /// stage such as `extract`), and that node's error says why.
+    FailedWith(String),
     /// Not run because an upstream node failed.
     Skipped(String),
-    /// Not run because the run stopped first.
+    /// Not run because the run stopped first (or stopped before it finished, because another
+    /// node failed).
     NotRun,
+    /// Running when the run was interrupted (Ctrl-C, SIGTERM): not failed, not finished; the
+    /// next run computes it again, resuming from its checkpoint where the kind keeps one.
+    Interrupted,
 }
 
 /// One node of a finished run.
@@ -85,6 +92,19 @@ pub struct NodeReport {
     pub log: Option<PathBuf>,
 }
 
+/// One warning of the nodes a run used, with every node that gave it (a layer sweep leaves
+/// the same models out of every layer).
+#[derive(Clone, Debug, Serialize)]
+pub struct Warning {
+    /// What the stage said.
+    pub message: String,
+    /// The nodes that said it, in plan order.
+    pub nodes: Vec<String>,
+    /// Where the first of them published its files in the run record, if it published any
+    /// (a list of what was left out).
+    pub files: Option<PathBuf>,
+}
+
 /// The outcome of a run.
 #[derive(Debug, Serialize)]
 pub struct RunReport {
@@ -105,12 +125,18 @@ pub struct RunReport {
     pub cancelled: bool,
     /// Wall time in seconds.
     pub seconds: f64,
+    /// What the stages of the nodes used warned about, one entry per distinct message.
+    pub warnings: Vec<Warning>,
+    /// Parts of the run record that could not be written (a full disk, a vanished directory):
+    /// a run with an incomplete record has failed, whatever its nodes did.
+    pub record_errors: Vec<String>,
 }
 
 impl RunReport {
     /// True when every node finished and every expectation held.
     pub fn success(&self) -> bool {
         !self.cancelled
+            && self.record_errors.is_empty()
             && self.never_planned.is_empty()
             && self
                 .nodes
@@ -119,22 +145,55 @@ impl RunReport {
             && self.expectations.iter().all(|c| c.pass)
     }
 
-    /// Nodes that failed.
+    /// Nodes that failed with an error of their own.
     pub fn failures(&self) -> impl Iterator<Item = &NodeReport> {
         self.nodes
             .iter()
             .filter(|n| matches!(n.state, NodeState::Failed(_)))
     }
+
+    /// The nodes that failed with `node` (computed in the same pass), in plan order.
+    pub fn failed_with<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a NodeReport> {
+        self.nodes
+            .iter()
+            .filter(move |n| matches!(&n.state, NodeState::FailedWith(w) if w == node))
+    }
+}
+
+/// Why a run could not even start.
+#[derive(Debug)]
+pub enum RunError {
+    /// The experiment cannot be planned (bad input).
+    Invalid(Diagnostics),
+    /// The run record cannot be written (a full disk, a read-only `--out`): nothing was run.
+    Record(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Invalid(d) => write!(f, "{d}"),
+            RunError::Record(e) => write!(
+                f,
+                "error: cannot write the run record: {e}\n  = help: free some space or give another directory with --out"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+impl From<Diagnostics> for RunError {
+    fn from(d: Diagnostics) -> Self {
+        RunError::Invalid(d)
+    }
 }
 
 /// Runs the experiment behind `planner` on threads of this process, writing the run record
 /// into `run_dir`.
-pub fn run(
-    planner: &Planner,
-    run_dir: &RunDir,
-    opts: &RunOptions,
-) -> Result<RunReport, Diagnostics> {
+pub fn run(planner: &Planner, run_dir: &RunDir, opts: &RunOptions) -> Result<RunReport, RunError> {
     let start = Start::new(planner, run_dir, opts)?;
+    let failure_stop = AtomicBool::new(false);
     let jobs = opts.jobs.max(1);
     let threads = opts.threads.unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -146,10 +205,11 @@ pub fn run(
             run_dir,
             reporter: &start.reporter,
             cancel: &opts.cancel,
+            failure_stop: &failure_stop,
             threads,
         };
         let mut exec = Local::new(scope, worker, jobs);
-        drive(planner, run_dir, opts, &start, &mut exec)
+        drive(planner, run_dir, opts, &start, &mut exec, &failure_stop)
     })
 }
 
@@ -160,7 +220,7 @@ pub fn run_slurm(
     run_dir: &RunDir,
     opts: &RunOptions,
     slurm: &SlurmOptions,
-) -> Result<RunReport, Diagnostics> {
+) -> Result<RunReport, RunError> {
     // Bars would draw one spinner per queued job (hundreds): plain lines read better.
     let opts = &RunOptions {
         progress: match opts.progress {
@@ -171,7 +231,14 @@ pub fn run_slurm(
     };
     let start = Start::new(planner, run_dir, opts)?;
     let mut exec = Slurm::new(planner, run_dir, &start.reporter, &opts.cancel, slurm);
-    drive(planner, run_dir, opts, &start, &mut exec)
+    drive(
+        planner,
+        run_dir,
+        opts,
+        &start,
+        &mut exec,
+        &AtomicBool::new(false),
+    )
 }
 
 /// What every run does before its first node: the first plan, written to the record, and the
@@ -183,17 +250,34 @@ struct Start {
 }
 
 impl Start {
-    fn new(planner: &Planner, run_dir: &RunDir, opts: &RunOptions) -> Result<Start, Diagnostics> {
+    fn new(planner: &Planner, run_dir: &RunDir, opts: &RunOptions) -> Result<Start, RunError> {
         let exp = planner.experiment();
         let store = planner.store();
         let history = History::open(store, &exp.path);
         let started = Instant::now();
         let first = planner.plan()?;
-        let _ = run_dir.write_json(
-            files::PLAN,
-            &crate::status::rows(&first, exp, store, &history),
-        );
+        // A record that cannot be written now will not be writable at the end either: stop
+        // before computing anything.
+        run_dir
+            .write_json(
+                files::PLAN,
+                &crate::status::rows(&first, exp, store, &history),
+            )
+            .map_err(|e| RunError::Record(e.to_string()))?;
         let reporter = Reporter::new(opts.progress, first.nodes.len() as u64);
+        // What killed runs left in the cache's staging area is garbage nobody else removes
+        // unless someone thinks of `cache gc`: a run removes it (only dead writers' slots,
+        // by their locks; a live run's staging is never touched).
+        match store.clean_dead_staging() {
+            Ok((0, _)) => {}
+            Ok((n, bytes)) => reporter.println(&format!(
+                "cache: removed {n} staging folder(s) of killed runs ({})",
+                crate::status::human(bytes)
+            )),
+            Err(e) => reporter.println(&format!(
+                "cache: could not remove the staging folders of killed runs: {e}"
+            )),
+        }
         Ok(Start {
             first,
             reporter,
@@ -205,13 +289,15 @@ impl Start {
 /// The scheduling loop every executor shares: settle cached nodes and nodes whose inputs
 /// failed, hand ready batches to `exec`, wait for some to finish, plan again (a finished node
 /// may let a pending fan-out expand), until nothing is left to start or running.
+/// `failure_stop` is set when a failure (not the user) stops the run.
 fn drive(
     planner: &Planner,
     run_dir: &RunDir,
     opts: &RunOptions,
     start: &Start,
     exec: &mut dyn Executor,
-) -> Result<RunReport, Diagnostics> {
+    failure_stop: &AtomicBool,
+) -> Result<RunReport, RunError> {
     let mut plan = start.first.clone();
     let exp = planner.experiment();
     let store = planner.store();
@@ -220,8 +306,19 @@ fn drive(
     let mut states: HashMap<Key, (NodeState, f64)> = HashMap::new();
     let mut running: HashSet<Key> = HashSet::new();
     let mut stop = false;
+    // Every entry this run has found or made stays pinned until the run ends, so that a
+    // `cache gc` meanwhile (another experiment's --keep, --older-than 0) cannot take what a
+    // later node reads, or what the record publishes.
+    let mut pins: HashMap<Key, Pinned> = HashMap::new();
+    // Names of every node ever planned: a re-plan can lose a node, its messages must not.
+    let mut names: HashMap<Key, String> = HashMap::new();
+    // Inputs found corrupt once and computed again: a second time is a failure, not a loop.
+    let mut recomputed: HashSet<Key> = HashSet::new();
 
     loop {
+        for n in &plan.nodes {
+            names.entry(n.key.clone()).or_insert_with(|| n.name.clone());
+        }
         reporter.set_total(plan.nodes.len() as u64);
         // Settle cached nodes and nodes whose inputs failed.
         for node in &plan.nodes {
@@ -235,10 +332,14 @@ fn drive(
                 );
                 continue;
             }
-            if matches!(store.get(&node.key), Ok(Some(_))) {
+            // `get` first: pinning creates a lock file, which an absent entry does not need.
+            if matches!(store.get(&node.key), Ok(Some(_)))
+                && let Ok(Some(pin)) = store.pin(&node.key)
+            {
                 history.record(node);
                 reporter.finished(&node.name, "cached", 0.0);
                 states.insert(node.key.clone(), (NodeState::Cached, 0.0));
+                pins.insert(node.key.clone(), pin);
             }
         }
         if opts.cancel.load(Ordering::Relaxed) {
@@ -281,9 +382,32 @@ fn drive(
         for d in finished {
             running.remove(&d.key);
             let node = plan.nodes.iter().find(|n| n.key == d.key);
-            let name = node.map_or_else(|| d.key.to_string(), |n| n.name.clone());
+            let name = names
+                .get(&d.key)
+                .cloned()
+                .unwrap_or_else(|| d.key.to_string());
+            if !d.corrupt_inputs.is_empty()
+                && d.corrupt_inputs.iter().all(|k| !recomputed.contains(k))
+            {
+                // The node did not run: its inputs go back to be computed, then it runs.
+                reporter.requeued(&name);
+                for k in &d.corrupt_inputs {
+                    recomputed.insert(k.clone());
+                    states.remove(k);
+                    pins.remove(k);
+                    let input = names.get(k).cloned().unwrap_or_else(|| k.to_string());
+                    reporter.println(&format!(
+                        "cache: {input} failed verification as {name} was about to read it; moved to quarantine, computing it again"
+                    ));
+                }
+                continue;
+            }
             match d.result {
                 Ok(_) => {
+                    let pin = d.pin.or_else(|| store.pin(&d.key).ok().flatten());
+                    if let Some(pin) = pin {
+                        pins.insert(d.key.clone(), pin);
+                    }
                     if let Some(n) = node {
                         history.record(n);
                     }
@@ -295,18 +419,35 @@ fn drive(
                         states.insert(d.key, (NodeState::Cached, 0.0));
                     }
                 }
+                Err(_) if d.stopped && !failure_stop.load(Ordering::Relaxed) => {
+                    reporter.finished(&name, "interrupted", d.seconds);
+                    states.insert(d.key, (NodeState::Interrupted, d.seconds));
+                }
                 Err(_) if d.stopped => {
                     reporter.finished(&name, "stopped", d.seconds);
                     states.insert(d.key, (NodeState::NotRun, d.seconds));
                 }
                 Err(e) => {
                     reporter.finished(&name, "FAILED", d.seconds);
-                    reporter.println(&format!("error in {name}: {e}"));
-                    if !opts.keep_going {
-                        stop = true;
-                        opts.cancel.store(true, Ordering::Relaxed);
+                    // One line as it happens; the whole error once, in the summary at the end.
+                    if d.with.is_none() {
+                        reporter.println(&format!(
+                            "error in {name}: {}",
+                            e.lines().next().unwrap_or_default()
+                        ));
                     }
-                    states.insert(d.key, (NodeState::Failed(e), d.seconds));
+                    if !opts.keep_going && !opts.cancel.load(Ordering::Relaxed) {
+                        stop = true;
+                        // Before `cancel`: a node that sees `cancel` must know it is not the
+                        // user's interrupt.
+                        failure_stop.store(true, Ordering::SeqCst);
+                        opts.cancel.store(true, Ordering::SeqCst);
+                    }
+                    let state = match d.with {
+                        Some(first) => NodeState::FailedWith(first),
+                        None => NodeState::Failed(e),
+                    };
+                    states.insert(d.key, (state, d.seconds));
                 }
             }
         }
@@ -317,15 +458,17 @@ fn drive(
     let cancelled = opts.cancel.load(Ordering::Relaxed)
         && !states
             .values()
-            .any(|(s, _)| matches!(s, NodeState::Failed(_)));
-    finish(
+            .any(|(s, _)| matches!(s, NodeState::Failed(_) | NodeState::FailedWith(_)));
+    let report = finish(
         planner,
         run_dir,
         &plan,
         &states,
         cancelled,
         start.started.elapsed().as_secs_f64(),
-    )
+    );
+    drop(pins);
+    report
 }
 
 /// The first failed or skipped input of `node`, if any.
@@ -337,7 +480,9 @@ fn failed_input(
     node.inputs.iter().flat_map(|(_, ids)| ids).find_map(|&u| {
         let up = &plan.nodes[u];
         match states.get(&up.key) {
-            Some((NodeState::Failed(_) | NodeState::Skipped(_), _)) => Some(up.name.clone()),
+            Some((NodeState::Failed(_) | NodeState::FailedWith(_) | NodeState::Skipped(_), _)) => {
+                Some(up.name.clone())
+            }
             _ => None,
         }
     })
@@ -371,7 +516,8 @@ fn batches<'n>(exp: &crate::experiment::Experiment, ready: Vec<&'n Node>) -> Vec
     out
 }
 
-/// Writes the run record and checks expectations.
+/// Writes the run record and checks expectations. `status.json` is written last: a record
+/// with a complete `status.json` is complete.
 fn finish(
     planner: &Planner,
     run_dir: &RunDir,
@@ -379,20 +525,27 @@ fn finish(
     states: &HashMap<Key, (NodeState, f64)>,
     cancelled: bool,
     seconds: f64,
-) -> Result<RunReport, Diagnostics> {
+) -> Result<RunReport, RunError> {
     let exp = planner.experiment();
     let store = planner.store();
     let mut nodes = Vec::new();
     let mut results = ResultsByStage::new();
     let mut summaries = Vec::new();
     let mut all_results = BTreeMap::new();
+    let mut warnings: Vec<Warning> = Vec::new();
     for n in &plan.nodes {
         let decl = &exp.stages[n.stage];
         let (state, secs) = states
             .get(&n.key)
             .cloned()
             .unwrap_or((NodeState::NotRun, 0.0));
-        let ran = matches!(state, NodeState::Ran | NodeState::Failed(_));
+        let ran = matches!(
+            state,
+            NodeState::Ran
+                | NodeState::Failed(_)
+                | NodeState::FailedWith(_)
+                | NodeState::Interrupted
+        );
         if matches!(state, NodeState::Cached | NodeState::Ran)
             && let Ok(Some(entry)) = store.get(&n.key)
         {
@@ -407,7 +560,19 @@ fn finish(
             if let Some(s) = &stored.summary {
                 summaries.push((n.name.clone(), s.clone()));
             }
-            publish(&entry, &stored.publish, &run_dir.publish_dir(&n.name));
+            for w in &stored.warnings {
+                match warnings.iter_mut().find(|x| x.message == *w) {
+                    Some(x) => x.nodes.push(n.name.clone()),
+                    None => warnings.push(Warning {
+                        message: w.clone(),
+                        nodes: vec![n.name.clone()],
+                        files: (!stored.publish.is_empty()).then(|| run_dir.publish_dir(&n.name)),
+                    }),
+                }
+            }
+            if let Err(e) = publish(&entry, &stored.publish, &run_dir.publish_dir(&n.name)) {
+                run_dir.problem(e);
+            }
         }
         nodes.push(NodeReport {
             node: n.name.clone(),
@@ -429,7 +594,7 @@ fn finish(
     } else {
         Vec::new()
     };
-    let report = RunReport {
+    let mut report = RunReport {
         run_dir: run_dir.path().to_path_buf(),
         cache: std::fs::canonicalize(planner.store().root())
             .unwrap_or_else(|_| planner.store().root().to_path_buf()),
@@ -439,8 +604,11 @@ fn finish(
         summaries,
         cancelled,
         seconds,
+        warnings,
+        record_errors: run_dir.problems(),
     };
-    let _ = run_dir.write_json(files::STATUS, &report);
+    // Each file says what was known to have failed when it was written; the caller gets every
+    // failure. Write errors are remembered by `run_dir`.
     let _ = run_dir.write_json(
         files::RESULTS,
         &serde_json::json!({
@@ -450,19 +618,25 @@ fn finish(
             "success": report.success(),
         }),
     );
+    report.record_errors = run_dir.problems();
     let _ = run_dir.write_text(files::REPORT, &crate::status::markdown_report(exp, &report));
+    report.record_errors = run_dir.problems();
+    let _ = run_dir.write_json(files::STATUS, &report);
+    report.record_errors = run_dir.problems();
     Ok(report)
 }
 
 /// Copies a node's published files into the run directory (hard links would tie the run to
-/// the cache entry's lifetime; copies survive `cache gc`).
-fn publish(entry: &Entry, files: &[String], dest: &Path) {
+/// the cache entry's lifetime; copies survive `cache gc`), each whole or not at all.
+fn publish(entry: &Entry, files: &[String], dest: &Path) -> Result<(), String> {
     for f in files {
         let src = entry.dir.join(f);
         let dst = dest.join(f);
+        let bytes = std::fs::read(&src).map_err(|e| format!("{}: {e}", src.display()))?;
         if let Some(parent) = dst.parent() {
-            let _ = std::fs::create_dir_all(parent);
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         }
-        let _ = std::fs::copy(&src, &dst);
+        crate::record::write_atomic(&dst, &bytes).map_err(|e| e.to_string())?;
     }
+    Ok(())
 }

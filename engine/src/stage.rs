@@ -167,6 +167,11 @@ impl Inputs {
         }
     }
 
+    /// Every artifact of every slot.
+    pub fn iter(&self) -> impl Iterator<Item = &Artifact> {
+        self.slots.values().flatten()
+    }
+
     /// Every artifact of slot `ty` (empty if none was declared).
     pub fn all(&self, ty: &str) -> &[Artifact] {
         self.slots.get(ty).map_or(&[], Vec::as_slice)
@@ -208,6 +213,10 @@ pub struct PlanContext<'a> {
 pub trait ProgressSink: Send + Sync {
     /// `node` has done `done` of `total` units, with an optional short message.
     fn progress(&self, node: &str, done: u64, total: u64, message: &str);
+
+    /// A line the person running `node` should see (it resumed from a checkpoint, it skipped
+    /// models); by default dropped.
+    fn note(&self, _node: &str, _message: &str) {}
 }
 
 /// What a running stage may use: its output and work directories, settings, logging,
@@ -221,6 +230,8 @@ pub struct RunContext<'a> {
     threads: usize,
     offline: bool,
     log: Arc<Mutex<Option<File>>>,
+    log_error: Mutex<Option<String>>,
+    warnings: Mutex<Vec<String>>,
     progress: &'a dyn ProgressSink,
     cancel: &'a AtomicBool,
     started: Instant,
@@ -250,6 +261,8 @@ impl<'a> RunContext<'a> {
             threads: threads.max(1),
             offline,
             log: Arc::new(Mutex::new(log)),
+            log_error: Mutex::new(None),
+            warnings: Mutex::new(Vec::new()),
             progress,
             cancel,
             started: Instant::now(),
@@ -291,14 +304,49 @@ impl<'a> RunContext<'a> {
         self.offline
     }
 
-    /// Appends a line to the node's log.
+    /// Appends a line to the node's log. A stage never fails for a log line; the first write
+    /// error is kept for the engine ([`RunContext::log_error`]), which fails the run record.
     pub fn log(&self, line: impl AsRef<str>) {
         if let Ok(mut guard) = self.log.lock()
             && let Some(f) = guard.as_mut()
         {
             let t = self.started.elapsed().as_secs_f64();
-            let _ = writeln!(f, "[{t:8.2}s] {}", line.as_ref());
+            if let Err(e) = writeln!(f, "[{t:8.2}s] {}", line.as_ref())
+                && let Ok(mut first) = self.log_error.lock()
+            {
+                first.get_or_insert_with(|| e.to_string());
+            }
         }
+    }
+
+    /// The first error writing the node's log, if any.
+    pub fn log_error(&self) -> Option<String> {
+        self.log_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Logs `line` and shows it on the terminal too: for what the person running the
+    /// experiment should know (a resume from a checkpoint, models skipped), not for progress.
+    pub fn note(&self, line: impl AsRef<str>) {
+        self.log(line.as_ref());
+        self.progress.note(&self.node, line.as_ref());
+    }
+
+    /// Warns about the artifact being made (models left out, files passed over): logged,
+    /// shown on the terminal, and kept with the artifact, so every run's summary and report
+    /// that uses it says it again, cached or not. Say how many and where the list is.
+    pub fn warn(&self, message: impl AsRef<str>) {
+        let message = message.as_ref();
+        self.log(format!("warning: {message}"));
+        self.progress
+            .note(&self.node, &format!("warning: {message}"));
+        if let Ok(mut w) = self.warnings.lock() {
+            w.push(message.to_string());
+        }
+    }
+
+    /// What [`RunContext::warn`] said so far.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.lock().map(|w| w.clone()).unwrap_or_default()
     }
 
     /// Reports progress: `done` of `total` units.
@@ -321,6 +369,25 @@ impl<'a> RunContext<'a> {
     }
 }
 
+/// A stage's error with its causes, as `{:#}` prints it (`outer: cause: root`), except that a
+/// cause whose text an outer message already holds is not said again: many error types put
+/// their `source` in their own message too (`{path}: {source}`), and a full disk read
+/// "File too large: File too large".
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// The error of a stage that stopped because the run was cancelled (Ctrl-C, or another node
 /// failed without `--keep-going`): the node did not fail, it was not finished.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -333,6 +400,20 @@ impl std::fmt::Display for Cancelled {
 }
 
 impl std::error::Error for Cancelled {}
+
+/// The error a batching stage gives the other nodes of a batch that failed as one (one bad
+/// model file fails every layer read in the same pass): the engine reports the error once, on
+/// the node named here, and the others as failed with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailedWith(pub String);
+
+impl std::fmt::Display for FailedWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "failed with {} (computed in the same pass)", self.0)
+    }
+}
+
+impl std::error::Error for FailedWith {}
 
 /// One kind of stage. Implementations parse `Params` with `#[serde(deny_unknown_fields)]`
 /// and defaults filled in: the canonical encoding of the parsed params is part of the key.
@@ -362,7 +443,8 @@ pub trait Stage: Send + Sync + 'static {
     /// The inputs this kind reads.
     fn inputs(&self) -> Vec<InputSlot>;
 
-    /// Checks that go beyond types (ranges, combinations); the message names the key.
+    /// Checks that go beyond types (ranges, combinations). Name the key first, in backticks
+    /// (`` `epochs` must be at least 1 ``): the error then points at its value.
     fn check(&self, _params: &Self::Params) -> Result<(), String> {
         Ok(())
     }
@@ -562,5 +644,33 @@ impl Registry {
     /// Names of every kind, sorted.
     pub fn names(&self) -> Vec<&'static str> {
         self.kinds.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: {source}")]
+    struct Io {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_already_said_is_not_said_again() {
+        let io = Io {
+            path: "out/layer.safetensors".into(),
+            source: std::io::Error::other("No space left on device"),
+        };
+        let e = anyhow::Error::new(io).context("extracting layer 3");
+        assert_eq!(
+            error_text(&e),
+            "extracting layer 3: out/layer.safetensors: No space left on device"
+        );
+        assert_eq!(format!("{e:#}").matches("No space").count(), 2);
+        let plain = anyhow::anyhow!("root").context("outer");
+        assert_eq!(error_text(&plain), "outer: root");
     }
 }

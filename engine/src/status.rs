@@ -150,6 +150,8 @@ pub fn markdown_report(exp: &Experiment, report: &RunReport) -> String {
         "Outcome: **{}** ({} nodes: {ran} computed, {cached} cached; {:.1} s)\n",
         if report.success() {
             "success"
+        } else if report.cancelled && report.record_errors.is_empty() {
+            "interrupted"
         } else {
             "FAILED"
         },
@@ -177,19 +179,65 @@ pub fn markdown_report(exp: &Experiment, report: &RunReport) -> String {
         }
         let _ = writeln!(out);
     }
+    if !report.warnings.is_empty() {
+        let _ = writeln!(out, "## Warnings\n");
+        for w in &report.warnings {
+            let nodes: Vec<String> = w.nodes.iter().map(|n| format!("`{n}`")).collect();
+            let _ = write!(out, "- {}: {}", nodes.join(", "), w.message);
+            match w.files.as_ref().and_then(|f| f.file_name()) {
+                Some(dir) => {
+                    let _ = writeln!(out, " (files: `{}/`)", dir.to_string_lossy());
+                }
+                None => {
+                    let _ = writeln!(out);
+                }
+            }
+        }
+        let _ = writeln!(out);
+    }
     let failures: Vec<_> = report.failures().collect();
     if !failures.is_empty() {
         let _ = writeln!(out, "## Failures\n");
         for f in failures {
             if let NodeState::Failed(e) = &f.state {
+                // The whole error: its first line is often only a summary ("1 model(s)
+                // failed:") of the lines that say which file.
                 let _ = writeln!(
                     out,
                     "- `{}`: {}",
                     f.node,
-                    e.lines().next().unwrap_or_default()
+                    e.trim_end().replace('\n', "\n  ")
                 );
+                let with: Vec<String> = report
+                    .failed_with(&f.node)
+                    .map(|n| format!("`{}`", n.node))
+                    .collect();
+                if !with.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "  - {} more node(s) computed in the same pass failed with it: {}",
+                        with.len(),
+                        with.join(", ")
+                    );
+                }
             }
         }
     }
     out
+}
+
+/// `1.5 MiB`: a byte count for people.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

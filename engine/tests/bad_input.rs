@@ -107,15 +107,15 @@ const CASES: &[Case] = &[
     (
         "bad_range",
         "[stage.s]\nkind = \"sweep\"\nlayers = \"5..2\"\n",
-        1,
-        8,
+        3,
+        10,
         "empty range",
     ),
     (
         "bad_layers",
         "[stage.s]\nkind = \"sweep\"\nlayers = \"first\"\n",
-        1,
-        8,
+        3,
+        10,
         "START..END",
     ),
     (
@@ -296,8 +296,8 @@ const CASES: &[Case] = &[
     (
         "check_fails",
         "[stage.a]\nkind = \"const\"\nvalue = 1\nscale = 0\n",
-        1,
-        8,
+        4,
+        9,
         "`scale` must not be 0",
     ),
     (
@@ -306,6 +306,41 @@ const CASES: &[Case] = &[
         2,
         8,
         "expected a string",
+    ),
+    (
+        "check_fails_in_a_sweep",
+        "[stage.a]\nkind = \"const\"\nvalue = 1\nscale = [1.0, 0.0]\nfor_each = \"scale\"\n",
+        4,
+        15,
+        "`scale` must not be 0",
+    ),
+    (
+        "name_escapes",
+        "[experiment]\nname = \"../../escaped\"\n\n[stage.a]\nkind = \"const\"\nvalue = 1\n",
+        2,
+        8,
+        "experiment name `../../escaped` contains `/`",
+    ),
+    (
+        "name_absolute",
+        "[experiment]\nname = \"/tmp/elsewhere\"\n\n[stage.a]\nkind = \"const\"\nvalue = 1\n",
+        2,
+        8,
+        "contains `/`",
+    ),
+    (
+        "name_empty",
+        "[experiment]\nname = \"\"\n\n[stage.a]\nkind = \"const\"\nvalue = 1\n",
+        2,
+        8,
+        "experiment name `` is empty",
+    ),
+    (
+        "name_dot",
+        "[experiment]\nname = \"..\"\n\n[stage.a]\nkind = \"const\"\nvalue = 1\n",
+        2,
+        8,
+        "starts with `.`",
     ),
 ];
 
@@ -502,4 +537,38 @@ from = "s"
         }
     }
     assert!(loaded > 0);
+}
+
+/// Files with nothing to run, and file names that cannot name a run folder, are errors that
+/// name the file (there is no line to point at).
+#[test]
+fn empty_files_and_unusable_file_names_are_errors() {
+    let b = Bench::new();
+    for (file, text) in [
+        ("empty.toml", ""),
+        ("comments.toml", "# nothing yet\n"),
+        ("header_only.toml", "[experiment]\nname = \"x\"\n"),
+    ] {
+        let path = b.write(file, text);
+        let err = b.load_err(&path);
+        assert!(err.contains("declares no stages"), "{err}");
+        assert!(err.contains(&format!("--> {}", path.display())), "{err}");
+        assert!(err.contains("[stage.NAME]"), "{err}");
+    }
+    let path = b.write(
+        "my experiment.toml",
+        "[stage.a]\nkind = \"const\"\nvalue = 1\n",
+    );
+    let err = b.load_err(&path);
+    assert!(
+        err.contains("the experiment has no name, and its file name `my experiment` contains ` `"),
+        "{err}"
+    );
+    assert!(err.contains("[experiment] name = "), "{err}");
+    // A good name in the file wins over an unusable file name.
+    b.write(
+        "my experiment.toml",
+        "[experiment]\nname = \"mine\"\n\n[stage.a]\nkind = \"const\"\nvalue = 1\n",
+    );
+    assert_eq!(b.load(&path).name, "mine");
 }

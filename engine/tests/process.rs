@@ -13,131 +13,10 @@ mod testkit;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kinds::read_trace;
-use probex_cache::{Store, Verified};
-use testkit::testkit;
-
-/// One test's directory: experiment files, a private cache and a trace of executions.
-struct Kit {
-    dir: tempfile::TempDir,
-}
-
-impl Kit {
-    fn new() -> Self {
-        Kit {
-            dir: tempfile::tempdir().expect("temp dir"),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn cache(&self) -> PathBuf {
-        self.path("cache")
-    }
-
-    fn trace(&self) -> Vec<kinds::TraceLine> {
-        read_trace(&self.path("trace.tsv"))
-    }
-
-    /// How many times `node` started executing, over every process so far.
-    fn starts(&self, node: &str) -> usize {
-        self.trace()
-            .iter()
-            .filter(|l| l.what == "start" && l.node == node)
-            .count()
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.path(name);
-        fs::write(&p, text).expect("write experiment");
-        p
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(testkit());
-        c.arg("--cache")
-            .arg(self.cache())
-            .args(args)
-            .env("PROBEX_TESTKIT_TRACE", self.path("trace.tsv"))
-            .current_dir(self.dir.path());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().expect("run testkit")
-    }
-
-    fn spawn(&self, args: &[&str]) -> Child {
-        self.cmd(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn testkit")
-    }
-
-    fn store(&self) -> Store {
-        Store::open(self.cache()).expect("open store")
-    }
-
-    /// `cache verify` must say every entry is sound.
-    fn assert_verify_clean(&self, entries: usize) {
-        let out = self.run(&["cache", "verify"]);
-        let text = stdout(&out);
-        assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
-        assert!(
-            text.contains(&format!("{entries} entries verified, 0 corrupt")),
-            "{text}"
-        );
-    }
-
-    /// Entry directories on disk, complete or not.
-    fn entry_dirs(&self) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        for shard in fs::read_dir(self.cache().join("entries"))
-            .into_iter()
-            .flatten()
-        {
-            for e in fs::read_dir(shard.unwrap().path()).into_iter().flatten() {
-                out.push(e.unwrap().path());
-            }
-        }
-        out
-    }
-
-    /// The key of `node` in the current plan of `file`.
-    fn key_of(&self, file: &str, node: &str) -> probex_cache::Key {
-        let out = self.run(&["plan", "--json", file]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("plan json");
-        let key = v["nodes"]
-            .as_array()
-            .and_then(|n| n.iter().find(|r| r["node"] == node))
-            .and_then(|r| r["key"].as_str())
-            .unwrap_or_else(|| panic!("no node {node} in {v}"));
-        probex_cache::Key::parse(key).expect("key")
-    }
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Polls `cond` every few milliseconds for at most `limit`.
-fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !cond() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(3));
-    }
-}
+use probex_cache::Verified;
+use testkit::{Kit, stderr, stdout, wait_for};
 
 /// Files under the `data/` of every staging directory in the cache's `tmp/`.
 fn staged_files(cache: &Path, sub: &str) -> Vec<PathBuf> {
@@ -406,10 +285,15 @@ chunk_ms = 25
         40 * 256 * 1024
     );
     k.assert_verify_clean(2);
-    // The dead run's staging directory is garbage that gc removes.
+    // The dead run's staging directory was garbage, which the second run removed.
+    assert!(
+        stderr(&out).contains("cache: removed 1 staging folder(s) of killed runs"),
+        "{}",
+        stderr(&out)
+    );
     let gc = k.run(&["cache", "gc"]);
     assert!(
-        stdout(&gc).contains("1 staging dirs of dead runs"),
+        stdout(&gc).contains("0 staging dirs of dead runs"),
         "{}",
         stdout(&gc)
     );

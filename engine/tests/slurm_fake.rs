@@ -614,7 +614,9 @@ fn ctrl_c_cancels_every_job_the_run_submitted() {
     assert_eq!(state.trim(), "CANCELLED");
     let status = keys(&f.path("rec"));
     assert!(
-        status.iter().any(|(n, _, s)| n == "slow" && s == "not_run"),
+        status
+            .iter()
+            .any(|(n, _, s)| n == "slow" && s == "interrupted"),
         "{status:?}"
     );
     // Nothing half-done stays behind: the next run computes slow once more, and only it.

@@ -18,7 +18,9 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use probex_engine::{InputSlot, Inputs, Outcome, Resource, RunContext, Stage, StageResult};
+use probex_engine::{
+    Cancelled, InputSlot, Inputs, Outcome, Resource, RunContext, Stage, StageResult,
+};
 use safetensors::{Dtype, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
@@ -140,7 +142,16 @@ impl Stage for Train {
             ds.d_w,
             cfg.threads
         ));
+        let mut said_resumed = false;
         let mut on_epoch = |pr: &training::TrainProgress| {
+            if let Some(from) = pr.resumed_from
+                && !std::mem::replace(&mut said_resumed, true)
+            {
+                cx.note(format!(
+                    "resumed from the checkpoint of an interrupted run at epoch {from} of {}",
+                    pr.epochs
+                ));
+            }
             cx.progress(
                 pr.epoch as u64 + 1,
                 pr.epochs as u64,
@@ -164,14 +175,23 @@ impl Stage for Train {
                 ControlFlow::Continue(())
             }
         };
-        let outcome = training::train(
+        let outcome = match training::train(
             &ds,
             text.as_ref(),
             &cfg,
             &device,
             Some(cx.work_dir()),
             &mut on_epoch,
-        )?;
+        ) {
+            // The engine tells a stopped node from a failed one by its typed `Cancelled`.
+            Err(training::TrainError::Cancelled { epoch }) => {
+                cx.log(format!(
+                    "stopped after epoch {epoch}; the next run resumes from the checkpoint in the work directory"
+                ));
+                return Err(Cancelled.into());
+            }
+            r => r?,
+        };
         let out = cx.out_dir();
         write(out, files::CHECKPOINT, &outcome.checkpoint)?;
         if let Some(h) = &outcome.holdout_checkpoint {

@@ -545,3 +545,68 @@ fn a_layer_read_from_disk_batch_by_batch_trains_as_in_memory() {
         assert_eq!(a.report.curves, b.report.curves, "{model}");
     }
 }
+
+/// Collects what a stage shows the person running it.
+#[derive(Default)]
+struct Notes(std::sync::Mutex<Vec<String>>);
+
+impl probex_engine::ProgressSink for Notes {
+    fn progress(&self, _: &str, _: u64, _: u64, _: &str) {}
+    fn note(&self, _: &str, message: &str) {
+        self.0.lock().unwrap().push(message.to_string());
+    }
+}
+
+#[test]
+fn the_train_stage_stops_with_the_engines_cancelled_and_says_when_it_resumes() {
+    use probex_engine::{Artifact, Cancelled, Inputs, RunContext, Stage};
+    use std::sync::atomic::AtomicBool;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let layer = tmp.path().join("layer");
+    std::fs::create_dir_all(&layer).unwrap();
+    let ds = common::multilabel([64, 16, 16, 0, 0], 8, 6, 3, 0.3, 6);
+    ds.save(&layer, Default::default()).unwrap();
+    let inputs = Inputs::new([(
+        "layer",
+        vec![Artifact {
+            node: "layers[layer=0]".into(),
+            stage: "layers".into(),
+            key: probex_engine::cache::Key::parse(&"a".repeat(64)).unwrap(),
+            dir: layer,
+            coords: Vec::new(),
+            meta: serde_json::Value::Null,
+            results: None,
+        }],
+    )]);
+    let mut cfg = small(ModelKind::Probex, 6);
+    cfg.checkpoint_every = 1;
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let notes = Notes::default();
+    let run = |cancel: &AtomicBool, out: &str| {
+        let out = tmp.path().join(out);
+        std::fs::create_dir_all(&out).unwrap();
+        let cx = RunContext::new(
+            "probe".into(),
+            out,
+            work.clone(),
+            tmp.path().to_path_buf(),
+            None,
+            1,
+            true,
+            None,
+            &notes,
+            cancel,
+        );
+        probex_stages::train::Train.run(&cfg, &inputs, &cx)
+    };
+    // Interrupted after its first epoch: the engine's typed `Cancelled`, not a failure.
+    let err = run(&AtomicBool::new(true), "out1").unwrap_err();
+    assert!(err.chain().any(|c| c.is::<Cancelled>()), "{err:#}");
+    assert!(notes.0.lock().unwrap().is_empty());
+    // The next run resumes, and says so.
+    run(&AtomicBool::new(false), "out2").unwrap();
+    let said = notes.0.lock().unwrap().join("\n");
+    assert!(said.contains("resumed from the checkpoint"), "{said}");
+}

@@ -9,13 +9,13 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::Scope;
 use std::time::Instant;
 
-use probex_cache::{Entry, EntryInfo, KeyLock, Store};
+use probex_cache::{Entry, EntryInfo, KeyLock, Store, Verified};
 
 use super::{Done, Executor};
 use crate::plan::{Node, Plan, Planner, StoredOutcome, artifact};
 use crate::progress::Reporter;
 use crate::record::RunDir;
-use crate::stage::{Cancelled, Inputs, Outcome, Resource, RunContext, StageResult};
+use crate::stage::{Cancelled, FailedWith, Inputs, Outcome, Resource, RunContext, StageResult};
 
 /// Computes batches on scoped threads, at most `jobs` nodes at once.
 pub struct Local<'scope, 'env> {
@@ -108,6 +108,9 @@ pub struct Worker<'a> {
     pub reporter: &'a Reporter,
     /// Set to stop: stages see it through their context.
     pub cancel: &'a AtomicBool,
+    /// Set (before `cancel`) when the run stops because a node failed, not because it was
+    /// interrupted (Ctrl-C, SIGTERM, scancel).
+    pub failure_stop: &'a AtomicBool,
     /// Threads per node when its stage does not say.
     pub threads: usize,
 }
@@ -126,6 +129,9 @@ impl Worker<'_> {
             seconds: started.elapsed().as_secs_f64(),
             computed: false,
             stopped: false,
+            pin: None,
+            with: None,
+            corrupt_inputs: Vec::new(),
         };
 
         // Locks in key order, so two processes batching overlapping sets cannot deadlock.
@@ -136,13 +142,16 @@ impl Worker<'_> {
         for n in order {
             match store.lock(&n.key) {
                 Err(e) => out.push(fail(n, format!("cannot lock cache entry: {e}"))),
-                Ok(lock) => match store.get(&n.key) {
-                    Ok(Some(entry)) => out.push(Done {
+                Ok(lock) => match store.pin(&n.key) {
+                    Ok(Some(pin)) => out.push(Done {
                         key: n.key.clone(),
-                        result: Ok(entry),
+                        result: Ok(pin.entry().clone()),
                         seconds: 0.0,
                         computed: false,
                         stopped: false,
+                        pin: Some(pin),
+                        with: None,
+                        corrupt_inputs: Vec::new(),
                     }),
                     _ => todo.push((n, lock)),
                 },
@@ -165,6 +174,45 @@ impl Worker<'_> {
             );
             return out;
         }
+        // `plan` and the scheduler trust a valid manifest; the files themselves are re-hashed
+        // here, when a node is about to read them (about 0.25 s per GB on one core), so a
+        // bit-flipped input is caught before it is used, moved to quarantine and recomputed.
+        let mut corrupt = Vec::new();
+        for a in inputs.iter() {
+            match store.verify(&a.key) {
+                Ok(Verified::Ok) => {}
+                Ok(Verified::Corrupt(problems)) => {
+                    corrupt.push((
+                        a.key.clone(),
+                        format!("{}: {}", a.node, problems.join("; ")),
+                    ));
+                }
+                Ok(Verified::Missing) => corrupt.push((
+                    a.key.clone(),
+                    format!("{}: vanished from the cache", a.node),
+                )),
+                Err(e) => {
+                    out.extend(
+                        todo.iter()
+                            .map(|(n, _)| fail(n, format!("cannot verify input {}: {e}", a.node))),
+                    );
+                    return out;
+                }
+            }
+        }
+        if !corrupt.is_empty() {
+            let why: Vec<&str> = corrupt.iter().map(|(_, w)| w.as_str()).collect();
+            let msg = format!(
+                "an input failed verification (moved to quarantine; the next run computes it again): {}",
+                why.join("; ")
+            );
+            let keys: Vec<_> = corrupt.into_iter().map(|(k, _)| k).collect();
+            out.extend(todo.iter().map(|(n, _)| Done {
+                corrupt_inputs: keys.clone(),
+                ..fail(n, msg.clone())
+            }));
+            return out;
+        }
 
         let mut prepared = Vec::new();
         for (n, lock) in &todo {
@@ -183,7 +231,10 @@ impl Worker<'_> {
                     continue;
                 }
             };
-            let log = File::create(self.run_dir.log_path(&n.name)).ok();
+            let log_path = self.run_dir.log_path(&n.name);
+            let log = File::create(&log_path)
+                .inspect_err(|e| self.run_dir.problem(format!("{}: {e}", log_path.display())))
+                .ok();
             let cx = RunContext::new(
                 n.name.clone(),
                 staging.dir().to_path_buf(),
@@ -208,16 +259,29 @@ impl Worker<'_> {
         let results = run_guarded(|| decl.stage.run_batch(&jobs, &inputs), jobs.len());
         let seconds = started.elapsed().as_secs_f64() / prepared.len() as f64;
         for ((n, staging, cx), result) in prepared.into_iter().zip(results) {
-            let stopped = matches!(&result, Err(e) if self.cancel.load(Ordering::Relaxed)
-                && e.chain().any(|c| c.is::<Cancelled>()));
+            // A stage that gives up because the run is stopping did not fail. When the user
+            // interrupted the run, any error counts (a kind may surface cancellation as its own
+            // error type); when a failure elsewhere stops the run, only the engine's typed
+            // `Cancelled`, so that genuine errors during the wind-down still show.
+            let stopped = matches!(&result, Err(e) if self.cancel.load(Ordering::SeqCst)
+                && (!self.failure_stop.load(Ordering::SeqCst)
+                    || e.chain().any(|c| c.is::<Cancelled>())));
+            let with = match &result {
+                Err(e) => e.chain().find_map(|c| c.downcast_ref::<FailedWith>()),
+                Ok(_) => None,
+            }
+            .map(|w| w.0.clone());
             let done = match result {
                 Ok(outcome) => commit(n, staging, &outcome, seconds, &cx, decl.kind.as_str()),
-                Err(_) if stopped => {
-                    cx.log("stopped: the run was cancelled");
+                Err(e) if stopped => {
+                    cx.log(format!(
+                        "stopped: the run was cancelled ({})",
+                        crate::stage::error_text(&e)
+                    ));
                     Err("cancelled".to_string())
                 }
                 Err(e) => {
-                    let msg = format!("{e:#}");
+                    let msg = crate::stage::error_text(&e);
                     cx.log(format!("error: {msg}"));
                     Err(format!(
                         "{msg}\n  log: {}",
@@ -225,12 +289,25 @@ impl Worker<'_> {
                     ))
                 }
             };
+            if let Some(e) = cx.log_error() {
+                let path = self.run_dir.log_path(&n.name);
+                self.run_dir.problem(format!("{}: {e}", path.display()));
+            }
+            // Pinned while the key is still locked: no moment in which `cache gc` could take
+            // the entry before the run that needs it reads it.
+            let pin = match &done {
+                Ok(_) => store.pin(&n.key).ok().flatten(),
+                Err(_) => None,
+            };
             out.push(Done {
                 key: n.key.clone(),
                 result: done,
                 seconds,
                 computed: true,
                 stopped,
+                pin,
+                with,
+                corrupt_inputs: Vec::new(),
             });
         }
         drop(todo);
@@ -283,6 +360,7 @@ fn commit(
         summary: outcome.summary.clone(),
         publish: outcome.publish.clone(),
         seconds,
+        warnings: cx.warnings(),
     };
     for p in &outcome.publish {
         if !staging.dir().join(p).is_file() {

@@ -11,7 +11,7 @@ pub mod local;
 pub mod node;
 pub mod slurm;
 
-use probex_cache::{Entry, Key};
+use probex_cache::{Entry, Key, Pinned};
 
 use crate::plan::{Node, Plan};
 
@@ -28,6 +28,15 @@ pub struct Done {
     pub computed: bool,
     /// The node gave up because the run was cancelled: not a failure of the node.
     pub stopped: bool,
+    /// The entry, pinned before the key's lock was released (so `cache gc` could not take it
+    /// in between), when the executor computed it in this process.
+    pub pin: Option<Pinned>,
+    /// The node failed because the node named here, computed in the same pass, failed: its
+    /// error is that node's to report.
+    pub with: Option<String>,
+    /// Inputs that failed verification when the node was about to read them (moved to
+    /// quarantine): the node did not run; the run computes them again, then the node.
+    pub corrupt_inputs: Vec<Key>,
 }
 
 /// Computes batches of ready nodes somewhere, and says when they are done.

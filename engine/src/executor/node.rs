@@ -79,10 +79,14 @@ pub fn run_nodes(
     {
         return Err("the nodes of one job must be of one stage and share their inputs".into());
     }
+    // Pinned for as long as this job computes, so a `cache gc` cannot take them meanwhile.
+    let mut pins = Vec::new();
     for (_, ids) in &first.inputs {
         for &u in ids {
             let up = &plan.nodes[u];
-            if !matches!(store.get(&up.key), Ok(Some(_))) {
+            if let Ok(Some(pin)) = store.pin(&up.key) {
+                pins.push(pin);
+            } else {
                 return Err(format!(
                     "input `{}` of `{}` is not in the cache at {} on {}: the cache must be on a filesystem every node sees",
                     up.name,
@@ -97,11 +101,14 @@ pub fn run_nodes(
     for n in &batch {
         reporter.started(&n.name);
     }
+    // A job computes one batch: it only stops when it is told to (scancel, Ctrl-C).
+    let failure_stop = AtomicBool::new(false);
     let worker = Worker {
         planner,
         run_dir,
         reporter,
         cancel,
+        failure_stop: &failure_stop,
         threads,
     };
     let inputs = inputs_of(&plan, first, store);
@@ -126,6 +133,7 @@ pub fn run_nodes(
         reporter.finished(&name, what, done.seconds);
         out.push((name, outcome));
     }
+    drop(pins);
     Ok(out)
 }
 

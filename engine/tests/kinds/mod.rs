@@ -147,7 +147,8 @@ pub fn registry(trace: &Trace) -> Registry {
         })
         .register(Double(trace.clone()))
         .register(Gather(trace.clone()))
-        .register(SlowWrite(trace.clone()));
+        .register(SlowWrite(trace.clone()))
+        .register(Count(trace.clone()));
     r
 }
 
@@ -211,6 +212,9 @@ pub struct ConstParams {
     /// Only there to be swept by `for_each = "seed"`; added to the value.
     #[serde(default)]
     pub seed: Option<i64>,
+    /// A warning to give (`RunContext::warn`); absent from the key when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warn: Option<String>,
 }
 
 impl Stage for Const {
@@ -239,6 +243,9 @@ impl Stage for Const {
     fn run(&self, p: &ConstParams, _: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
         let t = self.0.begin("const", cx);
         let v = p.value * p.scale + p.extra.values().sum::<f64>() + p.seed.unwrap_or(0) as f64;
+        if let Some(w) = &p.warn {
+            cx.warn(w);
+        }
         write_value(cx, "value.json", &json!({ "value": v }))?;
         self.0.finish("const", cx, t, 1);
         Ok(numeric(v))
@@ -684,5 +691,63 @@ impl Stage for SlowWrite {
             publish: Vec::new(),
             references: Vec::new(),
         })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// `count`: counts to `steps`, `step_ms` apart, keeping the count in its work directory so a
+/// later run resumes where an interrupted one stopped (as `train` resumes from a checkpoint).
+/// Stopped, it fails with an error of its own rather than the engine's `Cancelled`, as `train`
+/// once did: the engine must still see an interrupted node, not a failed one.
+pub struct Count(pub Trace);
+
+/// Params of `count`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountParams {
+    pub steps: u64,
+    #[serde(default)]
+    pub step_ms: u64,
+}
+
+impl Stage for Count {
+    type Params = CountParams;
+    fn kind(&self) -> &'static str {
+        "count"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn about(&self) -> &'static str {
+        "counts slowly, resumable"
+    }
+    fn output(&self) -> &'static str {
+        NUM
+    }
+    fn inputs(&self) -> Vec<InputSlot> {
+        vec![nums()]
+    }
+    fn run(&self, p: &CountParams, _: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
+        let t = self.0.begin("count", cx);
+        let state = cx.work_dir().join("count");
+        let mut i: u64 = fs::read_to_string(&state)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if i > 0 {
+            cx.note(format!("resumed from step {i} of {}", p.steps));
+        }
+        while i < p.steps {
+            if cx.is_cancelled() {
+                anyhow::bail!("counting stopped after step {i}");
+            }
+            std::thread::sleep(Duration::from_millis(p.step_ms));
+            i += 1;
+            fs::write(&state, i.to_string())?;
+        }
+        write_value(cx, "value.json", &json!({ "value": i as f64 }))?;
+        self.0.finish("count", cx, t, 1);
+        Ok(numeric(i as f64))
     }
 }

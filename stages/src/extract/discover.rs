@@ -84,6 +84,9 @@ pub struct Discovered {
     pub models: Vec<ModelSource>,
     /// What was passed over and why.
     pub notes: Vec<String>,
+    /// Files named like a model that cannot be read (a dangling or looping symbolic link):
+    /// passed over too, but worth a warning, not only a log line.
+    pub problems: Vec<String>,
 }
 
 /// How deep below a root discovery looks: Model-J needs 4 levels; the cap stops runaway walks.
@@ -100,6 +103,30 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<fs::DirEntry>, String> {
 
 fn is_dir_no_follow(e: &fs::DirEntry) -> bool {
     e.file_type().map(|t| t.is_dir()).unwrap_or(false)
+}
+
+/// Why `path`, named like a model file, is not one: a symbolic link that leads nowhere
+/// (dangling), goes round in circles, or leads to something else than a file; `None` for anything that
+/// is not a symbolic link (a folder named `x.safetensors` is just not a model).
+fn unusable_link(path: &Path) -> Option<String> {
+    let meta = fs::symlink_metadata(path).ok()?;
+    if !meta.file_type().is_symlink() {
+        return None;
+    }
+    let target = fs::read_link(path)
+        .map(|t| t.display().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let why = match fs::metadata(path) {
+        Ok(m) if m.is_file() => return None,
+        Ok(_) => format!("is a symbolic link to {target}, which is not a file"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            format!("is a symbolic link to {target}, which does not exist (dangling)")
+        }
+        // A loop says "Too many levels of symbolic links" (io::ErrorKind::FilesystemLoop is
+        // not stable yet).
+        Err(e) => format!("is a symbolic link to {target} that cannot be followed: {e}"),
+    };
+    Some(format!("{}: {why}; skipped", path.display()))
 }
 
 /// Finds the model files of `layout`. Ids are unique (a clash is an error naming both files)
@@ -147,13 +174,56 @@ pub fn discover(layout: &Layout) -> Result<Discovered, String> {
         ));
     }
     if found.models.is_empty() {
-        let mut msg = format!("no model files found for {layout:?}");
-        if !found.notes.is_empty() {
-            msg.push_str(&format!(" ({})", found.notes.join("; ")));
+        let mut msg = format!("no model files found: {}", describe(layout));
+        let passed: Vec<&String> = found.problems.iter().chain(&found.notes).collect();
+        if !passed.is_empty() {
+            msg.push_str(&format!(
+                " ({})",
+                passed
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
         }
         return Err(msg);
     }
     Ok(found)
+}
+
+/// Where `layout` looked and for what, in words (for "no model files found").
+fn describe(layout: &Layout) -> String {
+    match layout {
+        Layout::HfCache {
+            root,
+            repos,
+            file,
+            revision,
+        } => format!(
+            "no {file} in the Hugging Face cache at {} (models--*/snapshots/<{revision}>/{file}{})",
+            root.display(),
+            repos
+                .as_deref()
+                .map_or(String::new(), |r| format!(", repos matching `{r}`"))
+        ),
+        Layout::ModelJDiscriminative { root, file } => format!(
+            "no {file} under the split folders of {} (<split>/<model>/{file}, or a hub cache per split)",
+            root.display()
+        ),
+        Layout::ModelJGenerative { root, file } => format!(
+            "no {file} under the split folders of {} (<split>/<model>/{file})",
+            root.display()
+        ),
+        Layout::Folder { root, recursive } => format!(
+            "no *.safetensors files in the folder {}{}",
+            root.display(),
+            if *recursive {
+                " or its subfolders"
+            } else {
+                " (set recursive = true to look in subfolders)"
+            }
+        ),
+    }
 }
 
 fn split_dirs(root: &Path, notes: &mut Vec<String>) -> Result<Vec<(Split, PathBuf)>, String> {
@@ -259,6 +329,10 @@ fn walk_named(
         let path = e.path();
         if is_dir_no_follow(&e) {
             walk_named(base, &path, file, split, depth + 1, found)?;
+        } else if name == *file
+            && let Some(problem) = unusable_link(&path)
+        {
+            found.problems.push(problem);
         } else if name == *file && path.is_file() {
             let id = path
                 .parent()
@@ -300,6 +374,10 @@ fn folder(
             if recursive && depth < MAX_DEPTH {
                 folder(base, &path, recursive, depth + 1, found)?;
             }
+        } else if name.ends_with(".safetensors")
+            && let Some(problem) = unusable_link(&path)
+        {
+            found.problems.push(problem);
         } else if name.ends_with(".safetensors") && path.is_file() {
             let rel = path.strip_prefix(base).map_err(|e| e.to_string())?;
             let id = rel_id(rel);

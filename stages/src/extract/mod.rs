@@ -328,20 +328,22 @@ pub enum ExtractError {
     /// Models failed; each message names the model, its file and the problem.
     #[error("{} model(s) failed:\n  {}{}", .0.len(), .0.iter().take(10).cloned().collect::<Vec<_>>().join("\n  "), if .0.len() > 10 { format!("\n  ... and {} more", .0.len() - 10) } else { String::new() })]
     Models(Vec<String>),
-    /// Writing an output failed.
-    #[error("{path}: {source}")]
+    /// Writing an output failed (a full disk): about the output, not the models.
+    // Not `source`: thiserror would make it the error's source too, and a chain print
+    // (`{:#}`) said the cause twice.
+    #[error("{path}: {error}")]
     Io {
         /// The output file.
         path: String,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ExtractError + '_ {
-    move |source| ExtractError::Io {
+    move |error| ExtractError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }
 
@@ -1052,7 +1054,7 @@ pub fn extract(
         .collect::<Result<_, _>>()?;
     let abort = AtomicBool::new(false);
     let bytes_read = AtomicU64::new(0);
-    let write_errors: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let write_errors: Mutex<Vec<(String, std::io::Error)>> = Mutex::new(Vec::new());
     let flagged: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
     // One writer thread per layer file: buffered writes to one file serialise on its inode
     // lock, and page-cache writes cost more than reads, so reads (rayon) overlap with writes.
@@ -1097,7 +1099,7 @@ pub fn extract(
                     if let Err(e) = result {
                         abort.store(true, Ordering::Relaxed);
                         if let Ok(mut v) = errors.lock() {
-                            v.push(format!("writing {}: {e}", file.path().display()));
+                            v.push((file.path().display().to_string(), e));
                         }
                     }
                 }
@@ -1126,12 +1128,18 @@ pub fn extract(
             .collect()
         // `sinks` drops here, ending the writers; the scope joins them.
     });
-    let write_errors = write_errors.into_inner().unwrap_or_default();
-    if !write_errors.is_empty() {
+    // A failed write is about the output (a full disk), not the models being read: the first
+    // error says it, the rows after it failed the same way.
+    if let Some((path, error)) = write_errors
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .next()
+    {
         for f in &files {
             let _ = std::fs::remove_file(f.path());
         }
-        return Err(ExtractError::Models(write_errors));
+        return Err(ExtractError::Io { path, error });
     }
     let mut outcomes = outcomes;
     let mut flagged = flagged.into_inner().unwrap_or_default();

@@ -27,7 +27,9 @@
 
 use std::collections::BTreeMap;
 
-use probex_engine::{InputSlot, Inputs, Outcome, RunContext, Stage, StageResult, Sweep};
+use probex_engine::{
+    FailedWith, InputSlot, Inputs, Outcome, RunContext, Stage, StageResult, Sweep,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{ExtractOptions, LayerOutput, NonFinitePolicy, SplitSource, extract, resolve_layers};
@@ -200,10 +202,13 @@ impl Stage for Extract {
                         results[i] = Some(Ok(o));
                     }
                 }
+                // One pass failed: its error is said once, on the first node; the others
+                // failed with it (a 30-layer sweep gave 30 copies of one bad file's error).
                 Err(e) => {
-                    let msg = format!("{e:#}");
-                    for &i in members {
-                        results[i] = Some(Err(anyhow::anyhow!("{msg}")));
+                    let first = jobs[members[0]].1.node().to_string();
+                    results[members[0]] = Some(Err(e));
+                    for &i in &members[1..] {
+                        results[i] = Some(Err(FailedWith(first.clone()).into()));
                     }
                 }
             }
@@ -214,6 +219,9 @@ impl Stage for Extract {
             .collect()
     }
 }
+
+/// The list of models a layer left out, published into the run record when there are any.
+const SKIPPED_FILE: &str = "skipped.json";
 
 /// What `extract` reads: a collection, or the trees of a routing.
 enum Source {
@@ -326,6 +334,23 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
     ));
     let mut outcomes = Vec::new();
     for ((_, cx), layer) in jobs.iter().zip(&report.layers) {
+        // Left-out models were only in the sidecar and the lead's log: say how many on the
+        // terminal and in every report that uses this layer, and publish the list.
+        let mut publish = Vec::new();
+        if !layer.skipped.is_empty() {
+            std::fs::write(
+                cx.out_dir().join(SKIPPED_FILE),
+                serde_json::to_vec_pretty(&layer.skipped)?,
+            )?;
+            publish.push(SKIPPED_FILE.to_string());
+            cx.warn(format!(
+                "left out {} of {} models (skipped by `on_error`, `on_bad_file` or \
+                 `non_finite`); the list, with why, is {SKIPPED_FILE} among the node's files \
+                 in the run record",
+                layer.skipped.len(),
+                models.len()
+            ));
+        }
         let sidecar = dataset::LayerDataset::load_sidecar(cx.out_dir())?;
         let splits: BTreeMap<String, usize> = super::split_counts(&sidecar.models)
             .into_iter()
@@ -342,6 +367,7 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
                 "storage": sidecar.storage,
             }),
             references: referenced_files(&sidecar),
+            publish,
             ..Outcome::default()
         });
     }

@@ -468,6 +468,20 @@ impl Stage for Fetch {
         for note in &found.notes {
             cx.log(note);
         }
+        if let Some(first) = found.problems.first() {
+            for p in &found.problems[1..] {
+                cx.log(format!("warning: {p}"));
+            }
+            cx.warn(format!(
+                "passed over {} file(s) named like models that cannot be read: {first}{}",
+                found.problems.len(),
+                if found.problems.len() > 1 {
+                    " (the others are in the node's log)"
+                } else {
+                    ""
+                }
+            ));
+        }
         let root = absolute(&cx.base_dir().join(p.path.as_deref().unwrap_or_default()));
         let n = found.models.len();
         let models = found

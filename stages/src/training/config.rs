@@ -101,18 +101,25 @@ impl TrainConfig {
 
     /// Checks ranges; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
-        let positive = [
-            ("batch_size", self.batch_size),
-            ("epochs", self.epochs),
-            ("validate_every", self.validate_every),
-            ("r_u", self.r_u),
-            ("r_v", self.r_v),
-            ("r_t", self.r_t),
-            ("hidden", self.hidden),
+        // Upper bounds catch a slip (epochs = 9223372036854775807 ran "forever", a width of
+        // a billion asked for terabytes) with a message instead of a hang or an allocation
+        // failure; each is far above any run that fits a machine.
+        let counts = [
+            ("batch_size", self.batch_size, 1, 1 << 24),
+            ("epochs", self.epochs, 1, 1_000_000),
+            ("validate_every", self.validate_every, 1, 1_000_000),
+            ("checkpoint_every", self.checkpoint_every, 0, 1_000_000),
+            ("r_u", self.r_u, 1, 1 << 16),
+            ("r_v", self.r_v, 1, 1 << 16),
+            ("r_t", self.r_t, 1, 1 << 16),
+            ("hidden", self.hidden, 1, 1 << 16),
         ];
-        for (k, v) in positive {
-            if v == 0 {
-                return Err(format!("`{k}` must be at least 1"));
+        for (k, v, min, max) in counts {
+            if v < min {
+                return Err(format!("`{k}` must be at least {min}"));
+            }
+            if v > max {
+                return Err(format!("`{k}` = {v} is too large: at most {max}"));
             }
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {

@@ -394,9 +394,17 @@ fn nonempty<T>(v: &[T], what: &str) -> Result<(), ZooError> {
     Ok(())
 }
 
+/// Counts above this are a slip (a tree of 10^19 models), said as such rather than attempted.
+const MAX_COUNT: usize = 1_000_000;
+
 fn positive(v: usize, what: &str) -> Result<(), ZooError> {
     if v == 0 {
         return Err(ZooError::Config(format!("`{what}` must be at least 1")));
+    }
+    if v > MAX_COUNT {
+        return Err(ZooError::Config(format!(
+            "`{what}` = {v} is too large: at most {MAX_COUNT}"
+        )));
     }
     Ok(())
 }
@@ -444,10 +452,13 @@ impl ZooConfig {
                 nonempty(&f.batch_sizes, "finetune.batch_sizes")?;
                 nonempty(&f.weight_decays, "finetune.weight_decays")?;
                 positive(f.samples_per_class, "finetune.samples_per_class")?;
-                if f.epochs.contains(&0) || f.batch_sizes.contains(&0) {
-                    return Err(ZooError::Config(
-                        "`finetune.epochs` and `finetune.batch_sizes` must be at least 1".into(),
-                    ));
+                for (what, values) in [
+                    ("finetune.epochs", &f.epochs),
+                    ("finetune.batch_sizes", &f.batch_sizes),
+                ] {
+                    for &v in values.iter() {
+                        positive(v, what)?;
+                    }
                 }
                 positive(self.pretrain.steps, "pretrain.steps")?;
                 positive(self.pretrain.batch_size, "pretrain.batch_size")?;

@@ -198,6 +198,9 @@ impl<'a> Slurm<'a> {
                             seconds: 0.0,
                             computed: false,
                             stopped: false,
+                            pin: None,
+                            with: None,
+                            corrupt_inputs: Vec::new(),
                         });
                     }
                 }
@@ -365,6 +368,9 @@ impl<'a> Slurm<'a> {
                     result: Ok(entry),
                     computed: true,
                     stopped: false,
+                    pin: None,
+                    with: None,
+                    corrupt_inputs: Vec::new(),
                 }),
                 _ => missing.push((node.clone(), key.clone())),
             }
@@ -433,6 +439,9 @@ impl<'a> Slurm<'a> {
                 seconds: task.submitted.elapsed().as_secs_f64(),
                 computed: true,
                 stopped: false,
+                pin: None,
+                with: None,
+                corrupt_inputs: Vec::new(),
             });
         }
     }
@@ -460,6 +469,9 @@ impl<'a> Slurm<'a> {
                         seconds: 0.0,
                         computed: false,
                         stopped: false,
+                        pin: None,
+                        with: None,
+                        corrupt_inputs: Vec::new(),
                     }),
                     _ => missing.push((r, k)),
                 }
@@ -517,6 +529,9 @@ impl<'a> Slurm<'a> {
                     result: Ok(entry),
                     computed: true,
                     stopped: false,
+                    pin: None,
+                    with: None,
+                    corrupt_inputs: Vec::new(),
                 },
                 _ => Done {
                     key,
@@ -524,6 +539,9 @@ impl<'a> Slurm<'a> {
                     seconds: 0.0,
                     computed: false,
                     stopped: true,
+                    pin: None,
+                    with: None,
+                    corrupt_inputs: Vec::new(),
                 },
             };
             self.finished.push(done);
@@ -542,6 +560,9 @@ impl<'a> Slurm<'a> {
                     seconds: 0.0,
                     computed: false,
                     stopped: false,
+                    pin: None,
+                    with: None,
+                    corrupt_inputs: Vec::new(),
                 });
             }
         }
