@@ -380,6 +380,26 @@ pub fn write_safetensors(
     Ok(n)
 }
 
+/// Writes the header of a file of `specs` in `dtype` and leaves its data section a hole: a
+/// sparse file of the real size whose tensors read as zeros, written in microseconds and
+/// taking a few kB of disk. For measuring what reading, hashing or extracting such files
+/// costs where the values do not matter (200 ViT-B/16s are 69 GB written out). Returns the
+/// file's size.
+pub fn write_sparse_safetensors(
+    path: &Path,
+    specs: &[TensorSpec],
+    dtype: Dtype,
+    metadata: &BTreeMap<String, String>,
+) -> io::Result<u64> {
+    let (json, data) = header_json(specs, dtype, metadata)?;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(&(json.len() as u64).to_le_bytes())?;
+    file.write_all(&json)?;
+    let size = 8 + json.len() as u64 + data;
+    file.set_len(size)?;
+    Ok(size)
+}
+
 /// [`write_safetensors`] into any writer (a `Vec<u8>` for a file image held in memory).
 pub fn safetensors_to(
     w: &mut impl Write,
@@ -428,6 +448,26 @@ mod tests {
 
     fn count(specs: &[TensorSpec], f: impl Fn(&TensorSpec) -> bool) -> usize {
         specs.iter().filter(|s| f(s)).count()
+    }
+
+    /// A sparse file has the real file's header and size, and its tensors read as zeros.
+    #[test]
+    fn sparse_files_have_the_real_header_and_read_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let specs = sd1_lora(4);
+        let meta = BTreeMap::from([("k".to_string(), "v".to_string())]);
+        let full = write_safetensors(&a, &specs, Dtype::F16, &meta, 1).unwrap();
+        let sparse = write_sparse_safetensors(&b, &specs, Dtype::F16, &meta).unwrap();
+        assert_eq!(full, sparse);
+        assert_eq!(std::fs::metadata(&b).unwrap().len(), sparse);
+        let (ha, hb) = (
+            crate::weights::reader::read_header(&a).unwrap(),
+            crate::weights::reader::read_header(&b).unwrap(),
+        );
+        assert_eq!(ha.tensors, hb.tensors);
+        let bytes = std::fs::read(&b).unwrap();
+        assert!(bytes[hb.data_start..].iter().all(|&x| x == 0));
     }
 
     #[test]
