@@ -9,8 +9,9 @@
 //! model = "probex"            # probex | probex-zeroshot | dense | dense-zeroshot | statnn
 //! epochs = 500                # every hyperparameter defaults to the paper's value
 //! ```
-//! The artifact holds the best-validation checkpoint with the official PyTorch parameter names
-//! (`checkpoint.safetensors`), the metrics and curves (`report.json`), and every model's
+//! The artifact holds the best-validation checkpoint, exactly the official PyTorch state dict
+//! (`checkpoint.safetensors`; with `standardize = true`, the inputs' mean and scale beside it in
+//! `standardize.safetensors`), the metrics and curves (`report.json`), and every model's
 //! encoding and scores under that checkpoint (`outputs.safetensors`, rows as in `rows.json`),
 //! which `select` and `evaluate` read without loading the layer again.
 
@@ -38,6 +39,9 @@ pub mod files {
     pub const CHECKPOINT: &str = "checkpoint.safetensors";
     /// Zero-shot: best-`val_holdout` checkpoint.
     pub const HOLDOUT_CHECKPOINT: &str = "checkpoint_holdout.safetensors";
+    /// `standardize = true`: the inputs' mean and scale, which both checkpoints apply before
+    /// their forward pass (`(W - mean) / scale`).
+    pub const STANDARDIZE: &str = crate::models::checkpoint::STANDARDIZE_FILE;
     /// Metrics, curves, config.
     pub const REPORT: &str = "report.json";
     /// `encodings` [N, dim] and `scores` [N, C] of every model under the checkpoint.
@@ -79,7 +83,8 @@ impl Stage for Train {
     }
     fn version(&self) -> u32 {
         // 2: zero-shot probes keep their text table and encoder record.
-        2
+        // 3: the standardisation moved out of the checkpoint into standardize.safetensors.
+        3
     }
     fn about(&self) -> &'static str {
         "train a probe (probex, probex-zeroshot, dense, dense-zeroshot, statnn) on one layer dataset"
@@ -176,6 +181,9 @@ impl Stage for Train {
         write(out, files::CHECKPOINT, &outcome.checkpoint)?;
         if let Some(h) = &outcome.holdout_checkpoint {
             write(out, files::HOLDOUT_CHECKPOINT, h)?;
+        }
+        if let Some(s) = &outcome.standardize {
+            write(out, files::STANDARDIZE, s)?;
         }
         write(
             out,

@@ -52,7 +52,8 @@ impl Stage for Select {
     }
     fn version(&self) -> u32 {
         // 2: zero-shot selections carry the text table and encoder record.
-        2
+        // 3: standardised probes carry standardize.safetensors beside the checkpoint.
+        3
     }
     fn about(&self) -> &'static str {
         "pick the best layer of a sweep of probes by a validation metric"
@@ -101,6 +102,7 @@ impl Stage for Select {
         let probe_files = [
             files::CHECKPOINT,
             files::HOLDOUT_CHECKPOINT,
+            files::STANDARDIZE,
             files::REPORT,
             files::OUTPUTS,
             files::ROWS,

@@ -43,8 +43,8 @@ pub struct TrainConfig {
     /// Standardise the input matrices (ProbeX, Dense): subtract the training split's mean
     /// matrix and divide by the training values' standard deviation around it. Off in the
     /// paper; within one model tree the shared base dominates every matrix, and removing it
-    /// lets a small probe see what fine-tuning changed. The mean is kept in the checkpoint as
-    /// `input_mean`.
+    /// lets a small probe see what fine-tuning changed. The mean and scale are kept beside the
+    /// checkpoint (`standardize.safetensors`), which stays the plain PyTorch state dict.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub standardize: bool,
     /// Seed of initialisation and shuffling.
