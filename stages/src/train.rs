@@ -224,8 +224,13 @@ impl Stage for Train {
             obj.insert("params".into(), r.params.into());
             obj.insert("best_epoch".into(), r.best_epoch.into());
             obj.insert("seconds".into(), r.seconds.into());
+            // Zero-shot: the checkpoint chosen on val_holdout, whose held-out numbers the
+            // paper reports (evaluate shows both).
             if let Some(h) = &r.holdout_metrics {
                 obj.insert("holdout_checkpoint".into(), serde_json::to_value(h)?);
+            }
+            if let Some(e) = r.best_holdout_epoch {
+                obj.insert("best_holdout_epoch".into(), e.into());
             }
         }
         Ok(Outcome {

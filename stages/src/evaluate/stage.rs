@@ -77,7 +77,9 @@ impl Stage for Evaluate {
         "evaluate"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: zero-shot probes also report the held-out metrics of their val_holdout-chosen
+        // checkpoint (the paper's).
+        2
     }
     fn about(&self) -> &'static str {
         "test metrics, downstream tasks (one-class, kNN, retrieval) and the paper's tables for selected probes"
@@ -162,13 +164,7 @@ impl Stage for Evaluate {
         let columns = columns_of(&rows);
         let main = super::report::render_table(&rows, &columns);
         std::fs::write(out.join("methods.csv"), table_csv(&rows, &columns))?;
-        let mut sections = vec![Section {
-            heading: "Test metrics of the selected layer".into(),
-            blocks: vec![Block::Table {
-                rows: rows.clone(),
-                columns,
-            }],
-        }];
+        let mut sections = vec![test_section(&rows, columns)];
         if !downstream_rows.is_empty() {
             let dcols = columns_of(&downstream_rows);
             sections.push(Section {
@@ -255,7 +251,7 @@ fn single_row(sel: &Artifact) -> (MethodRow, Value) {
         format!("{model} (`{}`, layer {})", sel.stage, layer_of(sel)),
         params,
     );
-    let r = sel.results.clone().unwrap_or_else(|| json!({}));
+    let mut r = sel.results.clone().unwrap_or_else(|| json!({}));
     for split in ["test", "test_holdout"] {
         if let Some(Value::Object(m)) = r.get(split) {
             for (k, v) in m {
@@ -265,7 +261,65 @@ fn single_row(sel: &Artifact) -> (MethodRow, Value) {
             }
         }
     }
+    // Zero-shot: the held-out metrics of the second checkpoint, chosen on val_holdout.
+    let holdout = r
+        .get(HOLDOUT_CHECKPOINT)
+        .and_then(|h| h.get("test_holdout"))
+        .and_then(Value::as_object);
+    if let Some(m) = holdout {
+        for (k, v) in m {
+            if let (Some(v), true) = (v.as_f64(), k != "loss") {
+                row = row.with(format!("{HOLDOUT_CHECKPOINT}.test_holdout.{k}"), v);
+            }
+        }
+        r = with(
+            r,
+            "paper_zero_shot",
+            format!("{HOLDOUT_CHECKPOINT}.test_holdout").into(),
+        );
+    }
     (row, with(r, "model", model.into()))
+}
+
+/// Where a train result keeps the metrics of a zero-shot probe's best-`val_holdout`
+/// checkpoint (the other results are the best-`val` checkpoint's).
+const HOLDOUT_CHECKPOINT: &str = "holdout_checkpoint";
+
+/// The main table, its zero-shot columns labelled with the checkpoint they come from, and
+/// (when there are such columns) which one the paper reports.
+fn test_section(rows: &[MethodRow], mut columns: Vec<Column>) -> Section {
+    let holdout_prefix = format!("{HOLDOUT_CHECKPOINT}.test_holdout.");
+    let two_checkpoints = columns.iter().any(|c| c.key.starts_with(&holdout_prefix));
+    if two_checkpoints {
+        // Beside the best-val checkpoint's test_holdout columns, which sort last otherwise.
+        columns.sort_by_key(|c| c.key.starts_with(&holdout_prefix));
+        for c in &mut columns {
+            if let Some(metric) = c.key.strip_prefix(&holdout_prefix) {
+                c.header = format!("test_holdout.{metric} (best val_holdout ckpt)");
+            } else if c.key.starts_with("test_holdout.") {
+                c.header = format!("{} (best val ckpt)", c.key);
+            }
+        }
+    }
+    let mut blocks = vec![Block::Table {
+        rows: rows.to_vec(),
+        columns,
+    }];
+    if two_checkpoints {
+        blocks.push(Block::Text(format!(
+            "Zero-shot probes keep two checkpoints, as the authors' training script does: the \
+             one with the best `val` top-1 (every other number of the row, and the encodings \
+             of the downstream tasks) and the one with the best `val_holdout` top-1. The \
+             paper's zero-shot column is `test_holdout` of the best-`val_holdout` checkpoint \
+             (results path `<method>.{HOLDOUT_CHECKPOINT}.test_holdout`, what the authors' \
+             script reports for held-out classes); its in-distribution column is `test` of the \
+             best-`val` checkpoint."
+        )));
+    }
+    Section {
+        heading: "Test metrics of the selected layer".into(),
+        blocks,
+    }
 }
 
 /// The row and results of one expert per tree, scored as one method over all their test
@@ -588,4 +642,84 @@ pub(crate) fn file_safe(s: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use probex_engine::cache::Key;
+
+    fn selection(results: Value) -> Artifact {
+        Artifact {
+            node: "best_probex".into(),
+            stage: "best_probex".into(),
+            key: Key::parse(&"0".repeat(64)).unwrap(),
+            dir: std::path::PathBuf::from("/nonexistent"),
+            coords: Vec::new(),
+            meta: json!({ "model": "probex-zeroshot", "params": 615, "chosen_layer": "3" }),
+            results: Some(results),
+        }
+    }
+
+    /// A zero-shot selection reports held-out top-1 from both checkpoints, labelled, and the
+    /// report says which the paper uses; a probe without the second checkpoint shows neither
+    /// label nor note.
+    #[test]
+    fn zero_shot_rows_carry_both_checkpoints_labelled() {
+        let sel = selection(json!({
+            "test": { "top1": 0.98, "loss": 0.1 },
+            "test_holdout": { "top1": 0.70 },
+            "holdout_checkpoint": {
+                "test": { "top1": 0.95 },
+                "test_holdout": { "top1": 0.77, "loss": 1.0 },
+                "val_holdout": { "top1": 0.80 },
+            },
+            "best_epoch": 40,
+            "best_holdout_epoch": 30,
+        }));
+        let (row, r) = single_row(&sel);
+        assert_eq!(row.metrics["test.top1"], 0.98);
+        assert_eq!(row.metrics["test_holdout.top1"], 0.70);
+        assert_eq!(row.metrics["holdout_checkpoint.test_holdout.top1"], 0.77);
+        assert!(
+            !row.metrics
+                .contains_key("holdout_checkpoint.test_holdout.loss")
+        );
+        assert_eq!(r["paper_zero_shot"], "holdout_checkpoint.test_holdout");
+        assert_eq!(r["holdout_checkpoint"]["test_holdout"]["top1"], 0.77);
+
+        let section = test_section(
+            std::slice::from_ref(&row),
+            columns_of(std::slice::from_ref(&row)),
+        );
+        let text = Report {
+            title: "t".into(),
+            intro: Vec::new(),
+            sections: vec![section],
+        }
+        .render();
+        assert!(
+            text.contains("| test_holdout.top1 (best val ckpt) |")
+                && text.contains("| test_holdout.top1 (best val_holdout ckpt) |")
+                && text.contains("| 0.700 | 0.770 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("paper's zero-shot column is `test_holdout` of the best-`val_holdout`"),
+            "{text}"
+        );
+
+        let (plain, r) = single_row(&selection(json!({ "test": { "accuracy": 0.8 } })));
+        assert!(r.get("paper_zero_shot").is_none());
+        let text = Report {
+            title: "t".into(),
+            intro: Vec::new(),
+            sections: vec![test_section(
+                std::slice::from_ref(&plain),
+                columns_of(std::slice::from_ref(&plain)),
+            )],
+        }
+        .render();
+        assert!(!text.contains("ckpt") && !text.contains("paper"), "{text}");
+    }
 }
