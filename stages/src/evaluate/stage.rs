@@ -46,9 +46,10 @@ pub struct EvaluateParams {
     /// Neighbours for one-class kNN scores and kNN classification (the paper's k = 2).
     #[serde(default = "default_k")]
     pub k: usize,
-    /// Neighbours listed per query in the retrieval CSV.
-    #[serde(default = "default_retrieve")]
-    pub retrieve: usize,
+    /// Neighbours listed per query in the retrieval CSV, and scored as `precision@N`. Default:
+    /// `k`, as the authors' `downstream_generative.py` retrieves with its one `--k` (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retrieve: Option<usize>,
     /// Run the downstream tasks on the encodings (off: test metrics only).
     #[serde(default = "yes")]
     pub downstream: bool,
@@ -60,8 +61,11 @@ pub struct EvaluateParams {
 fn default_k() -> usize {
     2
 }
-fn default_retrieve() -> usize {
-    5
+impl EvaluateParams {
+    /// Neighbours retrieved per query: `retrieve`, else `k`.
+    pub fn retrieve(&self) -> usize {
+        self.retrieve.unwrap_or(self.k)
+    }
 }
 fn yes() -> bool {
     true
@@ -78,7 +82,7 @@ impl Stage for Evaluate {
     }
     fn version(&self) -> u32 {
         // 2: zero-shot probes also report the held-out metrics of their val_holdout-chosen
-        // checkpoint (the paper's).
+        // checkpoint (the paper's); retrieval defaults to k neighbours (was 5).
         2
     }
     fn about(&self) -> &'static str {
@@ -95,7 +99,7 @@ impl Stage for Evaluate {
     }
 
     fn check(&self, p: &EvaluateParams) -> Result<(), String> {
-        if p.k == 0 || p.retrieve == 0 {
+        if p.k == 0 || p.retrieve() == 0 {
             return Err("`k` and `retrieve` must be at least 1".into());
         }
         Ok(())
@@ -561,7 +565,7 @@ fn downstream(
             let pool_enc = gather(&pool_idx);
             let pool_labels: Vec<u32> = pool_idx.iter().map(|&i| targets[i]).collect();
             let queries = one_query_per_class(&pool_labels);
-            let hits = retrieval_top_k(Encodings::new(&pool_enc, dim)?, &queries, p.retrieve)?;
+            let hits = retrieval_top_k(Encodings::new(&pool_enc, dim)?, &queries, p.retrieve())?;
             let ids: Vec<String> = pool_idx
                 .iter()
                 .map(|&i| rows.models[i].id.clone())
@@ -582,14 +586,14 @@ fn downstream(
             let total: usize = hits.iter().map(Vec::len).sum();
             if total > 0 {
                 values.insert(
-                    format!("retrieval.precision@{}", p.retrieve),
+                    format!("retrieval.precision@{}", p.retrieve()),
                     same as f64 / total as f64,
                 );
             }
             let name = format!("{safe}.retrieval.csv");
             std::fs::write(
                 cx.out_dir().join(&name),
-                retrieval_csv(&ids, &cls, &queries, &hits, p.retrieve)?,
+                retrieval_csv(&ids, &cls, &queries, &hits, p.retrieve())?,
             )?;
             files.push(name);
         }
@@ -648,6 +652,17 @@ pub(crate) fn file_safe(s: &str) -> String {
 mod tests {
     use super::*;
     use probex_engine::cache::Key;
+
+    /// Retrieval lists and scores `k` neighbours unless told otherwise, as the authors' script
+    /// uses its one `--k` (default 2) for kNN and retrieval.
+    #[test]
+    fn retrieval_defaults_to_the_authors_k() {
+        let p = |t: &str| toml::from_str::<EvaluateParams>(t).unwrap();
+        assert_eq!((p("").k, p("").retrieve()), (2, 2));
+        assert_eq!(p("k = 3").retrieve(), 3);
+        assert_eq!(p("k = 3\nretrieve = 7").retrieve(), 7);
+        assert!(Evaluate.check(&p("retrieve = 0")).is_err());
+    }
 
     fn selection(results: Value) -> Artifact {
         Artifact {
