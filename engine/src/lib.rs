@@ -15,6 +15,7 @@ pub mod plan;
 pub mod progress;
 pub mod record;
 pub mod run;
+pub mod shape;
 pub mod stage;
 pub mod status;
 
@@ -25,6 +26,6 @@ pub use experiment::{Experiment, load};
 pub use plan::{Overrides, Plan, Planner};
 pub use run::{RunOptions, RunReport, run, run_slurm};
 pub use stage::{
-    Artifact, Cancelled, Coords, InputSlot, Inputs, Outcome, PlanContext, ProgressSink, Registry,
-    Resource, RunContext, Stage, StageResult, Sweep,
+    Artifact, Cancelled, Coords, InputSlot, Inputs, Outcome, PlanContext, PlanFacts, PlanInput,
+    ProgressSink, Registry, Resource, RunContext, Shape, Stage, StageResult, Sweep,
 };

@@ -21,7 +21,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use probex_engine::{Artifact, InputSlot, Inputs, Outcome, RunContext, Stage, StageResult};
+use probex_engine::{
+    Artifact, InputSlot, Inputs, Outcome, PlanFacts, PlanInput, RunContext, Shape, Stage,
+    StageResult,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -103,6 +106,32 @@ impl Stage for Evaluate {
             return Err("`k` and `retrieve` must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// Results by method (selection stage): what the selection reports, plus the model, the
+    /// downstream tasks, per-tree scores and, for tree experts, their pooled test metrics.
+    fn plan_facts(
+        &self,
+        _p: &EvaluateParams,
+        inputs: &[PlanInput<'_>],
+    ) -> Result<PlanFacts, String> {
+        let methods = inputs.iter().filter(|i| i.ty == SELECTION).map(|i| {
+            let shape = i
+                .facts
+                .results
+                .clone()
+                .with("model", Shape::Value)
+                .with("downstream", Shape::Any)
+                .with("by_tree", Shape::Any)
+                .with(PAPER_ZERO_SHOT, Shape::Value)
+                .with("trees", Shape::Value)
+                .with("experts", Shape::Any);
+            (i.stage, shape)
+        });
+        Ok(PlanFacts {
+            results: Shape::object(methods),
+            facts: Value::Null,
+        })
     }
 
     fn run(&self, p: &EvaluateParams, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
@@ -278,7 +307,7 @@ fn single_row(sel: &Artifact) -> (MethodRow, Value) {
         }
         r = with(
             r,
-            "paper_zero_shot",
+            PAPER_ZERO_SHOT,
             format!("{HOLDOUT_CHECKPOINT}.test_holdout").into(),
         );
     }
@@ -288,6 +317,9 @@ fn single_row(sel: &Artifact) -> (MethodRow, Value) {
 /// Where a train result keeps the metrics of a zero-shot probe's best-`val_holdout`
 /// checkpoint (the other results are the best-`val` checkpoint's).
 const HOLDOUT_CHECKPOINT: &str = "holdout_checkpoint";
+
+/// The result naming which of a zero-shot probe's results the paper's zero-shot column is.
+const PAPER_ZERO_SHOT: &str = "paper_zero_shot";
 
 /// The main table, its zero-shot columns labelled with the checkpoint they come from, and
 /// (when there are such columns) which one the paper reports.

@@ -167,7 +167,19 @@ fn evaluate<B: Backend, N: Net<B>>(
             }
             HostTargets::Class(idx) => {
                 let t: Vec<u32> = rows.iter().map(|&r| idx[r]).collect();
-                metrics::classes(&scores, &t, w)
+                let mut m = metrics::classes(&scores, &t, w);
+                // The trivial baseline beside top-1, so a report (and an expectation) can say
+                // whether the probe learned anything. Not for zero-shot probes: their held-out
+                // classes never occur in training.
+                if prep.task.kind == TaskKind::Class {
+                    let train: Vec<u32> = prep
+                        .rows
+                        .get(&Split::Train)
+                        .map(|r| r.iter().map(|&i| idx[i]).collect())
+                        .unwrap_or_default();
+                    m.insert("majority".into(), metrics::majority(&train, &t));
+                }
+                m
             }
             HostTargets::Numeric(t) => {
                 let (mean, std) = (prep.task.target_mean, prep.task.target_std);
