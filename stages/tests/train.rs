@@ -497,6 +497,60 @@ fn standardized_probe_ignores_a_shared_base_and_keeps_its_mean_beside_the_checkp
     assert!(e.to_string().contains("statnn"), "{e}");
 }
 
+/// A standardised training resumed from a work dir ends with the checkpoint of a straight run:
+/// the module's parameters only, even when the best-so-far file there was written in the old
+/// layout (the training mean inside it), and the same standardisation.
+#[test]
+fn a_resumed_standardised_training_keeps_its_checkpoint_a_plain_state_dict() {
+    let ds = common::multilabel([64, 16, 16, 0, 0], 8, 6, 3, 0.3, 6);
+    // Validation after epochs 0 and 2 only: the kept checkpoint is the one read back from
+    // the work dir after the resume.
+    let mut cfg = small(ModelKind::Probex, 4);
+    cfg.standardize = true;
+    cfg.validate_every = 2;
+    cfg.checkpoint_every = 1;
+    let straight = go(&ds, None, &cfg);
+    let dir = tempfile::tempdir().unwrap();
+    let stop_at_2 = &mut |p: &TrainProgress| {
+        if p.epoch == 2 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let err = train(
+        &ds,
+        None,
+        &cfg,
+        &common::device(),
+        Some(dir.path()),
+        stop_at_2,
+    )
+    .unwrap_err();
+    assert!(matches!(err, TrainError::Cancelled { epoch: 2 }), "{err}");
+    let best = dir.path().join("best.safetensors");
+    let mut old = Checkpoint::read(&best).unwrap();
+    old.tensors.push(probex_stages::models::NamedTensor {
+        name: "input_mean".into(),
+        shape: vec![8, 6],
+        values: vec![0.5; 48],
+    });
+    old.write(&best).unwrap();
+    let resumed = train(
+        &ds,
+        None,
+        &cfg,
+        &common::device(),
+        Some(dir.path()),
+        &mut |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    assert_eq!(resumed.report.resumed_from, Some(3));
+    assert_eq!(resumed.checkpoint, straight.checkpoint);
+    assert!(resumed.standardize.is_some());
+    assert_eq!(resumed.standardize, straight.standardize);
+}
+
 /// The Python that runs docs/load_in_pytorch.py (`PROBEX_PYTHON`, else `python3`) if it has
 /// NumPy; `None` (the test skips) otherwise, unless `PROBEX_REQUIRE_PYTHON` is set (CI), when
 /// its absence fails the test.
