@@ -194,7 +194,8 @@ impl Stage for Evaluate {
             results.insert(method, r);
         }
 
-        let columns = columns_of(&rows);
+        // The printed summary, the CSV and report.md show the same columns, labelled.
+        let columns = label_checkpoints(columns_of(&rows));
         let main = super::report::render_table(&rows, &columns);
         std::fs::write(out.join("methods.csv"), table_csv(&rows, &columns))?;
         let mut sections = vec![test_section(&rows, columns)];
@@ -323,20 +324,30 @@ const PAPER_ZERO_SHOT: &str = "paper_zero_shot";
 
 /// The main table, its zero-shot columns labelled with the checkpoint they come from, and
 /// (when there are such columns) which one the paper reports.
-fn test_section(rows: &[MethodRow], mut columns: Vec<Column>) -> Section {
+/// Zero-shot columns from two checkpoints: each `test_holdout` header names its checkpoint,
+/// and the best-`val_holdout` checkpoint's columns come right after the best-`val` ones.
+fn label_checkpoints(mut columns: Vec<Column>) -> Vec<Column> {
     let holdout_prefix = format!("{HOLDOUT_CHECKPOINT}.test_holdout.");
-    let two_checkpoints = columns.iter().any(|c| c.key.starts_with(&holdout_prefix));
-    if two_checkpoints {
-        // Beside the best-val checkpoint's test_holdout columns, which sort last otherwise.
-        columns.sort_by_key(|c| c.key.starts_with(&holdout_prefix));
-        for c in &mut columns {
-            if let Some(metric) = c.key.strip_prefix(&holdout_prefix) {
-                c.header = format!("test_holdout.{metric} (best val_holdout ckpt)");
-            } else if c.key.starts_with("test_holdout.") {
-                c.header = format!("{} (best val ckpt)", c.key);
-            }
+    if !columns.iter().any(|c| c.key.starts_with(&holdout_prefix)) {
+        return columns;
+    }
+    // Beside the best-val checkpoint's test_holdout columns (they sort first otherwise).
+    columns.sort_by_key(|c| c.key.starts_with(&holdout_prefix));
+    for c in &mut columns {
+        if let Some(metric) = c.key.strip_prefix(&holdout_prefix) {
+            c.header = format!("test_holdout.{metric} (best val_holdout ckpt)");
+        } else if c.key.starts_with("test_holdout.") {
+            c.header = format!("{} (best val ckpt)", c.key);
         }
     }
+    columns
+}
+
+/// The main table (columns as [`label_checkpoints`] leaves them) and, when it shows two
+/// zero-shot checkpoints, which one the paper reports.
+fn test_section(rows: &[MethodRow], columns: Vec<Column>) -> Section {
+    let holdout_prefix = format!("{HOLDOUT_CHECKPOINT}.test_holdout.");
+    let two_checkpoints = columns.iter().any(|c| c.key.starts_with(&holdout_prefix));
     let mut blocks = vec![Block::Table {
         rows: rows.to_vec(),
         columns,
@@ -735,10 +746,8 @@ mod tests {
         assert_eq!(r["paper_zero_shot"], "holdout_checkpoint.test_holdout");
         assert_eq!(r["holdout_checkpoint"]["test_holdout"]["top1"], 0.77);
 
-        let section = test_section(
-            std::slice::from_ref(&row),
-            columns_of(std::slice::from_ref(&row)),
-        );
+        let columns = label_checkpoints(columns_of(std::slice::from_ref(&row)));
+        let section = test_section(std::slice::from_ref(&row), columns);
         let text = Report {
             title: "t".into(),
             intro: Vec::new(),
@@ -763,7 +772,7 @@ mod tests {
             intro: Vec::new(),
             sections: vec![test_section(
                 std::slice::from_ref(&plain),
-                columns_of(std::slice::from_ref(&plain)),
+                label_checkpoints(columns_of(std::slice::from_ref(&plain))),
             )],
         }
         .render();
