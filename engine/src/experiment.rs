@@ -19,6 +19,7 @@ use toml::de::{DeString, DeTable, DeValue};
 
 use crate::diagnostic::{Diagnostic, Diagnostics, FileId, SourceMap, Span};
 use crate::expect::Expectation;
+use crate::shape::{PlanFacts, PlanInput};
 use crate::stage::{Coords, DynStage, InputSlot, ParamBox, Registry};
 
 /// Keys of a stage table that the engine reads itself; all others are the kind's params.
@@ -66,6 +67,8 @@ pub struct StageDecl {
     pub variants: Vec<Variant>,
     /// The artifact type every variant produces (what `from` links are typed by).
     pub output: &'static str,
+    /// What the kind says, at load time, its nodes will report (every variant's, united).
+    pub plan: PlanFacts,
     pub(crate) stage: Arc<dyn DynStage>,
 }
 
@@ -238,7 +241,7 @@ pub fn load(path: &Path, registry: &Registry) -> Result<Experiment, Diagnostics>
     }
 
     check_types(&sources, &decls)?;
-    let decls = order_stages(&sources, decls)?;
+    let mut decls = order_stages(&sources, decls)?;
     for x in &expect {
         let mut stages = vec![x.path.split('.').next().unwrap_or_default()];
         if let crate::expect::Rule::Compare {
@@ -265,6 +268,8 @@ pub fn load(path: &Path, registry: &Registry) -> Result<Experiment, Diagnostics>
     if !errors.is_empty() {
         return Err(Diagnostics(errors));
     }
+    plan_facts(&sources, &mut decls)?;
+    check_result_paths(&sources, &decls, &expect)?;
 
     let name = match name {
         Some(n) => n,
@@ -910,9 +915,112 @@ fn declare(
         threads,
         variants,
         output,
+        plan: PlanFacts::default(),
         stage,
     };
     Ok((decl, expect))
+}
+
+/// Asks every stage, inputs first, what its nodes will report ([`Stage::plan_facts`]); a
+/// stage's objection (a path it reads that its inputs will not report) is an error at it.
+///
+/// [`Stage::plan_facts`]: crate::Stage::plan_facts
+fn plan_facts(sources: &SourceMap, decls: &mut [StageDecl]) -> Result<(), Diagnostics> {
+    let mut errors = Vec::new();
+    for i in 0..decls.len() {
+        let (done, rest) = decls.split_at_mut(i);
+        let d = &mut rest[0];
+        let inputs: Vec<PlanInput> = d
+            .inputs
+            .iter()
+            .flat_map(|(slot, names)| names.iter().map(move |n| (slot.ty, n)))
+            .filter_map(|(ty, n)| {
+                let up = done.iter().find(|u| &u.name == n)?;
+                Some(PlanInput {
+                    ty,
+                    stage: &up.name,
+                    facts: &up.plan,
+                })
+            })
+            .collect();
+        let mut united: Option<PlanFacts> = None;
+        for v in &d.variants {
+            match d.stage.plan_facts(&v.params, &inputs) {
+                Ok(f) => united = Some(united.map_or(f.clone(), |u| u.union(f))),
+                Err(m) => {
+                    errors.push(
+                        Diagnostic::at(
+                            sources,
+                            &d.span,
+                            format!("stage `{}` ({}): {m}", d.name, d.kind),
+                        )
+                        .with_help(if v.coords.is_empty() {
+                            "fix the value in the stage table".to_string()
+                        } else {
+                            format!("for the sweep value {}", fmt_coords(&v.coords))
+                        }),
+                    );
+                    break;
+                }
+            }
+        }
+        d.plan = united.unwrap_or_default();
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Diagnostics(errors))
+    }
+}
+
+/// Checks every expectation's paths against what their stages said they will report.
+fn check_result_paths(
+    sources: &SourceMap,
+    decls: &[StageDecl],
+    expect: &[Expectation],
+) -> Result<(), Diagnostics> {
+    let mut errors = Vec::new();
+    for x in expect {
+        let mut paths = vec![x.path.as_str()];
+        if let crate::expect::Rule::Compare {
+            rhs: crate::expect::Operand::Path(p),
+            ..
+        } = &x.rule
+        {
+            paths.push(p);
+        }
+        for path in paths {
+            let (stage, rest) = path.split_once('.').unwrap_or((path, ""));
+            let Some(d) = decls.iter().find(|d| d.name == stage) else {
+                continue;
+            };
+            let checked = if rest.is_empty() {
+                Err(format!(
+                    "`{stage}` alone is not a value: name one of its results"
+                ))
+            } else {
+                d.plan.results.check(rest)
+            };
+            if let Err(m) = checked {
+                errors.push(
+                    Diagnostic::at(
+                        sources,
+                        &x.span,
+                        format!(
+                            "expectation on `{path}`: stage `{stage}` ({}) will not report it",
+                            d.kind
+                        ),
+                    )
+                    .with_help(m),
+                );
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Diagnostics(errors))
+    }
 }
 
 /// Whether `d` names a device: `cpu`, `cuda` or `cuda:N`. Whether this build and machine can

@@ -19,6 +19,7 @@ pub mod plan;
 pub mod progress;
 pub mod record;
 pub mod run;
+pub mod shape;
 pub mod stage;
 pub mod status;
 
@@ -29,6 +30,7 @@ pub use experiment::{Experiment, load};
 pub use plan::{Overrides, Plan, Planner};
 pub use run::{RunError, RunOptions, RunReport, run, run_slurm};
 pub use stage::{
-    Artifact, Cancelled, Coords, FailedWith, InputSlot, Inputs, Outcome, PlanContext, ProgressSink,
-    Registry, Resource, RunContext, Stage, StageResult, Sweep, error_text,
+    Artifact, Cancelled, Coords, FailedWith, InputSlot, Inputs, Outcome, PlanContext, PlanFacts,
+    PlanInput, ProgressSink, Registry, Resource, RunContext, Shape, Stage, StageResult, Sweep,
+    error_text,
 };

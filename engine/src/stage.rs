@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::digest::FileDigests;
+pub use crate::shape::{PlanFacts, PlanInput, Shape};
 
 /// What stage kinds return on failure: any error with context, printed with its chain.
 pub type StageResult<T> = anyhow::Result<T>;
@@ -449,6 +450,20 @@ pub trait Stage: Send + Sync + 'static {
         Ok(())
     }
 
+    /// What this stage's nodes will report ([`PlanFacts::results`], against which the engine
+    /// checks expectation paths) and what the stages reading it need to know, as far as its
+    /// params and its inputs' facts say; `inputs` lists every upstream stage in `from` order.
+    /// Called when the experiment is loaded, in topological order. An error is a mistake in
+    /// the experiment (a path this stage reads that its inputs will not report), shown at the
+    /// stage with the message. Default: nothing known, nothing checked.
+    fn plan_facts(
+        &self,
+        _params: &Self::Params,
+        _inputs: &[PlanInput<'_>],
+    ) -> Result<PlanFacts, String> {
+        Ok(PlanFacts::default())
+    }
+
     /// How the stage fans out by itself (layers of a model). `inputs` is `None` until the
     /// upstream artifacts exist.
     fn sweep(
@@ -529,6 +544,7 @@ pub(crate) trait DynStage: Send + Sync {
     fn inputs(&self) -> Vec<InputSlot>;
     fn parse(&self, de: toml::de::ValueDeserializer<'_>) -> Result<ParamBox, toml::de::Error>;
     fn check(&self, p: &ParamBox) -> Result<(), String>;
+    fn plan_facts(&self, p: &ParamBox, inputs: &[PlanInput<'_>]) -> Result<PlanFacts, String>;
     fn sweep(&self, p: &ParamBox, inputs: Option<&Inputs>) -> StageResult<Sweep<ParamBox>>;
     fn identity(&self, p: &ParamBox, cx: &PlanContext) -> StageResult<Option<String>>;
     fn resource(&self, p: &ParamBox, device: Option<&str>) -> Resource;
@@ -565,6 +581,9 @@ impl<S: Stage> DynStage for S {
     }
     fn check(&self, p: &ParamBox) -> Result<(), String> {
         Stage::check(self, p.get::<S::Params>())
+    }
+    fn plan_facts(&self, p: &ParamBox, inputs: &[PlanInput<'_>]) -> Result<PlanFacts, String> {
+        Stage::plan_facts(self, p.get::<S::Params>(), inputs)
     }
     fn sweep(&self, p: &ParamBox, inputs: Option<&Inputs>) -> StageResult<Sweep<ParamBox>> {
         Ok(match Stage::sweep(self, p.get::<S::Params>(), inputs)? {

@@ -9,8 +9,9 @@
 //! model = "probex"            # probex | probex-zeroshot | dense | dense-zeroshot | statnn
 //! epochs = 500                # every hyperparameter defaults to the paper's value
 //! ```
-//! The artifact holds the best-validation checkpoint with the official PyTorch parameter names
-//! (`checkpoint.safetensors`), the metrics and curves (`report.json`), and every model's
+//! The artifact holds the best-validation checkpoint, exactly the official PyTorch state dict
+//! (`checkpoint.safetensors`; with `standardize = true`, the inputs' mean and scale beside it in
+//! `standardize.safetensors`), the metrics and curves (`report.json`), and every model's
 //! encoding and scores under that checkpoint (`outputs.safetensors`, rows as in `rows.json`),
 //! which `select` and `evaluate` read without loading the layer again.
 
@@ -19,15 +20,66 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use probex_engine::{
-    Cancelled, InputSlot, Inputs, Outcome, Resource, RunContext, Stage, StageResult,
+    Cancelled, InputSlot, Inputs, Outcome, PlanFacts, PlanInput, Resource, RunContext, Shape,
+    Stage, StageResult,
 };
 use safetensors::{Dtype, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{Labels, LayerDataset, Matrices, ModelRecord};
+use crate::dataset::{Labels, LayerDataset, Matrices, ModelRecord, Split};
 use crate::embeddings::TextTable;
 use crate::extract::ARTIFACT as LAYER;
+use crate::labels::LabelKind;
+use crate::models::ModelKind;
+use crate::models::checkpoint::TaskKind;
 use crate::training::{self, DeviceSpec, TrainConfig};
+
+/// The plan fact of a train stage (and of the selections of its probes) naming the probes'
+/// task (`multi_label`, `class`, `regression`, `zero_shot`).
+pub const TASK: &str = "task";
+
+/// What a `model` trained on labels of `kind` predicts; an error for a zero-shot model on
+/// labels that are not one class per model (what `train` would say when it runs).
+pub fn task_of(model: ModelKind, kind: LabelKind) -> Result<TaskKind, String> {
+    let single = matches!(
+        kind,
+        LabelKind::Class | LabelKind::Category | LabelKind::Bool
+    );
+    Ok(match kind {
+        _ if model.is_zero_shot() && single => TaskKind::ZeroShot,
+        _ if model.is_zero_shot() => {
+            return Err(format!(
+                "model `{model}` scores classes by their text, so it needs single-class labels \
+                 (label kind `class` or `category`), but its layers are labelled `{}`",
+                serde_json::to_value(kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            ));
+        }
+        LabelKind::MultiLabel => TaskKind::MultiLabel,
+        LabelKind::Numeric => TaskKind::Regression,
+        LabelKind::Class | LabelKind::Category | LabelKind::Bool => TaskKind::Class,
+    })
+}
+
+/// The results of a train node for `task`: the metrics of every split, the parameter count,
+/// the kept epoch and the time; zero-shot probes add their best-`val_holdout` checkpoint's.
+pub fn results_shape(task: TaskKind) -> Shape {
+    let metrics = Shape::values(training::metrics::names(task).iter().copied());
+    let splits = Shape::object(Split::ALL.iter().map(|s| (s.as_str(), metrics.clone())));
+    let mut shape = splits
+        .clone()
+        .with("params", Shape::Value)
+        .with("best_epoch", Shape::Value)
+        .with("seconds", Shape::Value);
+    if task == TaskKind::ZeroShot {
+        shape = shape
+            .with("holdout_checkpoint", splits)
+            .with("best_holdout_epoch", Shape::Value);
+    }
+    shape
+}
 
 /// The artifact type of a trained probe.
 pub const ARTIFACT: &str = "probe";
@@ -40,6 +92,9 @@ pub mod files {
     pub const CHECKPOINT: &str = "checkpoint.safetensors";
     /// Zero-shot: best-`val_holdout` checkpoint.
     pub const HOLDOUT_CHECKPOINT: &str = "checkpoint_holdout.safetensors";
+    /// `standardize = true`: the inputs' mean and scale, which both checkpoints apply before
+    /// their forward pass (`(W - mean) / scale`).
+    pub const STANDARDIZE: &str = crate::models::checkpoint::STANDARDIZE_FILE;
     /// Metrics, curves, config.
     pub const REPORT: &str = "report.json";
     /// `encodings` [N, dim] and `scores` [N, C] of every model under the checkpoint.
@@ -81,7 +136,8 @@ impl Stage for Train {
     }
     fn version(&self) -> u32 {
         // 2: zero-shot probes keep their text table and encoder record.
-        2
+        // 3: the standardisation moved out of the checkpoint into standardize.safetensors.
+        3
     }
     fn about(&self) -> &'static str {
         "train a probe (probex, probex-zeroshot, dense, dense-zeroshot, statnn) on one layer dataset"
@@ -95,6 +151,24 @@ impl Stage for Train {
 
     fn check(&self, p: &TrainConfig) -> Result<(), String> {
         p.validate()
+    }
+
+    /// From the label kind of its layer input: the probe's task (passed on as [`TASK`]) and
+    /// so its metrics, under every split; unknown when the layer's label kind is.
+    fn plan_facts(&self, p: &TrainConfig, inputs: &[PlanInput<'_>]) -> Result<PlanFacts, String> {
+        let label_kind = inputs
+            .iter()
+            .find(|i| i.ty == LAYER)
+            .and_then(|i| i.facts.facts.get(crate::extract::stage::LABEL_KIND))
+            .and_then(|k| serde_json::from_value::<LabelKind>(k.clone()).ok());
+        let Some(label_kind) = label_kind else {
+            return Ok(PlanFacts::default());
+        };
+        let task = task_of(p.model, label_kind)?;
+        Ok(PlanFacts {
+            results: results_shape(task),
+            facts: serde_json::json!({ TASK: task }),
+        })
     }
 
     fn resource(&self, _p: &TrainConfig, device: Option<&str>) -> Resource {
@@ -197,6 +271,9 @@ impl Stage for Train {
         if let Some(h) = &outcome.holdout_checkpoint {
             write(out, files::HOLDOUT_CHECKPOINT, h)?;
         }
+        if let Some(s) = &outcome.standardize {
+            write(out, files::STANDARDIZE, s)?;
+        }
         write(
             out,
             files::REPORT,
@@ -236,8 +313,13 @@ impl Stage for Train {
             obj.insert("params".into(), r.params.into());
             obj.insert("best_epoch".into(), r.best_epoch.into());
             obj.insert("seconds".into(), r.seconds.into());
+            // Zero-shot: the checkpoint chosen on val_holdout, whose held-out numbers the
+            // paper reports (evaluate shows both).
             if let Some(h) = &r.holdout_metrics {
                 obj.insert("holdout_checkpoint".into(), serde_json::to_value(h)?);
+            }
+            if let Some(e) = r.best_holdout_epoch {
+                obj.insert("best_holdout_epoch".into(), e.into());
             }
         }
         Ok(Outcome {

@@ -201,3 +201,100 @@ fn plots_of_non_numeric_layers_and_bad_shapes() {
     );
     assert!(err.unwrap_err().to_string().contains("no/such/dir.svg"));
 }
+
+/// An attribute probe as a user writes it: which metrics exist depends on the label kind, and
+/// a name that does not fit (`val.accuracy` on a category probe, whose metric is `val.top1`)
+/// is an error when the experiment is loaded, before anything trains, naming the valid ones;
+/// so is an expectation on a metric the probe will not report. Fitting names load.
+#[test]
+fn selection_and_expectation_metrics_are_checked_against_the_label_kind_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = |label: &str, by: &str, expect: &str| {
+        let text = format!(
+            r#"
+[stage.models]
+kind = "fetch"
+source = "dir"
+path = "models"
+
+[stage.layers]
+kind = "extract"
+from = "models"
+layers = "all"
+label = {label}
+
+[stage.probe]
+kind = "train"
+from = "layers"
+for_each = "layer"
+model = "probex"
+
+[stage.best]
+kind = "select"
+from = "probe"
+by = "{by}"
+
+[stage.report]
+kind = "evaluate"
+from = ["best"]
+
+[expect]
+{expect}
+"#
+        );
+        let path = dir.path().join("attr.toml");
+        std::fs::write(&path, text).unwrap();
+        probex_engine::load(&path, &probex_stages::registry()).map(|_| ())
+    };
+    let scheduler = r#"{ key = "lr_scheduler", kind = "category" }"#;
+    let lr = r#"{ key = "learning_rate", kind = "numeric", transform = "log10" }"#;
+
+    let e = exp(scheduler, "val.accuracy", "").unwrap_err().to_string();
+    assert!(
+        e.contains("`by = \"val.accuracy\"`")
+            && e.contains("class probes")
+            && e.contains("`val` has no `accuracy`")
+            && e.contains("`top1`")
+            && e.contains("`majority`"),
+        "{e}"
+    );
+    let e = exp(lr, "val.top1", "").unwrap_err().to_string();
+    assert!(e.contains("regression probes") && e.contains("`r2`"), "{e}");
+
+    let e = exp(
+        scheduler,
+        "val.top1",
+        r#""report.best.test.accuracy" = "> 0.5""#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("expectation on `report.best.test.accuracy`") && e.contains("`top1`"),
+        "{e}"
+    );
+    let e = exp(lr, "val.r2", r#""best.tset.r2" = "> 0""#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no `tset`") && e.contains("`test`"), "{e}");
+    // A comparison's right-hand side is checked too.
+    let e = exp(
+        scheduler,
+        "val.top1",
+        r#""best.test.top1" = "> best.test.majorty""#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`best.test.majorty`"), "{e}");
+
+    exp(
+        scheduler,
+        "val.top1",
+        r#""report.best.test.top1" = "> report.best.test.majority"
+"best.layer" = ">= 0"
+"report.best.downstream.knn.top1" = "> 0""#,
+    )
+    .unwrap();
+    exp(lr, "val.r2", r#""best.test.r2" = "> 0""#).unwrap();
+    let flag = r#"{ key = "random_flip", kind = "bool" }"#;
+    exp(flag, "val.top1", r#""best.val.majority" = "< 1""#).unwrap();
+}

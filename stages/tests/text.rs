@@ -452,7 +452,7 @@ fn single_class_tree(dir: &Path) -> Vec<(PathBuf, &'static str, String)> {
 }
 
 /// A zero-shot probe trained through the engine on [`single_class_tree`] with the tiny CLIP
-/// text model; returns the run directory.
+/// text model, on standardised inputs; returns the run directory.
 fn zero_shot_run(dir: &Path) -> PathBuf {
     let model = dir.join("clip");
     std::fs::create_dir_all(&model).unwrap();
@@ -492,6 +492,8 @@ batch_size = 16
 r_u = 8
 r_v = 8
 r_t = 16
+# The selected probe's standardize.safetensors must travel with it for describe to work.
+standardize = true
 
 [stage.best]
 kind = "select"

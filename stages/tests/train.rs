@@ -2,13 +2,14 @@
 //! Small layers and few epochs: these run in CI on 2 cores in the dev profile.
 
 mod common;
+mod stage_run;
 
 use std::ops::ControlFlow;
 
 use probex_stages::dataset::{LayerDataset, Matrices, Split};
 use probex_stages::embeddings::TextTable;
 use probex_stages::models::ModelKind;
-use probex_stages::models::checkpoint::{Checkpoint, TaskKind};
+use probex_stages::models::checkpoint::{Checkpoint, STANDARDIZE_FILE, Standardization, TaskKind};
 #[cfg(not(feature = "cuda"))]
 use probex_stages::training::DeviceSpec;
 use probex_stages::training::{
@@ -355,11 +356,34 @@ fn requests_that_cannot_run_are_clear_errors() {
     assert!(out.report.metrics.contains_key("train"));
 }
 
+/// Writes a training's files as the `train` stage does (the checkpoint, and with standardised
+/// inputs the standardisation beside it); returns the checkpoint's path.
+fn save(out: &TrainOutcome, dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("checkpoint.safetensors");
+    std::fs::write(&path, &out.checkpoint).unwrap();
+    if let Some(s) = &out.standardize {
+        std::fs::write(dir.join(STANDARDIZE_FILE), s).unwrap();
+    }
+    path
+}
+
+/// The tensor names of the authors' `ProbeXClassification` state_dict: a strict
+/// `load_state_dict` accepts exactly these.
+const PROBEX_STATE_DICT: [&str; 6] = [
+    "classification_head.bias",
+    "classification_head.weight",
+    "per_probe_encoders.bias",
+    "per_probe_encoders.weight",
+    "probes.weight",
+    "shared_probe_proj.weight",
+];
+
 /// Standardised inputs remove what every model shares: adding one base matrix to every model
 /// (a model tree's base) changes nothing a standardised probe computes, while the raw probe
-/// sees different inputs. The mean travels in the checkpoint and inference applies it.
+/// sees different inputs. The checkpoint stays exactly the authors' state dict; the mean and
+/// scale lie beside it in `standardize.safetensors`, and inference applies them.
 #[test]
-fn standardized_probe_ignores_a_shared_base_and_keeps_its_mean_in_the_checkpoint() {
+fn standardized_probe_ignores_a_shared_base_and_keeps_its_mean_beside_the_checkpoint() {
     let ds = common::multilabel(COUNTS, 8, 6, 4, 0.3, 5);
     let mut shifted = ds.clone();
     let base: Vec<f32> = (0..48)
@@ -390,21 +414,23 @@ fn standardized_probe_ignores_a_shared_base_and_keeps_its_mean_in_the_checkpoint
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ckpt.safetensors");
-    std::fs::write(&path, &b.checkpoint).unwrap();
+    let path = save(&b, dir.path());
     let ckpt = Checkpoint::read(&path).unwrap();
-    let mean = ckpt.by_name()["input_mean"].clone();
-    assert_eq!(mean.shape, vec![8, 6]);
-    assert!(ckpt.meta.as_ref().unwrap().task.input_scale.is_some());
+    // Nothing but the module's parameters: a strict load_state_dict takes it as it is.
+    let names: Vec<&str> = ckpt.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, PROBEX_STATE_DICT);
+    let scale = ckpt.meta.as_ref().unwrap().task.input_scale.unwrap();
+    let side = Standardization::read(&dir.path().join(STANDARDIZE_FILE)).unwrap();
+    assert_eq!((side.d_h, side.d_w, side.scale), (8, 6, scale));
     // The stored mean is the training rows' mean, so it carries the base.
-    let avg = mean
-        .values
-        .iter()
-        .zip(&base)
-        .map(|(m, b)| m - b)
-        .sum::<f32>()
-        / 48.0;
+    let avg = side.mean.iter().zip(&base).map(|(m, b)| m - b).sum::<f32>() / 48.0;
     assert!(avg.abs() < 0.5, "{avg}");
+    // A raw probe writes no standardisation.
+    assert!(
+        go(&ds, None, &small(ModelKind::Probex, 1))
+            .standardize
+            .is_none()
+    );
     // Inference standardises too: the shifted data under the shifted model's checkpoint scores
     // as well as training measured.
     let pred = predict(&path, &shifted, None, &common::device()).unwrap();
@@ -426,17 +452,200 @@ fn standardized_probe_ignores_a_shared_base_and_keeps_its_mean_in_the_checkpoint
         "predict {acc} vs training's {want}"
     );
 
-    // A checkpoint that says it standardises but lost its mean is refused.
-    let mut broken = ckpt.clone();
-    broken.tensors.retain(|t| t.name != "input_mean");
-    broken.write(&path).unwrap();
+    // The standardisation of another training (another scale) is refused ...
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let mut foreign = side.clone();
+    foreign.scale *= 2.0;
+    std::fs::write(other.join(STANDARDIZE_FILE), foreign.to_bytes().unwrap()).unwrap();
+    std::fs::write(other.join("checkpoint.safetensors"), &b.checkpoint).unwrap();
+    let e = predict(
+        &other.join("checkpoint.safetensors"),
+        &shifted,
+        None,
+        &common::device(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("another training"), "{e}");
+    // ... and so is a standardised checkpoint without its file, saying what to copy.
+    std::fs::remove_file(dir.path().join(STANDARDIZE_FILE)).unwrap();
     let e = predict(&path, &shifted, None, &common::device())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("input_mean") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains(STANDARDIZE_FILE) && e.contains("missing") && e.contains("standardize = true"),
+        "{e}"
+    );
+    // A checkpoint of the old layout (the mean inside it) is named as such.
+    let mut legacy = ckpt.clone();
+    legacy.tensors.push(probex_stages::models::NamedTensor {
+        name: "input_mean".into(),
+        shape: vec![8, 6],
+        values: side.mean.clone(),
+    });
+    legacy.write(&path).unwrap();
+    let e = predict(&path, &shifted, None, &common::device())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("input_mean") && e.contains("run its experiment again"),
+        "{e}"
+    );
     // StatNN standardises its statistics itself; asking for more is an error.
     let e = toml::from_str::<TrainConfig>("model = \"statnn\"\nstandardize = true").unwrap_err();
     assert!(e.to_string().contains("statnn"), "{e}");
+}
+
+/// A standardised training resumed from a work dir ends with the checkpoint of a straight run:
+/// the module's parameters only, even when the best-so-far file there was written in the old
+/// layout (the training mean inside it), and the same standardisation.
+#[test]
+fn a_resumed_standardised_training_keeps_its_checkpoint_a_plain_state_dict() {
+    let ds = common::multilabel([64, 16, 16, 0, 0], 8, 6, 3, 0.3, 6);
+    // Validation after epochs 0 and 2 only: the kept checkpoint is the one read back from
+    // the work dir after the resume.
+    let mut cfg = small(ModelKind::Probex, 4);
+    cfg.standardize = true;
+    cfg.validate_every = 2;
+    cfg.checkpoint_every = 1;
+    let straight = go(&ds, None, &cfg);
+    let dir = tempfile::tempdir().unwrap();
+    let stop_at_2 = &mut |p: &TrainProgress| {
+        if p.epoch == 2 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let err = train(
+        &ds,
+        None,
+        &cfg,
+        &common::device(),
+        Some(dir.path()),
+        stop_at_2,
+    )
+    .unwrap_err();
+    assert!(matches!(err, TrainError::Cancelled { epoch: 2 }), "{err}");
+    let best = dir.path().join("best.safetensors");
+    let mut old = Checkpoint::read(&best).unwrap();
+    old.tensors.push(probex_stages::models::NamedTensor {
+        name: "input_mean".into(),
+        shape: vec![8, 6],
+        values: vec![0.5; 48],
+    });
+    old.write(&best).unwrap();
+    let resumed = train(
+        &ds,
+        None,
+        &cfg,
+        &common::device(),
+        Some(dir.path()),
+        &mut |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    assert_eq!(resumed.report.resumed_from, Some(3));
+    assert_eq!(resumed.checkpoint, straight.checkpoint);
+    assert!(resumed.standardize.is_some());
+    assert_eq!(resumed.standardize, straight.standardize);
+}
+
+/// The Python that runs docs/load_in_pytorch.py (`PROBEX_PYTHON`, else `python3`) if it has
+/// NumPy; `None` (the test skips) otherwise, unless `PROBEX_REQUIRE_PYTHON` is set (CI), when
+/// its absence fails the test.
+fn python_with_numpy() -> Option<String> {
+    let python = std::env::var("PROBEX_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(python);
+    }
+    assert!(
+        std::env::var_os("PROBEX_REQUIRE_PYTHON").is_none(),
+        "PROBEX_REQUIRE_PYTHON is set but `{python} -c 'import numpy'` fails: pip install numpy"
+    );
+    eprintln!("skipped: `{python}` has no NumPy (pip install numpy, or set PROBEX_PYTHON)");
+    None
+}
+
+/// The documented way to use a standardised probe outside probex works: the `train` stage's
+/// artifact, read by docs/load_in_pytorch.py (a strict state dict plus `(W - mean) / scale`
+/// from standardize.safetensors, the forward pass in NumPy), gives the scores probex stored,
+/// on a layer as `probex export` writes it. A raw probe of the same layer does too, and the
+/// script fails when the standardisation is left out.
+#[test]
+fn the_python_snippet_reproduces_probex_scores_from_a_standardised_checkpoint() {
+    use probex_engine::cache::Key;
+    use probex_engine::{Artifact, Inputs};
+    use probex_stages::dataset::Precision;
+    use probex_stages::train::{Train, files};
+
+    let Some(python) = python_with_numpy() else {
+        return;
+    };
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/load_in_pytorch.py");
+    let mut ds = common::multilabel(COUNTS, 8, 6, 4, 0.3, 21);
+    // A shared base far from zero, as a model tree has: unstandardised inputs would score
+    // differently, so the check sees whether the standardisation was applied.
+    if let Matrices::Stacked(w) = &mut ds.weights {
+        w.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v += 2.0 + (i % 48) as f32 * 0.1);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (layer_dir, export) = (tmp.path().join("layer"), tmp.path().join("export"));
+    ds.save(&layer_dir, Precision::F32).unwrap();
+    ds.save_stacked(&export, Precision::F32).unwrap();
+    let inputs = Inputs::new([(
+        probex_stages::extract::ARTIFACT,
+        vec![Artifact {
+            node: "layers".into(),
+            stage: "layers".into(),
+            key: Key::parse(&"0".repeat(64)).unwrap(),
+            dir: layer_dir,
+            coords: Vec::new(),
+            meta: serde_json::Value::Null,
+            results: None,
+        }],
+    )]);
+    let run_script = |probe: &std::path::Path| {
+        std::process::Command::new(&python)
+            .arg(&script)
+            .arg(probe)
+            .arg(export.join("layer.safetensors"))
+            .args(["--check", "--numpy"])
+            .output()
+            .unwrap()
+    };
+    for standardize in [true, false] {
+        let probe = tmp.path().join(format!("probe-{standardize}"));
+        let cfg = TrainConfig {
+            standardize,
+            ..small(ModelKind::Probex, 6)
+        };
+        stage_run::run(&Train, &cfg, &inputs, &probe, 1).unwrap();
+        assert_eq!(probe.join(files::STANDARDIZE).is_file(), standardize);
+        let out = run_script(&probe);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "standardize={standardize}: {text}");
+        assert!(text.contains("max |logit - probex score|"), "{text}");
+        assert_eq!(text.contains("standardised inputs"), standardize, "{text}");
+        if standardize {
+            // Without the standardisation (what loading the checkpoint alone gives), the
+            // logits are not probex's: the check catches it.
+            std::fs::remove_file(probe.join(files::STANDARDIZE)).unwrap();
+            let out = run_script(&probe);
+            assert!(!out.status.success(), "raw inputs passed the check");
+        }
+    }
 }
 
 /// Training on a LoRA layer's factors (ProbeX's encoder reads them without forming `B @ A`;
@@ -496,8 +705,7 @@ fn factored_and_materialised_lora_layers_train_alike() {
             }
         }
         let dir = tempfile::tempdir().unwrap();
-        let ckpt = dir.path().join("c.safetensors");
-        std::fs::write(&ckpt, &f.checkpoint).unwrap();
+        let ckpt = save(&f, dir.path());
         let device = common::device();
         let (ef, es) = (
             encode(&ckpt, &factored, &device).unwrap(),

@@ -21,7 +21,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use probex_engine::{Artifact, InputSlot, Inputs, Outcome, RunContext, Stage, StageResult};
+use probex_engine::{
+    Artifact, InputSlot, Inputs, Outcome, PlanFacts, PlanInput, RunContext, Shape, Stage,
+    StageResult,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -46,9 +49,10 @@ pub struct EvaluateParams {
     /// Neighbours for one-class kNN scores and kNN classification (the paper's k = 2).
     #[serde(default = "default_k")]
     pub k: usize,
-    /// Neighbours listed per query in the retrieval CSV.
-    #[serde(default = "default_retrieve")]
-    pub retrieve: usize,
+    /// Neighbours listed per query in the retrieval CSV, and scored as `precision@N`. Default:
+    /// `k`, as the authors' `downstream_generative.py` retrieves with its one `--k` (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retrieve: Option<usize>,
     /// Run the downstream tasks on the encodings (off: test metrics only).
     #[serde(default = "yes")]
     pub downstream: bool,
@@ -60,8 +64,11 @@ pub struct EvaluateParams {
 fn default_k() -> usize {
     2
 }
-fn default_retrieve() -> usize {
-    5
+impl EvaluateParams {
+    /// Neighbours retrieved per query: `retrieve`, else `k`.
+    pub fn retrieve(&self) -> usize {
+        self.retrieve.unwrap_or(self.k)
+    }
 }
 fn yes() -> bool {
     true
@@ -77,7 +84,9 @@ impl Stage for Evaluate {
         "evaluate"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: zero-shot probes also report the held-out metrics of their val_holdout-chosen
+        // checkpoint (the paper's); retrieval defaults to k neighbours (was 5).
+        2
     }
     fn about(&self) -> &'static str {
         "test metrics, downstream tasks (one-class, kNN, retrieval) and the paper's tables for selected probes"
@@ -93,10 +102,36 @@ impl Stage for Evaluate {
     }
 
     fn check(&self, p: &EvaluateParams) -> Result<(), String> {
-        if p.k == 0 || p.retrieve == 0 {
+        if p.k == 0 || p.retrieve() == 0 {
             return Err("`k` and `retrieve` must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// Results by method (selection stage): what the selection reports, plus the model, the
+    /// downstream tasks, per-tree scores and, for tree experts, their pooled test metrics.
+    fn plan_facts(
+        &self,
+        _p: &EvaluateParams,
+        inputs: &[PlanInput<'_>],
+    ) -> Result<PlanFacts, String> {
+        let methods = inputs.iter().filter(|i| i.ty == SELECTION).map(|i| {
+            let shape = i
+                .facts
+                .results
+                .clone()
+                .with("model", Shape::Value)
+                .with("downstream", Shape::Any)
+                .with("by_tree", Shape::Any)
+                .with(PAPER_ZERO_SHOT, Shape::Value)
+                .with("trees", Shape::Value)
+                .with("experts", Shape::Any);
+            (i.stage, shape)
+        });
+        Ok(PlanFacts {
+            results: Shape::object(methods),
+            facts: Value::Null,
+        })
     }
 
     fn run(&self, p: &EvaluateParams, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
@@ -159,16 +194,11 @@ impl Stage for Evaluate {
             results.insert(method, r);
         }
 
-        let columns = columns_of(&rows);
+        // The printed summary, the CSV and report.md show the same columns, labelled.
+        let columns = label_checkpoints(columns_of(&rows));
         let main = super::report::render_table(&rows, &columns);
         std::fs::write(out.join("methods.csv"), table_csv(&rows, &columns))?;
-        let mut sections = vec![Section {
-            heading: "Test metrics of the selected layer".into(),
-            blocks: vec![Block::Table {
-                rows: rows.clone(),
-                columns,
-            }],
-        }];
+        let mut sections = vec![test_section(&rows, columns)];
         if !downstream_rows.is_empty() {
             let dcols = columns_of(&downstream_rows);
             sections.push(Section {
@@ -255,7 +285,7 @@ fn single_row(sel: &Artifact) -> (MethodRow, Value) {
         format!("{model} (`{}`, layer {})", sel.stage, layer_of(sel)),
         params,
     );
-    let r = sel.results.clone().unwrap_or_else(|| json!({}));
+    let mut r = sel.results.clone().unwrap_or_else(|| json!({}));
     for split in ["test", "test_holdout"] {
         if let Some(Value::Object(m)) = r.get(split) {
             for (k, v) in m {
@@ -265,7 +295,78 @@ fn single_row(sel: &Artifact) -> (MethodRow, Value) {
             }
         }
     }
+    // Zero-shot: the held-out metrics of the second checkpoint, chosen on val_holdout.
+    let holdout = r
+        .get(HOLDOUT_CHECKPOINT)
+        .and_then(|h| h.get("test_holdout"))
+        .and_then(Value::as_object);
+    if let Some(m) = holdout {
+        for (k, v) in m {
+            if let (Some(v), true) = (v.as_f64(), k != "loss") {
+                row = row.with(format!("{HOLDOUT_CHECKPOINT}.test_holdout.{k}"), v);
+            }
+        }
+        r = with(
+            r,
+            PAPER_ZERO_SHOT,
+            format!("{HOLDOUT_CHECKPOINT}.test_holdout").into(),
+        );
+    }
     (row, with(r, "model", model.into()))
+}
+
+/// Where a train result keeps the metrics of a zero-shot probe's best-`val_holdout`
+/// checkpoint (the other results are the best-`val` checkpoint's).
+const HOLDOUT_CHECKPOINT: &str = "holdout_checkpoint";
+
+/// The result naming which of a zero-shot probe's results the paper's zero-shot column is.
+const PAPER_ZERO_SHOT: &str = "paper_zero_shot";
+
+/// The main table, its zero-shot columns labelled with the checkpoint they come from, and
+/// (when there are such columns) which one the paper reports.
+/// Zero-shot columns from two checkpoints: each `test_holdout` header names its checkpoint,
+/// and the best-`val_holdout` checkpoint's columns come right after the best-`val` ones.
+fn label_checkpoints(mut columns: Vec<Column>) -> Vec<Column> {
+    let holdout_prefix = format!("{HOLDOUT_CHECKPOINT}.test_holdout.");
+    if !columns.iter().any(|c| c.key.starts_with(&holdout_prefix)) {
+        return columns;
+    }
+    // Beside the best-val checkpoint's test_holdout columns (they sort first otherwise).
+    columns.sort_by_key(|c| c.key.starts_with(&holdout_prefix));
+    for c in &mut columns {
+        if let Some(metric) = c.key.strip_prefix(&holdout_prefix) {
+            c.header = format!("test_holdout.{metric} (best val_holdout ckpt)");
+        } else if c.key.starts_with("test_holdout.") {
+            c.header = format!("{} (best val ckpt)", c.key);
+        }
+    }
+    columns
+}
+
+/// The main table (columns as [`label_checkpoints`] leaves them) and, when it shows two
+/// zero-shot checkpoints, which one the paper reports.
+fn test_section(rows: &[MethodRow], columns: Vec<Column>) -> Section {
+    let holdout_prefix = format!("{HOLDOUT_CHECKPOINT}.test_holdout.");
+    let two_checkpoints = columns.iter().any(|c| c.key.starts_with(&holdout_prefix));
+    let mut blocks = vec![Block::Table {
+        rows: rows.to_vec(),
+        columns,
+    }];
+    if two_checkpoints {
+        blocks.push(Block::Text(format!(
+            "Zero-shot probes keep two checkpoints, as the authors' training script does: the \
+             one with the best `val` top-1 (every other number of the row, and the encodings \
+             of the downstream tasks) and the one with the best `val_holdout` top-1. The \
+             paper's zero-shot column is `test_holdout` of the best-`val_holdout` checkpoint \
+             (results path `<method>.{HOLDOUT_CHECKPOINT}.test_holdout`, what the authors' \
+             script reports for held-out classes); its in-distribution column is `test` of the \
+             best-`val` checkpoint."
+        )));
+    }
+    Section {
+        heading: "Test metrics of the selected layer".into(),
+        blocks,
+    }
 }
 
 /// The row and results of one expert per tree, scored as one method over all their test
@@ -507,7 +608,7 @@ fn downstream(
             let pool_enc = gather(&pool_idx);
             let pool_labels: Vec<u32> = pool_idx.iter().map(|&i| targets[i]).collect();
             let queries = one_query_per_class(&pool_labels);
-            let hits = retrieval_top_k(Encodings::new(&pool_enc, dim)?, &queries, p.retrieve)?;
+            let hits = retrieval_top_k(Encodings::new(&pool_enc, dim)?, &queries, p.retrieve())?;
             let ids: Vec<String> = pool_idx
                 .iter()
                 .map(|&i| rows.models[i].id.clone())
@@ -528,14 +629,14 @@ fn downstream(
             let total: usize = hits.iter().map(Vec::len).sum();
             if total > 0 {
                 values.insert(
-                    format!("retrieval.precision@{}", p.retrieve),
+                    format!("retrieval.precision@{}", p.retrieve()),
                     same as f64 / total as f64,
                 );
             }
             let name = format!("{safe}.retrieval.csv");
             std::fs::write(
                 cx.out_dir().join(&name),
-                retrieval_csv(&ids, &cls, &queries, &hits, p.retrieve)?,
+                retrieval_csv(&ids, &cls, &queries, &hits, p.retrieve())?,
             )?;
             files.push(name);
         }
@@ -588,4 +689,93 @@ pub(crate) fn file_safe(s: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use probex_engine::cache::Key;
+
+    /// Retrieval lists and scores `k` neighbours unless told otherwise, as the authors' script
+    /// uses its one `--k` (default 2) for kNN and retrieval.
+    #[test]
+    fn retrieval_defaults_to_the_authors_k() {
+        let p = |t: &str| toml::from_str::<EvaluateParams>(t).unwrap();
+        assert_eq!((p("").k, p("").retrieve()), (2, 2));
+        assert_eq!(p("k = 3").retrieve(), 3);
+        assert_eq!(p("k = 3\nretrieve = 7").retrieve(), 7);
+        assert!(Evaluate.check(&p("retrieve = 0")).is_err());
+    }
+
+    fn selection(results: Value) -> Artifact {
+        Artifact {
+            node: "best_probex".into(),
+            stage: "best_probex".into(),
+            key: Key::parse(&"0".repeat(64)).unwrap(),
+            dir: std::path::PathBuf::from("/nonexistent"),
+            coords: Vec::new(),
+            meta: json!({ "model": "probex-zeroshot", "params": 615, "chosen_layer": "3" }),
+            results: Some(results),
+        }
+    }
+
+    /// A zero-shot selection reports held-out top-1 from both checkpoints, labelled, and the
+    /// report says which the paper uses; a probe without the second checkpoint shows neither
+    /// label nor note.
+    #[test]
+    fn zero_shot_rows_carry_both_checkpoints_labelled() {
+        let sel = selection(json!({
+            "test": { "top1": 0.98, "loss": 0.1 },
+            "test_holdout": { "top1": 0.70 },
+            "holdout_checkpoint": {
+                "test": { "top1": 0.95 },
+                "test_holdout": { "top1": 0.77, "loss": 1.0 },
+                "val_holdout": { "top1": 0.80 },
+            },
+            "best_epoch": 40,
+            "best_holdout_epoch": 30,
+        }));
+        let (row, r) = single_row(&sel);
+        assert_eq!(row.metrics["test.top1"], 0.98);
+        assert_eq!(row.metrics["test_holdout.top1"], 0.70);
+        assert_eq!(row.metrics["holdout_checkpoint.test_holdout.top1"], 0.77);
+        assert!(
+            !row.metrics
+                .contains_key("holdout_checkpoint.test_holdout.loss")
+        );
+        assert_eq!(r["paper_zero_shot"], "holdout_checkpoint.test_holdout");
+        assert_eq!(r["holdout_checkpoint"]["test_holdout"]["top1"], 0.77);
+
+        let columns = label_checkpoints(columns_of(std::slice::from_ref(&row)));
+        let section = test_section(std::slice::from_ref(&row), columns);
+        let text = Report {
+            title: "t".into(),
+            intro: Vec::new(),
+            sections: vec![section],
+        }
+        .render();
+        assert!(
+            text.contains("| test_holdout.top1 (best val ckpt) |")
+                && text.contains("| test_holdout.top1 (best val_holdout ckpt) |")
+                && text.contains("| 0.700 | 0.770 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("paper's zero-shot column is `test_holdout` of the best-`val_holdout`"),
+            "{text}"
+        );
+
+        let (plain, r) = single_row(&selection(json!({ "test": { "accuracy": 0.8 } })));
+        assert!(r.get("paper_zero_shot").is_none());
+        let text = Report {
+            title: "t".into(),
+            intro: Vec::new(),
+            sections: vec![test_section(
+                std::slice::from_ref(&plain),
+                label_checkpoints(columns_of(std::slice::from_ref(&plain))),
+            )],
+        }
+        .render();
+        assert!(!text.contains("ckpt") && !text.contains("paper"), "{text}");
+    }
 }

@@ -28,7 +28,8 @@
 use std::collections::BTreeMap;
 
 use probex_engine::{
-    FailedWith, InputSlot, Inputs, Outcome, RunContext, Stage, StageResult, Sweep,
+    FailedWith, InputSlot, Inputs, Outcome, PlanFacts, PlanInput, RunContext, Stage, StageResult,
+    Sweep,
 };
 use serde::{Deserialize, Serialize};
 
@@ -82,6 +83,9 @@ pub struct ExtractParams {
 /// The `extract` stage kind.
 pub struct Extract;
 
+/// The plan fact of an extract stage naming its label kind (`multi_label`, `class`, ...).
+pub const LABEL_KIND: &str = "label_kind";
+
 impl Stage for Extract {
     type Params = ExtractParams;
 
@@ -106,6 +110,18 @@ impl Stage for Extract {
             InputSlot::optional(collection::ARTIFACT),
             InputSlot::optional(route::ARTIFACT),
         ]
+    }
+
+    /// Tells the probes reading it what they will learn: [`LABEL_KIND`] names the label kind.
+    fn plan_facts(
+        &self,
+        p: &ExtractParams,
+        _inputs: &[PlanInput<'_>],
+    ) -> Result<PlanFacts, String> {
+        Ok(PlanFacts {
+            facts: serde_json::json!({ LABEL_KIND: p.label.kind }),
+            ..PlanFacts::default()
+        })
     }
 
     fn sweep(

@@ -1,7 +1,13 @@
 //! Probe checkpoints: a safetensors file whose tensors are the official PyTorch `state_dict`
-//! (names and layouts), so `model.load_state_dict(safetensors.torch.load_file(path))` works,
-//! plus a JSON entry `probex` in the header metadata with what PyTorch does not need (model
-//! kind, shapes, class names, target scaling).
+//! (names and layouts) and nothing else, so a strict
+//! `model.load_state_dict(safetensors.torch.load_file(path))` works, plus a JSON entry
+//! `probex` in the header metadata with what PyTorch does not need (model kind, shapes, class
+//! names, target scaling).
+//!
+//! A probe trained on standardised inputs (`standardize = true`) reads `(X - mean) / scale`;
+//! `mean` and `scale` are not parameters of the PyTorch module, so they live in a second file
+//! beside the checkpoint, [`STANDARDIZE_FILE`] ([`Standardization`]), which a PyTorch user
+//! applies to the weights before the forward pass (docs/load_in_pytorch.py).
 //!
 //! A file without that entry (for example one written by PyTorch with `save_file`) still loads:
 //! the ProbeX shapes are read off the tensors, and the task comes from the data it is used on.
@@ -53,15 +59,120 @@ pub struct TaskInfo {
     /// StatNN: training-set standard deviation of each statistic.
     #[serde(default)]
     pub feature_std: Vec<f32>,
-    /// Standardised inputs: the model reads `(X - input_mean) / input_scale`, with the
-    /// training mean matrix stored as the checkpoint tensor [`INPUT_MEAN`].
+    /// Standardised inputs: the model reads `(X - mean) / input_scale`, with `mean` and the
+    /// scale in the [`STANDARDIZE_FILE`] beside the checkpoint. Kept here too so that a
+    /// checkpoint separated from that file is refused instead of fed raw weights, and a file
+    /// of another training (another scale) is recognised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_scale: Option<f32>,
 }
 
-/// Name of the checkpoint tensor holding the training mean of standardised inputs; not a
-/// parameter of the PyTorch module (load such a state dict with `strict=False`).
-pub const INPUT_MEAN: &str = "input_mean";
+/// Name of the tensor in which probex before train version 3 kept the training mean inside
+/// the checkpoint (which made a strict `load_state_dict` fail); recognised only to say so.
+pub const LEGACY_INPUT_MEAN: &str = "input_mean";
+
+/// The file beside a checkpoint (same directory) holding its [`Standardization`].
+pub const STANDARDIZE_FILE: &str = "standardize.safetensors";
+
+/// What a probe trained with `standardize = true` applies to a weight matrix `X` before its
+/// forward pass: `(X - mean) / scale`. Stored as [`STANDARDIZE_FILE`]: tensors `mean`
+/// `[d_H, d_W]` (the training models' mean matrix) and `scale` `[1]` (the standard deviation
+/// of their values around it), f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Standardization {
+    /// Rows of the mean matrix (`d_H`).
+    pub d_h: usize,
+    /// Columns of the mean matrix (`d_W`).
+    pub d_w: usize,
+    /// The mean matrix, row-major `[d_H, d_W]`.
+    pub mean: Vec<f32>,
+    /// The divisor applied after subtracting the mean.
+    pub scale: f32,
+}
+
+impl Standardization {
+    /// Metadata entry saying what the file is, for someone who opens it without the docs.
+    const ABOUT_KEY: &'static str = "probex_standardize";
+    const ABOUT: &'static str = "apply (W - mean) / scale to the weight matrix W [d_H, d_W] \
+                                 before the probe's forward pass";
+
+    /// The path of the standardisation file belonging to `checkpoint`.
+    pub fn beside(checkpoint: &Path) -> std::path::PathBuf {
+        checkpoint.with_file_name(STANDARDIZE_FILE)
+    }
+
+    /// Serialises to safetensors bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
+        let tensors = [
+            NamedTensor {
+                name: "mean".into(),
+                shape: vec![self.d_h, self.d_w],
+                values: self.mean.clone(),
+            },
+            NamedTensor {
+                name: "scale".into(),
+                shape: vec![1],
+                values: vec![self.scale],
+            },
+        ];
+        let meta = HashMap::from([(Self::ABOUT_KEY.to_string(), Self::ABOUT.to_string())]);
+        serialize_named(&tensors, meta)
+    }
+
+    /// Parses safetensors bytes; `what` names the source in errors.
+    pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Standardization, String> {
+        let (_, tensors) = deserialize_named(bytes, what)?;
+        let mut mean = None;
+        let mut scale = None;
+        for t in tensors {
+            match t.name.as_str() {
+                "mean" => mean = Some(t),
+                "scale" => scale = Some(t),
+                other => {
+                    return Err(format!(
+                        "{what}: unexpected tensor `{other}` (a standardisation file holds \
+                         `mean` and `scale`)"
+                    ));
+                }
+            }
+        }
+        let (Some(mean), Some(scale)) = (mean, scale) else {
+            return Err(format!(
+                "{what}: a standardisation file must hold the tensors `mean` [d_H, d_W] and \
+                 `scale` [1]"
+            ));
+        };
+        let &[d_h, d_w] = &mean.shape[..] else {
+            return Err(format!(
+                "{what}: `mean` has shape {:?}, expected a matrix [d_H, d_W]",
+                mean.shape
+            ));
+        };
+        let &[s] = &scale.values[..] else {
+            return Err(format!(
+                "{what}: `scale` holds {} values, expected one",
+                scale.values.len()
+            ));
+        };
+        if !(s.is_finite() && s > 0.0) {
+            return Err(format!(
+                "{what}: `scale` is {s}, expected a positive number"
+            ));
+        }
+        Ok(Standardization {
+            d_h,
+            d_w,
+            mean: mean.values,
+            scale: s,
+        })
+    }
+
+    /// Reads a standardisation file.
+    pub fn read(path: &Path) -> Result<Standardization, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Standardization::from_bytes(&bytes, &path.display().to_string())
+    }
+}
 
 fn one() -> f32 {
     1.0
@@ -320,6 +431,45 @@ mod tests {
             (s.kind, s.d_h, s.d_w, s.r_u, s.r_v, s.r_t, s.d_y),
             (ModelKind::Probex, 6, 5, 2, 4, 7, 3)
         );
+    }
+
+    #[test]
+    fn standardization_round_trips_and_names_what_is_wrong() {
+        let s = Standardization {
+            d_h: 2,
+            d_w: 3,
+            mean: vec![0.5, -1.0, 2.0, 0.0, 1.5, 3.0],
+            scale: 0.25,
+        };
+        let bytes = s.to_bytes().unwrap();
+        assert_eq!(Standardization::from_bytes(&bytes, "s").unwrap(), s);
+        // Exactly the two tensors a user reads: `mean` [d_H, d_W] and `scale` [1].
+        let (_, tensors) = deserialize_named(&bytes, "s").unwrap();
+        let shapes: Vec<(&str, &[usize])> = tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.shape.as_slice()))
+            .collect();
+        assert_eq!(shapes, [("mean", &[2, 3][..]), ("scale", &[1][..])]);
+        let bad = |tensors: Vec<NamedTensor>| {
+            let b = serialize_named(&tensors, HashMap::new()).unwrap();
+            Standardization::from_bytes(&b, "std.safetensors").unwrap_err()
+        };
+        let e = bad(vec![t("mean", vec![2, 3])]);
+        assert!(
+            e.contains("std.safetensors") && e.contains("`scale`"),
+            "{e}"
+        );
+        let e = bad(vec![t("mean", vec![6]), t("scale", vec![1])]);
+        assert!(e.contains("[6]") && e.contains("matrix"), "{e}");
+        // t() fills 0, 0.25, ...: a zero scale would divide by zero.
+        let e = bad(vec![t("mean", vec![2, 3]), t("scale", vec![1])]);
+        assert!(e.contains("positive"), "{e}");
+        let e = bad(vec![
+            t("mean", vec![2, 3]),
+            t("scale", vec![1]),
+            t("x", vec![1]),
+        ]);
+        assert!(e.contains("unexpected tensor `x`"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! per-layer table (`selection.json`, `layers.csv`) and the metric-per-layer plot
 //! (`layers.svg`, `layers.png`), which the run record publishes.
 
-use probex_engine::{InputSlot, Inputs, Outcome, RunContext, Stage, StageResult};
+use probex_engine::{
+    InputSlot, Inputs, Outcome, PlanFacts, PlanInput, RunContext, Shape, Stage, StageResult,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{Direction, LayerScore, plot_metric, select_best};
@@ -52,7 +54,8 @@ impl Stage for Select {
     }
     fn version(&self) -> u32 {
         // 2: zero-shot selections carry the text table and encoder record.
-        2
+        // 3: standardised probes carry standardize.safetensors beside the checkpoint.
+        3
     }
     fn about(&self) -> &'static str {
         "pick the best layer of a sweep of probes by a validation metric"
@@ -72,6 +75,43 @@ impl Stage for Select {
             ));
         }
         Ok(())
+    }
+
+    /// Checks `by` against the metrics its probes will report (their task decides them: a
+    /// category probe has `val.top1`, not `val.accuracy`), before anything trains; reports
+    /// what the chosen probe reports, plus the choice.
+    fn plan_facts(&self, p: &SelectParams, inputs: &[PlanInput<'_>]) -> Result<PlanFacts, String> {
+        let Some(probes) = inputs.iter().find(|i| i.ty == train::ARTIFACT) else {
+            return Ok(PlanFacts::default());
+        };
+        let up = probes.facts;
+        if let Err(m) = up.results.check(&p.by) {
+            let task = up
+                .facts
+                .get(train::TASK)
+                .and_then(|t| t.as_str())
+                .map_or(String::new(), |t| {
+                    format!(" (`{}` trains {t} probes)", probes.stage)
+                });
+            let default = if p.by == default_by() {
+                " (the default; set `by`)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "`by = \"{}\"`{default} names no metric its probes report{task}: {m}",
+                p.by
+            ));
+        }
+        Ok(PlanFacts {
+            results: up
+                .results
+                .clone()
+                .with("layer", Shape::Value)
+                .with("selected_by", Shape::Value)
+                .with("layers_swept", Shape::Value),
+            facts: up.facts.clone(),
+        })
     }
 
     fn run(&self, p: &SelectParams, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
@@ -101,6 +141,7 @@ impl Stage for Select {
         let probe_files = [
             files::CHECKPOINT,
             files::HOLDOUT_CHECKPOINT,
+            files::STANDARDIZE,
             files::REPORT,
             files::OUTPUTS,
             files::ROWS,

@@ -187,7 +187,7 @@ pub(crate) struct Prepared<'a> {
     pub text_holdout: Option<TextMatrix>,
     /// Metric chosen on `val` to keep the best checkpoint.
     pub selection: &'static str,
-    /// Standardised inputs: the training mean matrix (saved with the checkpoint).
+    /// Standardised inputs: the training mean matrix (saved beside the checkpoint).
     pub input_mean: Option<Vec<f32>>,
 }
 

@@ -2,8 +2,39 @@
 
 use std::collections::BTreeMap;
 
+use crate::models::checkpoint::TaskKind;
+
 /// Metric name -> value for one split.
 pub type Metrics = BTreeMap<String, f64>;
+
+/// The metrics a probe of `task` reports for each split (what `select`'s `by` and expectations
+/// may name): [`multi_label`]'s, [`classes`]' (with [`majority`] for class labels) or
+/// [`regression`]'s.
+pub fn names(task: TaskKind) -> &'static [&'static str] {
+    match task {
+        TaskKind::MultiLabel => &["accuracy", "f1_macro", "f1_micro", "loss", "map"],
+        TaskKind::Class => &["loss", "majority", "top1", "top5"],
+        TaskKind::ZeroShot => &["loss", "top1", "top5"],
+        TaskKind::Regression => &["loss", "mae", "mse", "r2"],
+    }
+}
+
+/// The trivial baseline of a class probe: the share of `split` (class ids) in the most common
+/// class of `train` (ties: the lowest id), i.e. the top-1 of always answering that class.
+pub fn majority(train: &[u32], split: &[u32]) -> f64 {
+    let mut counts = BTreeMap::<u32, usize>::new();
+    for &c in train {
+        *counts.entry(c).or_default() += 1;
+    }
+    // max_by_key keeps the last maximum; reversed, the lowest id among the ties.
+    let Some((&top, _)) = counts.iter().rev().max_by_key(|(_, n)| **n) else {
+        return 0.0;
+    };
+    if split.is_empty() {
+        return 0.0;
+    }
+    split.iter().filter(|&&c| c == top).count() as f64 / split.len() as f64
+}
 
 fn log1p_exp(x: f64) -> f64 {
     if x > 0.0 {
@@ -207,6 +238,39 @@ mod tests {
         assert!((m["loss"] - 2f64.ln()).abs() < 1e-12);
         // A tie ranks the earlier class first.
         assert_eq!(m["top1"], 0.0);
+    }
+
+    /// `names` lists exactly what each metric function reports, so plan-time checks of
+    /// metric paths accept every real name and nothing else.
+    #[test]
+    fn names_are_the_reported_metrics() {
+        let keys = |m: Metrics| m.into_keys().collect::<Vec<_>>();
+        assert_eq!(
+            keys(multi_label(&[1.0, -1.0], &[1.0, 0.0], 2)),
+            names(TaskKind::MultiLabel)
+        );
+        assert_eq!(
+            keys(classes(&[1.0, 0.0], &[0], 2)),
+            names(TaskKind::ZeroShot)
+        );
+        let mut class = keys(classes(&[1.0, 0.0], &[0], 2));
+        class.push("majority".into());
+        class.sort();
+        assert_eq!(class, names(TaskKind::Class));
+        assert_eq!(
+            keys(regression(&[1.0], &[1.0], 1.0)),
+            names(TaskKind::Regression)
+        );
+    }
+
+    #[test]
+    fn majority_is_the_most_common_training_class() {
+        // Train: class 2 three times, 0 and 1 once: always answering 2 gets 2 of 4 right.
+        assert_eq!(majority(&[2, 0, 2, 1, 2], &[2, 1, 2, 0]), 0.5);
+        // A tie (0 and 1 twice each) goes to the lower id.
+        assert_eq!(majority(&[1, 0, 1, 0], &[0, 0, 1]), 2.0 / 3.0);
+        assert_eq!(majority(&[], &[0]), 0.0);
+        assert_eq!(majority(&[0], &[]), 0.0);
     }
 
     #[test]

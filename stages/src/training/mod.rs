@@ -33,7 +33,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::{LayerDataset, Split};
 use crate::embeddings::TextTable;
-use crate::models::checkpoint::{Checkpoint, INPUT_MEAN, TaskInfo, TaskKind};
+use crate::models::checkpoint::{
+    Checkpoint, LEGACY_INPUT_MEAN, STANDARDIZE_FILE, Standardization, TaskInfo, TaskKind,
+};
 use crate::models::{
     Dense, DenseZeroshot, ModelKind, ModelSpec, Net, Probex, ProbexZeroshot, StatNn, load_named,
 };
@@ -139,6 +141,9 @@ pub struct TrainOutcome {
     pub checkpoint: Vec<u8>,
     /// Zero-shot: the best-`val_holdout` checkpoint.
     pub holdout_checkpoint: Option<Vec<u8>>,
+    /// `standardize = true`: the inputs' [`Standardization`] (safetensors bytes), which both
+    /// checkpoints need beside them as [`STANDARDIZE_FILE`].
+    pub standardize: Option<Vec<u8>>,
     /// Metrics and curves.
     pub report: TrainReport,
 }
@@ -230,26 +235,29 @@ pub struct Predictions {
 }
 
 /// Computes the encodings of `ds` under `checkpoint` (a probex checkpoint, or a plain ProbeX
-/// state dict written by PyTorch).
+/// state dict written by PyTorch). A probe trained on standardised inputs needs its
+/// [`STANDARDIZE_FILE`] in the same directory.
 pub fn encode(
     checkpoint: &Path,
     ds: &LayerDataset,
     device: &DeviceSpec,
 ) -> Result<Encodings, TrainError> {
-    let (ckpt, spec, task) = open_checkpoint(checkpoint, ds, None)?;
-    let (values, dim) = infer(&ckpt, &spec, &task, ds, device, Mode::Encode, None)?;
+    let opened = open_checkpoint(checkpoint, ds)?;
+    let (values, dim) = infer(&opened, ds, device, Mode::Encode, None)?;
     Ok(Encodings { dim, values })
 }
 
 /// Computes the scores of `ds` under `checkpoint`. Zero-shot checkpoints need `text` and score
-/// every class of the dataset's labels.
+/// every class of the dataset's labels; a probe trained on standardised inputs needs its
+/// [`STANDARDIZE_FILE`] in the same directory.
 pub fn predict(
     checkpoint: &Path,
     ds: &LayerDataset,
     text: Option<&TextTable>,
     device: &DeviceSpec,
 ) -> Result<Predictions, TrainError> {
-    let (ckpt, spec, task) = open_checkpoint(checkpoint, ds, text)?;
+    let opened = open_checkpoint(checkpoint, ds)?;
+    let (spec, task) = (&opened.spec, &opened.task);
     let (columns, text_m) = match task.kind {
         TaskKind::ZeroShot => {
             let Some(table) = text else {
@@ -277,15 +285,7 @@ pub fn predict(
         TaskKind::Regression => (vec![ds.label_key.clone()], None),
         _ => (task.classes.clone(), None),
     };
-    let (mut scores, _) = infer(
-        &ckpt,
-        &spec,
-        &task,
-        ds,
-        device,
-        Mode::Scores,
-        text_m.as_ref(),
-    )?;
+    let (mut scores, _) = infer(&opened, ds, device, Mode::Scores, text_m.as_ref())?;
     if task.kind == TaskKind::Regression {
         for s in &mut scores {
             *s = task.target_mean + task.target_std * *s;
@@ -298,12 +298,25 @@ pub fn predict(
     })
 }
 
-fn open_checkpoint(
-    path: &Path,
-    ds: &LayerDataset,
-    _text: Option<&TextTable>,
-) -> Result<(Checkpoint, ModelSpec, TaskInfo), TrainError> {
+/// A checkpoint read for inference.
+struct Opened {
+    ckpt: Checkpoint,
+    spec: ModelSpec,
+    task: TaskInfo,
+    /// Standardised inputs: the standardisation read from beside the checkpoint.
+    std: Option<Standardization>,
+}
+
+fn open_checkpoint(path: &Path, ds: &LayerDataset) -> Result<Opened, TrainError> {
     let ckpt = Checkpoint::read(path).map_err(TrainError::Checkpoint)?;
+    if ckpt.tensors.iter().any(|t| t.name == LEGACY_INPUT_MEAN) {
+        return Err(TrainError::Checkpoint(format!(
+            "{}: holds `{LEGACY_INPUT_MEAN}`, the layout of probex before train version 3 (the \
+             mean now lives beside the checkpoint in {STANDARDIZE_FILE}); run its experiment \
+             again to retrain it",
+            path.display()
+        )));
+    }
     let spec = ckpt
         .spec()
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
@@ -351,7 +364,74 @@ fn open_checkpoint(
             }
         }
     };
-    Ok((ckpt, spec, task))
+    let std = standardization(path, &task, ckpt.meta.is_some(), ds)?;
+    Ok(Opened {
+        ckpt,
+        spec,
+        task,
+        std,
+    })
+}
+
+/// The standardisation a checkpoint needs, read from beside it: required when its metadata
+/// says it was trained on standardised inputs (and then of the same training: same scale),
+/// refused when the metadata says it was not, and applied to a plain PyTorch state dict when
+/// present.
+fn standardization(
+    path: &Path,
+    task: &TaskInfo,
+    with_meta: bool,
+    ds: &LayerDataset,
+) -> Result<Option<Standardization>, TrainError> {
+    let side = Standardization::beside(path);
+    let std = if side.is_file() {
+        Some(Standardization::read(&side).map_err(TrainError::Checkpoint)?)
+    } else {
+        None
+    };
+    let std = match (task.input_scale, std) {
+        (Some(scale), Some(s)) if s.scale.to_bits() != scale.to_bits() => {
+            return Err(TrainError::Checkpoint(format!(
+                "{} has scale {} but the checkpoint {} was trained with {scale}: it belongs to \
+                 another training; copy the checkpoint and its {STANDARDIZE_FILE} together",
+                side.display(),
+                s.scale,
+                path.display()
+            )));
+        }
+        (Some(_), None) => {
+            return Err(TrainError::Checkpoint(format!(
+                "{} was trained on standardised inputs (standardize = true) but {} is missing \
+                 beside it: it holds the training mean and scale the probe subtracts and \
+                 divides by; copy it along with the checkpoint",
+                path.display(),
+                side.display()
+            )));
+        }
+        (None, Some(_)) if with_meta => {
+            return Err(TrainError::Checkpoint(format!(
+                "{} says it was trained on raw inputs, yet {} lies beside it: remove that file \
+                 or put the checkpoint it belongs to here",
+                path.display(),
+                side.display()
+            )));
+        }
+        (_, s) => s,
+    };
+    if let Some(s) = &std
+        && (s.d_h, s.d_w) != (ds.d_h, ds.d_w)
+    {
+        return Err(TrainError::Checkpoint(format!(
+            "{}: the mean is [{}, {}], the layer `{}` is [{}, {}]",
+            side.display(),
+            s.d_h,
+            s.d_w,
+            ds.layer.name,
+            ds.d_h,
+            ds.d_w
+        )));
+    }
+    Ok(std)
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -361,9 +441,7 @@ enum Mode {
 }
 
 fn infer(
-    ckpt: &Checkpoint,
-    spec: &ModelSpec,
-    task: &TaskInfo,
+    opened: &Opened,
     ds: &LayerDataset,
     device: &DeviceSpec,
     mode: Mode,
@@ -371,12 +449,12 @@ fn infer(
 ) -> Result<(Vec<f32>, usize), TrainError> {
     device.check().map_err(TrainError::Device)?;
     match device {
-        DeviceSpec::Cpu => infer_on::<Flex>(ckpt, spec, task, ds, &FlexDevice, mode, text),
+        DeviceSpec::Cpu => infer_on::<Flex>(opened, ds, &FlexDevice, mode, text),
         DeviceSpec::Cuda(_i) => {
             #[cfg(feature = "cuda")]
             {
                 let dev = burn::backend::cuda::CudaDevice::new(*_i);
-                infer_on::<burn::backend::Cuda>(ckpt, spec, task, ds, &dev, mode, text)
+                infer_on::<burn::backend::Cuda>(opened, ds, &dev, mode, text)
             }
             #[cfg(not(feature = "cuda"))]
             Err(TrainError::Device(
@@ -387,60 +465,46 @@ fn infer(
 }
 
 fn infer_on<B: Backend>(
-    ckpt: &Checkpoint,
-    spec: &ModelSpec,
-    task: &TaskInfo,
+    opened: &Opened,
     ds: &LayerDataset,
     device: &B::Device,
     mode: Mode,
     text: Option<&data::TextMatrix>,
 ) -> Result<(Vec<f32>, usize), TrainError> {
-    match spec.kind {
-        ModelKind::Probex => infer_net::<B, Probex<B>>(ckpt, spec, task, ds, device, mode, text),
+    match opened.spec.kind {
+        ModelKind::Probex => infer_net::<B, Probex<B>>(opened, ds, device, mode, text),
         ModelKind::ProbexZeroshot => {
-            infer_net::<B, ProbexZeroshot<B>>(ckpt, spec, task, ds, device, mode, text)
+            infer_net::<B, ProbexZeroshot<B>>(opened, ds, device, mode, text)
         }
-        ModelKind::Dense => infer_net::<B, Dense<B>>(ckpt, spec, task, ds, device, mode, text),
+        ModelKind::Dense => infer_net::<B, Dense<B>>(opened, ds, device, mode, text),
         ModelKind::DenseZeroshot => {
-            infer_net::<B, DenseZeroshot<B>>(ckpt, spec, task, ds, device, mode, text)
+            infer_net::<B, DenseZeroshot<B>>(opened, ds, device, mode, text)
         }
-        ModelKind::Statnn => infer_net::<B, StatNn<B>>(ckpt, spec, task, ds, device, mode, text),
+        ModelKind::Statnn => infer_net::<B, StatNn<B>>(opened, ds, device, mode, text),
     }
 }
 
 fn infer_net<B: Backend, M: Net<B>>(
-    ckpt: &Checkpoint,
-    spec: &ModelSpec,
-    task: &TaskInfo,
+    opened: &Opened,
     ds: &LayerDataset,
     device: &B::Device,
     mode: Mode,
     text: Option<&data::TextMatrix>,
 ) -> Result<(Vec<f32>, usize), TrainError> {
-    let model = load_net::<B, M>(ckpt, spec, device)?;
+    let spec = &opened.spec;
+    let model = load_net::<B, M>(&opened.ckpt, spec, device)?;
     if spec.kind == ModelKind::Statnn
-        && task.feature_mean.len() != crate::models::statnn::FEATURES.len()
+        && opened.task.feature_mean.len() != crate::models::statnn::FEATURES.len()
     {
         return Err(TrainError::Checkpoint(
             "StatNN checkpoint lacks its feature standardisation (metadata `feature_mean`)".into(),
         ));
     }
-    let mut task = task.clone();
+    let mut task = opened.task.clone();
+    // A plain state dict with a standardisation beside it has no scale in its metadata.
+    task.input_scale = opened.std.as_ref().map(|s| s.scale);
     let rows = BTreeMap::from([(Split::Train, (0..ds.n).collect::<Vec<_>>())]);
-    let tensors = ckpt.by_name();
-    let input_mean = match (task.input_scale, tensors.get(INPUT_MEAN)) {
-        (None, _) => None,
-        (Some(_), Some(t)) if t.values.len() == ds.d_h * ds.d_w => Some(t.values.as_slice()),
-        (Some(_), other) => {
-            return Err(TrainError::Checkpoint(format!(
-                "the checkpoint standardises its inputs but its `{INPUT_MEAN}` tensor is {}",
-                match other {
-                    Some(t) => format!("of shape {:?}, not [{}, {}]", t.shape, ds.d_h, ds.d_w),
-                    None => "missing".into(),
-                }
-            )));
-        }
-    };
+    let input_mean = opened.std.as_ref().map(|s| s.mean.as_slice());
     let host = data::model_inputs(ds, spec.kind, &rows, &mut task, input_mean)
         .map_err(TrainError::Data)?;
     let x = data::DeviceInputs::<B>::new(&host, device).map_err(TrainError::Data)?;
@@ -467,8 +531,5 @@ pub(crate) fn load_net<B: Backend, M: Net<B>>(
 ) -> Result<M, TrainError> {
     let mut rng = rng::Rng::new(0, 0);
     let model = M::init(spec, &mut rng, device);
-    let mut tensors = ckpt.by_name();
-    // Not a module parameter: the inputs' standardisation, applied before the forward pass.
-    tensors.remove(INPUT_MEAN);
-    load_named(model, &tensors, device).map_err(TrainError::Checkpoint)
+    load_named(model, &ckpt.by_name(), device).map_err(TrainError::Checkpoint)
 }

@@ -22,7 +22,7 @@ use super::{
 use crate::dataset::{LayerDataset, Split};
 use crate::embeddings::TextTable;
 use crate::models::checkpoint::{
-    Checkpoint, CheckpointMeta, INPUT_MEAN, TaskKind, deserialize_named, serialize_named,
+    Checkpoint, CheckpointMeta, Standardization, TaskKind, deserialize_named, serialize_named,
     write_atomic,
 };
 use crate::models::encoder::{self, Encoding, Scratch};
@@ -167,7 +167,19 @@ fn evaluate<B: Backend, N: Net<B>>(
             }
             HostTargets::Class(idx) => {
                 let t: Vec<u32> = rows.iter().map(|&r| idx[r]).collect();
-                metrics::classes(&scores, &t, w)
+                let mut m = metrics::classes(&scores, &t, w);
+                // The trivial baseline beside top-1, so a report (and an expectation) can say
+                // whether the probe learned anything. Not for zero-shot probes: their held-out
+                // classes never occur in training.
+                if prep.task.kind == TaskKind::Class {
+                    let train: Vec<u32> = prep
+                        .rows
+                        .get(&Split::Train)
+                        .map(|r| r.iter().map(|&i| idx[i]).collect())
+                        .unwrap_or_default();
+                    m.insert("majority".into(), metrics::majority(&train, &t));
+                }
+                m
             }
             HostTargets::Numeric(t) => {
                 let (mean, std) = (prep.task.target_mean, prep.task.target_std);
@@ -185,15 +197,9 @@ fn ckpt_bytes(
     mut tensors: Vec<NamedTensor>,
     epoch: usize,
 ) -> Result<Vec<u8>, TrainError> {
-    // Best-so-far files read back on resume already hold it.
-    tensors.retain(|t| t.name != INPUT_MEAN);
-    if let Some(mean) = &prep.input_mean {
-        tensors.push(NamedTensor {
-            name: INPUT_MEAN.into(),
-            shape: vec![prep.spec.d_h, prep.spec.d_w],
-            values: mean.clone(),
-        });
-    }
+    // The module's parameters only (the official state_dict, for a strict load): the
+    // standardisation goes beside the checkpoint, see `standardize_bytes`.
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
     Checkpoint {
         meta: Some(CheckpointMeta {
             format: CheckpointMeta::FORMAT,
@@ -204,6 +210,23 @@ fn ckpt_bytes(
         tensors,
     }
     .to_bytes()
+    .map_err(TrainError::Checkpoint)
+}
+
+/// `standardize = true`: the inputs' standardisation, the file both checkpoints need beside
+/// them (recomputed from the data on every run, resumed or not, so the work dir keeps none).
+fn standardize_bytes(prep: &Prepared) -> Result<Option<Vec<u8>>, TrainError> {
+    let (Some(mean), Some(scale)) = (&prep.input_mean, prep.task.input_scale) else {
+        return Ok(None);
+    };
+    Standardization {
+        d_h: prep.spec.d_h,
+        d_w: prep.spec.d_w,
+        mean: mean.clone(),
+        scale,
+    }
+    .to_bytes()
+    .map(Some)
     .map_err(TrainError::Checkpoint)
 }
 
@@ -240,8 +263,13 @@ fn load_resume(dir: &Path, fingerprint: &str) -> Result<Option<Resume>, TrainErr
     Ok(Some((m, map)))
 }
 
-fn read_best(dir: &Path, name: &str) -> Option<Vec<NamedTensor>> {
-    Checkpoint::read(&dir.join(name)).ok().map(|c| c.tensors)
+/// The parameters in a best-so-far file of the work dir; only the model's own (`names`), so
+/// a file written by an older probex that kept other tensors there (the training mean, before
+/// train version 3) cannot carry them into the final checkpoint.
+fn read_best(dir: &Path, name: &str, names: &[(String, Vec<usize>)]) -> Option<Vec<NamedTensor>> {
+    let mut tensors = Checkpoint::read(&dir.join(name)).ok()?.tensors;
+    tensors.retain(|t| names.iter().any(|(n, _)| *n == t.name));
+    Some(tensors)
 }
 
 /// A training forward pass whose ProbeX encoder ran outside the autodiff graph.
@@ -353,11 +381,11 @@ where
                 .iter()
                 .filter_map(|(k, _)| tensors.get(k).map(|t| (k.clone(), t.clone())))
                 .collect();
-            let bp = m.best.as_ref().map(|_| read_best(dir, BEST_FILE));
+            let bp = m.best.as_ref().map(|_| read_best(dir, BEST_FILE, &names));
             let bhp = m
                 .best_holdout
                 .as_ref()
-                .map(|_| read_best(dir, BEST_HOLDOUT_FILE));
+                .map(|_| read_best(dir, BEST_HOLDOUT_FILE, &names));
             // A state whose best files are gone is not resumable: start over.
             if !matches!(bp, Some(None)) && !matches!(bhp, Some(None)) {
                 model = load_named(model, &params, device).map_err(|e| {
@@ -524,6 +552,7 @@ where
     Ok(TrainOutcome {
         checkpoint,
         holdout_checkpoint,
+        standardize: standardize_bytes(prep)?,
         report: TrainReport {
             config: cfg.clone(),
             task: prep.task.kind,
