@@ -103,7 +103,8 @@ impl RowReader {
     }
 
     /// Rows where `references` say, each checked against its digest (`read:<blake3>` of the
-    /// model file's header and the row's tensors' bytes) the first time it is read.
+    /// model file header's blake3 and the row's tensors' bytes, as `extract` takes it) the
+    /// first time it is read.
     pub fn references(references: &[TensorRef], digests: &[String], values: usize) -> Self {
         Self::new(
             references
@@ -166,7 +167,7 @@ impl RowReader {
             let mut header = vec![0u8; header_len];
             read_at(&file, &mut header, 0).map_err(gone)?;
             let mut h = blake3::Hasher::new();
-            h.update(&header);
+            h.update(blake3::hash(&header).as_bytes());
             for (_, data) in &bytes {
                 h.update(data);
             }
