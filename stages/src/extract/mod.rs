@@ -590,8 +590,11 @@ fn check_entry<'a>(
     Ok((entry, Some(up)))
 }
 
-/// What every row of one model file shares, worked out once per file rather than per layer.
-struct FileFacts {
+/// One model file being read, with what every row of it shares, worked out once per file
+/// rather than once per layer.
+struct OpenModel<'a> {
+    model: &'a ModelSource,
+    st: &'a SafetensorsFile,
     /// blake3 of the file's header bytes: a `read:` digest covers the header through it.
     header: blake3::Hash,
     /// The file's path made absolute and followed through symlinks (the Hugging Face cache
@@ -602,14 +605,13 @@ struct FileFacts {
 /// Reads, checks and writes one layer of one model into slot `slot`.
 fn extract_row(
     cx: &Ctx,
-    model: &ModelSource,
-    st: &SafetensorsFile,
-    facts: &FileFacts,
+    file: &OpenModel,
     out: usize,
     slot: usize,
     findings: &mut Vec<NonFiniteFinding>,
     bytes_read: &mut u64,
 ) -> Result<RowOutcome, Problem> {
+    let (model, st) = (file.model, file.st);
     let layer = &cx.outputs[out].layer;
     let bad_file = |message: String| Problem {
         fatal: cx.opts.on_bad_file == OnError::Fail,
@@ -625,7 +627,7 @@ fn extract_row(
     let referenced = cx.referenced[out];
     let digest = (cx.opts.digest == DigestMode::Read || referenced).then(|| {
         let mut h = blake3::Hasher::new();
-        h.update(facts.header.as_bytes());
+        h.update(file.header.as_bytes());
         if let Some(u) = up_data {
             h.update(u);
         }
@@ -654,9 +656,8 @@ fn extract_row(
                 return Ok(RowOutcome::Dropped(dropped));
             }
         }
-        let file = facts.canonical.clone().map_err(bad_file)?;
         let reference = TensorRef {
-            file,
+            file: file.canonical.clone().map_err(bad_file)?,
             header: st.header().data_start as u64,
             // The digest's order: up factor first, then the down factor (or the matrix).
             tensors: up
@@ -862,7 +863,9 @@ fn process_model(cx: &Ctx, slot: usize, model: &ModelSource) -> ModelOutcome {
         }
     };
     outcome.bytes_read += st.header().data_start as u64;
-    let facts = FileFacts {
+    let open = OpenModel {
+        model,
+        st: &st,
         header: blake3::hash(st.header_bytes()),
         canonical: std::fs::canonicalize(&model.path)
             .map_err(|e| format!("{}: {e}", model.path.display())),
@@ -907,9 +910,7 @@ fn process_model(cx: &Ctx, slot: usize, model: &ModelSource) -> ModelOutcome {
         } else {
             extract_row(
                 cx,
-                model,
-                &st,
-                &facts,
+                &open,
                 out,
                 slot,
                 &mut outcome.findings,
