@@ -381,17 +381,16 @@ impl Store {
 
     /// The record of a file an entry refers to: in which entry of this cache it is (if any),
     /// and its size and modification time now.
-    fn reference(&self, path: &Path) -> Result<Reference, CacheError> {
+    /// `entries` is the entries folder, canonical: paths are compared through symlinks, so a
+    /// cache under a linked folder still owns its files.
+    fn reference(&self, path: &Path, entries: &Path) -> Result<Reference, CacheError> {
         let meta = fs::metadata(path).map_err(io_err(
             "inspect the referenced file",
             path,
             "the stage referred to a file that must exist",
         ))?;
-        // Compared through symlinks: a cache under a linked folder still owns its files.
-        let entries =
-            fs::canonicalize(self.root.join(ENTRIES)).unwrap_or_else(|_| self.root.join(ENTRIES));
         let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        let in_entry = canonical.strip_prefix(&entries).ok().and_then(|rest| {
+        let in_entry = canonical.strip_prefix(entries).ok().and_then(|rest| {
             let mut parts = rest.components();
             let shard = parts.next()?.as_os_str().to_str()?;
             let key = Key::parse(parts.next()?.as_os_str().to_str()?).ok()?;
@@ -1068,10 +1067,12 @@ impl Staging {
             }
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
+        let entries = self.store.root.join(ENTRIES);
+        let entries = fs::canonicalize(&entries).unwrap_or(entries);
         let mut references = info
             .references
             .iter()
-            .map(|p| self.store.reference(p))
+            .map(|p| self.store.reference(p, &entries))
             .collect::<Result<Vec<_>, _>>()?;
         references.sort_by(|a, b| (&a.entry, &a.path).cmp(&(&b.entry, &b.path)));
         references.dedup();

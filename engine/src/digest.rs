@@ -9,6 +9,47 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+/// What the stat cache trusts a file by, as git's index does: while these are unchanged the
+/// content is taken to be unchanged. A stage that reads a file long after its digest was taken
+/// (a layer dataset reading model files in place) compares the file's stamp with the one taken
+/// with the digest instead of hashing it again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    /// Length in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i128,
+    /// Inode number (0 where the platform has none).
+    pub inode: u64,
+}
+
+impl FileStamp {
+    /// The stamp of a file from its metadata.
+    pub fn of(meta: &fs::Metadata) -> Self {
+        let (mtime_ns, inode) = stat_identity(meta);
+        FileStamp {
+            size: meta.len(),
+            mtime_ns,
+            inode,
+        }
+    }
+
+    /// What differs between `self` (what was seen) and `now`, in words; `None` if nothing.
+    pub fn change(&self, now: &FileStamp) -> Option<String> {
+        let mut what = Vec::new();
+        if self.size != now.size {
+            what.push(format!("size {} -> {} bytes", self.size, now.size));
+        }
+        if self.mtime_ns != now.mtime_ns {
+            what.push("modification time".to_string());
+        }
+        if self.inode != now.inode {
+            what.push("inode (the file was replaced)".to_string());
+        }
+        (!what.is_empty()).then(|| what.join(", "))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Stat {
     size: u64,
@@ -49,25 +90,31 @@ impl FileDigests {
 
     /// The blake3 hex digest of the file at `path`.
     pub fn digest(&self, path: &Path) -> std::io::Result<String> {
+        self.digest_stamped(path).map(|(digest, _)| digest)
+    }
+
+    /// The blake3 hex digest of the file at `path`, with the stamp it is trusted by: the
+    /// stamp seen before hashing, so a file changed while it was hashed never pairs a new
+    /// stamp with old content (its next digest hashes it again).
+    pub fn digest_stamped(&self, path: &Path) -> std::io::Result<(String, FileStamp)> {
         let path = fs::canonicalize(path)?;
-        let meta = fs::metadata(&path)?;
-        let (mtime_ns, inode) = stat_identity(&meta);
+        let stamp = FileStamp::of(&fs::metadata(&path)?);
         if let Ok(map) = self.entries.lock()
             && let Some(s) = map.get(&path)
-            && s.size == meta.len()
-            && s.mtime_ns == mtime_ns
-            && s.inode == inode
+            && s.size == stamp.size
+            && s.mtime_ns == stamp.mtime_ns
+            && s.inode == stamp.inode
         {
-            return Ok(s.digest.clone());
+            return Ok((s.digest.clone(), stamp));
         }
         let digest = hash_file(&path)?;
         if let Ok(mut map) = self.entries.lock() {
             map.insert(
                 path,
                 Stat {
-                    size: meta.len(),
-                    mtime_ns,
-                    inode,
+                    size: stamp.size,
+                    mtime_ns: stamp.mtime_ns,
+                    inode: stamp.inode,
                     digest: digest.clone(),
                 },
             );
@@ -75,7 +122,7 @@ impl FileDigests {
                 *d = true;
             }
         }
-        Ok(digest)
+        Ok((digest, stamp))
     }
 
     /// Writes the cache back (atomically) if anything was hashed.

@@ -236,6 +236,8 @@ pub struct RunContext<'a> {
     progress: &'a dyn ProgressSink,
     cancel: &'a AtomicBool,
     started: Instant,
+    digests: Option<&'a FileDigests>,
+    own_digests: FileDigests,
 }
 
 impl<'a> RunContext<'a> {
@@ -267,7 +269,22 @@ impl<'a> RunContext<'a> {
             progress,
             cancel,
             started: Instant::now(),
+            digests: None,
+            own_digests: FileDigests::in_memory(),
         }
+    }
+
+    /// Shares the run's stat cache of file digests, which planning filled (a `fetch` from a
+    /// folder hashes every model file for its key), so a stage that needs a file's digest
+    /// gets it without reading the file again.
+    pub fn with_digests(mut self, digests: &'a FileDigests) -> Self {
+        self.digests = Some(digests);
+        self
+    }
+
+    /// Digests of local files: the run's stat cache, or one of this node's own.
+    pub fn digests(&self) -> &FileDigests {
+        self.digests.unwrap_or(&self.own_digests)
     }
 
     /// The node's name (`probe[layer=59]`).

@@ -13,8 +13,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use probex_engine::digest::FileDigests;
 use probex_stages::extract::{
-    DigestMode, ExtractOptions, LayerOutput, Layout, SplitSource, discover, extract, resolve_layers,
+    ExtractOptions, LayerOutput, Layout, SplitSource, discover, extract_with_digests,
+    resolve_layers,
 };
 use probex_stages::labels::{LabelKind, LabelSpec, Vocab, vocab};
 use probex_stages::weights::{LayerMode, LayerSelector};
@@ -242,21 +244,31 @@ fn main() {
         vocab: Some(Vocab::Cifar100),
         ..LabelSpec::new("dataset_chosen_targets", LabelKind::MultiLabel)
     };
-    let run = |digest: DigestMode, cache: bool| -> Sample {
+    // `stat_cache`: file digests from a persistent stat cache, as a run takes them from the
+    // one planning filled; otherwise every file is hashed. `in_place`: rows are referenced,
+    // not copied.
+    let run = |stat_cache: bool, in_place: bool| -> Sample {
         let _ = std::fs::remove_dir_all(&out_dir);
         let outputs = vec![LayerOutput {
             layer: layers[0].clone(),
             dir: out_dir.join("layer"),
         }];
+        let digests = if stat_cache {
+            FileDigests::open(cache_dir.join("statcache.json"))
+        } else {
+            FileDigests::in_memory()
+        };
         let opts = ExtractOptions {
-            digest,
-            digest_cache: cache.then(|| cache_dir.clone()),
+            in_place,
             splits: SplitSource::Metadata {
                 key: "split".into(),
             },
             ..Default::default()
         };
-        let (wall, r) = timed(|| extract(&found.models, &outputs, &label, &opts).expect("extract"));
+        let (wall, r) = timed(|| {
+            extract_with_digests(&found.models, &outputs, &label, &opts, &digests).expect("extract")
+        });
+        digests.save().expect("stat cache");
         assert_eq!(r.layers[0].rows, n);
         Sample {
             wall,
@@ -299,11 +311,11 @@ fn main() {
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
     {
-        let _ = run(DigestMode::File, true);
+        let _ = run(true, false);
         eprintln!("profile: start");
         for _ in 0..k {
-            let s = run(DigestMode::File, true);
-            report("extract (digest: file, stat cache warm)", s, None);
+            let s = run(true, false);
+            report("extract, copied (stat cache warm)", s, None);
         }
         return;
     }
@@ -315,11 +327,11 @@ fn main() {
     evict(&paths);
     let raw_cold_par = sample(&|| assert_eq!(cat_parallel(&paths), bytes));
     // Fill the digest cache (this first run hashes every file; pages are warm afterwards).
-    let first = run(DigestMode::File, true);
+    let first = run(true, false);
     evict(&paths);
-    let extract_cold = run(DigestMode::File, true);
+    let extract_cold = run(true, false);
     evict(&paths);
-    let extract_cold_read = run(DigestMode::Read, false);
+    let extract_cold_in_place = run(true, true);
     evict(&paths);
     let copy_cold = sample(&copy);
 
@@ -332,8 +344,8 @@ fn main() {
         rounds.push([
             sample(&|| assert_eq!(cat_all(&paths), bytes)),
             sample(&|| assert_eq!(cat_parallel(&paths), bytes)),
-            run(DigestMode::File, true),
-            run(DigestMode::Read, false),
+            run(true, false),
+            run(true, true),
             sample(&copy),
         ]);
     }
@@ -342,9 +354,9 @@ fn main() {
         v.sort_by(|a, b| a.wall.total_cmp(&b.wall));
         v[v.len() / 2]
     };
-    let (raw_warm, raw_warm_par, extract_warm, extract_warm_read, copy_warm) =
+    let (raw_warm, raw_warm_par, extract_warm, extract_warm_in_place, copy_warm) =
         (median(0), median(1), median(2), median(3), median(4));
-    let extract_warm_nocache = run(DigestMode::File, false);
+    let extract_warm_nocache = run(false, false);
 
     let best = |a: Sample, b: Sample| if a.wall <= b.wall { a } else { b };
     let raw_cold_best = best(raw_cold, raw_cold_par);
@@ -356,13 +368,13 @@ fn main() {
     report("raw read, 1 thread (cat > /dev/null)", raw_cold, None);
     report("raw read, parallel", raw_cold_par, None);
     report(
-        "extract (digest: file, stat cache warm)",
+        "extract, copied (stat cache warm)",
         extract_cold,
         Some(raw_cold_best),
     );
     report(
-        "extract (digest: read)",
-        extract_cold_read,
+        "extract, in place (stat cache warm)",
+        extract_cold_in_place,
         Some(raw_cold_best),
     );
     report(
@@ -377,13 +389,13 @@ fn main() {
     report("raw read, 1 thread (cat > /dev/null)", raw_warm, None);
     report("raw read, parallel", raw_warm_par, None);
     report(
-        "extract (digest: file, stat cache warm)",
+        "extract, copied (stat cache warm)",
         extract_warm,
         Some(raw_warm_best),
     );
     report(
-        "extract (digest: read)",
-        extract_warm_read,
+        "extract, in place (stat cache warm)",
+        extract_warm_in_place,
         Some(raw_warm_best),
     );
     report(
@@ -392,7 +404,7 @@ fn main() {
         Some(raw_warm_best),
     );
     report(
-        "extract (digest: file, no stat cache: hashes all)",
+        "extract, copied (no stat cache: hashes all)",
         extract_warm_nocache,
         Some(raw_warm_best),
     );

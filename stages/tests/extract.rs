@@ -5,10 +5,11 @@ mod files;
 use std::path::{Path, PathBuf};
 
 use files::*;
+use probex_engine::digest::{FileDigests, FileStamp};
 use probex_stages::dataset::{Class, Labels, LayerDataset, Matrices, Precision, Split, Storage};
 use probex_stages::extract::{
-    DigestMode, ExtractOptions, LayerOutput, Layout, ModelSource, NonFinitePolicy, SplitSource,
-    discover, extract, resolve_layers,
+    ExtractOptions, LayerOutput, Layout, ModelSource, NonFinitePolicy, SplitSource, discover,
+    extract, extract_with_digests, resolve_layers,
 };
 use probex_stages::labels::{LabelKind, LabelSpec, NameTable, OnError, Vocab};
 use probex_stages::weights::reader::read_header;
@@ -775,8 +776,10 @@ fn hub_cache_layouts_are_discovered() {
     assert!(e.contains("two models have the id"), "{e}");
 }
 
+/// A row's source digest is its whole file's blake3. With the run's stat cache (what the
+/// stage passes), it is taken from the cache while the file's stamp holds: no second read.
 #[test]
-fn digests_cover_files_or_what_was_read() {
+fn source_digests_are_file_digests_taken_from_the_stat_cache() {
     let dir = tempfile::tempdir().unwrap();
     let models = zoo(&dir.path().join("models"), 2);
     let outs = outputs(
@@ -785,30 +788,41 @@ fn digests_cover_files_or_what_was_read() {
         &dir.path().join("out"),
         LayerMode::Auto,
     );
-    let cache_dir = dir.path().join("cache");
-    let opts = ExtractOptions {
-        digest_cache: Some(cache_dir.clone()),
-        ..Default::default()
-    };
-    extract(&models, &outs, &cifar_spec(), &opts).unwrap();
-    assert!(
-        cache_dir
-            .join(probex_stages::extract::digest::CACHE_FILE)
-            .is_file()
-    );
-    let a = LayerDataset::load_sidecar(&outs[0].dir).unwrap();
-    extract(&models, &outs, &cifar_spec(), &opts).unwrap();
-    let b = LayerDataset::load_sidecar(&outs[0].dir).unwrap();
-    assert_eq!(a, b, "a second run gives the same artifact");
+    extract(&models, &outs, &cifar_spec(), &ExtractOptions::default()).unwrap();
+    let side = LayerDataset::load_sidecar(&outs[0].dir).unwrap();
+    for (m, r) in models.iter().zip(&side.models) {
+        let want = blake3::hash(&std::fs::read(&m.path).unwrap())
+            .to_hex()
+            .to_string();
+        assert_eq!(r.source_digest, want, "{}", m.id);
+    }
 
+    // A stat cache that knows model 0 by its current stamp under another digest: extraction
+    // records that digest, so it did not hash the file again.
+    let stat = dir.path().join("stat.json");
+    let digests = FileDigests::open(stat.clone());
+    let real = digests.digest(&models[0].path).unwrap();
+    digests.save().unwrap();
+    let text = std::fs::read_to_string(&stat)
+        .unwrap()
+        .replace(&real, "planted");
+    std::fs::write(&stat, text).unwrap();
+    let digests = FileDigests::open(stat);
     let opts = ExtractOptions {
-        digest: DigestMode::Read,
+        in_place: true,
         ..Default::default()
     };
-    extract(&models, &outs, &cifar_spec(), &opts).unwrap();
-    let c = LayerDataset::load_sidecar(&outs[0].dir).unwrap();
-    assert!(c.models[0].source_digest.starts_with("read:"));
-    assert_ne!(c.models[0].source_digest, c.models[1].source_digest);
+    extract_with_digests(&models, &outs, &cifar_spec(), &opts, &digests).unwrap();
+    let side = LayerDataset::load_sidecar(&outs[0].dir).unwrap();
+    let by_id = |id: &str| side.models.iter().find(|r| r.id == id).unwrap();
+    assert_eq!(by_id(&models[0].id).source_digest, "planted");
+    let other = blake3::hash(&std::fs::read(&models[1].path).unwrap());
+    assert_eq!(
+        by_id(&models[1].id).source_digest,
+        other.to_hex().to_string()
+    );
+    let stamp = FileStamp::of(&std::fs::metadata(&models[0].path).unwrap());
+    assert!(side.references.iter().any(|r| r.stamp == stamp));
 }
 
 /// Writes LoRA files `m{i}` with one layer `unet.b.attn1.to_q` of matrix [4, 6]: `ranks[i]`
@@ -1069,11 +1083,10 @@ fn in_place_layers_refer_to_the_model_files_and_notice_when_they_change() {
     assert_eq!(got.weights, want.weights);
     assert_eq!(got.labels, want.labels);
 
-    // The same bytes rewritten keep working; other bytes are refused, naming the file.
+    // A file is trusted by its stamp, as the stat cache behind a fetch's key trusts it: any
+    // write is refused, naming the file (the engine re-extracts it), other bytes or the same.
     let victim = &side.references[3].file;
     let mut bytes = std::fs::read(victim).unwrap();
-    std::fs::write(victim, &bytes).unwrap();
-    LayerDataset::load(&in_place[0].dir).unwrap();
     let at = side.references[3].tensors[0].offset as usize;
     bytes[at] ^= 0x40;
     std::fs::write(victim, &bytes).unwrap();
@@ -1082,6 +1095,20 @@ fn in_place_layers_refer_to_the_model_files_and_notice_when_they_change() {
         .to_string();
     assert!(err.contains(&victim.display().to_string()), "{err}");
     assert!(err.contains("changed since extraction"), "{err}");
+    bytes[at] ^= 0x40;
+    std::fs::write(victim, &bytes).unwrap();
+    let err = LayerDataset::load(&in_place[0].dir)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("changed since extraction"), "{err}");
+    // Appending changes the size, which the message names.
+    let mut longer = bytes.clone();
+    longer.push(0);
+    std::fs::write(victim, &longer).unwrap();
+    let err = LayerDataset::load(&in_place[0].dir)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("size"), "{err}");
     std::fs::remove_file(victim).unwrap();
     let err = LayerDataset::load(&in_place[0].dir)
         .unwrap_err()

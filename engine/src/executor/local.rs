@@ -246,7 +246,8 @@ impl Worker<'_> {
                 log,
                 self.reporter,
                 self.cancel,
-            );
+            )
+            .with_digests(self.planner.context().digests);
             cx.log(format!("key {}", n.key));
             prepared.push((*n, staging, cx));
         }
@@ -258,61 +259,114 @@ impl Worker<'_> {
             prepared.iter().map(|(n, _, cx)| (&n.params, cx)).collect();
         let results = run_guarded(|| decl.stage.run_batch(&jobs, &inputs), jobs.len());
         let seconds = started.elapsed().as_secs_f64() / prepared.len() as f64;
-        for ((n, staging, cx), result) in prepared.into_iter().zip(results) {
-            // A stage that gives up because the run is stopping did not fail. When the user
-            // interrupted the run, any error counts (a kind may surface cancellation as its own
-            // error type); when a failure elsewhere stops the run, only the engine's typed
-            // `Cancelled`, so that genuine errors during the wind-down still show.
-            let stopped = matches!(&result, Err(e) if self.cancel.load(Ordering::SeqCst)
-                && (!self.failure_stop.load(Ordering::SeqCst)
-                    || e.chain().any(|c| c.is::<Cancelled>())));
-            let with = match &result {
-                Err(e) => e.chain().find_map(|c| c.downcast_ref::<FailedWith>()),
-                Ok(_) => None,
-            }
-            .map(|w| w.0.clone());
-            let done = match result {
-                Ok(outcome) => commit(n, staging, &outcome, seconds, &cx, decl.kind.as_str()),
-                Err(e) if stopped => {
-                    cx.log(format!(
-                        "stopped: the run was cancelled ({})",
-                        crate::stage::error_text(&e)
-                    ));
-                    Err("cancelled".to_string())
-                }
-                Err(e) => {
-                    let msg = crate::stage::error_text(&e);
-                    cx.log(format!("error: {msg}"));
-                    Err(format!(
-                        "{msg}\n  log: {}",
-                        self.run_dir.log_path(&n.name).display()
-                    ))
-                }
-            };
-            if let Some(e) = cx.log_error() {
-                let path = self.run_dir.log_path(&n.name);
-                self.run_dir.problem(format!("{}: {e}", path.display()));
-            }
-            // Pinned while the key is still locked: no moment in which `cache gc` could take
-            // the entry before the run that needs it reads it.
-            let pin = match &done {
-                Ok(_) => store.pin(&n.key).ok().flatten(),
-                Err(_) => None,
-            };
-            out.push(Done {
-                key: n.key.clone(),
-                result: done,
-                seconds,
-                computed: true,
-                stopped,
-                pin,
-                with,
-                corrupt_inputs: Vec::new(),
-            });
-        }
+        let kind = decl.kind.as_str();
+        let finished: Vec<_> = prepared.into_iter().zip(results).collect();
+        out.extend(in_parallel(
+            finished,
+            COMMIT_THREADS,
+            |((n, staging, cx), result)| self.finish(n, staging, cx, result, seconds, kind),
+        ));
         drop(todo);
         out
     }
+
+    /// Commits one node's outcome (or records its failure) and pins the entry it made.
+    fn finish(
+        &self,
+        n: &Node,
+        staging: probex_cache::Staging,
+        cx: RunContext,
+        result: StageResult<Outcome>,
+        seconds: f64,
+        kind: &str,
+    ) -> Done {
+        let store = self.planner.store();
+        // A stage that gives up because the run is stopping did not fail. When the user
+        // interrupted the run, any error counts (a kind may surface cancellation as its own
+        // error type); when a failure elsewhere stops the run, only the engine's typed
+        // `Cancelled`, so that genuine errors during the wind-down still show.
+        let stopped = matches!(&result, Err(e) if self.cancel.load(Ordering::SeqCst)
+            && (!self.failure_stop.load(Ordering::SeqCst)
+                || e.chain().any(|c| c.is::<Cancelled>())));
+        let with = match &result {
+            Err(e) => e.chain().find_map(|c| c.downcast_ref::<FailedWith>()),
+            Ok(_) => None,
+        }
+        .map(|w| w.0.clone());
+        let done = match result {
+            Ok(outcome) => commit(n, staging, &outcome, seconds, &cx, kind),
+            Err(e) if stopped => {
+                cx.log(format!(
+                    "stopped: the run was cancelled ({})",
+                    crate::stage::error_text(&e)
+                ));
+                Err("cancelled".to_string())
+            }
+            Err(e) => {
+                let msg = crate::stage::error_text(&e);
+                cx.log(format!("error: {msg}"));
+                Err(format!(
+                    "{msg}\n  log: {}",
+                    self.run_dir.log_path(&n.name).display()
+                ))
+            }
+        };
+        if let Some(e) = cx.log_error() {
+            let path = self.run_dir.log_path(&n.name);
+            self.run_dir.problem(format!("{}: {e}", path.display()));
+        }
+        // Pinned while the key is still locked: no moment in which `cache gc` could take
+        // the entry before the run that needs it reads it.
+        let pin = match &done {
+            Ok(_) => store.pin(&n.key).ok().flatten(),
+            Err(_) => None,
+        };
+        Done {
+            key: n.key.clone(),
+            result: done,
+            seconds,
+            computed: true,
+            stopped,
+            pin,
+            with,
+            corrupt_inputs: Vec::new(),
+        }
+    }
+}
+
+/// Entries of one batch committed side by side: a commit mostly waits on fsync, so a batch of
+/// 128 layers commits in about the time of a few.
+const COMMIT_THREADS: usize = 8;
+
+/// `f` over `items` on up to `threads` scoped threads; results in the items' order.
+fn in_parallel<T: Send, R: Send>(
+    items: Vec<T>,
+    threads: usize,
+    f: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
+    let n = items.len();
+    if n <= 1 || threads <= 1 {
+        return items.into_iter().map(f).collect();
+    }
+    let queue = Mutex::new(items.into_iter().enumerate());
+    let done = Mutex::new(Vec::with_capacity(n));
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(n) {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().ok().and_then(|mut q| q.next());
+                    let Some((i, item)) = next else { break };
+                    let r = f(item);
+                    if let Ok(mut d) = done.lock() {
+                        d.push((i, r));
+                    }
+                }
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap_or_default();
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Runs stage code, turning a panic into an error for every node of the batch.

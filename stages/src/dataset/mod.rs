@@ -180,7 +180,7 @@ pub struct ModelRecord {
     pub id: String,
     /// Split of the model.
     pub split: Split,
-    /// Content digest (blake3 hex) of the file the layer was read from.
+    /// Content digest (blake3 hex) of the whole file the layer was read from.
     pub source_digest: String,
 }
 
@@ -255,8 +255,8 @@ pub enum Storage {
     },
     /// No copy: each row stays where its model file has it, as the sidecar's `references`
     /// say (file, header length, and each tensor's offset, dtype and shape: the matrix, or a
-    /// LoRA pair's up and down factors). Loading reads them and checks each row against its
-    /// source digest, so a changed file is an error, never other numbers. `probex export`
+    /// LoRA pair's up and down factors). Loading checks each file's stamp against the one its
+    /// digest was taken with, so a changed file is an error, never other numbers. `probex export`
     /// writes the stacked form for tools that want one file.
     References {
         /// For a LoRA layer, the largest rank of its models (loading pads lower ranks to it,
@@ -284,10 +284,11 @@ impl Storage {
 pub struct TensorRef {
     /// The model file (absolute).
     pub file: std::path::PathBuf,
-    /// Bytes before the tensor data: the 8-byte length and the JSON header, which the row's
-    /// source digest covers with the tensors' bytes.
-    pub header: u64,
-    /// The row's tensors, in digest order: the matrix, or a LoRA pair's up then down factor.
+    /// The file's size, modification time and inode when its digest (the row's
+    /// `source_digest`) was taken: the file is trusted to hold those bytes while they hold,
+    /// as the stat cache behind every folder fetch's key trusts it.
+    pub stamp: probex_engine::digest::FileStamp,
+    /// The row's tensors: the matrix, or a LoRA pair's up then down factor.
     pub tensors: Vec<TensorSpan>,
 }
 
@@ -443,8 +444,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DatasetError + '_ {
 }
 
 impl LayerDataset {
-    /// Current sidecar format version (2: the `storage` form; LoRA layers stored factored).
-    pub const FORMAT: u32 = 2;
+    /// Current sidecar format version (2: the `storage` form; LoRA layers stored factored;
+    /// 3: in-place references carry their file's stamp, source digests are file digests).
+    pub const FORMAT: u32 = 3;
 
     /// Row indices of the models in `split`, in row order.
     pub fn rows(&self, split: Split) -> Vec<usize> {
@@ -632,19 +634,26 @@ impl LayerDataset {
     pub fn load_sidecar(dir: &Path) -> Result<Sidecar, DatasetError> {
         let path = dir.join(SIDECAR_FILE);
         let bytes = std::fs::read(&path).map_err(io(&path))?;
-        let sidecar: Sidecar =
-            serde_json::from_slice(&bytes).map_err(|e| invalid(&path, e.to_string()))?;
-        if sidecar.format != Self::FORMAT {
+        // The version first: another format's fields would fail the parse with a less
+        // helpful message.
+        #[derive(Deserialize)]
+        struct Format {
+            format: u32,
+        }
+        let format = serde_json::from_slice::<Format>(&bytes)
+            .map_err(|e| invalid(&path, e.to_string()))?
+            .format;
+        if format != Self::FORMAT {
             return Err(invalid(
                 &path,
                 format!(
-                    "sidecar format {} is not supported (expected {}); re-run the extract stage",
-                    sidecar.format,
+                    "sidecar format {format} is not supported (expected {}); run the experiment \
+                     again and its extract node is recomputed",
                     Self::FORMAT
                 ),
             ));
         }
-        Ok(sidecar)
+        serde_json::from_slice(&bytes).map_err(|e| invalid(&path, e.to_string()))
     }
 
     /// Reads the dataset in `dir` (written by [`LayerDataset::save`] or `extract`), every
@@ -726,11 +735,6 @@ impl LayerDataset {
                         format!("{} references for {n} rows", sidecar.references.len()),
                     ));
                 }
-                let digests: Vec<String> = sidecar
-                    .models
-                    .iter()
-                    .map(|m| m.source_digest.clone())
-                    .collect();
                 let stale = |e: String| {
                     invalid(
                         &at,
@@ -740,7 +744,7 @@ impl LayerDataset {
                         ),
                     )
                 };
-                let reader = RowReader::references(&sidecar.references, &digests, values);
+                let reader = RowReader::references(&sidecar.references, values);
                 match lora_rank {
                     Some(rank) => {
                         let (up, down) = reader.factors(rank, [d_h, d_w]).map_err(stale)?;

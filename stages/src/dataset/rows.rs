@@ -4,10 +4,11 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 use safetensors::Dtype;
+
+use probex_engine::digest::FileStamp;
 
 use super::{TensorRef, decode};
 
@@ -65,11 +66,11 @@ fn width(dtype: Dtype) -> Option<usize> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct RowAt {
     file: PathBuf,
-    /// (offset, dtype, values) of each tensor, in digest order.
+    /// (offset, dtype, values) of each tensor, in the row's order.
     spans: Vec<(u64, Dtype, usize)>,
-    /// For a model file: its header length and the row's `read:` digest, checked on the
-    /// first read (a dataset's own file is checked by the cache instead).
-    check: Option<(u64, String)>,
+    /// For a model file: the stamp its digest was taken with, checked on the row's first
+    /// read (a dataset's own file is checked by the cache instead).
+    check: Option<FileStamp>,
 }
 
 /// The rows of a layer dataset on disk, read on demand (see the module docs).
@@ -77,7 +78,6 @@ struct RowAt {
 pub struct RowReader {
     rows: Vec<RowAt>,
     values: usize,
-    checked: Vec<AtomicBool>,
 }
 
 impl PartialEq for RowReader {
@@ -102,22 +102,20 @@ impl RowReader {
         )
     }
 
-    /// Rows where `references` say, each checked against its digest (`read:<blake3>` of the
-    /// model file header's blake3 and the row's tensors' bytes, as `extract` takes it) the
-    /// first time it is read.
-    pub fn references(references: &[TensorRef], digests: &[String], values: usize) -> Self {
+    /// Rows where `references` say, each file checked against its recorded stamp the first
+    /// time the row is read.
+    pub fn references(references: &[TensorRef], values: usize) -> Self {
         Self::new(
             references
                 .iter()
-                .zip(digests)
-                .map(|(r, d)| RowAt {
+                .map(|r| RowAt {
                     file: r.file.clone(),
                     spans: r
                         .tensors
                         .iter()
                         .map(|t| (t.offset, t.dtype, t.shape.iter().product()))
                         .collect(),
-                    check: Some((r.header, d.clone())),
+                    check: Some(r.stamp),
                 })
                 .collect(),
             values,
@@ -125,12 +123,7 @@ impl RowReader {
     }
 
     fn new(rows: Vec<RowAt>, values: usize) -> Self {
-        let checked = rows.iter().map(|_| AtomicBool::new(false)).collect();
-        RowReader {
-            rows,
-            values,
-            checked,
-        }
+        RowReader { rows, values }
     }
 
     /// Number of rows.
@@ -143,7 +136,8 @@ impl RowReader {
         self.rows.is_empty()
     }
 
-    /// Row `i`'s tensors, decoded (checked against the row's digest on its first read).
+    /// Row `i`'s tensors, decoded. A model file's stamp is checked after its bytes are read,
+    /// on every read (a stat): a write before or during the read changed the stamp.
     fn tensors(&self, i: usize) -> Result<Vec<Vec<f32>>, String> {
         let Some(row) = self.rows.get(i) else {
             return Err(format!("row {i} of {}", self.rows.len()));
@@ -159,28 +153,14 @@ impl RowReader {
             read_at(&file, &mut data, offset).map_err(gone)?;
             bytes.push((dtype, data));
         }
-        if let Some((header_len, digest)) = &row.check
-            && !self.checked[i].load(Ordering::Relaxed)
-        {
-            let header_len =
-                usize::try_from(*header_len).map_err(|_| "header too large".to_string())?;
-            let mut header = vec![0u8; header_len];
-            read_at(&file, &mut header, 0).map_err(gone)?;
-            let mut h = blake3::Hasher::new();
-            h.update(blake3::hash(&header).as_bytes());
-            for (_, data) in &bytes {
-                h.update(data);
-            }
-            let got = format!("read:{}", h.finalize().to_hex());
-            if &got != digest {
+        if let Some(seen) = &row.check {
+            let now = FileStamp::of(&file.metadata().map_err(gone)?);
+            if let Some(what) = seen.change(&now) {
                 return Err(format!(
-                    "referenced model file {} changed since extraction (its header and tensors \
-                     at bytes {:?} hash to {got}, extraction saw {digest})",
-                    row.file.display(),
-                    row.spans.iter().map(|s| s.0).collect::<Vec<_>>()
+                    "referenced model file {} changed since extraction ({what})",
+                    row.file.display()
                 ));
             }
-            self.checked[i].store(true, Ordering::Relaxed);
         }
         bytes
             .into_iter()

@@ -13,7 +13,6 @@
 //! them (f16 stays f16) unless a precision is asked for: then a row whose dtype already is that
 //! precision is a byte copy of the file, and only a conversion costs decoding.
 
-pub mod digest;
 pub mod discover;
 pub mod stage;
 
@@ -42,8 +41,8 @@ use crate::weights::{
 };
 
 use crate::dataset::writer::{self, LayerFile};
-pub use digest::DigestCache;
 pub use discover::{Discovered, Layout, ModelSource, SplitAssigner, SplitSource, discover};
+use probex_engine::digest::{FileDigests, FileStamp};
 pub use stage::{ARTIFACT, Extract, ExtractParams};
 
 /// A layer chosen for extraction, resolved against a reference model.
@@ -230,21 +229,6 @@ pub enum NonFinitePolicy {
     Zero,
 }
 
-/// What `ModelRecord.source_digest` is the digest of.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DigestMode {
-    /// blake3 of the whole file (hex), remembered in the stat cache. Reads every byte of a
-    /// file the first time it is seen (350 MB for a Model-J ViT, against 2.4 MB for a layer).
-    #[default]
-    File,
-    /// blake3 of exactly what the row was made from: the header bytes (through their own
-    /// blake3, taken once per file), then the tensor bytes (up factor then down factor for
-    /// LoRA). Nearly free (those bytes are read anyway); written as `read:<hex>` so it is
-    /// never mistaken for a file digest.
-    Read,
-}
-
 /// Options of an extraction.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExtractOptions {
@@ -253,18 +237,14 @@ pub struct ExtractOptions {
     pub precision: Option<Precision>,
     /// NaN/Inf weights.
     pub non_finite: NonFinitePolicy,
-    /// What the per-model source digest covers.
-    pub digest: DigestMode,
-    /// Directory of the source-digest stat cache (`None`: no cache; every file is hashed).
-    pub digest_cache: Option<PathBuf>,
     /// Where splits come from.
     pub splits: SplitSource,
     /// Unreadable files, missing tensors and shape mismatches: fail (default) or skip the model.
     pub on_bad_file: OnError,
     /// Layers refer to the model files ([`Storage::References`]) instead of copying their
     /// rows (a LoRA pair's factors, a plain layer's matrix), unless a precision conversion or
-    /// `non_finite = zero` needs a copy. Their source digests are then `read:` digests
-    /// whatever `digest` says: loading checks them.
+    /// `non_finite = zero` needs a copy. Each reference keeps the file's stamp (size,
+    /// modification time, inode), which loading checks.
     pub in_place: bool,
 }
 
@@ -357,7 +337,6 @@ struct Problem {
 enum RowOutcome {
     /// The row is in the dataset: copied, or (`reference`) left where the model file has it.
     Written {
-        digest: Option<String>,
         reference: Option<TensorRef>,
     },
     Dropped(String),
@@ -509,7 +488,7 @@ struct Ctx<'a> {
     labeler: &'a Labeler,
     splits: &'a SplitAssigner,
     opts: &'a ExtractOptions,
-    cache: &'a DigestCache,
+    digests: &'a FileDigests,
     abort: &'a AtomicBool,
 }
 
@@ -595,8 +574,9 @@ fn check_entry<'a>(
 struct OpenModel<'a> {
     model: &'a ModelSource,
     st: &'a SafetensorsFile,
-    /// blake3 of the file's header bytes: a `read:` digest covers the header through it.
-    header: blake3::Hash,
+    /// What the file's digest was taken from: an in-place reference is trusted while the
+    /// file still has this stamp.
+    stamp: FileStamp,
     /// The file's path made absolute and followed through symlinks (the Hugging Face cache
     /// links snapshots to blobs), which is what an in-place reference names.
     canonical: Result<PathBuf, String>,
@@ -625,15 +605,6 @@ fn extract_row(
     };
     *bytes_read += (data.len() + up_data.map_or(0, <[u8]>::len)) as u64;
     let referenced = cx.referenced[out];
-    let digest = (cx.opts.digest == DigestMode::Read || referenced).then(|| {
-        let mut h = blake3::Hasher::new();
-        h.update(file.header.as_bytes());
-        if let Some(u) = up_data {
-            h.update(u);
-        }
-        h.update(data);
-        format!("read:{}", h.finalize().to_hex())
-    });
     let precision = cx.precision[out];
     let send = |part: usize, bytes: RowBytes| {
         cx.sinks[out]
@@ -658,8 +629,8 @@ fn extract_row(
         }
         let reference = TensorRef {
             file: file.canonical.clone().map_err(bad_file)?,
-            header: st.header().data_start as u64,
-            // The digest's order: up factor first, then the down factor (or the matrix).
+            stamp: file.stamp,
+            // Up factor first, then the down factor (or the matrix).
             tensors: up
                 .into_iter()
                 .chain([entry])
@@ -671,7 +642,6 @@ fn extract_row(
                 .collect(),
         };
         return Ok(RowOutcome::Written {
-            digest,
             reference: Some(reference),
         });
     }
@@ -694,10 +664,7 @@ fn extract_row(
         for (part, e) in pieces.iter().enumerate() {
             send(part, RowBytes::Mapped(st.mapping(), e.span.clone()))?;
         }
-        return Ok(RowOutcome::Written {
-            digest,
-            reference: None,
-        });
+        return Ok(RowOutcome::Written { reference: None });
     }
 
     let mut parts = row_parts(st, layer, entry, up).map_err(bad_file)?;
@@ -715,10 +682,7 @@ fn extract_row(
             return Err(p);
         }
     }
-    Ok(RowOutcome::Written {
-        digest,
-        reference: None,
-    })
+    Ok(RowOutcome::Written { reference: None })
 }
 
 /// The stored pieces of `layer` in `st`, decoded to f32: the matrix, or for a LoRA pair its
@@ -855,6 +819,15 @@ fn process_model(cx: &Ctx, slot: usize, model: &ModelSource) -> ModelOutcome {
         fatal: cx.opts.on_bad_file == OnError::Fail,
         message,
     };
+    // The file's digest comes from the run's stat cache, which planning filled: a folder's
+    // fetch hashed every model file for its key, so this costs a stat, not a read.
+    let (digest, stamp) = match cx.digests.digest_stamped(&model.path) {
+        Ok(d) => d,
+        Err(e) => {
+            outcome.label = Err(bad_file(format!("{}: {e}", model.path.display())));
+            return outcome;
+        }
+    };
     let st = match SafetensorsFile::open(&model.path) {
         Ok(st) => st,
         Err(e) => {
@@ -862,11 +835,33 @@ fn process_model(cx: &Ctx, slot: usize, model: &ModelSource) -> ModelOutcome {
             return outcome;
         }
     };
+    // A file replaced or rewritten between its digest and its mapping would pair one
+    // content's digest with another's rows.
+    match std::fs::metadata(&model.path).map(|m| stamp.change(&FileStamp::of(&m))) {
+        Ok(None) => {}
+        Ok(Some(what)) => {
+            outcome.label = Err(Problem {
+                fatal: true,
+                message: format!(
+                    "{}: changed while it was being read ({what}); run again once nothing \
+                     writes to it",
+                    model.path.display()
+                ),
+            });
+            cx.abort.store(true, Ordering::Relaxed);
+            return outcome;
+        }
+        Err(e) => {
+            outcome.label = Err(bad_file(format!("{}: {e}", model.path.display())));
+            return outcome;
+        }
+    }
+    outcome.file_digest = Some(digest);
     outcome.bytes_read += st.header().data_start as u64;
     let open = OpenModel {
         model,
         st: &st,
-        header: blake3::hash(st.header_bytes()),
+        stamp,
         canonical: std::fs::canonicalize(&model.path)
             .map_err(|e| format!("{}: {e}", model.path.display())),
     };
@@ -933,20 +928,6 @@ fn process_model(cx: &Ctx, slot: usize, model: &ModelSource) -> ModelOutcome {
             }
         }
     }
-    if cx.abort.load(Ordering::Relaxed) {
-        return outcome;
-    }
-    if cx.opts.digest == DigestMode::File {
-        match cx.cache.digest(&model.path, Some(st.bytes())) {
-            Ok(d) => outcome.file_digest = Some(d),
-            Err(m) => {
-                outcome.label = Err(Problem {
-                    fatal: true,
-                    message: m,
-                })
-            }
-        }
-    }
     outcome
 }
 
@@ -989,12 +970,26 @@ fn select_rows(labels: &Labels, rows: &[usize]) -> Labels {
 /// `models` must have unique ids; rows follow the id order (sorted here), so a run is
 /// reproducible. Models whose label is missing or malformed fail the run or are skipped (per
 /// `label.on_error`); skipped models and NaN/Inf findings are in the report and in each
-/// layer's sidecar.
+/// layer's sidecar. Each row's source digest is its model file's blake3, which this hashes
+/// (see [`extract_with_digests`] to take it from a stat cache).
 pub fn extract(
     models: &[ModelSource],
     outputs: &[LayerOutput],
     label: &LabelSpec,
     opts: &ExtractOptions,
+) -> Result<ExtractReport, ExtractError> {
+    extract_with_digests(models, outputs, label, opts, &FileDigests::in_memory())
+}
+
+/// [`extract`], with the files' digests from `digests`: the stage passes the run's stat cache,
+/// which planning filled (a folder's fetch hashes every model file for its key), so a file
+/// costs a stat here, not a second read.
+pub fn extract_with_digests(
+    models: &[ModelSource],
+    outputs: &[LayerOutput],
+    label: &LabelSpec,
+    opts: &ExtractOptions,
+    digests: &FileDigests,
 ) -> Result<ExtractReport, ExtractError> {
     let started = Instant::now();
     if outputs.is_empty() {
@@ -1016,10 +1011,6 @@ pub fn extract(
     let outputs = &widen_lora_ranks(&models, outputs);
     let labeler = Labeler::new(label.clone()).map_err(ExtractError::Config)?;
     let splits = SplitAssigner::new(&opts.splits).map_err(ExtractError::Config)?;
-    let cache = match &opts.digest_cache {
-        Some(dir) => DigestCache::open(dir),
-        None => DigestCache::in_memory(),
-    };
     let label_width = match &label.vocab {
         Some(v) => Some(v.classes().len()),
         // Inferred vocabularies are known only at the end: reserve for the worst case.
@@ -1129,7 +1120,7 @@ pub fn extract(
             labeler: &labeler,
             splits: &splits,
             opts,
-            cache: &cache,
+            digests,
             abort: &abort,
         };
         models
@@ -1200,7 +1191,6 @@ pub fn extract(
         }
         return Err(ExtractError::Models(failures));
     }
-    let _ = cache.save();
 
     // Models with a label and a split, in slot order; their labels define the classes.
     let mut skipped = Vec::new();
@@ -1260,17 +1250,14 @@ pub fn extract(
             let m = models[slot];
             let o = &outcomes[slot];
             match o.rows.get(out_i) {
-                Some(RowOutcome::Written { digest, reference }) => {
+                Some(RowOutcome::Written { reference }) => {
                     kept_slots.push(slot);
                     kept_label_rows.push(row);
                     references.extend(reference.clone());
                     records.push(ModelRecord {
                         id: m.id.clone(),
                         split,
-                        source_digest: digest
-                            .clone()
-                            .or_else(|| o.file_digest.clone())
-                            .unwrap_or_default(),
+                        source_digest: o.file_digest.clone().unwrap_or_default(),
                     });
                 }
                 Some(RowOutcome::Dropped(why)) => layer_skipped.push(Skipped {

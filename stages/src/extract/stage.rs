@@ -33,7 +33,9 @@ use probex_engine::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{ExtractOptions, LayerOutput, NonFinitePolicy, SplitSource, extract, resolve_layers};
+use super::{
+    ExtractOptions, LayerOutput, NonFinitePolicy, SplitSource, extract_with_digests, resolve_layers,
+};
 use crate::collection::{self, Collection};
 use crate::dataset::{self, Precision};
 use crate::extract::ModelSource;
@@ -97,7 +99,9 @@ impl Stage for Extract {
         // matrices for unknown architectures) instead of every tensor, so the same `layers`
         // can name another tensor; sidecars record the list. Layers are read in place or, when
         // copied, stored as LoRA factors at the files' own precision (not f32 products).
-        2
+        // 3: a row's source digest is its file's digest, and an in-place reference carries the
+        // file's stamp instead of a digest of the bytes it reads (sidecar format 3).
+        3
     }
     fn about(&self) -> &'static str {
         "stack one layer of every model into a dataset with labels and splits (one node per layer)"
@@ -322,8 +326,6 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
     let opts = ExtractOptions {
         precision: p.precision,
         non_finite: p.non_finite,
-        digest: super::DigestMode::Read,
-        digest_cache: None,
         splits: p.splits.clone(),
         on_bad_file: p.on_bad_file,
         in_place: !p.copy,
@@ -331,7 +333,8 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(lead.threads())
         .build()?;
-    let report = pool.install(|| extract(&models, &outputs, &p.label, &opts))?;
+    let report =
+        pool.install(|| extract_with_digests(&models, &outputs, &p.label, &opts, lead.digests()))?;
     for f in &report.non_finite {
         lead.log(format!(
             "non-finite weights in {} ({}): {} NaN, {} Inf -> {}",
