@@ -6,8 +6,8 @@ use files::*;
 use probex_stages::shapes;
 use probex_stages::weights::reader::{MAX_HEADER_LEN, parse_bytes, read_header};
 use probex_stages::weights::{
-    Architecture, LayerList, LayerMode, LayerSelector, Safetensors, SafetensorsFile, Transform,
-    describe_layers, format_layer_table, layer_index, layer_rows, list_layers,
+    Architecture, LayerIndex, LayerList, LayerMode, LayerSelector, Safetensors, SafetensorsFile,
+    Transform, describe_layers, format_layer_table, layer_index, layer_rows, list_layers,
 };
 
 fn err_of(bytes: Vec<u8>) -> String {
@@ -539,4 +539,43 @@ fn a_vit_that_lacks_part_of_its_list_is_an_error_naming_the_tensor() {
     write_model(&q, &[f32t("fc.weight", &[2, 2], &[1.0; 4])], &[]);
     let e = list_layers(&q, LayerMode::Vit).unwrap_err().to_string();
     assert!(e.contains("classifier.weight"), "{e}");
+}
+
+/// The per-file index extraction uses answers as `layer_index` does, for every tensor of every
+/// architecture's real names, in every list.
+#[test]
+fn a_files_layer_index_agrees_with_layer_index_for_every_tensor() {
+    let all = [
+        Architecture::Vit,
+        Architecture::Resnet,
+        Architecture::SdLora,
+        Architecture::Matrices,
+        Architecture::AllTensors,
+    ];
+    for specs in [
+        shapes::vit_b16(100),
+        shapes::resnet101(100),
+        shapes::sd1_lora(16),
+    ] {
+        let h = header_of(&specs);
+        let index = LayerIndex::new(&h);
+        let mut listed = 0;
+        for arch in all {
+            for t in &h.tensors {
+                let want = layer_index(&h, &t.name, arch).unwrap();
+                listed += usize::from(want.is_some());
+                assert_eq!(
+                    index.index(&t.name, arch).unwrap(),
+                    want,
+                    "{} {arch:?}",
+                    t.name
+                );
+            }
+        }
+        assert!(listed > h.tensors.len(), "the lists hold tensors");
+        assert_eq!(
+            index.index("no.such.tensor", Architecture::AllTensors),
+            Ok(None)
+        );
+    }
 }

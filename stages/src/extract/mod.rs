@@ -36,8 +36,8 @@ use crate::labels::{LabelSpec, LabelValue, Labeler, OnError};
 use crate::weights::layers::is_float;
 use crate::weights::reader::{SharedMmap, read_header};
 use crate::weights::{
-    Architecture, LayerList, LayerMode, LayerSelector, SafetensorsFile, TensorEntry, Transform,
-    WeightsError, transform,
+    Architecture, LayerIndex, LayerList, LayerMode, LayerSelector, SafetensorsFile, TensorEntry,
+    Transform, WeightsError, transform,
 };
 
 use crate::dataset::writer::{self, LayerFile};
@@ -182,7 +182,8 @@ pub fn read_matrix(path: &Path, layer: &LayerInfo) -> Result<Vec<f32>, WeightsEr
         ));
     };
     let st = SafetensorsFile::open(path)?;
-    let (entry, up) = check_entry(&st, resolved).map_err(|m| WeightsError::invalid(&label, m))?;
+    let (entry, up) = check_entry(&st, &LayerIndex::new(st.header()), resolved)
+        .map_err(|m| WeightsError::invalid(&label, m))?;
     if resolved.index != layer.index || resolved.source_shape != layer.source_shape {
         return Err(WeightsError::tensor(
             &label,
@@ -494,6 +495,7 @@ struct Ctx<'a> {
 
 fn check_entry<'a>(
     st: &'a SafetensorsFile,
+    indices: &LayerIndex,
     layer: &ResolvedLayer,
 ) -> Result<(&'a TensorEntry, Option<&'a TensorEntry>), String> {
     let Some((_, entry)) = st.header().find(&layer.name) else {
@@ -503,7 +505,7 @@ fn check_entry<'a>(
         ));
     };
     // Partial files (fetch in tensors mode) count in their original tensor list.
-    let Some(index) = crate::weights::layer_index(st.header(), &layer.name, layer.list)? else {
+    let Some(index) = indices.index(&layer.name, layer.list)? else {
         return Err(format!(
             "tensor `{}` (layer {} of the first model) is not a layer here: in this file it \
              is not in the {} list ({})",
@@ -577,6 +579,8 @@ struct OpenModel<'a> {
     /// What the file's digest was taken from: an in-place reference is trusted while the
     /// file still has this stamp.
     stamp: FileStamp,
+    /// The file's layer lists, worked out once for all its rows.
+    indices: LayerIndex<'a>,
     /// The file's path made absolute and followed through symlinks (the Hugging Face cache
     /// links snapshots to blobs), which is what an in-place reference names.
     canonical: Result<PathBuf, String>,
@@ -597,7 +601,7 @@ fn extract_row(
         fatal: cx.opts.on_bad_file == OnError::Fail,
         message,
     };
-    let (entry, up) = check_entry(st, layer).map_err(bad_file)?;
+    let (entry, up) = check_entry(st, &file.indices, layer).map_err(bad_file)?;
     let data = st.data(entry).map_err(|e| bad_file(e.to_string()))?;
     let up_data = match up {
         Some(u) => Some(st.data(u).map_err(|e| bad_file(e.to_string()))?),
@@ -786,7 +790,8 @@ fn recheck_flagged(
         message,
     };
     let st = SafetensorsFile::open(&model.path).map_err(|e| fatal(e.to_string()))?;
-    let (entry, up) = check_entry(&st, layer).map_err(|m| fatal(prefix_path(&model.path, m)))?;
+    let (entry, up) = check_entry(&st, &LayerIndex::new(st.header()), layer)
+        .map_err(|m| fatal(prefix_path(&model.path, m)))?;
     let mut parts =
         row_parts(&st, layer, entry, up).map_err(|m| fatal(prefix_path(&model.path, m)))?;
     let dropped = non_finite_policy(cx_opts.non_finite, model, layer, &mut parts, findings)?;
@@ -862,6 +867,7 @@ fn process_model(cx: &Ctx, slot: usize, model: &ModelSource) -> ModelOutcome {
         model,
         st: &st,
         stamp,
+        indices: LayerIndex::new(st.header()),
         canonical: std::fs::canonicalize(&model.path)
             .map_err(|e| format!("{}: {e}", model.path.display())),
     };
@@ -882,21 +888,22 @@ fn process_model(cx: &Ctx, slot: usize, model: &ModelSource) -> ModelOutcome {
     if outcome.label.is_err() || outcome.split.is_err() {
         return outcome;
     }
-    // Start the reads of every requested tensor at once (readahead for cold files).
-    for out in cx.outputs {
-        let names =
-            std::iter::once(&out.layer.name).chain(out.layer.lora_up.as_ref().map(|u| &u.0));
-        for name in names {
-            if let Some((_, e)) = st.header().find(name) {
-                st.prefetch(e);
-            }
-        }
+    // Start the reads of every requested tensor at once (readahead for cold files), in as few
+    // calls as the spans allow: with `layers = "all"` they are most of the file.
+    let mut spans: Vec<Range<usize>> = cx
+        .outputs
+        .iter()
+        .flat_map(|o| std::iter::once(&o.layer.name).chain(o.layer.lora_up.as_ref().map(|u| &u.0)))
+        .filter_map(|name| st.header().find(name).map(|(_, e)| e.span.clone()))
+        .collect();
+    for range in coalesce(&mut spans, PREFETCH_GAP) {
+        st.prefetch_range(range);
     }
     for out in 0..cx.outputs.len() {
         // After a fatal error elsewhere, only the cheap header checks run, so the error report
         // lists every broken model without reading any more tensor data.
         let result = if cx.abort.load(Ordering::Relaxed) {
-            check_entry(&st, &cx.outputs[out].layer)
+            check_entry(&st, &open.indices, &cx.outputs[out].layer)
                 .map(|_| RowOutcome::Dropped("not read: the run stopped on an error".into()))
                 .map_err(|message| Problem {
                     fatal: cx.opts.on_bad_file == OnError::Fail,
@@ -929,6 +936,22 @@ fn process_model(cx: &Ctx, slot: usize, model: &ModelSource) -> ModelOutcome {
         }
     }
     outcome
+}
+
+/// Spans closer than this are read ahead as one range (the pages between cost less than a call).
+const PREFETCH_GAP: usize = 1 << 20;
+
+/// Sorts `spans` and merges those that overlap or lie within `gap` bytes of each other.
+fn coalesce(spans: &mut [Range<usize>], gap: usize) -> Vec<Range<usize>> {
+    spans.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<usize>> = Vec::new();
+    for r in spans.iter().filter(|r| !r.is_empty()) {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end.saturating_add(gap) => last.end = last.end.max(r.end),
+            _ => merged.push(r.clone()),
+        }
+    }
+    merged
 }
 
 fn prefix_path(path: &Path, message: String) -> String {
@@ -1375,4 +1398,21 @@ pub fn split_counts(records: &[ModelRecord]) -> BTreeMap<Split, usize> {
         *m.entry(r.split).or_insert(0) += 1;
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::coalesce;
+
+    #[test]
+    fn prefetch_spans_merge_when_close_and_stay_apart_when_far() {
+        let mut spans = vec![100..200, 0..50, 60..70, 5000..6000, 180..300, 7..7];
+        assert_eq!(
+            coalesce(&mut spans, 5),
+            vec![0..50, 60..70, 100..300, 5000..6000]
+        );
+        assert_eq!(coalesce(&mut spans, 10), vec![0..70, 100..300, 5000..6000]);
+        assert_eq!(coalesce(&mut spans, 10_000), vec![0..6000]);
+        assert!(coalesce(&mut [], 10).is_empty());
+    }
 }

@@ -7,7 +7,7 @@
 //! comes before `layer.2`. A LoRA layer is a `.lora.down.weight` factor paired with its
 //! `.lora.up.weight`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -245,6 +245,52 @@ pub fn layer_index(
             .filter(|t| architecture.lists(t))
             .count(),
     ))
+}
+
+/// [`layer_index`] for many names of one file: each architecture's list is worked out once
+/// (a partial file's original table parsed once), not once per name. Extraction asks for
+/// every layer of every file, 128 names per LoRA file.
+pub struct LayerIndex<'a> {
+    header: &'a Header,
+    lists: std::cell::RefCell<Vec<(Architecture, Result<HashMap<String, usize>, String>)>>,
+}
+
+impl<'a> LayerIndex<'a> {
+    /// An index of `header`'s lists, filled as they are asked for.
+    pub fn new(header: &'a Header) -> Self {
+        LayerIndex {
+            header,
+            lists: Default::default(),
+        }
+    }
+
+    /// The position of tensor `name` in `architecture`'s list; `None` when the list does not
+    /// hold it. As [`layer_index`].
+    pub fn index(&self, name: &str, architecture: Architecture) -> Result<Option<usize>, String> {
+        let mut lists = self.lists.borrow_mut();
+        let at = match lists.iter().position(|(a, _)| *a == architecture) {
+            Some(at) => at,
+            None => {
+                lists.push((architecture, self.list(architecture)));
+                lists.len() - 1
+            }
+        };
+        match &lists[at].1 {
+            Ok(map) => Ok(map.get(name).copied()),
+            Err(m) => Err(m.clone()),
+        }
+    }
+
+    fn list(&self, architecture: Architecture) -> Result<HashMap<String, usize>, String> {
+        let original = super::partial::original(self.header)?;
+        let h = original.as_ref().unwrap_or(self.header);
+        Ok(h.tensors
+            .iter()
+            .filter(|t| architecture.lists(t))
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect())
+    }
 }
 
 fn rows_of(header: &Header, architecture: Architecture) -> Result<Vec<LayerRow>, String> {

@@ -12,8 +12,8 @@ pub mod writer;
 
 pub use arch::Architecture;
 pub use layers::{
-    LayerList, LayerMode, LayerRow, Listing, TensorRow, describe_layers, format_layer_table,
-    layer_index, layer_rows, list_layers, listing,
+    LayerIndex, LayerList, LayerMode, LayerRow, Listing, TensorRow, describe_layers,
+    format_layer_table, layer_index, layer_rows, list_layers, listing,
 };
 pub use reader::{Header, Safetensors, SafetensorsFile, TensorEntry, WeightsError};
 pub use select::LayerSelector;

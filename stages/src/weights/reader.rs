@@ -436,15 +436,15 @@ impl Safetensors<SharedMmap> {
         self.bytes.clone()
     }
 
-    /// Asks the kernel to start reading `entry`'s pages now (readahead for cold files).
-    pub fn prefetch(&self, entry: &TensorEntry) {
-        if !entry.span.is_empty() {
+    /// Asks the kernel to start reading the pages of `range` (bytes of the file) now:
+    /// readahead for cold files.
+    pub fn prefetch_range(&self, range: std::ops::Range<usize>) {
+        if !range.is_empty() && range.end <= self.bytes.as_ref().len() {
             // Advice only; a failure just means no readahead.
-            let _ = self.bytes.0.advise_range(
-                memmap2::Advice::WillNeed,
-                entry.span.start,
-                entry.span.len(),
-            );
+            let _ = self
+                .bytes
+                .0
+                .advise_range(memmap2::Advice::WillNeed, range.start, range.len());
         }
     }
 }
