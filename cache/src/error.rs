@@ -70,6 +70,16 @@ pub enum CacheError {
         /// Root of the store it was used with.
         store_root: PathBuf,
     },
+    /// A key lock was used for an entry of another key.
+    #[error(
+        "the lock for key {lock_key} does not cover the entry of key {key}. Lock the key you pin"
+    )]
+    WrongKey {
+        /// The entry's key.
+        key: String,
+        /// The key the lock holds.
+        lock_key: String,
+    },
 }
 
 /// Builds a closure that wraps an `io::Error` with the action, path and hint.

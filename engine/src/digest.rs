@@ -50,6 +50,17 @@ impl FileStamp {
     }
 }
 
+/// What [`FileDigests::identify`] knows of a file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileIdentity {
+    /// The file's path, absolute and through symlinks.
+    pub path: PathBuf,
+    /// blake3 of its content, hex.
+    pub digest: String,
+    /// The stamp the digest is trusted by.
+    pub stamp: FileStamp,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Stat {
     size: u64,
@@ -90,13 +101,13 @@ impl FileDigests {
 
     /// The blake3 hex digest of the file at `path`.
     pub fn digest(&self, path: &Path) -> std::io::Result<String> {
-        self.digest_stamped(path).map(|(digest, _)| digest)
+        self.identify(path).map(|id| id.digest)
     }
 
-    /// The blake3 hex digest of the file at `path`, with the stamp it is trusted by: the
-    /// stamp seen before hashing, so a file changed while it was hashed never pairs a new
-    /// stamp with old content (its next digest hashes it again).
-    pub fn digest_stamped(&self, path: &Path) -> std::io::Result<(String, FileStamp)> {
+    /// The file at `path`: where it really is, its blake3 hex digest, and the stamp the digest
+    /// is trusted by (the stamp seen before hashing, so a file changed while it was hashed
+    /// never pairs a new stamp with old content: its next digest hashes it again).
+    pub fn identify(&self, path: &Path) -> std::io::Result<FileIdentity> {
         let path = fs::canonicalize(path)?;
         let stamp = FileStamp::of(&fs::metadata(&path)?);
         if let Ok(map) = self.entries.lock()
@@ -105,12 +116,17 @@ impl FileDigests {
             && s.mtime_ns == stamp.mtime_ns
             && s.inode == stamp.inode
         {
-            return Ok((s.digest.clone(), stamp));
+            let digest = s.digest.clone();
+            return Ok(FileIdentity {
+                path,
+                digest,
+                stamp,
+            });
         }
         let digest = hash_file(&path)?;
         if let Ok(mut map) = self.entries.lock() {
             map.insert(
-                path,
+                path.clone(),
                 Stat {
                     size: stamp.size,
                     mtime_ns: stamp.mtime_ns,
@@ -122,7 +138,11 @@ impl FileDigests {
                 *d = true;
             }
         }
-        Ok((digest, stamp))
+        Ok(FileIdentity {
+            path,
+            digest,
+            stamp,
+        })
     }
 
     /// Writes the cache back (atomically) if anything was hashed.

@@ -464,6 +464,7 @@ fn drive(
         run_dir,
         &plan,
         &states,
+        &pins,
         cancelled,
         start.started.elapsed().as_secs_f64(),
     );
@@ -523,6 +524,7 @@ fn finish(
     run_dir: &RunDir,
     plan: &Plan,
     states: &HashMap<Key, (NodeState, f64)>,
+    pins: &HashMap<Key, Pinned>,
     cancelled: bool,
     seconds: f64,
 ) -> Result<RunReport, RunError> {
@@ -546,8 +548,14 @@ fn finish(
                 | NodeState::FailedWith(_)
                 | NodeState::Interrupted
         );
+        // The pinned entry, validated when it was pinned: reading it back would stat every file
+        // an in-place dataset refers to, once per node.
+        let entry = match pins.get(&n.key) {
+            Some(pin) => Some(pin.entry().clone()),
+            None => store.get(&n.key).ok().flatten(),
+        };
         if matches!(state, NodeState::Cached | NodeState::Ran)
-            && let Ok(Some(entry)) = store.get(&n.key)
+            && let Some(entry) = entry
         {
             let stored = StoredOutcome::of(&entry);
             if let Some(r) = &stored.results {

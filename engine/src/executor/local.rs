@@ -249,14 +249,16 @@ impl Worker<'_> {
             )
             .with_digests(self.planner.context().digests);
             cx.log(format!("key {}", n.key));
-            prepared.push((*n, staging, cx));
+            prepared.push((*n, lock, staging, cx));
         }
         if prepared.is_empty() {
             return out;
         }
         let decl = &exp.stages[prepared[0].0.stage];
-        let jobs: Vec<(&crate::stage::ParamBox, &RunContext)> =
-            prepared.iter().map(|(n, _, cx)| (&n.params, cx)).collect();
+        let jobs: Vec<(&crate::stage::ParamBox, &RunContext)> = prepared
+            .iter()
+            .map(|(n, _, _, cx)| (&n.params, cx))
+            .collect();
         let results = run_guarded(|| decl.stage.run_batch(&jobs, &inputs), jobs.len());
         let seconds = started.elapsed().as_secs_f64() / prepared.len() as f64;
         let kind = decl.kind.as_str();
@@ -264,16 +266,20 @@ impl Worker<'_> {
         out.extend(in_parallel(
             finished,
             COMMIT_THREADS,
-            |((n, staging, cx), result)| self.finish(n, staging, cx, result, seconds, kind),
+            |((n, lock, staging, cx), result)| {
+                self.finish(n, lock, staging, cx, result, seconds, kind)
+            },
         ));
         drop(todo);
         out
     }
 
     /// Commits one node's outcome (or records its failure) and pins the entry it made.
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
         n: &Node,
+        lock: &KeyLock,
         staging: probex_cache::Staging,
         cx: RunContext,
         result: StageResult<Outcome>,
@@ -318,7 +324,7 @@ impl Worker<'_> {
         // Pinned while the key is still locked: no moment in which `cache gc` could take
         // the entry before the run that needs it reads it.
         let pin = match &done {
-            Ok(_) => store.pin(&n.key).ok().flatten(),
+            Ok(entry) => store.pin_committed(lock, entry.clone()).ok(),
             Err(_) => None,
         };
         Done {

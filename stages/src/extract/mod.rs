@@ -92,55 +92,80 @@ pub fn resolve_layers(
     selector: &LayerSelector,
     mode: LayerMode,
 ) -> Result<Vec<ResolvedLayer>, WeightsError> {
-    let label = reference.display().to_string();
-    let header = read_header(reference)?;
-    let list = LayerList::of(&header, mode).map_err(|m| WeightsError::invalid(&label, m))?;
-    let picked = list
-        .select(selector)
-        .map_err(|m| WeightsError::invalid(&label, m))?;
-    let rows = &list.rows;
-    picked
-        .into_iter()
-        .map(|i| {
-            let r = &rows[i];
-            let (Some(matrix), Some(transform)) = (r.matrix, r.transform) else {
-                return Err(WeightsError::tensor(
-                    &label,
-                    &r.name,
-                    r.note
-                        .clone()
-                        .unwrap_or_else(|| "cannot be a probe input".into()),
-                ));
-            };
-            let lora_up = match &r.lora_up {
-                Some(up) => {
-                    let (_, e) = header.find(up).ok_or_else(|| {
-                        WeightsError::tensor(&label, up, "LoRA up factor not in this file")
-                    })?;
-                    Some((up.clone(), e.shape.clone()))
-                }
-                None => None,
-            };
-            let storage = match lora_up {
-                Some(_) => Storage::LoraFactors {
-                    rank: r.shape.first().copied().unwrap_or(0),
-                },
-                None => Storage::Stacked,
-            };
-            let dtype = header.find(&r.name).map(|(_, e)| e.dtype);
-            Ok(ResolvedLayer {
-                index: r.index,
-                list: list.architecture,
-                name: r.name.clone(),
-                source_shape: r.shape.clone(),
-                lora_up,
-                transform,
-                matrix,
-                storage,
-                source_precision: dtype.map_or(Precision::F32, precision_of),
-            })
+    LayerResolver::open(reference, mode)?.resolve(selector)
+}
+
+/// A reference model's layer list, read once and resolved against many selectors: a batch of
+/// one node per layer asks for 128 of them.
+pub struct LayerResolver {
+    label: String,
+    header: crate::weights::Header,
+    list: LayerList,
+}
+
+impl LayerResolver {
+    /// Reads `reference`'s header and its layer list in `mode`.
+    pub fn open(reference: &Path, mode: LayerMode) -> Result<Self, WeightsError> {
+        let label = reference.display().to_string();
+        let header = read_header(reference)?;
+        let list = LayerList::of(&header, mode).map_err(|m| WeightsError::invalid(&label, m))?;
+        Ok(LayerResolver {
+            label,
+            header,
+            list,
         })
-        .collect()
+    }
+
+    /// The layers `selector` picks, in index order (see [`resolve_layers`]).
+    pub fn resolve(&self, selector: &LayerSelector) -> Result<Vec<ResolvedLayer>, WeightsError> {
+        let (label, header, list) = (&self.label, &self.header, &self.list);
+        let picked = list
+            .select(selector)
+            .map_err(|m| WeightsError::invalid(label, m))?;
+        let rows = &list.rows;
+        picked
+            .into_iter()
+            .map(|i| {
+                let r = &rows[i];
+                let (Some(matrix), Some(transform)) = (r.matrix, r.transform) else {
+                    return Err(WeightsError::tensor(
+                        label,
+                        &r.name,
+                        r.note
+                            .clone()
+                            .unwrap_or_else(|| "cannot be a probe input".into()),
+                    ));
+                };
+                let lora_up = match &r.lora_up {
+                    Some(up) => {
+                        let (_, e) = header.find(up).ok_or_else(|| {
+                            WeightsError::tensor(label, up, "LoRA up factor not in this file")
+                        })?;
+                        Some((up.clone(), e.shape.clone()))
+                    }
+                    None => None,
+                };
+                let storage = match lora_up {
+                    Some(_) => Storage::LoraFactors {
+                        rank: r.shape.first().copied().unwrap_or(0),
+                    },
+                    None => Storage::Stacked,
+                };
+                let dtype = header.find(&r.name).map(|(_, e)| e.dtype);
+                Ok(ResolvedLayer {
+                    index: r.index,
+                    list: list.architecture,
+                    name: r.name.clone(),
+                    source_shape: r.shape.clone(),
+                    lora_up,
+                    transform,
+                    matrix,
+                    storage,
+                    source_precision: dtype.map_or(Precision::F32, precision_of),
+                })
+            })
+            .collect()
+    }
 }
 
 /// The stored precision closest to a float dtype: itself, or f32 for f64.
@@ -267,7 +292,7 @@ pub struct NonFiniteFinding {
 }
 
 /// The outcome of one layer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LayerReport {
     /// The layer.
     pub layer: LayerInfo,
@@ -277,6 +302,8 @@ pub struct LayerReport {
     pub rows: usize,
     /// Models left out of this layer (label/split problems and this layer's own).
     pub skipped: Vec<Skipped>,
+    /// The sidecar written to `dir`, so a caller need not read it back.
+    pub sidecar: Sidecar,
 }
 
 /// What an extraction did.
@@ -391,24 +418,44 @@ fn write_scanned(
 }
 
 /// Counts non-finite little-endian values straight from bytes (exponent all ones).
+///
+/// Extraction scans every byte it refers to, so this runs at memory speed: counts are kept in
+/// lanes as wide as the values (u16 for halves, u32 for floats) over blocks short enough not
+/// to overflow them, which lets the compiler vectorise the loop (a usize count per value made
+/// it widen every lane to 64 bits and scan 2 values per step).
 fn count_non_finite_bytes(bytes: &[u8], precision: Precision) -> usize {
     match precision {
-        Precision::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| {
-                let bits = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                usize::from(bits & 0x7f80_0000 == 0x7f80_0000)
-            })
-            .sum(),
+        Precision::F32 => {
+            const BLOCK: usize = 1 << 16;
+            bytes
+                .chunks(4 * BLOCK)
+                .map(|block| {
+                    let mut n: u32 = 0;
+                    for c in block.chunks_exact(4) {
+                        let bits = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                        n += u32::from(bits & 0x7f80_0000 == 0x7f80_0000);
+                    }
+                    n as usize
+                })
+                .sum()
+        }
         Precision::F16 | Precision::Bf16 => {
-            let exponent = if precision == Precision::F16 {
+            let exponent: u16 = if precision == Precision::F16 {
                 0x7c00
             } else {
                 0x7f80
             };
+            // u16 lanes: at most 2^16 - 1 values per block.
+            const BLOCK: usize = (1 << 16) - 1;
             bytes
-                .chunks_exact(2)
-                .map(|c| usize::from(u16::from_le_bytes([c[0], c[1]]) & exponent == exponent))
+                .chunks(2 * BLOCK)
+                .map(|block| {
+                    let mut n: u16 = 0;
+                    for c in block.chunks_exact(2) {
+                        n += u16::from(u16::from_le_bytes([c[0], c[1]]) & exponent == exponent);
+                    }
+                    usize::from(n)
+                })
                 .sum()
         }
     }
@@ -583,7 +630,7 @@ struct OpenModel<'a> {
     indices: LayerIndex<'a>,
     /// The file's path made absolute and followed through symlinks (the Hugging Face cache
     /// links snapshots to blobs), which is what an in-place reference names.
-    canonical: Result<PathBuf, String>,
+    canonical: PathBuf,
 }
 
 /// Reads, checks and writes one layer of one model into slot `slot`.
@@ -632,7 +679,7 @@ fn extract_row(
             }
         }
         let reference = TensorRef {
-            file: file.canonical.clone().map_err(bad_file)?,
+            file: file.canonical.clone(),
             stamp: file.stamp,
             // Up factor first, then the down factor (or the matrix).
             tensors: up
@@ -702,7 +749,13 @@ fn row_parts(
         crate::dataset::decode(e.dtype, d).map_err(|m| format!("tensor `{}`: {m}", e.name))
     };
     let values = decode(entry)?;
-    let (Some(u), Storage::LoraFactors { rank }) = (up, layer.storage) else {
+    let rank = match (up, layer.storage) {
+        (Some(_), Storage::LoraFactors { rank }) => rank,
+        // A referenced pair's factors as the file has them (no layout to pad to).
+        (Some(u), Storage::References { .. }) => return Ok(vec![decode(u)?, values]),
+        _ => return Ok(vec![values]),
+    };
+    let Some(u) = up else {
         return Ok(vec![values]);
     };
     let b = decode(u)?;
@@ -826,8 +879,8 @@ fn process_model(cx: &Ctx, slot: usize, model: &ModelSource) -> ModelOutcome {
     };
     // The file's digest comes from the run's stat cache, which planning filled: a folder's
     // fetch hashed every model file for its key, so this costs a stat, not a read.
-    let (digest, stamp) = match cx.digests.digest_stamped(&model.path) {
-        Ok(d) => d,
+    let identity = match cx.digests.identify(&model.path) {
+        Ok(id) => id,
         Err(e) => {
             outcome.label = Err(bad_file(format!("{}: {e}", model.path.display())));
             return outcome;
@@ -842,7 +895,7 @@ fn process_model(cx: &Ctx, slot: usize, model: &ModelSource) -> ModelOutcome {
     };
     // A file replaced or rewritten between its digest and its mapping would pair one
     // content's digest with another's rows.
-    match std::fs::metadata(&model.path).map(|m| stamp.change(&FileStamp::of(&m))) {
+    match std::fs::metadata(&model.path).map(|m| identity.stamp.change(&FileStamp::of(&m))) {
         Ok(None) => {}
         Ok(Some(what)) => {
             outcome.label = Err(Problem {
@@ -861,15 +914,14 @@ fn process_model(cx: &Ctx, slot: usize, model: &ModelSource) -> ModelOutcome {
             return outcome;
         }
     }
-    outcome.file_digest = Some(digest);
+    outcome.file_digest = Some(identity.digest);
     outcome.bytes_read += st.header().data_start as u64;
     let open = OpenModel {
         model,
         st: &st,
-        stamp,
+        stamp: identity.stamp,
         indices: LayerIndex::new(st.header()),
-        canonical: std::fs::canonicalize(&model.path)
-            .map_err(|e| format!("{}: {e}", model.path.display())),
+        canonical: identity.path,
     };
     let path = model.path.display();
     outcome.label = cx.labeler.read(st.metadata()).map_err(|m| Problem {
@@ -1031,7 +1083,19 @@ pub fn extract_with_digests(
             w[1].path.display()
         )));
     }
-    let outputs = &widen_lora_ranks(&models, outputs);
+    // A layer is read where it is unless a copy pays: a conversion was asked for, or NaN/Inf
+    // values are to be zeroed (the file's bytes are not the row then).
+    let referenced: Vec<bool> = outputs
+        .iter()
+        .map(|o| {
+            opts.in_place
+                && opts.non_finite != NonFinitePolicy::Zero
+                && opts.precision.is_none_or(|p| p == o.layer.source_precision)
+        })
+        .collect();
+    // A copied LoRA layer is laid out at its largest rank before the pass; a referenced one
+    // learns its models' ranks in the pass, so its files' headers are read once, not twice.
+    let outputs = &widen_lora_ranks(&models, outputs, &referenced);
     let labeler = Labeler::new(label.clone()).map_err(ExtractError::Config)?;
     let splits = SplitAssigner::new(&opts.splits).map_err(ExtractError::Config)?;
     let label_width = match &label.vocab {
@@ -1044,24 +1108,12 @@ pub fn extract_with_digests(
         .iter()
         .map(|o| opts.precision.unwrap_or(o.layer.source_precision))
         .collect();
-    // A layer is read where it is unless a copy pays: a conversion was asked for, or NaN/Inf
-    // values are to be zeroed (the file's bytes are not the row then).
-    let referenced: Vec<bool> = outputs
-        .iter()
-        .map(|o| {
-            opts.in_place
-                && opts.non_finite != NonFinitePolicy::Zero
-                && opts.precision.is_none_or(|p| p == o.layer.source_precision)
-        })
-        .collect();
-    let storage: Vec<Storage> = outputs
+    let mut storage: Vec<Storage> = outputs
         .iter()
         .zip(&referenced)
         .map(|(o, &r)| match o.layer.storage {
             _ if !r => o.layer.storage,
-            Storage::LoraFactors { rank } => Storage::References {
-                lora_rank: Some(rank),
-            },
+            Storage::References { lora_rank } => Storage::References { lora_rank },
             _ => Storage::References { lora_rank: None },
         })
         .collect();
@@ -1307,6 +1359,16 @@ pub fn extract_with_digests(
                     .unwrap_or("")
             )));
         }
+        // A referenced LoRA layer's rank is its models' largest (loading pads lower ones).
+        if let Storage::References {
+            lora_rank: Some(rank),
+        } = &mut storage[out_i]
+        {
+            *rank = references
+                .iter()
+                .filter_map(|r| r.tensors.last().and_then(|down| down.shape.first()))
+                .fold(*rank, |a, &b| a.max(b));
+        }
         let size = file
             .finish(&kept_slots, &labels.as_f32(), label_columns)
             .map_err(io_err(&tensors_path))?;
@@ -1334,6 +1396,7 @@ pub fn extract_with_digests(
             dir: out.dir.clone(),
             rows: kept_slots.len(),
             skipped: layer_skipped,
+            sidecar,
         });
     }
 
@@ -1356,8 +1419,20 @@ pub fn extract_with_digests(
 ///
 /// Reads every header once more (a few kB each); headers that cannot be read are left to the
 /// extraction pass, which reports them with everything else about that file.
-fn widen_lora_ranks(models: &[&ModelSource], outputs: &[LayerOutput]) -> Vec<LayerOutput> {
+fn widen_lora_ranks(
+    models: &[&ModelSource],
+    outputs: &[LayerOutput],
+    referenced: &[bool],
+) -> Vec<LayerOutput> {
     let mut outputs = outputs.to_vec();
+    // A referenced pair is checked against no rank: its rows are what the files hold.
+    for (o, _) in outputs.iter_mut().zip(referenced).filter(|(_, r)| **r) {
+        if let Storage::LoraFactors { rank } = o.layer.storage {
+            o.layer.storage = Storage::References {
+                lora_rank: Some(rank),
+            };
+        }
+    }
     if !outputs
         .iter()
         .any(|o| matches!(o.layer.storage, Storage::LoraFactors { .. }))
@@ -1402,7 +1477,37 @@ pub fn split_counts(records: &[ModelRecord]) -> BTreeMap<Split, usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::coalesce;
+    use super::{Precision, coalesce, count_non_finite_bytes};
+
+    /// The blockwise count equals a plain count across block edges, for every float width.
+    #[test]
+    fn non_finite_counts_are_exact_across_blocks() {
+        let n = 3 * (1 << 16) + 7;
+        let bad_at = |i: usize| i % 997 == 0 || i == (1 << 16) - 1 || i == 1 << 16 || i == n - 1;
+        let f32s: Vec<u8> = (0..n)
+            .flat_map(|i| {
+                let v = match (bad_at(i), i % 3) {
+                    (true, 0) => f32::NAN,
+                    (true, 1) => f32::INFINITY,
+                    (true, _) => f32::NEG_INFINITY,
+                    (false, _) => i as f32 * 1e-3 - 10.0,
+                };
+                v.to_le_bytes()
+            })
+            .collect();
+        let want = (0..n).filter(|&i| bad_at(i)).count();
+        assert!(want > 100);
+        assert_eq!(count_non_finite_bytes(&f32s, Precision::F32), want);
+        let halves = |f: fn(f32) -> [u8; 2]| -> Vec<u8> {
+            f32s.chunks_exact(4)
+                .flat_map(|c| f(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect()
+        };
+        let f16s = halves(|v| half::f16::from_f32(v).to_le_bytes());
+        let bf16s = halves(|v| half::bf16::from_f32(v).to_le_bytes());
+        assert_eq!(count_non_finite_bytes(&f16s, Precision::F16), want);
+        assert_eq!(count_non_finite_bytes(&bf16s, Precision::Bf16), want);
+    }
 
     #[test]
     fn prefetch_spans_merge_when_close_and_stay_apart_when_far() {

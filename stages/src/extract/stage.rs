@@ -34,7 +34,8 @@ use probex_engine::{
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ExtractOptions, LayerOutput, NonFinitePolicy, SplitSource, extract_with_digests, resolve_layers,
+    ExtractOptions, LayerOutput, LayerResolver, NonFinitePolicy, SplitSource, extract_with_digests,
+    resolve_layers,
 };
 use crate::collection::{self, Collection};
 use crate::dataset::{self, Precision};
@@ -295,8 +296,17 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
     let models = models_of(inputs, p.tree)?;
     let first = &models[0];
     let mut outputs = Vec::new();
+    // The first model's layer list, read once for the whole batch (one node per layer).
+    let mut resolvers: Vec<(LayerMode, LayerResolver)> = Vec::new();
     for (q, cx) in jobs {
-        let mut layer = resolve_layers(&first.path, &q.layers, q.mode)?;
+        let at = match resolvers.iter().position(|(m, _)| *m == q.mode) {
+            Some(at) => at,
+            None => {
+                resolvers.push((q.mode, LayerResolver::open(&first.path, q.mode)?));
+                resolvers.len() - 1
+            }
+        };
+        let mut layer = resolvers[at].1.resolve(&q.layers)?;
         if layer.len() != 1 {
             anyhow::bail!(
                 "node {} resolves to {} layers, expected one",
@@ -370,7 +380,7 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
                 models.len()
             ));
         }
-        let sidecar = dataset::LayerDataset::load_sidecar(cx.out_dir())?;
+        let sidecar = &layer.sidecar;
         let splits: BTreeMap<String, usize> = super::split_counts(&sidecar.models)
             .into_iter()
             .map(|(s, n)| (s.to_string(), n))
@@ -385,7 +395,7 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
                 "label_width": sidecar.labels.width(),
                 "storage": sidecar.storage,
             }),
-            references: referenced_files(&sidecar),
+            references: referenced_files(sidecar),
             publish,
             ..Outcome::default()
         });

@@ -437,7 +437,8 @@ impl Safetensors<SharedMmap> {
     }
 
     /// Asks the kernel to start reading the pages of `range` (bytes of the file) now:
-    /// readahead for cold files.
+    /// readahead for cold files. (Prefaulting the range as well, `MADV_POPULATE_READ`, made
+    /// no measurable difference to a warm 1,000-LoRA extraction.)
     pub fn prefetch_range(&self, range: std::ops::Range<usize>) {
         if !range.is_empty() && range.end <= self.bytes.as_ref().len() {
             // Advice only; a failure just means no readahead.
