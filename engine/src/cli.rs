@@ -174,6 +174,7 @@ pub enum ExecutorArg {
 pub enum EngineCommand {
     /// Run an experiment: compute what is not cached, write a run record, check expectations
     Run {
+        /// The experiment file and the settings shared with `plan`.
         #[command(flatten)]
         plan: PlanArgs,
         /// Nodes to run at once [default: number of CPUs; with --executor slurm, jobs in the
@@ -205,6 +206,7 @@ pub enum EngineCommand {
     /// Compute chosen nodes of an experiment in this process (what a SLURM job runs)
     #[command(hide = true)]
     RunNode {
+        /// The experiment file and the settings shared with `plan`.
         #[command(flatten)]
         plan: PlanArgs,
         /// A node, by name (repeatable; together they must form one batch)
@@ -234,6 +236,7 @@ pub enum EngineCommand {
     /// Show every node of an experiment: cached, or will run and why. Cached means a valid
     /// manifest; files are re-hashed when a node reads them, and by `cache verify`
     Plan {
+        /// The experiment file and the settings shared with `plan`.
         #[command(flatten)]
         plan: PlanArgs,
     },
