@@ -28,7 +28,8 @@ use crate::history::History;
 use crate::plan::{Overrides, Planner};
 use crate::progress::{ProgressMode, Reporter};
 use crate::record::{RunDir, files};
-use crate::run::{NodeState, RunOptions};
+use crate::report::NodeState;
+use crate::run::RunOptions;
 use crate::stage::{PlanContext, Registry};
 use crate::status::human;
 

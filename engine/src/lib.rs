@@ -18,6 +18,7 @@ pub mod key;
 pub mod plan;
 pub mod progress;
 pub mod record;
+pub mod report;
 pub mod run;
 pub mod shape;
 pub mod stage;
@@ -28,7 +29,8 @@ pub use probex_cache as cache;
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use experiment::{Experiment, load};
 pub use plan::{Overrides, Plan, Planner};
-pub use run::{RunError, RunOptions, RunReport, run, run_slurm};
+pub use report::RunReport;
+pub use run::{RunError, RunOptions, run, run_slurm};
 pub use stage::{
     Artifact, Cancelled, Coords, FailedWith, InputSlot, Inputs, Outcome, PlanContext, PlanFacts,
     PlanInput, ProgressSink, Registry, Resource, RunContext, Shape, Stage, StageResult, Sweep,
