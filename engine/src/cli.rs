@@ -1,6 +1,6 @@
-//! The engine's commands (`run`, `plan`, `cache`, `report`, `compare`, `kinds`, and the hidden
-//! `run-node` a SLURM job runs), shared by the `probex` binary and anything else that embeds
-//! the engine with its own stage kinds.
+//! The engine's commands (`run`, `plan`, `show`, `cache`, `report`, `compare`, `kinds`, and
+//! the hidden `run-node` a SLURM job runs), shared by the `probex` binary and anything else
+//! that embeds the engine with its own stage kinds.
 //!
 //! Exit codes (the README has the table): 0 success; 1 the work failed (a stage, an
 //! expectation, writing the run record or the cache); 2 bad input or usage; 130 interrupted.
@@ -241,6 +241,15 @@ pub enum EngineCommand {
         #[command(flatten)]
         plan: PlanArgs,
     },
+    /// Show one node: its key, whether it is cached (and if not, why it would run), where its
+    /// artifact is, its files and its results
+    Show {
+        /// The experiment file and the settings shared with `plan`.
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// The node, as `probex plan` names it (`probe[layer=5]`)
+        node: String,
+    },
     /// Inspect and maintain the artifact cache
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -342,6 +351,7 @@ pub fn dispatch(
             &cancel,
         ),
         EngineCommand::Plan { plan } => plan_cmd(&plan, cache, registry),
+        EngineCommand::Show { plan, node } => show_cmd(&plan, &node, cache, registry),
         EngineCommand::Cache(c) => cache_cmd(c, cache, registry),
         EngineCommand::Report { run } => report_cmd(&run),
         EngineCommand::Compare { a, b } => compare_cmd(&a, &b),
@@ -425,6 +435,28 @@ fn plan_cmd(args: &PlanArgs, cache: &CacheArgs, registry: &Registry) -> Result<i
             );
         } else {
             crate::out!("{}", crate::status::render_plan(&view));
+        }
+        Ok(EXIT_OK)
+    })
+}
+
+fn show_cmd(
+    args: &PlanArgs,
+    node: &str,
+    cache: &CacheArgs,
+    registry: &Registry,
+) -> Result<i32, Failure> {
+    with_planner(args, cache, registry, true, |planner, store| {
+        let plan = planner.plan().map_err(|d| d.to_string())?;
+        let view = crate::show::show(&plan, planner.experiment(), store, node)
+            .map_err(|e| e.to_string())?;
+        if args.json {
+            crate::outln!(
+                "{}",
+                serde_json::to_string_pretty(&view).map_err(|e| e.to_string())?
+            );
+        } else {
+            crate::out!("{}", crate::show::render(&view));
         }
         Ok(EXIT_OK)
     })

@@ -1307,6 +1307,25 @@ fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a String>) -> Opti
         .map(|(_, c)| c)
 }
 
+/// Up to `n` of `candidates` close enough to `name` to be what was meant (as [`closest`]
+/// judges it), closest first: the suggestions of an error about an unknown name.
+pub(crate) fn closest_n<'a>(
+    name: &str,
+    candidates: impl Iterator<Item = &'a str>,
+    n: usize,
+) -> Vec<String> {
+    let mut close: Vec<(usize, &str)> = candidates
+        .map(|c| (edit_distance(name, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .collect();
+    close.sort_by_key(|(d, _)| *d);
+    close
+        .into_iter()
+        .take(n)
+        .map(|(_, c)| c.to_string())
+        .collect()
+}
+
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();

@@ -21,6 +21,7 @@ pub mod record;
 pub mod report;
 pub mod run;
 pub mod shape;
+pub mod show;
 pub mod stage;
 pub mod status;
 
