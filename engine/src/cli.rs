@@ -265,8 +265,15 @@ pub enum EngineCommand {
         /// Second run directory
         b: PathBuf,
     },
-    /// List the stage kinds this build knows
-    Kinds,
+    /// List the stage kinds this build knows; with a kind, its inputs and params with their
+    /// defaults and meaning
+    Kinds {
+        /// A kind to describe (`train`)
+        kind: Option<String>,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `probex cache ...`
@@ -355,12 +362,7 @@ pub fn dispatch(
         EngineCommand::Cache(c) => cache_cmd(c, cache, registry),
         EngineCommand::Report { run } => report_cmd(&run),
         EngineCommand::Compare { a, b } => compare_cmd(&a, &b),
-        EngineCommand::Kinds => {
-            for (kind, about) in registry.describe() {
-                crate::outln!("{kind:<12} {about}");
-            }
-            Ok(EXIT_OK)
-        }
+        EngineCommand::Kinds { kind, json } => kinds_cmd(kind.as_deref(), json, registry),
     };
     let code = match result {
         Ok(code) => code,
@@ -438,6 +440,46 @@ fn plan_cmd(args: &PlanArgs, cache: &CacheArgs, registry: &Registry) -> Result<i
         }
         Ok(EXIT_OK)
     })
+}
+
+fn kinds_cmd(kind: Option<&str>, json: bool, registry: &Registry) -> Result<i32, Failure> {
+    let Some(kind) = kind else {
+        if json {
+            let rows: Vec<Value> = registry
+                .describe()
+                .into_iter()
+                .map(|(kind, about)| serde_json::json!({"kind": kind, "about": about}))
+                .collect();
+            crate::outln!(
+                "{}",
+                serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?
+            );
+        } else {
+            for (kind, about) in registry.describe() {
+                crate::outln!("{kind:<12} {about}");
+            }
+        }
+        return Ok(EXIT_OK);
+    };
+    let Some(help) = registry.help(kind) else {
+        let names = registry.names();
+        let close = crate::experiment::closest_n(kind, names.iter().copied(), 3);
+        let hint = match close.first() {
+            Some(c) => format!("did you mean `{c}`?"),
+            None => format!("kinds: {}", names.join(", ")),
+        };
+        return Err(format!("no stage kind `{kind}`\n  = help: {hint}").into());
+    };
+    let help = help.map_err(|e| Failure::failed(format!("kind `{kind}`: {e}")))?;
+    if json {
+        crate::outln!(
+            "{}",
+            serde_json::to_string_pretty(&help).map_err(|e| e.to_string())?
+        );
+    } else {
+        crate::out!("{}", crate::params::render(&help));
+    }
+    Ok(EXIT_OK)
 }
 
 fn show_cmd(

@@ -22,8 +22,41 @@ use crate::expect::Expectation;
 use crate::shape::{PlanFacts, PlanInput};
 use crate::stage::{Coords, DynStage, InputSlot, ParamBox, Registry};
 
-/// Keys of a stage table that the engine reads itself; all others are the kind's params.
-const ENGINE_KEYS: [&str; 6] = ["kind", "from", "for_each", "device", "threads", "expect"];
+/// Keys of a stage table that the engine reads itself, with what each means (`probex kinds
+/// KIND` lists them beside the kind's params); all other keys are the kind's params.
+pub const ENGINE_KEYS: [(&str, &str); 6] = [
+    ("kind", "the stage kind (`probex kinds` lists them)"),
+    (
+        "from",
+        "the stage(s) whose artifacts this one reads: a name or a list of names",
+    ),
+    (
+        "for_each",
+        "params of this table holding arrays to sweep: one node per value (or combination)",
+    ),
+    (
+        "device",
+        "where the stage computes (cpu, cuda, cuda:N); not part of the key",
+    ),
+    (
+        "threads",
+        "CPU threads of each node [default: CPUs / jobs]; not part of the key",
+    ),
+    (
+        "expect",
+        "expectations on this stage's results (`{ path = \"rule\" }`); a miss fails the run",
+    ),
+];
+
+/// Whether `key` of a stage table is read by the engine rather than the kind.
+pub(crate) fn is_engine_key(key: &str) -> bool {
+    ENGINE_KEYS.iter().any(|(k, _)| *k == key)
+}
+
+/// The names of [`ENGINE_KEYS`].
+pub(crate) fn engine_keys() -> Vec<&'static str> {
+    ENGINE_KEYS.iter().map(|(k, _)| *k).collect()
+}
 
 /// A loaded, validated experiment.
 #[derive(Clone)]
@@ -792,7 +825,7 @@ fn declare(
     for combo in combinations(&sweeps) {
         let mut table = DeTable::new();
         for e in &s.entries {
-            if ENGINE_KEYS.contains(&e.key.get_ref().as_ref()) {
+            if is_engine_key(e.key.get_ref().as_ref()) {
                 continue;
             }
             let value = combo
@@ -856,7 +889,7 @@ fn declare(
                 // A misspelt engine key (`for-each`) lands among the kind's params; say what
                 // the engine itself reads too.
                 if let Some(field) = unknown_field(e.message()) {
-                    let engine: Vec<String> = ENGINE_KEYS.iter().map(|k| k.to_string()).collect();
+                    let engine: Vec<String> = engine_keys().iter().map(|k| k.to_string()).collect();
                     if let Some(close) = closest(field, engine.iter()) {
                         d = d.with_help(format!("did you mean `{close}`?"));
                     }

@@ -15,6 +15,7 @@ pub mod expect;
 pub mod experiment;
 pub mod history;
 pub mod key;
+pub mod params;
 pub mod plan;
 pub mod progress;
 pub mod record;
@@ -33,7 +34,7 @@ pub use plan::{Overrides, Plan, Planner};
 pub use report::RunReport;
 pub use run::{RunError, RunOptions, run, run_slurm};
 pub use stage::{
-    Artifact, Cancelled, Coords, FailedWith, InputSlot, Inputs, Outcome, PlanContext, PlanFacts,
-    PlanInput, ProgressSink, Registry, Resource, RunContext, Shape, Stage, StageResult, Sweep,
-    error_text,
+    Artifact, Cancelled, Coords, FailedWith, InputSlot, Inputs, KindHelp, Outcome, ParamHelp,
+    ParamsDoc, PlanContext, PlanFacts, PlanInput, ProgressSink, Registry, Resource, RunContext,
+    Shape, Stage, StageResult, Sweep, error_text,
 };

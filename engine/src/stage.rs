@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::digest::FileDigests;
+pub use crate::params::{ParamHelp, ParamsDoc};
 pub use crate::shape::{PlanFacts, PlanInput, Shape};
 
 /// What stage kinds return on failure: any error with context, printed with its chain.
@@ -431,6 +432,14 @@ pub trait Stage: Send + Sync + 'static {
     /// One line for `probex kinds` and error messages.
     fn about(&self) -> &'static str;
 
+    /// One line per param, and the params a stage cannot do without, for `probex kinds KIND`.
+    /// The names must be exactly the fields `Params` accepts (less the keys the engine reads
+    /// itself, such as `threads`); the defaults shown are computed from `Params`, never
+    /// written here. Default: nothing documented.
+    fn params_doc(&self) -> ParamsDoc {
+        ParamsDoc::default()
+    }
+
     /// The artifact type this kind produces, which downstream input slots name.
     fn output(&self) -> &'static str;
 
@@ -539,6 +548,9 @@ pub(crate) trait DynStage: Send + Sync {
     fn kind(&self) -> &'static str;
     fn version(&self) -> u32;
     fn about(&self) -> &'static str;
+    fn params_doc(&self) -> ParamsDoc;
+    fn param_fields(&self) -> Option<Vec<&'static str>>;
+    fn params_help(&self) -> Result<Vec<ParamHelp>, String>;
     fn output(&self) -> &'static str;
     fn output_for(&self, p: &ParamBox) -> &'static str;
     fn inputs(&self) -> Vec<InputSlot>;
@@ -565,6 +577,23 @@ impl<S: Stage> DynStage for S {
     }
     fn about(&self) -> &'static str {
         Stage::about(self)
+    }
+    fn params_doc(&self) -> ParamsDoc {
+        Stage::params_doc(self)
+    }
+    fn param_fields(&self) -> Option<Vec<&'static str>> {
+        crate::params::field_names::<S::Params>().map(|names| {
+            names
+                .into_iter()
+                .filter(|n| !crate::experiment::is_engine_key(n))
+                .collect()
+        })
+    }
+    fn params_help(&self) -> Result<Vec<ParamHelp>, String> {
+        crate::params::help::<S::Params>(
+            &Stage::params_doc(self),
+            &crate::experiment::engine_keys(),
+        )
     }
     fn output(&self) -> &'static str {
         Stage::output(self)
@@ -664,6 +693,76 @@ impl Registry {
     pub fn names(&self) -> Vec<&'static str> {
         self.kinds.keys().copied().collect()
     }
+
+    /// The fields a kind's params accept (as its `Deserialize` reads them), less the keys the
+    /// engine reads itself; `None` for an unknown kind, or params that are not a plain struct.
+    pub fn param_fields(&self, kind: &str) -> Option<Vec<&'static str>> {
+        self.kinds.get(kind).and_then(|k| k.param_fields())
+    }
+
+    /// What a kind documents of its params ([`Stage::params_doc`]).
+    pub fn params_doc(&self, kind: &str) -> Option<ParamsDoc> {
+        self.kinds.get(kind).map(|k| k.params_doc())
+    }
+
+    /// Everything `probex kinds KIND` says of a kind; `None` for an unknown kind. An error is
+    /// a kind whose documented example does not parse as its params (a bug of the kind).
+    pub fn help(&self, kind: &str) -> Option<Result<KindHelp, String>> {
+        let k = self.kinds.get(kind)?;
+        Some(k.params_help().map(|params| {
+            KindHelp {
+                kind: k.kind(),
+                about: k.about(),
+                version: k.version(),
+                output: k.output(),
+                inputs: k
+                    .inputs()
+                    .into_iter()
+                    .map(|s| InputHelp {
+                        ty: s.ty,
+                        required: s.required,
+                        many: s.many,
+                        gather: s.gather,
+                    })
+                    .collect(),
+                example: k.params_doc().example,
+                params,
+            }
+        }))
+    }
+}
+
+/// What `probex kinds KIND` shows of one kind.
+#[derive(Clone, Debug, Serialize)]
+pub struct KindHelp {
+    /// The `kind = "..."` name.
+    pub kind: &'static str,
+    /// Its one-line description.
+    pub about: &'static str,
+    /// Its version (bumping it invalidates its cached artifacts).
+    pub version: u32,
+    /// The artifact type it produces.
+    pub output: &'static str,
+    /// The inputs it reads.
+    pub inputs: Vec<InputHelp>,
+    /// The params that cannot be left out, as TOML with example values (what the defaults
+    /// shown were computed around).
+    pub example: &'static str,
+    /// Every param, in declaration order.
+    pub params: Vec<ParamHelp>,
+}
+
+/// One input slot of a kind, for `probex kinds KIND`.
+#[derive(Clone, Debug, Serialize)]
+pub struct InputHelp {
+    /// The artifact type read.
+    pub ty: &'static str,
+    /// Whether `from` must name one.
+    pub required: bool,
+    /// Whether `from` may name several.
+    pub many: bool,
+    /// Whether a fanned-out upstream is read whole by one node.
+    pub gather: bool,
 }
 
 #[cfg(test)]
