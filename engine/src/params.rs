@@ -24,6 +24,21 @@ pub struct ParamsDoc {
     pub params: &'static [(&'static str, &'static str)],
 }
 
+/// Why a kind's params help cannot be made: a mistake in the kind's [`ParamsDoc`], not in
+/// anything a user wrote.
+#[derive(Debug, thiserror::Error)]
+pub enum HelpError {
+    /// The example is not TOML.
+    #[error("the kind's params example is not TOML: {0}")]
+    Example(toml::de::Error),
+    /// The example (or its required keys alone) does not parse as the kind's params.
+    #[error("the kind's params example is not valid params: {0}")]
+    Invalid(toml::de::Error),
+    /// The filled-in params cannot be encoded to show their defaults.
+    #[error("the kind's default params cannot be encoded: {0}")]
+    Encode(serde_json::Error),
+}
+
 /// One param as `probex kinds KIND` shows it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct ParamHelp {
@@ -79,12 +94,11 @@ impl<'de> de::Deserializer<'de> for Fields<'_> {
 pub fn help<P: DeserializeOwned + serde::Serialize>(
     doc: &ParamsDoc,
     engine_keys: &[&str],
-) -> Result<Vec<ParamHelp>, String> {
+) -> Result<Vec<ParamHelp>, HelpError> {
     let names = field_names::<P>().unwrap_or_default();
-    let example: toml::Table = toml::from_str(doc.example)
-        .map_err(|e| format!("the kind's params example does not parse: {e}"))?;
+    let example: toml::Table = toml::from_str(doc.example).map_err(HelpError::Example)?;
     let parses = |t: &toml::Table| toml::Value::Table(t.clone()).try_into::<P>();
-    parses(&example).map_err(|e| format!("the kind's params example is not valid: {e}"))?;
+    parses(&example).map_err(HelpError::Invalid)?;
     // A key of the example is required when the params do not parse without it.
     let required: Vec<&String> = example
         .keys()
@@ -98,8 +112,8 @@ pub fn help<P: DeserializeOwned + serde::Serialize>(
     for k in &required {
         minimal.insert((*k).clone(), example[k.as_str()].clone());
     }
-    let filled = parses(&minimal).map_err(|e| format!("the required params alone: {e}"))?;
-    let defaults = serde_json::to_value(&filled).map_err(|e| e.to_string())?;
+    let filled = parses(&minimal).map_err(HelpError::Invalid)?;
+    let defaults = serde_json::to_value(&filled).map_err(HelpError::Encode)?;
     Ok(names
         .into_iter()
         .filter(|n| !engine_keys.contains(n))

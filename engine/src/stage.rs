@@ -550,7 +550,7 @@ pub(crate) trait DynStage: Send + Sync {
     fn about(&self) -> &'static str;
     fn params_doc(&self) -> ParamsDoc;
     fn param_fields(&self) -> Option<Vec<&'static str>>;
-    fn params_help(&self) -> Result<Vec<ParamHelp>, String>;
+    fn params_help(&self) -> Result<Vec<ParamHelp>, crate::params::HelpError>;
     fn output(&self) -> &'static str;
     fn output_for(&self, p: &ParamBox) -> &'static str;
     fn inputs(&self) -> Vec<InputSlot>;
@@ -589,7 +589,7 @@ impl<S: Stage> DynStage for S {
                 .collect()
         })
     }
-    fn params_help(&self) -> Result<Vec<ParamHelp>, String> {
+    fn params_help(&self) -> Result<Vec<ParamHelp>, crate::params::HelpError> {
         crate::params::help::<S::Params>(
             &Stage::params_doc(self),
             &crate::experiment::engine_keys(),
@@ -707,7 +707,7 @@ impl Registry {
 
     /// Everything `probex kinds KIND` says of a kind; `None` for an unknown kind. An error is
     /// a kind whose documented example does not parse as its params (a bug of the kind).
-    pub fn help(&self, kind: &str) -> Option<Result<KindHelp, String>> {
+    pub fn help(&self, kind: &str) -> Option<Result<KindHelp, crate::params::HelpError>> {
         let k = self.kinds.get(kind)?;
         Some(k.params_help().map(|params| {
             KindHelp {
