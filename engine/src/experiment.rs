@@ -19,44 +19,9 @@ use toml::de::{DeString, DeTable, DeValue};
 
 use crate::diagnostic::{Diagnostic, Diagnostics, FileId, SourceMap, Span};
 use crate::expect::Expectation;
+use crate::params::{engine_keys, is_engine_key};
 use crate::shape::{PlanFacts, PlanInput};
 use crate::stage::{Coords, DynStage, InputSlot, ParamBox, Registry};
-
-/// Keys of a stage table that the engine reads itself, with what each means (`probex kinds
-/// KIND` lists them beside the kind's params); all other keys are the kind's params.
-pub const ENGINE_KEYS: [(&str, &str); 6] = [
-    ("kind", "the stage kind (`probex kinds` lists them)"),
-    (
-        "from",
-        "the stage(s) whose artifacts this one reads: a name or a list of names",
-    ),
-    (
-        "for_each",
-        "params of this table holding arrays to sweep: one node per value (or combination)",
-    ),
-    (
-        "device",
-        "where the stage computes (cpu, cuda, cuda:N); not part of the key",
-    ),
-    (
-        "threads",
-        "CPU threads of each node [default: CPUs / jobs]; not part of the key",
-    ),
-    (
-        "expect",
-        "expectations on this stage's results (`{ path = \"rule\" }`); a miss fails the run",
-    ),
-];
-
-/// Whether `key` of a stage table is read by the engine rather than the kind.
-pub(crate) fn is_engine_key(key: &str) -> bool {
-    ENGINE_KEYS.iter().any(|(k, _)| *k == key)
-}
-
-/// The names of [`ENGINE_KEYS`].
-pub(crate) fn engine_keys() -> Vec<&'static str> {
-    ENGINE_KEYS.iter().map(|(k, _)| *k).collect()
-}
 
 /// A loaded, validated experiment.
 #[derive(Clone)]

@@ -8,10 +8,78 @@
 
 use std::fmt::Write as _;
 
+use serde::Serialize;
 use serde::de::{self, DeserializeOwned, Visitor};
 use serde_json::Value;
 
-use crate::stage::KindHelp;
+/// Keys of a stage table that the engine reads itself, with what each means (`probex kinds
+/// KIND` lists them beside the kind's params); all other keys are the kind's params.
+pub const ENGINE_KEYS: [(&str, &str); 6] = [
+    ("kind", "the stage kind (`probex kinds` lists them)"),
+    (
+        "from",
+        "the stage(s) whose artifacts this one reads: a name or a list of names",
+    ),
+    (
+        "for_each",
+        "params of this table holding arrays to sweep: one node per value (or combination)",
+    ),
+    (
+        "device",
+        "where the stage computes (cpu, cuda, cuda:N); not part of the key",
+    ),
+    (
+        "threads",
+        "CPU threads of each node [default: CPUs / jobs]; not part of the key",
+    ),
+    (
+        "expect",
+        "expectations on this stage's results (`{ path = \"rule\" }`); a miss fails the run",
+    ),
+];
+
+/// Whether `key` of a stage table is read by the engine rather than the kind.
+pub(crate) fn is_engine_key(key: &str) -> bool {
+    ENGINE_KEYS.iter().any(|(k, _)| *k == key)
+}
+
+/// The names of [`ENGINE_KEYS`].
+pub(crate) fn engine_keys() -> Vec<&'static str> {
+    ENGINE_KEYS.iter().map(|(k, _)| *k).collect()
+}
+
+/// What `probex kinds KIND` shows of one kind.
+#[derive(Clone, Debug, Serialize)]
+pub struct KindHelp {
+    /// The `kind = "..."` name.
+    pub kind: &'static str,
+    /// Its one-line description.
+    pub about: &'static str,
+    /// Its version (bumping it invalidates its cached artifacts).
+    pub version: u32,
+    /// The artifact type it produces.
+    pub output: &'static str,
+    /// The inputs it reads.
+    pub inputs: Vec<InputHelp>,
+    /// The params that cannot be left out, as TOML with example values (what the defaults
+    /// shown were computed around).
+    pub example: &'static str,
+    /// Every param, in declaration order.
+    pub params: Vec<ParamHelp>,
+}
+
+/// One input slot of a kind, for `probex kinds KIND`.
+#[derive(Clone, Debug, Serialize)]
+pub struct InputHelp {
+    /// The artifact type read.
+    pub ty: &'static str,
+    /// Whether `from` must name one.
+    pub required: bool,
+    /// Whether `from` may name several.
+    pub many: bool,
+    /// Whether a fanned-out upstream is read whole by one node.
+    pub gather: bool,
+}
 
 /// Documentation a kind gives of its params (see [`crate::Stage::params_doc`]).
 #[derive(Clone, Copy, Debug, Default)]
@@ -40,7 +108,7 @@ pub enum HelpError {
 }
 
 /// One param as `probex kinds KIND` shows it.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ParamHelp {
     /// The key in the stage's table.
     pub name: String,
@@ -91,7 +159,7 @@ impl<'de> de::Deserializer<'de> for Fields<'_> {
 
 /// The params of a kind for `probex kinds KIND`: every field of `P` except the keys the
 /// engine reads itself (`engine_keys`), in declaration order, with defaults and docs.
-pub fn help<P: DeserializeOwned + serde::Serialize>(
+pub fn help<P: DeserializeOwned + Serialize>(
     doc: &ParamsDoc,
     engine_keys: &[&str],
 ) -> Result<Vec<ParamHelp>, HelpError> {
@@ -196,7 +264,7 @@ pub fn render(h: &KindHelp) -> String {
         }
     }
     let _ = writeln!(out, "\nkeys every stage takes:");
-    for (k, doc) in crate::experiment::ENGINE_KEYS {
+    for (k, doc) in ENGINE_KEYS {
         let _ = writeln!(out, "  {k}\n      {doc}");
     }
     out

@@ -1,7 +1,7 @@
 //! The schema of a run record's `status.json`: how every node of a run ended, the
-//! expectations checked, what the stages warned about. The run loop writes it
-//! ([`crate::run`]); readers (`probex search`, `describe`, `route` find their artifacts through
-//! it) read it back with [`RunReport::read`], so writer and reader cannot disagree on a field.
+//! expectations checked, what the stages warned about. The run loop (`run.rs`) writes it;
+//! readers (`probex search`, `describe` and `route` find their artifacts through it) read it
+//! back with [`RunReport::read`], so writer and reader cannot disagree on a field.
 
 use std::path::{Path, PathBuf};
 

@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::digest::FileDigests;
-pub use crate::params::{ParamHelp, ParamsDoc};
+pub use crate::params::{InputHelp, KindHelp, ParamHelp, ParamsDoc};
 pub use crate::shape::{PlanFacts, PlanInput, Shape};
 
 /// What stage kinds return on failure: any error with context, printed with its chain.
@@ -585,15 +585,12 @@ impl<S: Stage> DynStage for S {
         crate::params::field_names::<S::Params>().map(|names| {
             names
                 .into_iter()
-                .filter(|n| !crate::experiment::is_engine_key(n))
+                .filter(|n| !crate::params::is_engine_key(n))
                 .collect()
         })
     }
     fn params_help(&self) -> Result<Vec<ParamHelp>, crate::params::HelpError> {
-        crate::params::help::<S::Params>(
-            &Stage::params_doc(self),
-            &crate::experiment::engine_keys(),
-        )
+        crate::params::help::<S::Params>(&Stage::params_doc(self), &crate::params::engine_keys())
     }
     fn output(&self) -> &'static str {
         Stage::output(self)
@@ -730,39 +727,6 @@ impl Registry {
             }
         }))
     }
-}
-
-/// What `probex kinds KIND` shows of one kind.
-#[derive(Clone, Debug, Serialize)]
-pub struct KindHelp {
-    /// The `kind = "..."` name.
-    pub kind: &'static str,
-    /// Its one-line description.
-    pub about: &'static str,
-    /// Its version (bumping it invalidates its cached artifacts).
-    pub version: u32,
-    /// The artifact type it produces.
-    pub output: &'static str,
-    /// The inputs it reads.
-    pub inputs: Vec<InputHelp>,
-    /// The params that cannot be left out, as TOML with example values (what the defaults
-    /// shown were computed around).
-    pub example: &'static str,
-    /// Every param, in declaration order.
-    pub params: Vec<ParamHelp>,
-}
-
-/// One input slot of a kind, for `probex kinds KIND`.
-#[derive(Clone, Debug, Serialize)]
-pub struct InputHelp {
-    /// The artifact type read.
-    pub ty: &'static str,
-    /// Whether `from` must name one.
-    pub required: bool,
-    /// Whether `from` may name several.
-    pub many: bool,
-    /// Whether a fanned-out upstream is read whole by one node.
-    pub gather: bool,
 }
 
 #[cfg(test)]
