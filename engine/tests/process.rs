@@ -180,6 +180,48 @@ fn show_tells_where_a_nodes_artifact_is_and_why_it_would_run() {
     assert!(err.contains("did you mean `b`"), "{err}");
 }
 
+/// A node of a stage that fans out once its input exists is not known before the run, and
+/// `show` says what it waits for; after the run a stage's own name offers its nodes.
+#[test]
+fn show_explains_fan_outs_not_known_yet_and_offers_a_stages_nodes() {
+    let k = Kit::new();
+    k.write(
+        "sweep.toml",
+        r#"
+[stage.n]
+kind = "const"
+value = 3.0
+
+[stage.s]
+kind = "sweep"
+from = "n"
+layers = "all"
+"#,
+    );
+    let before = k.run(&["show", "sweep.toml", "s[layer=1]"]);
+    assert_eq!(before.status.code(), Some(2));
+    let err = stderr(&before);
+    assert!(err.contains("stage `s` has no nodes yet"), "{err}");
+    assert!(err.contains("known once n ran"), "{err}");
+
+    let run = k.run(&["run", "sweep.toml", "--progress", "quiet"]);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let node = k.run(&["show", "sweep.toml", "s[layer=1]"]);
+    assert_eq!(node.status.code(), Some(0), "{}", stderr(&node));
+    assert!(
+        stdout(&node).contains("state     cached"),
+        "{}",
+        stdout(&node)
+    );
+    let stage = k.run(&["show", "sweep.toml", "s"]);
+    assert_eq!(stage.status.code(), Some(2));
+    let err = stderr(&stage);
+    assert!(
+        err.contains("did you mean `s[layer=0]`, `s[layer=1]`, `s[layer=2]`?"),
+        "{err}"
+    );
+}
+
 #[test]
 fn exit_code_is_1_when_an_expectation_is_missed() {
     let k = Kit::new();
