@@ -266,3 +266,46 @@ fn a_closed_stdout_ends_the_binarys_commands_quietly() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// `probex kinds` lists the kinds; `probex kinds KIND` shows its params with the defaults its
+/// params type fills in; an unknown kind is a usage error naming the closest.
+#[test]
+fn kinds_lists_kinds_and_describes_one() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_probex"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(&["kinds"]);
+    assert_eq!(code, Some(0), "{err}");
+    for kind in ["fetch", "extract", "train", "select", "evaluate"] {
+        assert!(out.lines().any(|l| l.starts_with(kind)), "{out}");
+    }
+    let (code, out, err) = run(&["kinds", "train"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("train (version "), "{out}");
+    assert!(
+        out.contains("\n  model (required; e.g. \"probex\")\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("\n  lr = 0.001\n      Adam learning rate\n"),
+        "{out}"
+    );
+    assert!(out.contains("keys every stage takes:"), "{out}");
+    let (code, out, err) = run(&["kinds", "select", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["params"][0]["name"], "by");
+    assert_eq!(v["params"][0]["default"], "\"val.accuracy\"");
+    let (code, _, err) = run(&["kinds", "trian"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no stage kind `trian`"), "{err}");
+    assert!(err.contains("did you mean `train`?"), "{err}");
+}

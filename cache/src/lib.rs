@@ -35,6 +35,7 @@
 
 mod error;
 mod fsutil;
+pub mod hex;
 mod key;
 mod manifest;
 mod store;

@@ -1,6 +1,6 @@
-//! The engine's commands (`run`, `plan`, `cache`, `report`, `compare`, `kinds`, and the hidden
-//! `run-node` a SLURM job runs), shared by the `probex` binary and anything else that embeds
-//! the engine with its own stage kinds.
+//! The engine's commands (`run`, `plan`, `show`, `cache`, `report`, `compare`, `kinds`, and
+//! the hidden `run-node` a SLURM job runs), shared by the `probex` binary and anything else
+//! that embeds the engine with its own stage kinds.
 //!
 //! Exit codes (the README has the table): 0 success; 1 the work failed (a stage, an
 //! expectation, writing the run record or the cache); 2 bad input or usage; 130 interrupted.
@@ -28,7 +28,8 @@ use crate::history::History;
 use crate::plan::{Overrides, Planner};
 use crate::progress::{ProgressMode, Reporter};
 use crate::record::{RunDir, files};
-use crate::run::{NodeState, RunOptions};
+use crate::report::NodeState;
+use crate::run::RunOptions;
 use crate::stage::{PlanContext, Registry};
 use crate::status::human;
 
@@ -174,6 +175,7 @@ pub enum ExecutorArg {
 pub enum EngineCommand {
     /// Run an experiment: compute what is not cached, write a run record, check expectations
     Run {
+        /// The experiment file and the settings shared with `plan`.
         #[command(flatten)]
         plan: PlanArgs,
         /// Nodes to run at once [default: number of CPUs; with --executor slurm, jobs in the
@@ -205,6 +207,7 @@ pub enum EngineCommand {
     /// Compute chosen nodes of an experiment in this process (what a SLURM job runs)
     #[command(hide = true)]
     RunNode {
+        /// The experiment file and the settings shared with `plan`.
         #[command(flatten)]
         plan: PlanArgs,
         /// A node, by name (repeatable; together they must form one batch)
@@ -234,8 +237,18 @@ pub enum EngineCommand {
     /// Show every node of an experiment: cached, or will run and why. Cached means a valid
     /// manifest; files are re-hashed when a node reads them, and by `cache verify`
     Plan {
+        /// The experiment file and the settings shared with `plan`.
         #[command(flatten)]
         plan: PlanArgs,
+    },
+    /// Show one node: its key, whether it is cached (and if not, why it would run), where its
+    /// artifact is, its files and its results
+    Show {
+        /// The experiment file and the settings shared with `plan`.
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// The node, as `probex plan` names it (`probe[layer=5]`)
+        node: String,
     },
     /// Inspect and maintain the artifact cache
     #[command(subcommand)]
@@ -252,8 +265,15 @@ pub enum EngineCommand {
         /// Second run directory
         b: PathBuf,
     },
-    /// List the stage kinds this build knows
-    Kinds,
+    /// List the stage kinds this build knows; with a kind, its inputs and params with their
+    /// defaults and meaning
+    Kinds {
+        /// A kind to describe (`train`)
+        kind: Option<String>,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `probex cache ...`
@@ -338,15 +358,11 @@ pub fn dispatch(
             &cancel,
         ),
         EngineCommand::Plan { plan } => plan_cmd(&plan, cache, registry),
+        EngineCommand::Show { plan, node } => show_cmd(&plan, &node, cache, registry),
         EngineCommand::Cache(c) => cache_cmd(c, cache, registry),
         EngineCommand::Report { run } => report_cmd(&run),
         EngineCommand::Compare { a, b } => compare_cmd(&a, &b),
-        EngineCommand::Kinds => {
-            for (kind, about) in registry.describe() {
-                crate::outln!("{kind:<12} {about}");
-            }
-            Ok(EXIT_OK)
-        }
+        EngineCommand::Kinds { kind, json } => kinds_cmd(kind.as_deref(), json, registry),
     };
     let code = match result {
         Ok(code) => code,
@@ -421,6 +437,68 @@ fn plan_cmd(args: &PlanArgs, cache: &CacheArgs, registry: &Registry) -> Result<i
             );
         } else {
             crate::out!("{}", crate::status::render_plan(&view));
+        }
+        Ok(EXIT_OK)
+    })
+}
+
+fn kinds_cmd(kind: Option<&str>, json: bool, registry: &Registry) -> Result<i32, Failure> {
+    let Some(kind) = kind else {
+        if json {
+            let rows: Vec<Value> = registry
+                .describe()
+                .into_iter()
+                .map(|(kind, about)| serde_json::json!({"kind": kind, "about": about}))
+                .collect();
+            crate::outln!(
+                "{}",
+                serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?
+            );
+        } else {
+            for (kind, about) in registry.describe() {
+                crate::outln!("{kind:<12} {about}");
+            }
+        }
+        return Ok(EXIT_OK);
+    };
+    let Some(help) = registry.help(kind) else {
+        let names = registry.names();
+        let close = crate::experiment::closest_n(kind, names.iter().copied(), 3);
+        let hint = match close.first() {
+            Some(c) => format!("did you mean `{c}`?"),
+            None => format!("kinds: {}", names.join(", ")),
+        };
+        return Err(format!("no stage kind `{kind}`\n  = help: {hint}").into());
+    };
+    let help = help.map_err(|e| Failure::failed(format!("kind `{kind}`: {e}")))?;
+    if json {
+        crate::outln!(
+            "{}",
+            serde_json::to_string_pretty(&help).map_err(|e| e.to_string())?
+        );
+    } else {
+        crate::out!("{}", crate::params::render(&help));
+    }
+    Ok(EXIT_OK)
+}
+
+fn show_cmd(
+    args: &PlanArgs,
+    node: &str,
+    cache: &CacheArgs,
+    registry: &Registry,
+) -> Result<i32, Failure> {
+    with_planner(args, cache, registry, true, |planner, store| {
+        let plan = planner.plan().map_err(|d| d.to_string())?;
+        let view = crate::show::show(&plan, planner.experiment(), store, node)
+            .map_err(|e| e.to_string())?;
+        if args.json {
+            crate::outln!(
+                "{}",
+                serde_json::to_string_pretty(&view).map_err(|e| e.to_string())?
+            );
+        } else {
+            crate::out!("{}", crate::show::render(&view));
         }
         Ok(EXIT_OK)
     })

@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use toml::Spanned;
 use toml::de::DeValue;
@@ -193,7 +193,7 @@ fn number(s: &str) -> Result<f64, String> {
 }
 
 /// The outcome of one expectation for one node.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Checked {
     /// The path checked (with the node name where the stage fans out).
     pub path: String,

@@ -19,11 +19,9 @@ use toml::de::{DeString, DeTable, DeValue};
 
 use crate::diagnostic::{Diagnostic, Diagnostics, FileId, SourceMap, Span};
 use crate::expect::Expectation;
+use crate::params::{engine_keys, is_engine_key};
 use crate::shape::{PlanFacts, PlanInput};
 use crate::stage::{Coords, DynStage, InputSlot, ParamBox, Registry};
-
-/// Keys of a stage table that the engine reads itself; all others are the kind's params.
-const ENGINE_KEYS: [&str; 6] = ["kind", "from", "for_each", "device", "threads", "expect"];
 
 /// A loaded, validated experiment.
 #[derive(Clone)]
@@ -792,7 +790,7 @@ fn declare(
     for combo in combinations(&sweeps) {
         let mut table = DeTable::new();
         for e in &s.entries {
-            if ENGINE_KEYS.contains(&e.key.get_ref().as_ref()) {
+            if is_engine_key(e.key.get_ref().as_ref()) {
                 continue;
             }
             let value = combo
@@ -856,7 +854,7 @@ fn declare(
                 // A misspelt engine key (`for-each`) lands among the kind's params; say what
                 // the engine itself reads too.
                 if let Some(field) = unknown_field(e.message()) {
-                    let engine: Vec<String> = ENGINE_KEYS.iter().map(|k| k.to_string()).collect();
+                    let engine: Vec<String> = engine_keys().iter().map(|k| k.to_string()).collect();
                     if let Some(close) = closest(field, engine.iter()) {
                         d = d.with_help(format!("did you mean `{close}`?"));
                     }
@@ -1305,6 +1303,25 @@ fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a String>) -> Opti
         .filter(|(d, c)| *d <= 2.max(c.len() / 3))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
+}
+
+/// Up to `n` of `candidates` close enough to `name` to be what was meant (as [`closest`]
+/// judges it), closest first: the suggestions of an error about an unknown name.
+pub(crate) fn closest_n<'a>(
+    name: &str,
+    candidates: impl Iterator<Item = &'a str>,
+    n: usize,
+) -> Vec<String> {
+    let mut close: Vec<(usize, &str)> = candidates
+        .map(|c| (edit_distance(name, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .collect();
+    close.sort_by_key(|(d, _)| *d);
+    close
+        .into_iter()
+        .take(n)
+        .map(|(_, c)| c.to_string())
+        .collect()
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {

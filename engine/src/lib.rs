@@ -15,11 +15,14 @@ pub mod expect;
 pub mod experiment;
 pub mod history;
 pub mod key;
+pub mod params;
 pub mod plan;
 pub mod progress;
 pub mod record;
+pub mod report;
 pub mod run;
 pub mod shape;
+pub mod show;
 pub mod stage;
 pub mod status;
 
@@ -28,9 +31,10 @@ pub use probex_cache as cache;
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use experiment::{Experiment, load};
 pub use plan::{Overrides, Plan, Planner};
-pub use run::{RunError, RunOptions, RunReport, run, run_slurm};
+pub use report::RunReport;
+pub use run::{RunError, RunOptions, run, run_slurm};
 pub use stage::{
-    Artifact, Cancelled, Coords, FailedWith, InputSlot, Inputs, Outcome, PlanContext, PlanFacts,
-    PlanInput, ProgressSink, Registry, Resource, RunContext, Shape, Stage, StageResult, Sweep,
-    error_text,
+    Artifact, Cancelled, Coords, FailedWith, InputSlot, Inputs, KindHelp, Outcome, ParamHelp,
+    ParamsDoc, PlanContext, PlanFacts, PlanInput, ProgressSink, Registry, Resource, RunContext,
+    Shape, Stage, StageResult, Sweep, error_text,
 };

@@ -77,13 +77,6 @@ pub struct Plan {
     pub pending: Vec<Pending>,
 }
 
-impl Plan {
-    /// Ids of the nodes of declared stage `stage`.
-    pub fn nodes_of(&self, stage: usize) -> impl Iterator<Item = &Node> {
-        self.nodes.iter().filter(move |n| n.stage == stage)
-    }
-}
-
 /// Settings that apply to a whole run and are not part of keys.
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {

@@ -4,23 +4,24 @@
 //! expands fan-outs that waited for it. The run record is written at the end.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use probex_cache::{Entry, Key, Pinned};
-use serde::Serialize;
 
 use crate::diagnostic::Diagnostics;
 use crate::executor::Executor;
 use crate::executor::local::{Local, Worker};
 use crate::executor::slurm::{Slurm, SlurmOptions};
-use crate::expect::{self, Checked, ResultsByStage};
+use crate::expect::{self, ResultsByStage};
 use crate::history::History;
 use crate::plan::{Node, Plan, Planner, StoredOutcome};
 use crate::progress::{ProgressMode, Reporter};
 use crate::record::{RunDir, files};
+// Re-exported where they were declared before `report` held the schema of `status.json`.
+pub use crate::report::{NodeReport, NodeState, RunReport, Warning};
 
 /// How to run.
 #[derive(Clone, Debug)]
@@ -46,117 +47,6 @@ impl Default for RunOptions {
             progress: ProgressMode::Auto,
             cancel: Arc::new(AtomicBool::new(false)),
         }
-    }
-}
-
-/// How one node ended.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(tag = "state", content = "detail", rename_all = "snake_case")]
-pub enum NodeState {
-    /// Found in the cache.
-    Cached,
-    /// Computed in this run.
-    Ran,
-    /// Failed, with the error.
-    Failed(String),
-    /// Failed because the node named here failed: they were computed in one pass (a batching
-    /// stage such as `extract`), and that node's error says why.
-    FailedWith(String),
-    /// Not run because an upstream node failed.
-    Skipped(String),
-    /// Not run because the run stopped first (or stopped before it finished, because another
-    /// node failed).
-    NotRun,
-    /// Running when the run was interrupted (Ctrl-C, SIGTERM): not failed, not finished; the
-    /// next run computes it again, resuming from its checkpoint where the kind keeps one.
-    Interrupted,
-}
-
-/// One node of a finished run.
-#[derive(Clone, Debug, Serialize)]
-pub struct NodeReport {
-    /// Node name.
-    pub node: String,
-    /// Declared stage.
-    pub stage: String,
-    /// Stage kind.
-    pub kind: String,
-    /// Key.
-    pub key: String,
-    /// How it ended.
-    #[serde(flatten)]
-    pub state: NodeState,
-    /// Seconds spent computing it in this run (0 when cached).
-    pub seconds: f64,
-    /// Its log, if it ran.
-    pub log: Option<PathBuf>,
-}
-
-/// One warning of the nodes a run used, with every node that gave it (a layer sweep leaves
-/// the same models out of every layer).
-#[derive(Clone, Debug, Serialize)]
-pub struct Warning {
-    /// What the stage said.
-    pub message: String,
-    /// The nodes that said it, in plan order.
-    pub nodes: Vec<String>,
-    /// Where the first of them published its files in the run record, if it published any
-    /// (a list of what was left out).
-    pub files: Option<PathBuf>,
-}
-
-/// The outcome of a run.
-#[derive(Debug, Serialize)]
-pub struct RunReport {
-    /// The run directory.
-    pub run_dir: PathBuf,
-    /// The cache the run read and wrote, so a run record names where its artifacts are
-    /// (`probex search`, `describe` and `report` follow it from a run directory).
-    pub cache: PathBuf,
-    /// Every node, in plan order.
-    pub nodes: Vec<NodeReport>,
-    /// Stages that never expanded (their inputs failed).
-    pub never_planned: Vec<String>,
-    /// Expectations checked.
-    pub expectations: Vec<Checked>,
-    /// Summaries of reporting nodes: (node, text).
-    pub summaries: Vec<(String, String)>,
-    /// Whether the user stopped the run.
-    pub cancelled: bool,
-    /// Wall time in seconds.
-    pub seconds: f64,
-    /// What the stages of the nodes used warned about, one entry per distinct message.
-    pub warnings: Vec<Warning>,
-    /// Parts of the run record that could not be written (a full disk, a vanished directory):
-    /// a run with an incomplete record has failed, whatever its nodes did.
-    pub record_errors: Vec<String>,
-}
-
-impl RunReport {
-    /// True when every node finished and every expectation held.
-    pub fn success(&self) -> bool {
-        !self.cancelled
-            && self.record_errors.is_empty()
-            && self.never_planned.is_empty()
-            && self
-                .nodes
-                .iter()
-                .all(|n| matches!(n.state, NodeState::Cached | NodeState::Ran))
-            && self.expectations.iter().all(|c| c.pass)
-    }
-
-    /// Nodes that failed with an error of their own.
-    pub fn failures(&self) -> impl Iterator<Item = &NodeReport> {
-        self.nodes
-            .iter()
-            .filter(|n| matches!(n.state, NodeState::Failed(_)))
-    }
-
-    /// The nodes that failed with `node` (computed in the same pass), in plan order.
-    pub fn failed_with<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a NodeReport> {
-        self.nodes
-            .iter()
-            .filter(move |n| matches!(&n.state, NodeState::FailedWith(w) if w == node))
     }
 }
 

@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::digest::FileDigests;
+pub use crate::params::{InputHelp, KindHelp, ParamHelp, ParamsDoc};
 pub use crate::shape::{PlanFacts, PlanInput, Shape};
 
 /// What stage kinds return on failure: any error with context, printed with its chain.
@@ -448,6 +449,14 @@ pub trait Stage: Send + Sync + 'static {
     /// One line for `probex kinds` and error messages.
     fn about(&self) -> &'static str;
 
+    /// One line per param, and the params a stage cannot do without, for `probex kinds KIND`.
+    /// The names must be exactly the fields `Params` accepts (less the keys the engine reads
+    /// itself, such as `threads`); the defaults shown are computed from `Params`, never
+    /// written here. Default: nothing documented.
+    fn params_doc(&self) -> ParamsDoc {
+        ParamsDoc::default()
+    }
+
     /// The artifact type this kind produces, which downstream input slots name.
     fn output(&self) -> &'static str;
 
@@ -556,6 +565,9 @@ pub(crate) trait DynStage: Send + Sync {
     fn kind(&self) -> &'static str;
     fn version(&self) -> u32;
     fn about(&self) -> &'static str;
+    fn params_doc(&self) -> ParamsDoc;
+    fn param_fields(&self) -> Option<Vec<&'static str>>;
+    fn params_help(&self) -> Result<Vec<ParamHelp>, crate::params::HelpError>;
     fn output(&self) -> &'static str;
     fn output_for(&self, p: &ParamBox) -> &'static str;
     fn inputs(&self) -> Vec<InputSlot>;
@@ -582,6 +594,20 @@ impl<S: Stage> DynStage for S {
     }
     fn about(&self) -> &'static str {
         Stage::about(self)
+    }
+    fn params_doc(&self) -> ParamsDoc {
+        Stage::params_doc(self)
+    }
+    fn param_fields(&self) -> Option<Vec<&'static str>> {
+        crate::params::field_names::<S::Params>().map(|names| {
+            names
+                .into_iter()
+                .filter(|n| !crate::params::is_engine_key(n))
+                .collect()
+        })
+    }
+    fn params_help(&self) -> Result<Vec<ParamHelp>, crate::params::HelpError> {
+        crate::params::help::<S::Params>(&Stage::params_doc(self), &crate::params::engine_keys())
     }
     fn output(&self) -> &'static str {
         Stage::output(self)
@@ -680,6 +706,43 @@ impl Registry {
     /// Names of every kind, sorted.
     pub fn names(&self) -> Vec<&'static str> {
         self.kinds.keys().copied().collect()
+    }
+
+    /// The fields a kind's params accept (as its `Deserialize` reads them), less the keys the
+    /// engine reads itself; `None` for an unknown kind, or params that are not a plain struct.
+    pub fn param_fields(&self, kind: &str) -> Option<Vec<&'static str>> {
+        self.kinds.get(kind).and_then(|k| k.param_fields())
+    }
+
+    /// What a kind documents of its params ([`Stage::params_doc`]).
+    pub fn params_doc(&self, kind: &str) -> Option<ParamsDoc> {
+        self.kinds.get(kind).map(|k| k.params_doc())
+    }
+
+    /// Everything `probex kinds KIND` says of a kind; `None` for an unknown kind. An error is
+    /// a kind whose documented example does not parse as its params (a bug of the kind).
+    pub fn help(&self, kind: &str) -> Option<Result<KindHelp, crate::params::HelpError>> {
+        let k = self.kinds.get(kind)?;
+        Some(k.params_help().map(|params| {
+            KindHelp {
+                kind: k.kind(),
+                about: k.about(),
+                version: k.version(),
+                output: k.output(),
+                inputs: k
+                    .inputs()
+                    .into_iter()
+                    .map(|s| InputHelp {
+                        ty: s.ty,
+                        required: s.required,
+                        many: s.many,
+                        gather: s.gather,
+                    })
+                    .collect(),
+                example: k.params_doc().example,
+                params,
+            }
+        }))
     }
 }
 

@@ -1,4 +1,5 @@
-//! What `probex plan` shows (each node: cached or will run, and why) and the run report.
+//! What `probex plan` shows (each node: cached or will run, and why) and the run's
+//! `report.md`, rendered from the [`crate::report`] schema.
 
 use std::fmt::Write as _;
 
@@ -8,7 +9,7 @@ use serde::Serialize;
 use crate::experiment::Experiment;
 use crate::history::{History, Status};
 use crate::plan::{Pending, Plan};
-use crate::run::{NodeState, RunReport};
+use crate::report::{NodeState, RunReport};
 
 /// One node of a plan as shown to users.
 #[derive(Clone, Debug, Serialize)]

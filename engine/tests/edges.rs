@@ -181,7 +181,8 @@ fn a_signal_during_a_stage_is_an_interruption_that_the_next_run_resumes() {
         wait_for(Duration::from_secs(20), "the stage to count", || {
             fs::read_to_string(&progress).is_ok_and(|s| s.trim().parse::<u64>().unwrap_or(0) >= 5)
         });
-        // SAFETY: signalling our own child.
+        // SAFETY: kill takes plain integers and touches no memory; the pid is our own child's,
+        // not yet waited for, so it cannot name another process.
         assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
         let out = child.wait_with_output().expect("wait");
         let (text, err) = (stdout(&out), stderr(&out));

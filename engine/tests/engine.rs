@@ -338,6 +338,37 @@ fn a_failure_stops_its_dependants_and_the_run() {
     );
 }
 
+/// `status.json` is written with the schema of `probex_engine::report` and reads back with it:
+/// every node with its state (failed, skipped and not run too), and what the run returned.
+#[test]
+fn the_status_json_a_run_writes_reads_back_as_its_report() {
+    let b = Bench::new();
+    let file = b.write("x.toml", FAILING);
+    let report = b.run_with(&file, 4, true);
+    let back = probex_engine::report::RunReport::read(&report.run_dir).expect("status.json");
+    let view = |r: &probex_engine::RunReport| {
+        r.nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.node.clone(),
+                    n.key.clone(),
+                    n.state.clone(),
+                    n.log.clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(view(&back), view(&report));
+    assert_eq!(back.cache, report.cache);
+    assert_eq!(back.run_dir, report.run_dir);
+    assert_eq!(back.success(), report.success());
+    assert_eq!(back.failures().count(), 1);
+    // A directory without a record says so rather than failing to parse.
+    let e = probex_engine::report::RunReport::read(&b.path("nowhere")).unwrap_err();
+    assert!(e.to_string().contains("not a run directory"), "{e}");
+}
+
 #[test]
 fn keep_going_runs_independent_nodes_after_a_failure() {
     let b = Bench::new();

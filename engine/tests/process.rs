@@ -117,6 +117,111 @@ fn exit_code_is_0_when_every_expectation_holds_and_the_run_record_is_written() {
     );
 }
 
+/// `show` finds one node: why it would run before a run, its artifact, files and results
+/// after; an unknown name is a usage error that offers the closest names.
+#[test]
+fn show_tells_where_a_nodes_artifact_is_and_why_it_would_run() {
+    let k = Kit::new();
+    k.write("good.toml", GOOD);
+    let before = k.run(&["show", "good.toml", "b"]);
+    let text = stdout(&before);
+    assert_eq!(before.status.code(), Some(0), "{}", stderr(&before));
+    assert!(text.contains("state     would run: never run"), "{text}");
+    assert!(text.contains("inputs    a"), "{text}");
+    assert!(text.contains("artifact  none"), "{text}");
+
+    let run = k.run(&["run", "good.toml", "--out", "rec", "--progress", "quiet"]);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let after = k.run(&["show", "good.toml", "b", "--json"]);
+    assert_eq!(after.status.code(), Some(0), "{}", stderr(&after));
+    let v: serde_json::Value = serde_json::from_slice(&after.stdout).unwrap();
+    assert_eq!(v["node"], "b");
+    assert_eq!(v["kind"], "add");
+    assert_eq!(v["status"], "cached");
+    assert_eq!(v["results"]["value"], 2.5);
+    assert_eq!(v["params"]["offset"], 0.5);
+    // The key and the artifact are the ones the run record names.
+    let status: serde_json::Value =
+        serde_json::from_slice(&fs::read(k.path("rec/status.json")).unwrap()).unwrap();
+    let b = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "b")
+        .unwrap();
+    assert_eq!(v["key"], b["key"]);
+    let dir = PathBuf::from(v["artifact"].as_str().unwrap());
+    assert!(
+        dir.starts_with(fs::canonicalize(k.cache()).unwrap()),
+        "{dir:?}"
+    );
+    let files = v["files"].as_array().unwrap();
+    assert!(!files.is_empty());
+    for f in files {
+        let path = dir.join(f["path"].as_str().unwrap());
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            f["bytes"].as_u64().unwrap()
+        );
+    }
+    let text = stdout(&k.run(&["show", "good.toml", "b"]));
+    assert!(text.contains("state     cached"), "{text}");
+    assert!(text.contains("  value  2.5"), "{text}");
+
+    // A changed param: the same reason `plan` gives.
+    k.write("good.toml", &GOOD.replace("offset = 0.5", "offset = 1.5"));
+    let text = stdout(&k.run(&["show", "good.toml", "b"]));
+    assert!(text.contains("would run: params changed: offset"), "{text}");
+
+    let unknown = k.run(&["show", "good.toml", "bb"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    let err = stderr(&unknown);
+    assert!(err.contains("error: no node `bb`"), "{err}");
+    assert!(err.contains("did you mean `b`"), "{err}");
+}
+
+/// A node of a stage that fans out once its input exists is not known before the run, and
+/// `show` says what it waits for; after the run a stage's own name offers its nodes.
+#[test]
+fn show_explains_fan_outs_not_known_yet_and_offers_a_stages_nodes() {
+    let k = Kit::new();
+    k.write(
+        "sweep.toml",
+        r#"
+[stage.n]
+kind = "const"
+value = 3.0
+
+[stage.s]
+kind = "sweep"
+from = "n"
+layers = "all"
+"#,
+    );
+    let before = k.run(&["show", "sweep.toml", "s[layer=1]"]);
+    assert_eq!(before.status.code(), Some(2));
+    let err = stderr(&before);
+    assert!(err.contains("stage `s` has no nodes yet"), "{err}");
+    assert!(err.contains("known once n ran"), "{err}");
+
+    let run = k.run(&["run", "sweep.toml", "--progress", "quiet"]);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let node = k.run(&["show", "sweep.toml", "s[layer=1]"]);
+    assert_eq!(node.status.code(), Some(0), "{}", stderr(&node));
+    assert!(
+        stdout(&node).contains("state     cached"),
+        "{}",
+        stdout(&node)
+    );
+    let stage = k.run(&["show", "sweep.toml", "s"]);
+    assert_eq!(stage.status.code(), Some(2));
+    let err = stderr(&stage);
+    assert!(
+        err.contains("did you mean `s[layer=0]`, `s[layer=1]`, `s[layer=2]`?"),
+        "{err}"
+    );
+}
+
 #[test]
 fn exit_code_is_1_when_an_expectation_is_missed() {
     let k = Kit::new();

@@ -23,13 +23,18 @@ const G_CHUNK: usize = 8;
 /// Shapes of one call: `X` `[b, d_h, d_w]`, `U` `[d_w, r_u]`, `V` `[r_v, d_h]`, `M`
 /// `[r_t, r_u * r_v]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[allow(missing_docs)]
 pub struct Dims {
+    /// Samples in the batch.
     pub b: usize,
+    /// Rows of each input matrix `X` (the layer's output dimension).
     pub d_h: usize,
+    /// Columns of each input matrix `X` (the layer's input dimension).
     pub d_w: usize,
+    /// Number of probes: columns of `U`.
     pub r_u: usize,
+    /// Width of the shared projection: rows of `V`.
     pub r_v: usize,
+    /// Width of the encoding: rows of `M`.
     pub r_t: usize,
 }
 
@@ -130,11 +135,14 @@ fn all_threads() -> Parallelism {
 
 /// The encoder's weights, row-major: `U` `[d_w, r_u]`, `V` `[r_v, d_h]`, `M`
 /// `[r_t, r_u * r_v]` and `M`'s bias `[r_t]`.
-#[allow(missing_docs)]
 pub struct Weights<'a> {
+    /// The probes `U` `[d_w, r_u]`.
     pub u: &'a [f32],
+    /// The shared projection `V` `[r_v, d_h]`.
     pub v: &'a [f32],
+    /// The per-probe encoder `M` `[r_t, r_u * r_v]`.
     pub m: &'a [f32],
+    /// `M`'s bias `[r_t]`, when the encoder has one.
     pub bias: Option<&'a [f32]>,
 }
 

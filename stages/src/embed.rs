@@ -78,6 +78,9 @@ impl Stage for Embed {
     fn about(&self) -> &'static str {
         "embed class names as prompts with a text encoder (minilm, clip-text) for zero-shot probes"
     }
+    fn params_doc(&self) -> probex_engine::ParamsDoc {
+        crate::params_doc::EMBED
+    }
     fn output(&self) -> &'static str {
         ARTIFACT
     }

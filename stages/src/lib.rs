@@ -16,6 +16,7 @@ mod host;
 pub mod labels;
 pub mod models;
 pub mod packages;
+pub mod params_doc;
 pub mod query;
 pub mod route;
 pub mod select;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use probex_engine::cache::{Key, Store};
+use probex_engine::report::RunReport;
 use serde::Deserialize;
 
 use crate::dataset::{Labels, LayerDataset, Matrices, ModelRecord, Split};
@@ -142,24 +143,8 @@ impl Probe {
     }
 }
 
-#[derive(Deserialize)]
-struct RunStatus {
-    cache: PathBuf,
-    nodes: Vec<RunNode>,
-}
-
-/// One node of a run record (`status.json`).
-#[derive(Clone, Debug, Deserialize)]
-pub struct RunNode {
-    /// The node's name (`best_probex`, `probe[layer=5]`).
-    pub node: String,
-    /// Its declared stage.
-    pub stage: String,
-    /// Its stage kind.
-    pub kind: String,
-    key: String,
-    state: String,
-}
+/// One node of a run record (`status.json`), in the engine's schema.
+pub use probex_engine::report::NodeReport as RunNode;
 
 /// The finished nodes of kinds `kinds` in the run directory `run` (filtered to one stage or
 /// node name if given), with their artifact directories in the run's cache.
@@ -168,17 +153,14 @@ pub fn finished_nodes(
     kinds: &[&str],
     stage: Option<&str>,
 ) -> anyhow::Result<Vec<(RunNode, PathBuf)>> {
-    let status = run.join("status.json");
+    let status = run.join(probex_engine::record::files::STATUS);
     if !status.is_file() {
         bail!(
             "{}: neither a run directory (no status.json) nor an artifact directory",
             run.display()
         );
     }
-    let record: RunStatus = serde_json::from_slice(
-        &std::fs::read(&status).with_context(|| format!("reading {}", status.display()))?,
-    )
-    .with_context(|| format!("{}: not a probex run record", status.display()))?;
+    let record = RunReport::read(run)?;
     let store = Store::open(&record.cache).with_context(|| {
         format!(
             "opening the run's cache {} (recorded in {})",
@@ -189,7 +171,7 @@ pub fn finished_nodes(
     let mut found = Vec::new();
     for n in record.nodes {
         let usable = kinds.contains(&n.kind.as_str())
-            && matches!(n.state.as_str(), "cached" | "ran")
+            && n.state.finished()
             && stage.is_none_or(|s| s == n.node || s == n.stage);
         if !usable {
             continue;

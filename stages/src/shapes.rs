@@ -25,6 +25,7 @@ use std::path::Path;
 /// The element type of a tensor (re-exported so callers need no `safetensors` dependency).
 pub use safetensors::Dtype;
 
+use crate::training::rng::Rng;
 use crate::weights::Header;
 
 /// One tensor of a generated model: its name and shape, and its dtype when it is not the
@@ -342,22 +343,10 @@ pub fn header(
         .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m))
 }
 
-/// A small, fast, deterministic generator (SplitMix64): the same seed gives the same file.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[-0.05, 0.05)`: the scale of a trained layer's weights.
-    fn weight(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-    }
+/// Uniform in `[-0.05, 0.05)`, the scale of a trained layer's weights, from probex's one
+/// SplitMix64 generator (the same seed gives the same file).
+fn weight(rng: &mut Rng) -> f32 {
+    (rng.unit_f32() - 0.5) * 0.1
 }
 
 /// Writes `specs` as a safetensors file at `path`: floating-point tensors in `dtype` (F32, F16,
@@ -417,21 +406,21 @@ pub fn safetensors_to(
         let name_hash = blake3::hash(s.name.as_bytes());
         let mut first8 = [0u8; 8];
         first8.copy_from_slice(&name_hash.as_bytes()[..8]);
-        let mut rng = SplitMix(seed ^ u64::from_le_bytes(first8));
+        let mut rng = Rng::from_state(seed ^ u64::from_le_bytes(first8));
         let mut left = s.numel();
         while left > 0 {
             let n = left.min(8192);
             buf.clear();
             for _ in 0..n {
                 match d {
-                    Dtype::F32 => buf.extend_from_slice(&rng.weight().to_le_bytes()),
+                    Dtype::F32 => buf.extend_from_slice(&weight(&mut rng).to_le_bytes()),
                     Dtype::F16 => {
-                        buf.extend_from_slice(&half::f16::from_f32(rng.weight()).to_le_bytes())
+                        buf.extend_from_slice(&half::f16::from_f32(weight(&mut rng)).to_le_bytes())
                     }
                     Dtype::BF16 => {
-                        buf.extend_from_slice(&half::bf16::from_f32(rng.weight()).to_le_bytes())
+                        buf.extend_from_slice(&half::bf16::from_f32(weight(&mut rng)).to_le_bytes())
                     }
-                    Dtype::F64 => buf.extend_from_slice(&f64::from(rng.weight()).to_le_bytes()),
+                    Dtype::F64 => buf.extend_from_slice(&f64::from(weight(&mut rng)).to_le_bytes()),
                     other => buf.extend(std::iter::repeat_n(0u8, bytes_per(other))),
                 }
             }
@@ -445,6 +434,21 @@ pub fn safetensors_to(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The generated values are pinned: benchmarks and tests compare files made on different
+    /// days, so the generator must not change what a seed makes.
+    #[test]
+    fn generated_values_are_pinned() {
+        let meta = BTreeMap::new();
+        let mut bytes = Vec::new();
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64] {
+            safetensors_to(&mut bytes, &sd1_lora(2)[..4], dtype, &meta, 7).unwrap();
+        }
+        assert_eq!(
+            blake3::hash(&bytes).to_hex().as_str(),
+            "656aa23f6d859bc8f6dfb461f1d40c4d96e3f9881e70f7fea8805ba4426943d2"
+        );
+    }
 
     fn count(specs: &[TensorSpec], f: impl Fn(&TensorSpec) -> bool) -> usize {
         specs.iter().filter(|s| f(s)).count()

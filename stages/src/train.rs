@@ -142,6 +142,9 @@ impl Stage for Train {
     fn about(&self) -> &'static str {
         "train a probe (probex, probex-zeroshot, dense, dense-zeroshot, statnn) on one layer dataset"
     }
+    fn params_doc(&self) -> probex_engine::ParamsDoc {
+        crate::params_doc::TRAIN
+    }
     fn output(&self) -> &'static str {
         ARTIFACT
     }

@@ -91,6 +91,9 @@ impl Stage for Evaluate {
     fn about(&self) -> &'static str {
         "test metrics, downstream tasks (one-class, kNN, retrieval) and the paper's tables for selected probes"
     }
+    fn params_doc(&self) -> probex_engine::ParamsDoc {
+        crate::params_doc::EVALUATE
+    }
     fn output(&self) -> &'static str {
         ARTIFACT
     }

@@ -107,6 +107,9 @@ impl Stage for Extract {
     fn about(&self) -> &'static str {
         "stack one layer of every model into a dataset with labels and splits (one node per layer)"
     }
+    fn params_doc(&self) -> probex_engine::ParamsDoc {
+        crate::params_doc::EXTRACT
+    }
     fn output(&self) -> &'static str {
         ARTIFACT
     }

@@ -394,6 +394,9 @@ impl Stage for Fetch {
         "a model collection from a local folder or the Hugging Face Hub (whole files or only \
          the tensors a probe needs)"
     }
+    fn params_doc(&self) -> probex_engine::ParamsDoc {
+        crate::params_doc::FETCH
+    }
     fn output(&self) -> &'static str {
         collection::ARTIFACT
     }

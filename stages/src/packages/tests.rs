@@ -518,7 +518,7 @@ fn fetch_verifies_the_pin_caches_and_explains_failures() {
     let t = tempfile::tempdir().unwrap();
     let dl = t.path().join("dl");
     let content = b"pretend tarball";
-    let sha = hex(&Sha256::digest(content));
+    let sha = hex::encode(&Sha256::digest(content));
     // `npm pack NAME@VER --ignore-scripts --pack-destination DIR`: $5 is DIR.
     let writes = fake_client(
         t.path(),

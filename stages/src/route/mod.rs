@@ -20,6 +20,7 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+use probex_engine::cache::hex;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -401,13 +402,11 @@ pub(crate) fn signature(h: &Header) -> (String, usize, u64) {
         hasher.update(format!("{:?};", t.shape).as_bytes());
         parameters += t.numel() as u64;
     }
-    let hex: String = hasher
-        .finalize()
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    (hex, h.tensors.len(), parameters)
+    (
+        hex::encode(&hasher.finalize()[..6]),
+        h.tensors.len(),
+        parameters,
+    )
 }
 
 /// A router read back from a `route` artifact: it places model files that were not in the

@@ -89,6 +89,9 @@ impl Stage for Route {
     fn about(&self) -> &'static str {
         "split a mixed collection into model trees by clustering weights; place every model in its tree or none"
     }
+    fn params_doc(&self) -> probex_engine::ParamsDoc {
+        crate::params_doc::ROUTE
+    }
     fn output(&self) -> &'static str {
         ARTIFACT
     }

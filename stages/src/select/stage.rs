@@ -60,6 +60,9 @@ impl Stage for Select {
     fn about(&self) -> &'static str {
         "pick the best layer of a sweep of probes by a validation metric"
     }
+    fn params_doc(&self) -> probex_engine::ParamsDoc {
+        crate::params_doc::SELECT
+    }
     fn output(&self) -> &'static str {
         ARTIFACT
     }

@@ -58,11 +58,6 @@ pub fn encode(original: &Header) -> String {
     serde_json::to_string(&table).unwrap_or_default()
 }
 
-/// Whether `header` is a partial file (it carries an original tensor table).
-pub fn is_partial(header: &Header) -> bool {
-    header.metadata.contains_key(ORIGINAL_TENSORS_KEY)
-}
-
 /// The original file's header as far as layers are concerned (names, dtypes, shapes; spans are
 /// empty), or `None` when `header` is not a partial file.
 ///

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use probex_engine::cache::hex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -72,7 +73,7 @@ pub fn repo_name(tree: &str, idx: usize) -> String {
 /// git commit id.
 pub fn snapshot_id(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
-    crate::packages::hex(&digest)[..40].to_string()
+    hex::encode(&digest[..20]).to_string()
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<(), ZooError> {

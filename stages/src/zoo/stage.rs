@@ -52,6 +52,9 @@ impl Stage for Zoo {
     fn about(&self) -> &'static str {
         "build a model tree (MLP, ViT or LoRA) from packaged emoji art, in Model-J's layout"
     }
+    fn params_doc(&self) -> probex_engine::ParamsDoc {
+        crate::params_doc::ZOO
+    }
     fn output(&self) -> &'static str {
         collection::ARTIFACT
     }

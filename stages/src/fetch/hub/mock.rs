@@ -12,6 +12,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use probex_engine::cache::hex;
 use sha2::Digest as _;
 
 /// A fault to apply to the next matching request.
@@ -165,7 +166,7 @@ impl Drop for MockHub {
 /// A commit-like id (40 hex) derived from a seed.
 pub fn commit_id(seed: &str) -> String {
     let h = sha2::Sha256::digest(seed.as_bytes());
-    h.iter().take(20).map(|b| format!("{b:02x}")).collect()
+    hex::encode(&h[..20])
 }
 
 fn decode(s: &str) -> String {
@@ -341,7 +342,7 @@ fn serve(
                     repo.files
                         .iter()
                         .map(|(p, b)| {
-                            let sha = hex(&sha2::Sha256::digest(b));
+                            let sha = hex::encode(&sha2::Sha256::digest(b));
                             serde_json::json!({
                                 "type": "file",
                                 "oid": commit_id(p),
@@ -426,7 +427,7 @@ fn serve(
                 .find(|(p, q)| req.path.contains(p.as_str()) && !q.is_empty())
                 .and_then(|(_, q)| q.pop_front())
         };
-        let etag = hex(&sha2::Sha256::digest(&data));
+        let etag = hex::encode(&sha2::Sha256::digest(&data));
         let mut headers = vec![
             ("ETag", format!("\"{etag}\"")),
             ("X-Linked-Etag", format!("\"{etag}\"")),
@@ -506,8 +507,4 @@ fn serve(
     record(&mut st, 404);
     drop(st);
     respond(&mut w, 404, &[], b"", head)
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

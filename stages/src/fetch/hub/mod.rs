@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use probex_engine::cache::hex;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
@@ -1372,7 +1373,7 @@ fn verify(path: &Path, etag: &str) -> Result<(), String> {
             }
             h.update(&buf[..k]);
         }
-        let got = hex(&h.finalize());
+        let got = hex::encode(&h.finalize());
         if !got.eq_ignore_ascii_case(etag) {
             return Err(format!(
                 "sha256 {got} does not match the Hub's {etag}: the download is corrupt \
@@ -1382,10 +1383,6 @@ fn verify(path: &Path, etag: &str) -> Result<(), String> {
     }
     // Plain git files are small (configs, cards): their size was checked by the transfer.
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn short(commit: &str) -> &str {
