@@ -1483,7 +1483,8 @@ mod tests {
     #[test]
     fn non_finite_counts_are_exact_across_blocks() {
         let n = 3 * (1 << 16) + 7;
-        let bad_at = |i: usize| i % 997 == 0 || i == (1 << 16) - 1 || i == 1 << 16 || i == n - 1;
+        let bad_at =
+            |i: usize| i.is_multiple_of(997) || i == (1 << 16) - 1 || i == 1 << 16 || i == n - 1;
         let f32s: Vec<u8> = (0..n)
             .flat_map(|i| {
                 let v = match (bad_at(i), i % 3) {

@@ -247,12 +247,15 @@ pub fn layer_index(
     ))
 }
 
+/// One list's positions by tensor name, or why the file's list cannot be read.
+type ListIndex = Result<HashMap<String, usize>, String>;
+
 /// [`layer_index`] for many names of one file: each architecture's list is worked out once
 /// (a partial file's original table parsed once), not once per name. Extraction asks for
 /// every layer of every file, 128 names per LoRA file.
 pub struct LayerIndex<'a> {
     header: &'a Header,
-    lists: std::cell::RefCell<Vec<(Architecture, Result<HashMap<String, usize>, String>)>>,
+    lists: std::cell::RefCell<Vec<(Architecture, ListIndex)>>,
 }
 
 impl<'a> LayerIndex<'a> {
@@ -281,7 +284,7 @@ impl<'a> LayerIndex<'a> {
         }
     }
 
-    fn list(&self, architecture: Architecture) -> Result<HashMap<String, usize>, String> {
+    fn list(&self, architecture: Architecture) -> ListIndex {
         let original = super::partial::original(self.header)?;
         let h = original.as_ref().unwrap_or(self.header);
         Ok(h.tensors
