@@ -194,7 +194,7 @@ pub fn extract_with_digests(
         .iter()
         .map(|o| opts.precision.unwrap_or(o.layer.source_precision))
         .collect();
-    let mut storage: Vec<Storage> = outputs
+    let storage: Vec<Storage> = outputs
         .iter()
         .zip(&referenced)
         .map(|(o, &r)| match o.layer.storage {
@@ -219,121 +219,13 @@ pub fn extract_with_digests(
             .map_err(io_err(&o.dir))
         })
         .collect::<Result<_, _>>()?;
-    let abort = AtomicBool::new(false);
-    let bytes_read = AtomicU64::new(0);
-    let write_errors: Mutex<Vec<(String, std::io::Error)>> = Mutex::new(Vec::new());
-    let flagged: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
-    // One writer thread per layer file: buffered writes to one file serialise on its inode
-    // lock, and page-cache writes cost more than reads, so reads (rayon) overlap with writes.
-    // The bounded queues keep at most a few rows in flight.
-    let depth = 4 * rayon::current_num_threads() + 8;
-    let budget = ByteBudget {
-        limit: IN_FLIGHT_BYTES,
-        used: Mutex::new(0),
-        freed: Condvar::new(),
+    let layers = Layers {
+        outputs,
+        files: &files,
+        precision: &precision,
+        referenced: &referenced,
     };
-    let outcomes: Vec<ModelOutcome> = std::thread::scope(|scope| {
-        let mut sinks = Vec::with_capacity(files.len());
-        for (out_i, file) in files.iter().enumerate() {
-            let (tx, rx) = sync_channel::<Job>(depth);
-            sinks.push(tx);
-            let errors = &write_errors;
-            let abort = &abort;
-            let flagged = &flagged;
-            let budget = &budget;
-            let precision = precision[out_i];
-            scope.spawn(move || {
-                for job in rx {
-                    let result = match &job.bytes {
-                        RowBytes::Mapped(map, range) => match map.as_ref().get(range.clone()) {
-                            Some(b) => {
-                                write_scanned(file, job.slot, job.part, precision, b).map(|bad| {
-                                    if bad > 0
-                                        && let Ok(mut f) = flagged.lock()
-                                    {
-                                        f.push((out_i, job.slot));
-                                    }
-                                })
-                            }
-                            None => Err(std::io::Error::other("row span outside its mapping")),
-                        },
-                        RowBytes::Owned(v) => {
-                            let r = file.write_row(job.slot, job.part, v);
-                            budget.release(v.len());
-                            r
-                        }
-                    };
-                    if let Err(e) = result {
-                        abort.store(true, Ordering::Relaxed);
-                        if let Ok(mut v) = errors.lock() {
-                            v.push((file.path().display().to_string(), e));
-                        }
-                    }
-                }
-            });
-        }
-        let cx = Ctx {
-            outputs,
-            precision: &precision,
-            referenced: &referenced,
-            budget: &budget,
-            sinks: &sinks,
-            labeler: &labeler,
-            splits: &splits,
-            opts,
-            digests,
-            abort: &abort,
-        };
-        models
-            .par_iter()
-            .enumerate()
-            .map(|(slot, m)| {
-                let o = process_model(&cx, slot, m);
-                bytes_read.fetch_add(o.bytes_read, Ordering::Relaxed);
-                o
-            })
-            .collect()
-        // `sinks` drops here, ending the writers; the scope joins them.
-    });
-    // A failed write is about the output (a full disk), not the models being read: the first
-    // error says it, the rows after it failed the same way.
-    if let Some((path, error)) = write_errors
-        .into_inner()
-        .unwrap_or_default()
-        .into_iter()
-        .next()
-    {
-        for f in &files {
-            let _ = std::fs::remove_file(f.path());
-        }
-        return Err(ExtractError::Io { path, error });
-    }
-    let mut outcomes = outcomes;
-    let mut flagged = flagged.into_inner().unwrap_or_default();
-    flagged.sort_unstable();
-    flagged.dedup();
-    for (out_i, slot) in flagged {
-        let o = &mut outcomes[slot];
-        if o.label.is_err() || o.split.is_err() {
-            continue; // left out anyway
-        }
-        match recheck_flagged(
-            opts,
-            precision[out_i],
-            models[slot],
-            &outputs[out_i].layer,
-            &files[out_i],
-            slot,
-            &mut o.findings,
-        ) {
-            Ok(None) => {}
-            Ok(Some(why)) => o.rows[out_i] = RowOutcome::Dropped(why),
-            Err(p) => {
-                o.label = Err(p);
-            }
-        }
-    }
-
+    let (outcomes, bytes_read) = read_models(&models, &layers, &labeler, &splits, opts, digests)?;
     // Failures first: every fatal problem, in id order.
     let mut failures = Vec::new();
     for (m, o) in models.iter().zip(&outcomes) {
@@ -399,17 +291,70 @@ pub fn extract_with_digests(
         Labels::MultiLabel { classes, .. } => Some(classes.len()),
         _ => None,
     };
+    let assembly = Assembly {
+        models: &models,
+        outcomes: &outcomes,
+        labelled: &labelled,
+        skipped: &skipped,
+        labels: &all_labels,
+        label_key: &label.key,
+        label_columns,
+    };
     let mut reports = Vec::new();
     let mut bytes_written = 0;
     for (out_i, (out, file)) in outputs.iter().zip(files).enumerate() {
+        let (report, size) = assembly.layer(out_i, out, file, precision[out_i], storage[out_i])?;
+        reports.push(report);
+        bytes_written += size;
+    }
+
+    let mut non_finite: Vec<NonFiniteFinding> =
+        outcomes.into_iter().flat_map(|o| o.findings).collect();
+    non_finite.sort_by(|a, b| (&a.model, &a.layer).cmp(&(&b.model, &b.layer)));
+    Ok(ExtractReport {
+        layers: reports,
+        skipped,
+        non_finite,
+        files: models.len(),
+        bytes_read,
+        bytes_written,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// What every layer's dataset is assembled from once the pass is done.
+struct Assembly<'a> {
+    models: &'a [&'a ModelSource],
+    outcomes: &'a [ModelOutcome],
+    /// (slot, split) of each model with a label and a split, in slot order.
+    labelled: &'a [(usize, Split)],
+    /// Models left out of every layer.
+    skipped: &'a [Skipped],
+    /// The labels of `labelled`, one row each.
+    labels: &'a Labels,
+    label_key: &'a str,
+    label_columns: Option<usize>,
+}
+
+impl Assembly<'_> {
+    /// Finishes `out`'s layer file (output `out_i`) with the rows its models gave and writes its sidecar;
+    /// returns its report and the bytes its file holds.
+    fn layer(
+        &self,
+        out_i: usize,
+        out: &LayerOutput,
+        file: LayerFile,
+        precision: Precision,
+        mut storage: Storage,
+    ) -> Result<(LayerReport, u64), ExtractError> {
         let mut kept_slots = Vec::new();
         let mut kept_label_rows = Vec::new();
         let mut records = Vec::new();
         let mut references = Vec::new();
-        let mut layer_skipped = skipped.clone();
-        for (row, &(slot, split)) in labelled.iter().enumerate() {
-            let m = models[slot];
-            let o = &outcomes[slot];
+        let mut layer_skipped = self.skipped.to_vec();
+        for (row, &(slot, split)) in self.labelled.iter().enumerate() {
+            let m = self.models[slot];
+            let o = &self.outcomes[slot];
             match o.rows.get(out_i) {
                 Some(RowOutcome::Written { reference }) => {
                     kept_slots.push(slot);
@@ -432,7 +377,7 @@ pub fn extract_with_digests(
             }
         }
         layer_skipped.sort_by(|a, b| a.id.cmp(&b.id));
-        let labels = select_rows(&all_labels, &kept_label_rows);
+        let labels = select_rows(self.labels, &kept_label_rows);
         let tensors_path = file.path().to_path_buf();
         if kept_slots.is_empty() {
             let _ = std::fs::remove_file(&tensors_path);
@@ -448,7 +393,7 @@ pub fn extract_with_digests(
         // A referenced LoRA layer's rank is its models' largest (loading pads lower ones).
         if let Storage::References {
             lora_rank: Some(rank),
-        } = &mut storage[out_i]
+        } = &mut storage
         {
             *rank = references
                 .iter()
@@ -456,18 +401,17 @@ pub fn extract_with_digests(
                 .fold(*rank, |a, &b| a.max(b));
         }
         let size = file
-            .finish(&kept_slots, &labels.as_f32(), label_columns)
+            .finish(&kept_slots, &labels.as_f32(), self.label_columns)
             .map_err(io_err(&tensors_path))?;
-        bytes_written += size;
         let sidecar = Sidecar {
             format: LayerDataset::FORMAT,
             layer: out.layer.info(),
             shape: out.layer.matrix,
-            precision: precision[out_i],
-            storage: storage[out_i],
+            precision,
+            storage,
             references,
             models: records,
-            label_key: label.key.clone(),
+            label_key: self.label_key.to_string(),
             labels: labels.without_targets(),
             skipped: layer_skipped.clone(),
         };
@@ -477,27 +421,17 @@ pub fn extract_with_digests(
         let json = serde_json::to_vec(&sidecar)
             .map_err(|e| ExtractError::Config(format!("{}: {e}", sidecar_path.display())))?;
         std::fs::write(&sidecar_path, json).map_err(io_err(&sidecar_path))?;
-        reports.push(LayerReport {
-            layer: out.layer.info(),
-            dir: out.dir.clone(),
-            rows: kept_slots.len(),
-            skipped: layer_skipped,
-            sidecar,
-        });
+        Ok((
+            LayerReport {
+                layer: out.layer.info(),
+                dir: out.dir.clone(),
+                rows: kept_slots.len(),
+                skipped: layer_skipped,
+                sidecar,
+            },
+            size,
+        ))
     }
-
-    let mut non_finite: Vec<NonFiniteFinding> =
-        outcomes.into_iter().flat_map(|o| o.findings).collect();
-    non_finite.sort_by(|a, b| (&a.model, &a.layer).cmp(&(&b.model, &b.layer)));
-    Ok(ExtractReport {
-        layers: reports,
-        skipped,
-        non_finite,
-        files: models.len(),
-        bytes_read: bytes_read.into_inner(),
-        bytes_written,
-        seconds: started.elapsed().as_secs_f64(),
-    })
 }
 
 /// `outputs` with each LoRA layer's rank raised to the largest rank any model has for it, so

@@ -546,3 +546,141 @@ fn prefix_path(path: &Path, message: String) -> String {
         format!("{p}: {message}")
     }
 }
+
+/// The layers one pass fills: their outputs, files, stored precision, and whether each refers
+/// to the model files.
+pub(super) struct Layers<'a> {
+    pub(super) outputs: &'a [LayerOutput],
+    pub(super) files: &'a [LayerFile],
+    pub(super) precision: &'a [Precision],
+    pub(super) referenced: &'a [bool],
+}
+
+/// Reads every model once (in parallel), with one writer thread per layer file taking the rows
+/// that are copied; then re-reads the few rows a writer flagged as holding NaN/Inf. Returns
+/// each model's outcome, in `models`' order, and the bytes read. A write error is the
+/// output's: the layer files are removed and the first error returned.
+pub(super) fn read_models(
+    models: &[&ModelSource],
+    layers: &Layers,
+    labeler: &Labeler,
+    splits: &SplitAssigner,
+    opts: &ExtractOptions,
+    digests: &FileDigests,
+) -> Result<(Vec<ModelOutcome>, u64), ExtractError> {
+    let abort = AtomicBool::new(false);
+    let bytes_read = AtomicU64::new(0);
+    let write_errors: Mutex<Vec<(String, std::io::Error)>> = Mutex::new(Vec::new());
+    let flagged: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+    // One writer thread per layer file: buffered writes to one file serialise on its inode
+    // lock, and page-cache writes cost more than reads, so reads (rayon) overlap with writes.
+    // The bounded queues keep at most a few rows in flight.
+    let depth = 4 * rayon::current_num_threads() + 8;
+    let budget = ByteBudget {
+        limit: IN_FLIGHT_BYTES,
+        used: Mutex::new(0),
+        freed: Condvar::new(),
+    };
+    let outcomes: Vec<ModelOutcome> = std::thread::scope(|scope| {
+        let mut sinks = Vec::with_capacity(layers.files.len());
+        for (out_i, file) in layers.files.iter().enumerate() {
+            let (tx, rx) = sync_channel::<Job>(depth);
+            sinks.push(tx);
+            let errors = &write_errors;
+            let abort = &abort;
+            let flagged = &flagged;
+            let budget = &budget;
+            let precision = layers.precision[out_i];
+            scope.spawn(move || {
+                for job in rx {
+                    let result = match &job.bytes {
+                        RowBytes::Mapped(map, range) => match map.as_ref().get(range.clone()) {
+                            Some(b) => {
+                                write_scanned(file, job.slot, job.part, precision, b).map(|bad| {
+                                    if bad > 0
+                                        && let Ok(mut f) = flagged.lock()
+                                    {
+                                        f.push((out_i, job.slot));
+                                    }
+                                })
+                            }
+                            None => Err(std::io::Error::other("row span outside its mapping")),
+                        },
+                        RowBytes::Owned(v) => {
+                            let r = file.write_row(job.slot, job.part, v);
+                            budget.release(v.len());
+                            r
+                        }
+                    };
+                    if let Err(e) = result {
+                        abort.store(true, Ordering::Relaxed);
+                        if let Ok(mut v) = errors.lock() {
+                            v.push((file.path().display().to_string(), e));
+                        }
+                    }
+                }
+            });
+        }
+        let cx = Ctx {
+            outputs: layers.outputs,
+            precision: layers.precision,
+            referenced: layers.referenced,
+            budget: &budget,
+            sinks: &sinks,
+            labeler,
+            splits,
+            opts,
+            digests,
+            abort: &abort,
+        };
+        models
+            .par_iter()
+            .enumerate()
+            .map(|(slot, m)| {
+                let o = process_model(&cx, slot, m);
+                bytes_read.fetch_add(o.bytes_read, Ordering::Relaxed);
+                o
+            })
+            .collect()
+        // `sinks` drops here, ending the writers; the scope joins them.
+    });
+    // A failed write is about the output (a full disk), not the models being read: the first
+    // error says it, the rows after it failed the same way.
+    if let Some((path, error)) = write_errors
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .next()
+    {
+        for f in layers.files {
+            let _ = std::fs::remove_file(f.path());
+        }
+        return Err(ExtractError::Io { path, error });
+    }
+    let mut outcomes = outcomes;
+    let mut flagged = flagged.into_inner().unwrap_or_default();
+    flagged.sort_unstable();
+    flagged.dedup();
+    for (out_i, slot) in flagged {
+        let o = &mut outcomes[slot];
+        if o.label.is_err() || o.split.is_err() {
+            continue; // left out anyway
+        }
+        match recheck_flagged(
+            opts,
+            layers.precision[out_i],
+            models[slot],
+            &layers.outputs[out_i].layer,
+            &layers.files[out_i],
+            slot,
+            &mut o.findings,
+        ) {
+            Ok(None) => {}
+            Ok(Some(why)) => o.rows[out_i] = RowOutcome::Dropped(why),
+            Err(p) => {
+                o.label = Err(p);
+            }
+        }
+    }
+    Ok((outcomes, bytes_read.into_inner()))
+}
