@@ -218,11 +218,17 @@ fn train_select_evaluate_finds_the_planted_layer() {
         "{text}"
     );
     let csv = std::fs::read_to_string(run_dir.join("best_dense/layers.csv")).unwrap();
-    assert!(csv.starts_with("layer,setting,val.accuracy,selected\n"), "{csv}");
+    assert!(
+        csv.starts_with("layer,setting,val.accuracy,selected\n"),
+        "{csv}"
+    );
     assert_eq!(csv.lines().count(), 5, "{csv}");
     assert_eq!(csv.matches(",true\n").count(), 1, "{csv}");
     // The layer-only sweep has no setting.
-    assert_eq!(results["results"]["best_probex"]["setting"], "", "{results}");
+    assert_eq!(
+        results["results"]["best_probex"]["setting"], "",
+        "{results}"
+    );
 
     // An impossible expectation fails the run, with everything else cached.
     std::fs::write(&exp, PROBES.replace("> 0.5\"", ">= 1.01\"")).unwrap();

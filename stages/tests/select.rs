@@ -102,15 +102,22 @@ fn grids_select_a_layer_and_a_setting() {
 
     // The table and CSV carry the setting; the plot shows each layer's best setting.
     assert!(
-        s_table(&grid).contains("| **2** | **lr=0.002, standardize=true** | **0.8000** | selected |"),
+        s_table(&grid)
+            .contains("| **2** | **lr=0.002, standardize=true** | **0.8000** | selected |"),
         "{}",
         s_table(&grid)
     );
     let csv = select_best(&grid, "val.accuracy", Direction::Max)
         .unwrap()
         .csv();
-    assert!(csv.starts_with("layer,setting,val.accuracy,selected\n"), "{csv}");
-    assert!(csv.contains("2,\"lr=0.002, standardize=true\",0.8,true\n"), "{csv}");
+    assert!(
+        csv.starts_with("layer,setting,val.accuracy,selected\n"),
+        "{csv}"
+    );
+    assert!(
+        csv.contains("2,\"lr=0.002, standardize=true\",0.8,true\n"),
+        "{csv}"
+    );
     let (layers, values, chosen) = s.per_layer();
     assert_eq!(layers, ["0", "2"]);
     assert_eq!(values, [Some(0.74), Some(0.80)]);

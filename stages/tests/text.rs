@@ -621,7 +621,11 @@ fn f16_cosine_bound(n: usize) -> f64 {
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
     let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb).max(1e-30)
@@ -642,7 +646,11 @@ impl F16Drop {
         assert_eq!(half.precision(), text::Precision::F16);
         let f32 = embed_texts(&full, texts).unwrap();
         let f16 = embed_texts(&half, texts).unwrap();
-        let drops = f32.iter().zip(&f16).map(|(a, b)| 1.0 - cosine(a, b)).collect();
+        let drops = f32
+            .iter()
+            .zip(&f16)
+            .map(|(a, b)| 1.0 - cosine(a, b))
+            .collect();
         F16Drop { drops, f32, f16 }
     }
 
@@ -666,7 +674,11 @@ impl F16Drop {
         );
         assert!(self.max() <= bound, "{what}: {} > {bound}", self.max());
         for v in self.f16.iter().flatten() {
-            assert_eq!(half::f16::from_f32(*v).to_f32(), *v, "{what}: {v} is no f16");
+            assert_eq!(
+                half::f16::from_f32(*v).to_f32(),
+                *v,
+                "{what}: {v} is no f16"
+            );
         }
         assert_ne!(self.f32, self.f16, "{what}: the f16 path did not round");
     }
@@ -765,9 +777,8 @@ fn random_clip(dir: &Path, hidden: usize, layers: usize, heads: usize, seed: u64
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
         .map(|(n, s, b)| {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap();
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .unwrap();
             (n.clone(), view)
         })
         .collect();
@@ -832,12 +843,20 @@ fn minilm_f16_keeps_every_class_prompt_nearest_its_f32_self() {
     };
     let prompts = class_prompts(false);
     let m = F16Drop::measure(EncoderKind::Minilm, &dir, &prompts);
-    m.check("all-MiniLM-L6-v2, CIFAR-100 prompts", EncoderKind::Minilm, 6);
+    m.check(
+        "all-MiniLM-L6-v2, CIFAR-100 prompts",
+        EncoderKind::Minilm,
+        6,
+    );
     for (i, h) in m.f16.iter().enumerate() {
         let nearest = (0..m.f32.len())
             .max_by(|&a, &b| cosine(h, &m.f32[a]).total_cmp(&cosine(h, &m.f32[b])))
             .unwrap();
-        assert_eq!(nearest, i, "{:?} moved to {:?}", prompts[i], prompts[nearest]);
+        assert_eq!(
+            nearest, i,
+            "{:?} moved to {:?}",
+            prompts[i], prompts[nearest]
+        );
     }
 }
 
@@ -876,9 +895,11 @@ fn embed_precision_is_a_param_recorded_with_the_table() {
     let p = params("encoder = \"minilm\"\nclasses = [\"a\"]");
     assert_eq!(p.precision, text::Precision::F32);
     assert!(!serde_json::to_string(&p).unwrap().contains("precision"));
-    let e = toml::from_str::<EmbedParams>("encoder = \"minilm\"\nclasses = [\"a\"]\nprecision = \"f64\"")
-        .unwrap_err()
-        .to_string();
+    let e = toml::from_str::<EmbedParams>(
+        "encoder = \"minilm\"\nclasses = [\"a\"]\nprecision = \"f64\"",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("f32") && e.contains("f16"), "{e}");
 
     let want = expected(&golden("clip-tiny/expected.json"));
@@ -888,7 +909,11 @@ fn embed_precision_is_a_param_recorded_with_the_table() {
         golden("clip-tiny").display().to_string(),
         want.classes
     ));
-    assert!(serde_json::to_string(&p).unwrap().contains("\"precision\":\"f16\""));
+    assert!(
+        serde_json::to_string(&p)
+            .unwrap()
+            .contains("\"precision\":\"f16\"")
+    );
     let meta = stage_run::run(&Embed, &p, &Inputs::default(), out.path(), 1).unwrap();
     assert_eq!(meta.meta["precision"], "f16", "{:?}", meta.meta);
     let table = TextTable::load(out.path()).unwrap();

@@ -291,7 +291,11 @@ fn single_row(sel: &Artifact) -> (MethodRow, Value) {
     let model = model_of(sel);
     let params = sel.meta.get("params").and_then(Value::as_u64);
     let mut row = MethodRow::new(
-        format!("{model} (`{}`, layer {})", sel.stage, layer_and_setting(sel)),
+        format!(
+            "{model} (`{}`, layer {})",
+            sel.stage,
+            layer_and_setting(sel)
+        ),
         params,
     );
     let mut r = sel.results.clone().unwrap_or_else(|| json!({}));

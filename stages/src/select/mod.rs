@@ -416,9 +416,7 @@ pub fn select_best(
             None => Some(i),
             Some(c) => {
                 let cv = values[c].unwrap_or(f64::NAN);
-                if better(v, cv)
-                    || (v == cv && order(&rows[i]) < order(&rows[c]))
-                {
+                if better(v, cv) || (v == cv && order(&rows[i]) < order(&rows[c])) {
                     Some(i)
                 } else {
                     Some(c)

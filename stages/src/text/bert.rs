@@ -206,12 +206,14 @@ impl<B: Backend> Bert<B> {
             bail!("token id {bad} is outside the model's vocabulary of {vocab}");
         }
         let r = |t| self.precision.round(t);
-        let x = r(r(batch.lookup(&self.word) + positions(&self.position, batch.seq))
-            + self
-                .token_type0
-                .clone()
-                .unsqueeze_dim::<2>(0)
-                .unsqueeze_dim::<3>(0));
+        let x = r(
+            r(batch.lookup(&self.word) + positions(&self.position, batch.seq))
+                + self
+                    .token_type0
+                    .clone()
+                    .unsqueeze_dim::<2>(0)
+                    .unsqueeze_dim::<3>(0),
+        );
         let mut x = self.emb_norm.forward(x);
         let mask = batch.padding_mask::<B>(&self.device);
         for l in &self.layers {
@@ -238,7 +240,11 @@ impl<B: Backend> Bert<B> {
             Precision::F32 => rows,
             Precision::F16 => rows
                 .into_iter()
-                .map(|v| v.into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect())
+                .map(|v| {
+                    v.into_iter()
+                        .map(|x| half::f16::from_f32(x).to_f32())
+                        .collect()
+                })
                 .collect(),
         })
     }
