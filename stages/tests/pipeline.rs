@@ -130,9 +130,12 @@ r_u = 8
 r_v = 8
 r_t = 16
 
+# A grid: one probe per layer and setting; `best_dense` picks both on validation.
 [stage.dense]
 kind = "train"
 from = "layers"
+for_each = ["layer", "standardize"]
+standardize = [false, true]
 model = "dense"
 epochs = 60
 batch_size = 32
@@ -196,6 +199,35 @@ fn train_select_evaluate_finds_the_planted_layer() {
     assert!(
         text.contains("best_probex") && text.contains("best_dense"),
         "{text}"
+    );
+
+    // Over the grid, selection keys rows by layer and setting: four probes, one chosen, and
+    // the winner's setting is in the results and in the report's row for the method.
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("results.json")).unwrap()).unwrap();
+    let dense = &results["results"]["best_dense"];
+    assert_eq!(dense["layers_swept"], 4, "{dense}");
+    let setting = dense["setting"].as_str().unwrap();
+    assert!(
+        setting == "standardize=false" || setting == "standardize=true",
+        "{setting}"
+    );
+    let layer = dense["layer"].as_u64().unwrap();
+    assert!(
+        text.contains(&format!("layer {layer}, {setting}")),
+        "{text}"
+    );
+    let csv = std::fs::read_to_string(run_dir.join("best_dense/layers.csv")).unwrap();
+    assert!(
+        csv.starts_with("layer,setting,val.accuracy,selected\n"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    assert_eq!(csv.matches(",true\n").count(), 1, "{csv}");
+    // The layer-only sweep has no setting.
+    assert_eq!(
+        results["results"]["best_probex"]["setting"], "",
+        "{results}"
     );
 
     // An impossible expectation fails the run, with everything else cached.

@@ -64,13 +64,15 @@ fn report_matches_golden() {
         ("61", f64::NAN),
     ]
     .iter()
-    .map(|&(l, v)| LayerScore {
-        layer: l.into(),
-        metrics: if v.is_nan() {
-            json!({"val": {}})
-        } else {
-            json!({"val": {"accuracy": v}})
-        },
+    .map(|&(l, v)| {
+        LayerScore::new(
+            l,
+            if v.is_nan() {
+                json!({"val": {}})
+            } else {
+                json!({"val": {"accuracy": v}})
+            },
+        )
     })
     .collect();
     let sel = select_best(&sweep, "val.accuracy", Direction::Max).unwrap();

@@ -6,9 +6,15 @@ use probex_stages::select::{
 use serde_json::{Value, json};
 
 fn row(layer: &str, metrics: Value) -> LayerScore {
+    LayerScore::new(layer, metrics)
+}
+
+/// A row of a grid: layer `layer` trained with `setting`.
+fn cell(layer: &str, setting: &str, v: f64) -> LayerScore {
     LayerScore {
         layer: layer.to_string(),
-        metrics,
+        setting: setting.to_string(),
+        metrics: json!({"val": {"accuracy": v}}),
     }
 }
 
@@ -50,6 +56,87 @@ fn ties_go_to_the_lowest_layer_whatever_the_order() {
             .chosen_layer(),
         "a"
     );
+}
+
+/// Over a grid (layer x lr x standardize) a row is a layer and a setting: the same layer
+/// under several settings is no duplicate, the best (layer, setting) pair wins, and ties go to
+/// the lowest layer, then the setting's text, whatever the order the probes arrive in.
+#[test]
+fn grids_select_a_layer_and_a_setting() {
+    let grid = [
+        cell("0", "lr=0.001, standardize=false", 0.70),
+        cell("0", "lr=0.002, standardize=true", 0.74),
+        cell("2", "lr=0.001, standardize=false", 0.78),
+        cell("2", "lr=0.002, standardize=true", 0.80),
+        cell("2", "lr=0.002, standardize=false", 0.79),
+    ];
+    let s = select_best(&grid, "val.accuracy", Direction::Max).unwrap();
+    assert_eq!(
+        (s.chosen_layer(), s.chosen_setting(), s.best_value()),
+        ("2", "lr=0.002, standardize=true", 0.80)
+    );
+    assert!(s.has_settings());
+    assert_eq!(s.settings.len(), grid.len());
+
+    // Ties: the lowest layer first, then the setting's text; input order does not matter.
+    let tied = [
+        cell("2", "lr=0.001, standardize=true", 0.8),
+        cell("1", "lr=0.002, standardize=false", 0.8),
+        cell("1", "lr=0.001, standardize=true", 0.8),
+        cell("0", "lr=0.001, standardize=false", 0.5),
+    ];
+    for rows in [tied.to_vec(), tied.iter().rev().cloned().collect()] {
+        let s = select_best(&rows, "val.accuracy", Direction::Max).unwrap();
+        assert_eq!(
+            (s.chosen_layer(), s.chosen_setting()),
+            ("1", "lr=0.001, standardize=true")
+        );
+    }
+
+    // The same (layer, setting) twice is an error naming both.
+    let dup = [cell("1", "lr=0.001", 0.5), cell("1", "lr=0.001", 0.6)];
+    assert_eq!(
+        select_best(&dup, "val.accuracy", Direction::Max),
+        Err(SelectError::DuplicateLayer("1 (lr=0.001)".into()))
+    );
+
+    // The table and CSV carry the setting; the plot shows each layer's best setting.
+    assert!(
+        s_table(&grid)
+            .contains("| **2** | **lr=0.002, standardize=true** | **0.8000** | selected |"),
+        "{}",
+        s_table(&grid)
+    );
+    let csv = select_best(&grid, "val.accuracy", Direction::Max)
+        .unwrap()
+        .csv();
+    assert!(
+        csv.starts_with("layer,setting,val.accuracy,selected\n"),
+        "{csv}"
+    );
+    assert!(
+        csv.contains("2,\"lr=0.002, standardize=true\",0.8,true\n"),
+        "{csv}"
+    );
+    let (layers, values, chosen) = s.per_layer();
+    assert_eq!(layers, ["0", "2"]);
+    assert_eq!(values, [Some(0.74), Some(0.80)]);
+    assert_eq!(chosen, 1);
+
+    // A selection over a grid reads back from JSON; one over layers alone has no settings.
+    let back: probex_stages::select::Selection =
+        serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    assert_eq!(back, s);
+    assert_eq!(back.validate(), Ok(()));
+    let plain = select_best(&[acc("0", 0.5)], "val.accuracy", Direction::Max).unwrap();
+    assert!(!plain.has_settings() && plain.chosen_setting().is_empty());
+    assert!(!serde_json::to_string(&plain).unwrap().contains("settings"));
+}
+
+fn s_table(rows: &[LayerScore]) -> String {
+    select_best(rows, "val.accuracy", Direction::Max)
+        .unwrap()
+        .markdown_table()
 }
 
 #[test]

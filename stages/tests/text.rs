@@ -582,3 +582,362 @@ fn search_ranks_models_of_the_queried_class_first_and_describe_names_a_models_cl
     let e = format!("{:#}", Probe::locate(dir.path(), None, true).unwrap_err());
     assert!(e.contains("neither a run directory"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// f16: the authors run CLIP's text tower in half precision (OpenAI's `clip.load` on a GPU);
+// probex computes in f32 unless `precision = "f16"`. These tests bound the difference from
+// f16's rounding error and the network's depth, and check the f16 path really rounds.
+
+/// f16's unit roundoff, 2^-11 (half its epsilon 2^-10): the largest relative error of one
+/// rounding to nearest.
+const F16_UNIT_ROUNDOFF: f64 = 1.0 / 2048.0;
+
+/// How many f16 roundings lie on the longest path from the token ids to the output, as
+/// `text::nn`, `bert` and `clip` apply them (weights count once each, where they are used).
+fn f16_roundings(kind: EncoderKind, layers: usize) -> usize {
+    match kind {
+        // Word and position tables, their sum, the token-type row, the sum, the embedding
+        // norm's parameters and output (7); per layer: a projection's weight and output (2),
+        // scores, scaled, masked, softmax, context (5), the output projection (2), residual (1),
+        // norm (2), up (2), GELU (1), down (2), residual (1), norm (2) = 22; pooling: sum,
+        // mean, normalised output (3).
+        EncoderKind::Minilm => 7 + 22 * layers + 3,
+        // Token and position tables and their sum (3); per layer: norm (2), projection (2), the
+        // five attention products (5), output projection (2), residual (1), norm (2), fc1 (2),
+        // quick GELU's three ops (3), fc2 (2), residual (1) = 22; final norm (2), projection (2).
+        EncoderKind::ClipText => 3 + 22 * layers + 4,
+    }
+}
+
+/// The first-order worst case of `1 - cos(f16 output, f32 output)` after `n` roundings: each
+/// is off by at most u relative, and with errors adding up and nothing amplifying them the
+/// output is off by eps <= n u relative, so the angle between the two has sin <= eps and
+/// 1 - cos <= sin^2 <= eps^2. Not tuned to the measurements: the measured differences are
+/// orders of magnitude below it (random rounding errors mostly cancel), so a failure means a
+/// rounding that is not f16's (or an op that amplifies error beyond first order).
+fn f16_cosine_bound(n: usize) -> f64 {
+    let eps = n as f64 * F16_UNIT_ROUNDOFF;
+    eps * eps
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb).max(1e-30)
+}
+
+/// `1 - cos` between the f32 and f16 embeddings of each text.
+struct F16Drop {
+    drops: Vec<f64>,
+    f32: Vec<Vec<f32>>,
+    f16: Vec<Vec<f32>>,
+}
+
+impl F16Drop {
+    fn measure(kind: EncoderKind, dir: &Path, texts: &[String]) -> F16Drop {
+        let device = Default::default();
+        let full = Encoder::<B>::load(kind, dir, &device).unwrap();
+        let half = Encoder::<B>::load_with(kind, dir, text::Precision::F16, &device).unwrap();
+        assert_eq!(half.precision(), text::Precision::F16);
+        let f32 = embed_texts(&full, texts).unwrap();
+        let f16 = embed_texts(&half, texts).unwrap();
+        let drops = f32
+            .iter()
+            .zip(&f16)
+            .map(|(a, b)| 1.0 - cosine(a, b))
+            .collect();
+        F16Drop { drops, f32, f16 }
+    }
+
+    fn mean(&self) -> f64 {
+        self.drops.iter().sum::<f64>() / self.drops.len() as f64
+    }
+
+    fn max(&self) -> f64 {
+        self.drops.iter().copied().fold(0.0, f64::max)
+    }
+
+    /// The bound holds, every f16 output value is an f16 number (the last op rounded), and
+    /// the f16 path differs from f32 somewhere (it does round).
+    fn check(&self, what: &str, kind: EncoderKind, layers: usize) {
+        let bound = f16_cosine_bound(f16_roundings(kind, layers));
+        eprintln!(
+            "{what}: 1 - cos(f32, f16) mean {:.3e}, max {:.3e} over {} texts (bound {bound:.3e})",
+            self.mean(),
+            self.max(),
+            self.drops.len()
+        );
+        assert!(self.max() <= bound, "{what}: {} > {bound}", self.max());
+        for v in self.f16.iter().flatten() {
+            assert_eq!(
+                half::f16::from_f32(*v).to_f32(),
+                *v,
+                "{what}: {v} is no f16"
+            );
+        }
+        assert_ne!(self.f32, self.f16, "{what}: the f16 path did not round");
+    }
+}
+
+/// A randomly initialised CLIP text tower (transformers' `CLIPTextModelWithProjection`
+/// initialisation) of the given size, with the tiny fixture's tokenizer, in `dir`: CLIP's
+/// architecture at any depth and width without CLIP's weights, which no package ships.
+fn random_clip(dir: &Path, hidden: usize, layers: usize, heads: usize, seed: u64) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(
+        golden("clip-tiny/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    let fixture: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(golden("clip-tiny/config.json")).unwrap()).unwrap();
+    let vocab = fixture["text_config"]["vocab_size"].as_u64().unwrap() as usize;
+    let inter = 4 * hidden;
+    let config = serde_json::json!({
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "projection_dim": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+        "eos_token_id": fixture["text_config"]["eos_token_id"],
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+
+    let mut state = seed;
+    let mut normal = |std: f64, n: usize| -> Vec<f32> {
+        // splitmix64 and Box-Muller: reproducible without a random-number crate.
+        let mut next = || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        };
+        (0..n)
+            .map(|_| {
+                let (u1, u2) = (next().max(1e-300), next());
+                (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+            })
+            .collect()
+    };
+    let d = hidden as f64;
+    let in_std = d.powf(-0.5) * (2.0 * layers as f64).powf(-0.5);
+    let out_std = d.powf(-0.5);
+    let fc_std = (2.0 * d).powf(-0.5);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = vec![
+        (
+            "text_model.embeddings.token_embedding.weight".into(),
+            vec![vocab, hidden],
+            normal(0.02, vocab * hidden),
+        ),
+        (
+            "text_model.embeddings.position_embedding.weight".into(),
+            vec![77, hidden],
+            normal(0.02, 77 * hidden),
+        ),
+        (
+            "text_projection.weight".into(),
+            vec![hidden, hidden],
+            normal(out_std, hidden * hidden),
+        ),
+    ];
+    let norm = |name: String, t: &mut Vec<(String, Vec<usize>, Vec<f32>)>| {
+        t.push((format!("{name}.weight"), vec![hidden], vec![1.0; hidden]));
+        t.push((format!("{name}.bias"), vec![hidden], vec![0.0; hidden]));
+    };
+    norm("text_model.final_layer_norm".into(), &mut tensors);
+    for l in 0..layers {
+        let p = format!("text_model.encoder.layers.{l}");
+        norm(format!("{p}.layer_norm1"), &mut tensors);
+        norm(format!("{p}.layer_norm2"), &mut tensors);
+        let linears = [
+            ("self_attn.q_proj", hidden, hidden, in_std),
+            ("self_attn.k_proj", hidden, hidden, in_std),
+            ("self_attn.v_proj", hidden, hidden, in_std),
+            ("self_attn.out_proj", hidden, hidden, out_std),
+            ("mlp.fc1", inter, hidden, fc_std),
+            ("mlp.fc2", hidden, inter, in_std),
+        ];
+        for (name, out, inp, std) in linears {
+            tensors.push((
+                format!("{p}.{name}.weight"),
+                vec![out, inp],
+                normal(std, out * inp),
+            ));
+            tensors.push((format!("{p}.{name}.bias"), vec![out], vec![0.0; out]));
+        }
+    }
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    dir.to_path_buf()
+}
+
+/// The class prompts of the paper's zero-shot experiments (ImageNet, the authors' names) and
+/// of the discriminative labels (CIFAR-100).
+fn class_prompts(imagenet: bool) -> Vec<String> {
+    let names: Vec<String> = if imagenet {
+        probex_stages::labels::vocab::imagenet1k()
+            .iter()
+            .map(|s| s.name().to_string())
+            .collect()
+    } else {
+        probex_stages::labels::vocab::cifar100()
+    };
+    names
+        .iter()
+        .map(|n| text::prompt(text::DEFAULT_TEMPLATE, n))
+        .collect()
+}
+
+#[test]
+fn f16_stays_within_the_rounding_bound_and_really_rounds() {
+    let bert = expected(&golden("bert-tiny/expected.json"));
+    F16Drop::measure(EncoderKind::Minilm, &golden("bert-tiny"), &bert.texts).check(
+        "bert-tiny",
+        EncoderKind::Minilm,
+        2,
+    );
+    let clip = expected(&golden("clip-tiny/expected.json"));
+    F16Drop::measure(EncoderKind::ClipText, &golden("clip-tiny"), &clip.texts).check(
+        "clip-tiny",
+        EncoderKind::ClipText,
+        2,
+    );
+    // CLIP ViT-L/14's depth (12 layers) at a small width, on the CIFAR-100 prompts.
+    let tmp = tempfile::tempdir().unwrap();
+    let deep = random_clip(&tmp.path().join("clip"), 64, 12, 4, 7);
+    F16Drop::measure(EncoderKind::ClipText, &deep, &class_prompts(false)).check(
+        "random CLIP text, 12 layers, width 64",
+        EncoderKind::ClipText,
+        12,
+    );
+}
+
+/// The real all-MiniLM-L6-v2 on the CIFAR-100 class prompts: within the bound, and no prompt's
+/// f16 embedding is nearer another prompt's f32 embedding than its own, so a zero-shot
+/// prediction made against an f32 class table cannot change.
+#[test]
+fn minilm_f16_keeps_every_class_prompt_nearest_its_f32_self() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = match minilm_dir(tmp.path()) {
+        Ok(d) => d,
+        Err(why) if std::env::var_os("PROBEX_REQUIRE_PACKAGES").is_none() => {
+            eprintln!("SKIPPED: all-MiniLM-L6-v2 is not available here ({why})");
+            return;
+        }
+        Err(why) => panic!("all-MiniLM-L6-v2 is required (PROBEX_REQUIRE_PACKAGES): {why}"),
+    };
+    let prompts = class_prompts(false);
+    let m = F16Drop::measure(EncoderKind::Minilm, &dir, &prompts);
+    m.check(
+        "all-MiniLM-L6-v2, CIFAR-100 prompts",
+        EncoderKind::Minilm,
+        6,
+    );
+    // For scale: how close two different class prompts come in f32.
+    let closest = (0..m.f32.len())
+        .flat_map(|i| (0..i).map(move |j| (i, j)))
+        .map(|(i, j)| 1.0 - cosine(&m.f32[i], &m.f32[j]))
+        .fold(f64::INFINITY, f64::min);
+    eprintln!("closest two different CIFAR-100 prompts: 1 - cos = {closest:.3e}");
+    assert!(m.max() < closest, "{} >= {closest}", m.max());
+    for (i, h) in m.f16.iter().enumerate() {
+        let nearest = (0..m.f32.len())
+            .max_by(|&a, &b| cosine(h, &m.f32[a]).total_cmp(&cosine(h, &m.f32[b])))
+            .unwrap();
+        assert_eq!(
+            nearest, i,
+            "{:?} moved to {:?}",
+            prompts[i], prompts[nearest]
+        );
+    }
+}
+
+/// The README's figures for all-MiniLM-L6-v2: f32 against f16 on the 100 CIFAR-100 and 1,000
+/// ImageNet class prompts.
+/// `cargo test --test text -- --ignored --nocapture measure_f16`
+#[test]
+#[ignore = "measurement for the README (a minute in a dev build)"]
+fn measure_f16_cosine_minilm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = minilm_dir(tmp.path()).unwrap_or_else(|e| panic!("all-MiniLM-L6-v2: {e}"));
+    for imagenet in [false, true] {
+        let set = if imagenet { "ImageNet" } else { "CIFAR-100" };
+        F16Drop::measure(EncoderKind::Minilm, &dir, &class_prompts(imagenet)).check(
+            &format!("all-MiniLM-L6-v2, {set} prompts"),
+            EncoderKind::Minilm,
+            6,
+        );
+    }
+}
+
+/// The README's figures for CLIP's architecture: a randomly initialised ViT-L/14 text tower
+/// (12 layers, width 768, 12 heads), f32 against f16, on the same prompts.
+#[test]
+#[ignore = "measurement for the README (minutes in a dev build)"]
+fn measure_f16_cosine_clip_architecture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clip = random_clip(&tmp.path().join("clip-l"), 768, 12, 12, 1);
+    for imagenet in [false, true] {
+        let set = if imagenet { "ImageNet" } else { "CIFAR-100" };
+        F16Drop::measure(EncoderKind::ClipText, &clip, &class_prompts(imagenet)).check(
+            &format!("random CLIP ViT-L/14 text tower, {set} prompts"),
+            EncoderKind::ClipText,
+            12,
+        );
+    }
+}
+
+/// `precision` on the `embed` stage: `f16` is accepted and recorded, anything else is an error
+/// naming the choices, and the default is left out of the parameters (so the keys of
+/// experiments that do not set it are what they were).
+#[test]
+fn embed_precision_is_a_param_recorded_with_the_table() {
+    let p = params("encoder = \"minilm\"\nclasses = [\"a\"]");
+    assert_eq!(p.precision, text::Precision::F32);
+    assert!(!serde_json::to_string(&p).unwrap().contains("precision"));
+    let e = toml::from_str::<EmbedParams>(
+        "encoder = \"minilm\"\nclasses = [\"a\"]\nprecision = \"f64\"",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("f32") && e.contains("f16"), "{e}");
+
+    let want = expected(&golden("clip-tiny/expected.json"));
+    let out = tempfile::tempdir().unwrap();
+    let p = params(&format!(
+        "encoder = \"clip-text\"\nmodel_dir = {:?}\nclasses = {:?}\nprecision = \"f16\"\n",
+        golden("clip-tiny").display().to_string(),
+        want.classes
+    ));
+    assert!(
+        serde_json::to_string(&p)
+            .unwrap()
+            .contains("\"precision\":\"f16\"")
+    );
+    let meta = stage_run::run(&Embed, &p, &Inputs::default(), out.path(), 1).unwrap();
+    assert_eq!(meta.meta["precision"], "f16", "{:?}", meta.meta);
+    let table = TextTable::load(out.path()).unwrap();
+    let n = want.classes.len();
+    for i in 0..n {
+        let drop = 1.0 - cosine(table.row(i), &want.embeddings[i]);
+        assert!(
+            drop <= f16_cosine_bound(f16_roundings(EncoderKind::ClipText, 2)),
+            "{drop}"
+        );
+    }
+}

@@ -280,12 +280,25 @@ fn layer_of(sel: &Artifact) -> String {
         .to_string()
 }
 
+/// The chosen layer and, when the selection was over a grid, the setting that won
+/// (`2, lr=0.002, standardize=true`).
+fn layer_and_setting(sel: &Artifact) -> String {
+    match sel.meta.get("chosen_setting").and_then(Value::as_str) {
+        Some(s) if !s.is_empty() => format!("{}, {s}", layer_of(sel)),
+        _ => layer_of(sel),
+    }
+}
+
 /// The row and results of one selected probe.
 fn single_row(sel: &Artifact) -> (MethodRow, Value) {
     let model = model_of(sel);
     let params = sel.meta.get("params").and_then(Value::as_u64);
     let mut row = MethodRow::new(
-        format!("{model} (`{}`, layer {})", sel.stage, layer_of(sel)),
+        format!(
+            "{model} (`{}`, layer {})",
+            sel.stage,
+            layer_and_setting(sel)
+        ),
         params,
     );
     let mut r = sel.results.clone().unwrap_or_else(|| json!({}));

@@ -100,9 +100,11 @@ impl Stage for Extract {
         // matrices for unknown architectures) instead of every tensor, so the same `layers`
         // can name another tensor; sidecars record the list. Layers are read in place or, when
         // copied, stored as LoRA factors at the files' own precision (not f32 products).
-        // 3: a row's source digest is its file's digest, and an in-place reference carries the
+        // 3: ImageNet class names (the labels' `name`, which `embed` turns into prompts) follow
+        // the authors' table for the synsets whose first lemmas coincide (`crane, bird`, ...).
+        // 4: a row's source digest is its file's digest, and an in-place reference carries the
         // file's stamp instead of a digest of the bytes it reads (sidecar format 3).
-        3
+        4
     }
     fn about(&self) -> &'static str {
         "stack one layer of every model into a dataset with labels and splits (one node per layer)"

@@ -1,8 +1,11 @@
-//! The library behind the `select` stage: given one trained probe per layer of a sweep, pick the
-//! layer with the best validation metric, keep the whole per-layer table, and plot it.
+//! The library behind the `select` stage: given one trained probe per layer of a sweep (or per
+//! layer and setting of a grid, e.g. layer x lr x standardize), pick the row with the best
+//! validation metric, keep the whole table, and plot it.
 //!
 //! The paper trains every layer and keeps the one with the best validation accuracy; the metric
 //! path and its direction are configurable so the same stage serves losses and other targets.
+//! Over a grid the same rule picks a method's setting on validation alone, so methods compared
+//! in one report each get the same search.
 
 pub mod plot;
 pub mod stage;
@@ -18,13 +21,40 @@ use crate::evaluate::report::csv_record;
 
 pub use plot::{MetricPlot, PlotError, plot_metric, render_png, render_svg};
 
-/// The results of one probe of a sweep: its layer coordinate and its metrics document.
+/// The results of one probe of a sweep: its layer coordinate, its setting, and its metrics.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerScore {
     /// The sweep coordinate as a label (the layer index, e.g. `"59"`).
     pub layer: String,
+    /// The probe's other sweep coordinates as text, e.g. `"lr=0.002, standardize=true"`;
+    /// empty when the sweep is over layers alone. A row is a (layer, setting) pair.
+    pub setting: String,
     /// That probe's results (e.g. `{"val": {"accuracy": 0.88}, "test": {...}}`).
     pub metrics: Value,
+}
+
+impl LayerScore {
+    /// A row of a sweep over layers alone (no setting).
+    pub fn new(layer: impl Into<String>, metrics: Value) -> Self {
+        LayerScore {
+            layer: layer.into(),
+            setting: String::new(),
+            metrics,
+        }
+    }
+
+    /// The row's label: the layer, and the setting in parentheses when there is one.
+    pub fn label(&self) -> String {
+        row_label(&self.layer, &self.setting)
+    }
+}
+
+fn row_label(layer: &str, setting: &str) -> String {
+    if setting.is_empty() {
+        layer.to_string()
+    } else {
+        format!("{layer} ({setting})")
+    }
 }
 
 /// Whether larger or smaller metric values are better.
@@ -64,7 +94,7 @@ pub enum SelectError {
     /// The sweep delivered no probe.
     #[error("nothing to select from: the sweep has no layers")]
     Empty,
-    /// Two probes claim the same layer.
+    /// Two probes claim the same layer (and setting): the row's label.
     #[error("layer {0:?} appears more than once in the sweep")]
     DuplicateLayer(String),
     /// No probe has the metric (usually a misspelt path).
@@ -107,9 +137,13 @@ pub struct Selection {
     pub chosen: usize,
     /// Layer labels, in input order.
     pub layers: Vec<String>,
-    /// The metric per layer, in input order; `None` where the layer lacks it.
+    /// Each row's setting, in input order; empty (and absent from the JSON) when the sweep is
+    /// over layers alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settings: Vec<String>,
+    /// The metric per row, in input order; `None` where the row lacks it.
     pub values: Vec<Option<f64>>,
-    /// Layers without the metric (never chosen).
+    /// Rows without the metric (never chosen), by label.
     pub missing: Vec<String>,
 }
 
@@ -118,6 +152,21 @@ impl Selection {
     /// selection file can cause: [`Selection::validate`] reports it).
     pub fn chosen_layer(&self) -> &str {
         self.layers.get(self.chosen).map_or("", String::as_str)
+    }
+
+    /// The chosen row's setting (empty for a sweep over layers alone).
+    pub fn chosen_setting(&self) -> &str {
+        self.setting(self.chosen)
+    }
+
+    /// Row `i`'s setting (empty when there is none).
+    pub fn setting(&self, i: usize) -> &str {
+        self.settings.get(i).map_or("", String::as_str)
+    }
+
+    /// Whether the rows differ in more than the layer.
+    pub fn has_settings(&self) -> bool {
+        !self.settings.is_empty()
     }
 
     /// The chosen layer's metric value (NaN if it has none).
@@ -140,6 +189,14 @@ impl Selection {
                 self.values.len()
             ));
         }
+        if self.has_settings() && self.settings.len() != self.layers.len() {
+            return Err(format!(
+                "selection of {:?}: {} layers but {} settings",
+                self.metric,
+                self.layers.len(),
+                self.settings.len()
+            ));
+        }
         if self.values.get(self.chosen).copied().flatten().is_none() {
             return Err(format!(
                 "selection of {:?}: chosen row {} is not a layer with a value (there are {} layers)",
@@ -151,40 +208,57 @@ impl Selection {
         Ok(())
     }
 
-    /// The per-layer table as markdown, in input order; the chosen row is bold and marked.
+    /// The table as markdown, in input order (a Setting column when rows have settings); the
+    /// chosen row is bold and marked.
     pub fn markdown_table(&self) -> String {
-        let mut out = format!(
-            "| Layer | {} | |\n|---|---:|---|\n",
-            self.metric.replace('|', "\\|")
-        );
+        let metric = self.metric.replace('|', "\\|");
+        let mut out = if self.has_settings() {
+            format!("| Layer | Setting | {metric} | |\n|---|---|---:|---|\n")
+        } else {
+            format!("| Layer | {metric} | |\n|---|---:|---|\n")
+        };
         for (i, (layer, v)) in self.layers.iter().zip(&self.values).enumerate() {
             let v = v
                 .map(|v| format!("{v:.4}"))
                 .unwrap_or_else(|| "missing".into());
-            if i == self.chosen {
-                out.push_str(&format!("| **{layer}** | **{v}** | selected |\n"));
+            let cells = if self.has_settings() {
+                vec![layer.clone(), self.setting(i).to_string(), v]
             } else {
-                out.push_str(&format!("| {layer} | {v} | |\n"));
+                vec![layer.clone(), v]
+            };
+            if i == self.chosen {
+                let bold: Vec<String> = cells.iter().map(|c| format!("**{c}**")).collect();
+                out.push_str(&format!("| {} | selected |\n", bold.join(" | ")));
+            } else {
+                out.push_str(&format!("| {} | |\n", cells.join(" | ")));
             }
         }
         out
     }
 
-    /// The per-layer table as CSV: `layer,<metric>,selected` (value empty where missing).
+    /// The table as CSV: `layer,<metric>,selected`, or `layer,setting,<metric>,selected` when
+    /// rows have settings (value empty where missing).
     pub fn csv(&self) -> String {
-        let mut out = csv_record(&["layer", &self.metric, "selected"]);
+        let mut head = vec!["layer"];
+        if self.has_settings() {
+            head.push("setting");
+        }
+        head.extend([self.metric.as_str(), "selected"]);
+        let mut out = csv_record(&head);
         for (i, (layer, v)) in self.layers.iter().zip(&self.values).enumerate() {
             let v = v.map(|v| v.to_string()).unwrap_or_default();
-            out.push_str(&csv_record(&[
-                layer,
-                &v,
-                if i == self.chosen { "true" } else { "false" },
-            ]));
+            let mut rec = vec![layer.as_str()];
+            if self.has_settings() {
+                rec.push(self.setting(i));
+            }
+            rec.extend([v.as_str(), if i == self.chosen { "true" } else { "false" }]);
+            out.push_str(&csv_record(&rec));
         }
         out
     }
 
-    /// The plot description of this selection, for [`plot_metric`].
+    /// The plot description of this selection, for [`plot_metric`]: one point per row. For a
+    /// grid, [`Selection::per_layer`] gives the plot of each layer's best setting.
     pub fn plot(&self) -> MetricPlot<'_> {
         MetricPlot {
             layers: &self.layers,
@@ -192,6 +266,37 @@ impl Selection {
             metric: &self.metric,
             chosen: Some(self.chosen),
         }
+    }
+
+    /// Each layer's best value over its settings, as (layers in first-appearance order, values,
+    /// index of the chosen row's layer): what the per-layer plot shows for a grid. For a sweep
+    /// over layers alone it is the table itself.
+    pub fn per_layer(&self) -> (Vec<String>, Vec<Option<f64>>, usize) {
+        let mut layers: Vec<String> = Vec::new();
+        let mut values: Vec<Option<f64>> = Vec::new();
+        for (layer, v) in self.layers.iter().zip(&self.values) {
+            let v = v.filter(|v| v.is_finite());
+            match layers.iter().position(|l| l == layer) {
+                Some(j) => {
+                    values[j] = match (values[j], v) {
+                        (Some(a), Some(b)) => Some(match self.direction {
+                            Direction::Max => a.max(b),
+                            Direction::Min => a.min(b),
+                        }),
+                        (a, b) => a.or(b),
+                    }
+                }
+                None => {
+                    layers.push(layer.clone());
+                    values.push(v);
+                }
+            }
+        }
+        let chosen = layers
+            .iter()
+            .position(|l| l == self.chosen_layer())
+            .unwrap_or(0);
+        (layers, values, chosen)
     }
 }
 
@@ -256,13 +361,13 @@ fn layer_key(label: &str) -> (u8, u64, &str) {
     }
 }
 
-/// Picks the best layer by the metric at `metric_path`.
+/// Picks the best row (layer, or layer and setting) by the metric at `metric_path`.
 ///
-/// Layers without the metric (absent or null) are recorded as missing and never chosen; so are
+/// Rows without the metric (absent or null) are recorded as missing and never chosen; so are
 /// non-finite values. Equal best values are broken by the lowest layer (numeric labels by
-/// value), so the choice does not depend on the order the sweep delivered its probes. Errors: no
-/// layers, duplicate layers, a metric that no layer has (listing the metrics that exist), a
-/// non-numeric value, or no finite value at all.
+/// value), then by the setting's text, so the choice does not depend on the order the sweep
+/// delivered its probes. Errors: no rows, a (layer, setting) pair twice, a metric that no row
+/// has (listing the metrics that exist), a non-numeric value, or no finite value at all.
 pub fn select_best(
     rows: &[LayerScore],
     metric_path: &str,
@@ -272,14 +377,17 @@ pub fn select_best(
         return Err(SelectError::Empty);
     }
     let mut seen = std::collections::HashSet::new();
-    if let Some(dup) = rows.iter().find(|r| !seen.insert(r.layer.as_str())) {
-        return Err(SelectError::DuplicateLayer(dup.layer.clone()));
+    if let Some(dup) = rows
+        .iter()
+        .find(|r| !seen.insert((r.layer.as_str(), r.setting.as_str())))
+    {
+        return Err(SelectError::DuplicateLayer(dup.label()));
     }
     let mut values = Vec::with_capacity(rows.len());
     for r in rows {
         let v = metric_value(&r.metrics, metric_path).map_err(|found| SelectError::NotANumber {
             metric: metric_path.to_string(),
-            layer: r.layer.clone(),
+            layer: r.label(),
             found,
         })?;
         values.push(v);
@@ -296,6 +404,9 @@ pub fn select_best(
         Direction::Max => a > b,
         Direction::Min => a < b,
     };
+    fn order(r: &LayerScore) -> ((u8, u64, &str), &str) {
+        (layer_key(&r.layer), &r.setting)
+    }
     let mut chosen: Option<usize> = None;
     for (i, v) in values.iter().enumerate() {
         let Some(v) = v.filter(|v| v.is_finite()) else {
@@ -305,9 +416,7 @@ pub fn select_best(
             None => Some(i),
             Some(c) => {
                 let cv = values[c].unwrap_or(f64::NAN);
-                if better(v, cv)
-                    || (v == cv && layer_key(&rows[i].layer) < layer_key(&rows[c].layer))
-                {
+                if better(v, cv) || (v == cv && order(&rows[i]) < order(&rows[c])) {
                     Some(i)
                 } else {
                     Some(c)
@@ -322,13 +431,19 @@ pub fn select_best(
         .iter()
         .zip(&values)
         .filter(|(_, v)| v.is_none())
-        .map(|(r, _)| r.layer.clone())
+        .map(|(r, _)| r.label())
         .collect();
+    let settings = if rows.iter().any(|r| !r.setting.is_empty()) {
+        rows.iter().map(|r| r.setting.clone()).collect()
+    } else {
+        Vec::new()
+    };
     Ok(Selection {
         metric: metric_path.to_string(),
         direction: dir,
         chosen,
         layers: rows.iter().map(|r| r.layer.clone()).collect(),
+        settings,
         values,
         missing,
     })

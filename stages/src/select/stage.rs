@@ -1,4 +1,4 @@
-//! The `select` stage kind: the best layer of a sweep of trained probes.
+//! The `select` stage kind: the best layer (and setting) of a sweep of trained probes.
 //!
 //! ```toml
 //! [stage.best]
@@ -7,16 +7,22 @@
 //! by = "val.accuracy"       # a path into each probe's results
 //! direction = "max"         # or "min" (losses)
 //! ```
+//! The upstream may sweep more than layers (`for_each = ["layer", "lr", "standardize"]` with
+//! `lr = [1e-3, 2e-3]`, ...): a row is then a layer and a setting, the probe's other
+//! coordinates that vary within the sweep (`lr=0.002, standardize=true`), and the choice is
+//! over both. Coordinates the select node itself is bound to (its own `for_each`, e.g. `tree`)
+//! are the same for every row and are no part of the setting.
+//!
 //! The artifact is the chosen probe's files (so `evaluate` needs nothing else) plus the whole
-//! per-layer table (`selection.json`, `layers.csv`) and the metric-per-layer plot
-//! (`layers.svg`, `layers.png`), which the run record publishes.
+//! table (`selection.json`, `layers.csv`) and the metric-per-layer plot (`layers.svg`,
+//! `layers.png`; over a grid, each layer's best setting), which the run record publishes.
 
 use probex_engine::{
     InputSlot, Inputs, Outcome, PlanFacts, PlanInput, RunContext, Shape, Stage, StageResult,
 };
 use serde::{Deserialize, Serialize};
 
-use super::{Direction, LayerScore, plot_metric, select_best};
+use super::{Direction, LayerScore, MetricPlot, plot_metric, select_best};
 use crate::train::{self, files};
 
 /// The artifact type of a selection.
@@ -55,10 +61,11 @@ impl Stage for Select {
     fn version(&self) -> u32 {
         // 2: zero-shot selections carry the text table and encoder record.
         // 3: standardised probes carry standardize.safetensors beside the checkpoint.
-        3
+        // 4: rows are (layer, setting) over grids; results carry `setting`.
+        4
     }
     fn about(&self) -> &'static str {
-        "pick the best layer of a sweep of probes by a validation metric"
+        "pick the best layer (and setting, over a grid) of a sweep of probes by a validation metric"
     }
     fn params_doc(&self) -> probex_engine::ParamsDoc {
         crate::params_doc::SELECT
@@ -111,6 +118,7 @@ impl Stage for Select {
                 .results
                 .clone()
                 .with("layer", Shape::Value)
+                .with("setting", Shape::Value)
                 .with("selected_by", Shape::Value)
                 .with("layers_swept", Shape::Value),
             facts: up.facts.clone(),
@@ -119,6 +127,7 @@ impl Stage for Select {
 
     fn run(&self, p: &SelectParams, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
         let probes = inputs.all(train::ARTIFACT);
+        let varying = varying_dims(probes.iter().map(|a| &a.coords));
         let rows: Vec<LayerScore> = probes
             .iter()
             .map(|a| LayerScore {
@@ -127,13 +136,25 @@ impl Stage for Select {
                     .iter()
                     .find(|(d, _)| d == "layer")
                     .map_or_else(|| a.node.clone(), |(_, v)| v.clone()),
+                setting: a
+                    .coords
+                    .iter()
+                    .filter(|(d, _)| d != "layer" && varying.contains(d))
+                    .map(|(d, v)| format!("{d}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 metrics: a.results.clone().unwrap_or_default(),
             })
             .collect();
         let sel = select_best(&rows, &p.by, p.direction)?;
         let chosen = &probes[sel.chosen];
+        let setting = if sel.has_settings() {
+            format!(", setting {}", sel.chosen_setting())
+        } else {
+            String::new()
+        };
         cx.log(format!(
-            "best layer {} by {} = {:.4} ({} layers)",
+            "best layer {}{setting} by {} = {:.4} ({} rows)",
             sel.chosen_layer(),
             p.by,
             sel.best_value(),
@@ -159,8 +180,14 @@ impl Stage for Select {
         }
         std::fs::write(out.join(SELECTION_FILE), serde_json::to_vec_pretty(&sel)?)?;
         std::fs::write(out.join("layers.csv"), sel.csv())?;
+        let (plot_layers, plot_values, plot_chosen) = sel.per_layer();
         plot_metric(
-            &sel.plot(),
+            &MetricPlot {
+                layers: &plot_layers,
+                values: &plot_values,
+                metric: &sel.metric,
+                chosen: Some(plot_chosen),
+            },
             &out.join("layers.svg"),
             &out.join("layers.png"),
         )?;
@@ -175,22 +202,31 @@ impl Stage for Select {
                     .parse::<u64>()
                     .map_or_else(|_| layer.into(), Into::into),
             );
+            // Which setting won (empty when the sweep is over layers alone), so a report or a
+            // user of the checkpoint knows how this probe was trained.
+            obj.insert("setting".into(), sel.chosen_setting().into());
             obj.insert("selected_by".into(), p.by.clone().into());
             obj.insert("layers_swept".into(), rows.len().into());
         }
         let mut meta = chosen.meta.clone();
         if let Some(obj) = meta.as_object_mut() {
             obj.insert("chosen_layer".into(), sel.chosen_layer().into());
+            obj.insert("chosen_setting".into(), sel.chosen_setting().into());
             obj.insert("probe_node".into(), chosen.node.clone().into());
         }
         Ok(Outcome {
             meta,
             results: Some(results),
             summary: Some(format!(
-                "Best layer by `{}` ({}): **{}**\n\n{}",
+                "Best layer by `{}` ({}): **{}**{}\n\n{}",
                 p.by,
                 p.direction,
                 sel.chosen_layer(),
+                if sel.has_settings() {
+                    format!(", setting **{}**", sel.chosen_setting())
+                } else {
+                    String::new()
+                },
                 sel.markdown_table()
             )),
             publish: vec![
@@ -201,4 +237,26 @@ impl Stage for Select {
             references: Vec::new(),
         })
     }
+}
+
+/// The coordinate names whose value is not the same for every probe: what tells the rows of a
+/// grid apart (the select node's own coordinates, such as `tree`, are shared by all).
+fn varying_dims<'a>(
+    coords: impl Iterator<Item = &'a probex_engine::Coords> + Clone,
+) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in coords.clone() {
+        for (d, v) in c {
+            if out.contains(d) {
+                continue;
+            }
+            let differs = coords
+                .clone()
+                .any(|o| o.iter().find(|(od, _)| od == d).map(|(_, ov)| ov) != Some(v));
+            if differs {
+                out.push(d.clone());
+            }
+        }
+    }
+    out
 }

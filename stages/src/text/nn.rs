@@ -1,17 +1,69 @@
 //! The few transformer pieces both text encoders share, written against Burn tensors so they run
 //! on any backend. Inference only: weights are plain tensors, not trainable modules.
+//!
+//! Each piece computes in f32 and can round what it produces to f16 ([`Precision::F16`]), which
+//! is what a half-precision PyTorch model on a GPU does: weights stored in f16, every op's result
+//! stored in f16, matrix products accumulated in f32 (cuBLAS) and layer norms computed in f32
+//! (OpenAI CLIP's `LayerNorm` casts up and back; PyTorch's CUDA kernel accumulates in f32).
+
+use std::fmt;
 
 use burn::prelude::Backend;
 use burn::tensor::activation::softmax;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{FloatDType, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
 
 use super::tensors::WeightFile;
+
+/// The precision a text encoder's weights and activations are stored in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32 (the default).
+    #[default]
+    F32,
+    /// Weights and every op's output rounded to f16 (round to nearest even, overflow to
+    /// infinity), computed in f32 in between: the authors' fp16 CLIP on a GPU.
+    F16,
+}
+
+impl Precision {
+    /// The name used in TOML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        }
+    }
+
+    /// Whether this is the default, f32 (for `skip_serializing_if`, so keys of experiments that
+    /// do not set it stay what they were).
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    /// `t` as this precision stores it: unchanged in f32, rounded to the nearest f16 value
+    /// (and back to f32, so the next op computes in f32) in f16.
+    pub fn round<B: Backend, const D: usize>(self, t: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Precision::F32 => t,
+            Precision::F16 => t.cast(FloatDType::F16).cast(FloatDType::F32),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A PyTorch `Linear`: `y = x W^T + b`, with `W` stored as `[out, in]` in the checkpoint.
 pub struct Linear<B: Backend> {
     /// `W^T`, `[in, out]`, so the forward pass is one matmul.
     weight_t: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
+    precision: Precision,
 }
 
 impl<B: Backend> Linear<B> {
@@ -33,7 +85,17 @@ impl<B: Backend> Linear<B> {
         Ok(Linear {
             weight_t: weight.transpose(),
             bias,
+            precision: Precision::F32,
         })
+    }
+
+    /// The layer in precision `p`: its weights rounded, and its outputs rounded from now on.
+    pub fn with_precision(self, p: Precision) -> Self {
+        Linear {
+            weight_t: p.round(self.weight_t),
+            bias: self.bias.map(|b| p.round(b)),
+            precision: p,
+        }
     }
 
     /// Applies the layer to `[batch, seq, d_in]`.
@@ -45,16 +107,16 @@ impl<B: Backend> Linear<B> {
             Some(bias) => y + bias.clone().unsqueeze_dim::<2>(0),
             None => y,
         };
-        y.reshape([b, s, d_out])
+        self.precision.round(y.reshape([b, s, d_out]))
     }
 
     /// Applies the layer to `[batch, d_in]`.
     pub fn forward2(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let y = x.matmul(self.weight_t.clone());
-        match &self.bias {
+        self.precision.round(match &self.bias {
             Some(bias) => y + bias.clone().unsqueeze_dim::<2>(0),
             None => y,
-        }
+        })
     }
 }
 
@@ -63,6 +125,7 @@ pub struct LayerNorm<B: Backend> {
     gamma: Tensor<B, 1>,
     beta: Tensor<B, 1>,
     eps: f64,
+    precision: Precision,
 }
 
 impl<B: Backend> LayerNorm<B> {
@@ -78,7 +141,18 @@ impl<B: Backend> LayerNorm<B> {
             gamma: w.tensor::<B, 1>(&format!("{name}.weight"), [d], device)?,
             beta: w.tensor::<B, 1>(&format!("{name}.bias"), [d], device)?,
             eps,
+            precision: Precision::F32,
         })
+    }
+
+    /// The norm in precision `p`: parameters rounded, computed in f32, output rounded.
+    pub fn with_precision(self, p: Precision) -> Self {
+        LayerNorm {
+            gamma: p.round(self.gamma),
+            beta: p.round(self.beta),
+            eps: self.eps,
+            precision: p,
+        }
     }
 
     /// Normalises `[batch, seq, d]` over `d`.
@@ -87,7 +161,7 @@ impl<B: Backend> LayerNorm<B> {
         let centered = x - mean;
         let var = centered.clone().powf_scalar(2.0).mean_dim(2);
         let normed = centered / (var + self.eps).sqrt();
-        normed
+        let y = normed
             * self
                 .gamma
                 .clone()
@@ -97,7 +171,8 @@ impl<B: Backend> LayerNorm<B> {
                 .beta
                 .clone()
                 .unsqueeze_dim::<2>(0)
-                .unsqueeze_dim::<3>(0)
+                .unsqueeze_dim::<3>(0);
+        self.precision.round(y)
     }
 }
 
@@ -113,9 +188,24 @@ pub struct SelfAttention<B: Backend> {
     pub out: Linear<B>,
     /// Number of heads.
     pub heads: usize,
+    /// What the attention's own products (scores, probabilities, context) are stored in; the
+    /// projections carry their own.
+    pub precision: Precision,
 }
 
 impl<B: Backend> SelfAttention<B> {
+    /// The attention in precision `p`, projections included.
+    pub fn with_precision(self, p: Precision) -> Self {
+        SelfAttention {
+            q: self.q.with_precision(p),
+            k: self.k.with_precision(p),
+            v: self.v.with_precision(p),
+            out: self.out.with_precision(p),
+            heads: self.heads,
+            precision: p,
+        }
+    }
+
     /// Attends over `[batch, seq, d]`; `mask` is additive, `[batch, 1, seq | 1, seq]`, with 0
     /// where a key may be seen and a large negative number where not.
     pub fn forward(&self, x: Tensor<B, 3>, mask: Tensor<B, 4>) -> Tensor<B, 3> {
@@ -126,11 +216,14 @@ impl<B: Backend> SelfAttention<B> {
         let q = split(self.q.forward(x.clone()));
         let k = split(self.k.forward(x.clone()));
         let v = split(self.v.forward(x));
-        let scores = q.matmul(k.swap_dims(2, 3)) / (dh as f64).sqrt();
+        let r = |t| self.precision.round(t);
+        // In f16 each product is stored before the next op reads it; a masked score becomes
+        // -inf there, whose softmax weight is 0 as in f32 (a row always keeps a visible key).
+        let scores = r(r(q.matmul(k.swap_dims(2, 3))) / (dh as f64).sqrt());
         let [mb, _, mq, mk] = mask.dims();
-        let scores = scores + mask.expand([mb, h, if mq == 1 { s } else { mq }, mk]);
-        let probs = softmax(scores, 3);
-        let ctx = probs.matmul(v).swap_dims(1, 2).reshape([b, s, d]);
+        let scores = r(scores + mask.expand([mb, h, if mq == 1 { s } else { mq }, mk]));
+        let probs = r(softmax(scores, 3));
+        let ctx = r(probs.matmul(v)).swap_dims(1, 2).reshape([b, s, d]);
         self.out.forward(ctx)
     }
 }
