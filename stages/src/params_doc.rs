@@ -150,6 +150,10 @@ pub const EMBED: ParamsDoc = ParamsDoc {
             "model_subdir",
             "the model folder inside the `package` input (default: its root)",
         ),
+        (
+            "precision",
+            "f32, or f16 to round weights and every op's output to half precision as the authors' fp16 CLIP does",
+        ),
     ],
 };
 
