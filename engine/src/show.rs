@@ -12,24 +12,17 @@ use serde_json::Value;
 
 use crate::history::{History, Status};
 use crate::plan::{Plan, StoredOutcome};
-use crate::status::human;
+use crate::status::{PlanRow, human};
 
 /// What `probex show` says about one node.
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeView {
     /// The experiment's name.
     pub experiment: String,
-    /// The node's name (`probex[layer=5]`).
-    pub node: String,
-    /// Its declared stage.
-    pub stage: String,
-    /// Its stage kind.
-    pub kind: String,
-    /// Its cache key.
-    pub key: String,
-    /// Cached, or why it would run (as `probex plan` says it).
+    /// The node's name, stage, kind, key, and whether it is cached or why it would run: its
+    /// row of `probex plan`.
     #[serde(flatten)]
-    pub status: Status,
+    pub row: PlanRow,
     /// The upstream nodes it reads, in input order.
     pub inputs: Vec<String>,
     /// Its params as they enter the key (canonical JSON, defaults filled in).
@@ -105,21 +98,16 @@ pub fn show(
     let Some(node) = plan.nodes.iter().find(|n| n.name == name) else {
         return Err(not_found(plan, exp, name));
     };
-    let decl = &exp.stages[node.stage];
     let history = History::open(store, &exp.path);
-    let status = history.status(store, node);
-    let entry = match status {
+    let row = PlanRow::of(node, exp, store, &history);
+    let entry = match row.status {
         Status::Cached => store.get(&node.key).ok().flatten(),
         Status::Run(_) => None,
     };
     let stored = entry.as_ref().map(StoredOutcome::of);
     Ok(NodeView {
         experiment: exp.name.clone(),
-        node: node.name.clone(),
-        stage: decl.name.clone(),
-        kind: decl.kind.clone(),
-        key: node.key.to_string(),
-        status,
+        row,
         inputs: node
             .inputs
             .iter()
@@ -180,10 +168,11 @@ fn not_found(plan: &Plan, exp: &crate::Experiment, name: &str) -> ShowError {
 /// The node as text: one fact per line, then its files and results.
 pub fn render(v: &NodeView) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "node      {}", v.node);
-    let _ = writeln!(out, "stage     {} ({})", v.stage, v.kind);
-    let _ = writeln!(out, "key       {}", v.key);
-    match &v.status {
+    let row = &v.row;
+    let _ = writeln!(out, "node      {}", row.node);
+    let _ = writeln!(out, "stage     {} ({})", row.stage, row.kind);
+    let _ = writeln!(out, "key       {}", row.key);
+    match &row.status {
         Status::Cached => {
             let _ = writeln!(out, "state     cached");
         }

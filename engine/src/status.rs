@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::experiment::Experiment;
 use crate::history::{History, Status};
-use crate::plan::{Pending, Plan};
+use crate::plan::{Node, Pending, Plan};
 use crate::report::{NodeState, RunReport};
 
 /// One node of a plan as shown to users.
@@ -25,6 +25,20 @@ pub struct PlanRow {
     /// Cached, or why it will run.
     #[serde(flatten)]
     pub status: Status,
+}
+
+impl PlanRow {
+    /// Node `n` of `exp`: its names, key, and whether it is cached or why it will run.
+    pub fn of(n: &Node, exp: &Experiment, store: &Store, history: &History) -> PlanRow {
+        let decl = &exp.stages[n.stage];
+        PlanRow {
+            node: n.name.clone(),
+            stage: decl.name.clone(),
+            kind: decl.kind.clone(),
+            key: n.key.to_string(),
+            status: history.status(store, n),
+        }
+    }
 }
 
 /// A whole plan as shown to users.
@@ -55,16 +69,7 @@ pub fn rows(plan: &Plan, exp: &Experiment, store: &Store, history: &History) -> 
         nodes: plan
             .nodes
             .iter()
-            .map(|n| {
-                let decl = &exp.stages[n.stage];
-                PlanRow {
-                    node: n.name.clone(),
-                    stage: decl.name.clone(),
-                    kind: decl.kind.clone(),
-                    key: n.key.to_string(),
-                    status: history.status(store, n),
-                }
-            })
+            .map(|n| PlanRow::of(n, exp, store, history))
             .collect(),
         pending: plan.pending.clone(),
     }
