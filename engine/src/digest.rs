@@ -61,12 +61,33 @@ pub struct FileIdentity {
     pub stamp: FileStamp,
 }
 
+/// One remembered file: its stamp's fields inline (the file's layout since before stamps had
+/// a type; `serde(flatten)` cannot carry the i128 time), and its digest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Stat {
     size: u64,
     mtime_ns: i128,
     inode: u64,
     digest: String,
+}
+
+impl Stat {
+    fn new(stamp: FileStamp, digest: String) -> Self {
+        Stat {
+            size: stamp.size,
+            mtime_ns: stamp.mtime_ns,
+            inode: stamp.inode,
+            digest,
+        }
+    }
+
+    fn stamp(&self) -> FileStamp {
+        FileStamp {
+            size: self.size,
+            mtime_ns: self.mtime_ns,
+            inode: self.inode,
+        }
+    }
 }
 
 /// Blake3 digests of files, remembered across runs in a JSON file.
@@ -112,9 +133,7 @@ impl FileDigests {
         let stamp = FileStamp::of(&fs::metadata(&path)?);
         if let Ok(map) = self.entries.lock()
             && let Some(s) = map.get(&path)
-            && s.size == stamp.size
-            && s.mtime_ns == stamp.mtime_ns
-            && s.inode == stamp.inode
+            && s.stamp() == stamp
         {
             let digest = s.digest.clone();
             return Ok(FileIdentity {
@@ -125,15 +144,7 @@ impl FileDigests {
         }
         let digest = hash_file(&path)?;
         if let Ok(mut map) = self.entries.lock() {
-            map.insert(
-                path.clone(),
-                Stat {
-                    size: stamp.size,
-                    mtime_ns: stamp.mtime_ns,
-                    inode: stamp.inode,
-                    digest: digest.clone(),
-                },
-            );
+            map.insert(path.clone(), Stat::new(stamp, digest.clone()));
             if let Ok(mut d) = self.dirty.lock() {
                 *d = true;
             }
@@ -207,6 +218,34 @@ pub fn hash_file(path: &Path) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reopened cache trusts what it saved (its file keeps the layout older caches have:
+    /// size, mtime_ns, inode and digest per path), so a saved digest is not recomputed.
+    #[test]
+    fn a_reopened_cache_trusts_its_saved_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.bin");
+        fs::write(&f, b"one").unwrap();
+        let cache = dir.path().join("stat.json");
+        let d = FileDigests::open(cache.clone());
+        let real = d.digest(&f).unwrap();
+        d.save().unwrap();
+        let saved: serde_json::Value = serde_json::from_slice(&fs::read(&cache).unwrap()).unwrap();
+        let entry = saved.as_object().unwrap().values().next().unwrap();
+        let mut keys: Vec<&str> = entry
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["digest", "inode", "mtime_ns", "size"]);
+        let planted = fs::read_to_string(&cache)
+            .unwrap()
+            .replace(&real, "planted");
+        fs::write(&cache, planted).unwrap();
+        assert_eq!(FileDigests::open(cache).digest(&f).unwrap(), "planted");
+    }
 
     #[test]
     fn rehashes_only_changed_files_and_persists() {

@@ -440,12 +440,16 @@ fn finish(
         );
         // The pinned entry, validated when it was pinned: reading it back would stat every file
         // an in-place dataset refers to, once per node.
-        let entry = match pins.get(&n.key) {
-            Some(pin) => Some(pin.entry().clone()),
-            None => store.get(&n.key).ok().flatten(),
+        let entry = || match pins.get(&n.key) {
+            Some(pin) => Some(std::borrow::Cow::Borrowed(pin.entry())),
+            None => store
+                .get(&n.key)
+                .ok()
+                .flatten()
+                .map(std::borrow::Cow::Owned),
         };
         if matches!(state, NodeState::Cached | NodeState::Ran)
-            && let Some(entry) = entry
+            && let Some(entry) = entry()
         {
             let stored = StoredOutcome::of(&entry);
             if let Some(r) = &stored.results {
