@@ -586,6 +586,10 @@ pub(super) fn read_models(
         for (out_i, file) in layers.files.iter().enumerate() {
             let (tx, rx) = sync_channel::<Job>(depth);
             sinks.push(tx);
+            if layers.referenced[out_i] {
+                // Its rows stay in the model files: nothing is ever sent, so no writer.
+                continue;
+            }
             let errors = &write_errors;
             let abort = &abort;
             let flagged = &flagged;
