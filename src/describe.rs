@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use probex_stages::models::checkpoint::TaskKind;
+use probex_probes::models::checkpoint::TaskKind;
 use probex_stages::query::{Probe, describe};
 
 /// Arguments of `probex describe`.

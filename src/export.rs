@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 use probex_cache::Store;
 use probex_engine::cli::CacheArgs;
-use probex_stages::dataset::{LayerDataset, Precision};
+use probex_weights::dataset::{LayerDataset, Precision};
 
 /// Arguments of `probex export`.
 #[derive(Args, Debug)]
@@ -73,13 +73,13 @@ fn export(args: &ExportArgs, cache: &CacheArgs) -> Result<String, String> {
 /// The dataset directory `what` names: a directory holding `layer.json`, or a cache key.
 fn locate(what: &str, cache: &CacheArgs) -> Result<PathBuf, String> {
     let path = Path::new(what);
-    if path.join(probex_stages::dataset::SIDECAR_FILE).is_file() {
+    if path.join(probex_weights::dataset::SIDECAR_FILE).is_file() {
         return Ok(path.to_path_buf());
     }
     if path.is_dir() {
         return Err(format!(
             "{what} holds no layer dataset (no {})",
-            probex_stages::dataset::SIDECAR_FILE
+            probex_weights::dataset::SIDECAR_FILE
         ));
     }
     if what.is_empty() || !what.bytes().all(|b| b.is_ascii_hexdigit()) {

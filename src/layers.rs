@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use probex_stages::weights::{LayerMode, describe_layers, format_layer_table};
+use probex_weights::{LayerMode, describe_layers, format_layer_table};
 
 /// Arguments of `probex layers`.
 #[derive(Args, Debug)]

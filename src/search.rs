@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use probex_stages::dataset::Split;
 use probex_stages::query::{Probe, search};
+use probex_weights::dataset::Split;
 
 fn parse_split(s: &str) -> Result<Split, String> {
     Split::parse(s).ok_or_else(|| {

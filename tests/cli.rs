@@ -45,7 +45,7 @@ fn search_and_describe_explain_what_is_wrong_and_exit_2() {
 /// loads back with every row's matrix, and refuses what is not a layer dataset.
 #[test]
 fn export_writes_the_plain_stacked_form() {
-    use probex_stages::dataset::{
+    use probex_weights::dataset::{
         Labels, LayerDataset, LayerInfo, Matrices, ModelRecord, Precision, Split, Storage,
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -55,7 +55,7 @@ fn export_writes_the_plain_stacked_form() {
             name: "unet.x.attn2.to_q.lora.down.weight".into(),
             source_shape: vec![2, 3],
             transform: "lora_product".into(),
-            list: Some(probex_stages::weights::Architecture::SdLora),
+            list: Some(probex_weights::Architecture::SdLora),
         },
         n: 2,
         d_h: 2,
@@ -134,7 +134,7 @@ fn probex_stdout(args: &[&str]) -> (Option<i32>, String, String) {
 
 #[test]
 fn layers_shows_the_file_position_beside_the_papers_index() {
-    use probex_stages::shapes::{self, Dtype, VitConfig};
+    use probex_weights::shapes::{self, Dtype, VitConfig};
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model.safetensors");
     // ViT-B's 200 tensor names at tiny widths.

@@ -1,12 +1,5 @@
-//! The parsers of `probex-stages` that read untrusted bytes, compiled from their source files
-//! so the fuzz build does not depend on (and instrument) Burn.
-#![allow(dead_code)]
+//! The parsers of probex that read untrusted bytes. They live in `probex-weights`, which has no
+//! Burn, so the sanitizer build instruments them and their few dependencies only.
 
-#[path = "../../stages/src/dataset.rs"]
-pub mod dataset;
-
-#[path = "../../stages/src/weights/mod.rs"]
-pub mod weights;
-
-#[path = "../../stages/src/labels/pylist.rs"]
-pub mod pylist;
+pub use probex_weights as weights;
+pub use probex_weights::labels::pylist;

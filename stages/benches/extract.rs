@@ -18,8 +18,8 @@ use probex_stages::extract::{
     ExtractOptions, LayerOutput, Layout, SplitSource, discover, extract_with_digests,
     resolve_layers,
 };
-use probex_stages::labels::{LabelKind, LabelSpec, Vocab, vocab};
-use probex_stages::weights::{LayerMode, LayerSelector};
+use probex_weights::labels::{LabelKind, LabelSpec, Vocab, vocab};
+use probex_weights::{LayerMode, LayerSelector};
 use rayon::prelude::*;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;

@@ -7,10 +7,10 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use probex_stages::fetch::hub::http::RetryPolicy;
-use probex_stages::fetch::hub::mock::{MockHub, MockRepo, commit_id};
-use probex_stages::fetch::hub::{Auth, Hub, HubConfig, Mode, Quiet, Request, TensorSelection};
-use probex_stages::weights::{LayerMode, LayerSelector};
+use probex_fetch::hub::http::RetryPolicy;
+use probex_fetch::hub::mock::{MockHub, MockRepo, commit_id};
+use probex_fetch::hub::{Auth, Hub, HubConfig, Mode, Quiet, Request, TensorSelection};
+use probex_weights::{LayerMode, LayerSelector};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 

@@ -17,12 +17,12 @@ use std::time::Instant;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use probex_stages::models::ProbexConfig;
-use probex_stages::models::encoder::Scratch;
-use probex_stages::training::device::with_threads;
-use probex_stages::training::optim::Adam;
-use probex_stages::training::rng::Rng;
-use probex_stages::training::{DeviceSpec, split_gradients, train_scores};
+use probex_probes::models::ProbexConfig;
+use probex_probes::models::encoder::Scratch;
+use probex_probes::training::device::with_threads;
+use probex_probes::training::optim::Adam;
+use probex_probes::training::{DeviceSpec, split_gradients, train_scores};
+use probex_weights::rng::Rng;
 
 struct Args {
     threads: usize,

@@ -30,10 +30,10 @@ use probex_engine::digest::FileDigests;
 use probex_engine::record::RunDir;
 use probex_engine::run::RunOptions;
 use probex_engine::{Overrides, PlanContext, Planner, RunReport};
-use probex_stages::dataset::{LayerDataset, Matrices};
-use probex_stages::models::ModelKind;
-use probex_stages::shapes;
-use probex_stages::training::{DeviceSpec, TrainConfig, train};
+use probex_probes::models::ModelKind;
+use probex_probes::training::{DeviceSpec, TrainConfig, train};
+use probex_weights::dataset::{LayerDataset, Matrices};
+use probex_weights::shapes;
 use rayon::prelude::*;
 use safetensors::Dtype;
 

@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use probex_stages::packages::{Manager, PackageSpec, UnpackLimits, fetch_package, unpack};
-use probex_stages::zoo::classes::CIFAR100;
-use probex_stages::zoo::{Architecture, Progress, ZooConfig, build_tree};
+use probex_fetch::packages::{Manager, PackageSpec, UnpackLimits, fetch_package, unpack};
+use probex_zoo::classes::CIFAR100;
+use probex_zoo::{Architecture, Progress, ZooConfig, build_tree};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args: BTreeMap<String, String> = BTreeMap::new();
@@ -57,7 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     config.pretrain.steps = get("pretrain-steps", &config.pretrain.steps.to_string()).parse()?;
     if get("head", "base") == "random" {
-        config.finetune.head_init = probex_stages::zoo::HeadInit::Random;
+        config.finetune.head_init = probex_zoo::HeadInit::Random;
     }
     if let Some(e) = args.get("epochs") {
         config.finetune.epochs = e.split(',').map(|v| v.parse()).collect::<Result<_, _>>()?;
@@ -70,7 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         config.mlp.hidden = e.split(',').map(|v| v.parse()).collect::<Result<_, _>>()?;
     }
     if get("kind", "discriminative") == "lora" {
-        config.kind = probex_stages::zoo::TreeKind::Lora;
+        config.kind = probex_zoo::TreeKind::Lora;
         config.name = "MiniLoRA".into();
     }
     if get("arch", "mlp") == "vit" {
@@ -107,7 +107,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tm.per_model_s,
         tm.total_s
     );
-    if config.kind == probex_stages::zoo::TreeKind::Lora {
+    if config.kind == probex_zoo::TreeKind::Lora {
         return lora_probe(&report, &out, &get("layer", "unet.up_blocks.1.proj"));
     }
     let accs: Vec<f64> = report
@@ -140,7 +140,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn probe(
-    report: &probex_stages::zoo::TreeReport,
+    report: &probex_zoo::TreeReport,
     out: &std::path::Path,
     layer: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -234,7 +234,7 @@ fn probe(
 
 /// Ridge from one LoRA layer's `B @ A` to the class (seen classes only): top-1 on test.
 fn lora_probe(
-    report: &probex_stages::zoo::TreeReport,
+    report: &probex_zoo::TreeReport,
     out: &std::path::Path,
     layer: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {

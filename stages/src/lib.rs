@@ -1,30 +1,22 @@
-//! The stage kinds of probex and the Burn models they use.
+//! The stage kinds of probex: the glue between the libraries and the engine.
 //!
-//! Each stage kind is a module named after what it does (`fetch`, `zoo`, `route`, `extract`,
-//! `embed`, `train`, `select`, `evaluate`); the libraries they share (reading weights, labels, the layer dataset,
-//! models, training) are modules of their own.
+//! Each stage kind is a module named after what it does (`fetch`, `zoo`, `extract`, `embed`,
+//! `train`, `select`, `evaluate`, `route`), plus [`query`] (reading finished runs back, text
+//! search) and [`params_doc`] (the kinds' parameter help). Each implements the engine's `Stage`
+//! trait over the libraries below it: `probex-weights` (weight files, labels, the layer
+//! dataset), `probex-fetch` (folders, the Hub, packages), `probex-probes` (the probe models and
+//! their training), `probex-text` (text encoders) and `probex-zoo` (model trees). The engine
+//! knows no ML; this crate is where it meets it.
 
-pub mod collection;
-pub mod dataset;
 pub mod embed;
-pub mod embeddings;
 pub mod evaluate;
 pub mod extract;
 pub mod fetch;
-mod gemm;
-mod host;
-pub mod labels;
-pub mod models;
-pub mod packages;
 pub mod params_doc;
 pub mod query;
 pub mod route;
 pub mod select;
-pub mod shapes;
-pub mod text;
 pub mod train;
-pub mod training;
-pub mod weights;
 pub mod zoo;
 
 use probex_engine::Registry;
@@ -38,7 +30,7 @@ pub fn registry() -> Registry {
         .register(train::Train)
         .register(select::stage::Select)
         .register(evaluate::stage::Evaluate)
-        .register(zoo::stage::Zoo)
+        .register(zoo::Zoo)
         .register(route::stage::Route);
     r
 }

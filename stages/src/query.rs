@@ -13,13 +13,13 @@ use probex_engine::cache::{Key, Store};
 use probex_engine::report::RunReport;
 use serde::Deserialize;
 
-use crate::dataset::{Labels, LayerDataset, Matrices, ModelRecord, Split};
-use crate::embeddings::TextTable;
-use crate::models::ModelSpec;
-use crate::models::checkpoint::{Checkpoint, TaskKind};
-use crate::text::{Encoder, EncoderKind};
 use crate::train::{Rows, files};
-use crate::training::{self, DeviceSpec};
+use probex_probes::models::ModelSpec;
+use probex_probes::models::checkpoint::{Checkpoint, TaskKind};
+use probex_probes::training::{self, DeviceSpec};
+use probex_text::{Encoder, EncoderKind};
+use probex_weights::dataset::{Labels, LayerDataset, Matrices, ModelRecord, Split};
+use probex_weights::embeddings::TextTable;
 
 /// The one candidate of `found` in the run at `path`, or an error saying there is no `what`
 /// (named `stage`, when given) or naming the several to choose from with `--stage`.
@@ -197,7 +197,7 @@ struct TextRecord {
     model_dir: PathBuf,
     /// Records written before `precision` existed are f32.
     #[serde(default)]
-    precision: crate::text::Precision,
+    precision: probex_text::Precision,
 }
 
 /// One model of a search result.
@@ -239,7 +239,7 @@ fn embed_query(probe: &Probe, query: &str) -> anyhow::Result<Vec<f32>> {
         record.precision,
         &device,
     )?;
-    let mut v = crate::text::embed_texts(&enc, &[query.to_string()])?;
+    let mut v = probex_text::embed_texts(&enc, &[query.to_string()])?;
     Ok(v.remove(0))
 }
 
@@ -336,7 +336,8 @@ fn read_encodings(path: &Path) -> anyhow::Result<(Vec<f32>, usize)> {
     let &[_, dim] = t.shape() else {
         bail!("{}: `encodings` is not a matrix", path.display());
     };
-    let values = crate::dataset::decode(t.dtype(), t.data()).map_err(anyhow::Error::msg)?;
+    let values =
+        probex_weights::dataset::decode(t.dtype(), t.data()).map_err(anyhow::Error::msg)?;
     Ok((values, dim))
 }
 

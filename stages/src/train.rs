@@ -26,13 +26,13 @@ use probex_engine::{
 use safetensors::{Dtype, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{Labels, LayerDataset, Matrices, ModelRecord, Split};
-use crate::embeddings::TextTable;
 use crate::extract::ARTIFACT as LAYER;
-use crate::labels::LabelKind;
-use crate::models::ModelKind;
-use crate::models::checkpoint::TaskKind;
-use crate::training::{self, DeviceSpec, TrainConfig};
+use probex_probes::models::ModelKind;
+use probex_probes::models::checkpoint::TaskKind;
+use probex_probes::training::{self, DeviceSpec, TrainConfig};
+use probex_weights::dataset::{Labels, LayerDataset, Matrices, ModelRecord, Split};
+use probex_weights::embeddings::TextTable;
+use probex_weights::labels::LabelKind;
 
 /// The plan fact of a train stage (and of the selections of its probes) naming the probes'
 /// task (`multi_label`, `class`, `regression`, `zero_shot`).
@@ -94,7 +94,7 @@ pub mod files {
     pub const HOLDOUT_CHECKPOINT: &str = "checkpoint_holdout.safetensors";
     /// `standardize = true`: the inputs' mean and scale, which both checkpoints apply before
     /// their forward pass (`(W - mean) / scale`).
-    pub const STANDARDIZE: &str = crate::models::checkpoint::STANDARDIZE_FILE;
+    pub const STANDARDIZE: &str = probex_probes::models::checkpoint::STANDARDIZE_FILE;
     /// Metrics, curves, config.
     pub const REPORT: &str = "report.json";
     /// `encodings` [N, dim] and `scores` [N, C] of every model under the checkpoint.
@@ -106,8 +106,8 @@ pub mod files {
     pub const TEXT: &str = "text.json";
     /// Zero-shot: the class text table the probe was trained and scored with.
     pub const TEXT_TABLE: [&str; 2] = [
-        crate::embeddings::TENSORS_FILE,
-        crate::embeddings::NAMES_FILE,
+        probex_weights::embeddings::TENSORS_FILE,
+        probex_weights::embeddings::NAMES_FILE,
     ];
 }
 
@@ -116,7 +116,7 @@ pub mod files {
 #[serde(deny_unknown_fields)]
 pub struct Rows {
     /// The layer the probe read.
-    pub layer: crate::dataset::LayerInfo,
+    pub layer: probex_weights::dataset::LayerInfo,
     /// One record per row.
     pub models: Vec<ModelRecord>,
     /// Labels with targets.
@@ -375,7 +375,7 @@ pub fn read_outputs(dir: &Path) -> StageResult<(Vec<f32>, usize, Vec<f32>, usize
         let t = st.tensor(name)?;
         let dim = t.shape().get(1).copied().unwrap_or(0);
         Ok((
-            crate::dataset::decode(t.dtype(), t.data()).map_err(anyhow::Error::msg)?,
+            probex_weights::dataset::decode(t.dtype(), t.data()).map_err(anyhow::Error::msg)?,
             dim,
         ))
     };

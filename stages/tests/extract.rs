@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 
 use files::*;
 use probex_engine::digest::{FileDigests, FileStamp};
-use probex_stages::dataset::{Class, Labels, LayerDataset, Matrices, Precision, Split, Storage};
 use probex_stages::extract::{
     ExtractOptions, LayerOutput, Layout, ModelSource, NonFinitePolicy, SplitSource, discover,
     extract, extract_with_digests, resolve_layers,
 };
-use probex_stages::labels::{LabelKind, LabelSpec, NameTable, OnError, Vocab};
-use probex_stages::weights::reader::read_header;
-use probex_stages::weights::{LayerMode, LayerSelector, transform};
+use probex_weights::dataset::{Class, Labels, LayerDataset, Matrices, Precision, Split, Storage};
+use probex_weights::labels::{LabelKind, LabelSpec, NameTable, OnError, Vocab};
+use probex_weights::reader::read_header;
+use probex_weights::{LayerMode, LayerSelector, transform};
 
 fn cifar_spec() -> LabelSpec {
     LabelSpec {

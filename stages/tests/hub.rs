@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 use files::*;
 use probex_engine::digest::FileDigests;
 use probex_engine::{PlanContext, Stage};
-use probex_stages::dataset::{LayerDataset, Split};
-use probex_stages::fetch::hub::http::RetryPolicy;
-use probex_stages::fetch::hub::mock::{Fault, MockHub, MockRepo, commit_id};
-use probex_stages::fetch::hub::{Auth, Hub, HubConfig, Mode, Quiet, Request, TensorSelection};
+use probex_fetch::hub::http::RetryPolicy;
+use probex_fetch::hub::mock::{Fault, MockHub, MockRepo, commit_id};
+use probex_fetch::hub::{Auth, Hub, HubConfig, Mode, Quiet, Request, TensorSelection};
 use probex_stages::fetch::{Fetch, FetchParams};
-use probex_stages::shapes;
-use probex_stages::weights::reader::parse_bytes;
-use probex_stages::weights::{Architecture, LayerMode, LayerSelector, layer_index, layer_rows};
+use probex_weights::dataset::{LayerDataset, Split};
+use probex_weights::reader::parse_bytes;
+use probex_weights::shapes;
+use probex_weights::{Architecture, LayerMode, LayerSelector, layer_index, layer_rows};
 
 const TARGETS: [&str; 3] = [
     "['apple', 'worm']",
@@ -428,7 +428,7 @@ fn discriminative_subset_takes_repos_and_splits_from_the_index_dataset() {
     let w = World::new();
     let hub = w.hub(&mock);
     let req = Request::ModelJIndex {
-        subset: probex_stages::fetch::hub::ModelJ::SupViT,
+        subset: probex_fetch::hub::ModelJ::SupViT,
         index: "ProbeX/Model-J".into(),
         file: "model.safetensors".into(),
     };
@@ -1094,9 +1094,9 @@ classes = ["apple", "maple_tree"]
         .get(&probex_cache::Key::parse(&report.nodes[1].key).unwrap())
         .unwrap()
         .unwrap();
-    let table = probex_stages::embeddings::TextTable::load(&entry.dir).unwrap();
+    let table = probex_weights::embeddings::TextTable::load(&entry.dir).unwrap();
     type B = burn::backend::Flex;
-    use probex_stages::text::{self, Encoder, EncoderKind};
+    use probex_text::{self as text, Encoder, EncoderKind};
     let enc = Encoder::<B>::load(EncoderKind::ClipText, &golden, &Default::default()).unwrap();
     let prompts: Vec<String> = ["apple", "maple_tree"]
         .iter()

@@ -12,7 +12,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use files::*;
-use probex_stages::weights::{LayerMode, LayerSelector, Safetensors, layer_rows, transform};
+use probex_weights::{LayerMode, LayerSelector, Safetensors, layer_rows, transform};
 
 struct Tracking;
 

@@ -9,16 +9,16 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use probex_stages::dataset::{
-    Class, Labels, LayerDataset, LayerInfo, Matrices, ModelRecord, Split,
-};
-use probex_stages::embeddings::TextTable;
-use probex_stages::models::checkpoint::{
+use probex_probes::models::checkpoint::{
     Checkpoint, CheckpointMeta, TaskInfo, TaskKind, deserialize_named, serialize_named,
 };
-use probex_stages::models::{NamedTensor, ProbexConfig, ProbexZeroshotConfig, named_tensors};
-use probex_stages::training::rng::Rng;
-use probex_stages::training::{encode, predict};
+use probex_probes::models::{NamedTensor, ProbexConfig, ProbexZeroshotConfig, named_tensors};
+use probex_probes::training::{encode, predict};
+use probex_weights::dataset::{
+    Class, Labels, LayerDataset, LayerInfo, Matrices, ModelRecord, Split,
+};
+use probex_weights::embeddings::TextTable;
+use probex_weights::rng::Rng;
 
 type Cpu = burn::backend::Flex;
 
@@ -29,7 +29,7 @@ const TOL_CUDA: f32 = 1e-3;
 
 fn tolerance() -> f32 {
     match common::device() {
-        probex_stages::training::DeviceSpec::Cpu => TOL,
+        probex_probes::training::DeviceSpec::Cpu => TOL,
         _ => TOL_CUDA,
     }
 }

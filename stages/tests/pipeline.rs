@@ -8,7 +8,7 @@ use std::path::Path;
 use probex_engine::RunReport;
 use probex_engine::cache::{Key, Store};
 use probex_engine::run::NodeState;
-use probex_stages::dataset::{Labels, LayerDataset, Split};
+use probex_weights::dataset::{Labels, LayerDataset, Split};
 
 fn entry_dir(cache: &Path, report: &RunReport, node: &str) -> std::path::PathBuf {
     let n = report
@@ -62,10 +62,7 @@ fn fetch_and_extract_every_layer_with_labels_and_splits() {
     );
     let l1 = LayerDataset::load(&entry_dir(&cache, &report, "layers[layer=1]")).unwrap();
     assert_eq!(l1.layer.name, "head.weight");
-    assert_eq!(
-        l1.layer.list,
-        Some(probex_stages::weights::Architecture::Matrices)
-    );
+    assert_eq!(l1.layer.list, Some(probex_weights::Architecture::Matrices));
     let Labels::MultiLabel { classes, targets } = &l0.labels else {
         panic!("multi-label expected")
     };
@@ -262,7 +259,7 @@ epochs = 2
     let side = LayerDataset::load_sidecar(&entry_dir(&cache, &first, "layers[layer=0]")).unwrap();
     assert_eq!(
         side.storage,
-        probex_stages::dataset::Storage::References { lora_rank: None }
+        probex_weights::dataset::Storage::References { lora_rank: None }
     );
 
     // Same bytes, new mtime: only the datasets run again.

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use probex_engine::RunReport;
 use probex_engine::cache::{Key, Store};
-use probex_stages::dataset::{LayerDataset, Split};
 use probex_stages::route::{Router, Routing};
+use probex_weights::dataset::{LayerDataset, Split};
 use serde_json::Value;
 
 fn entry_dir(cache: &Path, report: &RunReport, node: &str) -> PathBuf {

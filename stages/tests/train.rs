@@ -6,15 +6,15 @@ mod stage_run;
 
 use std::ops::ControlFlow;
 
-use probex_stages::dataset::{LayerDataset, Matrices, Split};
-use probex_stages::embeddings::TextTable;
-use probex_stages::models::ModelKind;
-use probex_stages::models::checkpoint::{Checkpoint, STANDARDIZE_FILE, Standardization, TaskKind};
+use probex_probes::models::ModelKind;
+use probex_probes::models::checkpoint::{Checkpoint, STANDARDIZE_FILE, Standardization, TaskKind};
 #[cfg(not(feature = "cuda"))]
-use probex_stages::training::DeviceSpec;
-use probex_stages::training::{
+use probex_probes::training::DeviceSpec;
+use probex_probes::training::{
     TrainConfig, TrainError, TrainOutcome, TrainProgress, encode, predict, train,
 };
+use probex_weights::dataset::{LayerDataset, Matrices, Split};
+use probex_weights::embeddings::TextTable;
 
 fn go(ds: &LayerDataset, text: Option<&TextTable>, cfg: &TrainConfig) -> TrainOutcome {
     train(ds, text, cfg, &common::device(), None, &mut |_| {
@@ -289,7 +289,7 @@ struct Labels4 {
 
 fn labels(ds: &LayerDataset) -> Labels4 {
     match &ds.labels {
-        probex_stages::dataset::Labels::MultiLabel { targets, .. } => Labels4 {
+        probex_weights::dataset::Labels::MultiLabel { targets, .. } => Labels4 {
             targets: targets.clone(),
         },
         _ => unreachable!(),
@@ -303,7 +303,7 @@ fn regression_predicts_on_the_original_scale() {
     let t: Vec<f32> = (0..ds.n)
         .map(|i| 100.0 + 10.0 * ds.matrix(i).unwrap().iter().take(12).sum::<f32>())
         .collect();
-    ds.labels = probex_stages::dataset::Labels::Numeric {
+    ds.labels = probex_weights::dataset::Labels::Numeric {
         targets: t.clone(),
         transform: "identity".into(),
     };
@@ -437,7 +437,7 @@ fn standardized_probe_ignores_a_shared_base_and_keeps_its_mean_beside_the_checkp
     let test: Vec<usize> = (0..shifted.n)
         .filter(|&i| shifted.models[i].split == Split::Test)
         .collect();
-    let probex_stages::dataset::Labels::MultiLabel { targets, .. } = &shifted.labels else {
+    let probex_weights::dataset::Labels::MultiLabel { targets, .. } = &shifted.labels else {
         unreachable!()
     };
     let right = test
@@ -479,7 +479,7 @@ fn standardized_probe_ignores_a_shared_base_and_keeps_its_mean_beside_the_checkp
     );
     // A checkpoint of the old layout (the mean inside it) is named as such.
     let mut legacy = ckpt.clone();
-    legacy.tensors.push(probex_stages::models::NamedTensor {
+    legacy.tensors.push(probex_probes::models::NamedTensor {
         name: "input_mean".into(),
         shape: vec![8, 6],
         values: side.mean.clone(),
@@ -530,7 +530,7 @@ fn a_resumed_standardised_training_keeps_its_checkpoint_a_plain_state_dict() {
     assert!(matches!(err, TrainError::Cancelled { epoch: 2 }), "{err}");
     let best = dir.path().join("best.safetensors");
     let mut old = Checkpoint::read(&best).unwrap();
-    old.tensors.push(probex_stages::models::NamedTensor {
+    old.tensors.push(probex_probes::models::NamedTensor {
         name: "input_mean".into(),
         shape: vec![8, 6],
         values: vec![0.5; 48],
@@ -580,8 +580,8 @@ fn python_with_numpy() -> Option<String> {
 fn the_python_snippet_reproduces_probex_scores_from_a_standardised_checkpoint() {
     use probex_engine::cache::Key;
     use probex_engine::{Artifact, Inputs};
-    use probex_stages::dataset::Precision;
     use probex_stages::train::{Train, files};
+    use probex_weights::dataset::Precision;
 
     let Some(python) = python_with_numpy() else {
         return;
@@ -736,7 +736,7 @@ fn factored_and_materialised_lora_layers_train_alike() {
 fn a_layer_read_from_disk_batch_by_batch_trains_as_in_memory() {
     let ds = common::multilabel(COUNTS, 8, 6, 4, 0.3, 11);
     let dir = tempfile::tempdir().unwrap();
-    ds.save(dir.path(), probex_stages::dataset::Precision::F32)
+    ds.save(dir.path(), probex_weights::dataset::Precision::F32)
         .unwrap();
     let on_disk = LayerDataset::open(dir.path(), 1024).unwrap();
     assert!(matches!(on_disk.weights, Matrices::OnDisk(_)));

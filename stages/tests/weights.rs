@@ -3,9 +3,9 @@
 mod files;
 
 use files::*;
-use probex_stages::shapes;
-use probex_stages::weights::reader::{MAX_HEADER_LEN, parse_bytes, read_header};
-use probex_stages::weights::{
+use probex_weights::reader::{MAX_HEADER_LEN, parse_bytes, read_header};
+use probex_weights::shapes;
+use probex_weights::{
     Architecture, LayerIndex, LayerList, LayerMode, LayerSelector, Safetensors, SafetensorsFile,
     Transform, describe_layers, format_layer_table, layer_index, layer_rows, list_layers,
 };
@@ -265,9 +265,9 @@ fn giant_metadata_is_read_within_the_cap_and_errors_stay_short() {
     let h = parse_bytes(&raw(&header, &[])).unwrap();
     assert_eq!(h.metadata["note"].len(), 5_000_000);
     // A label error about a huge value quotes only an excerpt.
-    let l = probex_stages::labels::Labeler::new(probex_stages::labels::LabelSpec::new(
+    let l = probex_weights::labels::Labeler::new(probex_weights::labels::LabelSpec::new(
         "note",
-        probex_stages::labels::LabelKind::MultiLabel,
+        probex_weights::labels::LabelKind::MultiLabel,
     ))
     .unwrap();
     let e = l.read(&h.metadata).unwrap_err();
@@ -297,7 +297,7 @@ fn files_on_disk_report_their_path() {
 }
 
 /// The header of a generated model at its real names and shapes (no file: a ViT-B is 343 MB).
-fn header_of(specs: &[shapes::TensorSpec]) -> probex_stages::weights::Header {
+fn header_of(specs: &[shapes::TensorSpec]) -> probex_weights::Header {
     shapes::header(specs, safetensors::Dtype::F32, &Default::default()).unwrap()
 }
 
@@ -499,7 +499,7 @@ fn unknown_architectures_fall_back_to_the_weight_matrices() {
     );
 
     // Naming a bias is an error that says why and what to do.
-    let header = probex_stages::weights::reader::read_header(&p).unwrap();
+    let header = probex_weights::reader::read_header(&p).unwrap();
     let e = LayerList::of(&header, LayerMode::Auto)
         .unwrap()
         .select(&"encoder.0.bias".parse().unwrap())

@@ -11,10 +11,10 @@ use std::path::Path;
 
 use probex_engine::cache::{Key, Store};
 use probex_engine::run::NodeState;
-use probex_stages::collection::Collection;
-use probex_stages::dataset::{Labels, LayerDataset};
-use probex_stages::weights::reader::read_header;
-use probex_stages::zoo::fixture::write_fixture_package;
+use probex_fetch::collection::Collection;
+use probex_weights::dataset::{Labels, LayerDataset};
+use probex_weights::reader::read_header;
+use probex_zoo::fixture::write_fixture_package;
 
 /// A `.tgz` of `dir`'s `package/` folder, as `npm pack` makes them.
 fn tgz(dir: &Path) -> Vec<u8> {
@@ -36,7 +36,7 @@ fn zoo_tree_from_a_pinned_package_reads_back_through_extract() {
     std::fs::create_dir_all(&downloads).unwrap();
     let staged = downloads.join("emoji-fixture-1.0.0.tgz");
     std::fs::write(&staged, &archive).unwrap();
-    let sha = probex_stages::packages::sha256_file(&staged).unwrap();
+    let sha = probex_fetch::packages::sha256_file(&staged).unwrap();
     std::fs::create_dir_all(downloads.join(&sha)).unwrap();
     std::fs::rename(
         &staged,

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 
 use probex_engine::cache::Key;
 use probex_engine::{Artifact, Inputs};
-use probex_stages::weights::reader::read_header;
-use probex_stages::zoo::ZooConfig;
-use probex_stages::zoo::fixture::write_fixture_package;
-use probex_stages::zoo::stage::Zoo;
+use probex_stages::zoo::Zoo;
+use probex_weights::reader::read_header;
+use probex_zoo::ZooConfig;
+use probex_zoo::fixture::write_fixture_package;
 
 fn package(stage: &str, dir: &Path) -> Artifact {
     Artifact {

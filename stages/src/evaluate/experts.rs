@@ -8,9 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::dataset::{Labels, Split};
 use crate::train::{read_outputs, read_rows};
-use crate::training::metrics::{self, Metrics};
+use probex_probes::training::metrics::{self, Metrics};
+use probex_weights::dataset::{Labels, Split};
 
 /// A headline metric per true tree: tree name -> (test models, value).
 pub type ByTree = BTreeMap<String, (usize, f64)>;

@@ -23,7 +23,7 @@ pub(crate) fn matmul(
         a.len() == m * k && b.len() == k * n,
         "matmul: buffer sizes do not match m, k, n"
     );
-    crate::gemm::product(a, a_t, b, b_t, [m, k, n])
+    probex_weights::gemm::product(a, a_t, b, b_t, [m, k, n])
 }
 
 /// Lower Cholesky factor `L` (row-major, `A = L L'`) of a symmetric positive definite matrix;

@@ -34,10 +34,10 @@ use super::{
     Encodings, OneClassMethod, Targets, TieBreak, knn_classify, one_class_auc, one_query_per_class,
     retrieval_csv, retrieval_top_k,
 };
-use crate::dataset::{Labels, Split};
 use crate::route::{self, Routing};
 use crate::select::stage::ARTIFACT as SELECTION;
 use crate::train::{read_outputs, read_rows};
+use probex_weights::dataset::{Labels, Split};
 
 /// The artifact type of an evaluation.
 pub const ARTIFACT: &str = "evaluation";

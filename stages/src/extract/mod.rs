@@ -1,4 +1,4 @@
-//! Extraction: a set of model files in, one [`LayerDataset`](crate::dataset::LayerDataset)
+//! Extraction: a set of model files in, one [`LayerDataset`](probex_weights::dataset::LayerDataset)
 //! artifact per requested layer out.
 //!
 //! Usage: [`discover`] the models (or build [`ModelSource`]s from a fetch), [`resolve_layers`]
@@ -13,7 +13,6 @@
 //! them (f16 stays f16) unless a precision is asked for: then a row whose dtype already is that
 //! precision is a byte copy of the file, and only a conversion costs decoding.
 
-pub mod discover;
 mod pass;
 mod report;
 mod resolve;
@@ -32,22 +31,24 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{
+use probex_weights::dataset::{
     Labels, LayerDataset, LayerInfo, ModelRecord, Precision, SIDECAR_FILE, Sidecar, Skipped, Split,
     Storage, TensorRef, TensorSpan, encode,
 };
-use crate::labels::{LabelSpec, LabelValue, Labeler, OnError};
-use crate::weights::layers::is_float;
-use crate::weights::reader::{SharedMmap, read_header};
-use crate::weights::{
+use probex_weights::labels::{LabelSpec, LabelValue, Labeler, OnError};
+use probex_weights::layers::is_float;
+use probex_weights::reader::{SharedMmap, read_header};
+use probex_weights::{
     Architecture, LayerIndex, LayerList, LayerMode, LayerSelector, SafetensorsFile, TensorEntry,
     Transform, WeightsError, transform,
 };
 
-use crate::dataset::writer::{self, LayerFile};
-pub use discover::{Discovered, Layout, ModelSource, SplitAssigner, SplitSource, discover};
 use pass::*;
 use probex_engine::digest::{FileDigests, FileStamp};
+pub use probex_fetch::discover::{
+    Discovered, Layout, ModelSource, SplitAssigner, SplitSource, discover,
+};
+use probex_weights::dataset::writer::{self, LayerFile};
 pub use report::{ExtractError, ExtractReport, LayerReport, NonFiniteFinding};
 pub use resolve::{LayerResolver, ResolvedLayer, precision_of, read_matrix, resolve_layers};
 use scan::*;
@@ -187,7 +188,7 @@ pub fn extract_with_digests(
     let label_width = match &label.vocab {
         Some(v) => Some(v.classes().len()),
         // Inferred vocabularies are known only at the end: reserve for the worst case.
-        None if label.kind == crate::labels::LabelKind::MultiLabel => Some(100_000),
+        None if label.kind == probex_weights::labels::LabelKind::MultiLabel => Some(100_000),
         None => None,
     };
     let precision: Vec<Precision> = outputs

@@ -294,7 +294,7 @@ pub(super) fn row_parts(
 ) -> Result<Vec<Vec<f32>>, String> {
     let decode = |e: &TensorEntry| {
         let d = st.data(e).map_err(|e| e.to_string())?;
-        crate::dataset::decode(e.dtype, d).map_err(|m| format!("tensor `{}`: {m}", e.name))
+        probex_weights::dataset::decode(e.dtype, d).map_err(|m| format!("tensor `{}`: {m}", e.name))
     };
     let values = decode(entry)?;
     let rank = match (up, layer.storage) {

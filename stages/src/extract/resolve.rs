@@ -57,7 +57,7 @@ pub fn resolve_layers(
 /// one node per layer asks for 128 of them.
 pub struct LayerResolver {
     label: String,
-    header: crate::weights::Header,
+    header: probex_weights::Header,
     list: LayerList,
 }
 

@@ -9,11 +9,11 @@
 //! label = { key = "dataset_chosen_targets", kind = "multi_label", vocab = "cifar100" }
 //! ```
 //! Indices and `all` count in the model's layer list (the paper's for ViT, ResNet and LoRA
-//! files, weight matrices for anything else; see [`crate::weights::arch`]); `mode = "tensors"`
+//! files, weight matrices for anything else; see [`probex_weights::arch`]); `mode = "tensors"`
 //! counts every tensor instead.
 //!
 //! Layers are read in place from the model files by default; copied, LoRA layers keep their
-//! factors `up` and `down` (see [`crate::dataset`]), values at the files' own precision
+//! factors `up` and `down` (see [`probex_weights::dataset`]), values at the files' own precision
 //! unless `precision = "f32" | "f16" | "bf16"` asks for another.
 //!
 //! The stage fans out over `layer` (one node, one cache entry per layer, so any experiment
@@ -37,12 +37,12 @@ use super::{
     ExtractOptions, LayerOutput, LayerResolver, NonFinitePolicy, SplitSource, extract_with_digests,
     resolve_layers,
 };
-use crate::collection::{self, Collection};
-use crate::dataset::{self, Precision};
 use crate::extract::ModelSource;
-use crate::labels::{LabelSpec, OnError};
 use crate::route::{self, Routing};
-use crate::weights::{LayerMode, LayerSelector};
+use probex_fetch::collection::{self, Collection};
+use probex_weights::dataset::{self, Precision};
+use probex_weights::labels::{LabelSpec, OnError};
+use probex_weights::{LayerMode, LayerSelector};
 
 /// The artifact type of a layer dataset.
 pub const ARTIFACT: &str = "layer";

@@ -11,7 +11,7 @@
 //! The key includes the content digest of every model file (a stat cache keeps this cheap), so
 //! editing or adding a model reruns everything downstream of it.
 //!
-//! From the Hub (see [`hub`]), only the tensors a probe needs by default:
+//! From the Hub (see [`probex_fetch::hub`]), only the tensors a probe needs by default:
 //!
 //! ```toml
 //! [stage.loras]
@@ -42,14 +42,13 @@ use std::path::{Path, PathBuf};
 use probex_engine::{InputSlot, Inputs, Outcome, PlanContext, RunContext, Stage, StageResult};
 use serde::{Deserialize, Serialize};
 
-use crate::collection::{self, Collection};
-use crate::extract::{Layout, discover};
-use crate::weights::{LayerMode, LayerSelector};
+use probex_fetch::collection::{self, Collection};
+use probex_fetch::discover::{Layout, discover};
+use probex_weights::{LayerMode, LayerSelector};
 
-pub mod hub;
 pub mod package;
 
-use hub::{Hub, HubConfig, ModelJ, Request, TensorSelection};
+use probex_fetch::hub::{self, Hub, HubConfig, ModelJ, Request, TensorSelection};
 
 /// Where the models come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,7 +185,7 @@ pub struct FetchParams {
     /// npm/pypi/deb: caps on what unpacking may write (`max_total_bytes`, `max_entries`).
     /// Not in the key: they refuse archives, they never change what a good one unpacks to.
     #[serde(default, skip_serializing)]
-    pub unpack: Option<crate::packages::UnpackLimits>,
+    pub unpack: Option<probex_fetch::packages::UnpackLimits>,
 }
 
 impl FetchParams {
@@ -402,7 +401,7 @@ impl Stage for Fetch {
     }
     fn output_for(&self, p: &FetchParams) -> &'static str {
         match package::manager(p.source) {
-            Some(_) => crate::packages::ARTIFACT,
+            Some(_) => probex_fetch::packages::ARTIFACT,
             None => collection::ARTIFACT,
         }
     }

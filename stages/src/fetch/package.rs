@@ -10,13 +10,13 @@
 //! sha256 = "2006725061dc0098daa832d65f854a7bec0740af2eb47cb5b23d89f7e2c849f9"
 //! ```
 //! The pin is the content identity, so the key never needs the network, and the archive is kept
-//! in [`crate::packages::default_download_dir`] so a second experiment (or a collected cache)
+//! in [`probex_fetch::packages::default_download_dir`] so a second experiment (or a collected cache)
 //! does not download it again.
 
 use probex_engine::{Outcome, RunContext, StageResult};
 
 use super::{FetchParams, Source};
-use crate::packages::{
+use probex_fetch::packages::{
     self, Manager, PackageSpec, cached_package, default_download_dir, fetch_package,
 };
 

@@ -37,7 +37,7 @@ pub fn pairwise_distances(x: &[f32], n: usize, d: usize) -> Vec<f64> {
         .chunks_exact(d.max(1))
         .flat_map(|row| row.iter().zip(&mean).map(|(&v, &m)| v as f64 - m))
         .collect();
-    let gram = crate::gemm::product(&c, false, &c, true, [n, d, n]);
+    let gram = probex_weights::gemm::product(&c, false, &c, true, [n, d, n]);
     let mut m = vec![0.0; n * n];
     for i in 0..n {
         for j in i + 1..n {

@@ -24,9 +24,9 @@ use probex_engine::cache::hex;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::dataset::{LayerInfo, Split};
 use crate::extract::ModelSource;
-use crate::weights::Header;
+use probex_weights::Header;
+use probex_weights::dataset::{LayerInfo, Split};
 
 /// The artifact type of a routing.
 pub const ARTIFACT: &str = "routing";
@@ -458,8 +458,8 @@ impl Router {
     /// Places the model file at `model`: the nearest tree of its architecture if it lies within
     /// that tree's threshold, else no known tree.
     pub fn place(&self, model: &Path) -> anyhow::Result<Verdict> {
-        let header = crate::weights::reader::read_header(model)?;
-        let full = crate::weights::partial::original(&header)
+        let header = probex_weights::reader::read_header(model)?;
+        let full = probex_weights::partial::original(&header)
             .map_err(|m| anyhow::anyhow!("{}: {m}", model.display()))?
             .unwrap_or(header);
         let (sig, _, _) = signature(&full);
@@ -527,7 +527,7 @@ pub struct Architecture {
 impl Architecture {
     /// The feature vector of the model file at `path`: its routing layers, concatenated, every
     /// `stride`-th weight. What the trees were fitted on, and what places a new model.
-    pub fn features_of(&self, path: &Path) -> Result<Vec<f32>, crate::weights::WeightsError> {
+    pub fn features_of(&self, path: &Path) -> Result<Vec<f32>, probex_weights::WeightsError> {
         let mut v = Vec::new();
         for layer in &self.layers {
             v.extend(crate::extract::read_matrix(path, layer)?);

@@ -24,10 +24,10 @@ use super::{
     ARTIFACT, Architecture, Point, RoutedModel, Routing, Settings, Tree, TreeCount, signature,
     stride_for,
 };
-use crate::collection::{self, Collection};
-use crate::dataset::Split;
 use crate::extract::{ModelSource, SplitAssigner, SplitSource, resolve_layers};
-use crate::weights::{LayerMode, LayerSelector, partial, reader::read_header};
+use probex_fetch::collection::{self, Collection};
+use probex_weights::dataset::Split;
+use probex_weights::{LayerMode, LayerSelector, partial, reader::read_header};
 
 /// Parameters of `route`.
 #[derive(Clone, Debug, Serialize, Deserialize)]

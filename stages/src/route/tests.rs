@@ -1,7 +1,7 @@
 //! Clustering and routing on constructed trees: bases far apart, fine-tunes near their base.
 
 use super::*;
-use crate::zoo::rng::Rng;
+use probex_zoo::rng::Rng;
 
 /// `per` models of each base: `base + spread * noise`, with splits cycling train x3, val, test.
 struct Trees {

@@ -2,12 +2,12 @@
 
 #![allow(dead_code, clippy::needless_range_loop, clippy::too_many_arguments)]
 
-use probex_stages::dataset::{
+use probex_probes::training::DeviceSpec;
+use probex_weights::dataset::{
     Class, Labels, LayerDataset, LayerInfo, Matrices, ModelRecord, Split,
 };
-use probex_stages::embeddings::TextTable;
-use probex_stages::training::DeviceSpec;
-use probex_stages::training::rng::Rng;
+use probex_weights::embeddings::TextTable;
+use probex_weights::rng::Rng;
 
 /// The device tests run on: `$PROBEX_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`), default the CPU.
 pub fn device() -> DeviceSpec {

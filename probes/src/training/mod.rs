@@ -1,0 +1,534 @@
+//! Training and inference of the probe models: the loop, the optimiser, metrics, resume and
+//! device selection. The public API hides the Burn backend: callers pass a [`DeviceSpec`].
+//!
+//! ```no_run
+//! # use probex_probes::training::*;
+//! # use probex_weights::dataset::LayerDataset;
+//! # fn demo(ds: &LayerDataset) -> Result<(), TrainError> {
+//! let cfg = TrainConfig { epochs: 100, threads: 2, ..TrainConfig::probex() };
+//! let out = train(ds, None, &cfg, &DeviceSpec::Cpu, None, &mut |_p| std::ops::ControlFlow::Continue(()))?;
+//! std::fs::write("best.safetensors", &out.checkpoint).unwrap();
+//! println!("{}", serde_json::to_string_pretty(&out.report).unwrap());
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+pub(crate) mod data;
+pub mod device;
+pub mod memory;
+pub mod metrics;
+pub mod optim;
+mod trainer;
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use burn::backend::flex::FlexDevice;
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use serde::{Deserialize, Serialize};
+
+use crate::models::checkpoint::{
+    Checkpoint, LEGACY_INPUT_MEAN, STANDARDIZE_FILE, Standardization, TaskInfo, TaskKind,
+};
+use crate::models::{
+    Dense, DenseZeroshot, ModelKind, ModelSpec, Net, Probex, ProbexZeroshot, StatNn, load_named,
+};
+use probex_weights::dataset::{LayerDataset, Split};
+use probex_weights::embeddings::TextTable;
+
+pub use config::TrainConfig;
+pub use device::DeviceSpec;
+pub use metrics::Metrics;
+pub use trainer::{SplitForward, split_gradients, train_scores};
+
+/// Why a training or an inference failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Bad hyperparameters.
+    #[error("train config: {0}")]
+    Config(String),
+    /// The data cannot be used for this model (labels, splits, missing text vectors).
+    #[error("{0}")]
+    Data(String),
+    /// The requested device cannot be used.
+    #[error("{0}")]
+    Device(String),
+    /// A checkpoint or resume file could not be read or written.
+    #[error("{0}")]
+    Checkpoint(String),
+    /// The progress callback asked to stop; the resume state (if a work dir was given) is
+    /// saved at this epoch.
+    #[error("training cancelled after epoch {epoch}")]
+    Cancelled {
+        /// Last completed epoch (0-based).
+        epoch: usize,
+    },
+}
+
+/// Metrics of one evaluation, per split name (`train`, `val`, `test`, `val_holdout`, ...).
+pub type SplitMetrics = BTreeMap<String, Metrics>;
+
+/// One evaluation during training.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalPoint {
+    /// Epoch (0-based) after which the evaluation ran.
+    pub epoch: usize,
+    /// Metrics of every split present.
+    pub splits: SplitMetrics,
+}
+
+/// Loss and metric curves.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Curves {
+    /// Mean training loss of each epoch.
+    pub train_loss: Vec<f64>,
+    /// Every evaluation, in order.
+    pub evals: Vec<EvalPoint>,
+}
+
+/// Reported after every epoch.
+#[derive(Clone, Debug)]
+pub struct TrainProgress<'a> {
+    /// Epoch just finished (0-based).
+    pub epoch: usize,
+    /// Total epochs.
+    pub epochs: usize,
+    /// Its mean training loss.
+    pub train_loss: f64,
+    /// The evaluation that followed it, if this was a validation epoch.
+    pub eval: Option<&'a EvalPoint>,
+    /// Epoch at which this run resumed (`None`: started from scratch).
+    pub resumed_from: Option<usize>,
+}
+
+/// What a training reports (serialisable to `results.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// The hyperparameters, defaults filled in.
+    pub config: TrainConfig,
+    /// What the outputs mean.
+    pub task: TaskKind,
+    /// Device the training ran on.
+    pub device: String,
+    /// Number of trainable parameters.
+    pub params: usize,
+    /// The `val` metric that chose the checkpoint (`accuracy`, `top1` or `r2`).
+    pub selection_metric: String,
+    /// Epoch (0-based) of the kept checkpoint.
+    pub best_epoch: usize,
+    /// Metrics of the kept checkpoint on every split.
+    pub metrics: SplitMetrics,
+    /// Zero-shot: epoch of the best `val_holdout` checkpoint.
+    pub best_holdout_epoch: Option<usize>,
+    /// Zero-shot: metrics of that checkpoint on every split.
+    pub holdout_metrics: Option<SplitMetrics>,
+    /// Loss and metric curves.
+    pub curves: Curves,
+    /// Epoch at which this run resumed from a work dir (`None`: from scratch).
+    pub resumed_from: Option<usize>,
+    /// Wall-clock seconds of this run.
+    pub seconds: f64,
+}
+
+/// The result of a training.
+#[derive(Clone, Debug)]
+pub struct TrainOutcome {
+    /// The best-validation checkpoint (safetensors bytes, official names).
+    pub checkpoint: Vec<u8>,
+    /// Zero-shot: the best-`val_holdout` checkpoint.
+    pub holdout_checkpoint: Option<Vec<u8>>,
+    /// `standardize = true`: the inputs' [`Standardization`] (safetensors bytes), which both
+    /// checkpoints need beside them as [`STANDARDIZE_FILE`].
+    pub standardize: Option<Vec<u8>>,
+    /// Metrics and curves.
+    pub report: TrainReport,
+}
+
+/// Trains one probe on one layer dataset.
+///
+/// Model selection follows the official loop: validate after epoch `e` when
+/// `e % validate_every == 0`, keep the best `val` score (strictly greater; zero-shot: greater or
+/// equal, and separately the best `val_holdout`); without a `val` split the last epoch is kept.
+/// With `work_dir`, the model, optimiser, epoch and random state are saved there every
+/// `checkpoint_every` epochs (default: at each validation), on cancellation and at the end,
+/// and a later call with the same data and config resumes from
+/// them. `progress` is called after every epoch; returning `Break` stops the training
+/// ([`TrainError::Cancelled`]). Reproducible for a given seed and thread count.
+pub fn train(
+    ds: &LayerDataset,
+    text: Option<&TextTable>,
+    cfg: &TrainConfig,
+    device: &DeviceSpec,
+    work_dir: Option<&Path>,
+    progress: &mut (dyn FnMut(&TrainProgress) -> ControlFlow<()> + Send),
+) -> Result<TrainOutcome, TrainError> {
+    cfg.validate().map_err(TrainError::Config)?;
+    device.check().map_err(TrainError::Device)?;
+    let prep = data::prepare(ds, text, cfg).map_err(TrainError::Data)?;
+    let fingerprint = trainer::fingerprint(ds, text, cfg);
+    let job = trainer::Job {
+        prep: &prep,
+        cfg,
+        device_name: device.to_string(),
+        work_dir,
+        fingerprint,
+    };
+    device::with_threads(cfg.threads, move || match device {
+        DeviceSpec::Cpu => train_kind::<Autodiff<Flex>>(&job, &FlexDevice, progress),
+        DeviceSpec::Cuda(_i) => {
+            #[cfg(feature = "cuda")]
+            {
+                let dev = burn::backend::cuda::CudaDevice::new(*_i);
+                train_kind::<Autodiff<burn::backend::Cuda>>(&job, &dev, progress)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Err(TrainError::Device(
+                device::DeviceSpec::Cuda(*_i)
+                    .check()
+                    .err()
+                    .unwrap_or_default(),
+            ))
+        }
+    })
+    .map_err(TrainError::Device)?
+}
+
+fn train_kind<AB: burn::tensor::backend::AutodiffBackend>(
+    job: &trainer::Job,
+    device: &AB::Device,
+    progress: &mut dyn FnMut(&TrainProgress) -> ControlFlow<()>,
+) -> Result<TrainOutcome, TrainError> {
+    match job.cfg.model {
+        ModelKind::Probex => trainer::run::<AB, Probex<AB>>(job, device, progress),
+        ModelKind::ProbexZeroshot => trainer::run::<AB, ProbexZeroshot<AB>>(job, device, progress),
+        ModelKind::Dense => trainer::run::<AB, Dense<AB>>(job, device, progress),
+        ModelKind::DenseZeroshot => trainer::run::<AB, DenseZeroshot<AB>>(job, device, progress),
+        ModelKind::Statnn => trainer::run::<AB, StatNn<AB>>(job, device, progress),
+    }
+}
+
+/// Encodings `[N, dim]` of every model of `ds` (row order) under a checkpoint: ProbeX's `e`
+/// (`dim = r_T`), StatNN's hidden layer, Dense's logits. For kNN, retrieval, one-class scores.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Encodings {
+    /// Width of one encoding.
+    pub dim: usize,
+    /// Row-major `[N, dim]`.
+    pub values: Vec<f32>,
+}
+
+/// Scores of every model of `ds` (row order) under a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Predictions {
+    /// What the scores mean.
+    pub task: TaskKind,
+    /// Column names: classes (zero-shot: every class of the dataset's labels), or the label
+    /// key for regression.
+    pub columns: Vec<String>,
+    /// Row-major `[N, columns.len()]`: logits (multi-label, class), cosines (zero-shot),
+    /// predictions on the original scale (regression).
+    pub scores: Vec<f32>,
+}
+
+/// Computes the encodings of `ds` under `checkpoint` (a probex checkpoint, or a plain ProbeX
+/// state dict written by PyTorch). A probe trained on standardised inputs needs its
+/// [`STANDARDIZE_FILE`] in the same directory.
+pub fn encode(
+    checkpoint: &Path,
+    ds: &LayerDataset,
+    device: &DeviceSpec,
+) -> Result<Encodings, TrainError> {
+    let opened = open_checkpoint(checkpoint, ds)?;
+    let (values, dim) = infer(&opened, ds, device, Mode::Encode, None)?;
+    Ok(Encodings { dim, values })
+}
+
+/// Computes the scores of `ds` under `checkpoint`. Zero-shot checkpoints need `text` and score
+/// every class of the dataset's labels; a probe trained on standardised inputs needs its
+/// [`STANDARDIZE_FILE`] in the same directory.
+pub fn predict(
+    checkpoint: &Path,
+    ds: &LayerDataset,
+    text: Option<&TextTable>,
+    device: &DeviceSpec,
+) -> Result<Predictions, TrainError> {
+    let opened = open_checkpoint(checkpoint, ds)?;
+    let (spec, task) = (&opened.spec, &opened.task);
+    let (columns, text_m) = match task.kind {
+        TaskKind::ZeroShot => {
+            let Some(table) = text else {
+                return Err(TrainError::Data(format!(
+                    "{}: a zero-shot checkpoint needs a text table to score classes",
+                    checkpoint.display()
+                )));
+            };
+            let probex_weights::dataset::Labels::Class { classes, .. } = &ds.labels else {
+                return Err(TrainError::Data(
+                    "zero-shot prediction needs single-class labels (for the candidate classes)"
+                        .into(),
+                ));
+            };
+            let all: Vec<usize> = (0..classes.len()).collect();
+            let m = data::text_matrix(table, classes, &all).map_err(TrainError::Data)?;
+            if m.dim != spec.d_text {
+                return Err(TrainError::Data(format!(
+                    "text vectors have dimension {}, the checkpoint expects {}",
+                    m.dim, spec.d_text
+                )));
+            }
+            (classes.iter().map(|c| c.name.clone()).collect(), Some(m))
+        }
+        TaskKind::Regression => (vec![ds.label_key.clone()], None),
+        _ => (task.classes.clone(), None),
+    };
+    let (mut scores, _) = infer(&opened, ds, device, Mode::Scores, text_m.as_ref())?;
+    if task.kind == TaskKind::Regression {
+        for s in &mut scores {
+            *s = task.target_mean + task.target_std * *s;
+        }
+    }
+    Ok(Predictions {
+        task: task.kind,
+        columns,
+        scores,
+    })
+}
+
+/// A checkpoint read for inference.
+struct Opened {
+    ckpt: Checkpoint,
+    spec: ModelSpec,
+    task: TaskInfo,
+    /// Standardised inputs: the standardisation read from beside the checkpoint.
+    std: Option<Standardization>,
+}
+
+fn open_checkpoint(path: &Path, ds: &LayerDataset) -> Result<Opened, TrainError> {
+    let ckpt = Checkpoint::read(path).map_err(TrainError::Checkpoint)?;
+    if ckpt.tensors.iter().any(|t| t.name == LEGACY_INPUT_MEAN) {
+        return Err(TrainError::Checkpoint(format!(
+            "{}: holds `{LEGACY_INPUT_MEAN}`, the layout of probex before train version 3 (the \
+             mean now lives beside the checkpoint in {STANDARDIZE_FILE}); run its experiment \
+             again to retrain it",
+            path.display()
+        )));
+    }
+    let spec = ckpt
+        .spec()
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+    if spec.d_h != ds.d_h || spec.d_w != ds.d_w {
+        return Err(TrainError::Data(format!(
+            "{}: the checkpoint reads [{}, {}] matrices, layer `{}` is [{}, {}]",
+            path.display(),
+            spec.d_h,
+            spec.d_w,
+            ds.layer.name,
+            ds.d_h,
+            ds.d_w
+        )));
+    }
+    let task = match &ckpt.meta {
+        Some(m) => m.task.clone(),
+        None => {
+            // A plain state dict: the task comes from the data it is applied to.
+            let kind = match (&spec.kind, &ds.labels) {
+                (k, _) if k.is_zero_shot() => TaskKind::ZeroShot,
+                (_, probex_weights::dataset::Labels::MultiLabel { .. }) => TaskKind::MultiLabel,
+                (_, probex_weights::dataset::Labels::Class { .. }) => TaskKind::Class,
+                (_, probex_weights::dataset::Labels::Numeric { .. }) => TaskKind::Regression,
+            };
+            let classes = match &ds.labels {
+                probex_weights::dataset::Labels::MultiLabel { classes, .. } => classes.clone(),
+                probex_weights::dataset::Labels::Class { classes, .. } => {
+                    classes.iter().map(|c| c.name.clone()).collect()
+                }
+                probex_weights::dataset::Labels::Numeric { .. } => Vec::new(),
+            };
+            let classes = if classes.len() == spec.d_y {
+                classes
+            } else {
+                (0..spec.d_y).map(|i| format!("output_{i}")).collect()
+            };
+            TaskInfo {
+                kind,
+                classes,
+                target_mean: 0.0,
+                target_std: 1.0,
+                feature_mean: Vec::new(),
+                feature_std: Vec::new(),
+                input_scale: None,
+            }
+        }
+    };
+    let std = standardization(path, &task, ckpt.meta.is_some(), ds)?;
+    Ok(Opened {
+        ckpt,
+        spec,
+        task,
+        std,
+    })
+}
+
+/// The standardisation a checkpoint needs, read from beside it: required when its metadata
+/// says it was trained on standardised inputs (and then of the same training: same scale),
+/// refused when the metadata says it was not, and applied to a plain PyTorch state dict when
+/// present.
+fn standardization(
+    path: &Path,
+    task: &TaskInfo,
+    with_meta: bool,
+    ds: &LayerDataset,
+) -> Result<Option<Standardization>, TrainError> {
+    let side = Standardization::beside(path);
+    let std = if side.is_file() {
+        Some(Standardization::read(&side).map_err(TrainError::Checkpoint)?)
+    } else {
+        None
+    };
+    let std = match (task.input_scale, std) {
+        (Some(scale), Some(s)) if s.scale.to_bits() != scale.to_bits() => {
+            return Err(TrainError::Checkpoint(format!(
+                "{} has scale {} but the checkpoint {} was trained with {scale}: it belongs to \
+                 another training; copy the checkpoint and its {STANDARDIZE_FILE} together",
+                side.display(),
+                s.scale,
+                path.display()
+            )));
+        }
+        (Some(_), None) => {
+            return Err(TrainError::Checkpoint(format!(
+                "{} was trained on standardised inputs (standardize = true) but {} is missing \
+                 beside it: it holds the training mean and scale the probe subtracts and \
+                 divides by; copy it along with the checkpoint",
+                path.display(),
+                side.display()
+            )));
+        }
+        (None, Some(_)) if with_meta => {
+            return Err(TrainError::Checkpoint(format!(
+                "{} says it was trained on raw inputs, yet {} lies beside it: remove that file \
+                 or put the checkpoint it belongs to here",
+                path.display(),
+                side.display()
+            )));
+        }
+        (_, s) => s,
+    };
+    if let Some(s) = &std
+        && (s.d_h, s.d_w) != (ds.d_h, ds.d_w)
+    {
+        return Err(TrainError::Checkpoint(format!(
+            "{}: the mean is [{}, {}], the layer `{}` is [{}, {}]",
+            side.display(),
+            s.d_h,
+            s.d_w,
+            ds.layer.name,
+            ds.d_h,
+            ds.d_w
+        )));
+    }
+    Ok(std)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Encode,
+    Scores,
+}
+
+fn infer(
+    opened: &Opened,
+    ds: &LayerDataset,
+    device: &DeviceSpec,
+    mode: Mode,
+    text: Option<&data::TextMatrix>,
+) -> Result<(Vec<f32>, usize), TrainError> {
+    device.check().map_err(TrainError::Device)?;
+    match device {
+        DeviceSpec::Cpu => infer_on::<Flex>(opened, ds, &FlexDevice, mode, text),
+        DeviceSpec::Cuda(_i) => {
+            #[cfg(feature = "cuda")]
+            {
+                let dev = burn::backend::cuda::CudaDevice::new(*_i);
+                infer_on::<burn::backend::Cuda>(opened, ds, &dev, mode, text)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Err(TrainError::Device(
+                DeviceSpec::Cuda(*_i).check().err().unwrap_or_default(),
+            ))
+        }
+    }
+}
+
+fn infer_on<B: Backend>(
+    opened: &Opened,
+    ds: &LayerDataset,
+    device: &B::Device,
+    mode: Mode,
+    text: Option<&data::TextMatrix>,
+) -> Result<(Vec<f32>, usize), TrainError> {
+    match opened.spec.kind {
+        ModelKind::Probex => infer_net::<B, Probex<B>>(opened, ds, device, mode, text),
+        ModelKind::ProbexZeroshot => {
+            infer_net::<B, ProbexZeroshot<B>>(opened, ds, device, mode, text)
+        }
+        ModelKind::Dense => infer_net::<B, Dense<B>>(opened, ds, device, mode, text),
+        ModelKind::DenseZeroshot => {
+            infer_net::<B, DenseZeroshot<B>>(opened, ds, device, mode, text)
+        }
+        ModelKind::Statnn => infer_net::<B, StatNn<B>>(opened, ds, device, mode, text),
+    }
+}
+
+fn infer_net<B: Backend, M: Net<B>>(
+    opened: &Opened,
+    ds: &LayerDataset,
+    device: &B::Device,
+    mode: Mode,
+    text: Option<&data::TextMatrix>,
+) -> Result<(Vec<f32>, usize), TrainError> {
+    let spec = &opened.spec;
+    let model = load_net::<B, M>(&opened.ckpt, spec, device)?;
+    if spec.kind == ModelKind::Statnn
+        && opened.task.feature_mean.len() != crate::models::statnn::FEATURES.len()
+    {
+        return Err(TrainError::Checkpoint(
+            "StatNN checkpoint lacks its feature standardisation (metadata `feature_mean`)".into(),
+        ));
+    }
+    let mut task = opened.task.clone();
+    // A plain state dict with a standardisation beside it has no scale in its metadata.
+    task.input_scale = opened.std.as_ref().map(|s| s.scale);
+    let rows = BTreeMap::from([(Split::Train, (0..ds.n).collect::<Vec<_>>())]);
+    let input_mean = opened.std.as_ref().map(|s| s.mean.as_slice());
+    let host = data::model_inputs(ds, spec.kind, &rows, &mut task, input_mean)
+        .map_err(TrainError::Data)?;
+    let x = data::DeviceInputs::<B>::new(&host, device).map_err(TrainError::Data)?;
+    let t = text.map(|m| {
+        Tensor::<B, 2>::from_data(TensorData::new(m.values.clone(), [m.rows, m.dim]), device)
+    });
+    let all: Vec<usize> = (0..ds.n).collect();
+    trainer::forward_rows(
+        &model,
+        &x,
+        device,
+        &all,
+        t.as_ref(),
+        128,
+        mode == Mode::Encode,
+    )
+}
+
+/// Builds a model of kind `M` holding the checkpoint's parameters.
+pub(crate) fn load_net<B: Backend, M: Net<B>>(
+    ckpt: &Checkpoint,
+    spec: &ModelSpec,
+    device: &B::Device,
+) -> Result<M, TrainError> {
+    let mut rng = probex_weights::rng::Rng::new(0, 0);
+    let model = M::init(spec, &mut rng, device);
+    load_named(model, &ckpt.by_name(), device).map_err(TrainError::Checkpoint)
+}
