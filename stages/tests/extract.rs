@@ -1,5 +1,7 @@
 //! End-to-end extraction on fixture model collections written here.
 
+// The fixture writer the weights tests use, shared rather than copied.
+#[path = "../../weights/tests/files/mod.rs"]
 mod files;
 
 use std::path::{Path, PathBuf};

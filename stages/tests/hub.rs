@@ -3,6 +3,8 @@
 //! and failures, offline runs, and fetch -> extract through the engine.
 
 mod experiment;
+// The fixture writer the weights tests use, shared rather than copied.
+#[path = "../../weights/tests/files/mod.rs"]
 mod files;
 
 use std::collections::BTreeMap;

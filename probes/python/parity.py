@@ -1,6 +1,6 @@
 """Forward-pass parity between probex and an independent PyTorch ProbeX (probex_ref.py).
 
-Writes, into stages/tests/data/parity/ (the golden files the Rust test `parity` reads):
+Writes, into probes/tests/data/parity/ (the golden files the Rust test `parity` reads):
   torch_on_rust.safetensors   PyTorch's outputs for the probex-written checkpoints
                               rust_probex.safetensors and rust_zeroshot.safetensors, loaded with
                               a strict load_state_dict (names and layouts must match exactly)
@@ -10,8 +10,8 @@ Writes, into stages/tests/data/parity/ (the golden files the Rust test `parity` 
 Outputs are computed in float64 from the float32 parameters and inputs, then stored as float32.
 
 Regenerate (only needed when the parity fixtures change):
-  cargo test -p probex-stages --test parity -- --ignored regenerate
-  python stages/python/parity.py
+  cargo test -p probex-probes --test parity -- --ignored regenerate
+  python probes/python/parity.py
 """
 
 import os

@@ -1,11 +1,9 @@
-//! Forward-pass parity with an independent PyTorch implementation (stages/python/probex_ref.py),
-//! both directions, through golden files written by stages/python/parity.py:
+//! Forward-pass parity with an independent PyTorch implementation (probes/python/probex_ref.py),
+//! both directions, through golden files written by probes/python/parity.py:
 //! - probex writes checkpoints, PyTorch loads them with a strict `load_state_dict` and computes
 //!   the logits; probex must reproduce them;
 //! - PyTorch initialises and writes state dicts (no probex metadata); probex loads them and must
 //!   reproduce PyTorch's logits and encodings.
-
-mod common;
 
 use std::path::{Path, PathBuf};
 
@@ -27,8 +25,19 @@ type Cpu = burn::backend::Flex;
 const TOL: f32 = 1e-5;
 const TOL_CUDA: f32 = 1e-3;
 
+/// The device tests run on: `$PROBEX_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`), default the CPU
+/// (as the stage tests' `common::device`).
+fn device() -> probex_probes::training::DeviceSpec {
+    match std::env::var("PROBEX_TEST_DEVICE") {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|e| panic!("PROBEX_TEST_DEVICE: {e}")),
+        Err(_) => probex_probes::training::DeviceSpec::Cpu,
+    }
+}
+
 fn tolerance() -> f32 {
-    match common::device() {
+    match device() {
         probex_probes::training::DeviceSpec::Cpu => TOL,
         _ => TOL_CUDA,
     }
@@ -45,7 +54,7 @@ fn data_dir() -> PathBuf {
         return built;
     }
     // A test binary copied to another machine runs from the repository root.
-    PathBuf::from("stages/tests/data/parity")
+    PathBuf::from("probes/tests/data/parity")
 }
 
 fn task(kind: TaskKind, classes: Vec<String>) -> TaskInfo {
@@ -123,7 +132,7 @@ fn class_names() -> Vec<String> {
     (0..CLASSES).map(|c| format!("class {c}")).collect()
 }
 
-/// Writes the probex-side fixtures (then run stages/python/parity.py).
+/// Writes the probex-side fixtures (then run probes/python/parity.py).
 #[test]
 #[ignore]
 fn regenerate() {
@@ -222,8 +231,8 @@ fn assert_close(what: &str, got: &[f32], want: &NamedTensor) -> f32 {
 #[test]
 fn rust_fixtures_are_what_the_code_writes() {
     let (p, z, i) = fixtures();
-    let stale = "parity fixtures changed: run `cargo test -p probex-stages --test parity -- \
-                 --ignored regenerate` then `python stages/python/parity.py`";
+    let stale = "parity fixtures changed: run `cargo test -p probex-probes --test parity -- \
+                 --ignored regenerate` then `python probes/python/parity.py`";
     assert!(
         std::fs::read(data_dir().join("rust_probex.safetensors")).unwrap() == p,
         "{stale}"
@@ -248,27 +257,27 @@ fn check(dir_file: (&str, &str), golden: &str) {
     };
     let (pp, zp) = (copy(dir_file.0), copy(dir_file.1));
     let ds = dataset(multi());
-    let logits = predict(&pp, &ds, None, &common::device()).unwrap();
+    let logits = predict(&pp, &ds, None, &device()).unwrap();
     assert_close(
         &format!("{golden} probex logits"),
         &logits.scores,
         tensor(&want, "probex_logits"),
     );
-    let e = encode(&pp, &ds, &common::device()).unwrap();
+    let e = encode(&pp, &ds, &device()).unwrap();
     assert_close(
         &format!("{golden} probex e"),
         &e.values,
         tensor(&want, "probex_e"),
     );
     let zs = dataset(single());
-    let cos = predict(&zp, &zs, Some(&text()), &common::device()).unwrap();
+    let cos = predict(&zp, &zs, Some(&text()), &device()).unwrap();
     assert_eq!(cos.task, TaskKind::ZeroShot);
     assert_close(
         &format!("{golden} zero-shot cosine logits"),
         &cos.scores,
         tensor(&want, "zeroshot_logits"),
     );
-    let e = encode(&zp, &zs, &common::device()).unwrap();
+    let e = encode(&zp, &zs, &device()).unwrap();
     assert_close(
         &format!("{golden} zero-shot e"),
         &e.values,

@@ -2,13 +2,13 @@
 //! the paper's shape, side by side with PyTorch's CPU step for the same model and threads.
 //!
 //! ```text
-//! cargo run -p probex-stages --example probex_step -- --threads 2
+//! cargo run -p probex-probes --example probex_step -- --threads 2
 //! PROBEX_PYTHON=/path/to/venv/bin/python cargo run ... -- --threads 2 --steps 5
 //! ```
 //! Options: `--threads N` (2), `--batch B` (128), `--d D` (768: a D x D layer), `--rank R`
 //! (128: r_U = r_V = r_T), `--classes C` (100), `--steps S` (5), `--no-torch`, `--device D`
 //! (`cpu`; `cuda[:N]` needs the `cuda` feature and skips PyTorch). The PyTorch side
-//! runs `stages/python/step_bench.py` with `$PROBEX_PYTHON` (default `python3`); it is skipped
+//! runs `probes/python/step_bench.py` with `$PROBEX_PYTHON` (default `python3`); it is skipped
 //! with a note when torch cannot be imported.
 
 use std::process::Command;
