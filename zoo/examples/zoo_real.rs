@@ -2,7 +2,7 @@
 //! with probex's safe unpacker, build a tree, then fit a ridge probe from one layer to the
 //! training classes and report its top-k precision on the test split.
 //!
-//! `cargo run -p probex-stages --example zoo_real -- [--models N] [--arch mlp|vit]
+//! `cargo run -p probex-zoo --example zoo_real -- [--models N] [--arch mlp|vit]
 //!  [--size 32] [--threads T] [--layer NAME] [--work DIR] [--pretrain-steps S]`
 
 use std::collections::BTreeMap;

@@ -1,7 +1,7 @@
 //! Benchmark: bytes a Hub fetch moves in `tensors` mode (one 768x768 layer) against whole
 //! files, on fixture models with ViT-B's tensor names and shapes served by the mock Hub.
 //!
-//! `cargo run -p probex-stages --example hub_bytes [-- MODELS]` (default 3 models of ~346 MB;
+//! `cargo run -p probex-fetch --example hub_bytes [-- MODELS]` (default 3 models of ~346 MB;
 //! the mock keeps them in memory).
 
 use std::collections::HashMap;
