@@ -16,7 +16,7 @@ use crate::fsutil::{
 };
 use crate::manifest::Reference;
 use crate::manifest::{MANIFEST_FORMAT, check_rel_path, content_digest, join_rel};
-use crate::{CacheError, Entry, EntryInfo, FileRecord, Key, Manifest};
+use crate::{CacheError, Entry, EntryInfo, FileRecord, FileStamp, Key, Manifest, Referent};
 
 const ENTRIES: &str = "entries";
 const TMP: &str = "tmp";
@@ -37,15 +37,19 @@ const HASH_BUF: usize = 1 << 20;
 /// `tmp/<name>/` + `tmp/<name>.lock` (staging and trash), `locks/<key>.lock` (per-key OS locks),
 /// `locks/<key>.pin` (readers' shared locks),
 /// `work/<key>/` (resumable scratch) and `quarantine/<key>-<unix>` (entries that failed verify).
+/// Where a referenced file is: the entry holding it and its path there, or `None` and the
+/// path itself.
+type Located = (Option<Key>, String);
+
 /// An entry exists iff its directory holds `manifest.json`; commit publishes the directory with
 /// one atomic rename, so readers never see half an entry. Several processes may share a store.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
-    /// Referenced paths resolved through symlinks, remembered for the life of this handle (and
-    /// its clones): a batch of 128 layer entries refers to the same 1,000 model files, and
-    /// resolving a path costs a `readlink` per component.
-    canonical: Arc<Mutex<HashMap<PathBuf, PathBuf>>>,
+    /// Where referenced paths are (see [`Store::locate`]), remembered for the life of this
+    /// handle (and its clones) by the path's bytes: a batch of 128 layer entries refers to the
+    /// same 1,000 model files, and resolving a path costs a `readlink` per component.
+    located: Arc<Mutex<HashMap<OsString, Located>>>,
 }
 
 /// An exclusive OS lock on one key (`locks/<key>.lock`). Whoever holds it is the only one
@@ -276,7 +280,7 @@ impl Store {
         }
         Ok(Store {
             root,
-            canonical: Arc::default(),
+            located: Arc::default(),
         })
     }
 
@@ -360,44 +364,58 @@ impl Store {
         }
     }
 
-    /// What is wrong with the files `manifest` refers to (empty when each still has the size
-    /// and modification time it had at commit).
+    /// What is wrong with the files `manifest` refers to (empty when each still has the stamp
+    /// it was read under).
     fn stale_references(&self, manifest: &Manifest) -> Vec<String> {
         manifest
             .references
             .iter()
             .filter_map(|r| {
                 let path = self.reference_path(r);
-                let now = match fs::metadata(&path) {
-                    Ok(m) => (m.len(), mtime_ns(&m)),
+                let now = match FileStamp::now(&path) {
+                    Ok(now) => now,
                     Err(e) => return Some(format!("referenced `{}`: {e}", path.display())),
                 };
-                (now != (r.size, r.mtime_ns)).then(|| {
+                r.stamp().change(&now).map(|what| {
                     format!(
-                        "referenced `{}` changed since the entry was made (size {} -> {}, \
-                         modified {} -> {} ns)",
-                        path.display(),
-                        r.size,
-                        now.0,
-                        r.mtime_ns,
-                        now.1
+                        "referenced `{}` changed since the entry was made ({what})",
+                        path.display()
                     )
                 })
             })
             .collect()
     }
 
-    /// The record of a file an entry refers to: in which entry of this cache it is (if any),
-    /// and its size and modification time now.
-    /// `entries` is the entries folder, canonical: paths are compared through symlinks, so a
-    /// cache under a linked folder still owns its files.
-    fn reference(&self, path: &Path, entries: &Path) -> Result<Reference, CacheError> {
-        let meta = fs::metadata(path).map_err(io_err(
-            "inspect the referenced file",
+    /// The record of a file an entry refers to: where it is (see [`Store::locate`]) and the
+    /// stamp the stage read it under (no `stat`: 1,000 model files referred to by 128 layer
+    /// datasets would be 128,000 of them).
+    fn reference(&self, referent: &Referent, entries: &Path) -> Reference {
+        let (entry, path) = self.locate(&referent.path, entries);
+        let FileStamp {
+            size,
+            mtime_ns,
+            inode,
+        } = referent.stamp;
+        Reference {
+            entry,
             path,
-            "the stage referred to a file that must exist",
-        ))?;
-        let canonical = self.canonical_path(path);
+            size,
+            mtime_ns,
+            inode,
+        }
+    }
+
+    /// Which entry of this cache holds `path` and where in its data folder (`/`-separated),
+    /// or `None` and the path itself for a file outside the cache. `entries` is the entries
+    /// folder, canonical: paths are compared through symlinks, so a cache under a linked
+    /// folder still owns its files.
+    fn locate(&self, path: &Path, entries: &Path) -> Located {
+        if let Ok(map) = self.located.lock()
+            && let Some(found) = map.get(path.as_os_str())
+        {
+            return found.clone();
+        }
+        let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let in_entry = canonical.strip_prefix(entries).ok().and_then(|rest| {
             let mut parts = rest.components();
             let shard = parts.next()?.as_os_str().to_str()?;
@@ -408,30 +426,14 @@ impl Store {
                 .collect::<Option<_>>()?;
             Some((key, rel.join("/")))
         });
-        let (entry, path) = match in_entry {
+        let found = match in_entry {
             Some((key, rel)) => (Some(key), rel),
             None => (None, path.to_string_lossy().into_owned()),
         };
-        Ok(Reference {
-            entry,
-            path,
-            size: meta.len(),
-            mtime_ns: mtime_ns(&meta),
-        })
-    }
-
-    /// `path` resolved through symlinks (itself if it cannot be), remembered by this handle.
-    fn canonical_path(&self, path: &Path) -> PathBuf {
-        if let Ok(map) = self.canonical.lock()
-            && let Some(c) = map.get(path)
-        {
-            return c.clone();
+        if let Ok(mut map) = self.located.lock() {
+            map.insert(path.as_os_str().to_owned(), found.clone());
         }
-        let c = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        if let Ok(mut map) = self.canonical.lock() {
-            map.insert(path.to_path_buf(), c.clone());
-        }
-        c
+        found
     }
 
     /// Takes the exclusive lock on `key`, waiting for the current holder (in any process) to
@@ -1111,11 +1113,11 @@ impl Staging {
         files.sort_by(|a, b| a.path.cmp(&b.path));
         let entries = self.store.root.join(ENTRIES);
         let entries = fs::canonicalize(&entries).unwrap_or(entries);
-        let mut references = info
+        let mut references: Vec<Reference> = info
             .references
             .iter()
-            .map(|p| self.store.reference(p, &entries))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|r| self.store.reference(r, &entries))
+            .collect();
         references.sort_by(|a, b| (&a.entry, &a.path).cmp(&(&b.entry, &b.path)));
         references.dedup();
         let manifest = Manifest {
@@ -1209,14 +1211,6 @@ impl Drop for Staging {
             slot.discard();
         }
     }
-}
-
-/// A file's modification time in nanoseconds since the Unix epoch (0 when unknown).
-fn mtime_ns(meta: &fs::Metadata) -> u64 {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

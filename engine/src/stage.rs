@@ -127,10 +127,10 @@ pub struct Outcome {
     pub summary: Option<String>,
     /// Files (relative to the output directory) copied into the run record.
     pub publish: Vec<String>,
-    /// Files outside the output directory that its files refer to (absolute paths), such as
-    /// model files a layer dataset reads in place: the cache keeps the entries holding them
-    /// and treats this one as stale if they change.
-    pub references: Vec<PathBuf>,
+    /// Files outside the output directory that its files refer to, with the stamps the stage
+    /// read them under, such as model files a layer dataset reads in place: the cache keeps
+    /// the entries holding them and treats this one as stale once a stamp changes.
+    pub references: Vec<probex_cache::Referent>,
 }
 
 /// The coordinates of a node in a fan-out, e.g. `[("layer", "59")]`.
