@@ -80,7 +80,8 @@ impl Executor for Local<'_, '_> {
             }
             let mut done = worker.compute(&batch, inputs);
             if let Some(l) = &lease {
-                for d in &mut done {
+                // Not for a node another process committed meanwhile: it ran elsewhere.
+                for d in done.iter_mut().filter(|d| d.computed) {
                     d.device = Some(l.name().to_string());
                 }
             }
