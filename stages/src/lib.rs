@@ -40,5 +40,7 @@ pub fn registry() -> Registry {
         .register(evaluate::stage::Evaluate)
         .register(zoo::stage::Zoo)
         .register(route::stage::Route);
+    // Counting GPUs needs the CUDA backend, which the engine does not link.
+    r.set_gpu_probe(training::device::cuda_device_count);
     r
 }
