@@ -11,6 +11,14 @@ PEAK_TFLOPS=${PEAK_TFLOPS:-67}   # H100 SXM fp32 (non-tensor) datasheet rate
 rm -rf .gpu && mkdir -p .gpu
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 date -u
+# CUDA agrees with the CPU on small trainings of every model (stages/tests/cuda_agreement.rs):
+# AGREEMENT=path to that test binary, built here with
+# `CUDARC_CUDA_VERSION=13000 cargo test --features cuda --test cuda_agreement --no-run`.
+# PROBEX_REQUIRE_CUDA makes a missing driver a failure instead of a skip.
+if [[ -n "${AGREEMENT:-}" ]]; then
+  echo "== agreement tests (CPU vs CUDA)"
+  PROBEX_REQUIRE_CUDA=1 "$AGREEMENT" --nocapture --test-threads 1
+fi
 echo "== generating $MODELS models of one 768x768 layer"
 python3 make_models.py .gpu/models --models "$MODELS" --shape 768x768
 mem_log=.gpu/mem.log

@@ -38,11 +38,13 @@ mod fsutil;
 pub mod hex;
 mod key;
 mod manifest;
+mod stamp;
 mod store;
 
 pub use error::CacheError;
 pub use key::Key;
 pub use manifest::{Entry, EntryInfo, FileRecord, MANIFEST_FORMAT, Manifest, content_digest};
+pub use stamp::{FileStamp, Referent};
 pub use store::{GcPolicy, GcReport, KeyLock, Leftovers, Pinned, Staging, Store, Verified};
 
 #[cfg(test)]

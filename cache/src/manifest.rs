@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::Key;
+use crate::{FileStamp, Key, Referent};
 
 /// The manifest format this crate writes and reads; bumped when the layout changes meaning.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -19,15 +19,18 @@ pub struct EntryInfo {
     pub label: String,
     /// Free-form metadata the engine wants to keep with the entry (params, timings, ...).
     pub meta: serde_json::Value,
-    /// Files outside the entry that its files refer to (absolute paths): a layer dataset that
-    /// points into fetched model files instead of copying them. The entry is valid only while
-    /// they stay as they were at commit, and `gc` keeps the entries that hold them.
+    /// Files outside the entry that its files refer to, with the stamps the stage read them
+    /// under: a layer dataset that points into fetched model files instead of copying them.
+    /// The entry is valid only while they keep those stamps, and `gc` keeps the entries that
+    /// hold them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub references: Vec<PathBuf>,
+    pub references: Vec<Referent>,
 }
 
 /// A file outside an entry that the entry's files refer to, as recorded at commit: where it
-/// is, and the size and modification time it had then (a cheap check that it is unchanged).
+/// is, and the stamp (size, modification time, inode) the stage read it under, a cheap check
+/// that it is unchanged. The stamp's fields are inline, as manifests had them before inodes
+/// were recorded (`serde(flatten)` cannot carry the i128 time).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Reference {
@@ -36,10 +39,24 @@ pub struct Reference {
     pub entry: Option<Key>,
     /// The file: relative to that entry's data folder (`/`-separated), or absolute.
     pub path: String,
-    /// Size in bytes at commit.
+    /// Size in bytes.
     pub size: u64,
-    /// Modification time at commit, nanoseconds since the Unix epoch.
-    pub mtime_ns: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i128,
+    /// Inode number; 0 (not compared) in manifests written before it was recorded.
+    #[serde(default)]
+    pub inode: u64,
+}
+
+impl Reference {
+    /// The stamp the file had when the entry's stage read it.
+    pub fn stamp(&self) -> FileStamp {
+        FileStamp {
+            size: self.size,
+            mtime_ns: self.mtime_ns,
+            inode: self.inode,
+        }
+    }
 }
 
 /// One file of an entry, as recorded at commit.

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use probex_cache::{Entry, GcPolicy, Key, Store, Verified};
+use probex_cache::{Entry, GcPolicy, Key, Referent, Store, Verified};
 
 /// Commits `key` with one file and references to `refs`.
 fn commit_referring(store: &Store, key: &Key, refs: &[PathBuf]) -> Entry {
@@ -16,7 +16,7 @@ fn commit_referring(store: &Store, key: &Key, refs: &[PathBuf]) -> Entry {
     let st = store.stage(&lock).unwrap();
     fs::write(st.dir().join("layer.json"), b"{}").unwrap();
     let mut info = info(key.as_str());
-    info.references = refs.to_vec();
+    info.references = refs.iter().map(|p| Referent::now(p).unwrap()).collect();
     st.commit(info).unwrap()
 }
 
@@ -82,6 +82,51 @@ fn a_changed_or_missing_referent_makes_the_entry_stale() {
         ),
         other => panic!("expected a stale entry, got {other:?}"),
     }
+}
+
+/// The manifest records the stamp the stage read a file under, not the one it has at commit:
+/// a file rewritten between the stage's read and the commit makes the entry stale at once,
+/// rather than vouching for bytes the stage never saw.
+#[test]
+fn a_referent_changed_before_commit_is_stale() {
+    let (tmp, store) = store();
+    let outside = tmp.path().join("model.safetensors");
+    fs::write(&outside, [1u8; 9]).unwrap();
+    let read_under = Referent::now(&outside).unwrap();
+    fs::write(&outside, [2u8; 12]).unwrap();
+    let a = key("a");
+    let lock = store.lock(&a).unwrap();
+    let st = store.stage(&lock).unwrap();
+    fs::write(st.dir().join("layer.json"), b"{}").unwrap();
+    let mut info = info(a.as_str());
+    info.references = vec![read_under];
+    let e = st.commit(info).unwrap();
+    assert_eq!(e.manifest.references[0].size, 9);
+    drop(lock);
+    assert!(store.get(&a).unwrap().is_none());
+    assert!(store.was_quarantined(&a));
+}
+
+/// A manifest written before inodes were recorded (no `inode` field) still reads, and its
+/// references are checked by size and modification time.
+#[test]
+fn a_reference_without_an_inode_still_reads() {
+    let (tmp, store) = store();
+    let outside = tmp.path().join("model.safetensors");
+    fs::write(&outside, [1u8; 9]).unwrap();
+    let a = key("a");
+    commit_referring(&store, &a, std::slice::from_ref(&outside));
+    edit_manifest(&store, &a, |m| {
+        m["references"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("inode")
+            .unwrap();
+    });
+    let read = store.get(&a).unwrap().unwrap();
+    assert_eq!(read.manifest.references[0].inode, 0);
+    fs::write(&outside, [1u8; 10]).unwrap();
+    assert!(store.get(&a).unwrap().is_none());
 }
 
 /// gc keeps an entry that a kept entry refers to (directly or through another), says which,

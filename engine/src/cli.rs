@@ -132,6 +132,11 @@ pub struct PlanArgs {
     /// Run every stage on this device (cpu, cuda, cuda:N); not part of cache keys
     #[arg(long)]
     pub device: Option<String>,
+    /// GPUs that nodes on plain `cuda` spread over, one node per GPU at a time (cuda:0,cuda:1
+    /// or 0,1) [default: $PROBEX_DEVICES, else CUDA_VISIBLE_DEVICES, else every GPU CUDA
+    /// reports]; not part of cache keys
+    #[arg(long, value_name = "LIST")]
+    pub devices: Option<String>,
     /// Use only what is cached or local; never touch the network (also HF_HUB_OFFLINE=1)
     #[arg(long)]
     pub offline: bool,
@@ -403,6 +408,8 @@ fn with_planner<T>(
         )
         .into());
     }
+    let gpus = crate::executor::gpus::Gpus::from_env(args.devices.as_deref(), registry.gpu_probe())
+        .map_err(|e| format!("error: {e}"))?;
     let exp = crate::experiment::load(&args.file, registry).map_err(|d| d.to_string())?;
     let store = cache.open()?;
     let digests = FileDigests::open(store.root().join("statcache.json"));
@@ -417,6 +424,7 @@ fn with_planner<T>(
         cx,
         Overrides {
             device: args.device.clone(),
+            gpus,
             unresolved_ok: plan_only,
         },
     );

@@ -9,46 +9,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-/// What the stat cache trusts a file by, as git's index does: while these are unchanged the
-/// content is taken to be unchanged. A stage that reads a file long after its digest was taken
-/// (a layer dataset reading model files in place) compares the file's stamp with the one taken
-/// with the digest instead of hashing it again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileStamp {
-    /// Length in bytes.
-    pub size: u64,
-    /// Modification time, nanoseconds since the Unix epoch.
-    pub mtime_ns: i128,
-    /// Inode number (0 where the platform has none).
-    pub inode: u64,
-}
-
-impl FileStamp {
-    /// The stamp of a file from its metadata.
-    pub fn of(meta: &fs::Metadata) -> Self {
-        let (mtime_ns, inode) = stat_identity(meta);
-        FileStamp {
-            size: meta.len(),
-            mtime_ns,
-            inode,
-        }
-    }
-
-    /// What differs between `self` (what was seen) and `now`, in words; `None` if nothing.
-    pub fn change(&self, now: &FileStamp) -> Option<String> {
-        let mut what = Vec::new();
-        if self.size != now.size {
-            what.push(format!("size {} -> {} bytes", self.size, now.size));
-        }
-        if self.mtime_ns != now.mtime_ns {
-            what.push("modification time".to_string());
-        }
-        if self.inode != now.inode {
-            what.push("inode (the file was replaced)".to_string());
-        }
-        (!what.is_empty()).then(|| what.join(", "))
-    }
-}
+pub use probex_cache::FileStamp;
 
 /// What [`FileDigests::identify`] knows of a file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,25 +140,6 @@ impl FileDigests {
         fs::write(&tmp, bytes)?;
         fs::rename(&tmp, path)
     }
-}
-
-#[cfg(unix)]
-fn stat_identity(meta: &fs::Metadata) -> (i128, u64) {
-    use std::os::unix::fs::MetadataExt;
-    (
-        meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
-        meta.ino(),
-    )
-}
-
-#[cfg(not(unix))]
-fn stat_identity(meta: &fs::Metadata) -> (i128, u64) {
-    let t = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos() as i128);
-    (t, 0)
 }
 
 /// Blake3 hex digest of a file's content, streamed.

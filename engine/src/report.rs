@@ -60,6 +60,9 @@ pub struct NodeReport {
     /// Its log, if it ran.
     #[serde(default)]
     pub log: Option<PathBuf>,
+    /// The GPU it ran on in this run, when the executor gave it one (`cuda:1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// One warning of the nodes a run used, with every node that gave it (a layer sweep leaves
@@ -205,6 +208,7 @@ mod tests {
                     state: s.clone(),
                     seconds: i as f64,
                     log: (i % 2 == 0).then(|| format!("logs/{i}.log").into()),
+                    device: (i == 1).then(|| "cuda:1".into()),
                 })
                 .collect(),
             never_planned: vec!["later".into()],
@@ -235,6 +239,8 @@ mod tests {
         assert_eq!(v["nodes"][2]["state"], "failed");
         assert_eq!(v["nodes"][2]["detail"], "boom");
         assert_eq!(v["nodes"][0]["state"], "cached");
+        assert_eq!(v["nodes"][1]["device"], "cuda:1");
+        assert!(v["nodes"][0].get("device").is_none(), "absent, not null");
     }
 
     /// Records with only the nodes and the cache (older probex, hand-written fixtures) read.

@@ -204,6 +204,8 @@ fn drive(
     let mut names: HashMap<Key, String> = HashMap::new();
     // Inputs found corrupt once and computed again: a second time is a failure, not a loop.
     let mut recomputed: HashSet<Key> = HashSet::new();
+    // The GPU each node ran on, for the record.
+    let mut devices: HashMap<Key, String> = HashMap::new();
 
     loop {
         for n in &plan.nodes {
@@ -271,6 +273,9 @@ fn drive(
         }
         for d in finished {
             running.remove(&d.key);
+            if let Some(dev) = &d.device {
+                devices.insert(d.key.clone(), dev.clone());
+            }
             let node = plan.nodes.iter().find(|n| n.key == d.key);
             let name = names
                 .get(&d.key)
@@ -355,6 +360,7 @@ fn drive(
         &plan,
         &states,
         &pins,
+        &devices,
         cancelled,
         start.started.elapsed().as_secs_f64(),
     );
@@ -409,12 +415,14 @@ fn batches<'n>(exp: &crate::experiment::Experiment, ready: Vec<&'n Node>) -> Vec
 
 /// Writes the run record and checks expectations. `status.json` is written last: a record
 /// with a complete `status.json` is complete.
+#[allow(clippy::too_many_arguments)]
 fn finish(
     planner: &Planner,
     run_dir: &RunDir,
     plan: &Plan,
     states: &HashMap<Key, (NodeState, f64)>,
     pins: &HashMap<Key, Pinned>,
+    devices: &HashMap<Key, String>,
     cancelled: bool,
     seconds: f64,
 ) -> Result<RunReport, RunError> {
@@ -484,6 +492,7 @@ fn finish(
             state,
             seconds: secs,
             log: ran.then(|| run_dir.log_path(&n.name)),
+            device: devices.get(&n.key).cloned(),
         });
     }
     let never_planned: Vec<String> = plan.pending.iter().map(|p| p.stage.clone()).collect();

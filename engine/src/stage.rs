@@ -113,6 +113,10 @@ pub enum Resource {
     Cpu,
     /// One accelerator (by name, e.g. `cuda:0`); nodes on the same one never overlap.
     Gpu(String),
+    /// One accelerator, whichever of the run's GPUs is free (the device asked for is plain
+    /// `cuda`): the executor picks it and the stage finds its name in
+    /// [`RunContext::device`]. See [`crate::executor::gpus`].
+    AnyGpu,
 }
 
 /// What a finished node reports besides its files.
@@ -127,10 +131,10 @@ pub struct Outcome {
     pub summary: Option<String>,
     /// Files (relative to the output directory) copied into the run record.
     pub publish: Vec<String>,
-    /// Files outside the output directory that its files refer to (absolute paths), such as
-    /// model files a layer dataset reads in place: the cache keeps the entries holding them
-    /// and treats this one as stale if they change.
-    pub references: Vec<PathBuf>,
+    /// Files outside the output directory that its files refer to, with the stamps the stage
+    /// read them under, such as model files a layer dataset reads in place: the cache keeps
+    /// the entries holding them and treats this one as stale once a stamp changes.
+    pub references: Vec<probex_cache::Referent>,
 }
 
 /// The coordinates of a node in a fan-out, e.g. `[("layer", "59")]`.
@@ -308,7 +312,8 @@ impl<'a> RunContext<'a> {
         &self.base_dir
     }
 
-    /// The device asked for (`--device` or the stage's `device`), if any.
+    /// The device asked for (`--device` or the stage's `device`), if any; for a node whose
+    /// resource is [`Resource::AnyGpu`], the GPU the executor gave it (`cuda:1`).
     pub fn device(&self) -> Option<&str> {
         self.device.as_deref()
     }
@@ -680,6 +685,7 @@ use serde::Deserialize as _;
 #[derive(Clone, Default)]
 pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn DynStage>>,
+    gpu_probe: Option<crate::executor::gpus::GpuProbe>,
 }
 
 impl Registry {
@@ -692,6 +698,18 @@ impl Registry {
     pub fn register<S: Stage>(&mut self, stage: S) -> &mut Self {
         self.kinds.insert(Stage::kind(&stage), Arc::new(stage));
         self
+    }
+
+    /// Sets how to count the GPUs the kinds can use, asked when a run's plain `cuda` nodes
+    /// need a GPU and nothing lists them (the engine knows no GPU library; the kinds' does).
+    pub fn set_gpu_probe(&mut self, probe: crate::executor::gpus::GpuProbe) -> &mut Self {
+        self.gpu_probe = Some(probe);
+        self
+    }
+
+    /// The probe [`Registry::set_gpu_probe`] set, if any.
+    pub fn gpu_probe(&self) -> Option<crate::executor::gpus::GpuProbe> {
+        self.gpu_probe
     }
 
     pub(crate) fn get(&self, kind: &str) -> Option<&Arc<dyn DynStage>> {

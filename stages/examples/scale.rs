@@ -180,10 +180,40 @@ fn generated_marker(models: &Path, n: usize) -> PathBuf {
 /// `root/cache`, emptied: every run measures from nothing cached.
 fn fresh_cache(root: &Path) -> Result<PathBuf> {
     let cache = root.join("cache");
-    if cache.exists() {
-        std::fs::remove_dir_all(&cache)?;
-    }
+    set_aside(&cache)?;
     Ok(cache)
+}
+
+/// Moves `dir` (if any) under `stale/`, which [`remove_stale`] empties once every measurement
+/// is done. Deleting thousands of files just before a timed step would time the file
+/// system instead: ext4 then skips the recently freed inodes one by one while it allocates
+/// the step's new files.
+fn set_aside(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Err(format!("{} has no parent folder", dir.display()).into());
+    };
+    let stale = parent.join("stale");
+    std::fs::create_dir_all(&stale)?;
+    let mut to = stale.join(name);
+    let mut n = 0;
+    while to.exists() {
+        n += 1;
+        to = stale.join(format!("{}-{n}", name.to_string_lossy()));
+    }
+    std::fs::rename(dir, &to)?;
+    Ok(())
+}
+
+/// Removes what [`set_aside`] moved under `root/stale/`.
+fn remove_stale(root: &Path) -> Result<()> {
+    let stale = root.join("stale");
+    if stale.exists() {
+        std::fs::remove_dir_all(&stale)?;
+    }
+    Ok(())
 }
 
 /// Empties the page cache (root only), so the next reads come from the disk.
@@ -304,9 +334,7 @@ label = {{ key = \"imagenet_class_id\", kind = \"class\" }}
         let raw = raw_read(&files)?;
         drop_page_cache()?;
         let cold_cache = root.join("cache-cold");
-        if cold_cache.exists() {
-            std::fs::remove_dir_all(&cold_cache)?;
-        }
+        set_aside(&cold_cache)?;
         run_experiment(
             root,
             "fetch (cold cache)",
@@ -470,9 +498,11 @@ fn main() -> Result<()> {
     };
     if a.loras > 0 {
         sd_loras(&root.join("sd"), &a)?;
+        remove_stale(&root.join("sd"))?;
     }
     if a.vits > 0 {
         vits(&root.join("vit"), &a)?;
+        remove_stale(&root.join("vit"))?;
     }
     if a.keep || a.dir.is_some() {
         println!("\nfiles kept in {}", root.display());

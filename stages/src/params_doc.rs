@@ -115,7 +115,8 @@ label = { key = "class", kind = "class" }"#,
         ),
         (
             "non_finite",
-            "NaN/Inf weights: fail, skip the model, or zero them",
+            "NaN/Inf weights: fail, skip the model, or zero them (under fail, rows read in \
+             place are checked when read: training fails naming the model)",
         ),
         (
             "on_bad_file",

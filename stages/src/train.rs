@@ -174,10 +174,16 @@ impl Stage for Train {
         })
     }
 
+    /// Plain `cuda` may run on any of the run's GPUs (the engine hands the one it picked to
+    /// `run` as `cuda:N`); `cuda:N` on that one only.
     fn resource(&self, _p: &TrainConfig, device: Option<&str>) -> Resource {
-        match device.map(str::parse::<DeviceSpec>) {
-            Some(Ok(DeviceSpec::Cuda(i))) => Resource::Gpu(format!("cuda:{i}")),
-            _ => Resource::Cpu,
+        match device.map(str::trim) {
+            Some("cuda") => Resource::AnyGpu,
+            Some(d) => match d.parse::<DeviceSpec>() {
+                Ok(DeviceSpec::Cuda(i)) => Resource::Gpu(format!("cuda:{i}")),
+                _ => Resource::Cpu,
+            },
+            None => Resource::Cpu,
         }
     }
 

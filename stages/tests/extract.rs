@@ -12,7 +12,9 @@ use probex_stages::extract::{
     ExtractOptions, LayerOutput, Layout, ModelSource, NonFinitePolicy, SplitSource, discover,
     extract, extract_with_digests, resolve_layers,
 };
-use probex_weights::dataset::{Class, Labels, LayerDataset, Matrices, Precision, Split, Storage};
+use probex_weights::dataset::{
+    Class, DatasetError, Labels, LayerDataset, Matrices, Precision, Split, Storage,
+};
 use probex_weights::labels::{LabelKind, LabelSpec, NameTable, OnError, Vocab};
 use probex_weights::reader::read_header;
 use probex_weights::{LayerMode, LayerSelector, transform};
@@ -505,6 +507,84 @@ fn non_finite_weights_follow_the_policy() {
         }
     }
     assert_eq!(l10.matrix(1).unwrap(), want.as_slice());
+}
+
+/// Rows left in the model files are not read by extraction under `non_finite = "fail"`: every
+/// read of the dataset checks their values instead and fails naming the model and layer (in
+/// memory and on disk alike). Under `"skip"` extraction reads them, to leave the model out.
+#[test]
+fn in_place_rows_are_checked_for_non_finite_values_when_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = zoo(&dir.path().join("models"), 3);
+    let mut bad = values(1, 12);
+    bad[3] = f32::NAN;
+    bad[7] = f32::INFINITY;
+    bad[8] = f32::NEG_INFINITY;
+    write_model(
+        &models[1].path,
+        &[
+            f32t("layer.2.weight", &[2, 3], &values(101, 6)),
+            f32t("layer.10.weight", &[3, 4], &bad),
+            f32t("conv.weight", &[4, 3, 2, 2], &values(201, 48)),
+        ],
+        &[("dataset_chosen_targets", "['apple']")],
+    );
+    let outs = outputs(
+        &models[0].path,
+        "layer.*",
+        &dir.path().join("out"),
+        LayerMode::Auto,
+    );
+    let opts = ExtractOptions {
+        in_place: true,
+        ..Default::default()
+    };
+    let r = extract(&models, &outs, &cifar_spec(), &opts).unwrap();
+    assert!(r.non_finite.is_empty(), "{:?}", r.non_finite);
+    let l2 = LayerDataset::load(&outs[1].dir).unwrap();
+    assert_eq!(l2.n, 3);
+    let e = LayerDataset::load(&outs[0].dir).unwrap_err();
+    assert!(
+        matches!(&e, DatasetError::NonFinite { model, layer, .. }
+            if model == "m1" && layer == "layer.10.weight"),
+        "{e:?}"
+    );
+    let message = e.to_string();
+    assert!(
+        message.contains("m1.safetensors")
+            && message.contains("1 NaN and 2 infinite")
+            && message.contains("non_finite = \"skip\""),
+        "{message}"
+    );
+    // On disk (a budget smaller than the layer): the rows of other models still read, the
+    // bad one fails the same way.
+    let on_disk = LayerDataset::open(&outs[0].dir, 1).unwrap();
+    assert!(matches!(on_disk.weights, Matrices::OnDisk(_)));
+    assert_eq!(
+        on_disk.matrix(0).unwrap().as_ref(),
+        values(0, 12).as_slice()
+    );
+    assert!(matches!(
+        on_disk.matrix(1).unwrap_err(),
+        DatasetError::NonFinite { .. }
+    ));
+    let mut out = Vec::new();
+    assert!(matches!(
+        on_disk.read_rows(&[0, 1, 2], &mut out).unwrap_err(),
+        DatasetError::NonFinite { .. }
+    ));
+
+    let opts = ExtractOptions {
+        in_place: true,
+        non_finite: NonFinitePolicy::Skip,
+        ..Default::default()
+    };
+    let r = extract(&models, &outs, &cifar_spec(), &opts).unwrap();
+    assert_eq!(r.non_finite.len(), 1);
+    assert_eq!((r.non_finite[0].nan, r.non_finite[0].inf), (1, 2));
+    let l10 = LayerDataset::load(&outs[0].dir).unwrap();
+    assert_eq!((l10.n, l10.skipped[0].id.as_str()), (2, "m1"));
+    assert!(matches!(l10.weights, Matrices::Stacked(_)));
 }
 
 #[test]

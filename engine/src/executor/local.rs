@@ -1,21 +1,21 @@
 //! The local executor: batches on a bounded pool of threads of this process, GPU nodes one at a
-//! time per device; and [`Worker::compute`], the one function that computes a batch of nodes
+//! time per GPU slot (plain `cuda` nodes spread over the run's GPUs, [`super::gpus`]); and [`Worker::compute`], the one function that computes a batch of nodes
 //! under their key locks and commits them, used by every executor (a SLURM job runs it too).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Mutex, mpsc};
 use std::thread::Scope;
 use std::time::Instant;
 
 use probex_cache::{Entry, EntryInfo, KeyLock, Store, Verified};
 
+use super::gpus::GpuPool;
 use super::{Done, Executor};
 use crate::plan::{Node, Plan, Planner, StoredOutcome, artifact};
 use crate::progress::Reporter;
 use crate::record::RunDir;
-use crate::stage::{Cancelled, FailedWith, Inputs, Outcome, Resource, RunContext, StageResult};
+use crate::stage::{Cancelled, FailedWith, Inputs, Outcome, RunContext, StageResult};
 
 /// Computes batches on scoped threads, at most `jobs` nodes at once.
 pub struct Local<'scope, 'env> {
@@ -23,21 +23,33 @@ pub struct Local<'scope, 'env> {
     worker: Worker<'env>,
     jobs: usize,
     in_flight: usize,
-    gpu_locks: HashMap<String, Arc<Mutex<()>>>,
+    gpus: GpuPool,
     tx: mpsc::Sender<Vec<Done>>,
     rx: mpsc::Receiver<Vec<Done>>,
 }
 
 impl<'scope, 'env> Local<'scope, 'env> {
-    /// An executor whose threads live in `scope` and run at most `jobs` nodes at once.
+    /// An executor whose threads live in `scope` and run at most `jobs` nodes at once, GPU
+    /// nodes on the GPUs of the planner's [`crate::Overrides::gpus`].
     pub fn new(scope: &'scope Scope<'scope, 'env>, worker: Worker<'env>, jobs: usize) -> Self {
+        let gpus = GpuPool::new(worker.planner.overrides().gpus.clone());
+        Self::with_gpus(scope, worker, jobs, gpus)
+    }
+
+    /// [`Local::new`] over a given GPU pool.
+    pub fn with_gpus(
+        scope: &'scope Scope<'scope, 'env>,
+        worker: Worker<'env>,
+        jobs: usize,
+        gpus: GpuPool,
+    ) -> Self {
         let (tx, rx) = mpsc::channel();
         Local {
             scope,
             worker,
             jobs: jobs.max(1),
             in_flight: 0,
-            gpu_locks: HashMap::new(),
+            gpus,
             tx,
             rx,
         }
@@ -49,18 +61,31 @@ impl Executor for Local<'_, '_> {
         self.in_flight >= self.jobs
     }
 
-    fn start(&mut self, plan: &Plan, batch: Vec<Node>) {
+    fn start(&mut self, plan: &Plan, mut batch: Vec<Node>) {
         self.in_flight += batch.len();
         let inputs = inputs_of(plan, &batch[0], self.worker.planner.store());
-        let gpu = match &batch[0].resource {
-            Resource::Gpu(dev) => Some(self.gpu_locks.entry(dev.clone()).or_default().clone()),
-            Resource::Cpu => None,
-        };
         let tx = self.tx.clone();
         let worker = self.worker;
+        let gpus = self.gpus.clone();
         self.scope.spawn(move || {
-            let _guard = gpu.as_ref().map(|m| m.lock());
-            let done = worker.compute(&batch, inputs);
+            // Held until the batch is computed: no other node gets this GPU slot meanwhile.
+            let lease = gpus.acquire(&batch[0].resource);
+            if let Some(l) = &lease {
+                for n in &mut batch {
+                    n.device = Some(l.name().to_string());
+                }
+            }
+            if let Some(line) = gpus.announcement() {
+                worker.reporter.println(&line);
+            }
+            let mut done = worker.compute(&batch, inputs);
+            if let Some(l) = &lease {
+                // Not for a node another process committed meanwhile: it ran elsewhere.
+                for d in done.iter_mut().filter(|d| d.computed) {
+                    d.device = Some(l.name().to_string());
+                }
+            }
+            drop(lease);
             let _ = tx.send(done);
         });
     }
@@ -132,6 +157,7 @@ impl Worker<'_> {
             pin: None,
             with: None,
             corrupt_inputs: Vec::new(),
+            device: None,
         };
 
         // Locks in key order, so two processes batching overlapping sets cannot deadlock.
@@ -152,6 +178,7 @@ impl Worker<'_> {
                         pin: Some(pin),
                         with: None,
                         corrupt_inputs: Vec::new(),
+                        device: None,
                     }),
                     _ => todo.push((n, lock)),
                 },
@@ -214,23 +241,16 @@ impl Worker<'_> {
             return out;
         }
 
-        let mut prepared = Vec::new();
-        for (n, lock) in &todo {
+        // Each node's staging, work directory and log are a handful of new files: made side
+        // by side, as commits are (128 layers of one batch are 768 of them).
+        let made = in_parallel(todo.iter().collect(), COMMIT_THREADS, |(n, lock)| {
             let decl = &exp.stages[n.stage];
-            let staging = match store.stage(lock) {
-                Ok(s) => s,
-                Err(e) => {
-                    out.push(fail(n, format!("cannot create staging directory: {e}")));
-                    continue;
-                }
-            };
-            let work = match store.work_dir(lock) {
-                Ok(w) => w,
-                Err(e) => {
-                    out.push(fail(n, format!("cannot create work directory: {e}")));
-                    continue;
-                }
-            };
+            let staging = store
+                .stage(lock)
+                .map_err(|e| Box::new(fail(n, format!("cannot create staging directory: {e}"))))?;
+            let work = store
+                .work_dir(lock)
+                .map_err(|e| Box::new(fail(n, format!("cannot create work directory: {e}"))))?;
             let log_path = self.run_dir.log_path(&n.name);
             let log = File::create(&log_path)
                 .inspect_err(|e| self.run_dir.problem(format!("{}: {e}", log_path.display())))
@@ -249,7 +269,17 @@ impl Worker<'_> {
             )
             .with_digests(self.planner.context().digests);
             cx.log(format!("key {}", n.key));
-            prepared.push((*n, lock, staging, cx));
+            if let Some(d) = &n.device {
+                cx.log(format!("device {d}"));
+            }
+            Ok::<_, Box<Done>>((*n, lock, staging, cx))
+        });
+        let mut prepared = Vec::new();
+        for m in made {
+            match m {
+                Ok(p) => prepared.push(p),
+                Err(done) => out.push(*done),
+            }
         }
         if prepared.is_empty() {
             return out;
@@ -336,6 +366,7 @@ impl Worker<'_> {
             pin,
             with,
             corrupt_inputs: Vec::new(),
+            device: None,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! is computed by one function, [`local::Worker::compute`], under its key's lock, so every guarantee of
 //! the cache (atomic commits, no node computed twice) holds whatever runs it.
 
+pub mod gpus;
 pub mod local;
 pub mod node;
 pub mod slurm;
@@ -37,6 +38,9 @@ pub struct Done {
     /// Inputs that failed verification when the node was about to read them (moved to
     /// quarantine): the node did not run; the run computes them again, then the node.
     pub corrupt_inputs: Vec<Key>,
+    /// The GPU the executor gave the node (a plain `cuda` node spread over the run's GPUs),
+    /// for the run record.
+    pub device: Option<String>,
 }
 
 /// Computes batches of ready nodes somewhere, and says when they are done.

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use probex_engine::{InputSlot, Inputs, Outcome, Registry, RunContext, Stage, StageResult, Sweep};
+use probex_engine::{
+    InputSlot, Inputs, Outcome, Registry, Resource, RunContext, Stage, StageResult, Sweep,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -30,6 +32,8 @@ pub struct Event {
     pub end: Instant,
     /// How many nodes were handed to the kind in the same call (1 unless batched).
     pub batch: usize,
+    /// The device the node was given ([`RunContext::device`]).
+    pub device: Option<String>,
 }
 
 /// Where test kinds record their executions.
@@ -79,6 +83,7 @@ impl Trace {
                 start,
                 end: Instant::now(),
                 batch,
+                device: cx.device().map(str::to_string),
             });
         }
     }
@@ -297,6 +302,8 @@ impl Stage for Add {
 // ---------------------------------------------------------------------------------------------
 
 /// `sleep`: waits `ms` (stopping early when cancelled), then yields `value` plus its inputs.
+/// With `device = "cuda"` it occupies one of the run's GPUs while it waits (`cuda:N`: that
+/// one), as `train` does: the GPU scheduling tests need no GPU.
 pub struct Sleep(pub Trace);
 
 /// Params of `sleep`.
@@ -324,6 +331,13 @@ impl Stage for Sleep {
     }
     fn inputs(&self) -> Vec<InputSlot> {
         vec![nums()]
+    }
+    fn resource(&self, _p: &SleepParams, device: Option<&str>) -> Resource {
+        match device {
+            Some("cuda") => Resource::AnyGpu,
+            Some(d) if d.starts_with("cuda:") => Resource::Gpu(d.to_string()),
+            _ => Resource::Cpu,
+        }
     }
     fn run(&self, p: &SleepParams, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
         let t = self.0.begin("sleep", cx);

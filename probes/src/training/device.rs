@@ -131,6 +131,29 @@ fn probe_cuda(n: usize) -> Result<(), String> {
     }
 }
 
+/// How many CUDA devices this process can use (the engine's GPU probe, for spreading plain
+/// `cuda` nodes over them), or why it cannot tell: a build without the `cuda` feature, or no
+/// usable `cuda:0` (no driver, no device).
+pub fn cuda_device_count() -> Result<usize, String> {
+    DeviceSpec::Cuda(0).check()?;
+    cuda_count()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_count() -> Result<usize, String> {
+    Err("this probex was built without CUDA support".to_string())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_count() -> Result<usize, String> {
+    use burn::tensor::backend::Backend;
+    // `cuda:0` answered the probe above, so the client this makes exists; the count comes
+    // from the driver (cuDeviceGetCount), which sees only CUDA_VISIBLE_DEVICES when set.
+    // Caught all the same: the backend reports trouble by panicking.
+    std::panic::catch_unwind(|| <burn::backend::Cuda as Backend>::device_count(0))
+        .map_err(|_| "the CUDA driver could not count its devices".to_string())
+}
+
 /// Runs `f` on a dedicated rayon pool of `threads` threads (0: on the caller's pool). Flex's
 /// GEMMs and element-wise kernels use the current rayon pool, so this bounds the training's
 /// CPU use; several trainings can run side by side, each in its own pool.
@@ -171,6 +194,13 @@ mod tests {
         let e = DeviceSpec::Cuda(0).check().unwrap_err();
         assert!(e.contains("--features cuda"), "{e}");
         assert!(DeviceSpec::Cpu.check().is_ok());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn counting_gpus_without_the_feature_says_why_it_cannot() {
+        let e = cuda_device_count().unwrap_err();
+        assert!(e.contains("--features cuda"), "{e}");
     }
 
     #[test]

@@ -202,8 +202,10 @@ fn extract_row(
         Some(u) => Some(st.data(u).map_err(|e| bad_file(e.to_string()))?),
         None => None,
     };
-    *bytes_read += (data.len() + up_data.map_or(0, <[u8]>::len)) as u64;
     let referenced = cx.referenced[out];
+    if reads_values(cx, out) {
+        *bytes_read += (data.len() + up_data.map_or(0, <[u8]>::len)) as u64;
+    }
     let precision = cx.precision[out];
     let send = |part: usize, bytes: RowBytes| {
         cx.sinks[out]
@@ -215,9 +217,13 @@ fn extract_row(
     };
 
     if referenced {
-        let bad = non_finite_in(entry.dtype, data)
-            + up.zip(up_data)
-                .map_or(0, |(u, d)| non_finite_in(u.dtype, d));
+        let bad = if reads_values(cx, out) {
+            non_finite_in(entry.dtype, data)
+                + up.zip(up_data)
+                    .map_or(0, |(u, d)| non_finite_in(u.dtype, d))
+        } else {
+            0
+        };
         if bad > 0 {
             let mut parts = row_parts(st, layer, entry, up).map_err(bad_file)?;
             if let Some(dropped) =
@@ -282,6 +288,15 @@ fn extract_row(
         }
     }
     Ok(RowOutcome::Written { reference: None })
+}
+
+/// Whether extraction reads output `out`'s values. A copied row is read to be written; a
+/// referenced one only to drop a model whose values are NaN/Inf (`non_finite = "skip"`).
+/// Under `"fail"` a referenced row's values are not read here: every read of the dataset
+/// checks them (see [`crate::dataset::RowReader`]) and fails naming the model, so the bytes
+/// are scanned once, by the training that reads them anyway, instead of twice.
+fn reads_values(cx: &Ctx, out: usize) -> bool {
+    !cx.referenced[out] || cx.opts.non_finite == NonFinitePolicy::Skip
 }
 
 /// The stored pieces of `layer` in `st`, decoded to f32: the matrix, or for a LoRA pair its
@@ -493,7 +508,11 @@ pub(super) fn process_model(cx: &Ctx, slot: usize, model: &ModelSource) -> Model
     let mut spans: Vec<Range<usize>> = cx
         .outputs
         .iter()
-        .flat_map(|o| std::iter::once(&o.layer.name).chain(o.layer.lora_up.as_ref().map(|u| &u.0)))
+        .enumerate()
+        .filter(|&(out, _)| reads_values(cx, out))
+        .flat_map(|(_, o)| {
+            std::iter::once(&o.layer.name).chain(o.layer.lora_up.as_ref().map(|u| &u.0))
+        })
         .filter_map(|name| st.header().find(name).map(|(_, e)| e.span.clone()))
         .collect();
     for range in coalesce(&mut spans, PREFETCH_GAP) {

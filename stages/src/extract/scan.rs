@@ -2,17 +2,6 @@
 
 use super::*;
 
-/// Counts NaN and infinite values.
-pub(super) fn count_non_finite(values: &[f32]) -> (usize, usize) {
-    let mut nan = 0;
-    let mut inf = 0;
-    for v in values {
-        nan += usize::from(v.is_nan());
-        inf += usize::from(v.is_infinite());
-    }
-    (nan, inf)
-}
-
 /// Writes a mapped row piece (already at the stored precision) in cache-sized chunks,
 /// counting non-finite values of each chunk just before it is copied. Returns the count.
 pub(super) fn write_scanned(

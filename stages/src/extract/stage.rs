@@ -66,7 +66,9 @@ pub struct ExtractParams {
     /// them, so nothing is converted and an f16 LoRA stays f16.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<Precision>,
-    /// NaN/Inf weights: fail, skip the model, or zero them.
+    /// NaN/Inf weights: fail, skip the model, or zero them. Under `fail` rows read in place
+    /// are checked when they are read (training fails naming the model), not by extraction,
+    /// which then reads no values at all.
     #[serde(default)]
     pub non_finite: NonFinitePolicy,
     /// Unreadable files, missing tensors, shape mismatches: fail or skip the model.
@@ -104,7 +106,9 @@ impl Stage for Extract {
         // the authors' table for the synsets whose first lemmas coincide (`crane, bird`, ...).
         // 4: a row's source digest is its file's digest, and an in-place reference carries the
         // file's stamp instead of a digest of the bytes it reads (sidecar format 3).
-        4
+        // 5: under `non_finite = "fail"` in-place rows are not read here; the dataset's reads
+        // check their values, so an entry no longer promises finite values.
+        5
     }
     fn about(&self) -> &'static str {
         "stack one layer of every model into a dataset with labels and splits (one node per layer)"
@@ -408,12 +412,16 @@ fn run_group(jobs: &[(&ExtractParams, &RunContext)], inputs: &Inputs) -> StageRe
     Ok(outcomes)
 }
 
-/// The model files a dataset reads in place, once each, for the cache to keep and watch.
-fn referenced_files(sidecar: &dataset::Sidecar) -> Vec<std::path::PathBuf> {
-    let files: std::collections::BTreeSet<&std::path::Path> = sidecar
+/// The model files a dataset reads in place, with the stamps extraction read them under, for
+/// the cache to keep and watch. Each row is a different model's file; the cache sorts and
+/// dedups what it records anyway.
+fn referenced_files(sidecar: &dataset::Sidecar) -> Vec<probex_engine::cache::Referent> {
+    sidecar
         .references
         .iter()
-        .map(|r| r.file.as_path())
-        .collect();
-    files.into_iter().map(Into::into).collect()
+        .map(|r| probex_engine::cache::Referent {
+            path: r.file.clone(),
+            stamp: r.stamp,
+        })
+        .collect()
 }

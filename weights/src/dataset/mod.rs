@@ -25,7 +25,8 @@ use std::sync::Arc;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
-pub use rows::RowReader;
+pub use rows::count_non_finite;
+pub use rows::{RowError, RowReader};
 
 /// File name of the tensors of a layer dataset inside its artifact directory.
 pub const TENSORS_FILE: &str = "layer.safetensors";
@@ -411,6 +412,21 @@ pub enum DatasetError {
     /// or a row past the end was asked for).
     #[error("{0}")]
     Row(String),
+    /// A row read in place from a model file holds NaN or infinite values.
+    #[error(
+        "model `{model}`: its layer `{layer}` holds NaN or infinite values ({detail}). This \
+         layer dataset reads the model files in place and checks their values when it reads \
+         them; set non_finite = \"skip\" (leave the model out) or \"zero\" on its extract \
+         stage"
+    )]
+    NonFinite {
+        /// The model's id.
+        model: String,
+        /// The layer's tensor name.
+        layer: String,
+        /// Where, and how many.
+        detail: String,
+    },
     /// File system error on a named file.
     #[error("{path}: {source}")]
     Io {
@@ -427,6 +443,26 @@ pub enum DatasetError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// [`DatasetError::NonFinite`] naming the row's model for non-finite values; `stale` of the
+/// message for any other row error.
+fn non_finite_or(
+    e: RowError,
+    models: &[ModelRecord],
+    layer: &str,
+    stale: impl FnOnce(String) -> DatasetError,
+) -> DatasetError {
+    match e {
+        RowError::NonFinite { row, .. } => DatasetError::NonFinite {
+            model: models
+                .get(row)
+                .map_or_else(|| format!("row {row}"), |m| m.id.clone()),
+            layer: layer.to_string(),
+            detail: e.to_string(),
+        },
+        RowError::Stale(m) => stale(m),
+    }
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> DatasetError {
@@ -479,7 +515,7 @@ impl LayerDataset {
             }
             Matrices::OnDisk(reader) => {
                 let mut x = vec![0.0; m];
-                reader.read(i, &mut x).map_err(DatasetError::Row)?;
+                reader.read(i, &mut x).map_err(|e| self.row_error(e))?;
                 Cow::Owned(x)
             }
         })
@@ -494,7 +530,7 @@ impl LayerDataset {
             return Err(DatasetError::Row(format!("row {i} of {}", self.n)));
         }
         match &self.weights {
-            Matrices::OnDisk(reader) => reader.read_rows(rows, out).map_err(DatasetError::Row),
+            Matrices::OnDisk(reader) => reader.read_rows(rows, out).map_err(|e| self.row_error(e)),
             Matrices::Stacked(w) => {
                 for (o, &i) in out.chunks_exact_mut(m.max(1)).zip(rows) {
                     o.copy_from_slice(&w[i * m..(i + 1) * m]);
@@ -508,6 +544,11 @@ impl LayerDataset {
                 Ok(())
             }
         }
+    }
+
+    /// A read error of row reading, with the model and layer it is about.
+    fn row_error(&self, e: RowError) -> DatasetError {
+        non_finite_or(e, &self.models, &self.layer.name, DatasetError::Row)
     }
 
     /// Checks that every part agrees on the number of rows and the shape.
@@ -735,14 +776,16 @@ impl LayerDataset {
                         format!("{} references for {n} rows", sidecar.references.len()),
                     ));
                 }
-                let stale = |e: String| {
-                    invalid(
-                        &at,
-                        format!(
-                            "{e}. This layer dataset reads the model files in place; run the \
-                             experiment again and its extract node is recomputed"
-                        ),
-                    )
+                let stale = |e: RowError| {
+                    non_finite_or(e, &sidecar.models, &sidecar.layer.name, |e| {
+                        invalid(
+                            &at,
+                            format!(
+                                "{e}. This layer dataset reads the model files in place; run \
+                                 the experiment again and its extract node is recomputed"
+                            ),
+                        )
+                    })
                 };
                 let reader = RowReader::references(&sidecar.references, values);
                 match lora_rank {

@@ -12,6 +12,61 @@ use probex_engine::digest::FileStamp;
 
 use super::{TensorRef, decode};
 
+/// Why a row could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowError {
+    /// The dataset no longer matches what it reads (a model file changed or vanished, a row
+    /// past the end, a row of the wrong shape): computing its extract node again fixes it.
+    Stale(String),
+    /// Row `row`, read in place from a model file, holds NaN or infinite values. Extraction
+    /// under `non_finite = "fail"` leaves this check to the reads (it does not read in-place
+    /// rows at all), so it is found here; extracting again does not fix it.
+    NonFinite {
+        /// The row.
+        row: usize,
+        /// The model file.
+        file: PathBuf,
+        /// Byte offset of the tensor holding them.
+        offset: u64,
+        /// NaN values.
+        nan: usize,
+        /// Infinite values.
+        inf: usize,
+    },
+}
+
+impl std::fmt::Display for RowError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RowError::Stale(m) => f.write_str(m),
+            RowError::NonFinite {
+                file,
+                offset,
+                nan,
+                inf,
+                ..
+            } => write!(
+                f,
+                "{}: the tensor at byte {offset} has {nan} NaN and {inf} infinite values",
+                file.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RowError {}
+
+/// Counts NaN and infinite values: `(NaN, infinite)`.
+pub fn count_non_finite(values: &[f32]) -> (usize, usize) {
+    let mut nan = 0;
+    let mut inf = 0;
+    for v in values {
+        nan += usize::from(v.is_nan());
+        inf += usize::from(v.is_infinite());
+    }
+    (nan, inf)
+}
+
 #[cfg(unix)]
 pub(crate) fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
@@ -137,52 +192,72 @@ impl RowReader {
     }
 
     /// Row `i`'s tensors, decoded. A model file's stamp is checked after its bytes are read,
-    /// on every read (a stat): a write before or during the read changed the stamp.
-    fn tensors(&self, i: usize) -> Result<Vec<Vec<f32>>, String> {
+    /// on every read (a stat): a write before or during the read changed the stamp. A model
+    /// file's values are checked to be finite (extraction did not read them).
+    fn tensors(&self, i: usize) -> Result<Vec<Vec<f32>>, RowError> {
         let Some(row) = self.rows.get(i) else {
-            return Err(format!("row {i} of {}", self.rows.len()));
+            return Err(RowError::Stale(format!("row {i} of {}", self.rows.len())));
         };
-        let gone = |e: std::io::Error| format!("{}: {e}", row.file.display());
+        let gone = |e: std::io::Error| RowError::Stale(format!("{}: {e}", row.file.display()));
         let file = File::open(&row.file).map_err(gone)?;
         let mut bytes = Vec::with_capacity(row.spans.len());
         for &(offset, dtype, values) in &row.spans {
             let w = width(dtype).ok_or_else(|| {
-                format!("{}: dtype {dtype:?} is not a weight", row.file.display())
+                RowError::Stale(format!(
+                    "{}: dtype {dtype:?} is not a weight",
+                    row.file.display()
+                ))
             })?;
             let mut data = vec![0u8; values * w];
             read_at(&file, &mut data, offset).map_err(gone)?;
-            bytes.push((dtype, data));
+            bytes.push((offset, dtype, data));
         }
-        if let Some(seen) = &row.check {
-            let now = FileStamp::of(&file.metadata().map_err(gone)?);
-            if let Some(what) = seen.change(&now) {
-                return Err(format!(
-                    "referenced model file {} changed since extraction ({what})",
-                    row.file.display()
-                ));
-            }
+        let Some(seen) = &row.check else {
+            return bytes
+                .into_iter()
+                .map(|(_, dtype, data)| decode(dtype, &data).map_err(RowError::Stale))
+                .collect();
+        };
+        let now = FileStamp::of(&file.metadata().map_err(gone)?);
+        if let Some(what) = seen.change(&now) {
+            return Err(RowError::Stale(format!(
+                "referenced model file {} changed since extraction ({what})",
+                row.file.display()
+            )));
         }
         bytes
             .into_iter()
-            .map(|(dtype, data)| decode(dtype, &data))
+            .map(|(offset, dtype, data)| {
+                let values = decode(dtype, &data).map_err(RowError::Stale)?;
+                match count_non_finite(&values) {
+                    (0, 0) => Ok(values),
+                    (nan, inf) => Err(RowError::NonFinite {
+                        row: i,
+                        file: row.file.clone(),
+                        offset,
+                        nan,
+                        inf,
+                    }),
+                }
+            })
             .collect()
     }
 
     /// Reads row `i`'s matrix into `out` (`values` long).
-    pub fn read(&self, i: usize, out: &mut [f32]) -> Result<(), String> {
+    pub fn read(&self, i: usize, out: &mut [f32]) -> Result<(), RowError> {
         let tensors = self.tensors(i)?;
         let [values] = tensors.as_slice() else {
-            return Err(format!(
+            return Err(RowError::Stale(format!(
                 "row {i} holds {} tensors, not one matrix",
                 tensors.len()
-            ));
+            )));
         };
         if values.len() != out.len() {
-            return Err(format!(
+            return Err(RowError::Stale(format!(
                 "row {i}: {} values, expected {}",
                 values.len(),
                 out.len()
-            ));
+            )));
         }
         out.copy_from_slice(values);
         Ok(())
@@ -194,22 +269,22 @@ impl RowReader {
         &self,
         rank: usize,
         [d_h, d_w]: [usize; 2],
-    ) -> Result<(Vec<f32>, Vec<f32>), String> {
+    ) -> Result<(Vec<f32>, Vec<f32>), RowError> {
         let rows: Vec<(Vec<f32>, Vec<f32>)> = (0..self.rows.len())
             .into_par_iter()
             .map(|i| {
                 let mut t = self.tensors(i)?;
                 let (Some(down), Some(up), None) = (t.pop(), t.pop(), t.pop()) else {
-                    return Err(format!("row {i} is not a LoRA pair"));
+                    return Err(RowError::Stale(format!("row {i} is not a LoRA pair")));
                 };
                 let r = down.len() / d_w.max(1);
                 if r > rank || up.len() != d_h * r || down.len() != r * d_w {
-                    return Err(format!(
+                    return Err(RowError::Stale(format!(
                         "row {i}: factors of {} and {} values do not form a [{d_h}, {d_w}] \
                          matrix of rank at most {rank}",
                         up.len(),
                         down.len()
-                    ));
+                    )));
                 }
                 let mut b = vec![0.0; d_h * rank];
                 for (dst, src) in b.chunks_exact_mut(rank).zip(up.chunks_exact(r.max(1))) {
@@ -219,20 +294,20 @@ impl RowReader {
                 a.resize(rank * d_w, 0.0);
                 Ok((b, a))
             })
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<_, RowError>>()?;
         let (up, down): (Vec<Vec<f32>>, Vec<Vec<f32>>) = rows.into_iter().unzip();
         Ok((up.concat(), down.concat()))
     }
 
     /// Reads `rows` into `out` (`rows.len() * values` long, row after row), in parallel.
-    pub fn read_rows(&self, rows: &[usize], out: &mut [f32]) -> Result<(), String> {
+    pub fn read_rows(&self, rows: &[usize], out: &mut [f32]) -> Result<(), RowError> {
         if out.len() != rows.len() * self.values {
-            return Err(format!(
+            return Err(RowError::Stale(format!(
                 "{} values for {} rows of {}",
                 out.len(),
                 rows.len(),
                 self.values
-            ));
+            )));
         }
         out.par_chunks_mut(self.values.max(1))
             .zip(rows)

@@ -201,6 +201,7 @@ impl<'a> Slurm<'a> {
                             pin: None,
                             with: None,
                             corrupt_inputs: Vec::new(),
+                            device: None,
                         });
                     }
                 }
@@ -371,6 +372,7 @@ impl<'a> Slurm<'a> {
                     pin: None,
                     with: None,
                     corrupt_inputs: Vec::new(),
+                    device: None,
                 }),
                 _ => missing.push((node.clone(), key.clone())),
             }
@@ -442,6 +444,7 @@ impl<'a> Slurm<'a> {
                 pin: None,
                 with: None,
                 corrupt_inputs: Vec::new(),
+                device: None,
             });
         }
     }
@@ -472,6 +475,7 @@ impl<'a> Slurm<'a> {
                         pin: None,
                         with: None,
                         corrupt_inputs: Vec::new(),
+                        device: None,
                     }),
                     _ => missing.push((r, k)),
                 }
@@ -532,6 +536,7 @@ impl<'a> Slurm<'a> {
                     pin: None,
                     with: None,
                     corrupt_inputs: Vec::new(),
+                    device: None,
                 },
                 _ => Done {
                     key,
@@ -542,6 +547,7 @@ impl<'a> Slurm<'a> {
                     pin: None,
                     with: None,
                     corrupt_inputs: Vec::new(),
+                    device: None,
                 },
             };
             self.finished.push(done);
@@ -563,6 +569,7 @@ impl<'a> Slurm<'a> {
                     pin: None,
                     with: None,
                     corrupt_inputs: Vec::new(),
+                    device: None,
                 });
             }
         }
