@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::diagnostic::{Diagnostic, Diagnostics};
-use crate::experiment::{Experiment, StageDecl, fmt_coords};
+use crate::experiment::{Experiment, StageDecl, Variant, fmt_coords};
 use crate::key::KeyMaterial;
 use crate::stage::{Artifact, Coords, Inputs, ParamBox, PlanContext, Resource, Sweep};
 
@@ -204,66 +204,7 @@ impl<'a> Planner<'a> {
                 .and_then(|&j| by_stage[j].as_deref())
                 .unwrap_or(&[])
         };
-
-        // Element-wise inputs: natural join on shared coordinates.
-        let mut bindings = vec![Binding {
-            coords: Vec::new(),
-            inputs: BTreeMap::new(),
-        }];
-        for (slot, names) in decl.inputs.iter().filter(|(s, _)| !s.gather) {
-            for name in names {
-                let mut next = Vec::new();
-                for b in &bindings {
-                    for &u in ups(name) {
-                        if let Some(coords) = join(&b.coords, &plan.nodes[u].coords) {
-                            let mut inputs = b.inputs.clone();
-                            inputs.entry(slot.ty).or_default().push(u);
-                            next.push(Binding { coords, inputs });
-                        }
-                    }
-                }
-                bindings = next;
-            }
-        }
-
-        // Gathered inputs: split by the stage's `for_each` coordinates they carry, then take
-        // every compatible element.
-        for (slot, names) in decl.inputs.iter().filter(|(s, _)| s.gather) {
-            for name in names {
-                let elems = ups(name);
-                let mut next = Vec::new();
-                for b in &bindings {
-                    let bound: BTreeSet<&str> = b.coords.iter().map(|(d, _)| d.as_str()).collect();
-                    let mut groups: BTreeMap<Coords, Vec<usize>> = BTreeMap::new();
-                    for &u in elems {
-                        let c = &plan.nodes[u].coords;
-                        if join(&b.coords, c).is_none() {
-                            continue;
-                        }
-                        let projected: Coords = c
-                            .iter()
-                            .filter(|(d, _)| {
-                                decl.for_each.contains(d) && !bound.contains(d.as_str())
-                            })
-                            .cloned()
-                            .collect();
-                        groups.entry(projected).or_default().push(u);
-                    }
-                    // Keep the upstream's order of groups (first appearance), not sorted order.
-                    let mut ordered: Vec<(Coords, Vec<usize>)> = groups.into_iter().collect();
-                    ordered.sort_by_key(|(_, members)| members.first().copied());
-                    for (projected, members) in ordered {
-                        let mut coords = b.coords.clone();
-                        coords.extend(projected);
-                        let mut inputs = b.inputs.clone();
-                        inputs.entry(slot.ty).or_default().extend(members);
-                        next.push(Binding { coords, inputs });
-                    }
-                }
-                bindings = next;
-            }
-        }
-
+        let bindings = bindings(decl, &ups, plan);
         let device = self
             .overrides
             .device
@@ -279,63 +220,8 @@ impl<'a> Planner<'a> {
                     .iter()
                     .map(|(s, _)| (s.ty, b.inputs.get(s.ty).cloned().unwrap_or_default()))
                     .collect();
-                let sweep = decl.stage.sweep(&v.params, None).map_err(|e| {
-                    err(format!(
-                        "stage `{}`: {}",
-                        decl.name,
-                        crate::stage::error_text(&e)
-                    ))
-                })?;
-                let sweep = match sweep {
-                    Sweep::NeedsInputs => match self.materialised(plan, &inputs) {
-                        Some(artifacts) => {
-                            decl.stage.sweep(&v.params, Some(&artifacts)).map_err(|e| {
-                                err(format!(
-                                    "stage `{}`: {}",
-                                    decl.name,
-                                    crate::stage::error_text(&e)
-                                ))
-                            })?
-                        }
-                        None => return Ok(Expanded::Waiting),
-                    },
-                    s => s,
-                };
-                let nodes: Vec<(Coords, ParamBox)> = match sweep {
-                    Sweep::One | Sweep::NeedsInputs => vec![(coords.clone(), v.params.clone())],
-                    Sweep::Many { dim, nodes } => {
-                        if nodes.is_empty() {
-                            return Err(err(format!(
-                                "stage `{}` selects nothing to sweep over `{dim}`",
-                                decl.name
-                            )));
-                        }
-                        nodes
-                            .into_iter()
-                            .map(|(label, p)| {
-                                let mut c = coords.clone();
-                                c.push((dim.to_string(), label));
-                                (c, p)
-                            })
-                            .collect()
-                    }
-                    Sweep::Grid { dims, nodes } => {
-                        if nodes.is_empty() {
-                            return Err(err(format!(
-                                "stage `{}` selects nothing to sweep over {}",
-                                decl.name,
-                                dims.join(" x ")
-                            )));
-                        }
-                        nodes
-                            .into_iter()
-                            .map(|(values, p)| {
-                                let mut c = coords.clone();
-                                c.extend(dims.iter().map(|d| d.to_string()).zip(values));
-                                (c, p)
-                            })
-                            .collect()
-                    }
+                let Some(nodes) = self.swept(decl, v, coords, &inputs, plan)? else {
+                    return Ok(Expanded::Waiting);
                 };
                 for (coords, params) in nodes {
                     match self.add_node(
@@ -366,6 +252,72 @@ impl<'a> Planner<'a> {
             }
         }
         Ok(Expanded::Nodes(ids))
+    }
+
+    /// The nodes of one binding and variant at `coords`: one, or what the kind's sweep makes
+    /// (a layer sweep resolved against its inputs); `None` while those inputs are not made.
+    fn swept(
+        &self,
+        decl: &StageDecl,
+        v: &Variant,
+        coords: Coords,
+        inputs: &[(&'static str, Vec<usize>)],
+        plan: &Plan,
+    ) -> Result<Option<Vec<(Coords, ParamBox)>>, Diagnostic> {
+        let err = |m: String| Diagnostic::at(&self.exp.sources, &decl.span, m);
+        let kind_err = |e: anyhow::Error| {
+            err(format!(
+                "stage `{}`: {}",
+                decl.name,
+                crate::stage::error_text(&e)
+            ))
+        };
+        let sweep = match decl.stage.sweep(&v.params, None).map_err(kind_err)? {
+            Sweep::NeedsInputs => match self.materialised(plan, inputs) {
+                Some(artifacts) => decl
+                    .stage
+                    .sweep(&v.params, Some(&artifacts))
+                    .map_err(kind_err)?,
+                None => return Ok(None),
+            },
+            s => s,
+        };
+        Ok(Some(match sweep {
+            Sweep::One | Sweep::NeedsInputs => vec![(coords, v.params.clone())],
+            Sweep::Many { dim, nodes } => {
+                if nodes.is_empty() {
+                    return Err(err(format!(
+                        "stage `{}` selects nothing to sweep over `{dim}`",
+                        decl.name
+                    )));
+                }
+                nodes
+                    .into_iter()
+                    .map(|(label, p)| {
+                        let mut c = coords.clone();
+                        c.push((dim.to_string(), label));
+                        (c, p)
+                    })
+                    .collect()
+            }
+            Sweep::Grid { dims, nodes } => {
+                if nodes.is_empty() {
+                    return Err(err(format!(
+                        "stage `{}` selects nothing to sweep over {}",
+                        decl.name,
+                        dims.join(" x ")
+                    )));
+                }
+                nodes
+                    .into_iter()
+                    .map(|(values, p)| {
+                        let mut c = coords.clone();
+                        c.extend(dims.iter().map(|d| d.to_string()).zip(values));
+                        (c, p)
+                    })
+                    .collect()
+            }
+        }))
     }
 
     /// Adds one node; `Ok(Err(why))` when its source identity cannot be read and the planner
@@ -543,4 +495,63 @@ pub fn artifact(node: &Node, entry: &Entry) -> Artifact {
         meta: stored.meta,
         results: stored.results,
     }
+}
+
+/// The input bindings of a stage: element-wise inputs joined on their shared coordinates,
+/// then each gathered input split by the stage's `for_each` coordinates it carries, taking
+/// every compatible element. `ups` gives a named upstream stage's nodes.
+fn bindings<'u>(decl: &StageDecl, ups: &dyn Fn(&str) -> &'u [usize], plan: &Plan) -> Vec<Binding> {
+    let mut bindings = vec![Binding {
+        coords: Vec::new(),
+        inputs: BTreeMap::new(),
+    }];
+    for (slot, names) in decl.inputs.iter().filter(|(s, _)| !s.gather) {
+        for name in names {
+            let mut next = Vec::new();
+            for b in &bindings {
+                for &u in ups(name) {
+                    if let Some(coords) = join(&b.coords, &plan.nodes[u].coords) {
+                        let mut inputs = b.inputs.clone();
+                        inputs.entry(slot.ty).or_default().push(u);
+                        next.push(Binding { coords, inputs });
+                    }
+                }
+            }
+            bindings = next;
+        }
+    }
+    for (slot, names) in decl.inputs.iter().filter(|(s, _)| s.gather) {
+        for name in names {
+            let elems = ups(name);
+            let mut next = Vec::new();
+            for b in &bindings {
+                let bound: BTreeSet<&str> = b.coords.iter().map(|(d, _)| d.as_str()).collect();
+                let mut groups: BTreeMap<Coords, Vec<usize>> = BTreeMap::new();
+                for &u in elems {
+                    let c = &plan.nodes[u].coords;
+                    if join(&b.coords, c).is_none() {
+                        continue;
+                    }
+                    let projected: Coords = c
+                        .iter()
+                        .filter(|(d, _)| decl.for_each.contains(d) && !bound.contains(d.as_str()))
+                        .cloned()
+                        .collect();
+                    groups.entry(projected).or_default().push(u);
+                }
+                // Keep the upstream's order of groups (first appearance), not sorted order.
+                let mut ordered: Vec<(Coords, Vec<usize>)> = groups.into_iter().collect();
+                ordered.sort_by_key(|(_, members)| members.first().copied());
+                for (projected, members) in ordered {
+                    let mut coords = b.coords.clone();
+                    coords.extend(projected);
+                    let mut inputs = b.inputs.clone();
+                    inputs.entry(slot.ty).or_default().extend(members);
+                    next.push(Binding { coords, inputs });
+                }
+            }
+            bindings = next;
+        }
+    }
+    bindings
 }

@@ -12,9 +12,9 @@ use std::time::Instant;
 use probex_cache::{Entry, Key, Pinned};
 
 use crate::diagnostic::Diagnostics;
-use crate::executor::Executor;
 use crate::executor::local::{Local, Worker};
 use crate::executor::slurm::{Slurm, SlurmOptions};
+use crate::executor::{Done, Executor};
 use crate::expect::{self, ResultsByStage};
 use crate::history::History;
 use crate::plan::{Node, Plan, Planner, StoredOutcome};
@@ -190,79 +190,29 @@ fn drive(
 ) -> Result<RunReport, RunError> {
     let mut plan = start.first.clone();
     let exp = planner.experiment();
-    let store = planner.store();
-    let history = History::open(store, &exp.path);
-    let reporter = &start.reporter;
-    let mut states: HashMap<Key, (NodeState, f64)> = HashMap::new();
-    let mut running: HashSet<Key> = HashSet::new();
-    let mut stop = false;
-    // Every entry this run has found or made stays pinned until the run ends, so that a
-    // `cache gc` meanwhile (another experiment's --keep, --older-than 0) cannot take what a
-    // later node reads, or what the record publishes.
-    let mut pins: HashMap<Key, Pinned> = HashMap::new();
-    // Names of every node ever planned: a re-plan can lose a node, its messages must not.
-    let mut names: HashMap<Key, String> = HashMap::new();
-    // Inputs found corrupt once and computed again: a second time is a failure, not a loop.
-    let mut recomputed: HashSet<Key> = HashSet::new();
-    // The GPU each node ran on, for the record.
-    let mut devices: HashMap<Key, String> = HashMap::new();
-
+    let mut s = Schedule {
+        planner,
+        opts,
+        reporter: &start.reporter,
+        failure_stop,
+        history: History::open(planner.store(), &exp.path),
+        states: HashMap::new(),
+        running: HashSet::new(),
+        stop: false,
+        pins: HashMap::new(),
+        names: HashMap::new(),
+        recomputed: HashSet::new(),
+        devices: HashMap::new(),
+    };
     loop {
-        for n in &plan.nodes {
-            names.entry(n.key.clone()).or_insert_with(|| n.name.clone());
-        }
-        reporter.set_total(plan.nodes.len() as u64);
-        // Settle cached nodes and nodes whose inputs failed.
-        for node in &plan.nodes {
-            if states.contains_key(&node.key) || running.contains(&node.key) {
-                continue;
-            }
-            if let Some(bad) = failed_input(&plan, node, &states) {
-                states.insert(
-                    node.key.clone(),
-                    (NodeState::Skipped(format!("input {bad} failed")), 0.0),
-                );
-                continue;
-            }
-            // `get` first: pinning creates a lock file, which an absent entry does not need.
-            if matches!(store.get(&node.key), Ok(Some(_)))
-                && let Ok(Some(pin)) = store.pin(&node.key)
-            {
-                history.record(node);
-                reporter.finished(&node.name, "cached", 0.0);
-                states.insert(node.key.clone(), (NodeState::Cached, 0.0));
-                pins.insert(node.key.clone(), pin);
-            }
-        }
+        s.settle(&plan);
         if opts.cancel.load(Ordering::Relaxed) {
-            stop = true;
+            s.stop = true;
         }
-        if !stop {
-            let ready: Vec<&Node> = plan
-                .nodes
-                .iter()
-                .filter(|n| !states.contains_key(&n.key) && !running.contains(&n.key))
-                .filter(|n| {
-                    n.inputs
-                        .iter()
-                        .flat_map(|(_, ids)| ids)
-                        .all(|&u| is_done(&states, &plan.nodes[u].key))
-                })
-                .collect();
-            for batch in batches(exp, ready) {
-                if exec.full() {
-                    break;
-                }
-                for n in &batch {
-                    running.insert(n.key.clone());
-                    reporter.started(&n.name);
-                }
-                let batch: Vec<Node> = batch.into_iter().cloned().collect();
-                exec.start(&plan, batch);
-            }
-            exec.flush();
+        if !s.stop {
+            s.start_ready(&plan, exec);
         }
-        if running.is_empty() {
+        if s.running.is_empty() {
             break;
         }
         let finished = exec.wait();
@@ -272,100 +222,201 @@ fn drive(
             break;
         }
         for d in finished {
-            running.remove(&d.key);
-            if let Some(dev) = &d.device {
-                devices.insert(d.key.clone(), dev.clone());
-            }
-            let node = plan.nodes.iter().find(|n| n.key == d.key);
-            let name = names
-                .get(&d.key)
-                .cloned()
-                .unwrap_or_else(|| d.key.to_string());
-            if !d.corrupt_inputs.is_empty()
-                && d.corrupt_inputs.iter().all(|k| !recomputed.contains(k))
-            {
-                // The node did not run: its inputs go back to be computed, then it runs.
-                reporter.requeued(&name);
-                for k in &d.corrupt_inputs {
-                    recomputed.insert(k.clone());
-                    states.remove(k);
-                    pins.remove(k);
-                    let input = names.get(k).cloned().unwrap_or_else(|| k.to_string());
-                    reporter.println(&format!(
-                        "cache: {input} failed verification as {name} was about to read it; moved to quarantine, computing it again"
-                    ));
-                }
-                continue;
-            }
-            match d.result {
-                Ok(_) => {
-                    let pin = d.pin.or_else(|| store.pin(&d.key).ok().flatten());
-                    if let Some(pin) = pin {
-                        pins.insert(d.key.clone(), pin);
-                    }
-                    if let Some(n) = node {
-                        history.record(n);
-                    }
-                    if d.computed {
-                        reporter.finished(&name, "done", d.seconds);
-                        states.insert(d.key, (NodeState::Ran, d.seconds));
-                    } else {
-                        reporter.finished(&name, "cached", 0.0);
-                        states.insert(d.key, (NodeState::Cached, 0.0));
-                    }
-                }
-                Err(_) if d.stopped && !failure_stop.load(Ordering::Relaxed) => {
-                    reporter.finished(&name, "interrupted", d.seconds);
-                    states.insert(d.key, (NodeState::Interrupted, d.seconds));
-                }
-                Err(_) if d.stopped => {
-                    reporter.finished(&name, "stopped", d.seconds);
-                    states.insert(d.key, (NodeState::NotRun, d.seconds));
-                }
-                Err(e) => {
-                    reporter.finished(&name, "FAILED", d.seconds);
-                    // One line as it happens; the whole error once, in the summary at the end.
-                    if d.with.is_none() {
-                        reporter.println(&format!(
-                            "error in {name}: {}",
-                            e.lines().next().unwrap_or_default()
-                        ));
-                    }
-                    if !opts.keep_going && !opts.cancel.load(Ordering::Relaxed) {
-                        stop = true;
-                        // Before `cancel`: a node that sees `cancel` must know it is not the
-                        // user's interrupt.
-                        failure_stop.store(true, Ordering::SeqCst);
-                        opts.cancel.store(true, Ordering::SeqCst);
-                    }
-                    let state = match d.with {
-                        Some(first) => NodeState::FailedWith(first),
-                        None => NodeState::Failed(e),
-                    };
-                    states.insert(d.key, (state, d.seconds));
-                }
-            }
+            s.finished(&plan, d);
         }
         plan = planner.plan()?;
     }
-    reporter.finish();
+    s.reporter.finish();
 
     let cancelled = opts.cancel.load(Ordering::Relaxed)
-        && !states
+        && !s
+            .states
             .values()
-            .any(|(s, _)| matches!(s, NodeState::Failed(_) | NodeState::FailedWith(_)));
+            .any(|(st, _)| matches!(st, NodeState::Failed(_) | NodeState::FailedWith(_)));
     let report = finish(
         planner,
         run_dir,
         &plan,
-        &states,
-        &pins,
-        &devices,
+        &s.states,
+        &s.pins,
+        &s.devices,
         cancelled,
         start.started.elapsed().as_secs_f64(),
     );
-    drop(pins);
+    drop(s);
     report
+}
+
+/// What the scheduling loop knows between plans.
+struct Schedule<'a> {
+    planner: &'a Planner<'a>,
+    opts: &'a RunOptions,
+    reporter: &'a Reporter,
+    failure_stop: &'a AtomicBool,
+    history: History,
+    /// How each settled node ended, and its seconds.
+    states: HashMap<Key, (NodeState, f64)>,
+    /// Nodes handed to the executor and not back yet.
+    running: HashSet<Key>,
+    /// No more nodes start (a failure without `--keep-going`, or an interrupt).
+    stop: bool,
+    /// Every entry this run has found or made stays pinned until the run ends, so that a
+    /// `cache gc` meanwhile (another experiment's --keep, --older-than 0) cannot take what a
+    /// later node reads, or what the record publishes.
+    pins: HashMap<Key, Pinned>,
+    /// Names of every node ever planned: a re-plan can lose a node, its messages must not.
+    names: HashMap<Key, String>,
+    /// Inputs found corrupt once and computed again: a second time is a failure, not a loop.
+    recomputed: HashSet<Key>,
+    /// The GPU each node ran on, for the record.
+    devices: HashMap<Key, String>,
+}
+
+impl Schedule<'_> {
+    /// Settles the nodes of `plan` that need no executor: cached ones, and those whose inputs
+    /// failed.
+    fn settle(&mut self, plan: &Plan) {
+        let store = self.planner.store();
+        for n in &plan.nodes {
+            self.names
+                .entry(n.key.clone())
+                .or_insert_with(|| n.name.clone());
+        }
+        self.reporter.set_total(plan.nodes.len() as u64);
+        for node in &plan.nodes {
+            if self.states.contains_key(&node.key) || self.running.contains(&node.key) {
+                continue;
+            }
+            if let Some(bad) = failed_input(plan, node, &self.states) {
+                self.states.insert(
+                    node.key.clone(),
+                    (NodeState::Skipped(format!("input {bad} failed")), 0.0),
+                );
+                continue;
+            }
+            // `get` first: pinning creates a lock file, which an absent entry does not need.
+            if matches!(store.get(&node.key), Ok(Some(_)))
+                && let Ok(Some(pin)) = store.pin(&node.key)
+            {
+                self.history.record(node);
+                self.reporter.finished(&node.name, "cached", 0.0);
+                self.states
+                    .insert(node.key.clone(), (NodeState::Cached, 0.0));
+                self.pins.insert(node.key.clone(), pin);
+            }
+        }
+    }
+
+    /// Hands every ready node (all inputs done) to `exec`, in batches, while it has room.
+    fn start_ready(&mut self, plan: &Plan, exec: &mut dyn Executor) {
+        let ready: Vec<&Node> = plan
+            .nodes
+            .iter()
+            .filter(|n| !self.states.contains_key(&n.key) && !self.running.contains(&n.key))
+            .filter(|n| {
+                n.inputs
+                    .iter()
+                    .flat_map(|(_, ids)| ids)
+                    .all(|&u| is_done(&self.states, &plan.nodes[u].key))
+            })
+            .collect();
+        for batch in batches(self.planner.experiment(), ready) {
+            if exec.full() {
+                break;
+            }
+            for n in &batch {
+                self.running.insert(n.key.clone());
+                self.reporter.started(&n.name);
+            }
+            let batch: Vec<Node> = batch.into_iter().cloned().collect();
+            exec.start(plan, batch);
+        }
+        exec.flush();
+    }
+
+    /// Records a node the executor finished: its state, its pin, and whether the run stops.
+    fn finished(&mut self, plan: &Plan, d: Done) {
+        self.running.remove(&d.key);
+        if let Some(dev) = &d.device {
+            self.devices.insert(d.key.clone(), dev.clone());
+        }
+        let name = self
+            .names
+            .get(&d.key)
+            .cloned()
+            .unwrap_or_else(|| d.key.to_string());
+        if !d.corrupt_inputs.is_empty()
+            && d.corrupt_inputs
+                .iter()
+                .all(|k| !self.recomputed.contains(k))
+        {
+            // The node did not run: its inputs go back to be computed, then it runs.
+            self.reporter.requeued(&name);
+            for k in &d.corrupt_inputs {
+                self.recomputed.insert(k.clone());
+                self.states.remove(k);
+                self.pins.remove(k);
+                let input = self.names.get(k).cloned().unwrap_or_else(|| k.to_string());
+                self.reporter.println(&format!(
+                    "cache: {input} failed verification as {name} was about to read it; moved to quarantine, computing it again"
+                ));
+            }
+            return;
+        }
+        let state = match d.result {
+            Ok(_) => {
+                let store = self.planner.store();
+                let pin = d.pin.or_else(|| store.pin(&d.key).ok().flatten());
+                if let Some(pin) = pin {
+                    self.pins.insert(d.key.clone(), pin);
+                }
+                if let Some(n) = plan.nodes.iter().find(|n| n.key == d.key) {
+                    self.history.record(n);
+                }
+                if d.computed {
+                    self.reporter.finished(&name, "done", d.seconds);
+                    NodeState::Ran
+                } else {
+                    self.reporter.finished(&name, "cached", 0.0);
+                    NodeState::Cached
+                }
+            }
+            Err(_) if d.stopped && !self.failure_stop.load(Ordering::Relaxed) => {
+                self.reporter.finished(&name, "interrupted", d.seconds);
+                NodeState::Interrupted
+            }
+            Err(_) if d.stopped => {
+                self.reporter.finished(&name, "stopped", d.seconds);
+                NodeState::NotRun
+            }
+            Err(e) => {
+                self.reporter.finished(&name, "FAILED", d.seconds);
+                // One line as it happens; the whole error once, in the summary at the end.
+                if d.with.is_none() {
+                    self.reporter.println(&format!(
+                        "error in {name}: {}",
+                        e.lines().next().unwrap_or_default()
+                    ));
+                }
+                if !self.opts.keep_going && !self.opts.cancel.load(Ordering::Relaxed) {
+                    self.stop = true;
+                    // Before `cancel`: a node that sees `cancel` must know it is not the
+                    // user's interrupt.
+                    self.failure_stop.store(true, Ordering::SeqCst);
+                    self.opts.cancel.store(true, Ordering::SeqCst);
+                }
+                match d.with {
+                    Some(first) => NodeState::FailedWith(first),
+                    None => NodeState::Failed(e),
+                }
+            }
+        };
+        let seconds = match state {
+            NodeState::Cached => 0.0,
+            _ => d.seconds,
+        };
+        self.states.insert(d.key, (state, seconds));
+    }
 }
 
 /// The first failed or skipped input of `node`, if any.

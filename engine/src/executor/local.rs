@@ -145,29 +145,61 @@ impl Worker<'_> {
     /// commits each atomically; nodes another process committed meanwhile are taken from the
     /// cache. Returns one [`Done`] per node.
     pub fn compute(&self, batch: &[Node], inputs: Inputs) -> Vec<Done> {
-        let store = self.planner.store();
-        let exp = self.planner.experiment();
         let started = Instant::now();
-        let fail = |n: &Node, e: String| Done {
-            key: n.key.clone(),
-            result: Err(e),
-            seconds: started.elapsed().as_secs_f64(),
-            computed: false,
-            stopped: false,
-            pin: None,
-            with: None,
-            corrupt_inputs: Vec::new(),
-            device: None,
-        };
+        let (mut out, todo) = self.lock_or_take(batch, started);
+        if todo.is_empty() {
+            return out;
+        }
+        if let Err(failed) = self.check_inputs(&batch[0], &inputs, &todo, started) {
+            out.extend(failed);
+            return out;
+        }
+        let mut prepared = Vec::new();
+        for m in self.prepare(&todo, started) {
+            match m {
+                Ok(p) => prepared.push(p),
+                Err(done) => out.push(*done),
+            }
+        }
+        if prepared.is_empty() {
+            return out;
+        }
+        let decl = &self.planner.experiment().stages[prepared[0].0.stage];
+        let jobs: Vec<(&crate::stage::ParamBox, &RunContext)> = prepared
+            .iter()
+            .map(|(n, _, _, cx)| (&n.params, cx))
+            .collect();
+        let results = run_guarded(|| decl.stage.run_batch(&jobs, &inputs), jobs.len());
+        let seconds = started.elapsed().as_secs_f64() / prepared.len() as f64;
+        let kind = decl.kind.as_str();
+        let finished: Vec<_> = prepared.into_iter().zip(results).collect();
+        out.extend(in_parallel(
+            finished,
+            COMMIT_THREADS,
+            |((n, lock, staging, cx), result)| {
+                self.finish(n, lock, staging, cx, result, seconds, kind)
+            },
+        ));
+        drop(todo);
+        out
+    }
 
-        // Locks in key order, so two processes batching overlapping sets cannot deadlock.
+    /// Locks every node of `batch`, in key order (so two processes batching overlapping sets
+    /// cannot deadlock): a node another process committed meanwhile is done, taken from the
+    /// cache; the others are left to compute, with their locks.
+    fn lock_or_take<'n>(
+        &self,
+        batch: &'n [Node],
+        started: Instant,
+    ) -> (Vec<Done>, Vec<(&'n Node, KeyLock)>) {
+        let store = self.planner.store();
         let mut order: Vec<&Node> = batch.iter().collect();
         order.sort_by(|a, b| a.key.cmp(&b.key));
         let mut out = Vec::new();
-        let mut todo: Vec<(&Node, KeyLock)> = Vec::new();
+        let mut todo = Vec::new();
         for n in order {
             match store.lock(&n.key) {
-                Err(e) => out.push(fail(n, format!("cannot lock cache entry: {e}"))),
+                Err(e) => out.push(failed(n, format!("cannot lock cache entry: {e}"), started)),
                 Ok(lock) => match store.pin(&n.key) {
                     Ok(Some(pin)) => out.push(Done {
                         key: n.key.clone(),
@@ -184,26 +216,38 @@ impl Worker<'_> {
                 },
             }
         }
-        if todo.is_empty() {
-            return out;
-        }
-        // Every input must still be there (a concurrent `cache gc` could have removed one).
-        let expected: usize = batch[0].inputs.iter().map(|(_, ids)| ids.len()).sum();
-        let present: usize = batch[0]
+        (out, todo)
+    }
+
+    /// Checks that every input is still there (a concurrent `cache gc` could have removed
+    /// one) and still verifies: `plan` and the scheduler trust a valid manifest, and the files
+    /// themselves are re-hashed here, when a node is about to read them (about 0.25 s per GB
+    /// on one core), so a bit-flipped input is caught before it is used, moved to quarantine
+    /// and recomputed. On a problem, every node of `todo` is done with it.
+    fn check_inputs(
+        &self,
+        first: &Node,
+        inputs: &Inputs,
+        todo: &[(&Node, KeyLock)],
+        started: Instant,
+    ) -> Result<(), Vec<Done>> {
+        let store = self.planner.store();
+        let all_fail = |msg: String| -> Vec<Done> {
+            todo.iter()
+                .map(|(n, _)| failed(n, msg.clone(), started))
+                .collect()
+        };
+        let expected: usize = first.inputs.iter().map(|(_, ids)| ids.len()).sum();
+        let present: usize = first
             .inputs
             .iter()
             .map(|(ty, _)| inputs.all(ty).len())
             .sum();
         if present != expected {
-            out.extend(
-                todo.iter()
-                    .map(|(n, _)| fail(n, "an input vanished from the cache; run again".into())),
-            );
-            return out;
+            return Err(all_fail(
+                "an input vanished from the cache; run again".into(),
+            ));
         }
-        // `plan` and the scheduler trust a valid manifest; the files themselves are re-hashed
-        // here, when a node is about to read them (about 0.25 s per GB on one core), so a
-        // bit-flipped input is caught before it is used, moved to quarantine and recomputed.
         let mut corrupt = Vec::new();
         for a in inputs.iter() {
             match store.verify(&a.key) {
@@ -218,39 +262,47 @@ impl Worker<'_> {
                     a.key.clone(),
                     format!("{}: vanished from the cache", a.node),
                 )),
-                Err(e) => {
-                    out.extend(
-                        todo.iter()
-                            .map(|(n, _)| fail(n, format!("cannot verify input {}: {e}", a.node))),
-                    );
-                    return out;
-                }
+                Err(e) => return Err(all_fail(format!("cannot verify input {}: {e}", a.node))),
             }
         }
-        if !corrupt.is_empty() {
-            let why: Vec<&str> = corrupt.iter().map(|(_, w)| w.as_str()).collect();
-            let msg = format!(
-                "an input failed verification (moved to quarantine; the next run computes it again): {}",
-                why.join("; ")
-            );
-            let keys: Vec<_> = corrupt.into_iter().map(|(k, _)| k).collect();
-            out.extend(todo.iter().map(|(n, _)| Done {
-                corrupt_inputs: keys.clone(),
-                ..fail(n, msg.clone())
-            }));
-            return out;
+        if corrupt.is_empty() {
+            return Ok(());
         }
+        let why: Vec<&str> = corrupt.iter().map(|(_, w)| w.as_str()).collect();
+        let msg = format!(
+            "an input failed verification (moved to quarantine; the next run computes it again): {}",
+            why.join("; ")
+        );
+        let keys: Vec<_> = corrupt.into_iter().map(|(k, _)| k).collect();
+        Err(todo
+            .iter()
+            .map(|(n, _)| Done {
+                corrupt_inputs: keys.clone(),
+                ..failed(n, msg.clone(), started)
+            })
+            .collect())
+    }
 
-        // Each node's staging, work directory and log are a handful of new files: made side
-        // by side, as commits are (128 layers of one batch are 768 of them).
-        let made = in_parallel(todo.iter().collect(), COMMIT_THREADS, |(n, lock)| {
+    /// Each node's staging, work directory, log and run context. They are a handful of new
+    /// files per node, made side by side as commits are (128 layers of one batch are 768).
+    #[allow(clippy::type_complexity)]
+    fn prepare<'n, 'l>(
+        &'l self,
+        todo: &'l [(&'n Node, KeyLock)],
+        started: Instant,
+    ) -> Vec<Result<(&'n Node, &'l KeyLock, probex_cache::Staging, RunContext<'l>), Box<Done>>>
+    {
+        let store = self.planner.store();
+        let exp = self.planner.experiment();
+        in_parallel(todo.iter().collect(), COMMIT_THREADS, |(n, lock)| {
+            let fail = |m: String| Box::new(failed(n, m, started));
             let decl = &exp.stages[n.stage];
             let staging = store
                 .stage(lock)
-                .map_err(|e| Box::new(fail(n, format!("cannot create staging directory: {e}"))))?;
+                .map_err(|e| fail(format!("cannot create staging directory: {e}")))?;
             let work = store
                 .work_dir(lock)
-                .map_err(|e| Box::new(fail(n, format!("cannot create work directory: {e}"))))?;
+                .map_err(|e| fail(format!("cannot create work directory: {e}")))?;
             let log_path = self.run_dir.log_path(&n.name);
             let log = File::create(&log_path)
                 .inspect_err(|e| self.run_dir.problem(format!("{}: {e}", log_path.display())))
@@ -272,36 +324,8 @@ impl Worker<'_> {
             if let Some(d) = &n.device {
                 cx.log(format!("device {d}"));
             }
-            Ok::<_, Box<Done>>((*n, lock, staging, cx))
-        });
-        let mut prepared = Vec::new();
-        for m in made {
-            match m {
-                Ok(p) => prepared.push(p),
-                Err(done) => out.push(*done),
-            }
-        }
-        if prepared.is_empty() {
-            return out;
-        }
-        let decl = &exp.stages[prepared[0].0.stage];
-        let jobs: Vec<(&crate::stage::ParamBox, &RunContext)> = prepared
-            .iter()
-            .map(|(n, _, _, cx)| (&n.params, cx))
-            .collect();
-        let results = run_guarded(|| decl.stage.run_batch(&jobs, &inputs), jobs.len());
-        let seconds = started.elapsed().as_secs_f64() / prepared.len() as f64;
-        let kind = decl.kind.as_str();
-        let finished: Vec<_> = prepared.into_iter().zip(results).collect();
-        out.extend(in_parallel(
-            finished,
-            COMMIT_THREADS,
-            |((n, lock, staging, cx), result)| {
-                self.finish(n, lock, staging, cx, result, seconds, kind)
-            },
-        ));
-        drop(todo);
-        out
+            Ok((*n, lock, staging, cx))
+        })
     }
 
     /// Commits one node's outcome (or records its failure) and pins the entry it made.
@@ -404,6 +428,21 @@ fn in_parallel<T: Send, R: Send>(
     let mut done = done.into_inner().unwrap_or_default();
     done.sort_by_key(|(i, _)| *i);
     done.into_iter().map(|(_, r)| r).collect()
+}
+
+/// A node that failed with `e`, `started` seconds into its batch.
+fn failed(n: &Node, e: String, started: Instant) -> Done {
+    Done {
+        key: n.key.clone(),
+        result: Err(e),
+        seconds: started.elapsed().as_secs_f64(),
+        computed: false,
+        stopped: false,
+        pin: None,
+        with: None,
+        corrupt_inputs: Vec::new(),
+        device: None,
+    }
 }
 
 /// Runs stage code, turning a panic into an error for every node of the batch.
