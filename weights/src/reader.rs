@@ -36,7 +36,15 @@ pub enum WeightsError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The file is not a valid safetensors file (bad header, bad offsets, truncated).
+    /// The file's safetensors header is refused (truncated, corrupt, hostile).
+    #[error("{path}: {source}")]
+    Header {
+        /// The file.
+        path: String,
+        /// What is wrong with its header.
+        source: HeaderError,
+    },
+    /// The file cannot be used for another reason (a layer it lacks, a list it fails).
     #[error("{path}: {message}")]
     Invalid {
         /// The file.
@@ -126,35 +134,135 @@ impl Header {
     }
 }
 
+/// Why a safetensors header is refused: each way a truncated, corrupt or hostile file shows,
+/// said without the file's name (the caller adds it).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// Fewer than the 8 bytes of the header length.
+    #[error(
+        "file is {file_len} bytes; a safetensors file starts with an 8-byte header length \
+         (truncated or not a safetensors file: re-download it)"
+    )]
+    NoLength {
+        /// The file's size.
+        file_len: u64,
+    },
+    /// A header length over [`MAX_HEADER_LEN`].
+    #[error(
+        "header length {len} exceeds the {MAX_HEADER_LEN}-byte limit (corrupt or not a \
+         safetensors file)"
+    )]
+    TooLong {
+        /// The length the file claims.
+        len: u64,
+    },
+    /// A header that would end past the end of the file.
+    #[error(
+        "header length {len} is beyond the end of the file ({file_len} bytes): the file is \
+         truncated; re-download it"
+    )]
+    BeyondEnd {
+        /// The length the file claims.
+        len: u64,
+        /// The file's size.
+        file_len: u64,
+    },
+    /// Not the JSON of a safetensors header.
+    #[error(
+        "header is not valid safetensors JSON ({0}); the file is corrupt or not a safetensors \
+         file"
+    )]
+    NotJson(String),
+    /// A tensor whose end offset comes before its start.
+    #[error("tensor `{tensor}`: data_offsets [{start}, {end}] run backwards")]
+    Backwards {
+        /// The tensor.
+        tensor: String,
+        /// Its start offset.
+        start: usize,
+        /// Its end offset.
+        end: usize,
+    },
+    /// A tensor whose bytes reach past the data section.
+    #[error(
+        "tensor `{tensor}`: data_offsets [{start}, {end}] reach beyond the data section \
+         ({data_len} bytes): the file is truncated or corrupt; re-download it"
+    )]
+    BeyondData {
+        /// The tensor.
+        tensor: String,
+        /// Its start offset.
+        start: usize,
+        /// Its end offset.
+        end: usize,
+        /// Bytes after the header.
+        data_len: usize,
+    },
+    /// A shape whose element or byte count overflows.
+    #[error("tensor `{tensor}`: shape {shape:?} overflows")]
+    Overflow {
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// A shape and dtype that need another number of bytes than the offsets hold.
+    #[error(
+        "tensor `{tensor}`: shape {shape:?} of {dtype:?} needs {need} bytes but data_offsets \
+         [{start}, {end}] hold {} (corrupt header)",
+        end - start
+    )]
+    WrongSize {
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// Its dtype.
+        dtype: Dtype,
+        /// Bytes the shape needs.
+        need: usize,
+        /// Its start offset.
+        start: usize,
+        /// Its end offset.
+        end: usize,
+    },
+    /// Two tensors sharing bytes.
+    #[error("tensors `{a}` and `{b}` overlap (bytes {}..{} and {}..{}): corrupt header", a_span.start, a_span.end, b_span.start, b_span.end)]
+    Overlap {
+        /// The first tensor.
+        a: String,
+        /// Its bytes in the data section.
+        a_span: Range<usize>,
+        /// The second tensor.
+        b: String,
+        /// Its bytes in the data section.
+        b_span: Range<usize>,
+    },
+    /// A tensor name given twice.
+    #[error("tensor `{0}` appears twice in the header")]
+    Duplicate(String),
+}
+
 /// Reads the header length from the first 8 bytes of a file of `file_len` bytes and checks it
 /// against [`MAX_HEADER_LEN`] and the file size. Returns `n`, the JSON length.
 ///
 /// Exposed so that a remote reader (HTTP Range) can fetch exactly the header.
-pub fn header_len(first8: &[u8], file_len: u64) -> Result<usize, String> {
+pub fn header_len(first8: &[u8], file_len: u64) -> Result<usize, HeaderError> {
     let Some(bytes) = first8.get(..8) else {
-        return Err(format!(
-            "file is {file_len} bytes; a safetensors file starts with an 8-byte header length \
-             (truncated or not a safetensors file: re-download it)"
-        ));
+        return Err(HeaderError::NoLength { file_len });
     };
     let mut le = [0u8; 8];
     le.copy_from_slice(bytes);
     let n = u64::from_le_bytes(le);
     if n > MAX_HEADER_LEN {
-        return Err(format!(
-            "header length {n} exceeds the {MAX_HEADER_LEN}-byte limit (corrupt or not a \
-             safetensors file)"
-        ));
+        return Err(HeaderError::TooLong { len: n });
     }
     let avail = file_len.saturating_sub(8);
     if n > avail {
-        return Err(format!(
-            "header length {n} is beyond the end of the file ({file_len} bytes): the file is \
-             truncated; re-download it"
-        ));
+        return Err(HeaderError::BeyondEnd { len: n, file_len });
     }
     // n <= MAX_HEADER_LEN, so it fits in usize on every supported target.
-    usize::try_from(n).map_err(|_| format!("header length {n} does not fit in memory"))
+    usize::try_from(n).map_err(|_| HeaderError::TooLong { len: n })
 }
 
 #[derive(Deserialize)]
@@ -226,52 +334,60 @@ impl<'de> Deserialize<'de> for MetaValue {
 /// Parses and validates a header. `json` is the `n` header bytes, `file_len` the size of the
 /// whole file; offsets are checked against it. Errors are messages without the file name (the
 /// caller adds it).
-pub fn parse_header(json: &[u8], file_len: usize) -> Result<Header, String> {
+pub fn parse_header(json: &[u8], file_len: usize) -> Result<Header, HeaderError> {
     let data_start = 8usize
         .checked_add(json.len())
         .filter(|&s| s <= file_len)
-        .ok_or_else(|| {
-            format!(
-                "header of {} bytes does not fit in a file of {file_len} bytes",
-                json.len()
-            )
+        .ok_or(HeaderError::BeyondEnd {
+            len: json.len() as u64,
+            file_len: file_len as u64,
         })?;
     let data_len = file_len - data_start;
-    let raw: RawHeader = serde_json::from_slice(json).map_err(|e| {
-        format!("header is not valid safetensors JSON ({e}); the file is corrupt or not a safetensors file")
-    })?;
+    let raw: RawHeader =
+        serde_json::from_slice(json).map_err(|e| HeaderError::NotJson(e.to_string()))?;
 
     let mut tensors = Vec::with_capacity(raw.tensors.len());
     for (name, info) in raw.tensors {
         let (start, end) = info.data_offsets;
         if start > end {
-            return Err(format!(
-                "tensor `{name}`: data_offsets [{start}, {end}] run backwards"
-            ));
+            return Err(HeaderError::Backwards {
+                tensor: name,
+                start,
+                end,
+            });
         }
         if end > data_len {
-            return Err(format!(
-                "tensor `{name}`: data_offsets [{start}, {end}] reach beyond the data section \
-                 ({data_len} bytes): the file is truncated or corrupt; re-download it"
-            ));
+            return Err(HeaderError::BeyondData {
+                tensor: name,
+                start,
+                end,
+                data_len,
+            });
         }
         let numel = info
             .shape
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| format!("tensor `{name}`: shape {:?} overflows", info.shape))?;
-        let bits = numel
-            .checked_mul(info.dtype.bitsize())
-            .ok_or_else(|| format!("tensor `{name}`: shape {:?} overflows", info.shape))?;
+            .ok_or_else(|| HeaderError::Overflow {
+                tensor: name.clone(),
+                shape: info.shape.clone(),
+            })?;
+        let bits =
+            numel
+                .checked_mul(info.dtype.bitsize())
+                .ok_or_else(|| HeaderError::Overflow {
+                    tensor: name.clone(),
+                    shape: info.shape.clone(),
+                })?;
         if bits % 8 != 0 || bits / 8 != end - start {
-            return Err(format!(
-                "tensor `{name}`: shape {:?} of {:?} needs {} bytes but data_offsets [{start}, {end}] \
-                 hold {} (corrupt header)",
-                info.shape,
-                info.dtype,
-                bits.div_ceil(8),
-                end - start
-            ));
+            return Err(HeaderError::WrongSize {
+                tensor: name,
+                shape: info.shape,
+                dtype: info.dtype,
+                need: bits.div_ceil(8),
+                start,
+                end,
+            });
         }
         tensors.push(TensorEntry {
             name,
@@ -286,24 +402,18 @@ pub fn parse_header(json: &[u8], file_len: usize) -> Result<Header, String> {
     by_start.sort_by_key(|t| (t.span.start, t.span.end));
     for w in by_start.windows(2) {
         if w[1].span.start < w[0].span.end {
-            return Err(format!(
-                "tensors `{}` and `{}` overlap (bytes {}..{} and {}..{}): corrupt header",
-                w[0].name,
-                w[1].name,
-                w[0].span.start - data_start,
-                w[0].span.end - data_start,
-                w[1].span.start - data_start,
-                w[1].span.end - data_start
-            ));
+            return Err(HeaderError::Overlap {
+                a: w[0].name.clone(),
+                a_span: w[0].span.start - data_start..w[0].span.end - data_start,
+                b: w[1].name.clone(),
+                b_span: w[1].span.start - data_start..w[1].span.end - data_start,
+            });
         }
     }
 
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     if let Some(w) = tensors.windows(2).find(|w| w[0].name == w[1].name) {
-        return Err(format!(
-            "tensor `{}` appears twice in the header",
-            w[0].name
-        ));
+        return Err(HeaderError::Duplicate(w[0].name.clone()));
     }
 
     Ok(Header {
@@ -315,12 +425,13 @@ pub fn parse_header(json: &[u8], file_len: usize) -> Result<Header, String> {
 }
 
 /// Parses the header of a complete safetensors file held in `bytes`.
-pub fn parse_bytes(bytes: &[u8]) -> Result<Header, String> {
+pub fn parse_bytes(bytes: &[u8]) -> Result<Header, HeaderError> {
     let n = header_len(bytes, bytes.len() as u64)?;
     // header_len checked 8 + n <= len.
-    let json = bytes
-        .get(8..8 + n)
-        .ok_or("header is beyond the end of the file")?;
+    let json = bytes.get(8..8 + n).ok_or(HeaderError::BeyondEnd {
+        len: n as u64,
+        file_len: bytes.len() as u64,
+    })?;
     parse_header(json, bytes.len())
 }
 
@@ -349,7 +460,10 @@ impl<B: AsRef<[u8]>> Safetensors<B> {
     /// Validates the header of an in-memory file. `label` names it in errors.
     pub fn from_bytes(label: impl Into<String>, bytes: B) -> Result<Self, WeightsError> {
         let label = label.into();
-        let header = parse_bytes(bytes.as_ref()).map_err(|m| WeightsError::invalid(&label, m))?;
+        let header = parse_bytes(bytes.as_ref()).map_err(|source| WeightsError::Header {
+            path: label.clone(),
+            source,
+        })?;
         Ok(Safetensors {
             label,
             bytes,
@@ -461,7 +575,11 @@ pub fn read_header(path: &Path) -> Result<Header, WeightsError> {
         .len();
     let mut first8 = [0u8; 8];
     let got = read_full(&mut file, &mut first8).map_err(|e| WeightsError::io(&label, e))?;
-    let n = header_len(&first8[..got], file_len).map_err(|m| WeightsError::invalid(&label, m))?;
+    let header_error = |source| WeightsError::Header {
+        path: label.clone(),
+        source,
+    };
+    let n = header_len(&first8[..got], file_len).map_err(header_error)?;
     let mut json = Vec::new();
     // n <= MAX_HEADER_LEN and <= file_len - 8 (checked above), so this allocation is bounded.
     (&mut file)
@@ -476,7 +594,7 @@ pub fn read_header(path: &Path) -> Result<Header, WeightsError> {
     }
     let file_len = usize::try_from(file_len)
         .map_err(|_| WeightsError::invalid(&label, "file too large for this platform"))?;
-    parse_header(&json, file_len).map_err(|m| WeightsError::invalid(&label, m))
+    parse_header(&json, file_len).map_err(header_error)
 }
 
 fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -489,4 +607,76 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(got)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file of `header` JSON followed by `data` bytes.
+    fn file(header: &str, data: usize) -> Vec<u8> {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.resize(b.len() + data, 0);
+        b
+    }
+
+    /// Each way a header can be broken is its own variant, so callers (the Hub client, the
+    /// extract pass) tell a truncated file from a hostile one without reading the message.
+    #[test]
+    fn broken_headers_are_told_apart() {
+        let t = |json: &str| format!(r#"{{"t":{json}}}"#);
+        let cases: Vec<(Vec<u8>, fn(&HeaderError) -> bool)> = vec![
+            (vec![1, 2, 3], |e| {
+                matches!(e, HeaderError::NoLength { file_len: 3 })
+            }),
+            (u64::MAX.to_le_bytes().to_vec(), |e| {
+                matches!(e, HeaderError::TooLong { .. })
+            }),
+            (file("{}", 0)[..9].to_vec(), |e| {
+                matches!(e, HeaderError::BeyondEnd { len: 2, .. })
+            }),
+            (file("[1]", 0), |e| matches!(e, HeaderError::NotJson(_))),
+            (
+                file(&t(r#"{"dtype":"F32","shape":[1],"data_offsets":[4,0]}"#), 4),
+                |e| {
+                    matches!(
+                        e,
+                        HeaderError::Backwards {
+                            start: 4,
+                            end: 0,
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                file(&t(r#"{"dtype":"F32","shape":[2],"data_offsets":[0,8]}"#), 4),
+                |e| matches!(e, HeaderError::BeyondData { data_len: 4, .. }),
+            ),
+            (
+                file(&t(r#"{"dtype":"F32","shape":[2],"data_offsets":[0,4]}"#), 4),
+                |e| matches!(e, HeaderError::WrongSize { need: 8, .. }),
+            ),
+            (
+                file(
+                    &t(r#"{"dtype":"F32","shape":[4611686018427387904,8],"data_offsets":[0,4]}"#),
+                    4,
+                ),
+                |e| matches!(e, HeaderError::Overflow { .. }),
+            ),
+            (
+                file(
+                    r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                    8,
+                ),
+                |e| matches!(e, HeaderError::Overlap { a_span, b_span, .. } if *a_span == (0..8) && *b_span == (4..8)),
+            ),
+        ];
+        for (bytes, want) in cases {
+            let e = parse_bytes(&bytes).unwrap_err();
+            assert!(want(&e), "{e:?}");
+            assert!(!e.to_string().is_empty());
+        }
+    }
 }

@@ -1156,7 +1156,7 @@ impl Hub {
         };
         let (header_bytes, file_len) = self.remote_header(&repo, m, url.as_ref(), &what)?;
         let file_len = usize::try_from(file_len).map_err(|_| format!("{what}: file too large"))?;
-        let header = parse_header(&header_bytes[8..], file_len)?;
+        let header = parse_header(&header_bytes[8..], file_len).map_err(|e| e.to_string())?;
         remote.fetch_add(file_len as u64, Ordering::Relaxed);
         let names = sel.resolve(&header).map_err(|e| format!("{what}: {e}"))?;
 

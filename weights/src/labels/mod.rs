@@ -237,6 +237,72 @@ impl fmt::Display for LabelValue {
 }
 
 /// Shortens a metadata value for an error message (values can be megabytes).
+/// Why a model's label could not be read from its metadata; the caller adds the file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LabelError {
+    /// The metadata has no such key.
+    #[error("metadata key `{key}` is missing ({})", present_keys(present, *more))]
+    Missing {
+        /// The key.
+        key: String,
+        /// The first keys the metadata does have.
+        present: Vec<String>,
+        /// How many more it has.
+        more: usize,
+    },
+    /// The key's value is not a label of the spec's kind.
+    #[error("metadata key `{key}` = {value}: {problem}")]
+    Malformed {
+        /// The key.
+        key: String,
+        /// The value, quoted and cut short.
+        value: String,
+        /// What is wrong with it.
+        problem: LabelProblem,
+    },
+}
+
+/// What is wrong with a label's value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LabelProblem {
+    /// Not a Python literal of the expected form (a list of strings, a number).
+    #[error(transparent)]
+    Literal(#[from] pylist::LiteralError),
+    /// A class name outside the spec's vocabulary.
+    #[error("`{0}` is not in the label vocabulary")]
+    NotInVocabulary(String),
+    /// A class id that is empty.
+    #[error("empty class id")]
+    EmptyClassId,
+    /// Not a synset id of ImageNet-1k (`names = "imagenet1k"`).
+    #[error("not an ImageNet-1k WordNet id (like `n02111277`)")]
+    NotImagenetId,
+    /// A category that is empty.
+    #[error("empty value")]
+    Empty,
+    /// A numeric label that is not a number.
+    #[error("not a number")]
+    NotANumber,
+    /// `transform = "log10"` of a number that is not positive.
+    #[error("log10 needs a positive number")]
+    NotPositive,
+    /// A number too large for an f32.
+    #[error("does not fit in an f32")]
+    TooLarge,
+    /// A boolean label that is not one.
+    #[error("not a boolean (True/False, true/false, 1/0)")]
+    NotABool,
+}
+
+/// The "keys present" part of [`LabelError::Missing`].
+fn present_keys(present: &[String], more: usize) -> String {
+    match (present.is_empty(), more) {
+        (true, _) => "the file has no `__metadata__`".to_string(),
+        (false, 0) => format!("keys present: {}", present.join(", ")),
+        (false, more) => format!("keys present: {}, and {more} more", present.join(", ")),
+    }
+}
+
 fn excerpt(v: &str) -> String {
     const MAX: usize = 60;
     if v.chars().count() <= MAX {
@@ -272,53 +338,46 @@ impl Labeler {
 
     /// Reads one model's label. The error names the key and says what is wrong; the caller
     /// adds the file.
-    pub fn read(&self, metadata: &BTreeMap<String, String>) -> Result<LabelValue, String> {
+    pub fn read(&self, metadata: &BTreeMap<String, String>) -> Result<LabelValue, LabelError> {
         let key = &self.spec.key;
         let Some(raw) = metadata.get(key) else {
-            let keys: Vec<&str> = metadata.keys().take(12).map(String::as_str).collect();
-            let more = metadata.len().saturating_sub(keys.len());
-            return Err(if metadata.is_empty() {
-                format!("metadata key `{key}` is missing (the file has no `__metadata__`)")
-            } else if more > 0 {
-                format!(
-                    "metadata key `{key}` is missing (keys present: {}, and {more} more)",
-                    keys.join(", ")
-                )
-            } else {
-                format!(
-                    "metadata key `{key}` is missing (keys present: {})",
-                    keys.join(", ")
-                )
+            let present: Vec<String> = metadata.keys().take(12).cloned().collect();
+            return Err(LabelError::Missing {
+                key: key.clone(),
+                more: metadata.len() - present.len(),
+                present,
             });
         };
-        let bad = |what: String| format!("metadata key `{key}` = {}: {what}", excerpt(raw));
+        let bad = |problem: LabelProblem| LabelError::Malformed {
+            key: key.clone(),
+            value: excerpt(raw),
+            problem,
+        };
         match self.spec.kind {
             LabelKind::MultiLabel => {
-                let names = pylist::parse_str_list(raw).map_err(bad)?;
+                let names = pylist::parse_str_list(raw).map_err(|e| bad(e.into()))?;
                 if self.vocab.is_some()
                     && let Some(unknown) = names.iter().find(|n| !self.vocab_index.contains_key(*n))
                 {
-                    return Err(bad(format!("`{unknown}` is not in the label vocabulary")));
+                    return Err(bad(LabelProblem::NotInVocabulary(unknown.clone())));
                 }
                 Ok(LabelValue::Multi(names))
             }
             LabelKind::Class => {
                 let id = raw.trim();
                 if id.is_empty() {
-                    return Err(bad("empty class id".into()));
+                    return Err(bad(LabelProblem::EmptyClassId));
                 }
                 if self.spec.names == Some(NameTable::Imagenet1k)
                     && vocab::imagenet1k_by_wnid(id).is_none()
                 {
-                    return Err(bad(
-                        "not an ImageNet-1k WordNet id (like `n02111277`)".into()
-                    ));
+                    return Err(bad(LabelProblem::NotImagenetId));
                 }
                 Ok(LabelValue::Class(id.to_string()))
             }
             LabelKind::Category => {
                 if raw.trim().is_empty() {
-                    return Err(bad("empty value".into()));
+                    return Err(bad(LabelProblem::Empty));
                 }
                 Ok(LabelValue::Class(raw.trim().to_string()))
             }
@@ -326,25 +385,25 @@ impl Labeler {
                 let v = match pylist::parse(raw.trim()) {
                     Ok(pylist::PyValue::Int(i)) => i as f64,
                     Ok(pylist::PyValue::Float(x)) => x,
-                    _ => return Err(bad("not a number".into())),
+                    _ => return Err(bad(LabelProblem::NotANumber)),
                 };
                 let v = match self.spec.transform.unwrap_or_default() {
                     NumericTransform::Identity => v,
                     NumericTransform::Log10 if v > 0.0 => v.log10(),
                     NumericTransform::Log10 => {
-                        return Err(bad("log10 needs a positive number".into()));
+                        return Err(bad(LabelProblem::NotPositive));
                     }
                 };
                 let f = v as f32;
                 if !f.is_finite() {
-                    return Err(bad("does not fit in an f32".into()));
+                    return Err(bad(LabelProblem::TooLarge));
                 }
                 Ok(LabelValue::Numeric(f))
             }
             LabelKind::Bool => match raw.trim() {
                 "True" | "true" | "1" => Ok(LabelValue::Bool(true)),
                 "False" | "false" | "0" => Ok(LabelValue::Bool(false)),
-                _ => Err(bad("not a boolean (True/False, true/false, 1/0)".into())),
+                _ => Err(bad(LabelProblem::NotABool)),
             },
         }
     }
@@ -508,7 +567,8 @@ mod tests {
             .read(&meta(&[("dataset_chosen_targets", "['apple', 'dragon']")]))
             .unwrap_err();
         assert!(
-            e.contains("dragon") && e.contains("dataset_chosen_targets"),
+            matches!(&e, LabelError::Malformed { key, problem: LabelProblem::NotInVocabulary(n), .. }
+                if key == "dataset_chosen_targets" && n == "dragon"),
             "{e}"
         );
     }
@@ -543,7 +603,16 @@ mod tests {
         let e = l
             .read(&meta(&[("imagenet_class_id", "n00000001")]))
             .unwrap_err();
-        assert!(e.contains("ImageNet-1k"), "{e}");
+        assert!(
+            matches!(
+                &e,
+                LabelError::Malformed {
+                    problem: LabelProblem::NotImagenetId,
+                    ..
+                }
+            ) && e.to_string().contains("ImageNet-1k"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -580,16 +649,20 @@ mod tests {
         for (t, want) in targets.iter().zip([-3.0f32, -4.0, 2.0]) {
             assert!((t - want).abs() < 1e-6, "{t} vs {want}");
         }
-        assert!(
-            num.read(&meta(&[("learning_rate", "-1")]))
-                .unwrap_err()
-                .contains("positive")
-        );
-        assert!(
-            num.read(&meta(&[("learning_rate", "fast")]))
-                .unwrap_err()
-                .contains("number")
-        );
+        assert!(matches!(
+            num.read(&meta(&[("learning_rate", "-1")])),
+            Err(LabelError::Malformed {
+                problem: LabelProblem::NotPositive,
+                ..
+            })
+        ));
+        assert!(matches!(
+            num.read(&meta(&[("learning_rate", "fast")])),
+            Err(LabelError::Malformed {
+                problem: LabelProblem::NotANumber,
+                ..
+            })
+        ));
 
         let b = Labeler::new(spec(r#"label = { key = "random_flip", kind = "bool" }"#)).unwrap();
         let v: Vec<_> = ["True", "False", "true", "0"]
@@ -607,6 +680,7 @@ mod tests {
         assert!(
             b.read(&meta(&[("random_flip", "maybe")]))
                 .unwrap_err()
+                .to_string()
                 .contains("boolean")
         );
     }
@@ -617,12 +691,21 @@ mod tests {
         let e = l
             .read(&meta(&[("epochs", "3"), ("lr", "0.1")]))
             .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "metadata key `seed` is missing (keys present: epochs, lr)"
+        );
+        let many: Vec<(String, String)> =
+            (0..15).map(|i| (format!("k{i:02}"), "1".into())).collect();
+        let many: BTreeMap<String, String> = many.into_iter().collect();
+        let e = l.read(&many).unwrap_err();
         assert!(
-            e.contains("`seed` is missing") && e.contains("epochs, lr"),
+            matches!(&e, LabelError::Missing { present, more: 3, .. } if present.len() == 12),
             "{e}"
         );
+        assert!(e.to_string().ends_with(", and 3 more)"), "{e}");
         let e = l.read(&BTreeMap::new()).unwrap_err();
-        assert!(e.contains("no `__metadata__`"), "{e}");
+        assert!(e.to_string().contains("no `__metadata__`"), "{e}");
     }
 
     #[test]

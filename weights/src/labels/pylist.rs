@@ -38,11 +38,40 @@ impl fmt::Display for PyValue {
     }
 }
 
+/// Why a metadata string is not an accepted Python literal, and where.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LiteralError {
+    /// The text is not a literal: `what` is wrong at character `at` (`near` is an excerpt).
+    #[error("{what} at character {at} (near `{near}`)")]
+    Syntax {
+        /// What is wrong.
+        what: String,
+        /// Character offset in the text.
+        at: usize,
+        /// The text around it.
+        near: String,
+    },
+    /// Item `index` of a list of strings is another kind of value.
+    #[error("item {index} is {found}, expected a quoted string")]
+    NotAString {
+        /// The item's position in the list.
+        index: usize,
+        /// What it is instead.
+        found: String,
+    },
+    /// A list of strings was expected; the literal is another kind of value.
+    #[error("expected a list of strings, found {found}")]
+    NotAList {
+        /// What it is instead.
+        found: String,
+    },
+}
+
 /// Deepest nesting accepted: real metadata has depth 1; the cap keeps recursion bounded.
 const MAX_DEPTH: usize = 32;
 
 /// Parses one Python literal; the whole input must be consumed (surrounding whitespace allowed).
-pub fn parse(text: &str) -> Result<PyValue, String> {
+pub fn parse(text: &str) -> Result<PyValue, LiteralError> {
     let mut p = Parser {
         s: text.as_bytes(),
         text,
@@ -58,17 +87,22 @@ pub fn parse(text: &str) -> Result<PyValue, String> {
 }
 
 /// Parses a Python list (or tuple) of strings, e.g. `['apple', "maple_tree"]`.
-pub fn parse_str_list(text: &str) -> Result<Vec<String>, String> {
+pub fn parse_str_list(text: &str) -> Result<Vec<String>, LiteralError> {
     match parse(text)? {
         PyValue::List(items) => items
             .into_iter()
             .enumerate()
             .map(|(i, v)| match v {
                 PyValue::Str(s) => Ok(s),
-                other => Err(format!("item {i} is {other}, expected a quoted string")),
+                other => Err(LiteralError::NotAString {
+                    index: i,
+                    found: other.to_string(),
+                }),
             })
             .collect(),
-        other => Err(format!("expected a list of strings, found {other}")),
+        other => Err(LiteralError::NotAList {
+            found: other.to_string(),
+        }),
     }
 }
 
@@ -79,7 +113,7 @@ struct Parser<'a> {
 }
 
 impl Parser<'_> {
-    fn err(&self, what: &str) -> String {
+    fn err(&self, what: &str) -> LiteralError {
         // Show a short excerpt around the position, on a char boundary.
         let mut start = self.i.saturating_sub(10);
         while !self.text.is_char_boundary(start) {
@@ -89,11 +123,11 @@ impl Parser<'_> {
         while !self.text.is_char_boundary(end) {
             end += 1;
         }
-        format!(
-            "{what} at character {} (near `{}`)",
-            self.i,
-            &self.text[start..end]
-        )
+        LiteralError::Syntax {
+            what: what.to_string(),
+            at: self.i,
+            near: self.text[start..end].to_string(),
+        }
     }
 
     fn ws(&mut self) {
@@ -102,7 +136,7 @@ impl Parser<'_> {
         }
     }
 
-    fn value(&mut self, depth: usize) -> Result<PyValue, String> {
+    fn value(&mut self, depth: usize) -> Result<PyValue, LiteralError> {
         if depth > MAX_DEPTH {
             return Err(self.err("literal nested too deeply"));
         }
@@ -150,7 +184,7 @@ impl Parser<'_> {
         }
     }
 
-    fn seq(&mut self, close: u8, depth: usize) -> Result<PyValue, String> {
+    fn seq(&mut self, close: u8, depth: usize) -> Result<PyValue, LiteralError> {
         self.i += 1;
         let mut items = Vec::new();
         loop {
@@ -173,7 +207,7 @@ impl Parser<'_> {
         }
     }
 
-    fn string(&mut self) -> Result<String, String> {
+    fn string(&mut self) -> Result<String, LiteralError> {
         let quote = self.s[self.i];
         let open = self.i;
         self.i += 1;
@@ -223,7 +257,7 @@ impl Parser<'_> {
         }
     }
 
-    fn hex_escape(&mut self, digits: usize) -> Result<char, String> {
+    fn hex_escape(&mut self, digits: usize) -> Result<char, LiteralError> {
         let end = self.i + digits;
         let hex = self
             .text
@@ -236,7 +270,7 @@ impl Parser<'_> {
         Ok(c)
     }
 
-    fn number(&mut self) -> Result<PyValue, String> {
+    fn number(&mut self) -> Result<PyValue, LiteralError> {
         let start = self.i;
         if matches!(self.s[self.i], b'-' | b'+') {
             self.i += 1;
@@ -328,10 +362,19 @@ mod tests {
             assert!(parse(bad).is_err(), "accepted {bad:?}");
         }
         let deep = "[".repeat(1000) + &"]".repeat(1000);
-        assert!(parse(&deep).unwrap_err().contains("deep"));
+        assert!(parse(&deep).unwrap_err().to_string().contains("deep"));
         let e = parse_str_list("['apple', 3]").unwrap_err();
-        assert!(e.contains("item 1"), "{e}");
+        assert_eq!(
+            e,
+            LiteralError::NotAString {
+                index: 1,
+                found: "3".into()
+            }
+        );
         let e = parse("[os.system('rm')]").unwrap_err();
-        assert!(e.contains("`os`"), "{e}");
+        assert!(
+            matches!(&e, LiteralError::Syntax { at: 1, .. }) && e.to_string().contains("`os`"),
+            "{e}"
+        );
     }
 }
