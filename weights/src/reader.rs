@@ -626,7 +626,8 @@ mod tests {
     #[test]
     fn broken_headers_are_told_apart() {
         let t = |json: &str| format!(r#"{{"t":{json}}}"#);
-        let cases: Vec<(Vec<u8>, fn(&HeaderError) -> bool)> = vec![
+        type Expect = fn(&HeaderError) -> bool;
+        let cases: Vec<(Vec<u8>, Expect)> = vec![
             (vec![1, 2, 3], |e| {
                 matches!(e, HeaderError::NoLength { file_len: 3 })
             }),
