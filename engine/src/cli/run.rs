@@ -28,7 +28,7 @@ pub(super) fn slurm_options(
     exec: &ExecutorChoice,
     threads: Option<usize>,
 ) -> Result<SlurmOptions, String> {
-    Commands::new().check()?;
+    Commands::new().check().map_err(|e| e.to_string())?;
     let probex = match &config.probex {
         Some(p) => p.clone(),
         None => std::env::current_exe().map_err(|e| {

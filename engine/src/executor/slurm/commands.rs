@@ -54,6 +54,77 @@ pub struct Commands {
     sacct_disabled: bool,
 }
 
+/// Why a SLURM command gave no answer probex can use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// The command could not be started (SLURM is not installed here).
+    #[error(
+        "cannot run `{program}`: {error}\n  = help: --executor slurm needs SLURM's commands \
+         (sbatch, squeue, scancel) on PATH"
+    )]
+    Spawn {
+        /// The command.
+        program: String,
+        /// The OS error.
+        error: String,
+    },
+    /// The command did not finish within [`COMMAND_TIMEOUT`] (or could not be waited for).
+    #[error("`{program}` did not answer: {why}")]
+    NoAnswer {
+        /// The command.
+        program: String,
+        /// What happened.
+        why: String,
+    },
+    /// The command ran and failed; `said` is what it printed (stderr, else stdout).
+    #[error("`{command}` failed ({status}): {said}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// What it said.
+        said: String,
+    },
+    /// `sbatch` succeeded but printed no job id.
+    #[error("sbatch printed `{0}` where a job id was expected")]
+    NoJobId(String),
+}
+
+impl CommandError {
+    /// What a failed command said, if it ran: SLURM's commands report their conditions in
+    /// text only (no exit codes that tell them apart), so the few probex acts on are
+    /// recognised here, from that text alone, and nowhere else.
+    fn said(&self) -> &str {
+        match self {
+            CommandError::Failed { said, .. } => said,
+            _ => "",
+        }
+    }
+
+    /// squeue refused a job list made only of jobs it has forgotten.
+    fn forgotten_jobs(&self) -> bool {
+        self.said().contains("Invalid job id")
+    }
+
+    /// sacct cannot answer: the cluster keeps no accounting.
+    fn accounting_disabled(&self) -> bool {
+        self.said().contains("accounting storage is disabled")
+    }
+
+    /// Worth another try: the controller was busy or briefly out of reach.
+    fn transient(&self) -> bool {
+        [
+            "Socket timed out",
+            "Unable to contact slurm controller",
+            "temporarily unavailable",
+            "try again",
+        ]
+        .iter()
+        .any(|m| self.said().contains(m))
+    }
+}
+
 impl Commands {
     /// Commands found on `PATH`.
     pub fn new() -> Self {
@@ -62,13 +133,13 @@ impl Commands {
 
     /// Checks that `sbatch` can be run at all, so a missing SLURM is reported before anything
     /// is planned or submitted.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), CommandError> {
         run("sbatch", &["--version".to_string()]).map(|_| ())
     }
 
     /// Submits `script` and returns its job id. A submission refused for a passing reason (the
     /// controller is busy) is tried again a few times.
-    pub fn submit(&self, script: &Path) -> Result<u64, String> {
+    pub fn submit(&self, script: &Path) -> Result<u64, CommandError> {
         let args = vec!["--parsable".to_string(), script.display().to_string()];
         let mut delay = Duration::from_secs(2);
         let mut tries = 0;
@@ -76,7 +147,7 @@ impl Commands {
             tries += 1;
             match run("sbatch", &args).and_then(|out| parse_job_id(&out)) {
                 Ok(id) => return Ok(id),
-                Err(e) if tries < 4 && transient(&e) => {
+                Err(e) if tries < 4 && e.transient() => {
                     std::thread::sleep(delay);
                     delay *= 2;
                 }
@@ -87,7 +158,10 @@ impl Commands {
 
     /// The states of every task of `jobs` that SLURM still knows, by task. A job it has
     /// forgotten is simply absent.
-    pub fn states(&mut self, jobs: &[u64]) -> Result<HashMap<TaskId, (String, String)>, String> {
+    pub fn states(
+        &mut self,
+        jobs: &[u64],
+    ) -> Result<HashMap<TaskId, (String, String)>, CommandError> {
         if jobs.is_empty() {
             return Ok(HashMap::new());
         }
@@ -98,7 +172,7 @@ impl Commands {
         let mut states = match run("squeue", &args) {
             Ok(out) => parse_squeue(&out),
             // squeue refuses a list made only of jobs it has forgotten.
-            Err(e) if e.contains("Invalid job id") => HashMap::new(),
+            Err(e) if e.forgotten_jobs() => HashMap::new(),
             Err(e) => return Err(e),
         };
         let forgotten: Vec<u64> = jobs
@@ -118,7 +192,7 @@ impl Commands {
                         states.entry(task).or_insert((state, String::new()));
                     }
                 }
-                Err(e) if e.contains("accounting storage is disabled") => {
+                Err(e) if e.accounting_disabled() => {
                     self.sacct_disabled = true;
                 }
                 // sacct is a fallback: without it a forgotten job is judged by the cache.
@@ -129,7 +203,7 @@ impl Commands {
     }
 
     /// Cancels `jobs` (whole arrays).
-    pub fn cancel(&self, jobs: &[u64]) -> Result<(), String> {
+    pub fn cancel(&self, jobs: &[u64]) -> Result<(), CommandError> {
         if jobs.is_empty() {
             return Ok(());
         }
@@ -145,20 +219,8 @@ fn join_ids(jobs: &[u64]) -> String {
         .join(",")
 }
 
-/// Errors worth another try: the controller was busy or briefly out of reach.
-fn transient(e: &str) -> bool {
-    [
-        "Socket timed out",
-        "Unable to contact slurm controller",
-        "temporarily unavailable",
-        "try again",
-    ]
-    .iter()
-    .any(|m| e.contains(m))
-}
-
 /// `sbatch --parsable` prints `ID` or `ID;CLUSTER`.
-pub fn parse_job_id(out: &str) -> Result<u64, String> {
+pub fn parse_job_id(out: &str) -> Result<u64, CommandError> {
     let line = out
         .lines()
         .map(str::trim)
@@ -167,12 +229,7 @@ pub fn parse_job_id(out: &str) -> Result<u64, String> {
     line.split(';')
         .next()
         .and_then(|id| id.trim().parse::<u64>().ok())
-        .ok_or_else(|| {
-            format!(
-                "sbatch printed `{}` where a job id was expected",
-                out.trim()
-            )
-        })
+        .ok_or_else(|| CommandError::NoJobId(out.trim().to_string()))
 }
 
 /// Lines of `squeue -h -r -o '%F|%K|%T|%r'`: array job id, task index (`N/A` for a job that
@@ -216,17 +273,16 @@ pub fn parse_sacct(out: &str) -> Vec<(TaskId, String)> {
 }
 
 /// Runs a SLURM command; its stdout, or an error that quotes what it said.
-fn run(program: &str, args: &[String]) -> Result<String, String> {
+fn run(program: &str, args: &[String]) -> Result<String, CommandError> {
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| {
-            format!(
-                "cannot run `{program}`: {e}\n  = help: --executor slurm needs SLURM's commands (sbatch, squeue, scancel) on PATH"
-            )
+        .map_err(|e| CommandError::Spawn {
+            program: program.to_string(),
+            error: e.to_string(),
         })?;
     // Read both pipes on threads so a chatty command cannot block on a full pipe.
     let mut stdout = child.stdout.take();
@@ -252,13 +308,18 @@ fn run(program: &str, args: &[String]) -> Result<String, String> {
             Ok(None) if started.elapsed() > COMMAND_TIMEOUT => {
                 let _ = child.kill();
                 let _ = child.wait();
-                break Err(format!(
-                    "`{program}` did not answer within {}s",
-                    COMMAND_TIMEOUT.as_secs()
-                ));
+                break Err(CommandError::NoAnswer {
+                    program: program.to_string(),
+                    why: format!("no answer within {}s", COMMAND_TIMEOUT.as_secs()),
+                });
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => break Err(format!("cannot wait for `{program}`: {e}")),
+            Err(e) => {
+                break Err(CommandError::NoAnswer {
+                    program: program.to_string(),
+                    why: format!("cannot wait for it: {e}"),
+                });
+            }
         }
     };
     let stdout = out.join().unwrap_or_default();
@@ -272,10 +333,11 @@ fn run(program: &str, args: &[String]) -> Result<String, String> {
         } else {
             stderr.trim()
         };
-        Err(format!(
-            "`{program} {}` failed ({status}): {said}",
-            args.join(" ")
-        ))
+        Err(CommandError::Failed {
+            command: format!("{program} {}", args.join(" ")),
+            status: status.to_string(),
+            said: said.to_string(),
+        })
     }
 }
 
@@ -318,7 +380,11 @@ mod tests {
         assert_eq!(parse_job_id("1234\n"), Ok(1234));
         assert_eq!(parse_job_id("1234;cluster\n"), Ok(1234));
         let err = parse_job_id("Submitted batch job 12\n").unwrap_err();
-        assert!(err.contains("where a job id was expected"), "{err}");
+        assert_eq!(err, CommandError::NoJobId("Submitted batch job 12".into()));
+        assert!(
+            err.to_string().contains("where a job id was expected"),
+            "{err}"
+        );
         assert!(parse_job_id("").is_err());
     }
 
@@ -348,6 +414,10 @@ mod tests {
     fn a_missing_command_says_what_is_needed() {
         let err = run("probex-no-such-command-xyz", &[]).unwrap_err();
         assert!(
+            matches!(&err, CommandError::Spawn { program, .. } if program == "probex-no-such-command-xyz")
+        );
+        let err = err.to_string();
+        assert!(
             err.contains("cannot run `probex-no-such-command-xyz`"),
             "{err}"
         );
@@ -357,7 +427,29 @@ mod tests {
     #[test]
     fn a_failing_command_is_quoted() {
         let err = run("sh", &["-c".into(), "echo nope >&2; exit 3".into()]).unwrap_err();
+        assert!(matches!(&err, CommandError::Failed { said, .. } if said == "nope"));
+        let err = err.to_string();
         assert!(err.contains("nope"), "{err}");
         assert!(err.contains("exit status: 3"), "{err}");
+    }
+
+    /// The conditions probex acts on are recognised from what the command said, and only
+    /// when it ran and failed (a missing command is never "try again").
+    #[test]
+    fn conditions_are_read_from_what_slurm_said() {
+        let failed = |said: &str| CommandError::Failed {
+            command: "squeue".into(),
+            status: "exit status: 1".into(),
+            said: said.into(),
+        };
+        assert!(failed("slurm_load_jobs error: Invalid job id specified").forgotten_jobs());
+        assert!(failed("Slurm accounting storage is disabled").accounting_disabled());
+        assert!(failed("Socket timed out on send/recv operation").transient());
+        assert!(!failed("Invalid account").transient());
+        let spawn = CommandError::Spawn {
+            program: "sbatch".into(),
+            error: "try again".into(),
+        };
+        assert!(!spawn.transient() && !spawn.forgotten_jobs());
     }
 }

@@ -266,7 +266,10 @@ impl<'a> Slurm<'a> {
         let script_path = dir.join(format!("{base}.sh"));
         std::fs::write(&script_path, script.render())
             .map_err(|e| format!("cannot write {}: {e}", script_path.display()))?;
-        let job = self.commands.submit(&script_path)?;
+        let job = self
+            .commands
+            .submit(&script_path)
+            .map_err(|e| e.to_string())?;
         Ok((job, pattern))
     }
 
