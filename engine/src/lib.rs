@@ -15,6 +15,7 @@ pub mod expect;
 pub mod experiment;
 pub mod history;
 pub mod key;
+pub mod parallel;
 pub mod params;
 pub mod plan;
 pub mod progress;

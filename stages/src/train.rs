@@ -193,18 +193,7 @@ impl Stage for Train {
             .unwrap_or("cpu")
             .parse()
             .map_err(anyhow::Error::msg)?;
-        let layer_dir = &inputs.one(LAYER)?.dir;
-        let budget = training::memory::budget().map_err(anyhow::Error::msg)?;
-        let ds = LayerDataset::open(layer_dir, budget)?;
-        if let Matrices::OnDisk(_) = ds.weights {
-            cx.log(format!(
-                "layer of {} MB as f32 exceeds the memory budget of {} MB ({}): reading it \
-                 from disk batch by batch",
-                (ds.n * ds.d_h * ds.d_w * 4) >> 20,
-                budget >> 20,
-                training::memory::ENV
-            ));
-        }
+        let ds = open_layer(inputs, cx)?;
         let text_input = inputs.optional(EMBEDDINGS)?;
         let text = match text_input {
             Some(a) => Some(TextTable::load(&a.dir)?),
@@ -226,38 +215,7 @@ impl Stage for Train {
             cfg.threads
         ));
         let mut said_resumed = false;
-        let mut on_epoch = |pr: &training::TrainProgress| {
-            if let Some(from) = pr.resumed_from
-                && !std::mem::replace(&mut said_resumed, true)
-            {
-                cx.note(format!(
-                    "resumed from the checkpoint of an interrupted run at epoch {from} of {}",
-                    pr.epochs
-                ));
-            }
-            cx.progress(
-                pr.epoch as u64 + 1,
-                pr.epochs as u64,
-                &format!("loss {:.4}", pr.train_loss),
-            );
-            if let Some(e) = pr.eval {
-                let val = e
-                    .splits
-                    .get("val")
-                    .and_then(|m| m.iter().next().map(|(k, v)| format!("{k} {v:.4}")));
-                cx.log(format!(
-                    "epoch {}: loss {:.5}{}",
-                    pr.epoch,
-                    pr.train_loss,
-                    val.map_or(String::new(), |v| format!(", val {v}"))
-                ));
-            }
-            if cx.is_cancelled() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        };
+        let mut on_epoch = |pr: &training::TrainProgress| on_epoch(cx, &mut said_resumed, pr);
         let outcome = match training::train(
             &ds,
             text.as_ref(),
@@ -276,61 +234,17 @@ impl Stage for Train {
             r => r?,
         };
         let out = cx.out_dir();
-        write(out, files::CHECKPOINT, &outcome.checkpoint)?;
-        if let Some(h) = &outcome.holdout_checkpoint {
-            write(out, files::HOLDOUT_CHECKPOINT, h)?;
-        }
-        if let Some(s) = &outcome.standardize {
-            write(out, files::STANDARDIZE, s)?;
-        }
-        write(
-            out,
-            files::REPORT,
-            &serde_json::to_vec_pretty(&outcome.report)?,
-        )?;
-
-        let ckpt = out.join(files::CHECKPOINT);
-        let enc = training::encode(&ckpt, &ds, &device)?;
-        let pred = training::predict(&ckpt, &ds, text.as_ref(), &device)?;
-        write_outputs(
-            &out.join(files::OUTPUTS),
-            ds.n,
-            &enc.values,
-            enc.dim,
-            &pred.scores,
-            pred.columns.len(),
-        )?;
-        let rows = Rows {
-            layer: ds.layer.clone(),
-            models: ds.models.clone(),
-            labels: ds.labels.clone(),
-            columns: pred.columns,
-        };
-        write(out, files::ROWS, &serde_json::to_vec(&rows)?)?;
+        save_training(out, &outcome)?;
+        save_predictions(out, &ds, text.as_ref(), &device)?;
         if let (Some(a), Some(table)) = (text_input, &text) {
             table.save(out)?;
             write(out, files::TEXT, &serde_json::to_vec_pretty(&a.meta)?)?;
         }
-
         let r = &outcome.report;
         cx.log(format!(
             "best epoch {} ({} parameters) in {:.1}s",
             r.best_epoch, r.params, r.seconds
         ));
-        let mut results = serde_json::to_value(&r.metrics)?;
-        if let Some(obj) = results.as_object_mut() {
-            obj.insert("params".into(), r.params.into());
-            obj.insert("best_epoch".into(), r.best_epoch.into());
-            obj.insert("seconds".into(), r.seconds.into());
-            // Zero-shot: the checkpoint chosen on val_holdout, whose held-out numbers the
-            // paper reports (evaluate shows both).
-            if let Some(h) = &r.holdout_metrics {
-                obj.insert("holdout_checkpoint".into(), serde_json::to_value(h)?);
-            }
-            if let Some(e) = r.best_holdout_epoch {
-                obj.insert("best_holdout_epoch".into(), e.into());
-            }
-        }
         Ok(Outcome {
             meta: serde_json::json!({
                 "model": cfg.model.as_str(),
@@ -339,12 +253,131 @@ impl Stage for Train {
                 "selection_metric": r.selection_metric,
                 "task": r.task,
             }),
-            results: Some(results),
+            results: Some(results_of(r)?),
             summary: None,
             publish: vec![files::REPORT.into()],
             references: Vec::new(),
         })
     }
+}
+
+/// Opens the input layer dataset within the memory budget (saying so when it stays on disk).
+fn open_layer(inputs: &Inputs, cx: &RunContext) -> StageResult<LayerDataset> {
+    let layer_dir = &inputs.one(LAYER)?.dir;
+    let budget = training::memory::budget().map_err(anyhow::Error::msg)?;
+    let ds = LayerDataset::open(layer_dir, budget)?;
+    if let Matrices::OnDisk(_) = ds.weights {
+        cx.log(format!(
+            "layer of {} MB as f32 exceeds the memory budget of {} MB ({}): reading it \
+                 from disk batch by batch",
+            (ds.n * ds.d_h * ds.d_w * 4) >> 20,
+            budget >> 20,
+            training::memory::ENV
+        ));
+    }
+    Ok(ds)
+}
+
+/// Reports one epoch to the engine (progress, the val metric, a resume said once) and says
+/// whether to go on (not when the run is cancelled).
+fn on_epoch(
+    cx: &RunContext,
+    said_resumed: &mut bool,
+    pr: &training::TrainProgress,
+) -> ControlFlow<()> {
+    if let Some(from) = pr.resumed_from
+        && !std::mem::replace(said_resumed, true)
+    {
+        cx.note(format!(
+            "resumed from the checkpoint of an interrupted run at epoch {from} of {}",
+            pr.epochs
+        ));
+    }
+    cx.progress(
+        pr.epoch as u64 + 1,
+        pr.epochs as u64,
+        &format!("loss {:.4}", pr.train_loss),
+    );
+    if let Some(e) = pr.eval {
+        let val = e
+            .splits
+            .get("val")
+            .and_then(|m| m.iter().next().map(|(k, v)| format!("{k} {v:.4}")));
+        cx.log(format!(
+            "epoch {}: loss {:.5}{}",
+            pr.epoch,
+            pr.train_loss,
+            val.map_or(String::new(), |v| format!(", val {v}"))
+        ));
+    }
+    if cx.is_cancelled() {
+        ControlFlow::Break(())
+    } else {
+        ControlFlow::Continue(())
+    }
+}
+
+/// Writes the training's checkpoints, standardisation and report.
+fn save_training(out: &Path, outcome: &training::TrainOutcome) -> StageResult<()> {
+    write(out, files::CHECKPOINT, &outcome.checkpoint)?;
+    if let Some(h) = &outcome.holdout_checkpoint {
+        write(out, files::HOLDOUT_CHECKPOINT, h)?;
+    }
+    if let Some(s) = &outcome.standardize {
+        write(out, files::STANDARDIZE, s)?;
+    }
+    write(
+        out,
+        files::REPORT,
+        &serde_json::to_vec_pretty(&outcome.report)?,
+    )
+}
+
+/// Encodes and predicts every model of `ds` with the saved checkpoint and writes the outputs
+/// and their rows.
+fn save_predictions(
+    out: &Path,
+    ds: &LayerDataset,
+    text: Option<&TextTable>,
+    device: &DeviceSpec,
+) -> StageResult<()> {
+    let ckpt = out.join(files::CHECKPOINT);
+    let enc = training::encode(&ckpt, ds, device)?;
+    let pred = training::predict(&ckpt, ds, text, device)?;
+    write_outputs(
+        &out.join(files::OUTPUTS),
+        ds.n,
+        &enc.values,
+        enc.dim,
+        &pred.scores,
+        pred.columns.len(),
+    )?;
+    let rows = Rows {
+        layer: ds.layer.clone(),
+        models: ds.models.clone(),
+        labels: ds.labels.clone(),
+        columns: pred.columns,
+    };
+    write(out, files::ROWS, &serde_json::to_vec(&rows)?)
+}
+
+/// The node's results: the report's metrics with its size, best epoch and time.
+fn results_of(r: &training::TrainReport) -> StageResult<serde_json::Value> {
+    let mut results = serde_json::to_value(&r.metrics)?;
+    if let Some(obj) = results.as_object_mut() {
+        obj.insert("params".into(), r.params.into());
+        obj.insert("best_epoch".into(), r.best_epoch.into());
+        obj.insert("seconds".into(), r.seconds.into());
+        // Zero-shot: the checkpoint chosen on val_holdout, whose held-out numbers the
+        // paper reports (evaluate shows both).
+        if let Some(h) = &r.holdout_metrics {
+            obj.insert("holdout_checkpoint".into(), serde_json::to_value(h)?);
+        }
+        if let Some(e) = r.best_holdout_epoch {
+            obj.insert("best_holdout_epoch".into(), e.into());
+        }
+    }
+    Ok(results)
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> StageResult<()> {

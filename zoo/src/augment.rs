@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
-use super::rng::Rng;
+use probex_weights::rng::StreamRng;
 
 /// Standard normal draws, made once from a fixed seed: per-pixel Box-Muller would cost more
 /// than the whole network's training step, and pixel noise needs no fresh entropy per value.
@@ -16,7 +16,7 @@ const NOISE_TABLE: usize = 1 << 16;
 fn noise_table() -> &'static [f32] {
     static TABLE: OnceLock<Vec<f32>> = OnceLock::new();
     TABLE.get_or_init(|| {
-        let mut rng = Rng::new(0x006e_6f69_7365);
+        let mut rng = StreamRng::new(0x006e_6f69_7365);
         (0..NOISE_TABLE).map(|_| rng.normal()).collect()
     })
 }
@@ -103,7 +103,7 @@ pub fn prepare(rgba: &[u8], src: usize, dst: usize) -> Prepared {
 /// drawing the augmentations that are on from `rng`. The shift is up to `size / 8` pixels
 /// each way (4 at 32 px, as CIFAR's RandomCrop(32, padding=4)); uncovered pixels show the
 /// background.
-pub fn render(img: &Prepared, aug: &Augment, rng: &mut Rng, out: &mut [f32]) {
+pub fn render(img: &Prepared, aug: &Augment, rng: &mut StreamRng, out: &mut [f32]) {
     let s = img.size;
     let plane = s * s;
     let bg = if aug.random_background {
@@ -189,7 +189,7 @@ mod tests {
     fn plain_render_composites_on_white_and_normalises() {
         let mut out = vec![0.0; 3 * 64];
         let img = prepare(&red_square(), 8, 8);
-        render(&img, &Augment::default(), &mut Rng::new(1), &mut out);
+        render(&img, &Augment::default(), &mut StreamRng::new(1), &mut out);
         // Red pixel: (1, 0, 0) -> (1, -1, -1); transparent pixel: white -> (1, 1, 1).
         assert_eq!([out[0], out[64], out[128]], [1.0, -1.0, -1.0]);
         assert_eq!([out[63], out[64 + 63], out[128 + 63]], [1.0, 1.0, 1.0]);
@@ -206,7 +206,7 @@ mod tests {
         let img = prepare(&red_square(), 8, 8);
         for seed in 0..16 {
             let mut out = vec![0.0; 3 * 64];
-            render(&img, &aug, &mut Rng::new(seed), &mut out);
+            render(&img, &aug, &mut StreamRng::new(seed), &mut out);
             if out[64 + 7] == -1.0 {
                 assert_eq!(out[64], 1.0);
                 flipped = true;
@@ -215,7 +215,12 @@ mod tests {
         assert!(flipped);
         let mut small = vec![0.0; 3 * 16];
         let pooled = prepare(&red_square(), 8, 4);
-        render(&pooled, &Augment::default(), &mut Rng::new(1), &mut small);
+        render(
+            &pooled,
+            &Augment::default(),
+            &mut StreamRng::new(1),
+            &mut small,
+        );
         // 2x2 pooling: the top-left 2x2 output block is all red.
         assert_eq!(small[16], -1.0);
         assert_eq!(small[16 + 15], 1.0);
@@ -227,9 +232,9 @@ mod tests {
         let mut b = vec![0.0; 3 * 64];
         let mut c = vec![0.0; 3 * 64];
         let img = prepare(&red_square(), 8, 8);
-        render(&img, &Augment::ALL, &mut Rng::new(5), &mut a);
-        render(&img, &Augment::ALL, &mut Rng::new(5), &mut b);
-        render(&img, &Augment::ALL, &mut Rng::new(6), &mut c);
+        render(&img, &Augment::ALL, &mut StreamRng::new(5), &mut a);
+        render(&img, &Augment::ALL, &mut StreamRng::new(5), &mut b);
+        render(&img, &Augment::ALL, &mut StreamRng::new(6), &mut c);
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

@@ -192,6 +192,27 @@ pub fn py_bool(b: bool) -> &'static str {
     if b { "True" } else { "False" }
 }
 
+/// A metric rounded to 4 decimals for metadata (the f32 digits beyond are noise).
+pub(crate) fn round4(x: f32) -> f64 {
+    (f64::from(x) * 1e4).round() / 1e4
+}
+
+/// `path` relative to `out_dir`, with `/` separators, as the index lists it.
+pub(crate) fn rel(out_dir: &Path, path: &Path) -> String {
+    path.strip_prefix(out_dir)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .replace('\\', "/")
+}
+
+/// Writes `bytes` to `path`, creating its folder.
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ZooError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| ZooError::io(parent, e))?;
+    }
+    std::fs::write(path, bytes).map_err(|e| ZooError::io(path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
 use serde::{Deserialize, Serialize};
 
-use super::rng::Rng;
+use probex_weights::rng::StreamRng;
 
 /// One tensor of a state dict: row-major f32 data with its PyTorch shape.
 #[derive(Clone, Debug, PartialEq)]
@@ -68,7 +68,7 @@ pub struct Dense<B: Backend> {
 
 impl<B: Backend> Dense<B> {
     /// PyTorch's default init: weight and bias uniform in `±1/sqrt(in)`.
-    pub fn torch_init(d_in: usize, d_out: usize, rng: &mut Rng) -> (HostTensor, HostTensor) {
+    pub fn torch_init(d_in: usize, d_out: usize, rng: &mut StreamRng) -> (HostTensor, HostTensor) {
         let bound = 1.0 / (d_in as f32).sqrt();
         let w = (0..d_in * d_out)
             .map(|_| rng.range(-bound, bound))
@@ -87,7 +87,7 @@ impl<B: Backend> Dense<B> {
     }
 
     /// Hugging Face ViT init: weight normal(0, 0.02), bias zero.
-    pub fn hf_init(d_in: usize, d_out: usize, rng: &mut Rng) -> (HostTensor, HostTensor) {
+    pub fn hf_init(d_in: usize, d_out: usize, rng: &mut StreamRng) -> (HostTensor, HostTensor) {
         let w = (0..d_in * d_out).map(|_| 0.02 * rng.normal()).collect();
         (
             HostTensor {
@@ -286,7 +286,7 @@ impl Arch {
     }
 
     /// A fresh classifier state dict with `classes` outputs.
-    pub fn init(&self, size: usize, classes: usize, rng: &mut Rng) -> StateDict {
+    pub fn init(&self, size: usize, classes: usize, rng: &mut StreamRng) -> StateDict {
         let mut s = StateDict::new();
         match self {
             Arch::Mlp(c) => {
@@ -356,7 +356,7 @@ impl Arch {
 
     /// Replaces `classifier.*` with a fresh head of `classes` outputs, as fine-tuning a
     /// pretrained model on a new label set does (`ignore_mismatched_sizes`).
-    pub fn init_head(&self, state: &mut StateDict, classes: usize, rng: &mut Rng) {
+    pub fn init_head(&self, state: &mut StateDict, classes: usize, rng: &mut StreamRng) {
         let (w, b) = match self {
             Arch::Mlp(c) => {
                 let d = c.hidden.last().copied().unwrap_or(0);
@@ -774,7 +774,7 @@ impl DenoiserShape {
     }
 
     /// A fresh denoiser state dict.
-    pub fn init(&self, rng: &mut Rng) -> StateDict {
+    pub fn init(&self, rng: &mut StreamRng) -> StateDict {
         let mut s = StateDict::new();
         for (name, d_in, d_out) in self.layers() {
             let (w, b) = Dense::<burn::backend::Flex>::torch_init(d_in, d_out, rng);
@@ -876,7 +876,12 @@ pub struct Lora<B: Backend> {
 impl<B: Backend> Lora<B> {
     /// Fresh adapters as peft/diffusers initialise them: `A` random, `B` zero, so training
     /// starts from the base model exactly. Every layer of [`DenoiserShape::adapted`] gets one.
-    pub fn init(shape: &DenoiserShape, rank: usize, rng: &mut Rng, device: &B::Device) -> Self {
+    pub fn init(
+        shape: &DenoiserShape,
+        rank: usize,
+        rng: &mut StreamRng,
+        device: &B::Device,
+    ) -> Self {
         let mut down = Vec::new();
         let mut up = Vec::new();
         for (_, d_in, d_out) in shape.adapted() {

@@ -2,10 +2,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use super::augment::Augment;
 use super::classes::{CIFAR100, cifar_index, mapping};
 use super::fixture::write_fixture_package;
-use super::nets::{HostTensor, MlpConfig, VitConfig};
+use super::layout::Layout;
+use super::nets::{
+    Arch, Denoiser, DenoiserConfig, HostTensor, Lora, Mlp, MlpConfig, StateDict, Vit, VitConfig,
+};
+use super::train::{Batcher, Cpu, Item};
 use super::*;
+use probex_weights::dataset::Split;
+use probex_weights::rng::StreamRng;
 
 /// A Python list literal of strings (`['a', 'b']`), parsed without evaluating anything.
 fn parse_py_list(s: &str) -> Vec<String> {
@@ -217,8 +224,14 @@ fn discriminative_tree_is_model_j_shaped_and_labelled_by_what_it_learned() {
                 })
             })
             .collect();
-        let acc =
-            train::accuracy(&net, &items, &data, &Augment::default(), &mut Rng::new(0)).unwrap();
+        let acc = train::accuracy(
+            &net,
+            &items,
+            &data,
+            &Augment::default(),
+            &mut StreamRng::new(0),
+        )
+        .unwrap();
         correct += (acc * items.len() as f32).round() as usize;
         shown += items.len();
     }
@@ -541,7 +554,7 @@ fn configs_are_strict_and_explain_themselves() {
 
 #[test]
 fn state_dicts_round_trip_through_burn_modules() {
-    let mut rng = Rng::new(9);
+    let mut rng = StreamRng::new(9);
     let device = Default::default();
     let mlp = MlpConfig { hidden: vec![5, 4] };
     let s = Arch::Mlp(mlp.clone()).init(8, 3, &mut rng);
@@ -631,7 +644,7 @@ fn fake_embed(texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
             let seed = t
                 .bytes()
                 .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
-            let mut rng = rng::Rng::derive(seed, &[]);
+            let mut rng = StreamRng::derive(seed, &[]);
             let v: Vec<f32> = (0..FAKE_TEXT_DIM).map(|_| rng.normal()).collect();
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             v.into_iter().map(|x| x / norm).collect()
@@ -804,7 +817,7 @@ fn text_conditioning_needs_an_encoder_exactly_when_configured() {
 #[test]
 fn lora_forward_adds_each_blocks_text_path() {
     let shape = DenoiserConfig { hidden: vec![2] }.shape(1, 2);
-    let mut rng = rng::Rng::derive(11, &[]);
+    let mut rng = StreamRng::derive(11, &[]);
     let state = shape.init(&mut rng);
     let device = Default::default();
     let base = Denoiser::<train::Cpu>::load(&shape, &state, &device).unwrap();

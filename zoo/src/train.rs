@@ -2,7 +2,7 @@
 //! learning-rate schedules) and LoRA fine-tuning of the denoiser (Adam, MSE).
 //!
 //! Everything runs on Burn's `flex` CPU backend in the calling thread; randomness comes only
-//! from the [`Rng`] passed in, so a run is reproducible bit for bit.
+//! from the [`StreamRng`] passed in, so a run is reproducible bit for bit.
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module};
@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::augment::{Augment, Prepared, prepare, render};
 use super::emoji::{ImageClass, SHEET_EMOJI_SIZE};
 use super::nets::{Arch, Denoiser, Lora, Mlp, StateDict, Vit};
-use super::rng::Rng;
+use probex_weights::rng::StreamRng;
 
 /// The plain CPU backend (inference, weight export).
 pub type Cpu = Flex;
@@ -138,7 +138,12 @@ impl<'a> Batcher<'a> {
     }
 
     /// Inputs `[n * features]` and labels for `items`, augmented with `aug`.
-    pub fn batch(&self, items: &[Item], aug: &Augment, rng: &mut Rng) -> (Vec<f32>, Vec<i32>) {
+    pub fn batch(
+        &self,
+        items: &[Item],
+        aug: &Augment,
+        rng: &mut StreamRng,
+    ) -> (Vec<f32>, Vec<i32>) {
         let f = self.features();
         let mut x = vec![0.0f32; items.len() * f];
         let mut chw = vec![0.0f32; f];
@@ -178,7 +183,7 @@ pub fn train_classifier<M>(
     data: &Batcher<'_>,
     aug: &Augment,
     opt: OptimSpec,
-    rng: &mut Rng,
+    rng: &mut StreamRng,
 ) -> (M, f32)
 where
     M: AutodiffModule<Ad> + Classifier<Ad>,
@@ -213,7 +218,7 @@ pub fn accuracy<M: Classifier<Cpu>>(
     items: &[Item],
     data: &Batcher<'_>,
     aug: &Augment,
-    rng: &mut Rng,
+    rng: &mut StreamRng,
 ) -> Result<f32, String> {
     let device = Default::default();
     let mut right = 0usize;
@@ -247,7 +252,7 @@ pub fn train_denoiser(
     steps: usize,
     batch: usize,
     lr: f64,
-    rng: &mut Rng,
+    rng: &mut StreamRng,
 ) -> (Denoiser<Ad>, f32) {
     let device = Default::default();
     let f = 3 * size * size;
@@ -300,7 +305,7 @@ fn text_batch<B: Backend>(
 
 /// Noisy copies of `clean` rows: each row gets Gaussian noise of a level drawn in [0.1, 0.8],
 /// as a diffusion model sees many noise levels.
-fn add_noise(clean: &[f32], f: usize, rng: &mut Rng) -> Vec<f32> {
+fn add_noise(clean: &[f32], f: usize, rng: &mut StreamRng) -> Vec<f32> {
     let mut out = clean.to_vec();
     for row in out.chunks_mut(f) {
         let sigma = rng.range(0.1, 0.8);
@@ -324,7 +329,7 @@ pub fn train_lora(
     steps: usize,
     batch: usize,
     lr: f64,
-    rng: &mut Rng,
+    rng: &mut StreamRng,
 ) -> (Lora<Ad>, f32) {
     let device = Default::default();
     let n = samples.len() / f.max(1);

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, mpsc};
+use std::sync::mpsc;
 use std::thread::Scope;
 use std::time::Instant;
 
@@ -12,6 +12,7 @@ use probex_cache::{Entry, EntryInfo, KeyLock, Store, Verified};
 
 use super::gpus::GpuPool;
 use super::{Done, Executor};
+use crate::parallel::in_parallel;
 use crate::plan::{Node, Plan, Planner, StoredOutcome, artifact};
 use crate::progress::Reporter;
 use crate::record::RunDir;
@@ -398,37 +399,6 @@ impl Worker<'_> {
 /// Entries of one batch committed side by side: a commit mostly waits on fsync, so a batch of
 /// 128 layers commits in about the time of a few.
 const COMMIT_THREADS: usize = 8;
-
-/// `f` over `items` on up to `threads` scoped threads; results in the items' order.
-fn in_parallel<T: Send, R: Send>(
-    items: Vec<T>,
-    threads: usize,
-    f: impl Fn(T) -> R + Sync,
-) -> Vec<R> {
-    let n = items.len();
-    if n <= 1 || threads <= 1 {
-        return items.into_iter().map(f).collect();
-    }
-    let queue = Mutex::new(items.into_iter().enumerate());
-    let done = Mutex::new(Vec::with_capacity(n));
-    std::thread::scope(|scope| {
-        for _ in 0..threads.min(n) {
-            scope.spawn(|| {
-                loop {
-                    let next = queue.lock().ok().and_then(|mut q| q.next());
-                    let Some((i, item)) = next else { break };
-                    let r = f(item);
-                    if let Ok(mut d) = done.lock() {
-                        d.push((i, r));
-                    }
-                }
-            });
-        }
-    });
-    let mut done = done.into_inner().unwrap_or_default();
-    done.sort_by_key(|(i, _)| *i);
-    done.into_iter().map(|(_, r)| r).collect()
-}
 
 /// A node that failed with `e`, `started` seconds into its batch.
 fn failed(n: &Node, e: String, started: Instant) -> Done {

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use probex_engine::cache::hex;
 use sha2::Digest as _;
@@ -254,6 +254,8 @@ fn respond(
     w.flush()
 }
 
+/// Answers one connection: reads its request and dispatches it to the API or the file
+/// endpoints (anything else is a 404).
 fn serve(
     conn: TcpStream,
     state: &Mutex<State>,
@@ -275,25 +277,87 @@ fn serve(
         let mut sink = vec![0u8; n.min(1 << 20)];
         let _ = reader.read_exact(&mut sink);
     }
-    let auth_ok = req.headers.get("authorization").map(String::as_str)
-        == Some(format!("Bearer {token}").as_str());
-    let head = req.method == "HEAD";
-    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-    let record = |st: &mut State, status: u16| {
-        st.seen.push(Seen {
-            method: req.method.clone(),
-            path: req.path.clone(),
-            range: req.headers.get("range").cloned(),
-            auth: req.headers.get("authorization").cloned(),
-            status,
-        })
+    let x = Exchange {
+        auth_ok: req.headers.get("authorization").map(String::as_str)
+            == Some(format!("Bearer {token}").as_str()),
+        head: req.method == "HEAD",
+        req: &req,
+        bytes,
+        ignore_range,
     };
+    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
     let segs: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
 
     // API: /api/{kind}/{o}/{n}[/revision/{rev}] and /api/{kind}/{o}/{n}/tree/{rev}
     if segs.first() == Some(&"api") && segs.len() >= 4 {
+        return x.api(st, &mut w, &segs);
+    }
+    // Files: /[datasets/]{o}/{n}/resolve/{rev}/{path...}
+    let (kind, segs) = if segs.first() == Some(&"datasets") {
+        ("datasets", &segs[1..])
+    } else {
+        ("models", &segs[..])
+    };
+    if segs.len() >= 5 && segs[2] == "resolve" {
+        return x.resolve(st, &mut w, kind, segs);
+    }
+    x.record(&mut st, 404);
+    drop(st);
+    respond(&mut w, 404, &[], b"", x.head)
+}
+
+/// One request being answered: the request, whether its token is right, whether it is a HEAD,
+/// and the mock's switches and counters that the answer reads and counts in.
+struct Exchange<'a> {
+    req: &'a Req,
+    auth_ok: bool,
+    head: bool,
+    /// Body bytes sent for resolve GETs.
+    bytes: &'a AtomicU64,
+    /// When set, `Range` is ignored.
+    ignore_range: &'a AtomicBool,
+}
+
+impl Exchange<'_> {
+    /// Notes the request and the status it got in what the mock has seen.
+    fn record(&self, st: &mut State, status: u16) {
+        st.seen.push(Seen {
+            method: self.req.method.clone(),
+            path: self.req.path.clone(),
+            range: self.req.headers.get("range").cloned(),
+            auth: self.req.headers.get("authorization").cloned(),
+            status,
+        })
+    }
+
+    /// Records `status` and answers it with an empty body and, when given, `X-Error-Code`.
+    fn refuse(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        w: &mut TcpStream,
+        status: u16,
+        code: Option<&str>,
+    ) -> std::io::Result<()> {
+        self.record(&mut st, status);
+        drop(st);
+        let headers: Vec<(&str, String)> = code
+            .map(|c| ("X-Error-Code", c.to_string()))
+            .into_iter()
+            .collect();
+        respond(w, status, &headers, b"", self.head)
+    }
+
+    /// The API endpoints: a repo's info (`sha`, files) and its file tree.
+    fn api(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        w: &mut TcpStream,
+        segs: &[&str],
+    ) -> std::io::Result<()> {
         let key = format!("{}/{}/{}", segs[1], segs[2], segs[3]);
-        let not_found = |w: &mut TcpStream, code: &str| {
+        let not_found = |mut st: MutexGuard<'_, State>, w: &mut TcpStream, code: &str| {
+            self.record(&mut st, 404);
+            drop(st);
             respond(
                 w,
                 404,
@@ -302,129 +366,62 @@ fn serve(
                     ("Content-Type", "application/json".into()),
                 ],
                 br#"{"error":"not found"}"#,
-                head,
+                self.head,
             )
         };
         let Some(repo) = st.repos.get(&key).cloned() else {
-            record(&mut st, 404);
-            drop(st);
-            return not_found(&mut w, "RepoNotFound");
+            return not_found(st, w, "RepoNotFound");
         };
-        if repo.private && !auth_ok {
-            record(&mut st, 401);
+        if repo.private && !self.auth_ok {
+            self.record(&mut st, 401);
             drop(st);
-            return respond(&mut w, 401, &[], b"{\"error\":\"auth\"}", head);
+            return respond(w, 401, &[], b"{\"error\":\"auth\"}", self.head);
         }
-        let rest = &segs[4..];
-        let rev_ok = |rev: &str| rev == "main" || rev == repo.commit;
-        let body = match rest {
-            [] | ["revision", _] => {
-                if let ["revision", rev] = rest
-                    && !rev_ok(rev)
-                {
-                    record(&mut st, 404);
-                    drop(st);
-                    return not_found(&mut w, "RevisionNotFound");
-                }
-                serde_json::json!({
-                    "id": format!("{}/{}", segs[2], segs[3]),
-                    "sha": repo.commit,
-                    "siblings": repo.files.keys().map(|k| serde_json::json!({"rfilename": k})).collect::<Vec<_>>(),
-                })
-            }
-            ["tree", rev, ..] => {
-                if !rev_ok(rev) {
-                    record(&mut st, 404);
-                    drop(st);
-                    return not_found(&mut w, "RevisionNotFound");
-                }
-                serde_json::Value::Array(
-                    repo.files
-                        .iter()
-                        .map(|(p, b)| {
-                            let sha = hex::encode(&sha2::Sha256::digest(b));
-                            serde_json::json!({
-                                "type": "file",
-                                "oid": commit_id(p),
-                                "size": b.len(),
-                                "path": p,
-                                "lfs": {"oid": sha, "size": b.len(), "pointerSize": 134},
-                            })
-                        })
-                        .collect(),
-                )
-            }
-            _ => {
-                record(&mut st, 404);
-                drop(st);
-                return not_found(&mut w, "EntryNotFound");
-            }
+        let body = match api_body(&repo, segs) {
+            Ok(body) => body,
+            Err(code) => return not_found(st, w, code),
         };
-        record(&mut st, 200);
+        self.record(&mut st, 200);
         drop(st);
         let body = serde_json::to_vec(&body).unwrap_or_default();
-        return respond(
-            &mut w,
+        respond(
+            w,
             200,
             &[("Content-Type", "application/json".into())],
             &body,
-            head,
-        );
+            self.head,
+        )
     }
 
-    // Files: /[datasets/]{o}/{n}/resolve/{rev}/{path...}
-    let (kind, segs) = if segs.first() == Some(&"datasets") {
-        ("datasets", &segs[1..])
-    } else {
-        ("models", &segs[..])
-    };
-    if segs.len() >= 5 && segs[2] == "resolve" {
+    /// The file endpoint: a file of `kind/{segs[0]}/{segs[1]}` at revision `segs[3]`, whole or
+    /// a `Range` of it, with the fault queued for its path applied.
+    fn resolve(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        w: &mut TcpStream,
+        kind: &str,
+        segs: &[&str],
+    ) -> std::io::Result<()> {
         let key = format!("{kind}/{}/{}", segs[0], segs[1]);
         let file = segs[4..].join("/");
         let Some(repo) = st.repos.get(&key).cloned() else {
-            record(&mut st, 404);
-            drop(st);
-            return respond(
-                &mut w,
-                404,
-                &[("X-Error-Code", "RepoNotFound".into())],
-                b"",
-                head,
-            );
+            return self.refuse(st, w, 404, Some("RepoNotFound"));
         };
-        if repo.private && !auth_ok {
-            record(&mut st, 401);
-            drop(st);
-            return respond(&mut w, 401, &[], b"", head);
+        if repo.private && !self.auth_ok {
+            return self.refuse(st, w, 401, None);
         }
         if segs[3] != "main" && segs[3] != repo.commit {
-            record(&mut st, 404);
-            drop(st);
-            return respond(
-                &mut w,
-                404,
-                &[("X-Error-Code", "RevisionNotFound".into())],
-                b"",
-                head,
-            );
+            return self.refuse(st, w, 404, Some("RevisionNotFound"));
         }
         let Some(data) = repo.files.get(&file).cloned() else {
-            record(&mut st, 404);
-            drop(st);
-            return respond(
-                &mut w,
-                404,
-                &[("X-Error-Code", "EntryNotFound".into())],
-                b"",
-                head,
-            );
+            return self.refuse(st, w, 404, Some("EntryNotFound"));
         };
-        let fault = if head {
+        let fault = if self.head {
             None
         } else {
             st.faults
                 .iter_mut()
-                .find(|(p, q)| req.path.contains(p.as_str()) && !q.is_empty())
+                .find(|(p, q)| self.req.path.contains(p.as_str()) && !q.is_empty())
                 .and_then(|(_, q)| q.pop_front())
         };
         let etag = hex::encode(&sha2::Sha256::digest(&data));
@@ -434,21 +431,12 @@ fn serve(
             ("X-Repo-Commit", repo.commit.clone()),
             ("Accept-Ranges", "bytes".into()),
         ];
-        let range = req
+        let range = self
+            .req
             .headers
             .get("range")
-            .filter(|_| !ignore_range.load(Ordering::Relaxed))
-            .and_then(|r| r.strip_prefix("bytes="))
-            .and_then(|r| {
-                let (a, b) = r.split_once('-')?;
-                let a: usize = a.parse().ok()?;
-                let b: usize = if b.is_empty() {
-                    data.len().checked_sub(1)?
-                } else {
-                    b.parse::<usize>().ok()?.min(data.len().checked_sub(1)?)
-                };
-                Some((a, b))
-            });
+            .filter(|_| !self.ignore_range.load(Ordering::Relaxed))
+            .and_then(|r| parse_range(r, data.len()));
         let (status, body) = match range {
             Some((a, b)) if a <= b && a < data.len() => {
                 headers.push(("Content-Range", format!("bytes {a}-{b}/{}", data.len())));
@@ -460,51 +448,100 @@ fn serve(
             }
             None => (200, data),
         };
-        match fault {
-            Some(Fault::Status(code, ra)) => {
-                record(&mut st, code);
-                drop(st);
-                let mut h = vec![];
-                if let Some(s) = ra {
-                    h.push(("Retry-After", s.to_string()));
-                }
-                return respond(&mut w, code, &h, b"", false);
-            }
-            Some(Fault::CutBody(n)) => {
-                record(&mut st, status);
-                drop(st);
-                headers.push(("Content-Length", body.len().to_string()));
-                let n = n.min(body.len());
-                bytes.fetch_add(n as u64, Ordering::Relaxed);
-                return respond(&mut w, status, &headers, &body[..n], false);
-            }
-            Some(Fault::LongerContentLength(extra)) => {
-                record(&mut st, status);
-                drop(st);
-                headers.push(("Content-Length", (body.len() + extra).to_string()));
-                bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
-                return respond(&mut w, status, &headers, &body, false);
-            }
-            Some(Fault::ShorterContentLength(less)) => {
-                record(&mut st, status);
-                drop(st);
-                headers.push((
-                    "Content-Length",
-                    body.len().saturating_sub(less).to_string(),
-                ));
-                bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
-                return respond(&mut w, status, &headers, &body, false);
-            }
-            None => {}
+        if let Some(fault) = fault {
+            return self.faulty(st, w, fault, (status, headers, &body));
         }
-        record(&mut st, status);
+        self.record(&mut st, status);
         drop(st);
-        if !head {
-            bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+        if !self.head {
+            self.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
         }
-        return respond(&mut w, status, &headers, &body, head);
+        respond(w, status, &headers, &body, self.head)
     }
-    record(&mut st, 404);
-    drop(st);
-    respond(&mut w, 404, &[], b"", head)
+
+    /// Answers a file GET with `fault` instead of the right answer (status, headers, body).
+    fn faulty(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        w: &mut TcpStream,
+        fault: Fault,
+        (status, mut headers, body): (u16, Vec<(&str, String)>, &[u8]),
+    ) -> std::io::Result<()> {
+        if let Fault::Status(code, ra) = fault {
+            self.record(&mut st, code);
+            drop(st);
+            let h: Vec<(&str, String)> = ra
+                .map(|s| ("Retry-After", s.to_string()))
+                .into_iter()
+                .collect();
+            return respond(w, code, &h, b"", false);
+        }
+        self.record(&mut st, status);
+        drop(st);
+        let (len, sent) = match fault {
+            Fault::CutBody(n) => (body.len(), n.min(body.len())),
+            Fault::LongerContentLength(extra) => (body.len() + extra, body.len()),
+            Fault::ShorterContentLength(less) => (body.len().saturating_sub(less), body.len()),
+            Fault::Status(..) => (body.len(), body.len()),
+        };
+        headers.push(("Content-Length", len.to_string()));
+        self.bytes.fetch_add(sent as u64, Ordering::Relaxed);
+        respond(w, status, &headers, &body[..sent], false)
+    }
+}
+
+/// The JSON an API request for `repo` answers: its info (`[]` or `["revision", rev]` after the
+/// repo) or its file tree (`["tree", rev, ..]`); the `X-Error-Code` of a 404 otherwise.
+fn api_body(repo: &MockRepo, segs: &[&str]) -> Result<serde_json::Value, &'static str> {
+    let rest = &segs[4..];
+    let rev_ok = |rev: &str| rev == "main" || rev == repo.commit;
+    match rest {
+        [] | ["revision", _] => {
+            if let ["revision", rev] = rest
+                && !rev_ok(rev)
+            {
+                return Err("RevisionNotFound");
+            }
+            Ok(serde_json::json!({
+                "id": format!("{}/{}", segs[2], segs[3]),
+                "sha": repo.commit,
+                "siblings": repo.files.keys().map(|k| serde_json::json!({"rfilename": k})).collect::<Vec<_>>(),
+            }))
+        }
+        ["tree", rev, ..] => {
+            if !rev_ok(rev) {
+                return Err("RevisionNotFound");
+            }
+            Ok(serde_json::Value::Array(
+                repo.files
+                    .iter()
+                    .map(|(p, b)| {
+                        let sha = hex::encode(&sha2::Sha256::digest(b));
+                        serde_json::json!({
+                            "type": "file",
+                            "oid": commit_id(p),
+                            "size": b.len(),
+                            "path": p,
+                            "lfs": {"oid": sha, "size": b.len(), "pointerSize": 134},
+                        })
+                    })
+                    .collect(),
+            ))
+        }
+        _ => Err("EntryNotFound"),
+    }
+}
+
+/// A `Range` header's `bytes=a-b` (or `a-`) as inclusive bounds, the end clamped to a file of
+/// `len` bytes; `None` when it cannot be read (the whole file is sent).
+fn parse_range(header: &str, len: usize) -> Option<(usize, usize)> {
+    let r = header.strip_prefix("bytes=")?;
+    let (a, b) = r.split_once('-')?;
+    let a: usize = a.parse().ok()?;
+    let b: usize = if b.is_empty() {
+        len.checked_sub(1)?
+    } else {
+        b.parse::<usize>().ok()?.min(len.checked_sub(1)?)
+    };
+    Some((a, b))
 }

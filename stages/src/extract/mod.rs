@@ -157,19 +157,7 @@ pub fn extract_with_digests(
     if outputs.is_empty() {
         return Err(ExtractError::Config("no layers to extract".into()));
     }
-    if models.is_empty() {
-        return Err(ExtractError::Config("no models to extract from".into()));
-    }
-    let mut models: Vec<&ModelSource> = models.iter().collect();
-    models.sort_by(|a, b| a.id.cmp(&b.id));
-    if let Some(w) = models.windows(2).find(|w| w[0].id == w[1].id) {
-        return Err(ExtractError::Config(format!(
-            "two models have the id `{}`: {} and {}",
-            w[0].id,
-            w[0].path.display(),
-            w[1].path.display()
-        )));
-    }
+    let models = sorted_models(models)?;
     // A layer is read where it is unless a copy pays: a conversion was asked for, or NaN/Inf
     // values are to be zeroed (the file's bytes are not the row then).
     let referenced: Vec<bool> = outputs
@@ -195,31 +183,8 @@ pub fn extract_with_digests(
         .iter()
         .map(|o| opts.precision.unwrap_or(o.layer.source_precision))
         .collect();
-    let storage: Vec<Storage> = outputs
-        .iter()
-        .zip(&referenced)
-        .map(|(o, &r)| match o.layer.storage {
-            _ if !r => o.layer.storage,
-            Storage::References { lora_rank } => Storage::References { lora_rank },
-            _ => Storage::References { lora_rank: None },
-        })
-        .collect();
-    let files: Vec<LayerFile> = outputs
-        .iter()
-        .zip(precision.iter().zip(&storage))
-        .map(|(o, (&p, &st))| {
-            LayerFile::create(
-                &o.dir,
-                &o.layer.name,
-                p,
-                st,
-                o.layer.matrix,
-                models.len(),
-                label_width,
-            )
-            .map_err(io_err(&o.dir))
-        })
-        .collect::<Result<_, _>>()?;
+    let storage = storage_of(outputs, &referenced);
+    let files = create_files(outputs, &precision, &storage, models.len(), label_width)?;
     let layers = Layers {
         outputs,
         files: &files,
@@ -227,67 +192,17 @@ pub fn extract_with_digests(
         referenced: &referenced,
     };
     let (outcomes, bytes_read) = read_models(&models, &layers, &labeler, &splits, opts, digests)?;
-    // Failures first: every fatal problem, in id order.
-    let mut failures = Vec::new();
-    for (m, o) in models.iter().zip(&outcomes) {
-        for p in [o.label.as_ref().err(), o.split.as_ref().err()]
-            .into_iter()
-            .flatten()
-        {
-            if p.fatal {
-                failures.push(format!("{}: {}", m.id, p.message));
+    let (labelled, values, skipped) = match labelled_models(&models, &outcomes) {
+        Ok(kept) => kept,
+        Err(e) => {
+            for f in &files {
+                let _ = std::fs::remove_file(f.path());
             }
+            return Err(e);
         }
-    }
-    if !failures.is_empty() {
-        for f in &files {
-            let _ = std::fs::remove_file(f.path());
-        }
-        return Err(ExtractError::Models(failures));
-    }
-
-    // Models with a label and a split, in slot order; their labels define the classes.
-    let mut skipped = Vec::new();
-    let mut labelled = Vec::new();
-    let mut values = Vec::new();
-    for (slot, (m, o)) in models.iter().zip(&outcomes).enumerate() {
-        match (&o.label, &o.split) {
-            (Ok(v), Ok(s)) => {
-                labelled.push((slot, *s));
-                values.push(v.clone());
-            }
-            (Err(p), _) | (_, Err(p)) => skipped.push(Skipped {
-                id: m.id.clone(),
-                reason: p.message.clone(),
-            }),
-        }
-    }
-    if labelled.is_empty() {
-        for f in &files {
-            let _ = std::fs::remove_file(f.path());
-        }
-        return Err(ExtractError::Config(format!(
-            "no model is left to extract: all {} were skipped (first: {})",
-            models.len(),
-            skipped.first().map(|s| s.reason.as_str()).unwrap_or("")
-        )));
-    }
+    };
     let all_labels = labeler.assemble(&values).map_err(ExtractError::Config)?;
-    if all_labels.width() == 0 {
-        return Err(ExtractError::Config(format!(
-            "label key `{}` gives no classes (every list is empty)",
-            label.key
-        )));
-    }
-    if label_width.is_some_and(|w| all_labels.width() > w) {
-        return Err(ExtractError::Config(format!(
-            "label key `{}` has {} classes, more than the {} supported without a vocabulary",
-            label.key,
-            all_labels.width(),
-            label_width.unwrap_or(0)
-        )));
-    }
-
+    check_label_width(&all_labels, label, label_width)?;
     let label_columns = match &all_labels {
         Labels::MultiLabel { classes, .. } => Some(classes.len()),
         _ => None,
@@ -326,6 +241,135 @@ pub fn extract_with_digests(
         bytes_written,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The models sorted by id (the slot order of every layer file); an error when there are none
+/// or an id repeats.
+fn sorted_models(models: &[ModelSource]) -> Result<Vec<&ModelSource>, ExtractError> {
+    if models.is_empty() {
+        return Err(ExtractError::Config("no models to extract from".into()));
+    }
+    let mut models: Vec<&ModelSource> = models.iter().collect();
+    models.sort_by(|a, b| a.id.cmp(&b.id));
+    if let Some(w) = models.windows(2).find(|w| w[0].id == w[1].id) {
+        return Err(ExtractError::Config(format!(
+            "two models have the id `{}`: {} and {}",
+            w[0].id,
+            w[0].path.display(),
+            w[1].path.display()
+        )));
+    }
+    Ok(models)
+}
+
+/// Each layer's storage: as its layer says when copied, references (keeping a LoRA's rank)
+/// when read where it is.
+fn storage_of(outputs: &[LayerOutput], referenced: &[bool]) -> Vec<Storage> {
+    outputs
+        .iter()
+        .zip(referenced)
+        .map(|(o, &r)| match o.layer.storage {
+            _ if !r => o.layer.storage,
+            Storage::References { lora_rank } => Storage::References { lora_rank },
+            _ => Storage::References { lora_rank: None },
+        })
+        .collect()
+}
+
+/// Creates every layer's file, sized for `n_models` rows.
+fn create_files(
+    outputs: &[LayerOutput],
+    precision: &[Precision],
+    storage: &[Storage],
+    n_models: usize,
+    label_width: Option<usize>,
+) -> Result<Vec<LayerFile>, ExtractError> {
+    outputs
+        .iter()
+        .zip(precision.iter().zip(storage))
+        .map(|(o, (&p, &st))| {
+            LayerFile::create(
+                &o.dir,
+                &o.layer.name,
+                p,
+                st,
+                o.layer.matrix,
+                n_models,
+                label_width,
+            )
+            .map_err(io_err(&o.dir))
+        })
+        .collect()
+}
+
+/// The models the pass gave a label and a split, in slot order: `(slot, split)` and label
+/// value of each, and the skipped ones with their reason. An error (the caller removes the
+/// layer files) lists every fatal problem in id order, or says that every model was skipped.
+#[allow(clippy::type_complexity)]
+fn labelled_models(
+    models: &[&ModelSource],
+    outcomes: &[ModelOutcome],
+) -> Result<(Vec<(usize, Split)>, Vec<LabelValue>, Vec<Skipped>), ExtractError> {
+    let mut failures = Vec::new();
+    for (m, o) in models.iter().zip(outcomes) {
+        for p in [o.label.as_ref().err(), o.split.as_ref().err()]
+            .into_iter()
+            .flatten()
+        {
+            if p.fatal {
+                failures.push(format!("{}: {}", m.id, p.message));
+            }
+        }
+    }
+    if !failures.is_empty() {
+        return Err(ExtractError::Models(failures));
+    }
+    let mut skipped = Vec::new();
+    let mut labelled = Vec::new();
+    let mut values = Vec::new();
+    for (slot, (m, o)) in models.iter().zip(outcomes).enumerate() {
+        match (&o.label, &o.split) {
+            (Ok(v), Ok(s)) => {
+                labelled.push((slot, *s));
+                values.push(v.clone());
+            }
+            (Err(p), _) | (_, Err(p)) => skipped.push(Skipped {
+                id: m.id.clone(),
+                reason: p.message.clone(),
+            }),
+        }
+    }
+    if labelled.is_empty() {
+        return Err(ExtractError::Config(format!(
+            "no model is left to extract: all {} were skipped (first: {})",
+            models.len(),
+            skipped.first().map(|s| s.reason.as_str()).unwrap_or("")
+        )));
+    }
+    Ok((labelled, values, skipped))
+}
+
+/// Checks that the labels give at least one class, and no more than the files were sized for.
+fn check_label_width(
+    labels: &Labels,
+    label: &LabelSpec,
+    label_width: Option<usize>,
+) -> Result<(), ExtractError> {
+    if labels.width() == 0 {
+        return Err(ExtractError::Config(format!(
+            "label key `{}` gives no classes (every list is empty)",
+            label.key
+        )));
+    }
+    if label_width.is_some_and(|w| labels.width() > w) {
+        return Err(ExtractError::Config(format!(
+            "label key `{}` has {} classes, more than the {} supported without a vocabulary",
+            label.key,
+            labels.width(),
+            label_width.unwrap_or(0)
+        )));
+    }
+    Ok(())
 }
 
 /// What every layer's dataset is assembled from once the pass is done.

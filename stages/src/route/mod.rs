@@ -184,7 +184,41 @@ pub fn fit(points: &[Point], s: &Settings) -> Result<Fit, String> {
         return Err(format!("`margin` = {}: use a number >= 1", s.margin));
     }
     check_min_silhouette(s.min_silhouette)?;
-    // Training points by architecture, architectures in order of first appearance.
+    let archs = training_by_arch(points)?;
+    let (distances, dendrograms) = dendrograms(points, &archs, s.trees == TreeCount::Auto);
+    let mut silhouettes = Vec::new();
+    let applied = match s.trees {
+        TreeCount::Auto => auto_cuts(&distances, &dendrograms, s, &mut silhouettes),
+        TreeCount::Fixed(k) => fixed_cuts(k, &archs, &dendrograms)?,
+    };
+    let mut trees = cut_trees(points, &archs, &dendrograms, &applied);
+    let mut tree_of = vec![None; points.len()];
+    for (k, t) in trees.iter().enumerate() {
+        for &i in &t.members {
+            tree_of[i] = Some(k);
+        }
+    }
+    let nearest = |p: &Point| -> Option<(usize, f64)> {
+        trees
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.arch == p.arch && t.centroid.len() == p.features.len())
+            .map(|(k, t)| (k, distance(p.features, &t.centroid)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+    };
+    let near: Vec<Option<(usize, f64)>> = points.iter().map(nearest).collect();
+    calibrate(&mut trees, points, &near, s.margin);
+    let placements = place(points, &trees, &tree_of, &near);
+    Ok(Fit {
+        trees,
+        placements,
+        silhouettes,
+    })
+}
+
+/// Training points by architecture, architectures in order of first appearance; an error when
+/// there are none, or when one architecture's points differ in length.
+fn training_by_arch(points: &[Point]) -> Result<Vec<(usize, Vec<usize>)>, String> {
     let mut archs: Vec<(usize, Vec<usize>)> = Vec::new();
     for (i, p) in points.iter().enumerate() {
         if p.split != Split::Train {
@@ -207,10 +241,16 @@ pub fn fit(points: &[Point], s: &Settings) -> Result<Fit, String> {
             ));
         }
     }
+    Ok(archs)
+}
 
-    // The dendrogram of each architecture, and with "auto" the distances that judge its cuts.
-    let auto = s.trees == TreeCount::Auto;
-    let (distances, dendrograms): (Vec<Option<Vec<f64>>>, Vec<Vec<cluster::Merge>>) = archs
+/// The pairwise distances (kept only with `auto`, which judges cuts by them) and the dendrogram
+/// of each architecture's training points.
+type Dendrograms = (Vec<Option<Vec<f64>>>, Vec<Vec<cluster::Merge>>);
+
+/// The dendrogram of each architecture, and with `auto` the distances that judge its cuts.
+fn dendrograms(points: &[Point], archs: &[(usize, Vec<usize>)], auto: bool) -> Dendrograms {
+    archs
         .iter()
         .map(|(_, members)| {
             let d = points[members[0]].features.len();
@@ -225,58 +265,79 @@ pub fn fit(points: &[Point], s: &Settings) -> Result<Fit, String> {
                 cluster::average_linkage(dist, n),
             )
         })
-        .unzip();
+        .unzip()
+}
 
-    // How many merges each architecture applies.
-    let mut silhouettes = Vec::new();
-    let applied: Vec<usize> = match s.trees {
-        TreeCount::Auto => distances
-            .iter()
-            .zip(&dendrograms)
-            .map(|(dist, m)| {
-                let n = m.len() + 1;
-                let best = dist
-                    .as_deref()
-                    .and_then(|d| cluster::best_silhouette_cut(d, m, n, MAX_AUTO_TREES));
-                silhouettes.push(best.map(|(_, score)| score));
-                match best {
-                    Some((apply, score)) if score >= s.min_silhouette => apply,
-                    _ => m.len(),
-                }
-            })
-            .collect(),
-        TreeCount::Fixed(k) => {
-            let total: usize = archs.iter().map(|(_, m)| m.len()).sum();
-            if k < archs.len() {
-                return Err(format!(
-                    "`trees` = {k}, but the training models have {} architectures and each is \
-                     at least one tree",
-                    archs.len()
-                ));
+/// With `trees = "auto"`: how many merges each architecture applies (the best silhouette cut
+/// when it reaches `min_silhouette`, else all: one tree); each best score goes to
+/// `silhouettes`.
+fn auto_cuts(
+    distances: &[Option<Vec<f64>>],
+    dendrograms: &[Vec<cluster::Merge>],
+    s: &Settings,
+    silhouettes: &mut Vec<Option<f64>>,
+) -> Vec<usize> {
+    distances
+        .iter()
+        .zip(dendrograms)
+        .map(|(dist, m)| {
+            let n = m.len() + 1;
+            let best = dist
+                .as_deref()
+                .and_then(|d| cluster::best_silhouette_cut(d, m, n, MAX_AUTO_TREES));
+            silhouettes.push(best.map(|(_, score)| score));
+            match best {
+                Some((apply, score)) if score >= s.min_silhouette => apply,
+                _ => m.len(),
             }
-            if k > total {
-                return Err(format!(
-                    "`trees` = {k}, but there are only {total} training models"
-                ));
-            }
-            // The globally lowest merges, architecture by architecture (each list is sorted).
-            let mut all: Vec<(f64, usize)> = dendrograms
-                .iter()
-                .enumerate()
-                .flat_map(|(a, m)| m.iter().map(move |m| (m.height, a)))
-                .collect();
-            all.sort_by(|x, y| x.0.total_cmp(&y.0));
-            let mut applied = vec![0; archs.len()];
-            for &(_, a) in all.iter().take(total - k) {
-                applied[a] += 1;
-            }
-            applied
-        }
-    };
+        })
+        .collect()
+}
 
-    // Trees, ordered by their first training point.
+/// With `trees = k`: how many merges each architecture applies so that `k` trees remain, the
+/// globally lowest merges first.
+fn fixed_cuts(
+    k: usize,
+    archs: &[(usize, Vec<usize>)],
+    dendrograms: &[Vec<cluster::Merge>],
+) -> Result<Vec<usize>, String> {
+    let total: usize = archs.iter().map(|(_, m)| m.len()).sum();
+    if k < archs.len() {
+        return Err(format!(
+            "`trees` = {k}, but the training models have {} architectures and each is \
+             at least one tree",
+            archs.len()
+        ));
+    }
+    if k > total {
+        return Err(format!(
+            "`trees` = {k}, but there are only {total} training models"
+        ));
+    }
+    // The globally lowest merges, architecture by architecture (each list is sorted).
+    let mut all: Vec<(f64, usize)> = dendrograms
+        .iter()
+        .enumerate()
+        .flat_map(|(a, m)| m.iter().map(move |m| (m.height, a)))
+        .collect();
+    all.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let mut applied = vec![0; archs.len()];
+    for &(_, a) in all.iter().take(total - k) {
+        applied[a] += 1;
+    }
+    Ok(applied)
+}
+
+/// The trees the cuts leave, ordered by their first training point; each threshold is still its
+/// radius ([`calibrate`] sets it).
+fn cut_trees(
+    points: &[Point],
+    archs: &[(usize, Vec<usize>)],
+    dendrograms: &[Vec<cluster::Merge>],
+    applied: &[usize],
+) -> Vec<FittedTree> {
     let mut trees: Vec<FittedTree> = Vec::new();
-    for (((arch, members), merges), &apply) in archs.iter().zip(&dendrograms).zip(&applied) {
+    for (((arch, members), merges), &apply) in archs.iter().zip(dendrograms).zip(applied) {
         let labels = cluster::cut(members.len(), merges, apply);
         let count = labels.iter().max().map_or(0, |&l| l + 1);
         for c in 0..count {
@@ -301,26 +362,19 @@ pub fn fit(points: &[Point], s: &Settings) -> Result<Fit, String> {
         }
     }
     trees.sort_by_key(|t| t.members[0]);
+    trees
+}
 
-    let mut tree_of = vec![None; points.len()];
-    for (k, t) in trees.iter().enumerate() {
-        for &i in &t.members {
-            tree_of[i] = Some(k);
-        }
-    }
-    let nearest = |p: &Point| -> Option<(usize, f64)> {
-        trees
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t.arch == p.arch && t.centroid.len() == p.features.len())
-            .map(|(k, t)| (k, distance(p.features, &t.centroid)))
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-    };
-    let near: Vec<Option<(usize, f64)>> = points.iter().map(nearest).collect();
-
-    // Thresholds: the farthest training or validation model, with a margin.
+/// Thresholds: the farthest training or validation model of each tree (validation models by
+/// their nearest tree, `near`), times `margin`.
+fn calibrate(
+    trees: &mut [FittedTree],
+    points: &[Point],
+    near: &[Option<(usize, f64)>],
+    margin: f64,
+) {
     let mut reach: Vec<f64> = trees.iter().map(|t| t.radius).collect();
-    for (p, n) in points.iter().zip(&near) {
+    for (p, n) in points.iter().zip(near) {
         if matches!(p.split, Split::Val | Split::ValHoldout)
             && let Some((k, d)) = n
         {
@@ -328,10 +382,19 @@ pub fn fit(points: &[Point], s: &Settings) -> Result<Fit, String> {
         }
     }
     for (t, r) in trees.iter_mut().zip(&reach) {
-        t.threshold = s.margin * r;
+        t.threshold = margin * r;
     }
+}
 
-    let placements = points
+/// Every point's placement: training points in their own tree, the others in their nearest
+/// tree when within its threshold.
+fn place(
+    points: &[Point],
+    trees: &[FittedTree],
+    tree_of: &[Option<usize>],
+    near: &[Option<(usize, f64)>],
+) -> Vec<Placement> {
+    points
         .iter()
         .enumerate()
         .map(|(i, p)| {
@@ -356,12 +419,7 @@ pub fn fit(points: &[Point], s: &Settings) -> Result<Fit, String> {
                 },
             }
         })
-        .collect();
-    Ok(Fit {
-        trees,
-        placements,
-        silhouettes,
-    })
+        .collect()
 }
 
 fn mean(points: &[Point], members: &[usize]) -> Vec<f32> {

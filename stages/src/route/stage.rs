@@ -171,11 +171,45 @@ struct Candidate {
     parameters: u64,
 }
 
+/// Routes the models of the input collections: reads their headers, groups them by
+/// architecture, reads their routing weights, finds the trees and places every model. Returns
+/// the routing and the trees' centroids.
 fn route(
     p: &RouteParams,
     inputs: &Inputs,
     cx: &RunContext,
 ) -> StageResult<(Routing, Vec<Vec<f32>>)> {
+    let models = input_models(inputs)?;
+    let splits = SplitAssigner::new(&p.splits).map_err(anyhow::Error::msg)?;
+    cx.log(format!("reading the headers of {} models", models.len()));
+    let candidates: Vec<Candidate> = models
+        .into_par_iter()
+        .map(|(model, origin)| candidate(model, origin, p, &splits))
+        .collect::<StageResult<_>>()?;
+    cx.check_cancelled()?;
+    let (archs, arch_of) = architectures(&candidates, p)?;
+    cx.log(format!(
+        "{} architecture(s); reading routing weights ({})",
+        archs.len(),
+        archs
+            .iter()
+            .map(|a| format!("{} of {} tensors", a.features, a.tensors))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let features: Vec<Vec<f32>> = candidates
+        .par_iter()
+        .zip(&arch_of)
+        .map(|(c, &a)| Ok(archs[a].features_of(&c.model.path)?))
+        .collect::<StageResult<_>>()?;
+    cx.check_cancelled()?;
+    let fit = cluster(&candidates, &arch_of, &features, p, cx)?;
+    Ok(assemble(candidates, archs, arch_of, fit))
+}
+
+/// The models of every input collection, each with the collection it came from when there are
+/// several (its true tree); an error when there are none or an id repeats.
+fn input_models(inputs: &Inputs) -> StageResult<Vec<(ModelSource, Option<String>)>> {
     let collections = inputs.all(collection::ARTIFACT);
     let mut models: Vec<(ModelSource, Option<String>)> = Vec::new();
     for a in collections {
@@ -199,18 +233,18 @@ fn route(
             );
         }
     }
-    let splits = SplitAssigner::new(&p.splits).map_err(anyhow::Error::msg)?;
-    cx.log(format!("reading the headers of {} models", models.len()));
-    let candidates: Vec<Candidate> = models
-        .into_par_iter()
-        .map(|(model, origin)| candidate(model, origin, p, &splits))
-        .collect::<StageResult<_>>()?;
-    cx.check_cancelled()?;
+    Ok(models)
+}
 
-    // Architectures in order of first appearance, each with its routing layers.
+/// The architectures in order of first appearance, each with its routing layers, and the
+/// architecture of every candidate.
+fn architectures(
+    candidates: &[Candidate],
+    p: &RouteParams,
+) -> StageResult<(Vec<Architecture>, Vec<usize>)> {
     let mut archs: Vec<Architecture> = Vec::new();
     let mut arch_of = Vec::with_capacity(candidates.len());
-    for c in &candidates {
+    for c in candidates {
         let a = match archs.iter().position(|a| a.signature == c.signature) {
             Some(a) => a,
             None => {
@@ -238,26 +272,22 @@ fn route(
         };
         arch_of.push(a);
     }
-    cx.log(format!(
-        "{} architecture(s); reading routing weights ({})",
-        archs.len(),
-        archs
-            .iter()
-            .map(|a| format!("{} of {} tensors", a.features, a.tensors))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    let features: Vec<Vec<f32>> = candidates
-        .par_iter()
-        .zip(&arch_of)
-        .map(|(c, &a)| Ok(archs[a].features_of(&c.model.path)?))
-        .collect::<StageResult<_>>()?;
-    cx.check_cancelled()?;
+    Ok((archs, arch_of))
+}
 
+/// Finds the trees among the candidates' routing weights (`features`, by candidate) and places
+/// every candidate; logs each architecture's silhouette.
+fn cluster(
+    candidates: &[Candidate],
+    arch_of: &[usize],
+    features: &[Vec<f32>],
+    p: &RouteParams,
+    cx: &RunContext,
+) -> StageResult<super::Fit> {
     let points: Vec<Point> = candidates
         .iter()
-        .zip(&arch_of)
-        .zip(&features)
+        .zip(arch_of)
+        .zip(features)
         .map(|((c, &arch), f)| Point {
             arch,
             split: c.model.split.unwrap_or(Split::Test),
@@ -285,6 +315,17 @@ fn route(
     }
     cx.log(format!("{} trees", fit.trees.len()));
 
+    Ok(fit)
+}
+
+/// The routing record of a fit: its trees (each named after the true tree most of its members
+/// come from, when known) and every model's placement; and the trees' centroids.
+fn assemble(
+    candidates: Vec<Candidate>,
+    archs: Vec<Architecture>,
+    arch_of: Vec<usize>,
+    fit: super::Fit,
+) -> (Routing, Vec<Vec<f32>>) {
     let trees: Vec<Tree> = fit
         .trees
         .iter()
@@ -314,7 +355,7 @@ fn route(
             placement,
         })
         .collect();
-    Ok((
+    (
         Routing {
             format: Routing::FORMAT,
             architectures: archs,
@@ -322,7 +363,7 @@ fn route(
             models: routed,
         },
         centroids,
-    ))
+    )
 }
 
 /// Reads one model's header: its split, true tree and architecture signature.

@@ -1,7 +1,7 @@
 //! Clustering and routing on constructed trees: bases far apart, fine-tunes near their base.
 
 use super::*;
-use probex_zoo::rng::Rng;
+use probex_weights::rng::StreamRng;
 
 /// `per` models of each base: `base + spread * noise`, with splits cycling train x3, val, test.
 struct Trees {
@@ -11,16 +11,16 @@ struct Trees {
     archs: Vec<usize>,
 }
 
-fn base(rng: &mut Rng, d: usize, scale: f32) -> Vec<f32> {
+fn base(rng: &mut StreamRng, d: usize, scale: f32) -> Vec<f32> {
     (0..d).map(|_| scale * rng.normal()).collect()
 }
 
-fn tune(rng: &mut Rng, base: &[f32], spread: f32) -> Vec<f32> {
+fn tune(rng: &mut StreamRng, base: &[f32], spread: f32) -> Vec<f32> {
     base.iter().map(|&b| b + spread * rng.normal()).collect()
 }
 
 fn trees(bases: &[Vec<f32>], per: usize, spread: f32, seed: u64) -> Trees {
-    let mut rng = Rng::new(seed);
+    let mut rng = StreamRng::new(seed);
     let cycle = [
         Split::Train,
         Split::Train,
@@ -67,7 +67,7 @@ fn settings(trees: TreeCount) -> Settings {
 }
 
 fn three_bases(d: usize) -> Vec<Vec<f32>> {
-    let mut rng = Rng::new(7);
+    let mut rng = StreamRng::new(7);
     (0..3).map(|_| base(&mut rng, d, 1.0)).collect()
 }
 
@@ -106,7 +106,7 @@ fn a_fixed_count_merges_the_closest_trees_first() {
 fn a_model_from_an_unseen_tree_is_rejected() {
     let bases = three_bases(300);
     let t = trees(&bases, 25, 0.05, 3);
-    let mut rng = Rng::new(99);
+    let mut rng = StreamRng::new(99);
     let outsider_base = base(&mut rng, 300, 1.0);
     let outsiders: Vec<Vec<f32>> = (0..5)
         .map(|_| tune(&mut rng, &outsider_base, 0.05))
@@ -144,7 +144,7 @@ fn validation_models_widen_the_threshold() {
     let first = fit(&points(&t), &settings(TreeCount::Auto)).unwrap();
     // Push one validation model of tree 0 further out than any training model.
     let v = t.splits.iter().position(|&s| s == Split::Val).unwrap();
-    let mut rng = Rng::new(5);
+    let mut rng = StreamRng::new(5);
     t.vectors[v] = tune(&mut rng, &bases[0], 0.15);
     let second = fit(&points(&t), &settings(TreeCount::Auto)).unwrap();
     let d = second.placements[v].distance.unwrap();
@@ -158,7 +158,7 @@ fn validation_models_widen_the_threshold() {
 
 #[test]
 fn auto_keeps_one_tree_whole() {
-    let mut rng = Rng::new(11);
+    let mut rng = StreamRng::new(11);
     let t = trees(&[base(&mut rng, 60, 1.0)], 40, 0.05, 12);
     let fit = fit(&points(&t), &settings(TreeCount::Auto)).unwrap();
     assert_eq!(fit.trees.len(), 1);
@@ -168,7 +168,7 @@ fn auto_keeps_one_tree_whole() {
 #[test]
 fn architectures_never_share_a_tree() {
     // Two architectures (feature lengths 50 and 80), one tree each, close in value.
-    let mut rng = Rng::new(8);
+    let mut rng = StreamRng::new(8);
     let a = base(&mut rng, 50, 0.01);
     let b = base(&mut rng, 80, 0.01);
     let t = trees(&[a, b], 20, 0.05, 6);
