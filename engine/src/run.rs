@@ -203,6 +203,7 @@ fn drive(
         names: HashMap::new(),
         recomputed: HashSet::new(),
         devices: HashMap::new(),
+        gangs: HashMap::new(),
     };
     loop {
         s.settle(&plan);
@@ -270,6 +271,9 @@ struct Schedule<'a> {
     recomputed: HashSet<Key>,
     /// The GPU each node ran on, for the record.
     devices: HashMap<Key, String>,
+    /// Each ready node's gang key and limit, asked once (a kind may read its inputs' files to
+    /// answer, and a node may wait many rounds for a free worker).
+    gangs: HashMap<Key, (Option<String>, usize)>,
 }
 
 impl Schedule<'_> {
@@ -320,7 +324,7 @@ impl Schedule<'_> {
                     .all(|&u| is_done(&self.states, &plan.nodes[u].key))
             })
             .collect();
-        for batch in batches(self.planner.experiment(), ready) {
+        for batch in batches(self.planner, plan, ready, &mut self.gangs) {
             if exec.full() {
                 break;
             }
@@ -443,12 +447,49 @@ fn is_done(states: &HashMap<Key, (NodeState, f64)>, key: &Key) -> bool {
     )
 }
 
-/// Groups ready nodes: nodes of a batching stage with identical inputs go together.
-fn batches<'n>(exp: &crate::experiment::Experiment, ready: Vec<&'n Node>) -> Vec<Vec<&'n Node>> {
+/// Groups ready nodes: nodes of a batching stage with identical inputs go together, and so
+/// do nodes of a ganging stage with equal gang keys (and device), up to the gang's limit.
+/// `known` remembers each node's gang key and limit between rounds.
+fn batches<'n>(
+    planner: &Planner,
+    plan: &Plan,
+    ready: Vec<&'n Node>,
+    known: &mut HashMap<Key, (Option<String>, usize)>,
+) -> Vec<Vec<&'n Node>> {
+    let exp = planner.experiment();
     let mut out: Vec<Vec<&Node>> = Vec::new();
     let mut index: BTreeMap<(usize, String), usize> = BTreeMap::new();
+    // Per gang: the batch being filled, and how many members it may hold.
+    let mut gangs: BTreeMap<(usize, Option<String>, String), (usize, usize)> = BTreeMap::new();
     for n in ready {
-        if exp.stages[n.stage].stage.batches() {
+        let stage = &exp.stages[n.stage].stage;
+        if stage.gangs() {
+            let (key, limit) = known
+                .entry(n.key.clone())
+                .or_insert_with(|| {
+                    let inputs = crate::executor::local::inputs_of(plan, n, planner.store());
+                    match stage.gang(&n.params, &inputs) {
+                        Some(key) => {
+                            let limit = stage.gang_limit(&n.params, &inputs, n.device.as_deref());
+                            (Some(key), limit)
+                        }
+                        None => (None, 1),
+                    }
+                })
+                .clone();
+            let Some(key) = key else {
+                out.push(vec![n]);
+                continue;
+            };
+            let id = (n.stage, n.device.clone(), key);
+            match gangs.get(&id) {
+                Some(&(i, limit)) if out[i].len() < limit => out[i].push(n),
+                _ => {
+                    gangs.insert(id, (out.len(), limit));
+                    out.push(vec![n]);
+                }
+            }
+        } else if stage.batches() {
             let inputs = format!("{:?}", n.material.inputs);
             match index.get(&(n.stage, inputs.clone())) {
                 Some(&i) => out[i].push(n),

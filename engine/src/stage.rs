@@ -522,8 +522,41 @@ pub trait Stage: Send + Sync + 'static {
         false
     }
 
+    /// Whether this kind may gang nodes ([`Stage::gang`]): only then does the scheduler read
+    /// a ready node's inputs to ask for its gang key. A kind that gangs is never batched by
+    /// [`Stage::batches`].
+    fn gangs(&self) -> bool {
+        false
+    }
+
+    /// The gang of a ready node: nodes of one declared stage whose keys are equal may be
+    /// computed together by [`Stage::run_gang`] although their inputs differ (the layers of
+    /// one shape train as one batched problem). `None`: the node runs alone. Ganging is how
+    /// nodes run, never what they are: each keeps its own key, lock and cache entry, so the
+    /// key must only group nodes whose results do not depend on their company.
+    fn gang(&self, _params: &Self::Params, _inputs: &Inputs) -> Option<String> {
+        None
+    }
+
+    /// How many nodes of a gang may run in one call (device memory), given one member's
+    /// params and inputs and the device asked for; larger gangs are split. At least 1.
+    fn gang_limit(&self, _params: &Self::Params, _inputs: &Inputs, _device: Option<&str>) -> usize {
+        usize::MAX
+    }
+
     /// Computes one node into `cx.out_dir()`.
     fn run(&self, params: &Self::Params, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome>;
+
+    /// Computes the nodes of one gang, each with its own params, inputs and context; one
+    /// result per job, in order. By default one after another.
+    fn run_gang(
+        &self,
+        jobs: &[(&Self::Params, &Inputs, &RunContext)],
+    ) -> Vec<StageResult<Outcome>> {
+        jobs.iter()
+            .map(|(p, inputs, cx)| self.run(p, inputs, cx))
+            .collect()
+    }
 
     /// Computes several nodes that share their inputs; by default one after another.
     fn run_batch(
@@ -583,11 +616,15 @@ pub(crate) trait DynStage: Send + Sync {
     fn identity(&self, p: &ParamBox, cx: &PlanContext) -> StageResult<Option<String>>;
     fn resource(&self, p: &ParamBox, device: Option<&str>) -> Resource;
     fn batches(&self) -> bool;
+    fn gangs(&self) -> bool;
+    fn gang(&self, p: &ParamBox, inputs: &Inputs) -> Option<String>;
+    fn gang_limit(&self, p: &ParamBox, inputs: &Inputs, device: Option<&str>) -> usize;
     fn run_batch(
         &self,
         jobs: &[(&ParamBox, &RunContext)],
         inputs: &Inputs,
     ) -> Vec<StageResult<Outcome>>;
+    fn run_gang(&self, jobs: &[(&ParamBox, &Inputs, &RunContext)]) -> Vec<StageResult<Outcome>>;
 }
 
 impl<S: Stage> DynStage for S {
@@ -661,6 +698,25 @@ impl<S: Stage> DynStage for S {
     }
     fn batches(&self) -> bool {
         Stage::batches(self)
+    }
+    fn gangs(&self) -> bool {
+        Stage::gangs(self)
+    }
+    fn gang(&self, p: &ParamBox, inputs: &Inputs) -> Option<String> {
+        Stage::gang(self, p.get::<S::Params>(), inputs)
+    }
+    fn gang_limit(&self, p: &ParamBox, inputs: &Inputs, device: Option<&str>) -> usize {
+        Stage::gang_limit(self, p.get::<S::Params>(), inputs, device).max(1)
+    }
+    fn run_gang(&self, jobs: &[(&ParamBox, &Inputs, &RunContext)]) -> Vec<StageResult<Outcome>> {
+        let typed: Vec<(&S::Params, &Inputs, &RunContext)> = jobs
+            .iter()
+            .map(|(p, inputs, cx)| (p.get::<S::Params>(), *inputs, *cx))
+            .collect();
+        if let [(p, inputs, cx)] = typed[..] {
+            return vec![Stage::run(self, p, inputs, cx)];
+        }
+        Stage::run_gang(self, &typed)
     }
     fn run_batch(
         &self,

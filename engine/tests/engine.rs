@@ -680,6 +680,105 @@ layers = "0..3"
     assert_eq!(batch("sweep"), [1, 1, 1]);
 }
 
+/// Per call of `gang`'s `run_gang`, the nodes it computed, sorted; and the nodes run alone.
+fn gang_calls(ev: &[kinds::Event]) -> (Vec<Vec<String>>, Vec<String>) {
+    let mut calls: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    let mut alone = Vec::new();
+    for e in ev.iter().filter(|e| e.kind == "gang") {
+        match e.call {
+            Some(c) => calls.entry(c).or_default().push(e.node.clone()),
+            None => alone.push(e.node.clone()),
+        }
+    }
+    let mut calls: Vec<Vec<String>> = calls
+        .into_values()
+        .map(|mut v| {
+            v.sort();
+            v
+        })
+        .collect();
+    calls.sort();
+    alone.sort();
+    (calls, alone)
+}
+
+#[test]
+fn nodes_with_equal_gang_keys_run_in_one_call_and_keep_their_own_entries() {
+    let b = Bench::new();
+    let file = b.write(
+        "g.toml",
+        r#"
+[stage.s]
+kind = "bsweep"
+layers = "0..5"
+base = 10
+
+[stage.g]
+kind = "gang"
+from = "s"
+groups = 2
+"#,
+    );
+    let report = b.run_with(&file, 1, false);
+    assert!(report.success());
+    let (calls, alone) = gang_calls(&b.trace.events());
+    // Even layers share key 0, odd ones key 1: two calls, whatever the worker count.
+    let g = |l: &[u32]| -> Vec<String> { l.iter().map(|i| format!("g[layer={i}]")).collect() };
+    assert_eq!(calls, vec![g(&[0, 2, 4]), g(&[1, 3])]);
+    assert!(alone.is_empty(), "{alone:?}");
+    // Each node has its own key, its own entry and its own result: 3 x (10 + layer).
+    let keys = keys(&b, &file);
+    let store = b.store();
+    for l in 0..5 {
+        let name = format!("g[layer={l}]");
+        assert_eq!(result(&report, &name)["value"], 3.0 * (10.0 + f64::from(l)));
+        let key = probex_cache::Key::parse(&keys[&name]).expect("key");
+        assert!(store.get(&key).unwrap().is_some(), "{name} has no entry");
+    }
+    let distinct: std::collections::BTreeSet<&String> = keys
+        .iter()
+        .filter(|(n, _)| n.starts_with("g["))
+        .map(|(_, k)| k)
+        .collect();
+    assert_eq!(distinct.len(), 5);
+    // Ganging is how nodes run, not what they are: every member is cached on the next run.
+    let again = b.run_with(&file, 1, false);
+    assert!(again.success());
+    assert!(ran(&again).is_empty(), "{:?}", ran(&again));
+}
+
+#[test]
+fn a_gang_larger_than_its_limit_is_split() {
+    let b = Bench::new();
+    let file = b.write(
+        "g.toml",
+        r#"
+[stage.s]
+kind = "bsweep"
+layers = "0..5"
+
+[stage.g]
+kind = "gang"
+from = "s"
+groups = 1
+limit = 2
+"#,
+    );
+    assert!(b.run_with(&file, 4, false).success());
+    let (calls, alone) = gang_calls(&b.trace.events());
+    let mut sizes: Vec<usize> = calls.iter().map(Vec::len).collect();
+    sizes.sort();
+    assert_eq!(sizes, [2, 2]);
+    // The fifth member is a gang of one, which the kind runs alone (`run`).
+    assert_eq!(alone.len(), 1, "{alone:?}");
+    let mut all: Vec<String> = calls.concat();
+    all.extend(alone);
+    all.sort();
+    assert_eq!(all.len(), 5);
+    all.dedup();
+    assert_eq!(all.len(), 5, "a member ran twice: {all:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // include / extend
 

@@ -405,6 +405,93 @@ chunk_ms = 25
 }
 
 #[test]
+fn a_gang_killed_midway_is_finished_by_the_rerun_each_member_from_its_own_state() {
+    let k = Kit::new();
+    k.write(
+        "gang.toml",
+        r#"
+[stage.s]
+kind = "bsweep"
+layers = "0..3"
+
+[stage.g]
+kind = "gang"
+from = "s"
+groups = 1
+steps = 60       # 3 members x 60 steps x 20 ms: about 3.6 s
+step_ms = 20
+"#,
+    );
+    let members: Vec<String> = (0..3).map(|l| format!("g[layer={l}]")).collect();
+    let keys: Vec<_> = members.iter().map(|m| k.key_of("gang.toml", m)).collect();
+    let mut child = k.spawn(&["run", "gang.toml", "--out", "r1"]);
+    // Killed once every member has saved a few steps of its own.
+    let step_of = |dir: &Path| -> u64 {
+        fs::read_to_string(dir.join("step"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let work_steps = || -> Vec<u64> {
+        let mut v: Vec<u64> = walk(&k.cache())
+            .into_iter()
+            .filter(|p| p.file_name().is_some_and(|n| n == "step"))
+            .filter_map(|p| p.parent().map(step_of))
+            .collect();
+        v.sort();
+        v
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "every member to save steps",
+        || {
+            let v = work_steps();
+            v.len() == 3 && v.iter().all(|&s| s >= 5)
+        },
+    );
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    assert!(
+        !k.trace()
+            .iter()
+            .any(|l| l.what == "end" && l.kind == "gang"),
+        "the gang finished before the kill"
+    );
+    let store = k.store();
+    for (m, key) in members.iter().zip(&keys) {
+        assert!(store.get(key).unwrap().is_none(), "{m} was committed");
+    }
+
+    let out = k.run(&["run", "gang.toml", "--out", "r2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let results: serde_json::Value =
+        serde_json::from_slice(&fs::read(k.path("r2/results.json")).unwrap()).unwrap();
+    for (l, (m, key)) in members.iter().zip(&keys).enumerate() {
+        assert!(store.get(key).unwrap().is_some(), "{m} has no entry");
+        let r = &results["results"][m.as_str()];
+        assert_eq!(r["value"], 3.0 * l as f64, "{m}: {r}");
+        let resumed = r["resumed"].as_u64().unwrap_or(0);
+        assert!(resumed >= 5, "{m} started over instead of resuming: {r}");
+        assert_eq!(k.starts(m), 2, "{m}");
+    }
+    k.assert_verify_clean(6);
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
 fn a_run_killed_during_commit_leaves_no_entry_and_is_recomputed() {
     // Many small files: the commit hashes, fsyncs and write-protects each one, which takes a
     // while. Once the stage has returned and the first file is write-protected, the run is

@@ -17,6 +17,7 @@ pub mod query;
 pub mod route;
 pub mod select;
 pub mod train;
+pub mod train_gang;
 pub mod zoo;
 
 use probex_engine::Registry;

@@ -187,6 +187,24 @@ impl Stage for Train {
         }
     }
 
+    /// ProbeX probes of one shape and row set train as a gang (sweep mode, see
+    /// [`crate::train_gang`]).
+    fn gangs(&self) -> bool {
+        true
+    }
+
+    fn gang(&self, p: &TrainConfig, inputs: &Inputs) -> Option<String> {
+        crate::train_gang::gang_key(p, inputs)
+    }
+
+    fn gang_limit(&self, p: &TrainConfig, inputs: &Inputs, device: Option<&str>) -> usize {
+        crate::train_gang::gang_limit(p, inputs, device)
+    }
+
+    fn run_gang(&self, jobs: &[(&TrainConfig, &Inputs, &RunContext)]) -> Vec<StageResult<Outcome>> {
+        crate::train_gang::run_gang(jobs)
+    }
+
     fn run(&self, p: &TrainConfig, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
         let device: DeviceSpec = cx
             .device()
@@ -385,7 +403,7 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> StageResult<()> {
     std::fs::write(&path, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-fn write_outputs(
+pub(crate) fn write_outputs(
     path: &Path,
     n: usize,
     enc: &[f32],

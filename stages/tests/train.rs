@@ -818,3 +818,284 @@ fn the_train_stage_stops_with_the_engines_cancelled_and_says_when_it_resumes() {
     let said = notes.0.lock().unwrap().join("\n");
     assert!(said.contains("resumed from the checkpoint"), "{said}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sweep mode: a gang of equal-shape layers trains together, each as it trains alone.
+
+/// Three layers of one shape and row set (other weights, other labels): what a sweep gangs.
+fn gang_layers() -> Vec<LayerDataset> {
+    (1..=3)
+        .map(|seed| common::multilabel([64, 16, 16, 0, 0], 16, 12, 3, 0.3, seed))
+        .collect()
+}
+
+fn gang_cfg() -> TrainConfig {
+    let mut cfg = small(ModelKind::Probex, 6);
+    cfg.validate_every = 1;
+    cfg.checkpoint_every = 1;
+    cfg
+}
+
+/// `got` equals `want` as a solo training: train loss per epoch within 1e-5 relative, same
+/// best epoch, checkpoint tensors within 1e-5, same metrics and curves of evaluations.
+fn assert_as_solo(what: &str, got: &TrainOutcome, want: &TrainOutcome) {
+    let (g, w) = (&got.report.curves, &want.report.curves);
+    assert_eq!(g.train_loss.len(), w.train_loss.len(), "{what}");
+    for (e, (a, b)) in g.train_loss.iter().zip(&w.train_loss).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1e-12),
+            "{what}: epoch {e} train loss {a} vs {b}"
+        );
+    }
+    assert_eq!(got.report.best_epoch, want.report.best_epoch, "{what}");
+    // Metrics to the last bits but one: a resume state keeps its curves as JSON, whose float
+    // printing may round the last bit.
+    let close = |a: &serde_json::Value, b: &serde_json::Value| -> bool {
+        fn walk(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+            match (a, b) {
+                (serde_json::Value::Number(x), serde_json::Value::Number(y)) => {
+                    let (x, y) = (x.as_f64().unwrap_or(f64::NAN), y.as_f64().unwrap_or(0.0));
+                    (x - y).abs() <= 1e-12 * y.abs().max(1.0)
+                }
+                (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                    x.len() == y.len()
+                        && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| walk(v, w)))
+                }
+                (serde_json::Value::Array(x), serde_json::Value::Array(y)) => {
+                    x.len() == y.len() && x.iter().zip(y).all(|(v, w)| walk(v, w))
+                }
+                _ => a == b,
+            }
+        }
+        walk(a, b)
+    };
+    assert!(
+        close(&json(&got.report.metrics), &json(&want.report.metrics)),
+        "{what}: metrics {:?} vs {:?}",
+        got.report.metrics,
+        want.report.metrics
+    );
+    assert!(
+        close(&json(&g.evals), &json(&w.evals)),
+        "{what}: evaluations"
+    );
+    assert_eq!(got.report.params, want.report.params, "{what}");
+    let (a, b) = (
+        Checkpoint::from_bytes(&got.checkpoint, "gang").unwrap(),
+        Checkpoint::from_bytes(&want.checkpoint, "solo").unwrap(),
+    );
+    assert_eq!(a.meta, b.meta, "{what}");
+    assert_eq!(a.tensors.len(), b.tensors.len(), "{what}");
+    for (x, y) in a.tensors.iter().zip(&b.tensors) {
+        assert_eq!((&x.name, &x.shape), (&y.name, &y.shape), "{what}");
+        let err = x
+            .values
+            .iter()
+            .zip(&y.values)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err <= 1e-5, "{what}: {} differs by {err}", x.name);
+    }
+}
+
+#[test]
+fn a_gang_trains_each_member_as_it_trains_alone() {
+    use probex_probes::training::{GangMember, train_gang};
+    let layers = gang_layers();
+    let cfg = gang_cfg();
+    let solo: Vec<TrainOutcome> = layers.iter().map(|ds| go(ds, None, &cfg)).collect();
+    // The members are different problems: a gang that mixed them up would not match.
+    assert_ne!(solo[0].checkpoint, solo[1].checkpoint);
+    let members: Vec<GangMember> = layers
+        .iter()
+        .map(|ds| GangMember {
+            ds,
+            text: None,
+            cfg: &cfg,
+            work_dir: None,
+        })
+        .collect();
+    let mut epochs = vec![Vec::new(); 3];
+    let gang = train_gang(&members, &common::device(), &mut |m, p| {
+        epochs[m].push(p.epoch);
+        ControlFlow::Continue(())
+    });
+    // Lockstep: every member hears every epoch.
+    assert!(
+        epochs.iter().all(|e| *e == (0..6).collect::<Vec<_>>()),
+        "{epochs:?}"
+    );
+    for (i, (g, s)) in gang.iter().zip(&solo).enumerate() {
+        let g = g.as_ref().unwrap_or_else(|e| panic!("member {i}: {e}"));
+        assert_as_solo(&format!("member {i}"), g, s);
+    }
+}
+
+#[test]
+fn a_killed_gang_resumes_each_member_from_its_own_state() {
+    use probex_probes::training::{GangMember, train_gang};
+    let layers = gang_layers();
+    let cfg = gang_cfg();
+    let solo: Vec<TrainOutcome> = layers.iter().map(|ds| go(ds, None, &cfg)).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<std::path::PathBuf> = (0..3).map(|i| tmp.path().join(format!("w{i}"))).collect();
+    let members: Vec<GangMember> = layers
+        .iter()
+        .zip(&dirs)
+        .map(|(ds, dir)| GangMember {
+            ds,
+            text: None,
+            cfg: &cfg,
+            work_dir: Some(dir),
+        })
+        .collect();
+    // Stopped at different epochs (member 1 earlier), as a kill between saves leaves them.
+    let stop_at = [3, 1, 3];
+    let first = train_gang(&members, &common::device(), &mut |m, p| {
+        if p.epoch == stop_at[m] {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    for (m, r) in first.iter().enumerate() {
+        assert!(
+            matches!(r, Err(TrainError::Cancelled { epoch }) if *epoch == stop_at[m]),
+            "member {m}: {:?}",
+            r.as_ref().err()
+        );
+    }
+    // The rerun resumes each member where it stopped (sub-gangs by resume epoch).
+    let mut resumed = vec![None; 3];
+    let again = train_gang(&members, &common::device(), &mut |m, p| {
+        resumed[m].get_or_insert(p.resumed_from);
+        ControlFlow::Continue(())
+    });
+    assert_eq!(resumed, vec![Some(Some(4)), Some(Some(2)), Some(Some(4))]);
+    for (i, (g, s)) in again.iter().zip(&solo).enumerate() {
+        let g = g.as_ref().unwrap_or_else(|e| panic!("member {i}: {e}"));
+        assert_as_solo(&format!("resumed member {i}"), g, s);
+    }
+}
+
+#[test]
+fn the_train_stage_gangs_probex_layers_of_one_shape_and_rows_and_writes_solo_artifacts() {
+    use probex_engine::{Artifact, Inputs, RunContext, Stage};
+    use std::sync::atomic::AtomicBool;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let input = |name: &str, ds: &LayerDataset| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        ds.save(&dir, Default::default()).unwrap();
+        Inputs::new([(
+            "layer",
+            vec![Artifact {
+                node: format!("layers[layer={name}]"),
+                stage: "layers".into(),
+                key: probex_engine::cache::Key::parse(&"a".repeat(64)).unwrap(),
+                dir,
+                coords: Vec::new(),
+                meta: serde_json::Value::Null,
+                results: None,
+            }],
+        )])
+    };
+    let layers = gang_layers();
+    let inputs: Vec<Inputs> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, ds)| input(&format!("l{i}"), ds))
+        .collect();
+    let cfg = gang_cfg();
+    let key = |cfg: &TrainConfig, inputs: &Inputs| probex_stages::train::Train.gang(cfg, inputs);
+    // Equal shape and rows: one gang. Another shape, other rows, or a Dense probe: not.
+    let k0 = key(&cfg, &inputs[0]).expect("probex gangs");
+    assert!(inputs.iter().all(|i| key(&cfg, i).as_ref() == Some(&k0)));
+    let wide = input(
+        "wide",
+        &common::multilabel([64, 16, 16, 0, 0], 16, 10, 3, 0.3, 1),
+    );
+    assert_ne!(key(&cfg, &wide).as_ref(), Some(&k0));
+    let fewer = input(
+        "fewer",
+        &common::multilabel([60, 16, 16, 0, 0], 16, 12, 3, 0.3, 1),
+    );
+    assert_ne!(key(&cfg, &fewer).as_ref(), Some(&k0));
+    let mut lr = cfg.clone();
+    lr.lr *= 2.0;
+    assert_ne!(key(&lr, &inputs[0]).as_ref(), Some(&k0));
+    assert_eq!(key(&small(ModelKind::Dense, 2), &inputs[0]), None);
+    // The CPU computes a gang member by member: it gangs nothing; a GPU does.
+    let train = probex_stages::train::Train;
+    assert_eq!(train.gang_limit(&cfg, &inputs[0], None), 1);
+    assert!(train.gang_limit(&cfg, &inputs[0], Some("cuda:0")) > 1);
+
+    let notes = Notes::default();
+    let cancel = AtomicBool::new(false);
+    let cx = |name: &str| {
+        let out = tmp.path().join(name);
+        let work = tmp.path().join(format!("{name}-work"));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::create_dir_all(&work).unwrap();
+        RunContext::new(
+            name.into(),
+            out,
+            work,
+            tmp.path().to_path_buf(),
+            None,
+            1,
+            true,
+            None,
+            &notes,
+            &cancel,
+        )
+    };
+    let solo_cx: Vec<RunContext> = (0..3).map(|i| cx(&format!("solo{i}"))).collect();
+    let gang_cx: Vec<RunContext> = (0..3).map(|i| cx(&format!("gang{i}"))).collect();
+    let solo: Vec<_> = inputs
+        .iter()
+        .zip(&solo_cx)
+        .map(|(i, c)| train.run(&cfg, i, c).unwrap())
+        .collect();
+    let jobs: Vec<(&TrainConfig, &Inputs, &RunContext)> = inputs
+        .iter()
+        .zip(&gang_cx)
+        .map(|(i, c)| (&cfg, i, c))
+        .collect();
+    let gang = train.run_gang(&jobs);
+    for (m, (g, s)) in gang.into_iter().zip(solo).enumerate() {
+        let mut g = g.unwrap_or_else(|e| panic!("member {m}: {e:#}"));
+        let mut s = s;
+        // Seconds differ; everything else is the solo run's.
+        for o in [&mut g, &mut s] {
+            if let Some(r) = o.results.as_mut().and_then(|r| r.as_object_mut()) {
+                r.remove("seconds");
+            }
+        }
+        assert_eq!(g.results, s.results, "member {m}");
+        assert_eq!(g.meta, s.meta, "member {m}");
+        assert_eq!(g.publish, s.publish, "member {m}");
+        let (gd, sd) = (gang_cx[m].out_dir(), solo_cx[m].out_dir());
+        let report = |d: &std::path::Path| {
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(d.join("report.json")).unwrap()).unwrap();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        };
+        assert_eq!(report(gd), report(sd), "member {m}");
+        for f in ["checkpoint.safetensors", "outputs.safetensors", "rows.json"] {
+            assert_eq!(
+                std::fs::read(gd.join(f)).unwrap(),
+                std::fs::read(sd.join(f)).unwrap(),
+                "member {m}: {f}"
+            );
+        }
+        // Each member kept its own resume state in its own work dir.
+        assert!(gang_cx[m].work_dir().join("state.safetensors").is_file());
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap()
+}

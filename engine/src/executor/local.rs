@@ -2,6 +2,7 @@
 //! time per GPU slot (plain `cuda` nodes spread over the run's GPUs, [`super::gpus`]); and [`Worker::compute`], the one function that computes a batch of nodes
 //! under their key locks and commits them, used by every executor (a SLURM job runs it too).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -64,7 +65,7 @@ impl Executor for Local<'_, '_> {
 
     fn start(&mut self, plan: &Plan, mut batch: Vec<Node>) {
         self.in_flight += batch.len();
-        let inputs = inputs_of(plan, &batch[0], self.worker.planner.store());
+        let inputs = batch_inputs(plan, &batch, self.worker.planner.store());
         let tx = self.tx.clone();
         let worker = self.worker;
         let gpus = self.gpus.clone();
@@ -122,6 +123,23 @@ pub fn inputs_of(plan: &Plan, node: &Node, store: &Store) -> Inputs {
     }))
 }
 
+/// The inputs of a batch's nodes: one [`Inputs`] shared by every node when they read the
+/// same artifacts (a batch), else one per node, in the batch's order (a gang).
+pub fn batch_inputs(plan: &Plan, batch: &[Node], store: &Store) -> Vec<Inputs> {
+    let shared = batch
+        .windows(2)
+        .all(|w| w[0].material.inputs == w[1].material.inputs);
+    if shared {
+        batch
+            .first()
+            .map(|n| inputs_of(plan, n, store))
+            .into_iter()
+            .collect()
+    } else {
+        batch.iter().map(|n| inputs_of(plan, n, store)).collect()
+    }
+}
+
 /// What computing a batch needs: the planner (experiment and cache), where logs go, progress,
 /// the cancel flag and the default thread count.
 #[derive(Clone, Copy)]
@@ -142,19 +160,23 @@ pub struct Worker<'a> {
 }
 
 impl Worker<'_> {
-    /// Computes a batch of nodes (one declared stage, the same inputs) under their locks and
-    /// commits each atomically; nodes another process committed meanwhile are taken from the
-    /// cache. Returns one [`Done`] per node.
-    pub fn compute(&self, batch: &[Node], inputs: Inputs) -> Vec<Done> {
+    /// Computes a batch of nodes (one declared stage; the same inputs, or a gang of nodes
+    /// with inputs of their own) under their locks and commits each atomically; nodes
+    /// another process committed meanwhile are taken from the cache. `inputs` holds one
+    /// [`Inputs`] shared by every node, or one per node of `batch` in its order
+    /// ([`batch_inputs`]). Returns one [`Done`] per node.
+    pub fn compute(&self, batch: &[Node], inputs: Vec<Inputs>) -> Vec<Done> {
         let started = Instant::now();
+        let of: HashMap<usize, &Inputs> = match inputs.as_slice() {
+            [shared] => batch.iter().map(|n| (n.id, shared)).collect(),
+            each => batch.iter().map(|n| n.id).zip(each).collect(),
+        };
         let (mut out, todo) = self.lock_or_take(batch, started);
         if todo.is_empty() {
             return out;
         }
-        if let Err(failed) = self.check_inputs(&batch[0], &inputs, &todo, started) {
-            out.extend(failed);
-            return out;
-        }
+        let (todo, failed) = self.check_inputs(todo, &of, started);
+        out.extend(failed);
         let mut prepared = Vec::new();
         for m in self.prepare(&todo, started) {
             match m {
@@ -166,12 +188,28 @@ impl Worker<'_> {
             return out;
         }
         let decl = &self.planner.experiment().stages[prepared[0].0.stage];
-        let jobs: Vec<(&crate::stage::ParamBox, &RunContext)> = prepared
-            .iter()
-            .map(|(n, _, _, cx)| (&n.params, cx))
-            .collect();
-        let results = run_guarded(|| decl.stage.run_batch(&jobs, &inputs), jobs.len());
-        let seconds = started.elapsed().as_secs_f64() / prepared.len() as f64;
+        let n = prepared.len();
+        let results = if decl.stage.gangs() {
+            let mut jobs: Vec<(&crate::stage::ParamBox, &Inputs, &RunContext)> = Vec::new();
+            for (node, _, _, cx) in &prepared {
+                match of.get(&node.id) {
+                    Some(inputs) => jobs.push((&node.params, *inputs, cx)),
+                    // `of` holds every node of the batch: not reached.
+                    None => return out,
+                }
+            }
+            run_guarded(|| decl.stage.run_gang(&jobs), n)
+        } else {
+            let jobs: Vec<(&crate::stage::ParamBox, &RunContext)> = prepared
+                .iter()
+                .map(|(n, _, _, cx)| (&n.params, cx))
+                .collect();
+            let Some(shared) = of.get(&prepared[0].0.id) else {
+                return out;
+            };
+            run_guarded(|| decl.stage.run_batch(&jobs, shared), n)
+        };
+        let seconds = started.elapsed().as_secs_f64() / n as f64;
         let kind = decl.kind.as_str();
         let finished: Vec<_> = prepared.into_iter().zip(results).collect();
         out.extend(in_parallel(
@@ -220,68 +258,78 @@ impl Worker<'_> {
         (out, todo)
     }
 
-    /// Checks that every input is still there (a concurrent `cache gc` could have removed
-    /// one) and still verifies: `plan` and the scheduler trust a valid manifest, and the files
-    /// themselves are re-hashed here, when a node is about to read them (about 0.25 s per GB
-    /// on one core), so a bit-flipped input is caught before it is used, moved to quarantine
-    /// and recomputed. On a problem, every node of `todo` is done with it.
-    fn check_inputs(
+    /// Checks that every node's inputs are still there (a concurrent `cache gc` could have
+    /// removed one) and still verify: `plan` and the scheduler trust a valid manifest, and
+    /// the files themselves are re-hashed here, when a node is about to read them (about
+    /// 0.25 s per GB on one core, once per artifact however many nodes read it), so a
+    /// bit-flipped input is caught before it is used, moved to quarantine and recomputed.
+    /// Returns the nodes that may run, and the others done with their problem.
+    #[allow(clippy::type_complexity)]
+    fn check_inputs<'n>(
         &self,
-        first: &Node,
-        inputs: &Inputs,
-        todo: &[(&Node, KeyLock)],
+        todo: Vec<(&'n Node, KeyLock)>,
+        of: &HashMap<usize, &Inputs>,
         started: Instant,
-    ) -> Result<(), Vec<Done>> {
+    ) -> (Vec<(&'n Node, KeyLock)>, Vec<Done>) {
         let store = self.planner.store();
-        let all_fail = |msg: String| -> Vec<Done> {
-            todo.iter()
-                .map(|(n, _)| failed(n, msg.clone(), started))
-                .collect()
-        };
-        let expected: usize = first.inputs.iter().map(|(_, ids)| ids.len()).sum();
-        let present: usize = first
-            .inputs
-            .iter()
-            .map(|(ty, _)| inputs.all(ty).len())
-            .sum();
-        if present != expected {
-            return Err(all_fail(
-                "an input vanished from the cache; run again".into(),
-            ));
-        }
-        let mut corrupt = Vec::new();
-        for a in inputs.iter() {
-            match store.verify(&a.key) {
-                Ok(Verified::Ok) => {}
-                Ok(Verified::Corrupt(problems)) => {
-                    corrupt.push((
-                        a.key.clone(),
-                        format!("{}: {}", a.node, problems.join("; ")),
-                    ));
+        // Each artifact is verified once: `Err` holds why it cannot be read.
+        let mut verdicts: HashMap<probex_cache::Key, Result<(), (bool, String)>> = HashMap::new();
+        let mut ok = Vec::new();
+        let mut out = Vec::new();
+        for (n, lock) in todo {
+            let Some(inputs) = of.get(&n.id) else {
+                out.push(failed(n, "its inputs were not handed over".into(), started));
+                continue;
+            };
+            let expected: usize = n.inputs.iter().map(|(_, ids)| ids.len()).sum();
+            let present: usize = n.inputs.iter().map(|(ty, _)| inputs.all(ty).len()).sum();
+            if present != expected {
+                out.push(failed(
+                    n,
+                    "an input vanished from the cache; run again".into(),
+                    started,
+                ));
+                continue;
+            }
+            let mut corrupt = Vec::new();
+            let mut error = None;
+            for a in inputs.iter() {
+                let verdict =
+                    verdicts
+                        .entry(a.key.clone())
+                        .or_insert_with(|| match store.verify(&a.key) {
+                            Ok(Verified::Ok) => Ok(()),
+                            Ok(Verified::Corrupt(problems)) => {
+                                Err((true, format!("{}: {}", a.node, problems.join("; "))))
+                            }
+                            Ok(Verified::Missing) => {
+                                Err((true, format!("{}: vanished from the cache", a.node)))
+                            }
+                            Err(e) => Err((false, format!("cannot verify input {}: {e}", a.node))),
+                        });
+                match verdict {
+                    Ok(()) => {}
+                    Err((true, why)) => corrupt.push((a.key.clone(), why.clone())),
+                    Err((false, why)) => error = Some(why.clone()),
                 }
-                Ok(Verified::Missing) => corrupt.push((
-                    a.key.clone(),
-                    format!("{}: vanished from the cache", a.node),
-                )),
-                Err(e) => return Err(all_fail(format!("cannot verify input {}: {e}", a.node))),
+            }
+            if let Some(why) = error {
+                out.push(failed(n, why, started));
+            } else if corrupt.is_empty() {
+                ok.push((n, lock));
+            } else {
+                let why: Vec<&str> = corrupt.iter().map(|(_, w)| w.as_str()).collect();
+                let msg = format!(
+                    "an input failed verification (moved to quarantine; the next run computes it again): {}",
+                    why.join("; ")
+                );
+                out.push(Done {
+                    corrupt_inputs: corrupt.into_iter().map(|(k, _)| k).collect(),
+                    ..failed(n, msg, started)
+                });
             }
         }
-        if corrupt.is_empty() {
-            return Ok(());
-        }
-        let why: Vec<&str> = corrupt.iter().map(|(_, w)| w.as_str()).collect();
-        let msg = format!(
-            "an input failed verification (moved to quarantine; the next run computes it again): {}",
-            why.join("; ")
-        );
-        let keys: Vec<_> = corrupt.into_iter().map(|(k, _)| k).collect();
-        Err(todo
-            .iter()
-            .map(|(n, _)| Done {
-                corrupt_inputs: keys.clone(),
-                ..failed(n, msg.clone(), started)
-            })
-            .collect())
+        (ok, out)
     }
 
     /// Each node's staging, work directory, log and run context. They are a handful of new

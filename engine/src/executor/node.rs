@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::local::{Worker, inputs_of};
+use super::local::{Worker, batch_inputs};
 use super::slurm::script::NodeRef;
 use crate::plan::{Node, Planner};
 use crate::progress::Reporter;
@@ -73,27 +73,35 @@ pub fn run_nodes(
     let Some(first) = batch.first() else {
         return Ok(Vec::new());
     };
+    // A gang's nodes read inputs of their own; a batch's share theirs.
+    let gangs = exp.stages[first.stage].stage.gangs();
     if batch
         .iter()
-        .any(|n| n.stage != first.stage || n.material.inputs != first.material.inputs)
+        .any(|n| n.stage != first.stage || (!gangs && n.material.inputs != first.material.inputs))
     {
         return Err("the nodes of one job must be of one stage and share their inputs".into());
     }
     // Pinned for as long as this job computes, so a `cache gc` cannot take them meanwhile.
     let mut pins = Vec::new();
-    for (_, ids) in &first.inputs {
-        for &u in ids {
-            let up = &plan.nodes[u];
-            if let Ok(Some(pin)) = store.pin(&up.key) {
-                pins.push(pin);
-            } else {
-                return Err(format!(
-                    "input `{}` of `{}` is not in the cache at {} on {}: the cache must be on a filesystem every node sees",
-                    up.name,
-                    first.name,
-                    store.root().display(),
-                    hostname()
-                ));
+    let mut pinned = std::collections::HashSet::new();
+    for n in &batch {
+        for (_, ids) in &n.inputs {
+            for &u in ids {
+                let up = &plan.nodes[u];
+                if !pinned.insert(u) {
+                    continue;
+                }
+                if let Ok(Some(pin)) = store.pin(&up.key) {
+                    pins.push(pin);
+                } else {
+                    return Err(format!(
+                        "input `{}` of `{}` is not in the cache at {} on {}: the cache must be on a filesystem every node sees",
+                        up.name,
+                        n.name,
+                        store.root().display(),
+                        hostname()
+                    ));
+                }
             }
         }
     }
@@ -111,7 +119,7 @@ pub fn run_nodes(
         failure_stop: &failure_stop,
         threads,
     };
-    let inputs = inputs_of(&plan, first, store);
+    let inputs = batch_inputs(&plan, &batch, store);
     let mut out = Vec::new();
     for done in worker.compute(&batch, inputs) {
         let name = batch

@@ -34,6 +34,9 @@ pub struct Event {
     pub batch: usize,
     /// The device the node was given ([`RunContext::device`]).
     pub device: Option<String>,
+    /// For a node of a gang: which call of the kind's `run_gang` computed it (numbered from
+    /// 1 per kind instance); `None` for a node run alone.
+    pub call: Option<usize>,
 }
 
 /// Where test kinds record their executions.
@@ -75,6 +78,17 @@ impl Trace {
     }
 
     fn finish(&self, kind: &'static str, cx: &RunContext, start: Instant, batch: usize) {
+        self.finish_in(kind, cx, start, batch, None);
+    }
+
+    fn finish_in(
+        &self,
+        kind: &'static str,
+        cx: &RunContext,
+        start: Instant,
+        batch: usize,
+        call: Option<usize>,
+    ) {
         self.line("end", kind, cx.node());
         if let Ok(mut ev) = self.events.lock() {
             ev.push(Event {
@@ -84,6 +98,7 @@ impl Trace {
                 end: Instant::now(),
                 batch,
                 device: cx.device().map(str::to_string),
+                call,
             });
         }
     }
@@ -153,7 +168,11 @@ pub fn registry(trace: &Trace) -> Registry {
         .register(Double(trace.clone()))
         .register(Gather(trace.clone()))
         .register(SlowWrite(trace.clone()))
-        .register(Count(trace.clone()));
+        .register(Count(trace.clone()))
+        .register(Gang {
+            trace: trace.clone(),
+            calls: Arc::default(),
+        });
     r
 }
 
@@ -763,5 +782,144 @@ impl Stage for Count {
         write_value(cx, "value.json", &json!({ "value": i as f64 }))?;
         self.0.finish("count", cx, t, 1);
         Ok(numeric(i as f64))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// `gang`: element-wise over a layer sweep, three times each layer's value, computed in gangs:
+/// layers whose number is equal modulo `groups` share a gang key, at most `limit` (0: any
+/// number) to a call. Each member counts `steps` steps of `step_ms`, writing its step into its
+/// work directory after each (a resume state, as `train` keeps one), so a killed gang resumes
+/// every member where it stopped; `resumed` in its results says from which step.
+pub struct Gang {
+    pub trace: Trace,
+    pub calls: Arc<Mutex<usize>>,
+}
+
+/// Params of `gang`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GangParams {
+    #[serde(default = "two")]
+    pub groups: u64,
+    #[serde(default)]
+    pub limit: usize,
+    #[serde(default)]
+    pub steps: u64,
+    #[serde(default)]
+    pub step_ms: u64,
+}
+
+fn two() -> u64 {
+    2
+}
+
+const GANG_STATE: &str = "step";
+
+impl Gang {
+    fn layer_of(inputs: &Inputs) -> StageResult<u64> {
+        inputs
+            .one(LAYER)?
+            .meta
+            .get("layer")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| anyhow::anyhow!("the layer input has no `layer`"))
+    }
+
+    fn compute(
+        &self,
+        jobs: &[(&GangParams, &Inputs, &RunContext)],
+        call: Option<usize>,
+    ) -> Vec<StageResult<Outcome>> {
+        let starts: Vec<Instant> = jobs
+            .iter()
+            .map(|(_, _, cx)| self.trace.begin("gang", cx))
+            .collect();
+        // Every member resumes from its own state.
+        let resumed: Vec<u64> = jobs
+            .iter()
+            .map(|(_, _, cx)| {
+                fs::read_to_string(cx.work_dir().join(GANG_STATE))
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect();
+        let steps = jobs.first().map_or(0, |(p, _, _)| p.steps);
+        let from = resumed.iter().copied().min().unwrap_or(0);
+        for step in from..steps {
+            for ((p, _, cx), done) in jobs.iter().zip(&resumed) {
+                if step < *done {
+                    continue;
+                }
+                std::thread::sleep(Duration::from_millis(p.step_ms));
+                if let Err(e) = fs::write(cx.work_dir().join(GANG_STATE), (step + 1).to_string()) {
+                    cx.log(format!("cannot save the step: {e}"));
+                }
+            }
+        }
+        jobs.iter()
+            .zip(starts)
+            .zip(resumed)
+            .map(|(((_, inputs, cx), t), resumed)| {
+                let a = inputs.one(LAYER)?;
+                let v = 3.0 * read_value(&a.dir, "layer.json")?;
+                let layer = Self::layer_of(inputs)?;
+                write_value(cx, "layer.json", &json!({ "layer": layer, "value": v }))?;
+                self.trace.finish_in("gang", cx, t, jobs.len(), call);
+                Ok(Outcome {
+                    meta: json!({ "layer": layer, "value": v }),
+                    results: Some(json!({ "value": v, "resumed": resumed })),
+                    summary: None,
+                    publish: Vec::new(),
+                    references: Vec::new(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl Stage for Gang {
+    type Params = GangParams;
+    fn kind(&self) -> &'static str {
+        "gang"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn about(&self) -> &'static str {
+        "three times each layer, in gangs"
+    }
+    fn output(&self) -> &'static str {
+        LAYER
+    }
+    fn inputs(&self) -> Vec<InputSlot> {
+        vec![InputSlot::one(LAYER)]
+    }
+    fn gangs(&self) -> bool {
+        true
+    }
+    fn gang(&self, p: &GangParams, inputs: &Inputs) -> Option<String> {
+        let layer = Self::layer_of(inputs).ok()?;
+        Some(format!("{}", layer % p.groups.max(1)))
+    }
+    fn gang_limit(&self, p: &GangParams, _: &Inputs, _: Option<&str>) -> usize {
+        if p.limit == 0 { usize::MAX } else { p.limit }
+    }
+    fn run(&self, p: &GangParams, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
+        self.compute(&[(p, inputs, cx)], None)
+            .pop()
+            .unwrap_or_else(|| Err(anyhow::anyhow!("no result")))
+    }
+    fn run_gang(&self, jobs: &[(&GangParams, &Inputs, &RunContext)]) -> Vec<StageResult<Outcome>> {
+        let call = match self.calls.lock() {
+            Ok(mut c) => {
+                *c += 1;
+                *c
+            }
+            Err(_) => 0,
+        };
+        self.compute(jobs, Some(call))
     }
 }

@@ -210,6 +210,147 @@ fn train_kind<AB: burn::tensor::backend::AutodiffBackend>(
     }
 }
 
+/// One member of a gang trained by [`train_gang`]: a layer, its text table, its config and
+/// its own work dir.
+pub struct GangMember<'a> {
+    /// The member's layer dataset.
+    pub ds: &'a LayerDataset,
+    /// Zero-shot models: the class text table.
+    pub text: Option<&'a TextTable>,
+    /// Its hyperparameters.
+    pub cfg: &'a TrainConfig,
+    /// Where its resume state and best-so-far checkpoints live.
+    pub work_dir: Option<&'a Path>,
+}
+
+/// Trains the members of a gang together (the layers of one shape in a sweep): one result per
+/// member, in order, each what [`train`] gives for that member alone (same initial values and
+/// batch order for one `seed`; the host path steps every member with the same kernels its
+/// solo run uses). Each member keeps its own resume state in its own work dir, so a killed
+/// gang resumes member by member. `progress` hears the member's index with each epoch.
+/// Members whose configs differ (other than `threads`) cannot step in lockstep: they are
+/// trained one after another.
+pub fn train_gang(
+    members: &[GangMember],
+    device: &DeviceSpec,
+    progress: &mut (dyn FnMut(usize, &TrainProgress) -> ControlFlow<()> + Send),
+) -> Vec<Result<TrainOutcome, TrainError>> {
+    let same = |a: &TrainConfig, b: &TrainConfig| {
+        let strip = |c: &TrainConfig| TrainConfig {
+            threads: 0,
+            ..c.clone()
+        };
+        serde_json::to_value(strip(a)).ok() == serde_json::to_value(strip(b)).ok()
+    };
+    let Some(first) = members.first() else {
+        return Vec::new();
+    };
+    if members.iter().any(|m| !same(m.cfg, first.cfg)) {
+        return members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                train(m.ds, m.text, m.cfg, device, m.work_dir, &mut |p| {
+                    progress(i, p)
+                })
+            })
+            .collect();
+    }
+    let fail_all = |e: TrainError| -> Vec<Result<TrainOutcome, TrainError>> {
+        let msg = e.to_string();
+        members
+            .iter()
+            .map(|_| Err(TrainError::Config(msg.clone())))
+            .collect()
+    };
+    if let Err(e) = first.cfg.validate() {
+        return fail_all(TrainError::Config(e));
+    }
+    if let Err(e) = device.check() {
+        return fail_all(TrainError::Device(e));
+    }
+    // Members whose data cannot be prepared fail alone; the others train.
+    let mut results: Vec<Option<Result<TrainOutcome, TrainError>>> =
+        members.iter().map(|_| None).collect();
+    let mut preps = Vec::new();
+    for (i, m) in members.iter().enumerate() {
+        match data::prepare(m.ds, m.text, m.cfg) {
+            Ok(p) => preps.push((i, p)),
+            Err(e) => results[i] = Some(Err(TrainError::Data(e))),
+        }
+    }
+    let jobs: Vec<trainer::Job> = preps
+        .iter()
+        .map(|(i, prep)| {
+            let m = &members[*i];
+            trainer::Job {
+                prep,
+                cfg: m.cfg,
+                device_name: device.to_string(),
+                work_dir: m.work_dir,
+                fingerprint: trainer::fingerprint(m.ds, m.text, m.cfg),
+            }
+        })
+        .collect();
+    let index: Vec<usize> = preps.iter().map(|(i, _)| *i).collect();
+    let mut inner = |j: usize, p: &TrainProgress| progress(index[j], p);
+    let trained = device::with_threads(first.cfg.threads, || match device {
+        DeviceSpec::Cpu => train_gang_kind::<Autodiff<Flex>>(&jobs, &FlexDevice, &mut inner),
+        DeviceSpec::Cuda(_i) => {
+            #[cfg(feature = "cuda")]
+            {
+                let dev = burn::backend::cuda::CudaDevice::new(*_i);
+                train_gang_kind::<Autodiff<burn::backend::Cuda>>(&jobs, &dev, &mut inner)
+            }
+            #[cfg(not(feature = "cuda"))]
+            jobs.iter()
+                .map(|_| {
+                    Err(TrainError::Device(
+                        DeviceSpec::Cuda(*_i).check().err().unwrap_or_default(),
+                    ))
+                })
+                .collect()
+        }
+    });
+    match trained {
+        Ok(outcomes) => {
+            for (i, r) in index.into_iter().zip(outcomes) {
+                results[i] = Some(r);
+            }
+        }
+        Err(e) => {
+            for i in index {
+                results[i] = Some(Err(TrainError::Device(e.clone())));
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(TrainError::Data("not trained".into()))))
+        .collect()
+}
+
+fn train_gang_kind<AB: burn::tensor::backend::AutodiffBackend>(
+    jobs: &[trainer::Job],
+    device: &AB::Device,
+    progress: &mut dyn FnMut(usize, &TrainProgress) -> ControlFlow<()>,
+) -> Vec<Result<TrainOutcome, TrainError>> {
+    let Some(first) = jobs.first() else {
+        return Vec::new();
+    };
+    match first.cfg.model {
+        ModelKind::Probex => trainer::run_gang::<AB, Probex<AB>>(jobs, device, progress),
+        ModelKind::ProbexZeroshot => {
+            trainer::run_gang::<AB, ProbexZeroshot<AB>>(jobs, device, progress)
+        }
+        ModelKind::Dense => trainer::run_gang::<AB, Dense<AB>>(jobs, device, progress),
+        ModelKind::DenseZeroshot => {
+            trainer::run_gang::<AB, DenseZeroshot<AB>>(jobs, device, progress)
+        }
+        ModelKind::Statnn => trainer::run_gang::<AB, StatNn<AB>>(jobs, device, progress),
+    }
+}
+
 /// Encodings `[N, dim]` of every model of `ds` (row order) under a checkpoint: ProbeX's `e`
 /// (`dim = r_T`), StatNN's hidden layer, Dense's logits. For kNN, retrieval, one-class scores.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

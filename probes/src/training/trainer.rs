@@ -339,113 +339,296 @@ where
     M: Net<AB> + AutodiffModule<AB>,
     M::InnerModule: Net<AB::InnerBackend>,
 {
-    let start = Instant::now();
-    let (prep, cfg) = (job.prep, job.cfg);
-    let zero_shot = prep.task.kind == TaskKind::ZeroShot;
-    let n = prep.inputs.rows();
-
-    // Batches are row selections of data held on the device, or read from the dataset as
-    // they are needed (see DeviceInputs).
-    let inputs =
-        DeviceInputs::<AB::InnerBackend>::new(&prep.inputs, device).map_err(TrainError::Data)?;
-    let targets = Tensor::<AB::InnerBackend, 2>::from_data(
-        TensorData::new(prep.targets.clone(), [n, prep.target_width]),
-        device,
-    );
-    let to_dev = |m: &super::data::TextMatrix| {
-        Tensor::<AB::InnerBackend, 2>::from_data(
-            TensorData::new(m.values.clone(), [m.rows, m.dim]),
-            device,
-        )
-    };
-    let text_train = prep.text_train.as_ref().map(to_dev);
-    let text_holdout = prep.text_holdout.as_ref().map(to_dev);
-    let text_train_ad = text_train.clone().map(Tensor::<AB, 2>::from_inner);
-
-    let mut model = M::init(&prep.spec, &mut Rng::new(cfg.seed, 0), device);
-    let names = param_names(&model);
-    let mut adam =
-        Adam::<AB::InnerBackend>::new(cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps);
-    let mut shuffle = Rng::new(cfg.seed, 1);
-    let mut curves = Curves::default();
-    let (mut best, mut best_holdout): (Option<Best>, Option<Best>) = (None, None);
-    let (mut best_params, mut best_holdout_params) = (None, None);
-    let mut first_epoch = 0;
-    let mut resumed_from = None;
-
-    if let Some(dir) = job.work_dir {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))?;
-        if let Some((m, tensors)) = load_resume(dir, &job.fingerprint)? {
-            let params: HashMap<String, NamedTensor> = names
-                .iter()
-                .filter_map(|(k, _)| tensors.get(k).map(|t| (k.clone(), t.clone())))
-                .collect();
-            let bp = m.best.as_ref().map(|_| read_best(dir, BEST_FILE, &names));
-            let bhp = m
-                .best_holdout
-                .as_ref()
-                .map(|_| read_best(dir, BEST_HOLDOUT_FILE, &names));
-            // A state whose best files are gone is not resumable: start over.
-            if !matches!(bp, Some(None)) && !matches!(bhp, Some(None)) {
-                model = load_named(model, &params, device).map_err(|e| {
-                    TrainError::Checkpoint(format!("{}: {e}", dir.join(STATE_FILE).display()))
-                })?;
-                adam.load_state(&names, &tensors, m.adam_steps, device)
-                    .map_err(TrainError::Checkpoint)?;
-                shuffle = Rng::from_state(m.rng_state);
-                curves = m.curves;
-                best = m.best;
-                best_holdout = m.best_holdout;
-                best_params = bp.flatten();
-                best_holdout_params = bhp.flatten();
-                first_epoch = m.next_epoch;
-                resumed_from = Some(m.next_epoch);
-            }
+    let mut member = Member::<AB, M>::new(job, device)?;
+    for epoch in member.first_epoch..job.cfg.epochs {
+        let rows = member.epoch_rows();
+        for chunk in rows.chunks(job.cfg.batch_size) {
+            member.step(chunk, device)?;
+        }
+        if member.end_epoch(epoch, device, progress)? {
+            return Err(TrainError::Cancelled { epoch });
         }
     }
+    member.finish(device)
+}
 
-    let base_rows = prep.rows.get(&Split::Train).cloned().unwrap_or_default();
-    let batch = cfg.batch_size;
-    let interval = cfg.checkpoint_interval();
-    let mut scratch = Scratch::default();
-    for epoch in first_epoch..cfg.epochs {
+/// Trains several models `M` of one gang together: the layers of one shape, each with its own
+/// data, model, optimiser, metrics, checkpoints and resume state (in its own work dir), in
+/// lockstep, one step of every member before the next step. `progress` hears which member
+/// (its index in `jobs`) finished an epoch. One result per job, in order.
+///
+/// Every member's result is its solo [`run`]'s: each computes exactly the operations its solo
+/// run computes, in the same order (the host path, a loop over members calling the same
+/// kernels). Members whose resume states stopped at different epochs (a kill during a save)
+/// form sub-gangs by resume epoch, run one after the other.
+pub(crate) fn run_gang<AB, M>(
+    jobs: &[Job],
+    device: &AB::Device,
+    progress: &mut dyn FnMut(usize, &TrainProgress) -> ControlFlow<()>,
+) -> Vec<Result<TrainOutcome, TrainError>>
+where
+    AB: AutodiffBackend,
+    M: Net<AB> + AutodiffModule<AB>,
+    M::InnerModule: Net<AB::InnerBackend>,
+{
+    let mut results: Vec<Option<Result<TrainOutcome, TrainError>>> =
+        jobs.iter().map(|_| None).collect();
+    let mut members: Vec<(usize, Member<AB, M>)> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        match Member::<AB, M>::new(job, device) {
+            Ok(m) => members.push((i, m)),
+            Err(e) => results[i] = Some(Err(e)),
+        }
+    }
+    let mut epochs: Vec<usize> = members.iter().map(|(_, m)| m.first_epoch).collect();
+    epochs.sort_unstable();
+    epochs.dedup();
+    for first in epochs {
+        let (mut gang, rest): (Vec<_>, Vec<_>) = members
+            .into_iter()
+            .partition(|(_, m)| m.first_epoch == first);
+        members = rest;
+        let end = gang.first().map_or(0, |(i, _)| jobs[*i].cfg.epochs);
+        for epoch in first..end {
+            let rows: Vec<Vec<usize>> = gang.iter_mut().map(|(_, m)| m.epoch_rows()).collect();
+            let batch = gang
+                .first()
+                .map_or(1, |(i, _)| jobs[*i].cfg.batch_size.max(1));
+            let steps = rows.first().map_or(0, |r| r.len().div_ceil(batch));
+            let mut failed: Vec<(usize, TrainError)> = Vec::new();
+            for k in 0..steps {
+                for (g, (i, m)) in gang.iter_mut().enumerate() {
+                    if failed.iter().any(|(f, _)| f == i) {
+                        continue;
+                    }
+                    let chunk = rows[g].chunks(batch).nth(k).unwrap_or(&[]);
+                    if let Err(e) = m.step(chunk, device) {
+                        failed.push((*i, e));
+                    }
+                }
+            }
+            for (i, e) in failed {
+                results[i] = Some(Err(e));
+                gang.retain(|(j, _)| *j != i);
+            }
+            let mut kept = Vec::new();
+            for (i, mut m) in gang {
+                match m.end_epoch(epoch, device, &mut |p| progress(i, p)) {
+                    Ok(false) => kept.push((i, m)),
+                    Ok(true) => results[i] = Some(Err(TrainError::Cancelled { epoch })),
+                    Err(e) => results[i] = Some(Err(e)),
+                }
+            }
+            gang = kept;
+        }
+        for (i, m) in gang {
+            results[i] = Some(m.finish(device));
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(TrainError::Data("a gang member was not trained".into()))))
+        .collect()
+}
+
+/// One training in progress: what [`run`] keeps between steps, so that [`run_gang`] can step
+/// several in lockstep.
+struct Member<'j, AB: AutodiffBackend, M> {
+    job: &'j Job<'j>,
+    start: Instant,
+    inputs: DeviceInputs<'j, AB::InnerBackend>,
+    targets: Tensor<AB::InnerBackend, 2>,
+    text_train: Option<Tensor<AB::InnerBackend, 2>>,
+    text_holdout: Option<Tensor<AB::InnerBackend, 2>>,
+    text_train_ad: Option<Tensor<AB, 2>>,
+    /// Taken out while an optimiser step replaces it (`None` only then): a model whose
+    /// tensors are uniquely owned is updated in place.
+    model: Option<M>,
+    names: Vec<(String, Vec<usize>)>,
+    adam: Adam<AB::InnerBackend>,
+    shuffle: Rng,
+    curves: Curves,
+    best: Option<Best>,
+    best_holdout: Option<Best>,
+    best_params: Option<Vec<NamedTensor>>,
+    best_holdout_params: Option<Vec<NamedTensor>>,
+    first_epoch: usize,
+    resumed_from: Option<usize>,
+    scratch: Scratch,
+    /// The current epoch's loss, weighted by batch size.
+    loss_sum: Option<Tensor<AB::InnerBackend, 1>>,
+    /// The current epoch's rows.
+    epoch_len: usize,
+}
+
+impl<'j, AB, M> Member<'j, AB, M>
+where
+    AB: AutodiffBackend,
+    M: Net<AB> + AutodiffModule<AB>,
+    M::InnerModule: Net<AB::InnerBackend>,
+{
+    /// The data on the device, the initial model, and the resume state of the work dir if it
+    /// has a matching one.
+    fn new(job: &'j Job<'j>, device: &AB::Device) -> Result<Self, TrainError> {
+        let start = Instant::now();
+        let (prep, cfg) = (job.prep, job.cfg);
+        let n = prep.inputs.rows();
+        // Batches are row selections of data held on the device, or read from the dataset as
+        // they are needed (see DeviceInputs).
+        let inputs = DeviceInputs::<AB::InnerBackend>::new(&prep.inputs, device)
+            .map_err(TrainError::Data)?;
+        let targets = Tensor::<AB::InnerBackend, 2>::from_data(
+            TensorData::new(prep.targets.clone(), [n, prep.target_width]),
+            device,
+        );
+        let to_dev = |m: &super::data::TextMatrix| {
+            Tensor::<AB::InnerBackend, 2>::from_data(
+                TensorData::new(m.values.clone(), [m.rows, m.dim]),
+                device,
+            )
+        };
+        let text_train = prep.text_train.as_ref().map(to_dev);
+        let text_holdout = prep.text_holdout.as_ref().map(to_dev);
+        let text_train_ad = text_train.clone().map(Tensor::<AB, 2>::from_inner);
+
+        let model = M::init(&prep.spec, &mut Rng::new(cfg.seed, 0), device);
+        let names = param_names(&model);
+        let adam =
+            Adam::<AB::InnerBackend>::new(cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps);
+        let mut member = Member {
+            job,
+            start,
+            inputs,
+            targets,
+            text_train,
+            text_holdout,
+            text_train_ad,
+            model: Some(model),
+            names,
+            adam,
+            shuffle: Rng::new(cfg.seed, 1),
+            curves: Curves::default(),
+            best: None,
+            best_holdout: None,
+            best_params: None,
+            best_holdout_params: None,
+            first_epoch: 0,
+            resumed_from: None,
+            scratch: Scratch::default(),
+            loss_sum: None,
+            epoch_len: 0,
+        };
+        member.resume(device)?;
+        Ok(member)
+    }
+
+    /// Takes up the resume state of the work dir, if it has one of this training.
+    fn resume(&mut self, device: &AB::Device) -> Result<(), TrainError> {
+        let Some(dir) = self.job.work_dir else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))?;
+        let Some((m, tensors)) = load_resume(dir, &self.job.fingerprint)? else {
+            return Ok(());
+        };
+        let names = &self.names;
+        let params: HashMap<String, NamedTensor> = names
+            .iter()
+            .filter_map(|(k, _)| tensors.get(k).map(|t| (k.clone(), t.clone())))
+            .collect();
+        let bp = m.best.as_ref().map(|_| read_best(dir, BEST_FILE, names));
+        let bhp = m
+            .best_holdout
+            .as_ref()
+            .map(|_| read_best(dir, BEST_HOLDOUT_FILE, names));
+        // A state whose best files are gone is not resumable: start over.
+        if matches!(bp, Some(None)) || matches!(bhp, Some(None)) {
+            return Ok(());
+        }
+        let model = self.model.take().ok_or_else(lost_model)?;
+        self.model = Some(load_named(model, &params, device).map_err(|e| {
+            TrainError::Checkpoint(format!("{}: {e}", dir.join(STATE_FILE).display()))
+        })?);
+        self.adam
+            .load_state(names, &tensors, m.adam_steps, device)
+            .map_err(TrainError::Checkpoint)?;
+        self.shuffle = Rng::from_state(m.rng_state);
+        self.curves = m.curves;
+        self.best = m.best;
+        self.best_holdout = m.best_holdout;
+        self.best_params = bp.flatten();
+        self.best_holdout_params = bhp.flatten();
+        self.first_epoch = m.next_epoch;
+        self.resumed_from = Some(m.next_epoch);
+        Ok(())
+    }
+
+    /// The next epoch's training rows, in their order.
+    fn epoch_rows(&mut self) -> Vec<usize> {
         // Each epoch permutes the row order afresh, so the order depends only on the random
         // state (which a resume restores), not on the previous epoch's order.
-        let mut train_rows = base_rows.clone();
-        shuffle.shuffle(&mut train_rows);
-        let mut loss_sum: Option<Tensor<AB::InnerBackend, 1>> = None;
-        for chunk in train_rows.chunks(batch) {
-            let idx = index_tensor::<AB::InnerBackend>(chunk, device);
-            let xb = inputs.batch(chunk, device).map_err(TrainError::Data)?;
-            let y = Tensor::<AB, 2>::from_inner(targets.clone().select(0, idx));
-            let (scores, split) = train_scores(&model, xb, text_train_ad.clone(), &mut scratch);
-            let loss = task_loss(prep.task.kind, scores, y);
-            let weighted = loss.clone().inner().mul_scalar(chunk.len() as f64);
-            loss_sum = Some(match loss_sum {
-                Some(s) => s + weighted,
-                None => weighted,
-            });
-            let grads = loss.backward();
-            let extra = split_gradients(split, &grads, &mut scratch);
-            model = adam.step_with(model, &grads, extra);
-        }
-        let train_loss = loss_sum
-            .map(|s| s.into_scalar().elem::<f64>() / train_rows.len() as f64)
+        let mut rows = self
+            .job
+            .prep
+            .rows
+            .get(&Split::Train)
+            .cloned()
+            .unwrap_or_default();
+        self.shuffle.shuffle(&mut rows);
+        self.loss_sum = None;
+        self.epoch_len = rows.len();
+        rows
+    }
+
+    /// One optimiser step on the rows `chunk`.
+    fn step(&mut self, chunk: &[usize], device: &AB::Device) -> Result<(), TrainError> {
+        let idx = index_tensor::<AB::InnerBackend>(chunk, device);
+        let xb = self.inputs.batch(chunk, device).map_err(TrainError::Data)?;
+        let y = Tensor::<AB, 2>::from_inner(self.targets.clone().select(0, idx));
+        let model = self.model.take().ok_or_else(lost_model)?;
+        let (scores, split) =
+            train_scores(&model, xb, self.text_train_ad.clone(), &mut self.scratch);
+        let loss = task_loss(self.job.prep.task.kind, scores, y);
+        let weighted = loss.clone().inner().mul_scalar(chunk.len() as f64);
+        self.loss_sum = Some(match self.loss_sum.take() {
+            Some(s) => s + weighted,
+            None => weighted,
+        });
+        let grads = loss.backward();
+        let extra = split_gradients(split, &grads, &mut self.scratch);
+        self.model = Some(self.adam.step_with(model, &grads, extra));
+        Ok(())
+    }
+
+    /// Ends epoch `epoch`: its loss, a validation when one is due (and the best checkpoints),
+    /// progress, and the resume state when one is due. True when `progress` asked to stop.
+    fn end_epoch(
+        &mut self,
+        epoch: usize,
+        device: &AB::Device,
+        progress: &mut dyn FnMut(&TrainProgress) -> ControlFlow<()>,
+    ) -> Result<bool, TrainError> {
+        let (job, prep, cfg) = (self.job, self.job.prep, self.job.cfg);
+        let zero_shot = prep.task.kind == TaskKind::ZeroShot;
+        let train_loss = self
+            .loss_sum
+            .take()
+            .map(|s| s.into_scalar().elem::<f64>() / self.epoch_len as f64)
             .unwrap_or(f64::NAN);
-        curves.train_loss.push(train_loss);
+        self.curves.train_loss.push(train_loss);
 
         let mut evaluated = false;
-        if epoch % cfg.validate_every == 0 {
-            let inner = model.valid();
+        if epoch.is_multiple_of(cfg.validate_every) {
+            let inner = self.model.as_ref().ok_or_else(lost_model)?.valid();
             let splits = evaluate(
                 &inner,
                 prep,
-                &inputs,
+                &self.inputs,
                 device,
-                text_train.as_ref(),
-                text_holdout.as_ref(),
-                batch,
+                self.text_train.as_ref(),
+                self.text_holdout.as_ref(),
+                cfg.batch_size,
             )?;
             let pick = |split: &str, current: &Option<Best>| -> Option<f64> {
                 let v = *splits.get(split)?.get(prep.selection)?;
@@ -456,19 +639,19 @@ where
                 };
                 better.then_some(v)
             };
-            if let Some(score) = pick(Split::Val.as_str(), &best) {
+            if let Some(score) = pick(Split::Val.as_str(), &self.best) {
                 let params = named_tensors(&inner);
                 if let Some(dir) = job.work_dir {
                     save_file(dir, BEST_FILE, &ckpt_bytes(prep, params.clone(), epoch)?)?;
                 }
-                best_params = Some(params);
-                best = Some(Best {
+                self.best_params = Some(params);
+                self.best = Some(Best {
                     epoch,
                     score,
                     splits: splits.clone(),
                 });
             }
-            if zero_shot && let Some(score) = pick(Split::ValHoldout.as_str(), &best_holdout) {
+            if zero_shot && let Some(score) = pick(Split::ValHoldout.as_str(), &self.best_holdout) {
                 let params = named_tensors(&inner);
                 if let Some(dir) = job.work_dir {
                     save_file(
@@ -477,14 +660,14 @@ where
                         &ckpt_bytes(prep, params.clone(), epoch)?,
                     )?;
                 }
-                best_holdout_params = Some(params);
-                best_holdout = Some(Best {
+                self.best_holdout_params = Some(params);
+                self.best_holdout = Some(Best {
                     epoch,
                     score,
                     splits: splits.clone(),
                 });
             }
-            curves.evals.push(EvalPoint { epoch, splits });
+            self.curves.evals.push(EvalPoint { epoch, splits });
             evaluated = true;
         }
 
@@ -492,24 +675,28 @@ where
             epoch,
             epochs: cfg.epochs,
             train_loss,
-            eval: if evaluated { curves.evals.last() } else { None },
-            resumed_from,
+            eval: if evaluated {
+                self.curves.evals.last()
+            } else {
+                None
+            },
+            resumed_from: self.resumed_from,
         });
         let stop = flow.is_break();
         if let Some(dir) = job.work_dir
-            && (stop || epoch % interval == 0 || epoch + 1 == cfg.epochs)
+            && (stop || epoch.is_multiple_of(cfg.checkpoint_interval()) || epoch + 1 == cfg.epochs)
         {
-            let mut tensors = named_tensors(&model);
-            tensors.extend(adam.state_tensors(&names));
+            let mut tensors = named_tensors(self.model.as_ref().ok_or_else(lost_model)?);
+            tensors.extend(self.adam.state_tensors(&self.names));
             let meta = ResumeMeta {
                 format: RESUME_FORMAT,
                 fingerprint: job.fingerprint.clone(),
                 next_epoch: epoch + 1,
-                adam_steps: adam.steps,
-                rng_state: shuffle.state(),
-                best: best.clone(),
-                best_holdout: best_holdout.clone(),
-                curves: curves.clone(),
+                adam_steps: self.adam.steps,
+                rng_state: self.shuffle.state(),
+                best: self.best.clone(),
+                best_holdout: self.best_holdout.clone(),
+                curves: self.curves.clone(),
             };
             let json =
                 serde_json::to_string(&meta).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
@@ -517,55 +704,65 @@ where
                 .map_err(TrainError::Checkpoint)?;
             save_file(dir, STATE_FILE, &bytes)?;
         }
-        if stop {
-            return Err(TrainError::Cancelled { epoch });
-        }
+        Ok(stop)
     }
 
-    // Without a val split (or before any validation) the last model is kept.
-    let (best_epoch, metrics, params) = match (best, best_params) {
-        (Some(b), Some(p)) => (b.epoch, b.splits, p),
-        _ => {
-            let inner = model.valid();
-            let splits = evaluate(
-                &inner,
-                prep,
-                &inputs,
-                device,
-                text_train.as_ref(),
-                text_holdout.as_ref(),
-                batch,
-            )?;
-            (cfg.epochs.saturating_sub(1), splits, named_tensors(&inner))
-        }
-    };
-    let checkpoint = ckpt_bytes(prep, params, best_epoch)?;
-    let (best_holdout_epoch, holdout_metrics, holdout_checkpoint) =
-        match (best_holdout, best_holdout_params) {
-            (Some(b), Some(p)) => (
-                Some(b.epoch),
-                Some(b.splits),
-                Some(ckpt_bytes(prep, p, b.epoch)?),
-            ),
-            _ => (None, None, None),
+    /// The outcome: the best checkpoints (or the last model, without a val split), metrics
+    /// and report.
+    fn finish(self, device: &AB::Device) -> Result<TrainOutcome, TrainError> {
+        let (job, prep, cfg) = (self.job, self.job.prep, self.job.cfg);
+        let model = self.model.ok_or_else(lost_model)?;
+        // Without a val split (or before any validation) the last model is kept.
+        let (best_epoch, metrics, params) = match (self.best, self.best_params) {
+            (Some(b), Some(p)) => (b.epoch, b.splits, p),
+            _ => {
+                let inner = model.valid();
+                let splits = evaluate(
+                    &inner,
+                    prep,
+                    &self.inputs,
+                    device,
+                    self.text_train.as_ref(),
+                    self.text_holdout.as_ref(),
+                    cfg.batch_size,
+                )?;
+                (cfg.epochs.saturating_sub(1), splits, named_tensors(&inner))
+            }
         };
-    Ok(TrainOutcome {
-        checkpoint,
-        holdout_checkpoint,
-        standardize: standardize_bytes(prep)?,
-        report: TrainReport {
-            config: cfg.clone(),
-            task: prep.task.kind,
-            device: job.device_name.clone(),
-            params: model.num_params(),
-            selection_metric: prep.selection.to_string(),
-            best_epoch,
-            metrics,
-            best_holdout_epoch,
-            holdout_metrics,
-            curves,
-            resumed_from,
-            seconds: start.elapsed().as_secs_f64(),
-        },
-    })
+        let checkpoint = ckpt_bytes(prep, params, best_epoch)?;
+        let (best_holdout_epoch, holdout_metrics, holdout_checkpoint) =
+            match (self.best_holdout, self.best_holdout_params) {
+                (Some(b), Some(p)) => (
+                    Some(b.epoch),
+                    Some(b.splits),
+                    Some(ckpt_bytes(prep, p, b.epoch)?),
+                ),
+                _ => (None, None, None),
+            };
+        Ok(TrainOutcome {
+            checkpoint,
+            holdout_checkpoint,
+            standardize: standardize_bytes(prep)?,
+            report: TrainReport {
+                config: cfg.clone(),
+                task: prep.task.kind,
+                device: job.device_name.clone(),
+                params: model.num_params(),
+                selection_metric: prep.selection.to_string(),
+                best_epoch,
+                metrics,
+                best_holdout_epoch,
+                holdout_metrics,
+                curves: self.curves,
+                resumed_from: self.resumed_from,
+                seconds: self.start.elapsed().as_secs_f64(),
+            },
+        })
+    }
+}
+
+/// The error of a member whose model was lost to a failed step (a step that fails leaves
+/// none): it is dropped from its gang, so this is never seen.
+fn lost_model() -> TrainError {
+    TrainError::Data("the model was lost to an earlier failure".into())
 }

@@ -1,0 +1,324 @@
+//! Sweep mode of the `train` kind: the ProbeX probes of a layer sweep whose layers have one
+//! shape and one row set train as a gang ([`probex_engine::Stage::gang`]), in lockstep, each
+//! with its own data, model, optimiser, checkpoint, report and resume state. Each member's
+//! result is its solo training's (same `seed`: same initial values and batch order), so the
+//! engine keeps one node and one cache entry per layer and ganging only changes how they run.
+//!
+//! On the CPU a gang computes what its members would one after another (the host path steps
+//! each member with the kernels of its solo run), so the engine gangs GPU nodes only
+//! ([`gang_limit`]): a CPU gang would take its members' worker slots and leave them idle.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use probex_engine::{Artifact, Cancelled, Inputs, Outcome, RunContext, StageResult};
+use probex_probes::models::ModelKind;
+use probex_probes::training::{self, DeviceSpec, GangMember, TrainConfig, TrainOutcome};
+use probex_weights::dataset::{LayerDataset, Matrices, Sidecar};
+use probex_weights::embeddings::TextTable;
+
+use crate::extract::ARTIFACT as LAYER;
+use crate::train::{EMBEDDINGS, Rows, files};
+
+/// Device memory a gang of GPU nodes may fill with its members' data and training state
+/// (models, gradients, Adam's moments): kept well under an H100's 80 GB, since activations and
+/// the allocator's slack come on top.
+pub const GPU_GANG_BYTES: u64 = 24 << 30;
+
+/// Which models gang: ProbeX's encoder is the cost a batched step shares. Dense and StatNN
+/// train alone.
+fn gangs(model: ModelKind) -> bool {
+    matches!(model, ModelKind::Probex | ModelKind::ProbexZeroshot)
+}
+
+/// The gang key of a train node: the model and its params (a sweep's nodes differ only in the
+/// layer they read, which is no param), the layer's shape, storage and precision, a digest of
+/// its rows (models) and labels, and the text table it reads. Layers with other rows (models
+/// skipped in one layer only) do not gang. `None` for models that train alone, or when the
+/// layer's sidecar cannot be read (the node then runs alone and reports the problem itself).
+pub fn gang_key(p: &TrainConfig, inputs: &Inputs) -> Option<String> {
+    if !gangs(p.model) {
+        return None;
+    }
+    let layer = inputs.one(LAYER).ok()?;
+    let sidecar = LayerDataset::load_sidecar(&layer.dir).ok()?;
+    let text = inputs.optional(EMBEDDINGS).ok()?.map(|a| a.key.to_string());
+    // Threads are a run setting, equal across one stage anyway.
+    let params = serde_json::to_value(TrainConfig {
+        threads: 0,
+        ..p.clone()
+    })
+    .ok()?;
+    let key = serde_json::json!({
+        "params": params,
+        "shape": sidecar.shape,
+        "storage": sidecar.storage,
+        "precision": sidecar.precision,
+        "rows": rows_digest(&sidecar),
+        "text": text,
+    });
+    Some(key.to_string())
+}
+
+/// A digest of who a layer's rows are and what they are labelled.
+fn rows_digest(s: &Sidecar) -> String {
+    let mut h = blake3::Hasher::new();
+    for part in [
+        serde_json::to_vec(&s.models),
+        serde_json::to_vec(&s.label_key),
+        serde_json::to_vec(&s.labels),
+    ] {
+        h.update(&part.unwrap_or_default());
+        h.update(b"\0");
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// How many members of a gang run at once: 1 on the CPU (see the module docs); on a GPU as
+/// many as fit [`GPU_GANG_BYTES`] with their data (f32) and four copies of their parameters.
+pub fn gang_limit(p: &TrainConfig, inputs: &Inputs, device: Option<&str>) -> usize {
+    let on_gpu = matches!(
+        device.map(str::trim).map(str::parse::<DeviceSpec>),
+        Some(Ok(DeviceSpec::Cuda(_)))
+    ) || device.map(str::trim) == Some("cuda");
+    if !on_gpu {
+        return 1;
+    }
+    let Some(s) = inputs
+        .one(LAYER)
+        .ok()
+        .and_then(|a| LayerDataset::load_sidecar(&a.dir).ok())
+    else {
+        return 1;
+    };
+    let [d_h, d_w] = s.shape;
+    let data = (s.models.len() * d_h * d_w * 4) as u64;
+    let params = (d_w * p.r_u + d_h * p.r_v + p.r_u * p.r_v * p.r_t + p.r_t) as u64;
+    let member = data + 4 * 4 * params;
+    (GPU_GANG_BYTES / member.max(1)).max(1) as usize
+}
+
+/// One member's layer and text, opened.
+struct Opened<'a> {
+    ds: LayerDataset,
+    text: Option<TextTable>,
+    text_input: Option<&'a Artifact>,
+    cfg: TrainConfig,
+}
+
+/// Trains the members of a gang together and writes each one's artifact as `run` does.
+pub fn run_gang(jobs: &[(&TrainConfig, &Inputs, &RunContext)]) -> Vec<StageResult<Outcome>> {
+    let Some((_, _, first_cx)) = jobs.first() else {
+        return Vec::new();
+    };
+    let device: DeviceSpec = match first_cx.device().unwrap_or("cpu").parse() {
+        Ok(d) => d,
+        Err(e) => {
+            return jobs.iter().map(|_| Err(anyhow::anyhow!("{e}"))).collect();
+        }
+    };
+    // The members share the memory budget for layers held in memory: a member over its share
+    // reads its layer from disk batch by batch, with the same result.
+    let budget = match training::memory::budget() {
+        Ok(b) => b / jobs.len().max(1) as u64,
+        Err(e) => return jobs.iter().map(|_| Err(anyhow::anyhow!("{e}"))).collect(),
+    };
+    let mut results: Vec<Option<StageResult<Outcome>>> = jobs.iter().map(|_| None).collect();
+    let mut opened: Vec<(usize, Opened)> = Vec::new();
+    for (i, (p, inputs, cx)) in jobs.iter().enumerate() {
+        match open(p, inputs, cx, budget, &device, jobs.len()) {
+            Ok(o) => opened.push((i, o)),
+            Err(e) => results[i] = Some(Err(e)),
+        }
+    }
+    let members: Vec<GangMember> = opened
+        .iter()
+        .map(|(i, o)| GangMember {
+            ds: &o.ds,
+            text: o.text.as_ref(),
+            cfg: &o.cfg,
+            work_dir: Some(jobs[*i].2.work_dir()),
+        })
+        .collect();
+    let cxs: Vec<&RunContext> = opened.iter().map(|(i, _)| jobs[*i].2).collect();
+    let mut said_resumed = vec![false; cxs.len()];
+    let mut on_epoch = |m: usize, pr: &training::TrainProgress| {
+        let cx = cxs[m];
+        if let Some(from) = pr.resumed_from
+            && !std::mem::replace(&mut said_resumed[m], true)
+        {
+            cx.note(format!(
+                "resumed from the checkpoint of an interrupted run at epoch {from} of {}",
+                pr.epochs
+            ));
+        }
+        cx.progress(
+            pr.epoch as u64 + 1,
+            pr.epochs as u64,
+            &format!("loss {:.4}", pr.train_loss),
+        );
+        if let Some(e) = pr.eval {
+            let val = e
+                .splits
+                .get("val")
+                .and_then(|m| m.iter().next().map(|(k, v)| format!("{k} {v:.4}")));
+            cx.log(format!(
+                "epoch {}: loss {:.5}{}",
+                pr.epoch,
+                pr.train_loss,
+                val.map_or(String::new(), |v| format!(", val {v}"))
+            ));
+        }
+        if cx.is_cancelled() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let trained = training::train_gang(&members, &device, &mut on_epoch);
+    drop(members);
+    for ((i, o), r) in opened.iter().zip(trained) {
+        let cx = jobs[*i].2;
+        results[*i] = Some(match r {
+            // The engine tells a stopped node from a failed one by its typed `Cancelled`.
+            Err(training::TrainError::Cancelled { epoch }) => {
+                cx.log(format!(
+                    "stopped after epoch {epoch}; the next run resumes from the checkpoint in the work directory"
+                ));
+                Err(Cancelled.into())
+            }
+            Err(e) => Err(e.into()),
+            Ok(outcome) => write_member(&outcome, o, &device, cx),
+        });
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("gang member not trained"))))
+        .collect()
+}
+
+/// Opens one member's layer (within `budget`) and text table, as `run` does.
+fn open<'a>(
+    p: &TrainConfig,
+    inputs: &'a Inputs,
+    cx: &RunContext,
+    budget: u64,
+    device: &DeviceSpec,
+    size: usize,
+) -> StageResult<Opened<'a>> {
+    let ds = LayerDataset::open(&inputs.one(LAYER)?.dir, budget)?;
+    if let Matrices::OnDisk(_) = ds.weights {
+        cx.log(format!(
+            "layer of {} MB as f32 exceeds this gang member's share of the memory budget \
+             ({} MB): reading it from disk batch by batch",
+            (ds.n * ds.d_h * ds.d_w * 4) >> 20,
+            budget >> 20
+        ));
+    }
+    let text_input = inputs.optional(EMBEDDINGS)?;
+    let text = match text_input {
+        Some(a) => Some(TextTable::load(&a.dir)?),
+        None => None,
+    };
+    // Threads are a run setting, not a hyperparameter: they come from the engine.
+    let cfg = TrainConfig {
+        threads: cx.threads(),
+        ..p.clone()
+    };
+    cx.log(format!(
+        "{} on layer {} ({}): {} models of [{}, {}], device {device}, {} threads, in a gang of {size}",
+        cfg.model.as_str(),
+        ds.layer.index,
+        ds.layer.name,
+        ds.n,
+        ds.d_h,
+        ds.d_w,
+        cfg.threads
+    ));
+    Ok(Opened {
+        ds,
+        text,
+        text_input,
+        cfg,
+    })
+}
+
+/// Writes one member's artifact: what `run` writes after its training.
+fn write_member(
+    outcome: &TrainOutcome,
+    o: &Opened,
+    device: &DeviceSpec,
+    cx: &RunContext,
+) -> StageResult<Outcome> {
+    let (ds, text) = (&o.ds, o.text.as_ref());
+    let out = cx.out_dir();
+    write(out, files::CHECKPOINT, &outcome.checkpoint)?;
+    if let Some(h) = &outcome.holdout_checkpoint {
+        write(out, files::HOLDOUT_CHECKPOINT, h)?;
+    }
+    if let Some(s) = &outcome.standardize {
+        write(out, files::STANDARDIZE, s)?;
+    }
+    write(
+        out,
+        files::REPORT,
+        &serde_json::to_vec_pretty(&outcome.report)?,
+    )?;
+    let ckpt = out.join(files::CHECKPOINT);
+    let enc = training::encode(&ckpt, ds, device)?;
+    let pred = training::predict(&ckpt, ds, text, device)?;
+    crate::train::write_outputs(
+        &out.join(files::OUTPUTS),
+        ds.n,
+        &enc.values,
+        enc.dim,
+        &pred.scores,
+        pred.columns.len(),
+    )?;
+    let rows = Rows {
+        layer: ds.layer.clone(),
+        models: ds.models.clone(),
+        labels: ds.labels.clone(),
+        columns: pred.columns,
+    };
+    write(out, files::ROWS, &serde_json::to_vec(&rows)?)?;
+    if let (Some(a), Some(table)) = (o.text_input, text) {
+        table.save(out)?;
+        write(out, files::TEXT, &serde_json::to_vec_pretty(&a.meta)?)?;
+    }
+    let r = &outcome.report;
+    cx.log(format!(
+        "best epoch {} ({} parameters) in {:.1}s",
+        r.best_epoch, r.params, r.seconds
+    ));
+    let mut results = serde_json::to_value(&r.metrics)?;
+    if let Some(obj) = results.as_object_mut() {
+        obj.insert("params".into(), r.params.into());
+        obj.insert("best_epoch".into(), r.best_epoch.into());
+        obj.insert("seconds".into(), r.seconds.into());
+        if let Some(h) = &r.holdout_metrics {
+            obj.insert("holdout_checkpoint".into(), serde_json::to_value(h)?);
+        }
+        if let Some(e) = r.best_holdout_epoch {
+            obj.insert("best_holdout_epoch".into(), e.into());
+        }
+    }
+    Ok(Outcome {
+        meta: serde_json::json!({
+            "model": o.cfg.model.as_str(),
+            "layer": ds.layer,
+            "params": r.params,
+            "selection_metric": r.selection_metric,
+            "task": r.task,
+        }),
+        results: Some(results),
+        summary: None,
+        publish: vec![files::REPORT.into()],
+        references: Vec::new(),
+    })
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> StageResult<()> {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
