@@ -259,26 +259,7 @@ pub(crate) fn prepare<'a>(
             ds.layer.name
         ));
     }
-    let n = ds.n;
-    let mut spec = ModelSpec {
-        kind: cfg.model,
-        d_h: ds.d_h,
-        d_w: ds.d_w,
-        r_u: 0,
-        r_v: 0,
-        r_t: 0,
-        d_y: 0,
-        d_text: 0,
-        hidden: 0,
-    };
-    match cfg.model {
-        ModelKind::Probex | ModelKind::ProbexZeroshot => {
-            (spec.r_u, spec.r_v, spec.r_t) = (cfg.r_u, cfg.r_v, cfg.r_t);
-        }
-        ModelKind::Statnn => spec.hidden = cfg.hidden,
-        ModelKind::Dense => {}
-        ModelKind::DenseZeroshot => spec.r_t = cfg.r_t,
-    }
+    let mut spec = model_spec(ds, cfg);
     let mut task = TaskInfo {
         kind: TaskKind::Class,
         classes: Vec::new(),
@@ -288,121 +269,14 @@ pub(crate) fn prepare<'a>(
         feature_std: Vec::new(),
         input_scale: None,
     };
-    let (mut text_train, mut text_holdout) = (None, None);
-    let (targets, target_width, host, selection) = if cfg.model.is_zero_shot() {
-        let Labels::Class { classes, targets } = &ds.labels else {
-            return Err(format!(
-                "model `{}` needs single-class labels, but key `{}` gives {} labels",
-                cfg.model,
-                ds.label_key,
-                label_kind(&ds.labels)
-            ));
-        };
-        let Some(table) = text else {
-            return Err(format!(
-                "model `{}` needs a text table (class-name embeddings); add the embed stage's \
-                 output to `from`",
-                cfg.model
-            ));
-        };
-        table.validate().map_err(|m| format!("text table: {m}"))?;
-        let collect = |splits: &[Split]| -> Vec<usize> {
-            let mut set: Vec<usize> = splits
-                .iter()
-                .flat_map(|s| rows.get(s).into_iter().flatten())
-                .map(|&r| targets[r] as usize)
-                .collect();
-            set.sort_unstable();
-            set.dedup();
-            set
-        };
-        let train_classes = collect(&[Split::Train]);
-        let holdout_classes = collect(&[Split::ValHoldout, Split::TestHoldout]);
-        let mut pos_train = vec![u32::MAX; classes.len()];
-        for (i, &c) in train_classes.iter().enumerate() {
-            pos_train[c] = i as u32;
-        }
-        let mut pos_hold = vec![u32::MAX; classes.len()];
-        for (i, &c) in holdout_classes.iter().enumerate() {
-            pos_hold[c] = i as u32;
-        }
-        let tt = text_matrix(table, classes, &train_classes)?;
-        spec.d_text = tt.dim;
-        text_train = Some(tt);
-        if !holdout_classes.is_empty() {
-            text_holdout = Some(text_matrix(table, classes, &holdout_classes)?);
-        }
-        let w = train_classes.len();
-        let mut onehot = vec![0.0f32; n * w];
-        let mut idx = vec![0u32; n];
-        for (i, m) in ds.models.iter().enumerate() {
-            let c = targets[i] as usize;
-            let holdout = matches!(m.split, Split::ValHoldout | Split::TestHoldout);
-            let p = if holdout { pos_hold[c] } else { pos_train[c] };
-            if p == u32::MAX {
-                return Err(format!(
-                    "model `{}` ({} split) has class `{}`, which no training model has; zero-shot \
-                     classes must be in val_holdout/test_holdout",
-                    m.id, m.split, classes[c].name
-                ));
-            }
-            idx[i] = p;
-            if !holdout {
-                onehot[i * w + p as usize] = 1.0;
-            }
-        }
-        task.kind = TaskKind::ZeroShot;
-        task.classes = train_classes
-            .iter()
-            .map(|&c| classes[c].name.clone())
-            .collect();
-        (onehot, w, HostTargets::Class(idx), "top1")
+    let (t, text_train, text_holdout) = if cfg.model.is_zero_shot() {
+        zero_shot_targets(ds, text, cfg, &rows, &mut spec, &mut task)?
     } else {
-        match &ds.labels {
-            Labels::MultiLabel { classes, targets } => {
-                task.kind = TaskKind::MultiLabel;
-                task.classes = classes.clone();
-                spec.d_y = classes.len();
-                let host = HostTargets::MultiLabel(targets.clone(), classes.len());
-                (targets.clone(), classes.len(), host, "accuracy")
-            }
-            Labels::Class { classes, targets } => {
-                task.kind = TaskKind::Class;
-                task.classes = classes.iter().map(|c| c.name.clone()).collect();
-                let w = classes.len();
-                spec.d_y = w;
-                let mut onehot = vec![0.0f32; n * w];
-                for (i, &t) in targets.iter().enumerate() {
-                    onehot[i * w + t as usize] = 1.0;
-                }
-                (onehot, w, HostTargets::Class(targets.clone()), "top1")
-            }
-            Labels::Numeric { targets, .. } => {
-                if let Some(i) = targets.iter().position(|t| !t.is_finite()) {
-                    return Err(format!(
-                        "model `{}` has a non-finite target {}",
-                        ds.models[i].id, targets[i]
-                    ));
-                }
-                task.kind = TaskKind::Regression;
-                spec.d_y = 1;
-                let k = train_rows.len() as f64;
-                let mean = train_rows.iter().map(|&r| targets[r] as f64).sum::<f64>() / k;
-                let var = train_rows
-                    .iter()
-                    .map(|&r| (targets[r] as f64 - mean).powi(2))
-                    .sum::<f64>()
-                    / k;
-                let std = if var > 0.0 { var.sqrt() } else { 1.0 };
-                task.target_mean = mean as f32;
-                task.target_std = std as f32;
-                let scaled = targets
-                    .iter()
-                    .map(|&t| ((t as f64 - mean) / std) as f32)
-                    .collect();
-                (scaled, 1, HostTargets::Numeric(targets.clone()), "r2")
-            }
-        }
+        (
+            supervised_targets(ds, &train_rows, &mut spec, &mut task)?,
+            None,
+            None,
+        )
     };
     if matches!(task.kind, TaskKind::MultiLabel | TaskKind::Class) && spec.d_y == 0 {
         return Err(format!(
@@ -424,12 +298,198 @@ pub(crate) fn prepare<'a>(
         spec,
         task,
         inputs,
-        targets,
-        target_width,
-        host,
+        targets: t.values,
+        target_width: t.width,
+        host: t.host,
         rows,
         text_train,
         text_holdout,
+        selection: t.selection,
+    })
+}
+
+/// A training's targets: as the loss reads them (one-hot, scaled), their width, as the
+/// metrics read them, and the metric that selects the best epoch.
+struct Targets {
+    values: Vec<f32>,
+    width: usize,
+    host: HostTargets,
+    selection: &'static str,
+}
+
+/// The model's shape for `ds` (the ranks its kind uses; outputs are set with the targets).
+fn model_spec(ds: &LayerDataset, cfg: &TrainConfig) -> ModelSpec {
+    let mut spec = ModelSpec {
+        kind: cfg.model,
+        d_h: ds.d_h,
+        d_w: ds.d_w,
+        r_u: 0,
+        r_v: 0,
+        r_t: 0,
+        d_y: 0,
+        d_text: 0,
+        hidden: 0,
+    };
+    match cfg.model {
+        ModelKind::Probex | ModelKind::ProbexZeroshot => {
+            (spec.r_u, spec.r_v, spec.r_t) = (cfg.r_u, cfg.r_v, cfg.r_t);
+        }
+        ModelKind::Statnn => spec.hidden = cfg.hidden,
+        ModelKind::Dense => {}
+        ModelKind::DenseZeroshot => spec.r_t = cfg.r_t,
+    }
+    spec
+}
+
+/// Targets of a zero-shot probe: each model's class among the training classes (held-out
+/// models among the held-out ones), and the text embeddings of both class sets.
+fn zero_shot_targets(
+    ds: &LayerDataset,
+    text: Option<&TextTable>,
+    cfg: &TrainConfig,
+    rows: &BTreeMap<Split, Vec<usize>>,
+    spec: &mut ModelSpec,
+    task: &mut TaskInfo,
+) -> Result<(Targets, Option<TextMatrix>, Option<TextMatrix>), String> {
+    let n = ds.n;
+    let Labels::Class { classes, targets } = &ds.labels else {
+        return Err(format!(
+            "model `{}` needs single-class labels, but key `{}` gives {} labels",
+            cfg.model,
+            ds.label_key,
+            label_kind(&ds.labels)
+        ));
+    };
+    let Some(table) = text else {
+        return Err(format!(
+            "model `{}` needs a text table (class-name embeddings); add the embed stage's \
+             output to `from`",
+            cfg.model
+        ));
+    };
+    table.validate().map_err(|m| format!("text table: {m}"))?;
+    let collect = |splits: &[Split]| -> Vec<usize> {
+        let mut set: Vec<usize> = splits
+            .iter()
+            .flat_map(|s| rows.get(s).into_iter().flatten())
+            .map(|&r| targets[r] as usize)
+            .collect();
+        set.sort_unstable();
+        set.dedup();
+        set
+    };
+    let train_classes = collect(&[Split::Train]);
+    let holdout_classes = collect(&[Split::ValHoldout, Split::TestHoldout]);
+    let mut pos_train = vec![u32::MAX; classes.len()];
+    for (i, &c) in train_classes.iter().enumerate() {
+        pos_train[c] = i as u32;
+    }
+    let mut pos_hold = vec![u32::MAX; classes.len()];
+    for (i, &c) in holdout_classes.iter().enumerate() {
+        pos_hold[c] = i as u32;
+    }
+    let tt = text_matrix(table, classes, &train_classes)?;
+    spec.d_text = tt.dim;
+    let text_train = Some(tt);
+    let text_holdout = if holdout_classes.is_empty() {
+        None
+    } else {
+        Some(text_matrix(table, classes, &holdout_classes)?)
+    };
+    let w = train_classes.len();
+    let mut onehot = vec![0.0f32; n * w];
+    let mut idx = vec![0u32; n];
+    for (i, m) in ds.models.iter().enumerate() {
+        let c = targets[i] as usize;
+        let holdout = matches!(m.split, Split::ValHoldout | Split::TestHoldout);
+        let p = if holdout { pos_hold[c] } else { pos_train[c] };
+        if p == u32::MAX {
+            return Err(format!(
+                "model `{}` ({} split) has class `{}`, which no training model has; zero-shot \
+                 classes must be in val_holdout/test_holdout",
+                m.id, m.split, classes[c].name
+            ));
+        }
+        idx[i] = p;
+        if !holdout {
+            onehot[i * w + p as usize] = 1.0;
+        }
+    }
+    task.kind = TaskKind::ZeroShot;
+    task.classes = train_classes
+        .iter()
+        .map(|&c| classes[c].name.clone())
+        .collect();
+    Ok((
+        Targets {
+            values: onehot,
+            width: w,
+            host: HostTargets::Class(idx),
+            selection: "top1",
+        },
+        text_train,
+        text_holdout,
+    ))
+}
+
+/// Targets of a supervised probe, from the dataset's labels; a regression's are standardised
+/// on the training rows.
+fn supervised_targets(
+    ds: &LayerDataset,
+    train_rows: &[usize],
+    spec: &mut ModelSpec,
+    task: &mut TaskInfo,
+) -> Result<Targets, String> {
+    let n = ds.n;
+    let (values, width, host, selection) = match &ds.labels {
+        Labels::MultiLabel { classes, targets } => {
+            task.kind = TaskKind::MultiLabel;
+            task.classes = classes.clone();
+            spec.d_y = classes.len();
+            let host = HostTargets::MultiLabel(targets.clone(), classes.len());
+            (targets.clone(), classes.len(), host, "accuracy")
+        }
+        Labels::Class { classes, targets } => {
+            task.kind = TaskKind::Class;
+            task.classes = classes.iter().map(|c| c.name.clone()).collect();
+            let w = classes.len();
+            spec.d_y = w;
+            let mut onehot = vec![0.0f32; n * w];
+            for (i, &t) in targets.iter().enumerate() {
+                onehot[i * w + t as usize] = 1.0;
+            }
+            (onehot, w, HostTargets::Class(targets.clone()), "top1")
+        }
+        Labels::Numeric { targets, .. } => {
+            if let Some(i) = targets.iter().position(|t| !t.is_finite()) {
+                return Err(format!(
+                    "model `{}` has a non-finite target {}",
+                    ds.models[i].id, targets[i]
+                ));
+            }
+            task.kind = TaskKind::Regression;
+            spec.d_y = 1;
+            let k = train_rows.len() as f64;
+            let mean = train_rows.iter().map(|&r| targets[r] as f64).sum::<f64>() / k;
+            let var = train_rows
+                .iter()
+                .map(|&r| (targets[r] as f64 - mean).powi(2))
+                .sum::<f64>()
+                / k;
+            let std = if var > 0.0 { var.sqrt() } else { 1.0 };
+            task.target_mean = mean as f32;
+            task.target_std = std as f32;
+            let scaled = targets
+                .iter()
+                .map(|&t| ((t as f64 - mean) / std) as f32)
+                .collect();
+            (scaled, 1, HostTargets::Numeric(targets.clone()), "r2")
+        }
+    };
+    Ok(Targets {
+        values,
+        width,
+        host,
         selection,
     })
 }

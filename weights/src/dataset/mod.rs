@@ -14,6 +14,8 @@
 //! x = t["weights"] if "weights" in t else t["up"] @ t["down"]   # [N, d_H, d_W]
 //! ```
 
+mod codec;
+mod error;
 pub mod rows;
 pub mod writer;
 
@@ -25,6 +27,9 @@ use std::sync::Arc;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
+pub use codec::{decode, encode};
+pub use error::DatasetError;
+use error::{invalid, io, non_finite_or};
 pub use rows::count_non_finite;
 pub use rows::{RowError, RowReader};
 
@@ -405,80 +410,6 @@ impl Matrices {
     }
 }
 
-/// Why a layer dataset could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum DatasetError {
-    /// A row could not be read (a model file an in-place dataset reads changed or vanished,
-    /// or a row past the end was asked for).
-    #[error("{0}")]
-    Row(String),
-    /// A row read in place from a model file holds NaN or infinite values.
-    #[error(
-        "model `{model}`: its layer `{layer}` holds NaN or infinite values ({detail}). This \
-         layer dataset reads the model files in place and checks their values when it reads \
-         them; set non_finite = \"skip\" (leave the model out) or \"zero\" on its extract \
-         stage"
-    )]
-    NonFinite {
-        /// The model's id.
-        model: String,
-        /// The layer's tensor name.
-        layer: String,
-        /// Where, and how many.
-        detail: String,
-    },
-    /// File system error on a named file.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// The files exist but do not hold a consistent layer dataset.
-    #[error("{path}: {message}")]
-    Invalid {
-        /// The file.
-        path: String,
-        /// What is wrong.
-        message: String,
-    },
-}
-
-/// [`DatasetError::NonFinite`] naming the row's model for non-finite values; `stale` of the
-/// message for any other row error.
-fn non_finite_or(
-    e: RowError,
-    models: &[ModelRecord],
-    layer: &str,
-    stale: impl FnOnce(String) -> DatasetError,
-) -> DatasetError {
-    match e {
-        RowError::NonFinite { row, .. } => DatasetError::NonFinite {
-            model: models
-                .get(row)
-                .map_or_else(|| format!("row {row}"), |m| m.id.clone()),
-            layer: layer.to_string(),
-            detail: e.to_string(),
-        },
-        RowError::Stale(m) => stale(m),
-    }
-}
-
-fn invalid(path: &Path, message: impl Into<String>) -> DatasetError {
-    DatasetError::Invalid {
-        path: path.display().to_string(),
-        message: message.into(),
-    }
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DatasetError + '_ {
-    move |source| DatasetError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
 impl LayerDataset {
     /// Current sidecar format version (2: the `storage` form; LoRA layers stored factored;
     /// 3: in-place references carry their file's stamp, source digests are file digests).
@@ -836,58 +767,6 @@ fn attach_targets(labels: Labels, raw: Vec<f32>) -> Labels {
             transform,
         },
     }
-}
-
-/// Encodes f32 values as little-endian bytes of the requested precision.
-pub fn encode(values: &[f32], precision: Precision) -> (Dtype, Vec<u8>) {
-    match precision {
-        Precision::F32 => (
-            Dtype::F32,
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ),
-        Precision::F16 => (
-            Dtype::F16,
-            values
-                .iter()
-                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                .collect(),
-        ),
-        Precision::Bf16 => (
-            Dtype::BF16,
-            values
-                .iter()
-                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                .collect(),
-        ),
-    }
-}
-
-/// Decodes little-endian F32/F16/BF16/F64 bytes to f32; other dtypes are an error.
-pub fn decode(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, String> {
-    let out = match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect(),
-        other => {
-            return Err(format!(
-                "dtype {other:?} is not a floating-point weight type"
-            ));
-        }
-    };
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,0 +1,57 @@
+//! A layer's values as bytes: f32 in, the stored precision out, and back.
+
+use safetensors::Dtype;
+
+use super::Precision;
+
+/// Encodes f32 values as little-endian bytes of the requested precision.
+pub fn encode(values: &[f32], precision: Precision) -> (Dtype, Vec<u8>) {
+    match precision {
+        Precision::F32 => (
+            Dtype::F32,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        Precision::F16 => (
+            Dtype::F16,
+            values
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect(),
+        ),
+        Precision::Bf16 => (
+            Dtype::BF16,
+            values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+        ),
+    }
+}
+
+/// Decodes little-endian F32/F16/BF16/F64 bytes to f32; other dtypes are an error.
+pub fn decode(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, String> {
+    let out = match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+        other => {
+            return Err(format!(
+                "dtype {other:?} is not a floating-point weight type"
+            ));
+        }
+    };
+    Ok(out)
+}
