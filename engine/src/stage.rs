@@ -231,6 +231,8 @@ pub struct RunContext<'a> {
     node: String,
     out_dir: PathBuf,
     work_dir: PathBuf,
+    /// Whether `work_dir` was made (or why not), on the first ask.
+    work_made: std::sync::OnceLock<Result<(), String>>,
     base_dir: PathBuf,
     device: Option<String>,
     threads: usize,
@@ -264,6 +266,7 @@ impl<'a> RunContext<'a> {
             node,
             out_dir,
             work_dir,
+            work_made: std::sync::OnceLock::new(),
             base_dir,
             device,
             threads: threads.max(1),
@@ -302,9 +305,20 @@ impl<'a> RunContext<'a> {
         &self.out_dir
     }
 
-    /// A directory that survives a crash for the same key: checkpoints for resuming.
-    pub fn work_dir(&self) -> &Path {
-        &self.work_dir
+    /// A directory that survives a crash for the same key: checkpoints for resuming. Made on
+    /// the first call (most nodes never ask, and a directory made and removed for each node
+    /// of a batch of hundreds costs two inode operations each); removed when the node commits.
+    pub fn work_dir(&self) -> std::io::Result<&Path> {
+        let made = self
+            .work_made
+            .get_or_init(|| std::fs::create_dir_all(&self.work_dir).map_err(|e| e.to_string()));
+        match made {
+            Ok(()) => Ok(&self.work_dir),
+            Err(e) => Err(std::io::Error::other(format!(
+                "cannot create the work directory {}: {e}",
+                self.work_dir.display()
+            ))),
+        }
     }
 
     /// Directory of the experiment file, for relative paths in params.
@@ -823,6 +837,43 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::error_text;
+
+    struct Quiet;
+    impl super::ProgressSink for Quiet {
+        fn progress(&self, _: &str, _: u64, _: u64, _: &str) {}
+    }
+
+    /// The engine hands a node the path of its work directory; the directory exists only
+    /// once the stage asks for it (most nodes never do), and an unusable one is an error.
+    #[test]
+    fn the_work_directory_is_made_when_asked_for() {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = tmp.path().join("work").join("key");
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let context = |work: std::path::PathBuf| {
+            super::RunContext::new(
+                "n".into(),
+                tmp.path().join("out"),
+                work,
+                tmp.path().to_path_buf(),
+                None,
+                1,
+                true,
+                None,
+                &Quiet,
+                &cancel,
+            )
+        };
+        let cx = context(work.clone());
+        assert!(!work.exists());
+        assert_eq!(cx.work_dir().unwrap(), work.as_path());
+        assert!(work.is_dir());
+        let blocked = tmp.path().join("file");
+        std::fs::write(&blocked, b"").unwrap();
+        let cx = context(blocked.join("key"));
+        let e = cx.work_dir().unwrap_err().to_string();
+        assert!(e.contains("cannot create the work directory"), "{e}");
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("{path}: {source}")]

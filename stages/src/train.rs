@@ -239,7 +239,7 @@ impl Stage for Train {
             text.as_ref(),
             &cfg,
             &device,
-            Some(cx.work_dir()),
+            Some(cx.work_dir()?),
             &mut on_epoch,
         ) {
             // The engine tells a stopped node from a failed one by its typed `Cancelled`.

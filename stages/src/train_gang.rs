@@ -131,13 +131,22 @@ pub fn run_gang(jobs: &[(&TrainConfig, &Inputs, &RunContext)]) -> Vec<StageResul
             Err(e) => results[i] = Some(Err(e)),
         }
     }
-    let members: Vec<GangMember> = opened
+    // A member whose checkpoints have nowhere to go fails alone, before the gang starts.
+    let mut opened_dirs = Vec::with_capacity(opened.len());
+    for (i, o) in opened {
+        match jobs[i].2.work_dir() {
+            Ok(dir) => opened_dirs.push((i, o, dir)),
+            Err(e) => results[i] = Some(Err(e.into())),
+        }
+    }
+    let opened: Vec<_> = opened_dirs.iter().map(|(i, o, _)| (*i, o)).collect();
+    let members: Vec<GangMember> = opened_dirs
         .iter()
-        .map(|(i, o)| GangMember {
+        .map(|(_, o, dir)| GangMember {
             ds: &o.ds,
             text: o.text.as_ref(),
             cfg: &o.cfg,
-            work_dir: Some(jobs[*i].2.work_dir()),
+            work_dir: Some(*dir),
         })
         .collect();
     let cxs: Vec<&RunContext> = opened.iter().map(|(i, _)| jobs[*i].2).collect();

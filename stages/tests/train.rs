@@ -1092,7 +1092,13 @@ fn the_train_stage_gangs_probex_layers_of_one_shape_and_rows_and_writes_solo_art
             );
         }
         // Each member kept its own resume state in its own work dir.
-        assert!(gang_cx[m].work_dir().join("state.safetensors").is_file());
+        assert!(
+            gang_cx[m]
+                .work_dir()
+                .unwrap()
+                .join("state.safetensors")
+                .is_file()
+        );
     }
 }
 

@@ -350,8 +350,8 @@ impl Worker<'_> {
                 .stage(lock)
                 .map_err(|e| fail(format!("cannot create staging directory: {e}")))?;
             let work = store
-                .work_dir(lock)
-                .map_err(|e| fail(format!("cannot create work directory: {e}")))?;
+                .work_location(lock)
+                .map_err(|e| fail(format!("cannot use the work directory: {e}")))?;
             let log_path = self.run_dir.log_path(&n.name);
             let log = File::create(&log_path)
                 .inspect_err(|e| self.run_dir.problem(format!("{}: {e}", log_path.display())))

@@ -763,7 +763,7 @@ impl Stage for Count {
     }
     fn run(&self, p: &CountParams, _: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
         let t = self.0.begin("count", cx);
-        let state = cx.work_dir().join("count");
+        let state = cx.work_dir()?.join("count");
         let mut i: u64 = fs::read_to_string(&state)
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -840,7 +840,8 @@ impl Gang {
         let resumed: Vec<u64> = jobs
             .iter()
             .map(|(_, _, cx)| {
-                fs::read_to_string(cx.work_dir().join(GANG_STATE))
+                cx.work_dir()
+                    .and_then(|d| fs::read_to_string(d.join(GANG_STATE)))
                     .ok()
                     .and_then(|t| t.trim().parse().ok())
                     .unwrap_or(0)
@@ -854,7 +855,10 @@ impl Gang {
                     continue;
                 }
                 std::thread::sleep(Duration::from_millis(p.step_ms));
-                if let Err(e) = fs::write(cx.work_dir().join(GANG_STATE), (step + 1).to_string()) {
+                if let Err(e) = cx
+                    .work_dir()
+                    .and_then(|d| fs::write(d.join(GANG_STATE), (step + 1).to_string()))
+                {
                     cx.log(format!("cannot save the step: {e}"));
                 }
             }
