@@ -8,6 +8,7 @@
 //! their training), `probex-text` (text encoders) and `probex-zoo` (model trees). The engine
 //! knows no ML; this crate is where it meets it.
 
+pub mod csv;
 pub mod embed;
 pub mod evaluate;
 pub mod extract;

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use super::EvalError;
 use super::linalg::matmul;
 use super::metrics::{ledoit_wolf, roc_auc};
-use super::report::csv_record;
+use crate::csv::csv_record;
 
 /// A row-major `[n, d]` matrix of encodings, borrowed.
 #[derive(Clone, Copy, Debug)]

@@ -23,7 +23,7 @@ pub use metrics::{
     top1_by_cosine,
 };
 pub use report::{
-    Block, Column, MethodRow, Report, Section, csv_record, format_params, render_table, table_csv,
+    Block, Column, MethodRow, Report, Section, format_params, render_table, table_csv,
 };
 
 /// Why an evaluation could not be computed. Messages say which input was wrong and how.

@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::csv::csv_record;
+
 /// One row of a results table: a method (ProbeX, Dense, StatNN, random) and its numbers.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MethodRow {
@@ -182,22 +184,6 @@ pub fn render_table(rows: &[MethodRow], columns: &[Column]) -> String {
         out.push_str(&table_line(&cells));
     }
     out
-}
-
-/// One CSV record (RFC 4180): fields with a comma, quote or line break are quoted, quotes
-/// doubled; ends with `\n`.
-pub fn csv_record(fields: &[&str]) -> String {
-    let quoted: Vec<String> = fields
-        .iter()
-        .map(|f| {
-            if f.contains([',', '"', '\n', '\r']) {
-                format!("\"{}\"", f.replace('"', "\"\""))
-            } else {
-                (*f).to_string()
-            }
-        })
-        .collect();
-    quoted.join(",") + "\n"
 }
 
 /// The table as CSV: `[group,]method,<column keys>,[<key>.std,]params`, values at full

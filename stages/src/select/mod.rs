@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::evaluate::report::csv_record;
+use crate::csv::csv_record;
 
 pub use plot::{MetricPlot, PlotError, plot_metric, render_png, render_svg};
 
