@@ -16,6 +16,7 @@ pub mod fetch;
 pub mod params_doc;
 pub mod query;
 pub mod route;
+pub mod routing;
 pub mod select;
 pub mod train;
 pub mod train_gang;

@@ -34,7 +34,7 @@ use super::{
     Encodings, OneClassMethod, Targets, TieBreak, knn_classify, one_class_auc, one_query_per_class,
     retrieval_csv, retrieval_top_k,
 };
-use crate::route::{self, Routing};
+use crate::routing::{self as route, Routing};
 use crate::select::stage::ARTIFACT as SELECTION;
 use crate::train::{read_outputs, read_rows};
 use probex_weights::dataset::{Labels, Split};

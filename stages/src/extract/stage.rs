@@ -38,7 +38,7 @@ use super::{
     resolve_layers,
 };
 use crate::extract::ModelSource;
-use crate::route::{self, Routing};
+use crate::routing::{self as route, Routing};
 use probex_fetch::collection::{self, Collection};
 use probex_weights::dataset::{self, Precision};
 use probex_weights::labels::{LabelSpec, OnError};

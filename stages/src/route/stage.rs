@@ -200,7 +200,7 @@ fn route(
     let features: Vec<Vec<f32>> = candidates
         .par_iter()
         .zip(&arch_of)
-        .map(|(c, &a)| Ok(archs[a].features_of(&c.model.path)?))
+        .map(|(c, &a)| Ok(super::features_of(&archs[a], &c.model.path)?))
         .collect::<StageResult<_>>()?;
     cx.check_cancelled()?;
     let fit = cluster(&candidates, &arch_of, &features, p, cx)?;
