@@ -19,7 +19,6 @@ pub mod route;
 pub mod routing;
 pub mod select;
 pub mod train;
-pub mod train_gang;
 pub mod zoo;
 
 use probex_engine::Registry;

@@ -17,6 +17,7 @@
 //! here never waits for Burn, nor an edit there for this.
 
 pub mod arch;
+pub mod codec;
 pub mod dataset;
 pub mod embeddings;
 pub mod gemm;

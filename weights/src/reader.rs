@@ -514,7 +514,7 @@ impl<B: AsRef<[u8]>> Safetensors<B> {
     /// Decodes a floating-point tensor to f32 (F32, F16, BF16, F64).
     pub fn to_f32(&self, entry: &TensorEntry) -> Result<Vec<f32>, WeightsError> {
         let data = self.data(entry)?;
-        crate::dataset::decode(entry.dtype, data)
+        crate::codec::decode(entry.dtype, data)
             .map_err(|m| WeightsError::tensor(&self.label, &entry.name, m))
     }
 }

@@ -14,7 +14,6 @@
 //! x = t["weights"] if "weights" in t else t["up"] @ t["down"]   # [N, d_H, d_W]
 //! ```
 
-mod codec;
 mod error;
 pub mod rows;
 pub mod writer;
@@ -27,7 +26,7 @@ use std::sync::Arc;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
-pub use codec::{decode, encode};
+pub use crate::codec::{Precision, decode, encode};
 pub use error::DatasetError;
 use error::{invalid, io, non_finite_or};
 pub use rows::count_non_finite;
@@ -230,19 +229,6 @@ pub struct Skipped {
     pub id: String,
     /// Human-readable reason, naming the file and key.
     pub reason: String,
-}
-
-/// Storage precision of `weights` on disk; always `f32` in memory.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// 4 bytes per value (default, exact).
-    #[default]
-    F32,
-    /// IEEE half: halves disk and page cache, 11-bit mantissa.
-    F16,
-    /// bfloat16: halves disk and page cache, 8-bit mantissa, f32 range.
-    Bf16,
 }
 
 /// How the matrices of a layer dataset are stored (the sidecar's `storage`).

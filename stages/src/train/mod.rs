@@ -15,6 +15,8 @@
 //! encoding and scores under that checkpoint (`outputs.safetensors`, rows as in `rows.json`),
 //! which `select` and `evaluate` read without loading the layer again.
 
+mod gang;
+
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -188,21 +190,21 @@ impl Stage for Train {
     }
 
     /// ProbeX probes of one shape and row set train as a gang (sweep mode, see
-    /// [`crate::train_gang`]).
+    /// [`gang`]).
     fn gangs(&self) -> bool {
         true
     }
 
     fn gang(&self, p: &TrainConfig, inputs: &Inputs) -> Option<String> {
-        crate::train_gang::gang_key(p, inputs)
+        gang::gang_key(p, inputs)
     }
 
     fn gang_limit(&self, p: &TrainConfig, inputs: &Inputs, device: Option<&str>) -> usize {
-        crate::train_gang::gang_limit(p, inputs, device)
+        gang::gang_limit(p, inputs, device)
     }
 
     fn run_gang(&self, jobs: &[(&TrainConfig, &Inputs, &RunContext)]) -> Vec<StageResult<Outcome>> {
-        crate::train_gang::run_gang(jobs)
+        gang::run_gang(jobs)
     }
 
     fn run(&self, p: &TrainConfig, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {

@@ -2,7 +2,20 @@
 
 use safetensors::Dtype;
 
-use super::Precision;
+use serde::{Deserialize, Serialize};
+
+/// Storage precision of `weights` on disk; always `f32` in memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 4 bytes per value (default, exact).
+    #[default]
+    F32,
+    /// IEEE half: halves disk and page cache, 11-bit mantissa.
+    F16,
+    /// bfloat16: halves disk and page cache, 8-bit mantissa, f32 range.
+    Bf16,
+}
 
 /// Encodes f32 values as little-endian bytes of the requested precision.
 pub fn encode(values: &[f32], precision: Precision) -> (Dtype, Vec<u8>) {

@@ -17,8 +17,8 @@ use probex_probes::training::{self, DeviceSpec, GangMember, TrainConfig, TrainOu
 use probex_weights::dataset::{LayerDataset, Matrices, Sidecar};
 use probex_weights::embeddings::TextTable;
 
+use super::{EMBEDDINGS, Rows, files};
 use crate::extract::ARTIFACT as LAYER;
-use crate::train::{EMBEDDINGS, Rows, files};
 
 /// Device memory a gang of GPU nodes may fill with its members' data and training state
 /// (models, gradients, Adam's moments): kept well under an H100's 80 GB, since activations and
@@ -276,7 +276,7 @@ fn write_member(
     let ckpt = out.join(files::CHECKPOINT);
     let enc = training::encode(&ckpt, ds, device)?;
     let pred = training::predict(&ckpt, ds, text, device)?;
-    crate::train::write_outputs(
+    super::write_outputs(
         &out.join(files::OUTPUTS),
         ds.n,
         &enc.values,
