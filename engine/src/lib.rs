@@ -13,6 +13,7 @@ pub mod digest;
 pub mod executor;
 pub mod expect;
 pub mod experiment;
+pub mod gpus;
 pub mod history;
 pub mod key;
 pub mod parallel;

@@ -83,7 +83,7 @@ pub struct Overrides {
     /// `--device`: replaces every stage's `device`.
     pub device: Option<String>,
     /// The GPUs nodes asking for plain `cuda` spread over (`--devices`, `PROBEX_DEVICES`, ...).
-    pub gpus: crate::executor::gpus::Gpus,
+    pub gpus: crate::gpus::Gpus,
     /// Planning only (`probex plan`): a source whose identity cannot be read now (say, the Hub
     /// is out of reach) leaves its stage and everything downstream pending with the reason,
     /// instead of failing the plan. A run always fails: a key needs the identity.

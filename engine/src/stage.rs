@@ -115,7 +115,7 @@ pub enum Resource {
     Gpu(String),
     /// One accelerator, whichever of the run's GPUs is free (the device asked for is plain
     /// `cuda`): the executor picks it and the stage finds its name in
-    /// [`RunContext::device`]. See [`crate::executor::gpus`].
+    /// [`RunContext::device`]. See [`crate::gpus`].
     AnyGpu,
 }
 
@@ -751,11 +751,15 @@ impl<S: Stage> DynStage for S {
 
 use serde::Deserialize as _;
 
+/// Counts the GPUs the stage library can use (a `cuda` build asks the driver), or says why it
+/// cannot.
+pub type GpuProbe = fn() -> Result<usize, String>;
+
 /// Every stage kind the engine can run, by name.
 #[derive(Clone, Default)]
 pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn DynStage>>,
-    gpu_probe: Option<crate::executor::gpus::GpuProbe>,
+    gpu_probe: Option<GpuProbe>,
 }
 
 impl Registry {
@@ -772,13 +776,13 @@ impl Registry {
 
     /// Sets how to count the GPUs the kinds can use, asked when a run's plain `cuda` nodes
     /// need a GPU and nothing lists them (the engine knows no GPU library; the kinds' does).
-    pub fn set_gpu_probe(&mut self, probe: crate::executor::gpus::GpuProbe) -> &mut Self {
+    pub fn set_gpu_probe(&mut self, probe: GpuProbe) -> &mut Self {
         self.gpu_probe = Some(probe);
         self
     }
 
     /// The probe [`Registry::set_gpu_probe`] set, if any.
-    pub fn gpu_probe(&self) -> Option<crate::executor::gpus::GpuProbe> {
+    pub fn gpu_probe(&self) -> Option<GpuProbe> {
         self.gpu_probe
     }
 

@@ -12,7 +12,7 @@ use std::fs;
 use std::path::Path;
 
 use probex_engine::digest::FileDigests;
-use probex_engine::executor::gpus::Gpus;
+use probex_engine::gpus::Gpus;
 use probex_engine::progress::ProgressMode;
 use probex_engine::record::RunDir;
 use probex_engine::{Overrides, PlanContext, Planner, RunOptions, RunReport};

@@ -419,7 +419,7 @@ fn with_planner<T>(
         )
         .into());
     }
-    let gpus = crate::executor::gpus::Gpus::from_env(args.devices.as_deref(), registry.gpu_probe())
+    let gpus = crate::gpus::Gpus::from_env(args.devices.as_deref(), registry.gpu_probe())
         .map_err(|e| format!("error: {e}"))?;
     let exp = crate::experiment::load(&args.file, registry).map_err(|d| d.to_string())?;
     let store = cache.open()?;

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use probex_cache::{Entry, EntryInfo, KeyLock, Store, Verified};
 
-use super::gpus::GpuPool;
 use super::{Done, Executor};
+use crate::gpus::GpuPool;
 use crate::parallel::in_parallel;
 use crate::plan::{Node, Plan, Planner, StoredOutcome, artifact};
 use crate::progress::Reporter;

@@ -7,7 +7,6 @@
 //! is computed by one function, [`local::Worker::compute`], under its key's lock, so every guarantee of
 //! the cache (atomic commits, no node computed twice) holds whatever runs it.
 
-pub mod gpus;
 pub mod local;
 pub mod node;
 pub mod slurm;

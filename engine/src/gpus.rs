@@ -26,9 +26,7 @@ use crate::stage::Resource;
 /// The environment variable that lists the GPUs, as `--devices` does.
 pub const ENV: &str = "PROBEX_DEVICES";
 
-/// Counts the GPUs the stage library can use (a `cuda` build asks the driver), or says why it
-/// cannot.
-pub type GpuProbe = fn() -> Result<usize, String>;
+pub use crate::stage::GpuProbe;
 
 /// Where the GPU list of a run comes from; resolved when a node first needs a GPU.
 #[derive(Clone, Debug, Default)]
