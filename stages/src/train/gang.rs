@@ -8,16 +8,13 @@
 //! each member with the kernels of its solo run), so the engine gangs GPU nodes only
 //! ([`gang_limit`]): a CPU gang would take its members' worker slots and leave them idle.
 
-use std::ops::ControlFlow;
-use std::path::Path;
-
 use probex_engine::{Artifact, Cancelled, Inputs, Outcome, RunContext, StageResult};
 use probex_probes::models::ModelKind;
-use probex_probes::training::{self, DeviceSpec, GangMember, TrainConfig, TrainOutcome};
+use probex_probes::training::{self, DeviceSpec, GangMember, TrainConfig};
 use probex_weights::dataset::{LayerDataset, Matrices, Sidecar};
 use probex_weights::embeddings::TextTable;
 
-use super::{EMBEDDINGS, Rows, files};
+use super::EMBEDDINGS;
 use crate::extract::ARTIFACT as LAYER;
 
 /// Device memory a gang of GPU nodes may fill with its members' data and training state
@@ -151,39 +148,8 @@ pub fn run_gang(jobs: &[(&TrainConfig, &Inputs, &RunContext)]) -> Vec<StageResul
         .collect();
     let cxs: Vec<&RunContext> = opened.iter().map(|(i, _)| jobs[*i].2).collect();
     let mut said_resumed = vec![false; cxs.len()];
-    let mut on_epoch = |m: usize, pr: &training::TrainProgress| {
-        let cx = cxs[m];
-        if let Some(from) = pr.resumed_from
-            && !std::mem::replace(&mut said_resumed[m], true)
-        {
-            cx.note(format!(
-                "resumed from the checkpoint of an interrupted run at epoch {from} of {}",
-                pr.epochs
-            ));
-        }
-        cx.progress(
-            pr.epoch as u64 + 1,
-            pr.epochs as u64,
-            &format!("loss {:.4}", pr.train_loss),
-        );
-        if let Some(e) = pr.eval {
-            let val = e
-                .splits
-                .get("val")
-                .and_then(|m| m.iter().next().map(|(k, v)| format!("{k} {v:.4}")));
-            cx.log(format!(
-                "epoch {}: loss {:.5}{}",
-                pr.epoch,
-                pr.train_loss,
-                val.map_or(String::new(), |v| format!(", val {v}"))
-            ));
-        }
-        if cx.is_cancelled() {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    };
+    let mut on_epoch =
+        |m: usize, pr: &training::TrainProgress| super::on_epoch(cxs[m], &mut said_resumed[m], pr);
     let trained = training::train_gang(&members, &device, &mut on_epoch);
     drop(members);
     for ((i, o), r) in opened.iter().zip(trained) {
@@ -197,7 +163,15 @@ pub fn run_gang(jobs: &[(&TrainConfig, &Inputs, &RunContext)]) -> Vec<StageResul
                 Err(Cancelled.into())
             }
             Err(e) => Err(e.into()),
-            Ok(outcome) => write_member(&outcome, o, &device, cx),
+            Ok(outcome) => super::write_trained(
+                cx,
+                &o.cfg,
+                &o.ds,
+                o.text.as_ref(),
+                o.text_input,
+                &outcome,
+                &device,
+            ),
         });
     }
     results
@@ -250,84 +224,4 @@ fn open<'a>(
         text_input,
         cfg,
     })
-}
-
-/// Writes one member's artifact: what `run` writes after its training.
-fn write_member(
-    outcome: &TrainOutcome,
-    o: &Opened,
-    device: &DeviceSpec,
-    cx: &RunContext,
-) -> StageResult<Outcome> {
-    let (ds, text) = (&o.ds, o.text.as_ref());
-    let out = cx.out_dir();
-    write(out, files::CHECKPOINT, &outcome.checkpoint)?;
-    if let Some(h) = &outcome.holdout_checkpoint {
-        write(out, files::HOLDOUT_CHECKPOINT, h)?;
-    }
-    if let Some(s) = &outcome.standardize {
-        write(out, files::STANDARDIZE, s)?;
-    }
-    write(
-        out,
-        files::REPORT,
-        &serde_json::to_vec_pretty(&outcome.report)?,
-    )?;
-    let ckpt = out.join(files::CHECKPOINT);
-    let enc = training::encode(&ckpt, ds, device)?;
-    let pred = training::predict(&ckpt, ds, text, device)?;
-    super::write_outputs(
-        &out.join(files::OUTPUTS),
-        ds.n,
-        &enc.values,
-        enc.dim,
-        &pred.scores,
-        pred.columns.len(),
-    )?;
-    let rows = Rows {
-        layer: ds.layer.clone(),
-        models: ds.models.clone(),
-        labels: ds.labels.clone(),
-        columns: pred.columns,
-    };
-    write(out, files::ROWS, &serde_json::to_vec(&rows)?)?;
-    if let (Some(a), Some(table)) = (o.text_input, text) {
-        table.save(out)?;
-        write(out, files::TEXT, &serde_json::to_vec_pretty(&a.meta)?)?;
-    }
-    let r = &outcome.report;
-    cx.log(format!(
-        "best epoch {} ({} parameters) in {:.1}s",
-        r.best_epoch, r.params, r.seconds
-    ));
-    let mut results = serde_json::to_value(&r.metrics)?;
-    if let Some(obj) = results.as_object_mut() {
-        obj.insert("params".into(), r.params.into());
-        obj.insert("best_epoch".into(), r.best_epoch.into());
-        obj.insert("seconds".into(), r.seconds.into());
-        if let Some(h) = &r.holdout_metrics {
-            obj.insert("holdout_checkpoint".into(), serde_json::to_value(h)?);
-        }
-        if let Some(e) = r.best_holdout_epoch {
-            obj.insert("best_holdout_epoch".into(), e.into());
-        }
-    }
-    Ok(Outcome {
-        meta: serde_json::json!({
-            "model": o.cfg.model.as_str(),
-            "layer": ds.layer,
-            "params": r.params,
-            "selection_metric": r.selection_metric,
-            "task": r.task,
-        }),
-        results: Some(results),
-        summary: None,
-        publish: vec![files::REPORT.into()],
-        references: Vec::new(),
-    })
-}
-
-fn write(dir: &Path, name: &str, bytes: &[u8]) -> StageResult<()> {
-    let path = dir.join(name);
-    std::fs::write(&path, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }

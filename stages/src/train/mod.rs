@@ -22,8 +22,8 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use probex_engine::{
-    Cancelled, InputSlot, Inputs, Outcome, PlanFacts, PlanInput, Resource, RunContext, Shape,
-    Stage, StageResult,
+    Artifact, Cancelled, InputSlot, Inputs, Outcome, PlanFacts, PlanInput, Resource, RunContext,
+    Shape, Stage, StageResult,
 };
 use safetensors::{Dtype, tensor::TensorView};
 use serde::{Deserialize, Serialize};
@@ -253,32 +253,47 @@ impl Stage for Train {
             }
             r => r?,
         };
-        let out = cx.out_dir();
-        save_training(out, &outcome)?;
-        save_predictions(out, &ds, text.as_ref(), &device)?;
-        if let (Some(a), Some(table)) = (text_input, &text) {
-            table.save(out)?;
-            write(out, files::TEXT, &serde_json::to_vec_pretty(&a.meta)?)?;
-        }
-        let r = &outcome.report;
-        cx.log(format!(
-            "best epoch {} ({} parameters) in {:.1}s",
-            r.best_epoch, r.params, r.seconds
-        ));
-        Ok(Outcome {
-            meta: serde_json::json!({
-                "model": cfg.model.as_str(),
-                "layer": ds.layer,
-                "params": r.params,
-                "selection_metric": r.selection_metric,
-                "task": r.task,
-            }),
-            results: Some(results_of(r)?),
-            summary: None,
-            publish: vec![files::REPORT.into()],
-            references: Vec::new(),
-        })
+        write_trained(cx, &cfg, &ds, text.as_ref(), text_input, &outcome, &device)
     }
+}
+
+/// Writes a finished training's artifact into the node's output folder (checkpoints, report,
+/// encodings and predictions, the text table it read) and says what the node reports: what
+/// `run` and every member of a gang write alike.
+fn write_trained(
+    cx: &RunContext,
+    cfg: &TrainConfig,
+    ds: &LayerDataset,
+    text: Option<&TextTable>,
+    text_input: Option<&Artifact>,
+    outcome: &training::TrainOutcome,
+    device: &DeviceSpec,
+) -> StageResult<Outcome> {
+    let out = cx.out_dir();
+    save_training(out, outcome)?;
+    save_predictions(out, ds, text, device)?;
+    if let (Some(a), Some(table)) = (text_input, text) {
+        table.save(out)?;
+        write(out, files::TEXT, &serde_json::to_vec_pretty(&a.meta)?)?;
+    }
+    let r = &outcome.report;
+    cx.log(format!(
+        "best epoch {} ({} parameters) in {:.1}s",
+        r.best_epoch, r.params, r.seconds
+    ));
+    Ok(Outcome {
+        meta: serde_json::json!({
+            "model": cfg.model.as_str(),
+            "layer": ds.layer,
+            "params": r.params,
+            "selection_metric": r.selection_metric,
+            "task": r.task,
+        }),
+        results: Some(results_of(r)?),
+        summary: None,
+        publish: vec![files::REPORT.into()],
+        references: Vec::new(),
+    })
 }
 
 /// Opens the input layer dataset within the memory budget (saying so when it stays on disk).
@@ -405,7 +420,7 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> StageResult<()> {
     std::fs::write(&path, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-pub(crate) fn write_outputs(
+fn write_outputs(
     path: &Path,
     n: usize,
     enc: &[f32],
