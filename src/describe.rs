@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use probex_probes::models::checkpoint::TaskKind;
-use probex_stages::query::{Probe, describe};
+use probex_stages::probe::{Probe, describe};
 
 /// Arguments of `probex describe`.
 #[derive(Args, Debug)]

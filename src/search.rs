@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use probex_stages::query::{Probe, search};
+use probex_stages::probe::{Probe, search};
 use probex_weights::dataset::Split;
 
 fn parse_split(s: &str) -> Result<Split, String> {

@@ -7,6 +7,6 @@
 //! (`train`, `evaluate`, search) build on top, so editing them (or the fetch client) does not
 //! rebuild the models. The `cuda` feature selects Burn's CUDA backend here.
 
-mod host;
+mod cpu_buffers;
 pub mod models;
 pub mod training;

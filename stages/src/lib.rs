@@ -14,7 +14,7 @@ pub mod evaluate;
 pub mod extract;
 pub mod fetch;
 pub mod params_doc;
-pub mod query;
+pub mod probe;
 pub mod route;
 pub mod routing;
 pub mod select;

@@ -515,7 +515,7 @@ by = "val.top1"
 
 #[test]
 fn search_ranks_models_of_the_queried_class_first_and_describe_names_a_models_class() {
-    use probex_stages::query::{Probe, describe, search};
+    use probex_stages::probe::{Probe, describe, search};
     let dir = tempfile::tempdir().unwrap();
     let models = single_class_tree(&dir.path().join("models"));
     let run_dir = zero_shot_run(dir.path());

@@ -132,7 +132,7 @@ pub(crate) enum DeviceInputs<'h, B: Backend> {
 impl<'h, B: Backend> DeviceInputs<'h, B> {
     /// Places `host` on `device` (see the type's docs for which way).
     pub fn new(host: &'h HostInputs<'h>, device: &B::Device) -> Result<Self, String> {
-        let cpu = crate::host::Host::<B>::of().is_some();
+        let cpu = crate::cpu_buffers::Host::<B>::of().is_some();
         match host {
             HostInputs::Rows { ds, standardize } if cpu || !host.fits() => {
                 Ok(DeviceInputs::PerBatch {

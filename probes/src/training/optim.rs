@@ -9,7 +9,7 @@ use burn::tensor::backend::AutodiffBackend;
 
 use probex_kernels::adam;
 
-use crate::host::{self, Host};
+use crate::cpu_buffers::{self as host, Host};
 use crate::models::NamedTensor;
 
 /// Adam state and hyperparameters over a backend `B` (the inner backend of training).

@@ -490,9 +490,9 @@ impl Router {
                 return Router::open(&dir, dir.display().to_string());
             }
         }
-        let found = crate::query::finished_nodes(path, &["route"], stage)?;
+        let found = crate::probe::finished_nodes(path, &["route"], stage)?;
         let (n, dir) =
-            crate::query::only_one(found, path, stage, "`route` node", |(n, _)| n.node.as_str())?;
+            crate::probe::only_one(found, path, stage, "`route` node", |(n, _)| n.node.as_str())?;
         Router::open(&dir, n.node)
     }
 

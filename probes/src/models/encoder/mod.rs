@@ -21,7 +21,7 @@ use probex_kernels::encoder as kernels;
 
 pub use kernels::Scratch;
 
-use crate::host::{self, Host};
+use crate::cpu_buffers::{self as host, Host};
 
 /// The encoder's layers: `probes` (`U^T`), `shared_probe_proj` (`V`), `per_probe_encoders`
 /// (`M`, bias).
