@@ -8,11 +8,10 @@
 //! each member with the kernels of its solo run), so the engine gangs GPU nodes only
 //! ([`gang_limit`]): a CPU gang would take its members' worker slots and leave them idle.
 
-use probex_engine::{Artifact, Cancelled, Inputs, Outcome, RunContext, StageResult};
+use probex_engine::{Cancelled, Inputs, Outcome, RunContext, StageResult};
 use probex_probes::models::ModelKind;
 use probex_probes::training::{self, DeviceSpec, GangMember, TrainConfig};
-use probex_weights::dataset::{LayerDataset, Matrices, Sidecar};
-use probex_weights::embeddings::TextTable;
+use probex_weights::dataset::{LayerDataset, Sidecar};
 
 use super::EMBEDDINGS;
 use crate::extract::ARTIFACT as LAYER;
@@ -95,14 +94,6 @@ pub fn gang_limit(p: &TrainConfig, inputs: &Inputs, device: Option<&str>) -> usi
     (GPU_GANG_BYTES / member.max(1)).max(1) as usize
 }
 
-/// One member's layer and text, opened.
-struct Opened<'a> {
-    ds: LayerDataset,
-    text: Option<TextTable>,
-    text_input: Option<&'a Artifact>,
-    cfg: TrainConfig,
-}
-
 /// Trains the members of a gang together and writes each one's artifact as `run` does.
 pub fn run_gang(jobs: &[(&TrainConfig, &Inputs, &RunContext)]) -> Vec<StageResult<Outcome>> {
     let Some((_, _, first_cx)) = jobs.first() else {
@@ -121,9 +112,9 @@ pub fn run_gang(jobs: &[(&TrainConfig, &Inputs, &RunContext)]) -> Vec<StageResul
         Err(e) => return jobs.iter().map(|_| Err(anyhow::anyhow!("{e}"))).collect(),
     };
     let mut results: Vec<Option<StageResult<Outcome>>> = jobs.iter().map(|_| None).collect();
-    let mut opened: Vec<(usize, Opened)> = Vec::new();
+    let mut opened: Vec<(usize, super::Opened)> = Vec::new();
     for (i, (p, inputs, cx)) in jobs.iter().enumerate() {
-        match open(p, inputs, cx, budget, &device, jobs.len()) {
+        match super::open(p, inputs, cx, budget, &device, Some(jobs.len())) {
             Ok(o) => opened.push((i, o)),
             Err(e) => results[i] = Some(Err(e)),
         }
@@ -178,50 +169,4 @@ pub fn run_gang(jobs: &[(&TrainConfig, &Inputs, &RunContext)]) -> Vec<StageResul
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("gang member not trained"))))
         .collect()
-}
-
-/// Opens one member's layer (within `budget`) and text table, as `run` does.
-fn open<'a>(
-    p: &TrainConfig,
-    inputs: &'a Inputs,
-    cx: &RunContext,
-    budget: u64,
-    device: &DeviceSpec,
-    size: usize,
-) -> StageResult<Opened<'a>> {
-    let ds = LayerDataset::open(&inputs.one(LAYER)?.dir, budget)?;
-    if let Matrices::OnDisk(_) = ds.weights {
-        cx.log(format!(
-            "layer of {} MB as f32 exceeds this gang member's share of the memory budget \
-             ({} MB): reading it from disk batch by batch",
-            (ds.n * ds.d_h * ds.d_w * 4) >> 20,
-            budget >> 20
-        ));
-    }
-    let text_input = inputs.optional(EMBEDDINGS)?;
-    let text = match text_input {
-        Some(a) => Some(TextTable::load(&a.dir)?),
-        None => None,
-    };
-    // Threads are a run setting, not a hyperparameter: they come from the engine.
-    let cfg = TrainConfig {
-        threads: cx.threads(),
-        ..p.clone()
-    };
-    cx.log(format!(
-        "{} on layer {} ({}): {} models of [{}, {}], device {device}, {} threads, in a gang of {size}",
-        cfg.model.as_str(),
-        ds.layer.index,
-        ds.layer.name,
-        ds.n,
-        ds.d_h,
-        ds.d_w,
-        cfg.threads
-    ));
-    Ok(Opened {
-        ds,
-        text,
-        text_input,
-        cfg,
-    })
 }

@@ -213,27 +213,13 @@ impl Stage for Train {
             .unwrap_or("cpu")
             .parse()
             .map_err(anyhow::Error::msg)?;
-        let ds = open_layer(inputs, cx)?;
-        let text_input = inputs.optional(EMBEDDINGS)?;
-        let text = match text_input {
-            Some(a) => Some(TextTable::load(&a.dir)?),
-            None => None,
-        };
-        // Threads are a run setting, not a hyperparameter: they come from the engine.
-        let cfg = TrainConfig {
-            threads: cx.threads(),
-            ..p.clone()
-        };
-        cx.log(format!(
-            "{} on layer {} ({}): {} models of [{}, {}], device {device}, {} threads",
-            cfg.model.as_str(),
-            ds.layer.index,
-            ds.layer.name,
-            ds.n,
-            ds.d_h,
-            ds.d_w,
-            cfg.threads
-        ));
+        let budget = training::memory::budget().map_err(anyhow::Error::msg)?;
+        let Opened {
+            ds,
+            text,
+            text_input,
+            cfg,
+        } = open(p, inputs, cx, budget, &device, None)?;
         let mut said_resumed = false;
         let mut on_epoch = |pr: &training::TrainProgress| on_epoch(cx, &mut said_resumed, pr);
         let outcome = match training::train(
@@ -296,21 +282,64 @@ fn write_trained(
     })
 }
 
-/// Opens the input layer dataset within the memory budget (saying so when it stays on disk).
-fn open_layer(inputs: &Inputs, cx: &RunContext) -> StageResult<LayerDataset> {
-    let layer_dir = &inputs.one(LAYER)?.dir;
-    let budget = training::memory::budget().map_err(anyhow::Error::msg)?;
-    let ds = LayerDataset::open(layer_dir, budget)?;
+/// A node's layer (within its memory budget), text table and settings, opened for training.
+struct Opened<'a> {
+    ds: LayerDataset,
+    text: Option<TextTable>,
+    text_input: Option<&'a Artifact>,
+    cfg: TrainConfig,
+}
+
+/// Opens a node's layer within `budget` (saying so when it stays on disk), its text table and
+/// its settings, and logs what will train; `gang` is the size of the gang it trains in, if any
+/// (its budget is then its share).
+fn open<'a>(
+    p: &TrainConfig,
+    inputs: &'a Inputs,
+    cx: &RunContext,
+    budget: u64,
+    device: &DeviceSpec,
+    gang: Option<usize>,
+) -> StageResult<Opened<'a>> {
+    let ds = LayerDataset::open(&inputs.one(LAYER)?.dir, budget)?;
     if let Matrices::OnDisk(_) = ds.weights {
+        let whose = match gang {
+            Some(_) => "this gang member's share of the memory budget".to_string(),
+            None => format!("the memory budget ({})", training::memory::ENV),
+        };
         cx.log(format!(
-            "layer of {} MB as f32 exceeds the memory budget of {} MB ({}): reading it \
-                 from disk batch by batch",
+            "layer of {} MB as f32 exceeds {whose} of {} MB: reading it from disk batch by batch",
             (ds.n * ds.d_h * ds.d_w * 4) >> 20,
-            budget >> 20,
-            training::memory::ENV
+            budget >> 20
         ));
     }
-    Ok(ds)
+    let text_input = inputs.optional(EMBEDDINGS)?;
+    let text = match text_input {
+        Some(a) => Some(TextTable::load(&a.dir)?),
+        None => None,
+    };
+    // Threads are a run setting, not a hyperparameter: they come from the engine.
+    let cfg = TrainConfig {
+        threads: cx.threads(),
+        ..p.clone()
+    };
+    cx.log(format!(
+        "{} on layer {} ({}): {} models of [{}, {}], device {device}, {} threads{}",
+        cfg.model.as_str(),
+        ds.layer.index,
+        ds.layer.name,
+        ds.n,
+        ds.d_h,
+        ds.d_w,
+        cfg.threads,
+        gang.map_or(String::new(), |n| format!(", in a gang of {n}"))
+    ));
+    Ok(Opened {
+        ds,
+        text,
+        text_input,
+        cfg,
+    })
 }
 
 /// Reports one epoch to the engine (progress, the val metric, a resume said once) and says
