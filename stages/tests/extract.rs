@@ -443,10 +443,11 @@ fn bad_labels_fail_or_skip_with_file_and_key() {
     assert_eq!(ds.skipped.len(), 2);
 }
 
-#[test]
-fn non_finite_weights_follow_the_policy() {
-    let dir = tempfile::tempdir().unwrap();
-    let models = zoo(&dir.path().join("models"), 3);
+/// Three models whose second has 1 NaN and 2 infinite values in `layer.10.weight`, and the
+/// outputs of its two `layer.*` layers (`layer.10` first): the models, the outputs and that
+/// layer's values.
+fn non_finite_zoo(dir: &Path) -> (Vec<ModelSource>, Vec<LayerOutput>, Vec<f32>) {
+    let models = zoo(&dir.join("models"), 3);
     let mut bad = values(1, 12);
     bad[3] = f32::NAN;
     bad[7] = f32::INFINITY;
@@ -463,9 +464,16 @@ fn non_finite_weights_follow_the_policy() {
     let outs = outputs(
         &models[0].path,
         "layer.*",
-        &dir.path().join("out"),
+        &dir.join("out"),
         LayerMode::Auto,
     );
+    (models, outs, bad)
+}
+
+#[test]
+fn non_finite_weights_follow_the_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (models, outs, bad) = non_finite_zoo(dir.path());
     assert_eq!(outs.len(), 2);
 
     let e = extract(&models, &outs, &cifar_spec(), &Default::default())
@@ -515,26 +523,7 @@ fn non_finite_weights_follow_the_policy() {
 #[test]
 fn in_place_rows_are_checked_for_non_finite_values_when_read() {
     let dir = tempfile::tempdir().unwrap();
-    let models = zoo(&dir.path().join("models"), 3);
-    let mut bad = values(1, 12);
-    bad[3] = f32::NAN;
-    bad[7] = f32::INFINITY;
-    bad[8] = f32::NEG_INFINITY;
-    write_model(
-        &models[1].path,
-        &[
-            f32t("layer.2.weight", &[2, 3], &values(101, 6)),
-            f32t("layer.10.weight", &[3, 4], &bad),
-            f32t("conv.weight", &[4, 3, 2, 2], &values(201, 48)),
-        ],
-        &[("dataset_chosen_targets", "['apple']")],
-    );
-    let outs = outputs(
-        &models[0].path,
-        "layer.*",
-        &dir.path().join("out"),
-        LayerMode::Auto,
-    );
+    let (models, outs, _) = non_finite_zoo(dir.path());
     let opts = ExtractOptions {
         in_place: true,
         ..Default::default()
