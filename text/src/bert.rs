@@ -10,7 +10,9 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::gelu;
 use serde::Deserialize;
 
-use super::nn::{Batch, LayerNorm, Linear, Precision, SelfAttention, positions, to_rows};
+use probex_nn::{Linear, Precision};
+
+use super::nn::{Batch, LayerNorm, SelfAttention, load_linear, positions, to_rows};
 use super::tensors::WeightFile;
 
 /// The fields of a BERT `config.json` the forward pass needs.
@@ -124,7 +126,7 @@ impl<B: Backend> Bert<B> {
         for i in 0..c.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
             let lin =
-                |name: &str, a, b| Linear::load(&w, &format!("{p}.{name}"), a, b, true, device);
+                |name: &str, a, b| load_linear(&w, &format!("{p}.{name}"), a, b, true, device);
             layers.push(BertLayer {
                 attn: SelfAttention {
                     q: lin("attention.self.query", d, d)?,
@@ -219,7 +221,7 @@ impl<B: Backend> Bert<B> {
         for l in &self.layers {
             let a = l.attn.forward(x.clone(), mask.clone());
             x = l.attn_norm.forward(r(a + x));
-            let f = l.down.forward(r(gelu(l.up.forward(x.clone()))));
+            let f = l.down.forward_seq(r(gelu(l.up.forward_seq(x.clone()))));
             x = l.out_norm.forward(r(f + x));
         }
         Ok(x)

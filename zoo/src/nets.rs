@@ -4,7 +4,8 @@
 //! A [`StateDict`] holds tensors under the names and layouts the Hugging Face implementation
 //! would use (Linear weights `[out, in]`, the ViT patch projection as a conv weight
 //! `[hidden, 3, p, p]`), so sorted-name layer indexing behaves on zoo files as on real ones.
-//! Burn keeps Linear weights as `[in, out]`; the conversion happens here and only here.
+//! The nets' fully connected layers are probex-nn's [`Linear`], holding their weights as
+//! `[in, out]` ([`WeightLayout::InOut`]); it converts to and from the state dict's `[out, in]`.
 
 use std::collections::BTreeMap;
 
@@ -12,6 +13,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
 use serde::{Deserialize, Serialize};
 
+use probex_nn::{Linear, LinearValues, WeightLayout};
 use probex_weights::rng::StreamRng;
 
 /// One tensor of a state dict: row-major f32 data with its PyTorch shape.
@@ -25,6 +27,9 @@ pub struct HostTensor {
 
 /// Tensors by their Hugging Face names (sorted, as a `BTreeMap` keeps them).
 pub type StateDict = BTreeMap<String, HostTensor>;
+
+/// The ViT's patch projection in a state dict (a conv weight `[hidden, 3, p, p]` and its bias).
+const PATCH: &str = "vit.embeddings.patch_embeddings.projection";
 
 /// A state dict entry that is missing or has the wrong shape: a defect of the zoo itself.
 fn take<'a>(state: &'a StateDict, name: &str, shape: &[usize]) -> Result<&'a HostTensor, String> {
@@ -57,97 +62,81 @@ fn tensor_data<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, 
         .map_err(|e| format!("reading a tensor back: {e:?}"))
 }
 
-/// A fully connected layer (`torch.nn.Linear`), weight kept as `[in, out]` for Burn.
-#[derive(Module, Debug)]
-pub struct Dense<B: Backend> {
-    /// `[in, out]`.
-    pub weight: Param<Tensor<B, 2>>,
-    /// `[out]`.
-    pub bias: Param<Tensor<B, 1>>,
+/// The Linear `{prefix}.weight` `[d_out, d_in]` and, when `bias`, `{prefix}.bias` of `state`.
+fn linear_values(
+    state: &StateDict,
+    prefix: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+) -> Result<LinearValues, String> {
+    let weight = take(state, &format!("{prefix}.weight"), &[d_out, d_in])?;
+    let bias = if bias {
+        Some(
+            take(state, &format!("{prefix}.bias"), &[d_out])?
+                .data
+                .clone(),
+        )
+    } else {
+        None
+    };
+    Ok(LinearValues {
+        d_in,
+        d_out,
+        weight: weight.data.clone(),
+        bias,
+    })
 }
 
-impl<B: Backend> Dense<B> {
-    /// PyTorch's default init: weight and bias uniform in `±1/sqrt(in)`.
-    pub fn torch_init(d_in: usize, d_out: usize, rng: &mut StreamRng) -> (HostTensor, HostTensor) {
-        let bound = 1.0 / (d_in as f32).sqrt();
-        let w = (0..d_in * d_out)
-            .map(|_| rng.range(-bound, bound))
-            .collect();
-        let b = (0..d_out).map(|_| rng.range(-bound, bound)).collect();
-        (
-            HostTensor {
-                shape: vec![d_out, d_in],
-                data: w,
-            },
-            HostTensor {
-                shape: vec![d_out],
-                data: b,
-            },
-        )
-    }
+/// A layer of the zoo's nets from `state`: held `[in, out]`, so its forward pass is `x @ W^T`
+/// with `W^T` as stored (what every tree was trained with, bit for bit).
+fn load_linear<B: Backend>(
+    state: &StateDict,
+    prefix: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<Linear<B>, String> {
+    let values = linear_values(state, prefix, d_in, d_out, bias)?;
+    Ok(Linear::from_values(values, WeightLayout::InOut, device))
+}
 
-    /// Hugging Face ViT init: weight normal(0, 0.02), bias zero.
-    pub fn hf_init(d_in: usize, d_out: usize, rng: &mut StreamRng) -> (HostTensor, HostTensor) {
-        let w = (0..d_in * d_out).map(|_| 0.02 * rng.normal()).collect();
-        (
-            HostTensor {
-                shape: vec![d_out, d_in],
-                data: w,
-            },
-            HostTensor {
-                shape: vec![d_out],
-                data: vec![0.0; d_out],
-            },
-        )
-    }
-
-    /// Builds the layer from `{prefix}.weight` `[out, in]` and `{prefix}.bias`.
-    pub fn load(
-        state: &StateDict,
-        prefix: &str,
-        d_in: usize,
-        d_out: usize,
-        device: &B::Device,
-    ) -> Result<Self, String> {
-        let w = take(state, &format!("{prefix}.weight"), &[d_out, d_in])?;
-        let b = take(state, &format!("{prefix}.bias"), &[d_out])?;
-        Ok(Dense {
-            weight: Param::from_tensor(Tensor::from_data(
-                TensorData::new(transpose(&w.data, d_out, d_in), [d_in, d_out]),
-                device,
-            )),
-            bias: Param::from_tensor(Tensor::from_data(
-                TensorData::new(b.data.clone(), [d_out]),
-                device,
-            )),
-        })
-    }
-
-    /// Writes `{prefix}.weight` `[out, in]` and `{prefix}.bias`.
-    pub fn save(&self, state: &mut StateDict, prefix: &str) -> Result<(), String> {
-        let [d_in, d_out] = self.weight.val().dims();
-        let w = tensor_data(self.weight.val())?;
-        state.insert(
-            format!("{prefix}.weight"),
-            HostTensor {
-                shape: vec![d_out, d_in],
-                data: transpose(&w, d_in, d_out),
-            },
-        );
+/// Writes `{prefix}.weight` `[out, in]` and, if there is one, `{prefix}.bias`.
+fn insert_linear(state: &mut StateDict, prefix: &str, values: LinearValues) {
+    state.insert(
+        format!("{prefix}.weight"),
+        HostTensor {
+            shape: vec![values.d_out, values.d_in],
+            data: values.weight,
+        },
+    );
+    if let Some(bias) = values.bias {
         state.insert(
             format!("{prefix}.bias"),
             HostTensor {
-                shape: vec![d_out],
-                data: tensor_data(self.bias.val())?,
+                shape: vec![values.d_out],
+                data: bias,
             },
         );
-        Ok(())
     }
+}
 
-    /// `x @ W + b` for `x` `[n, in]`.
-    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        x.matmul(self.weight.val()) + self.bias.val().unsqueeze::<2>()
-    }
+/// The values of `layer`, read back from the device.
+fn linear_host<B: Backend>(layer: &Linear<B>) -> Result<LinearValues, String> {
+    layer
+        .values()
+        .map_err(|e| format!("reading a tensor back: {e:?}"))
+}
+
+/// Writes `layer` under `prefix` ([`insert_linear`]).
+fn save_linear<B: Backend>(
+    layer: &Linear<B>,
+    state: &mut StateDict,
+    prefix: &str,
+) -> Result<(), String> {
+    insert_linear(state, prefix, linear_host(layer)?);
+    Ok(())
 }
 
 /// Layer normalisation over the last axis (`torch.nn.LayerNorm`, eps 1e-12 as HF ViT).
@@ -292,9 +281,8 @@ impl Arch {
             Arch::Mlp(c) => {
                 let mut d_in = 3 * size * size;
                 for (i, &h) in c.hidden.iter().enumerate() {
-                    let (w, b) = Dense::<burn::backend::Flex>::torch_init(d_in, h, rng);
-                    s.insert(format!("mlp.encoder.layer.{i}.dense.weight"), w);
-                    s.insert(format!("mlp.encoder.layer.{i}.dense.bias"), b);
+                    let layer = LinearValues::torch_init(d_in, h, true, rng);
+                    insert_linear(&mut s, &format!("mlp.encoder.layer.{i}.dense"), layer);
                     d_in = h;
                 }
                 self.init_head(&mut s, classes, rng);
@@ -303,15 +291,11 @@ impl Arch {
                 let d = c.hidden_size;
                 let p = c.patch_size;
                 let tokens = (size / p) * (size / p) + 1;
-                let (w, b) = Dense::<burn::backend::Flex>::hf_init(3 * p * p, d, rng);
-                s.insert(
-                    "vit.embeddings.patch_embeddings.projection.weight".into(),
-                    HostTensor {
-                        shape: vec![d, 3, p, p],
-                        data: w.data,
-                    },
-                );
-                s.insert("vit.embeddings.patch_embeddings.projection.bias".into(), b);
+                insert_linear(&mut s, PATCH, LinearValues::hf_init(3 * p * p, d, rng));
+                // Hugging Face's patch projection is a conv: the same values as `[d, 3, p, p]`.
+                if let Some(w) = s.get_mut(&format!("{PATCH}.weight")) {
+                    w.shape = vec![d, 3, p, p];
+                }
                 s.insert(
                     "vit.embeddings.cls_token".into(),
                     HostTensor {
@@ -336,9 +320,8 @@ impl Arch {
                         ("intermediate.dense", d, c.intermediate_size),
                         ("output.dense", c.intermediate_size, d),
                     ] {
-                        let (w, b) = Dense::<burn::backend::Flex>::hf_init(d_in, d_out, rng);
-                        s.insert(format!("{pre}.{name}.weight"), w);
-                        s.insert(format!("{pre}.{name}.bias"), b);
+                        let layer = LinearValues::hf_init(d_in, d_out, rng);
+                        insert_linear(&mut s, &format!("{pre}.{name}"), layer);
                     }
                     Norm::<burn::backend::Flex>::init(
                         d,
@@ -357,15 +340,14 @@ impl Arch {
     /// Replaces `classifier.*` with a fresh head of `classes` outputs, as fine-tuning a
     /// pretrained model on a new label set does (`ignore_mismatched_sizes`).
     pub fn init_head(&self, state: &mut StateDict, classes: usize, rng: &mut StreamRng) {
-        let (w, b) = match self {
+        let head = match self {
             Arch::Mlp(c) => {
                 let d = c.hidden.last().copied().unwrap_or(0);
-                Dense::<burn::backend::Flex>::torch_init(d, classes, rng)
+                LinearValues::torch_init(d, classes, true, rng)
             }
-            Arch::Vit(c) => Dense::<burn::backend::Flex>::hf_init(c.hidden_size, classes, rng),
+            Arch::Vit(c) => LinearValues::hf_init(c.hidden_size, classes, rng),
         };
-        state.insert("classifier.weight".into(), w);
-        state.insert("classifier.bias".into(), b);
+        insert_linear(state, "classifier", head);
     }
 
     /// Rearranges one CHW image (`3 x size x size`) into the network's input vector.
@@ -400,9 +382,9 @@ impl Arch {
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     /// Hidden layers.
-    pub layers: Vec<Dense<B>>,
+    pub layers: Vec<Linear<B>>,
     /// Output layer.
-    pub head: Dense<B>,
+    pub head: Linear<B>,
 }
 
 impl<B: Backend> Mlp<B> {
@@ -417,16 +399,17 @@ impl<B: Backend> Mlp<B> {
         let mut d_in = 3 * size * size;
         let mut layers = Vec::new();
         for (i, &h) in c.hidden.iter().enumerate() {
-            layers.push(Dense::load(
+            layers.push(load_linear(
                 state,
                 &format!("mlp.encoder.layer.{i}.dense"),
                 d_in,
                 h,
+                true,
                 device,
             )?);
             d_in = h;
         }
-        let head = Dense::load(state, "classifier", d_in, classes, device)?;
+        let head = load_linear(state, "classifier", d_in, classes, true, device)?;
         Ok(Mlp { layers, head })
     }
 
@@ -434,9 +417,9 @@ impl<B: Backend> Mlp<B> {
     pub fn state(&self) -> Result<StateDict, String> {
         let mut s = StateDict::new();
         for (i, l) in self.layers.iter().enumerate() {
-            l.save(&mut s, &format!("mlp.encoder.layer.{i}.dense"))?;
+            save_linear(l, &mut s, &format!("mlp.encoder.layer.{i}.dense"))?;
         }
-        self.head.save(&mut s, "classifier")?;
+        save_linear(&self.head, &mut s, "classifier")?;
         Ok(s)
     }
 
@@ -454,25 +437,25 @@ impl<B: Backend> Mlp<B> {
 #[derive(Module, Debug)]
 pub struct VitBlock<B: Backend> {
     ln_before: Norm<B>,
-    query: Dense<B>,
-    key: Dense<B>,
-    value: Dense<B>,
-    attn_out: Dense<B>,
+    query: Linear<B>,
+    key: Linear<B>,
+    value: Linear<B>,
+    attn_out: Linear<B>,
     ln_after: Norm<B>,
-    intermediate: Dense<B>,
-    output: Dense<B>,
+    intermediate: Linear<B>,
+    output: Linear<B>,
 }
 
 /// ViT classifier (`ViTForImageClassification`): patch embedding, CLS token, position
 /// embeddings, pre-norm blocks, final layer norm, classifier on the CLS token.
 #[derive(Module, Debug)]
 pub struct Vit<B: Backend> {
-    patch: Dense<B>,
+    patch: Linear<B>,
     cls: Param<Tensor<B, 3>>,
     pos: Param<Tensor<B, 3>>,
     blocks: Vec<VitBlock<B>>,
     ln: Norm<B>,
-    head: Dense<B>,
+    head: Linear<B>,
     heads: usize,
 }
 
@@ -488,29 +471,14 @@ impl<B: Backend> Vit<B> {
         let d = c.hidden_size;
         let p = c.patch_size;
         let tokens = (size / p) * (size / p) + 1;
-        let proj = take(
-            state,
-            "vit.embeddings.patch_embeddings.projection.weight",
-            &[d, 3, p, p],
-        )?;
-        let mut flat = state.clone();
-        flat.insert(
-            "patch.weight".into(),
-            HostTensor {
-                shape: vec![d, 3 * p * p],
-                data: proj.data.clone(),
-            },
-        );
-        flat.insert(
-            "patch.bias".into(),
-            take(
-                state,
-                "vit.embeddings.patch_embeddings.projection.bias",
-                &[d],
-            )?
-            .clone(),
-        );
-        let patch = Dense::load(&flat, "patch", 3 * p * p, d, device)?;
+        let proj = take(state, &format!("{PATCH}.weight"), &[d, 3, p, p])?;
+        let patch = LinearValues {
+            d_in: 3 * p * p,
+            d_out: d,
+            weight: proj.data.clone(),
+            bias: Some(take(state, &format!("{PATCH}.bias"), &[d])?.data.clone()),
+        };
+        let patch = Linear::from_values(patch, WeightLayout::InOut, device);
         let cls = take(state, "vit.embeddings.cls_token", &[1, 1, d])?;
         let pos = take(state, "vit.embeddings.position_embeddings", &[1, tokens, d])?;
         let mut blocks = Vec::new();
@@ -519,43 +487,48 @@ impl<B: Backend> Vit<B> {
             let i = c.intermediate_size;
             blocks.push(VitBlock {
                 ln_before: Norm::load(state, &format!("{pre}.layernorm_before"), d, device)?,
-                query: Dense::load(
+                query: load_linear(
                     state,
                     &format!("{pre}.attention.attention.query"),
                     d,
                     d,
+                    true,
                     device,
                 )?,
-                key: Dense::load(
+                key: load_linear(
                     state,
                     &format!("{pre}.attention.attention.key"),
                     d,
                     d,
+                    true,
                     device,
                 )?,
-                value: Dense::load(
+                value: load_linear(
                     state,
                     &format!("{pre}.attention.attention.value"),
                     d,
                     d,
+                    true,
                     device,
                 )?,
-                attn_out: Dense::load(
+                attn_out: load_linear(
                     state,
                     &format!("{pre}.attention.output.dense"),
                     d,
                     d,
+                    true,
                     device,
                 )?,
                 ln_after: Norm::load(state, &format!("{pre}.layernorm_after"), d, device)?,
-                intermediate: Dense::load(
+                intermediate: load_linear(
                     state,
                     &format!("{pre}.intermediate.dense"),
                     d,
                     i,
+                    true,
                     device,
                 )?,
-                output: Dense::load(state, &format!("{pre}.output.dense"), i, d, device)?,
+                output: load_linear(state, &format!("{pre}.output.dense"), i, d, true, device)?,
             });
         }
         Ok(Vit {
@@ -570,7 +543,7 @@ impl<B: Backend> Vit<B> {
             )),
             blocks,
             ln: Norm::load(state, "vit.layernorm", d, device)?,
-            head: Dense::load(state, "classifier", d, classes, device)?,
+            head: load_linear(state, "classifier", d, classes, true, device)?,
             heads: c.heads,
         })
     }
@@ -578,22 +551,12 @@ impl<B: Backend> Vit<B> {
     /// The state dict under Hugging Face ViT names and layouts.
     pub fn state(&self) -> Result<StateDict, String> {
         let mut s = StateDict::new();
-        let mut tmp = StateDict::new();
-        self.patch.save(&mut tmp, "patch")?;
-        let d = self.patch.weight.val().dims()[1];
-        let pp = self.patch.weight.val().dims()[0] / 3;
-        let p = (pp as f64).sqrt().round() as usize;
-        if let Some(w) = tmp.remove("patch.weight") {
-            s.insert(
-                "vit.embeddings.patch_embeddings.projection.weight".into(),
-                HostTensor {
-                    shape: vec![d, 3, p, p],
-                    data: w.data,
-                },
-            );
-        }
-        if let Some(b) = tmp.remove("patch.bias") {
-            s.insert("vit.embeddings.patch_embeddings.projection.bias".into(), b);
+        let d = self.patch.d_out();
+        let p = ((self.patch.d_in() / 3) as f64).sqrt().round() as usize;
+        insert_linear(&mut s, PATCH, linear_host(&self.patch)?);
+        // Hugging Face's patch projection is a conv: the same values as `[d, 3, p, p]`.
+        if let Some(w) = s.get_mut(&format!("{PATCH}.weight")) {
+            w.shape = vec![d, 3, p, p];
         }
         let cls = self.cls.val();
         let pos = self.pos.val();
@@ -616,21 +579,32 @@ impl<B: Backend> Vit<B> {
             let pre = format!("vit.encoder.layer.{l}");
             b.ln_before
                 .save(&mut s, &format!("{pre}.layernorm_before"))?;
-            b.query
-                .save(&mut s, &format!("{pre}.attention.attention.query"))?;
-            b.key
-                .save(&mut s, &format!("{pre}.attention.attention.key"))?;
-            b.value
-                .save(&mut s, &format!("{pre}.attention.attention.value"))?;
-            b.attn_out
-                .save(&mut s, &format!("{pre}.attention.output.dense"))?;
+            save_linear(
+                &b.query,
+                &mut s,
+                &format!("{pre}.attention.attention.query"),
+            )?;
+            save_linear(&b.key, &mut s, &format!("{pre}.attention.attention.key"))?;
+            save_linear(
+                &b.value,
+                &mut s,
+                &format!("{pre}.attention.attention.value"),
+            )?;
+            save_linear(
+                &b.attn_out,
+                &mut s,
+                &format!("{pre}.attention.output.dense"),
+            )?;
             b.ln_after.save(&mut s, &format!("{pre}.layernorm_after"))?;
-            b.intermediate
-                .save(&mut s, &format!("{pre}.intermediate.dense"))?;
-            b.output.save(&mut s, &format!("{pre}.output.dense"))?;
+            save_linear(
+                &b.intermediate,
+                &mut s,
+                &format!("{pre}.intermediate.dense"),
+            )?;
+            save_linear(&b.output, &mut s, &format!("{pre}.output.dense"))?;
         }
         self.ln.save(&mut s, "vit.layernorm")?;
-        self.head.save(&mut s, "classifier")?;
+        save_linear(&self.head, &mut s, "classifier")?;
         Ok(s)
     }
 
@@ -638,7 +612,7 @@ impl<B: Backend> Vit<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let heads = self.heads.max(1);
         let [n, _] = x.dims();
-        let [pd, d] = self.patch.weight.val().dims();
+        let (pd, d) = (self.patch.d_in(), self.patch.d_out());
         let t = self.pos.val().dims()[1];
         let emb = self
             .patch
@@ -651,11 +625,8 @@ impl<B: Backend> Vit<B> {
         let scale = 1.0 / (dh as f64).sqrt();
         for b in &self.blocks {
             let a = b.ln_before.forward(h.clone());
-            // Per head: project with that head's columns of the query/key/value weights.
-            let project = |layer: &Dense<B>, off: usize| {
-                a.clone().matmul(layer.weight.val().narrow(1, off, dh))
-                    + layer.bias.val().narrow(0, off, dh).unsqueeze::<2>()
-            };
+            // Per head: project with that head's rows of the query/key/value weights.
+            let project = |layer: &Linear<B>, off: usize| layer.forward_outputs(a.clone(), off, dh);
             let mut ctx = Vec::with_capacity(heads);
             for head in 0..heads {
                 let off = head * dh;
@@ -777,13 +748,20 @@ impl DenoiserShape {
     pub fn init(&self, rng: &mut StreamRng) -> StateDict {
         let mut s = StateDict::new();
         for (name, d_in, d_out) in self.layers() {
-            let (w, b) = Dense::<burn::backend::Flex>::torch_init(d_in, d_out, rng);
-            s.insert(format!("{name}.weight"), w);
-            s.insert(format!("{name}.bias"), b);
+            insert_linear(
+                &mut s,
+                &name,
+                LinearValues::torch_init(d_in, d_out, true, rng),
+            );
         }
         for (name, d_in, d_out) in self.text_layers() {
-            let (w, _) = Dense::<burn::backend::Flex>::torch_init(d_in, d_out, rng);
-            s.insert(format!("{name}.weight"), w);
+            // Bias-free, but a bias is drawn (and dropped) all the same: the trees' draws.
+            let layer = LinearValues::torch_init(d_in, d_out, true, rng);
+            let layer = LinearValues {
+                bias: None,
+                ..layer
+            };
+            insert_linear(&mut s, &name, layer);
         }
         s
     }
@@ -794,9 +772,9 @@ impl DenoiserShape {
 #[derive(Module, Debug)]
 pub struct Denoiser<B: Backend> {
     /// Image layers in forward order.
-    pub layers: Vec<Dense<B>>,
-    /// Per block, `attn2.to_v` stored as `[text_dim, out]`; empty when unconditioned.
-    pub text: Vec<Param<Tensor<B, 2>>>,
+    pub layers: Vec<Linear<B>>,
+    /// Per block, `attn2.to_v` (bias-free); empty when unconditioned.
+    pub text: Vec<Linear<B>>,
 }
 
 impl<B: Backend> Denoiser<B> {
@@ -809,19 +787,13 @@ impl<B: Backend> Denoiser<B> {
         let layers = shape
             .layers()
             .iter()
-            .map(|(name, i, o)| Dense::load(state, name, *i, *o, device))
+            .map(|(name, i, o)| load_linear(state, name, *i, *o, true, device))
             .collect::<Result<_, _>>()?;
         let text = shape
             .text_layers()
             .iter()
-            .map(|(name, i, o)| {
-                let w = take(state, &format!("{name}.weight"), &[*o, *i])?;
-                Ok(Param::from_tensor(Tensor::from_data(
-                    TensorData::new(transpose(&w.data, *o, *i), [*i, *o]),
-                    device,
-                )))
-            })
-            .collect::<Result<_, String>>()?;
+            .map(|(name, i, o)| load_linear(state, name, *i, *o, false, device))
+            .collect::<Result<_, _>>()?;
         Ok(Denoiser { layers, text })
     }
 
@@ -830,16 +802,10 @@ impl<B: Backend> Denoiser<B> {
     pub fn state(&self, shape: &DenoiserShape) -> Result<StateDict, String> {
         let mut s = StateDict::new();
         for ((name, _, _), l) in shape.layers().iter().zip(&self.layers) {
-            l.save(&mut s, name)?;
+            save_linear(l, &mut s, name)?;
         }
-        for ((name, d_in, d_out), w) in shape.text_layers().iter().zip(&self.text) {
-            s.insert(
-                format!("{name}.weight"),
-                HostTensor {
-                    shape: vec![*d_out, *d_in],
-                    data: transpose(&tensor_data(w.val())?, *d_in, *d_out),
-                },
-            );
+        for ((name, _, _), l) in shape.text_layers().iter().zip(&self.text) {
+            save_linear(l, &mut s, name)?;
         }
         Ok(s)
     }
@@ -852,7 +818,7 @@ impl<B: Backend> Denoiser<B> {
         for (i, l) in self.layers.iter().enumerate() {
             h = l.forward(h);
             if let (Some(t), Some(w)) = (&text, self.text.get(i)) {
-                h = h + t.clone().matmul(w.val());
+                h = h + w.forward(t.clone());
             }
             if i < last {
                 h = activation::relu(h);
@@ -935,7 +901,7 @@ impl<B: Backend> Lora<B> {
         for (i, l) in base.layers.iter().enumerate() {
             h = l.forward(h.clone()) + low(i, h);
             if let (Some(t), Some(w)) = (&text, base.text.get(i)) {
-                h = h + t.clone().matmul(w.val()) + low(n + i, t.clone());
+                h = h + w.forward(t.clone()) + low(n + i, t.clone());
             }
             if i < last {
                 h = activation::relu(h);

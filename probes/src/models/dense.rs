@@ -2,7 +2,7 @@
 
 use burn::prelude::*;
 
-use super::{ModelKind, ModelSpec, Net, TorchLinear, text_cosines};
+use super::{Linear, ModelKind, ModelSpec, Net, text_cosines};
 use probex_weights::rng::Rng;
 
 /// Shapes of a Dense probe.
@@ -42,13 +42,13 @@ impl DenseConfig {
 #[derive(Module, Debug)]
 pub struct Dense<B: Backend> {
     /// `dense.{weight,bias}`.
-    pub dense: TorchLinear<B>,
+    pub dense: Linear<B>,
 }
 
 impl<B: Backend> Net<B> for Dense<B> {
     fn init(spec: &ModelSpec, rng: &mut Rng, device: &B::Device) -> Self {
         Dense {
-            dense: TorchLinear::init(spec.d_h * spec.d_w, spec.d_y, true, rng, device),
+            dense: Linear::init(spec.d_h * spec.d_w, spec.d_y, true, rng, device),
         }
     }
 
@@ -68,16 +68,16 @@ impl<B: Backend> Net<B> for Dense<B> {
 #[derive(Module, Debug)]
 pub struct DenseZeroshot<B: Backend> {
     /// `dense.{weight,bias}` `[r_T, d_H*d_W]`, `[r_T]`.
-    pub dense: TorchLinear<B>,
+    pub dense: Linear<B>,
     /// `regression_head.{weight,bias}` `[r_T, d_text]`, `[r_T]`.
-    pub regression_head: TorchLinear<B>,
+    pub regression_head: Linear<B>,
 }
 
 impl<B: Backend> Net<B> for DenseZeroshot<B> {
     fn init(spec: &ModelSpec, rng: &mut Rng, device: &B::Device) -> Self {
         DenseZeroshot {
-            dense: TorchLinear::init(spec.d_h * spec.d_w, spec.r_t, true, rng, device),
-            regression_head: TorchLinear::init(spec.d_text, spec.r_t, true, rng, device),
+            dense: Linear::init(spec.d_h * spec.d_w, spec.r_t, true, rng, device),
+            regression_head: Linear::init(spec.d_text, spec.r_t, true, rng, device),
         }
     }
 

@@ -21,6 +21,7 @@ use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 
 use encoder::EncoderLayers;
+use probex_nn::Linear;
 use probex_weights::rng::Rng;
 
 pub use batch::{Batch, Standardize};
@@ -163,42 +164,6 @@ pub fn forward_batch<B: Backend, M: Net<B>>(
         model.encode(x)
     } else {
         model.scores(x, text)
-    }
-}
-
-/// A PyTorch-style Linear layer: `weight` `[out, in]`, optional `bias` `[out]`,
-/// `y = x @ weight^T + bias`.
-#[derive(Module, Debug)]
-pub struct TorchLinear<B: Backend> {
-    /// `[out, in]`.
-    pub weight: Param<Tensor<B, 2>>,
-    /// `[out]`.
-    pub bias: Option<Param<Tensor<B, 1>>>,
-}
-
-impl<B: Backend> TorchLinear<B> {
-    /// PyTorch's default initialisation: weight and bias uniform in `+-1/sqrt(fan_in)` with
-    /// `fan_in = d_in`. Values are drawn on the host from `rng` (weight first, row-major,
-    /// then bias), so a seed gives the same model on every device.
-    pub fn init(d_in: usize, d_out: usize, bias: bool, rng: &mut Rng, device: &B::Device) -> Self {
-        let bound = 1.0 / (d_in as f32).sqrt();
-        let w: Vec<f32> = (0..d_in * d_out).map(|_| rng.uniform(bound)).collect();
-        let weight =
-            Param::from_tensor(Tensor::from_data(TensorData::new(w, [d_out, d_in]), device));
-        let bias = bias.then(|| {
-            let b: Vec<f32> = (0..d_out).map(|_| rng.uniform(bound)).collect();
-            Param::from_tensor(Tensor::from_data(TensorData::new(b, [d_out]), device))
-        });
-        TorchLinear { weight, bias }
-    }
-
-    /// `x @ weight^T + bias` for `x` `[N, in]`.
-    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let y = x.matmul(self.weight.val().transpose());
-        match &self.bias {
-            Some(b) => y + b.val().unsqueeze_dim(0),
-            None => y,
-        }
     }
 }
 
@@ -375,7 +340,7 @@ pub fn param_ids<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamId> {
 /// mapped by `head` into the same space; without `text` there are no classes (`[B, 0]`).
 pub fn text_cosines<B: Backend>(
     e: Tensor<B, 2>,
-    head: &TorchLinear<B>,
+    head: &Linear<B>,
     text: Option<Tensor<B, 2>>,
 ) -> Tensor<B, 2> {
     let e = l2_normalize(e);
@@ -409,10 +374,10 @@ mod tests {
 
     #[test]
     #[allow(clippy::needless_range_loop)]
-    fn torch_linear_matches_hand_computation_and_names() {
+    fn linear_matches_hand_computation_and_names() {
         let dev = Default::default();
         let mut rng = Rng::new(0, 0);
-        let lin = TorchLinear::<Cpu>::init(3, 2, true, &mut rng, &dev);
+        let lin = Linear::<Cpu>::init(3, 2, true, &mut rng, &dev);
         let named = named_tensors(&lin);
         assert_eq!(named.len(), 2);
         assert_eq!(named[0].name, "weight");
@@ -444,7 +409,7 @@ mod tests {
     fn load_named_reports_missing_wrong_and_extra() {
         let dev = Default::default();
         let mut rng = Rng::new(0, 0);
-        let lin = TorchLinear::<Cpu>::init(3, 2, true, &mut rng, &dev);
+        let lin = Linear::<Cpu>::init(3, 2, true, &mut rng, &dev);
         let mut map: HashMap<String, NamedTensor> = named_tensors(&lin)
             .into_iter()
             .map(|t| (t.name.clone(), t))

@@ -4,7 +4,7 @@
 use burn::prelude::*;
 
 use super::encoder::{self, EncoderLayers, Scratch};
-use super::{ModelSpec, Net, ProbeEncoded, TorchLinear};
+use super::{Linear, ModelSpec, Net, ProbeEncoded};
 use probex_weights::rng::Rng;
 
 /// Shapes of a ProbeX model (defaults are the paper's ranks).
@@ -53,13 +53,13 @@ impl ProbexConfig {
 #[derive(Module, Debug)]
 pub struct Probex<B: Backend> {
     /// `probes.weight` `[d_W, r_U]` (declared as a Linear r_U -> d_W, hence its fan-in r_U).
-    pub probes: TorchLinear<B>,
+    pub probes: Linear<B>,
     /// `shared_probe_proj.weight` `[r_V, d_H]`.
-    pub shared_probe_proj: TorchLinear<B>,
+    pub shared_probe_proj: Linear<B>,
     /// `per_probe_encoders.{weight,bias}` `[r_T, r_U*r_V]`, `[r_T]`.
-    pub per_probe_encoders: TorchLinear<B>,
+    pub per_probe_encoders: Linear<B>,
     /// `classification_head.{weight,bias}` `[d_Y, r_T]`, `[d_Y]`.
-    pub classification_head: TorchLinear<B>,
+    pub classification_head: Linear<B>,
 }
 
 /// The three encoder layers, initialised in the official declaration order.
@@ -67,10 +67,10 @@ pub(crate) fn init_encoder<B: Backend>(
     spec: &ModelSpec,
     rng: &mut Rng,
     device: &B::Device,
-) -> (TorchLinear<B>, TorchLinear<B>, TorchLinear<B>) {
-    let probes = TorchLinear::init(spec.r_u, spec.d_w, false, rng, device);
-    let shared = TorchLinear::init(spec.d_h, spec.r_v, false, rng, device);
-    let enc = TorchLinear::init(spec.r_u * spec.r_v, spec.r_t, true, rng, device);
+) -> (Linear<B>, Linear<B>, Linear<B>) {
+    let probes = Linear::init(spec.r_u, spec.d_w, false, rng, device);
+    let shared = Linear::init(spec.d_h, spec.r_v, false, rng, device);
+    let enc = Linear::init(spec.r_u * spec.r_v, spec.r_t, true, rng, device);
     (probes, shared, enc)
 }
 
@@ -85,7 +85,7 @@ pub(crate) fn encode_with<B: Backend>(
 impl<B: Backend> Net<B> for Probex<B> {
     fn init(spec: &ModelSpec, rng: &mut Rng, device: &B::Device) -> Self {
         let (probes, shared_probe_proj, per_probe_encoders) = init_encoder(spec, rng, device);
-        let classification_head = TorchLinear::init(spec.r_t, spec.d_y, true, rng, device);
+        let classification_head = Linear::init(spec.r_t, spec.d_y, true, rng, device);
         Probex {
             probes,
             shared_probe_proj,

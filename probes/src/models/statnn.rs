@@ -5,7 +5,7 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 use rayon::prelude::*;
 
-use super::{ModelKind, ModelSpec, Net, TorchLinear};
+use super::{Linear, ModelKind, ModelSpec, Net};
 use probex_weights::rng::Rng;
 
 /// Names of the statistics, in feature order.
@@ -45,16 +45,16 @@ impl StatNnConfig {
 #[derive(Module, Debug)]
 pub struct StatNn<B: Backend> {
     /// `hidden.{weight,bias}` `[hidden, F]`.
-    pub hidden: TorchLinear<B>,
+    pub hidden: Linear<B>,
     /// `classification_head.{weight,bias}` `[d_Y, hidden]`.
-    pub classification_head: TorchLinear<B>,
+    pub classification_head: Linear<B>,
 }
 
 impl<B: Backend> Net<B> for StatNn<B> {
     fn init(spec: &ModelSpec, rng: &mut Rng, device: &B::Device) -> Self {
         StatNn {
-            hidden: TorchLinear::init(FEATURES.len(), spec.hidden, true, rng, device),
-            classification_head: TorchLinear::init(spec.hidden, spec.d_y, true, rng, device),
+            hidden: Linear::init(FEATURES.len(), spec.hidden, true, rng, device),
+            classification_head: Linear::init(spec.hidden, spec.d_y, true, rng, device),
         }
     }
 

@@ -5,7 +5,7 @@ use burn::prelude::*;
 
 use super::encoder::EncoderLayers;
 use super::probex::{encode_with, init_encoder};
-use super::{ModelKind, ModelSpec, Net, ProbeEncoded, TorchLinear, text_cosines};
+use super::{Linear, ModelKind, ModelSpec, Net, ProbeEncoded, text_cosines};
 use probex_weights::rng::Rng;
 
 /// Shapes of a zero-shot ProbeX model.
@@ -54,19 +54,19 @@ impl ProbexZeroshotConfig {
 #[derive(Module, Debug)]
 pub struct ProbexZeroshot<B: Backend> {
     /// `probes.weight` `[d_W, r_U]`.
-    pub probes: TorchLinear<B>,
+    pub probes: Linear<B>,
     /// `shared_probe_proj.weight` `[r_V, d_H]`.
-    pub shared_probe_proj: TorchLinear<B>,
+    pub shared_probe_proj: Linear<B>,
     /// `per_probe_encoders.{weight,bias}` `[r_T, r_U*r_V]`, `[r_T]`.
-    pub per_probe_encoders: TorchLinear<B>,
+    pub per_probe_encoders: Linear<B>,
     /// `regression_head.{weight,bias}` `[r_T, d_text]`, `[r_T]`: text embedding -> `e` space.
-    pub regression_head: TorchLinear<B>,
+    pub regression_head: Linear<B>,
 }
 
 impl<B: Backend> Net<B> for ProbexZeroshot<B> {
     fn init(spec: &ModelSpec, rng: &mut Rng, device: &B::Device) -> Self {
         let (probes, shared_probe_proj, per_probe_encoders) = init_encoder(spec, rng, device);
-        let regression_head = TorchLinear::init(spec.d_text, spec.r_t, true, rng, device);
+        let regression_head = Linear::init(spec.d_text, spec.r_t, true, rng, device);
         ProbexZeroshot {
             probes,
             shared_probe_proj,

@@ -14,7 +14,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::backend::AutodiffBackend;
 use burn_flex::FlexTensor;
 
-use super::TorchLinear;
+use super::Linear;
 use super::batch::Standardize;
 
 use probex_kernels::encoder as kernels;
@@ -28,11 +28,11 @@ use crate::cpu_buffers::{self as host, Host};
 #[derive(Clone, Copy)]
 pub struct EncoderLayers<'a, B: Backend> {
     /// `probes.weight` `[d_W, r_U]`.
-    pub probes: &'a TorchLinear<B>,
+    pub probes: &'a Linear<B>,
     /// `shared_probe_proj.weight` `[r_V, d_H]`.
-    pub shared: &'a TorchLinear<B>,
+    pub shared: &'a Linear<B>,
     /// `per_probe_encoders.{weight,bias}` `[r_T, r_U*r_V]`, `[r_T]`.
-    pub enc: &'a TorchLinear<B>,
+    pub enc: &'a Linear<B>,
 }
 
 /// The encoder's weights as values.
