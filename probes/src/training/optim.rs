@@ -75,6 +75,22 @@ impl<B: Backend> Adam<B> {
         model.map(&mut mapper)
     }
 
+    /// Takes the moments out (per parameter in module visit order, `None` before the first
+    /// step), for a gang that stacks its members' optimisers into one.
+    pub(crate) fn take_moments(&mut self) -> Vec<Option<(Tensor<B, 1>, Tensor<B, 1>)>> {
+        std::mem::take(&mut self.moments)
+    }
+
+    /// Puts moments back (a member's slice of its gang's), with the gang's step count.
+    pub(crate) fn set_moments(
+        &mut self,
+        moments: Vec<Option<(Tensor<B, 1>, Tensor<B, 1>)>>,
+        steps: u64,
+    ) {
+        self.moments = moments;
+        self.steps = steps;
+    }
+
     /// The moments as named tensors (`exp_avg.{name}`, `exp_avg_sq.{name}`, PyTorch's state
     /// names), given the parameters' names and shapes in visit order.
     pub fn state_tensors(&self, params: &[(String, Vec<usize>)]) -> Vec<NamedTensor> {
@@ -173,7 +189,7 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for StepMapper<'_, AB> {
 }
 
 /// The scalars of one Adam step, as the tensor ops take them.
-struct Coeffs {
+pub(crate) struct Coeffs {
     lr: f64,
     weight_decay: f64,
     beta1: f64,
@@ -186,7 +202,7 @@ struct Coeffs {
 }
 
 impl Coeffs {
-    fn new<B: Backend>(a: &Adam<B>) -> Self {
+    pub(crate) fn new<B: Backend>(a: &Adam<B>) -> Self {
         let t = a.steps as i32;
         Coeffs {
             lr: a.lr,
@@ -203,8 +219,9 @@ impl Coeffs {
 /// A parameter, its moments: what one update reads and writes.
 type Updated<B> = (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>);
 
-/// One update through the tensor API (any backend).
-fn step_tensors<B: Backend>(
+/// One update through the tensor API (any backend). Element-wise: a parameter stacked from
+/// several models' (a gang's) gets each model's own update.
+pub(crate) fn step_tensors<B: Backend>(
     p: Tensor<B, 1>,
     grad: Tensor<B, 1>,
     moments: Option<(Tensor<B, 1>, Tensor<B, 1>)>,

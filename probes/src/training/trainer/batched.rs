@@ -1,0 +1,346 @@
+//! A gang of ProbeX members trained as one batched problem: the tensor path (what CUDA runs)
+//! with a leading gang axis `G`.
+//!
+//! Each parameter is stacked from the members' as `[G, n]` (member `g`'s row is its own
+//! parameter, flattened), each step's inputs as `X [G, B, d_H, d_W]` (member `g`'s rows of
+//! its own layer, in its own order) and targets as `[G, B, d_Y]`; every product is a batched
+//! matmul over `G`. The loss is the sum of the members' losses, and no product mixes two
+//! members, so each member's gradient is exactly its solo gradient (up to the order of float
+//! additions inside the GEMMs). Adam is element-wise with one step count (equal for the
+//! members of a sub-gang: they resume from one epoch and take the same steps), so the update
+//! of the stacked parameters is every member's own update. There is no gradient clipping to
+//! keep per member.
+//!
+//! Each member keeps its own [`Member`]: data, targets, shuffle, metrics, best epochs,
+//! checkpoints and resume state. Before a member ends an epoch ([`Member::end_epoch`]), its
+//! model, Adam moments and epoch loss are sliced back out of the stacked ones ([`Lockstep::sync`]),
+//! so validation, checkpoints and resume states are those of a solo run, in its layout and
+//! names.
+//!
+//! Batched: ProbeX (discriminative) on stacked matrices, standardised or not (a standardised
+//! layer's batches are standardised as they are read, per member). LoRA factors and zero-shot
+//! ProbeX step member by member ([`batchable`] says which).
+
+use burn::module::{ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::activation::{log_softmax, relu};
+
+use super::*;
+use crate::cpu_buffers::Host;
+use crate::models::Probex;
+use crate::training::data::HostInputs;
+use crate::training::optim::{Coeffs, step_tensors};
+
+/// Whether the members of `jobs` train as one batched problem: on the tensor path (asked
+/// for, or any backend but the CPU's), for ProbeX read as matrices, when every member has
+/// the same shapes, task and number of training rows (the gang key makes them so; this
+/// guards a direct caller).
+pub(crate) fn batchable<AB: AutodiffBackend>(jobs: &[Job]) -> bool {
+    let Some(first) = jobs.first() else {
+        return false;
+    };
+    let tensors = first.path == StepPath::Tensors || Host::<AB::InnerBackend>::of().is_none();
+    let train_rows = |j: &Job| j.prep.rows.get(&Split::Train).map_or(0, Vec::len);
+    tensors
+        && jobs.iter().all(|j| {
+            j.cfg.model == crate::models::ModelKind::Probex
+                && matches!(j.prep.inputs, HostInputs::Rows { .. })
+                && j.prep.spec == first.prep.spec
+                && j.prep.task.kind == first.prep.task.kind
+                && j.prep.target_width == first.prep.target_width
+                && train_rows(j) == train_rows(first)
+                && j.cfg.batch_size == first.cfg.batch_size
+                && j.cfg.epochs == first.cfg.epochs
+        })
+}
+
+/// [`run_gang`] for ProbeX members that are [`batchable`]: each sub-gang steps as one batched
+/// problem.
+pub(crate) fn run_gang_batched<AB: AutodiffBackend>(
+    jobs: &[Job],
+    device: &AB::Device,
+    progress: &mut dyn FnMut(usize, &TrainProgress) -> ControlFlow<()>,
+) -> Vec<Result<TrainOutcome, TrainError>> {
+    run_lockstep::<AB, Probex<AB>, _>(jobs, device, progress, |gang| {
+        Stacked::<AB>::new(gang, device)
+    })
+}
+
+/// The stacked state of a batched (sub-)gang.
+struct Stacked<AB: AutodiffBackend> {
+    /// Per parameter (module visit order), `[G, n]`: row `g` is member `g`'s, flattened.
+    params: Vec<Tensor<AB::InnerBackend, 2>>,
+    /// Adam's first and second moments of each parameter, stacked alike.
+    moments: Vec<(Tensor<AB::InnerBackend, 2>, Tensor<AB::InnerBackend, 2>)>,
+    /// The hyperparameters and the step count, shared by every member.
+    adam: Adam<AB::InnerBackend>,
+    /// Each member's epoch loss so far, weighted by batch size, `[G]`.
+    loss_sum: Option<Tensor<AB::InnerBackend, 1>>,
+    spec: crate::models::ModelSpec,
+    kind: TaskKind,
+}
+
+/// A module's parameters as flat values of the inner backend, in visit order.
+struct Flatten<B: Backend>(Vec<Tensor<B, 1>>);
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for Flatten<AB::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        let t = param.val().inner();
+        let n = t.dims().iter().product::<usize>();
+        self.0.push(t.reshape([n]));
+    }
+}
+
+/// Replaces a module's parameters, in visit order, by flat values (keeping ids and shapes).
+struct Unflatten<B: Backend>(std::vec::IntoIter<Tensor<B, 1>>);
+
+impl<AB: AutodiffBackend> ModuleMapper<AB> for Unflatten<AB::InnerBackend> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+        let (id, tensor, mapper) = param.consume();
+        match self.0.next() {
+            Some(v) => {
+                let new = Tensor::<AB, D>::from_inner(v.reshape(tensor.dims())).require_grad();
+                Param::from_mapped_value(id, new, mapper)
+            }
+            None => Param::from_mapped_value(id, tensor, mapper),
+        }
+    }
+}
+
+/// Row `g` of `[G, n]`, as `[n]`.
+fn row<B: Backend>(t: &Tensor<B, 2>, g: usize) -> Tensor<B, 1> {
+    let [_, n] = t.dims();
+    t.clone().slice([g..g + 1, 0..n]).reshape([n])
+}
+
+impl<AB: AutodiffBackend> Stacked<AB> {
+    /// Stacks the members' models and optimisers.
+    fn new(
+        gang: &mut [(usize, Member<'_, AB, Probex<AB>>)],
+        device: &AB::Device,
+    ) -> Result<Self, TrainError> {
+        let Some((_, first)) = gang.first() else {
+            return Err(TrainError::Data("an empty gang".into()));
+        };
+        let (job, steps) = (first.job, first.adam.steps);
+        if gang.iter().any(|(_, m)| m.adam.steps != steps) {
+            return Err(TrainError::Data(
+                "the members of a gang resumed with different optimiser step counts".into(),
+            ));
+        }
+        let cfg = job.cfg;
+        let mut per_member: Vec<Vec<Tensor<AB::InnerBackend, 1>>> = Vec::new();
+        let mut moments_of = Vec::new();
+        for (_, m) in gang.iter_mut() {
+            let mut flat = Flatten(Vec::new());
+            m.model.as_ref().ok_or_else(lost_model)?.visit(&mut flat);
+            let zeros = |t: &Tensor<AB::InnerBackend, 1>| Tensor::zeros(t.dims(), device);
+            // A parameter without moments yet (before the first step) starts from zeros: the
+            // same bits as Adam's first step, `b * 0 + (1 - b) * g`.
+            let moments: Vec<_> = m.adam.take_moments();
+            let moments = flat
+                .0
+                .iter()
+                .enumerate()
+                .map(|(k, p)| match moments.get(k).cloned().flatten() {
+                    Some(mv) => mv,
+                    None => (zeros(p), zeros(p)),
+                })
+                .collect::<Vec<_>>();
+            per_member.push(flat.0);
+            moments_of.push(moments);
+        }
+        let count = per_member[0].len();
+        let stack = |get: &dyn Fn(usize) -> Tensor<AB::InnerBackend, 1>| {
+            Tensor::stack::<2>((0..gang.len()).map(get).collect(), 0)
+        };
+        let params = (0..count)
+            .map(|k| stack(&|g| per_member[g][k].clone()))
+            .collect();
+        let moments = (0..count)
+            .map(|k| {
+                (
+                    stack(&|g| moments_of[g][k].0.clone()),
+                    stack(&|g| moments_of[g][k].1.clone()),
+                )
+            })
+            .collect();
+        let mut adam = Adam::new(cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps);
+        adam.steps = steps;
+        Ok(Stacked {
+            params,
+            moments,
+            adam,
+            loss_sum: None,
+            spec: job.prep.spec.clone(),
+            kind: job.prep.task.kind,
+        })
+    }
+
+    /// The members' scores `[G, B, d_Y]` for inputs `x` `[G, B, d_H, d_W]`, through the
+    /// autodiff graph from the stacked parameters `p` (visit order: probes, shared projection,
+    /// encoder weight and bias, head weight and bias).
+    fn scores(&self, p: &[Tensor<AB, 2>], x: Tensor<AB::InnerBackend, 4>) -> Tensor<AB, 3> {
+        let s = &self.spec;
+        let [g, b, d_h, d_w] = x.dims();
+        let (r_u, r_v, r_t, d_y) = (s.r_u, s.r_v, s.r_t, s.d_y);
+        let x = Tensor::<AB, 3>::from_inner(x.reshape([g, b * d_h, d_w]));
+        let u = p[0].clone().reshape([g, d_w, r_u]);
+        let v = p[1].clone().reshape([g, r_v, d_h]);
+        let m = p[2].clone().reshape([g, r_t, r_u * r_v]);
+        let bias = p[3].clone().reshape([g, 1, r_t]);
+        let t = p[4].clone().reshape([g, d_y, r_t]);
+        let t_bias = p[5].clone().reshape([g, 1, d_y]);
+        // R_b = X_b @ U: every member's B*d_H rows in one GEMM per member.
+        let r = x.matmul(u); // [G, B*d_H, r_U]
+        // R_b^T @ V^T, the batch folded into rows: [G, B*r_U, d_H] @ [G, d_H, r_V].
+        let rt = r
+            .reshape([g * b, d_h, r_u])
+            .swap_dims(1, 2)
+            .reshape([g, b * r_u, d_h]);
+        let h = relu(rt.matmul(v.swap_dims(1, 2))).reshape([g, b, r_u * r_v]);
+        let e = h.matmul(m.swap_dims(1, 2)) + bias; // [G, B, r_T]
+        e.matmul(t.swap_dims(1, 2)) + t_bias
+    }
+
+    /// Each member's loss `[G]`, as [`task_loss`] gives it for the member alone.
+    fn losses(&self, s: Tensor<AB, 3>, y: Tensor<AB, 3>) -> Tensor<AB, 1> {
+        let [g, b, w] = s.dims();
+        let per_member = |t: Tensor<AB, 3>| t.reshape([g, b * w]).mean_dim(1).reshape([g]);
+        match self.kind {
+            TaskKind::MultiLabel => {
+                per_member(s.clone().clamp_min(0.0) - s.clone() * y + s.abs().neg().exp().log1p())
+            }
+            TaskKind::Class | TaskKind::ZeroShot => (log_softmax(s, 2) * y)
+                .sum_dim(2)
+                .reshape([g, b])
+                .mean_dim(1)
+                .reshape([g])
+                .neg(),
+            TaskKind::Regression => per_member((s - y).powi_scalar(2)),
+        }
+    }
+
+    /// The Adam update of every stacked parameter.
+    fn update(&mut self, grads: Vec<Tensor<AB::InnerBackend, 2>>) {
+        self.adam.steps += 1;
+        let c = Coeffs::new(&self.adam);
+        for (k, grad) in grads.into_iter().enumerate() {
+            let [g, n] = grad.dims();
+            let (m, v) = self.moments[k].clone();
+            let flat = |t: Tensor<AB::InnerBackend, 2>| t.reshape([g * n]);
+            let (p, m, v) = step_tensors(
+                flat(self.params[k].clone()),
+                flat(grad),
+                Some((flat(m), flat(v))),
+                &c,
+            );
+            self.params[k] = p.reshape([g, n]);
+            self.moments[k] = (m.reshape([g, n]), v.reshape([g, n]));
+        }
+    }
+}
+
+impl<'j, AB: AutodiffBackend> Lockstep<'j, AB, Probex<AB>> for Stacked<AB> {
+    fn step(
+        &mut self,
+        gang: &mut [(usize, Member<'j, AB, Probex<AB>>)],
+        chunks: &[&[usize]],
+        device: &AB::Device,
+    ) -> Vec<(usize, TrainError)> {
+        let mut failed = Vec::new();
+        let (mut xs, mut ys, mut ok) = (Vec::new(), Vec::new(), Vec::new());
+        for (g, (_, m)) in gang.iter().enumerate() {
+            let chunk = chunks[g];
+            match m.inputs.batch(chunk, device) {
+                Ok(x) => {
+                    let idx = index_tensor::<AB::InnerBackend>(chunk, device);
+                    xs.push(x.stacked());
+                    ys.push(m.targets.clone().select(0, idx));
+                    ok.push(g);
+                }
+                Err(e) => failed.push((g, TrainError::Data(e))),
+            }
+        }
+        if !failed.is_empty() {
+            self.retain(&ok);
+        }
+        let Some(b) = ok.first().map(|&g| chunks[g].len()) else {
+            return failed;
+        };
+        if ok.iter().any(|&g| chunks[g].len() != b) {
+            let e = "the members of a batched gang took batches of different sizes";
+            failed.extend(ok.iter().map(|&g| (g, TrainError::Data(e.into()))));
+            self.retain(&[]);
+            return failed;
+        }
+        let x = Tensor::stack::<4>(xs, 0);
+        let y = Tensor::<AB, 3>::from_inner(Tensor::stack::<3>(ys, 0));
+        let tracked: Vec<Tensor<AB, 2>> = self
+            .params
+            .iter()
+            .map(|p| Tensor::from_inner(p.clone()).require_grad())
+            .collect();
+        let losses = self.losses(self.scores(&tracked, x), y);
+        let weighted = losses.clone().inner().mul_scalar(b as f64);
+        self.loss_sum = Some(match self.loss_sum.take() {
+            Some(s) => s + weighted,
+            None => weighted,
+        });
+        let grads = losses.sum().backward();
+        let grads = tracked
+            .iter()
+            .zip(&self.params)
+            .map(|(t, p)| {
+                t.grad(&grads)
+                    .unwrap_or_else(|| Tensor::zeros(p.dims(), device))
+            })
+            .collect();
+        self.update(grads);
+        failed
+    }
+
+    fn sync(&mut self, gang: &mut [(usize, Member<'j, AB, Probex<AB>>)]) -> Result<(), TrainError> {
+        let loss_sum = self.loss_sum.take();
+        for (g, (_, m)) in gang.iter_mut().enumerate() {
+            let values: Vec<_> = self.params.iter().map(|p| row(p, g)).collect();
+            let model = m.model.take().ok_or_else(lost_model)?;
+            m.model = Some(model.map(&mut Unflatten(values.into_iter())));
+            let moments = self
+                .moments
+                .iter()
+                .map(|(a, b)| Some((row(a, g), row(b, g))))
+                .collect();
+            m.adam.set_moments(moments, self.adam.steps);
+            m.loss_sum = loss_sum.clone().map(|s| s.slice([g..g + 1]));
+        }
+        Ok(())
+    }
+
+    fn retain(&mut self, kept: &[usize]) {
+        let Some(g) = self.params.first().map(|p| p.dims()[0]) else {
+            return;
+        };
+        if kept.len() == g {
+            return;
+        }
+        if kept.is_empty() {
+            // Nothing left to step (a selection of no rows is not every backend's case).
+            self.params.clear();
+            self.moments.clear();
+            self.loss_sum = None;
+            return;
+        }
+        let Some(device) = self.params.first().map(|p| p.device()) else {
+            return;
+        };
+        let idx = index_tensor::<AB::InnerBackend>(kept, &device);
+        let keep = |t: &Tensor<AB::InnerBackend, 2>| t.clone().select(0, idx.clone());
+        self.params = self.params.iter().map(keep).collect();
+        self.moments = self
+            .moments
+            .iter()
+            .map(|(a, b)| (keep(a), keep(b)))
+            .collect();
+        self.loss_sum = self.loss_sum.take().map(|s| s.select(0, idx.clone()));
+    }
+}
