@@ -79,6 +79,14 @@ struct Stacked<AB: AutodiffBackend> {
     kind: TaskKind,
 }
 
+/// What the encoder's gradients need of its forward pass: the inputs `[G, B*d_H, d_W]`,
+/// `R^T` `[G, B*r_U, d_H]` and `H` `[G, B, r_U*r_V]`.
+struct Saved<AB: AutodiffBackend> {
+    x: Tensor<AB::InnerBackend, 3>,
+    rt: Tensor<AB::InnerBackend, 3>,
+    h: Tensor<AB::InnerBackend, 3>,
+}
+
 /// A module's parameters as flat values of the inner backend, in visit order.
 struct Flatten<B: Backend>(Vec<Tensor<B, 1>>);
 
@@ -176,30 +184,68 @@ impl<AB: AutodiffBackend> Stacked<AB> {
         })
     }
 
-    /// The members' scores `[G, B, d_Y]` for inputs `x` `[G, B, d_H, d_W]`, through the
-    /// autodiff graph from the stacked parameters `p` (visit order: probes, shared projection,
-    /// encoder weight and bias, head weight and bias).
-    fn scores(&self, p: &[Tensor<AB, 2>], x: Tensor<AB::InnerBackend, 4>) -> Tensor<AB, 3> {
+    /// The members' encodings `e` `[G, B, r_T]` for inputs `x` `[G, B, d_H, d_W]`, outside
+    /// the autodiff graph as in a solo run (`encoder::forward_tensors`), with what
+    /// [`Stacked::encoder_gradients`] needs.
+    fn encode(&self, x: Tensor<AB::InnerBackend, 4>) -> (Tensor<AB::InnerBackend, 3>, Saved<AB>) {
         let s = &self.spec;
         let [g, b, d_h, d_w] = x.dims();
-        let (r_u, r_v, r_t, d_y) = (s.r_u, s.r_v, s.r_t, s.d_y);
-        let x = Tensor::<AB, 3>::from_inner(x.reshape([g, b * d_h, d_w]));
+        let (r_u, r_v, r_t) = (s.r_u, s.r_v, s.r_t);
+        let p = &self.params;
+        let x = x.reshape([g, b * d_h, d_w]);
         let u = p[0].clone().reshape([g, d_w, r_u]);
         let v = p[1].clone().reshape([g, r_v, d_h]);
         let m = p[2].clone().reshape([g, r_t, r_u * r_v]);
         let bias = p[3].clone().reshape([g, 1, r_t]);
-        let t = p[4].clone().reshape([g, d_y, r_t]);
-        let t_bias = p[5].clone().reshape([g, 1, d_y]);
         // R_b = X_b @ U: every member's B*d_H rows in one GEMM per member.
-        let r = x.matmul(u); // [G, B*d_H, r_U]
+        let r = x.clone().matmul(u); // [G, B*d_H, r_U]
         // R_b^T @ V^T, the batch folded into rows: [G, B*r_U, d_H] @ [G, d_H, r_V].
         let rt = r
             .reshape([g * b, d_h, r_u])
             .swap_dims(1, 2)
             .reshape([g, b * r_u, d_h]);
-        let h = relu(rt.matmul(v.swap_dims(1, 2))).reshape([g, b, r_u * r_v]);
-        let e = h.matmul(m.swap_dims(1, 2)) + bias; // [G, B, r_T]
-        e.matmul(t.swap_dims(1, 2)) + t_bias
+        let h = relu(rt.clone().matmul(v.swap_dims(1, 2))).reshape([g, b, r_u * r_v]);
+        let e = h.clone().matmul(m.swap_dims(1, 2)) + bias; // [G, B, r_T]
+        (e, Saved { x, rt, h })
+    }
+
+    /// The encoder's gradients, stacked like its parameters (`[G, n]` each), from `de`, the
+    /// loss gradient of the encodings `[G, B, r_T]`: the solo run's formulas
+    /// (`Encoding::gradients`) with a leading gang axis, every sum over the batch only.
+    fn encoder_gradients(
+        &self,
+        saved: Saved<AB>,
+        de: Tensor<AB::InnerBackend, 3>,
+    ) -> Vec<Tensor<AB::InnerBackend, 2>> {
+        let Saved { x, rt, h } = saved;
+        let s = &self.spec;
+        let [g, b, _] = de.dims();
+        let [_, _, d_w] = x.dims();
+        let d_h = s.d_h;
+        let (r_u, r_v, r_t) = (s.r_u, s.r_v, s.r_t);
+        let v = self.params[1].clone().reshape([g, r_v, d_h]);
+        let m = self.params[2].clone().reshape([g, r_t, r_u * r_v]);
+        let flat = |t: Tensor<AB::InnerBackend, 3>| {
+            let [g, a, c] = t.dims();
+            t.reshape([g, a * c])
+        };
+        let dm = de.clone().swap_dims(1, 2).matmul(h.clone()); // [G, r_T, r_U*r_V]
+        let dbias = de.clone().sum_dim(1).reshape([g, r_t]);
+        let dpre = de
+            .matmul(m)
+            .mask_fill(h.lower_equal_elem(0.0), 0.0)
+            .reshape([g, b * r_u, r_v]);
+        // dV^T = sum_b R_b @ dPre_b: the batch folded into the contraction.
+        let dv = dpre.clone().swap_dims(1, 2).matmul(rt); // [G, r_V, d_H]
+        // dU^T = dR^T @ X with dR_b = (dPre_b @ V)^T, over all B*d_H rows at once.
+        let dr = dpre
+            .matmul(v)
+            .reshape([g * b, r_u, d_h])
+            .swap_dims(1, 2)
+            .reshape([g, b * d_h, r_u]);
+        let du = dr.swap_dims(1, 2).matmul(x).swap_dims(1, 2); // [G, d_W, r_U]
+        let du = du.reshape([g, d_w * r_u]);
+        vec![du, flat(dv), flat(dm), dbias]
     }
 
     /// Each member's loss `[G]`, as [`task_loss`] gives it for the member alone.
@@ -275,26 +321,34 @@ impl<'j, AB: AutodiffBackend> Lockstep<'j, AB, Probex<AB>> for Stacked<AB> {
         }
         let x = Tensor::stack::<4>(xs, 0);
         let y = Tensor::<AB, 3>::from_inner(Tensor::stack::<3>(ys, 0));
-        let tracked: Vec<Tensor<AB, 2>> = self
-            .params
+        let (e, saved) = self.encode(x);
+        // As in a solo run, `e` is a gradient leaf of the graph of the head and the loss.
+        let leaf = Tensor::<AB, 3>::from_inner(e).require_grad();
+        let (d_y, r_t) = (self.spec.d_y, self.spec.r_t);
+        let g = ok.len();
+        let head: Vec<Tensor<AB, 2>> = self.params[4..]
             .iter()
             .map(|p| Tensor::from_inner(p.clone()).require_grad())
             .collect();
-        let losses = self.losses(self.scores(&tracked, x), y);
+        let t = head[0].clone().reshape([g, d_y, r_t]);
+        let t_bias = head[1].clone().reshape([g, 1, d_y]);
+        let scores = leaf.clone().matmul(t.swap_dims(1, 2)) + t_bias;
+        let losses = self.losses(scores, y);
         let weighted = losses.clone().inner().mul_scalar(b as f64);
         self.loss_sum = Some(match self.loss_sum.take() {
             Some(s) => s + weighted,
             None => weighted,
         });
         let grads = losses.sum().backward();
-        let grads = tracked
-            .iter()
-            .zip(&self.params)
-            .map(|(t, p)| {
-                t.grad(&grads)
-                    .unwrap_or_else(|| Tensor::zeros(p.dims(), device))
-            })
-            .collect();
+        let zeros = |p: &Tensor<AB::InnerBackend, 2>| Tensor::zeros(p.dims(), device);
+        let mut all = match leaf.grad(&grads) {
+            Some(de) => self.encoder_gradients(saved, de),
+            None => self.params[..4].iter().map(zeros).collect(),
+        };
+        for (t, p) in head.iter().zip(&self.params[4..]) {
+            all.push(t.grad(&grads).unwrap_or_else(|| zeros(p)));
+        }
+        let grads = all;
         self.update(grads);
         failed
     }
