@@ -188,8 +188,15 @@ fn main() {
             ends.push(Instant::now());
             ControlFlow::Continue(())
         };
-        if let Err(e) = train_on(ds, None, &cfg, &a.device, StepPath::Tensors, None, &mut on_epoch)
-        {
+        if let Err(e) = train_on(
+            ds,
+            None,
+            &cfg,
+            &a.device,
+            StepPath::Tensors,
+            None,
+            &mut on_epoch,
+        ) {
             eprintln!("gang_epoch: solo training failed: {e}");
             std::process::exit(1);
         }

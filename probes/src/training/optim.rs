@@ -178,10 +178,7 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for StepMapper<'_, AB> {
         let moments = a.moments[i].take();
         let coeffs = Coeffs::new(a);
         let p = tensor.inner().reshape([n]);
-        let (p, m, v) = match Host::of() {
-            Some(host) => step_host(host, p, grad, moments, &coeffs),
-            None => step_tensors(p, grad, moments, &coeffs),
-        };
+        let (p, m, v) = update(p, grad, moments, &coeffs);
         a.moments[i] = Some((m, v));
         let new = Tensor::<AB, D>::from_inner(p.reshape(dims)).require_grad();
         Param::from_mapped_value(id, new, mapper)
@@ -216,12 +213,26 @@ impl Coeffs {
     }
 }
 
+/// One update of a flat parameter: in place on the CPU backend ([`step_host`]), through the
+/// tensor API elsewhere ([`step_tensors`]); the same bits either way. Element-wise, so a
+/// parameter stacked from several models' (a gang's) gets each model's own update.
+pub(crate) fn update<B: Backend>(
+    p: Tensor<B, 1>,
+    grad: Tensor<B, 1>,
+    moments: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    c: &Coeffs,
+) -> Updated<B> {
+    match Host::of() {
+        Some(host) => step_host(host, p, grad, moments, c),
+        None => step_tensors(p, grad, moments, c),
+    }
+}
+
 /// A parameter, its moments: what one update reads and writes.
 type Updated<B> = (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>);
 
-/// One update through the tensor API (any backend). Element-wise: a parameter stacked from
-/// several models' (a gang's) gets each model's own update.
-pub(crate) fn step_tensors<B: Backend>(
+/// One update through the tensor API (any backend).
+fn step_tensors<B: Backend>(
     p: Tensor<B, 1>,
     grad: Tensor<B, 1>,
     moments: Option<(Tensor<B, 1>, Tensor<B, 1>)>,

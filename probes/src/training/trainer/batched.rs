@@ -28,7 +28,7 @@ use super::*;
 use crate::cpu_buffers::Host;
 use crate::models::Probex;
 use crate::training::data::HostInputs;
-use crate::training::optim::{Coeffs, step_tensors};
+use crate::training::optim::{Coeffs, update};
 
 /// Whether the members of `jobs` train as one batched problem: on the tensor path (asked
 /// for, or any backend but the CPU's), for ProbeX read as matrices, when every member has
@@ -267,14 +267,14 @@ impl<AB: AutodiffBackend> Stacked<AB> {
     }
 
     /// The Adam update of every stacked parameter.
-    fn update(&mut self, grads: Vec<Tensor<AB::InnerBackend, 2>>) {
+    fn adam_step(&mut self, grads: Vec<Tensor<AB::InnerBackend, 2>>) {
         self.adam.steps += 1;
         let c = Coeffs::new(&self.adam);
         for (k, grad) in grads.into_iter().enumerate() {
             let [g, n] = grad.dims();
             let (m, v) = self.moments[k].clone();
             let flat = |t: Tensor<AB::InnerBackend, 2>| t.reshape([g * n]);
-            let (p, m, v) = step_tensors(
+            let (p, m, v) = update(
                 flat(self.params[k].clone()),
                 flat(grad),
                 Some((flat(m), flat(v))),
@@ -349,7 +349,7 @@ impl<'j, AB: AutodiffBackend> Lockstep<'j, AB, Probex<AB>> for Stacked<AB> {
             all.push(t.grad(&grads).unwrap_or_else(|| zeros(p)));
         }
         let grads = all;
-        self.update(grads);
+        self.adam_step(grads);
         failed
     }
 
