@@ -65,12 +65,15 @@ pub(crate) fn run_gang_batched<AB: AutodiffBackend>(
     })
 }
 
+/// Adam's first and second moments of a stacked parameter, `[G, n]` each.
+type Moments<B> = (Tensor<B, 2>, Tensor<B, 2>);
+
 /// The stacked state of a batched (sub-)gang.
 struct Stacked<AB: AutodiffBackend> {
     /// Per parameter (module visit order), `[G, n]`: row `g` is member `g`'s, flattened.
     params: Vec<Tensor<AB::InnerBackend, 2>>,
     /// Adam's first and second moments of each parameter, stacked alike.
-    moments: Vec<(Tensor<AB::InnerBackend, 2>, Tensor<AB::InnerBackend, 2>)>,
+    moments: Vec<Moments<AB::InnerBackend>>,
     /// The hyperparameters and the step count, shared by every member.
     adam: Adam<AB::InnerBackend>,
     /// Each member's epoch loss so far, weighted by batch size, `[G]`.
@@ -365,7 +368,7 @@ impl<'j, AB: AutodiffBackend> Lockstep<'j, AB, Probex<AB>> for Stacked<AB> {
                 .map(|(a, b)| Some((row(a, g), row(b, g))))
                 .collect();
             m.adam.set_moments(moments, self.adam.steps);
-            m.loss_sum = loss_sum.clone().map(|s| s.slice([g..g + 1]));
+            m.loss_sum = loss_sum.clone().map(|s| s.narrow(0, g, 1));
         }
         Ok(())
     }
