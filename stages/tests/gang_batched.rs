@@ -1,6 +1,7 @@
-//! Sweep mode on the tensor path (what CUDA runs), on the CPU: a ProbeX gang stepped as one
-//! batched problem gives every member what it gets trained alone on the same path, within
-//! float tolerance, and a stopped batched gang resumes each member from its own state.
+//! Sweep mode on the tensor path (what CUDA runs), on the CPU: a ProbeX gang (discriminative,
+//! raw or standardised, and zero-shot) stepped as one batched problem gives every member what
+//! it gets trained alone on the same path, within float tolerance, and a stopped batched gang
+//! resumes each member from its own state.
 
 mod common;
 
@@ -150,6 +151,84 @@ fn a_batched_gang_trains_each_member_as_it_trains_alone_on_the_tensor_path() {
         let g0 = gang[0].as_ref().unwrap();
         assert_ne!(g0.checkpoint, host.checkpoint, "the gang ran the host loop");
     }
+}
+
+#[test]
+fn a_batched_zero_shot_gang_trains_each_member_as_it_trains_alone_on_the_tensor_path() {
+    // Other weights and other class texts per member, one row set.
+    let data: Vec<_> = (4..7)
+        .map(|seed| common::zero_shot(6, 3, [10, 4, 4, 4, 4], 16, 12, 8, 0.3, seed))
+        .collect();
+    let cfg = TrainConfig {
+        validate_every: 1,
+        ..cfg(false)
+    };
+    let cfg = TrainConfig {
+        model: ModelKind::ProbexZeroshot,
+        ..cfg
+    };
+    let want: Vec<TrainOutcome> = data
+        .iter()
+        .map(|(ds, text)| {
+            train_on(
+                ds,
+                Some(text),
+                &cfg,
+                &common::device(),
+                StepPath::Tensors,
+                None,
+                &mut |_| ControlFlow::Continue(()),
+            )
+            .unwrap()
+        })
+        .collect();
+    let members: Vec<GangMember> = data
+        .iter()
+        .map(|(ds, text)| GangMember {
+            ds,
+            text: Some(text),
+            cfg: &cfg,
+            work_dir: None,
+        })
+        .collect();
+    let gang = train_gang_on(
+        &members,
+        &common::device(),
+        StepPath::Tensors,
+        &mut |_, _| ControlFlow::Continue(()),
+    );
+    let mut seen = Seen::default();
+    for (i, (g, w)) in gang.iter().zip(&want).enumerate() {
+        let g = g.as_ref().unwrap_or_else(|e| panic!("member {i}: {e}"));
+        assert_as_solo(&format!("zero-shot member {i}"), g, w, &mut seen);
+        assert_eq!(g.report.best_holdout_epoch, w.report.best_holdout_epoch);
+        let (a, b) = (g.holdout_checkpoint.as_ref(), w.holdout_checkpoint.as_ref());
+        let (a, b) = (
+            a.expect("a holdout checkpoint"),
+            b.expect("a holdout checkpoint"),
+        );
+        let (a, b) = (
+            Checkpoint::from_bytes(a, "gang").unwrap(),
+            Checkpoint::from_bytes(b, "solo").unwrap(),
+        );
+        for (x, y) in a.tensors.iter().zip(&b.tensors) {
+            assert_eq!(x.name, y.name);
+            let err = x.values.iter().zip(&y.values).map(|(p, q)| (p - q).abs());
+            assert!(err.fold(0.0f32, f32::max) <= 1e-5, "{}", x.name);
+        }
+    }
+    eprintln!("zero-shot: largest differences {seen:?}");
+    let host = train_on(
+        &data[0].0,
+        Some(&data[0].1),
+        &cfg,
+        &common::device(),
+        StepPath::Auto,
+        None,
+        &mut |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    assert_ne!(gang[0].as_ref().unwrap().checkpoint, host.checkpoint);
 }
 
 #[test]

@@ -268,8 +268,8 @@ pub fn train_gang(
 }
 
 /// [`train_gang`] on the implementation `path`. On the tensor path (`Tensors`, or `Auto` on a
-/// GPU) the members of a ProbeX gang on matrices (not LoRA factors) train as one batched
-/// problem: stacked inputs `[G, B, d_H, d_W]` and parameters `[G, ...]`, batched products, one
+/// GPU) the members of a ProbeX gang (discriminative or zero-shot) on matrices (not LoRA
+/// factors) train as one batched problem: stacked inputs `[G, B, d_H, d_W]` and parameters `[G, ...]`, batched products, one
 /// loss that is the sum of the members' and an element-wise Adam step, so each member gets
 /// what [`train_on`] on the same path gives it alone, within float tolerance (the GEMMs order
 /// their additions differently). Other gangs step member by member.
@@ -385,7 +385,10 @@ fn train_gang_kind<AB: burn::tensor::backend::AutodiffBackend>(
     };
     match first.cfg.model {
         ModelKind::Probex if trainer::batchable::<AB>(jobs) => {
-            trainer::run_gang_batched::<AB>(jobs, device, progress)
+            trainer::run_gang_batched::<AB, Probex<AB>>(jobs, device, progress)
+        }
+        ModelKind::ProbexZeroshot if trainer::batchable::<AB>(jobs) => {
+            trainer::run_gang_batched::<AB, ProbexZeroshot<AB>>(jobs, device, progress)
         }
         ModelKind::Probex => trainer::run_gang::<AB, Probex<AB>>(jobs, device, progress),
         ModelKind::ProbexZeroshot => {

@@ -17,23 +17,25 @@
 //! so validation, checkpoints and resume states are those of a solo run, in its layout and
 //! names.
 //!
-//! Batched: ProbeX (discriminative) on stacked matrices, standardised or not (a standardised
-//! layer's batches are standardised as they are read, per member). LoRA factors and zero-shot
-//! ProbeX step member by member ([`batchable`] says which).
+//! Batched: ProbeX, discriminative (classification head) or zero-shot (cosines against each
+//! member's class texts through its `regression_head`), on matrices, standardised or not (a
+//! standardised layer's batches are standardised as they are read, per member). LoRA factors
+//! step member by member ([`batchable`] says which): their batched form needs each member's
+//! mean and scale inside the factored products.
 
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::activation::{log_softmax, relu};
 
 use super::*;
 use crate::cpu_buffers::Host;
-use crate::models::Probex;
+use crate::models::ModelKind;
 use crate::training::data::HostInputs;
 use crate::training::optim::{Coeffs, update};
 
 /// Whether the members of `jobs` train as one batched problem: on the tensor path (asked
-/// for, or any backend but the CPU's), for ProbeX read as matrices, when every member has
-/// the same shapes, task and number of training rows (the gang key makes them so; this
-/// guards a direct caller).
+/// for, or any backend but the CPU's), for ProbeX (either kind) read as matrices, when every
+/// member has the same model, shapes, task, text classes and number of training rows (the
+/// gang key makes them so; this guards a direct caller).
 pub(crate) fn batchable<AB: AutodiffBackend>(jobs: &[Job]) -> bool {
     let Some(first) = jobs.first() else {
         return false;
@@ -42,7 +44,10 @@ pub(crate) fn batchable<AB: AutodiffBackend>(jobs: &[Job]) -> bool {
     let train_rows = |j: &Job| j.prep.rows.get(&Split::Train).map_or(0, Vec::len);
     tensors
         && jobs.iter().all(|j| {
-            j.cfg.model == crate::models::ModelKind::Probex
+            matches!(j.cfg.model, ModelKind::Probex | ModelKind::ProbexZeroshot)
+                && j.cfg.model == first.cfg.model
+                && j.prep.text_train.as_ref().map(|t| (t.rows, t.dim))
+                    == first.prep.text_train.as_ref().map(|t| (t.rows, t.dim))
                 && matches!(j.prep.inputs, HostInputs::Rows { .. })
                 && j.prep.spec == first.prep.spec
                 && j.prep.task.kind == first.prep.task.kind
@@ -53,14 +58,19 @@ pub(crate) fn batchable<AB: AutodiffBackend>(jobs: &[Job]) -> bool {
         })
 }
 
-/// [`run_gang`] for ProbeX members that are [`batchable`]: each sub-gang steps as one batched
-/// problem.
-pub(crate) fn run_gang_batched<AB: AutodiffBackend>(
+/// [`run_gang`] for ProbeX members (`M`: discriminative or zero-shot) that are
+/// [`batchable`]: each sub-gang steps as one batched problem.
+pub(crate) fn run_gang_batched<AB, M>(
     jobs: &[Job],
     device: &AB::Device,
     progress: &mut dyn FnMut(usize, &TrainProgress) -> ControlFlow<()>,
-) -> Vec<Result<TrainOutcome, TrainError>> {
-    run_lockstep::<AB, Probex<AB>, _>(jobs, device, progress, |gang| {
+) -> Vec<Result<TrainOutcome, TrainError>>
+where
+    AB: AutodiffBackend,
+    M: Net<AB> + AutodiffModule<AB>,
+    M::InnerModule: Net<AB::InnerBackend>,
+{
+    run_lockstep::<AB, M, _>(jobs, device, progress, |gang| {
         Stacked::<AB>::new(gang, device)
     })
 }
@@ -80,6 +90,8 @@ struct Stacked<AB: AutodiffBackend> {
     loss_sum: Option<Tensor<AB::InnerBackend, 1>>,
     spec: crate::models::ModelSpec,
     kind: TaskKind,
+    /// Zero-shot: each member's training classes' text `[G, C, d_text]`.
+    text: Option<Tensor<AB::InnerBackend, 3>>,
 }
 
 /// What the encoder's gradients need of its forward pass: the inputs `[G, B*d_H, d_W]`,
@@ -125,8 +137,8 @@ fn row<B: Backend>(t: &Tensor<B, 2>, g: usize) -> Tensor<B, 1> {
 
 impl<AB: AutodiffBackend> Stacked<AB> {
     /// Stacks the members' models and optimisers.
-    fn new(
-        gang: &mut [(usize, Member<'_, AB, Probex<AB>>)],
+    fn new<M: Module<AB>>(
+        gang: &mut [(usize, Member<'_, AB, M>)],
         device: &AB::Device,
     ) -> Result<Self, TrainError> {
         let Some((_, first)) = gang.first() else {
@@ -177,7 +189,16 @@ impl<AB: AutodiffBackend> Stacked<AB> {
             .collect();
         let mut adam = Adam::new(cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps);
         adam.steps = steps;
+        let texts: Option<Vec<_>> = gang.iter().map(|(_, m)| m.text_train.clone()).collect();
+        let text = match job.prep.spec.kind {
+            ModelKind::ProbexZeroshot => match texts {
+                Some(t) => Some(Tensor::stack::<3>(t, 0)),
+                None => return Err(TrainError::Data("a zero-shot member has no text".into())),
+            },
+            _ => None,
+        };
         Ok(Stacked {
+            text,
             params,
             moments,
             adam,
@@ -251,6 +272,32 @@ impl<AB: AutodiffBackend> Stacked<AB> {
         vec![du, flat(dv), flat(dm), dbias]
     }
 
+    /// The members' scores `[G, B, d_Y]` from their encodings `e` `[G, B, r_T]` and their
+    /// heads' parameters (stacked, flat): the classification head `e @ T^T + b`, or
+    /// (zero-shot) the cosines between `e` and `regression_head(text)`, as
+    /// `models::text_cosines` gives them.
+    fn head_scores(&self, e: Tensor<AB, 3>, head: &[Tensor<AB, 2>]) -> Tensor<AB, 3> {
+        let [g, _, r_t] = e.dims();
+        let normalize = |x: Tensor<AB, 3>| {
+            let norm = x.clone().powi_scalar(2).sum_dim(2).sqrt().clamp_min(1e-12);
+            x / norm
+        };
+        match &self.text {
+            None => {
+                let d_y = self.spec.d_y;
+                let t = head[0].clone().reshape([g, d_y, r_t]);
+                e.matmul(t.swap_dims(1, 2)) + head[1].clone().reshape([g, 1, d_y])
+            }
+            Some(text) => {
+                let d_text = self.spec.d_text;
+                let w = head[0].clone().reshape([g, r_t, d_text]);
+                let t = Tensor::<AB, 3>::from_inner(text.clone()).matmul(w.swap_dims(1, 2))
+                    + head[1].clone().reshape([g, 1, r_t]);
+                normalize(e).matmul(normalize(t).swap_dims(1, 2))
+            }
+        }
+    }
+
     /// Each member's loss `[G]`, as [`task_loss`] gives it for the member alone.
     fn losses(&self, s: Tensor<AB, 3>, y: Tensor<AB, 3>) -> Tensor<AB, 1> {
         let [g, b, w] = s.dims();
@@ -267,6 +314,37 @@ impl<AB: AutodiffBackend> Stacked<AB> {
                 .neg(),
             TaskKind::Regression => per_member((s - y).powi_scalar(2)),
         }
+    }
+
+    /// Keeps only the members at positions `kept` (ascending) of the stacked state.
+    fn keep(&mut self, kept: &[usize]) {
+        let Some(g) = self.params.first().map(|p| p.dims()[0]) else {
+            return;
+        };
+        if kept.len() == g {
+            return;
+        }
+        if kept.is_empty() {
+            // Nothing left to step (a selection of no rows is not every backend's case).
+            self.params.clear();
+            self.moments.clear();
+            self.loss_sum = None;
+            self.text = None;
+            return;
+        }
+        let Some(device) = self.params.first().map(|p| p.device()) else {
+            return;
+        };
+        let idx = index_tensor::<AB::InnerBackend>(kept, &device);
+        let keep = |t: &Tensor<AB::InnerBackend, 2>| t.clone().select(0, idx.clone());
+        self.params = self.params.iter().map(keep).collect();
+        self.moments = self
+            .moments
+            .iter()
+            .map(|(a, b)| (keep(a), keep(b)))
+            .collect();
+        self.loss_sum = self.loss_sum.take().map(|s| s.select(0, idx.clone()));
+        self.text = self.text.take().map(|t| t.select(0, idx.clone()));
     }
 
     /// The Adam update of every stacked parameter.
@@ -289,10 +367,15 @@ impl<AB: AutodiffBackend> Stacked<AB> {
     }
 }
 
-impl<'j, AB: AutodiffBackend> Lockstep<'j, AB, Probex<AB>> for Stacked<AB> {
+impl<'j, AB, M> Lockstep<'j, AB, M> for Stacked<AB>
+where
+    AB: AutodiffBackend,
+    M: Net<AB> + AutodiffModule<AB>,
+    M::InnerModule: Net<AB::InnerBackend>,
+{
     fn step(
         &mut self,
-        gang: &mut [(usize, Member<'j, AB, Probex<AB>>)],
+        gang: &mut [(usize, Member<'j, AB, M>)],
         chunks: &[&[usize]],
         device: &AB::Device,
     ) -> Vec<(usize, TrainError)> {
@@ -311,7 +394,7 @@ impl<'j, AB: AutodiffBackend> Lockstep<'j, AB, Probex<AB>> for Stacked<AB> {
             }
         }
         if !failed.is_empty() {
-            self.retain(&ok);
+            self.keep(&ok);
         }
         let Some(b) = ok.first().map(|&g| chunks[g].len()) else {
             return failed;
@@ -319,7 +402,7 @@ impl<'j, AB: AutodiffBackend> Lockstep<'j, AB, Probex<AB>> for Stacked<AB> {
         if ok.iter().any(|&g| chunks[g].len() != b) {
             let e = "the members of a batched gang took batches of different sizes";
             failed.extend(ok.iter().map(|&g| (g, TrainError::Data(e.into()))));
-            self.retain(&[]);
+            self.keep(&[]);
             return failed;
         }
         let x = Tensor::stack::<4>(xs, 0);
@@ -327,15 +410,11 @@ impl<'j, AB: AutodiffBackend> Lockstep<'j, AB, Probex<AB>> for Stacked<AB> {
         let (e, saved) = self.encode(x);
         // As in a solo run, `e` is a gradient leaf of the graph of the head and the loss.
         let leaf = Tensor::<AB, 3>::from_inner(e).require_grad();
-        let (d_y, r_t) = (self.spec.d_y, self.spec.r_t);
-        let g = ok.len();
         let head: Vec<Tensor<AB, 2>> = self.params[4..]
             .iter()
             .map(|p| Tensor::from_inner(p.clone()).require_grad())
             .collect();
-        let t = head[0].clone().reshape([g, d_y, r_t]);
-        let t_bias = head[1].clone().reshape([g, 1, d_y]);
-        let scores = leaf.clone().matmul(t.swap_dims(1, 2)) + t_bias;
+        let scores = self.head_scores(leaf.clone(), &head);
         let losses = self.losses(scores, y);
         let weighted = losses.clone().inner().mul_scalar(b as f64);
         self.loss_sum = Some(match self.loss_sum.take() {
@@ -356,7 +435,7 @@ impl<'j, AB: AutodiffBackend> Lockstep<'j, AB, Probex<AB>> for Stacked<AB> {
         failed
     }
 
-    fn sync(&mut self, gang: &mut [(usize, Member<'j, AB, Probex<AB>>)]) -> Result<(), TrainError> {
+    fn sync(&mut self, gang: &mut [(usize, Member<'j, AB, M>)]) -> Result<(), TrainError> {
         let loss_sum = self.loss_sum.take();
         for (g, (_, m)) in gang.iter_mut().enumerate() {
             let values: Vec<_> = self.params.iter().map(|p| row(p, g)).collect();
@@ -374,30 +453,6 @@ impl<'j, AB: AutodiffBackend> Lockstep<'j, AB, Probex<AB>> for Stacked<AB> {
     }
 
     fn retain(&mut self, kept: &[usize]) {
-        let Some(g) = self.params.first().map(|p| p.dims()[0]) else {
-            return;
-        };
-        if kept.len() == g {
-            return;
-        }
-        if kept.is_empty() {
-            // Nothing left to step (a selection of no rows is not every backend's case).
-            self.params.clear();
-            self.moments.clear();
-            self.loss_sum = None;
-            return;
-        }
-        let Some(device) = self.params.first().map(|p| p.device()) else {
-            return;
-        };
-        let idx = index_tensor::<AB::InnerBackend>(kept, &device);
-        let keep = |t: &Tensor<AB::InnerBackend, 2>| t.clone().select(0, idx.clone());
-        self.params = self.params.iter().map(keep).collect();
-        self.moments = self
-            .moments
-            .iter()
-            .map(|(a, b)| (keep(a), keep(b)))
-            .collect();
-        self.loss_sum = self.loss_sum.take().map(|s| s.select(0, idx.clone()));
+        self.keep(kept);
     }
 }
