@@ -1,5 +1,5 @@
 //! Sweep mode on the tensor path (what CUDA runs), on the CPU: a ProbeX gang (discriminative,
-//! raw or standardised, and zero-shot) stepped as one batched problem gives every member what
+//! raw or standardised, on matrices or LoRA factors, and zero-shot) stepped as one batched problem gives every member what
 //! it gets trained alone on the same path, within float tolerance, and a stopped batched gang
 //! resumes each member from its own state.
 
@@ -12,7 +12,7 @@ use probex_probes::models::checkpoint::Checkpoint;
 use probex_probes::training::{
     GangMember, StepPath, TrainConfig, TrainError, TrainOutcome, train_gang_on, train_on,
 };
-use probex_weights::dataset::LayerDataset;
+use probex_weights::dataset::{LayerDataset, Matrices};
 
 /// Three layers of one shape and row set (other weights, other labels): what a sweep gangs.
 fn layers() -> Vec<LayerDataset> {
@@ -229,6 +229,38 @@ fn a_batched_zero_shot_gang_trains_each_member_as_it_trains_alone_on_the_tensor_
     )
     .unwrap();
     assert_ne!(gang[0].as_ref().unwrap().checkpoint, host.checkpoint);
+}
+
+#[test]
+fn a_batched_gang_of_lora_factors_trains_each_member_as_it_trains_alone() {
+    let layers: Vec<LayerDataset> = (7..10)
+        .map(|seed| common::factored_multilabel([64, 16, 16, 0, 0], 12, 10, 4, 0.3, seed).0)
+        .collect();
+    assert!(matches!(layers[0].weights, Matrices::Factored { .. }));
+    for standardize in [false, true] {
+        let cfg = cfg(standardize);
+        let want: Vec<TrainOutcome> = layers
+            .iter()
+            .map(|ds| solo(ds, &cfg, StepPath::Tensors))
+            .collect();
+        let gang = train_gang_on(
+            &members(&layers, &cfg, None),
+            &common::device(),
+            StepPath::Tensors,
+            &mut |_, _| ControlFlow::Continue(()),
+        );
+        let mut seen = Seen::default();
+        for (i, (g, w)) in gang.iter().zip(&want).enumerate() {
+            let g = g.as_ref().unwrap_or_else(|e| panic!("member {i}: {e}"));
+            assert_as_solo(
+                &format!("factored member {i}, standardize {standardize}"),
+                g,
+                w,
+                &mut seen,
+            );
+        }
+        eprintln!("factored, standardize = {standardize}: largest differences {seen:?}");
+    }
 }
 
 #[test]

@@ -268,11 +268,11 @@ pub fn train_gang(
 }
 
 /// [`train_gang`] on the implementation `path`. On the tensor path (`Tensors`, or `Auto` on a
-/// GPU) the members of a ProbeX gang (discriminative or zero-shot) on matrices (not LoRA
+/// GPU) the members of a ProbeX gang (discriminative or zero-shot, on matrices or LoRA
 /// factors) train as one batched problem: stacked inputs `[G, B, d_H, d_W]` and parameters `[G, ...]`, batched products, one
 /// loss that is the sum of the members' and an element-wise Adam step, so each member gets
-/// what [`train_on`] on the same path gives it alone, within float tolerance (the GEMMs order
-/// their additions differently). Other gangs step member by member.
+/// what [`train_on`] on the same path gives it alone, within float tolerance (the GEMMs may
+/// order their additions differently). Dense and StatNN gangs step member by member.
 pub fn train_gang_on(
     members: &[GangMember],
     device: &DeviceSpec,

@@ -10,8 +10,7 @@
 //! within float tolerance. On the CPU a gang computes what its members would one after
 //! another (the host path steps each member with the kernels of its solo run, the same bits),
 //! so the engine gangs GPU nodes only ([`gang_limit`]): a CPU gang would take its members'
-//! worker slots and leave them idle. LoRA layers (factors) gang by the same key but step
-//! member by member on the GPU too (the batched step reads matrices).
+//! worker slots and leave them idle.
 
 use probex_engine::{Cancelled, Inputs, Outcome, RunContext, StageResult};
 use probex_probes::models::ModelKind;

@@ -18,10 +18,10 @@
 //! names.
 //!
 //! Batched: ProbeX, discriminative (classification head) or zero-shot (cosines against each
-//! member's class texts through its `regression_head`), on matrices, standardised or not (a
-//! standardised layer's batches are standardised as they are read, per member). LoRA factors
-//! step member by member ([`batchable`] says which): their batched form needs each member's
-//! mean and scale inside the factored products.
+//! member's class texts through its `regression_head`), on matrices (a standardised layer's
+//! batches are standardised as they are read, per member) or on LoRA factors of one rank
+//! (each member's mean and scale stacked, applied inside the factored products as a solo run
+//! does). [`batchable`] says which gangs qualify; the others step member by member.
 
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::activation::{log_softmax, relu};
@@ -33,9 +33,9 @@ use crate::training::data::HostInputs;
 use crate::training::optim::{Coeffs, update};
 
 /// Whether the members of `jobs` train as one batched problem: on the tensor path (asked
-/// for, or any backend but the CPU's), for ProbeX (either kind) read as matrices, when every
-/// member has the same model, shapes, task, text classes and number of training rows (the
-/// gang key makes them so; this guards a direct caller).
+/// for, or any backend but the CPU's), for ProbeX (either kind), when every member has the
+/// same model, inputs (matrices, or factors of one rank), shapes, task, text classes and
+/// number of training rows (the gang key makes them so; this guards a direct caller).
 pub(crate) fn batchable<AB: AutodiffBackend>(jobs: &[Job]) -> bool {
     let Some(first) = jobs.first() else {
         return false;
@@ -48,7 +48,7 @@ pub(crate) fn batchable<AB: AutodiffBackend>(jobs: &[Job]) -> bool {
                 && j.cfg.model == first.cfg.model
                 && j.prep.text_train.as_ref().map(|t| (t.rows, t.dim))
                     == first.prep.text_train.as_ref().map(|t| (t.rows, t.dim))
-                && matches!(j.prep.inputs, HostInputs::Rows { .. })
+                && same_inputs(&j.prep.inputs, &first.prep.inputs)
                 && j.prep.spec == first.prep.spec
                 && j.prep.task.kind == first.prep.task.kind
                 && j.prep.target_width == first.prep.target_width
@@ -56,6 +56,22 @@ pub(crate) fn batchable<AB: AutodiffBackend>(jobs: &[Job]) -> bool {
                 && j.cfg.batch_size == first.cfg.batch_size
                 && j.cfg.epochs == first.cfg.epochs
         })
+}
+
+/// Whether two members' inputs batch together: matrices, or LoRA factors of one rank.
+fn same_inputs(a: &HostInputs, b: &HostInputs) -> bool {
+    match (a, b) {
+        (HostInputs::Rows { .. }, HostInputs::Rows { .. }) => true,
+        (
+            HostInputs::Factored {
+                rank: r, dims: d, ..
+            },
+            HostInputs::Factored {
+                rank: r2, dims: d2, ..
+            },
+        ) => r == r2 && d[1..] == d2[1..],
+        _ => false,
+    }
 }
 
 /// [`run_gang`] for ProbeX members (`M`: discriminative or zero-shot) that are
@@ -92,6 +108,18 @@ struct Stacked<AB: AutodiffBackend> {
     kind: TaskKind,
     /// Zero-shot: each member's training classes' text `[G, C, d_text]`.
     text: Option<Tensor<AB::InnerBackend, 3>>,
+    /// The members read LoRA factors.
+    factored: bool,
+    /// LoRA factors of standardised members: their means and scales, stacked.
+    standardize: Option<StackedStandardize<AB::InnerBackend>>,
+}
+
+/// The members' standardisations (`(X - mean) / scale`), stacked.
+struct StackedStandardize<B: Backend> {
+    /// `[G, d_H, d_W]`.
+    mean: Tensor<B, 3>,
+    /// `[G]`.
+    scale: Tensor<B, 1>,
 }
 
 /// What the encoder's gradients need of its forward pass: the inputs `[G, B*d_H, d_W]`,
@@ -127,6 +155,45 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Unflatten<AB::InnerBackend> {
             None => Param::from_mapped_value(id, tensor, mapper),
         }
     }
+}
+
+/// The standardisations of factored members, stacked: `None` when none standardises; an
+/// error when only some do (the gang key, which holds the params, keeps them apart).
+fn stacked_standardize<'a, B: Backend>(
+    jobs: impl Iterator<Item = &'a Job<'a>>,
+    device: &B::Device,
+) -> Result<Option<StackedStandardize<B>>, TrainError> {
+    let mut parts = Vec::new();
+    for job in jobs {
+        let HostInputs::Factored {
+            standardize, dims, ..
+        } = &job.prep.inputs
+        else {
+            return Err(TrainError::Data("a gang mixes factors and matrices".into()));
+        };
+        parts.push((standardize.clone(), [dims[1], dims[2]]));
+    }
+    if parts.iter().all(|(s, _)| s.is_none()) {
+        return Ok(None);
+    }
+    let (mut means, mut scales) = (Vec::new(), Vec::new());
+    for (s, [d_h, d_w]) in parts {
+        let Some((mean, scale)) = s else {
+            return Err(TrainError::Data(
+                "a gang mixes standardised and raw members".into(),
+            ));
+        };
+        means.push(Tensor::<B, 2>::from_data(
+            TensorData::new(mean, [d_h, d_w]),
+            device,
+        ));
+        scales.push(scale);
+    }
+    let n = scales.len();
+    Ok(Some(StackedStandardize {
+        mean: Tensor::stack::<3>(means, 0),
+        scale: Tensor::from_data(TensorData::new(scales, [n]), device),
+    }))
 }
 
 /// Row `g` of `[G, n]`, as `[n]`.
@@ -197,7 +264,15 @@ impl<AB: AutodiffBackend> Stacked<AB> {
             },
             _ => None,
         };
+        let factored = matches!(job.prep.inputs, HostInputs::Factored { .. });
+        let standardize = if factored {
+            stacked_standardize(gang.iter().map(|(_, m)| m.job), device)?
+        } else {
+            None
+        };
         Ok(Stacked {
+            factored,
+            standardize,
             text,
             params,
             moments,
@@ -316,6 +391,97 @@ impl<AB: AutodiffBackend> Stacked<AB> {
         }
     }
 
+    /// The stacked gradients of every parameter for matrices `x` `[G, B, d_H, d_W]` and
+    /// targets `y` (`b` rows each), adding each member's loss to its epoch's.
+    fn gradients(
+        &mut self,
+        x: Tensor<AB::InnerBackend, 4>,
+        y: Tensor<AB, 3>,
+        b: usize,
+    ) -> Vec<Tensor<AB::InnerBackend, 2>> {
+        let (e, saved) = self.encode(x);
+        // As in a solo run, `e` is a gradient leaf of the graph of the head and the loss.
+        let leaf = Tensor::<AB, 3>::from_inner(e).require_grad();
+        let head: Vec<Tensor<AB, 2>> = self.params[4..]
+            .iter()
+            .map(|p| Tensor::from_inner(p.clone()).require_grad())
+            .collect();
+        let scores = self.head_scores(leaf.clone(), &head);
+        let losses = self.losses(scores, y);
+        self.add_losses(&losses, b);
+        let grads = losses.sum().backward();
+        let zeros = |p: &Tensor<AB::InnerBackend, 2>| Tensor::zeros(p.dims(), &p.device());
+        let mut all = match leaf.grad(&grads) {
+            Some(de) => self.encoder_gradients(saved, de),
+            None => self.params[..4].iter().map(zeros).collect(),
+        };
+        for (t, p) in head.iter().zip(&self.params[4..]) {
+            all.push(t.grad(&grads).unwrap_or_else(|| zeros(p)));
+        }
+        all
+    }
+
+    /// [`Stacked::gradients`] for LoRA factors `up` `[G, B, d_H, r]` and `down`
+    /// `[G, B, r, d_W]`: the factored encoder (`encoder::factored` with a gang axis, each
+    /// member's standardisation inside its products) is a few small products, differentiated
+    /// by autodiff as in a solo run.
+    fn factored_gradients(
+        &mut self,
+        up: Tensor<AB::InnerBackend, 4>,
+        down: Tensor<AB::InnerBackend, 4>,
+        y: Tensor<AB, 3>,
+        b: usize,
+    ) -> Vec<Tensor<AB::InnerBackend, 2>> {
+        let s = &self.spec;
+        let [g, _, d_h, r] = up.dims();
+        let d_w = down.dims()[3];
+        let (r_u, r_v, r_t) = (s.r_u, s.r_v, s.r_t);
+        let p: Vec<Tensor<AB, 2>> = self
+            .params
+            .iter()
+            .map(|p| Tensor::from_inner(p.clone()).require_grad())
+            .collect();
+        let u = p[0].clone().reshape([g, d_w, r_u]);
+        let vt = p[1].clone().reshape([g, r_v, d_h]).swap_dims(1, 2); // [G, d_H, r_V]
+        let m = p[2].clone().reshape([g, r_t, r_u * r_v]);
+        let down = Tensor::<AB, 3>::from_inner(down.reshape([g, b * r, d_w]));
+        let up = Tensor::<AB, 4>::from_inner(up)
+            .swap_dims(2, 3)
+            .reshape([g, b * r, d_h]);
+        let pa = down.matmul(u.clone()).reshape([g * b, r, r_u]); // A U
+        let qb = up.matmul(vt.clone()).reshape([g * b, r, r_v]); // B^T V^T
+        let mut pre = pa.swap_dims(1, 2).matmul(qb).reshape([g, b, r_u, r_v]);
+        if let Some(std) = &self.standardize {
+            let mean_t = Tensor::<AB, 3>::from_inner(std.mean.clone()).swap_dims(1, 2);
+            let shift = u.swap_dims(1, 2).matmul(mean_t.matmul(vt)); // [G, r_U, r_V]
+            let scale = Tensor::<AB, 1>::from_inner(std.scale.clone()).reshape([g, 1, 1, 1]);
+            pre = (pre - shift.unsqueeze_dim(1)) / scale;
+        }
+        let e = relu(pre)
+            .reshape([g, b, r_u * r_v])
+            .matmul(m.swap_dims(1, 2))
+            + p[3].clone().reshape([g, 1, r_t]);
+        let losses = self.losses(self.head_scores(e, &p[4..]), y);
+        self.add_losses(&losses, b);
+        let grads = losses.sum().backward();
+        p.iter()
+            .zip(&self.params)
+            .map(|(t, q)| {
+                t.grad(&grads)
+                    .unwrap_or_else(|| Tensor::zeros(q.dims(), &q.device()))
+            })
+            .collect()
+    }
+
+    /// Adds the members' losses `[G]` of a step of `b` rows to their epoch's.
+    fn add_losses(&mut self, losses: &Tensor<AB, 1>, b: usize) {
+        let weighted = losses.clone().inner().mul_scalar(b as f64);
+        self.loss_sum = Some(match self.loss_sum.take() {
+            Some(s) => s + weighted,
+            None => weighted,
+        });
+    }
+
     /// Keeps only the members at positions `kept` (ascending) of the stacked state.
     fn keep(&mut self, kept: &[usize]) {
         let Some(g) = self.params.first().map(|p| p.dims()[0]) else {
@@ -330,6 +496,7 @@ impl<AB: AutodiffBackend> Stacked<AB> {
             self.moments.clear();
             self.loss_sum = None;
             self.text = None;
+            self.standardize = None;
             return;
         }
         let Some(device) = self.params.first().map(|p| p.device()) else {
@@ -345,6 +512,10 @@ impl<AB: AutodiffBackend> Stacked<AB> {
             .collect();
         self.loss_sum = self.loss_sum.take().map(|s| s.select(0, idx.clone()));
         self.text = self.text.take().map(|t| t.select(0, idx.clone()));
+        self.standardize = self.standardize.take().map(|s| StackedStandardize {
+            mean: s.mean.select(0, idx.clone()),
+            scale: s.scale.select(0, idx.clone()),
+        });
     }
 
     /// The Adam update of every stacked parameter.
@@ -380,13 +551,20 @@ where
         device: &AB::Device,
     ) -> Vec<(usize, TrainError)> {
         let mut failed = Vec::new();
-        let (mut xs, mut ys, mut ok) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut xs, mut ups, mut downs, mut ys, mut ok) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (g, (_, m)) in gang.iter().enumerate() {
             let chunk = chunks[g];
             match m.inputs.batch(chunk, device) {
                 Ok(x) => {
                     let idx = index_tensor::<AB::InnerBackend>(chunk, device);
-                    xs.push(x.stacked());
+                    match x {
+                        Batch::Factored { up, down, .. } if self.factored => {
+                            ups.push(up);
+                            downs.push(down);
+                        }
+                        x => xs.push(x.stacked()),
+                    }
                     ys.push(m.targets.clone().select(0, idx));
                     ok.push(g);
                 }
@@ -405,32 +583,13 @@ where
             self.keep(&[]);
             return failed;
         }
-        let x = Tensor::stack::<4>(xs, 0);
         let y = Tensor::<AB, 3>::from_inner(Tensor::stack::<3>(ys, 0));
-        let (e, saved) = self.encode(x);
-        // As in a solo run, `e` is a gradient leaf of the graph of the head and the loss.
-        let leaf = Tensor::<AB, 3>::from_inner(e).require_grad();
-        let head: Vec<Tensor<AB, 2>> = self.params[4..]
-            .iter()
-            .map(|p| Tensor::from_inner(p.clone()).require_grad())
-            .collect();
-        let scores = self.head_scores(leaf.clone(), &head);
-        let losses = self.losses(scores, y);
-        let weighted = losses.clone().inner().mul_scalar(b as f64);
-        self.loss_sum = Some(match self.loss_sum.take() {
-            Some(s) => s + weighted,
-            None => weighted,
-        });
-        let grads = losses.sum().backward();
-        let zeros = |p: &Tensor<AB::InnerBackend, 2>| Tensor::zeros(p.dims(), device);
-        let mut all = match leaf.grad(&grads) {
-            Some(de) => self.encoder_gradients(saved, de),
-            None => self.params[..4].iter().map(zeros).collect(),
+        let grads = if self.factored {
+            let up = Tensor::stack::<4>(ups, 0);
+            self.factored_gradients(up, Tensor::stack::<4>(downs, 0), y, b)
+        } else {
+            self.gradients(Tensor::stack::<4>(xs, 0), y, b)
         };
-        for (t, p) in head.iter().zip(&self.params[4..]) {
-            all.push(t.grad(&grads).unwrap_or_else(|| zeros(p)));
-        }
-        let grads = all;
         self.adam_step(grads);
         failed
     }
