@@ -15,7 +15,7 @@
 use probex_engine::{Cancelled, Inputs, Outcome, RunContext, StageResult};
 use probex_probes::models::ModelKind;
 use probex_probes::training::{self, DeviceSpec, GangMember, TrainConfig};
-use probex_weights::dataset::{LayerDataset, Sidecar};
+use probex_weights::dataset::{LayerDataset, Sidecar, Storage};
 
 use super::EMBEDDINGS;
 use crate::extract::ARTIFACT as LAYER;
@@ -81,8 +81,9 @@ fn rows_digest(s: &Sidecar) -> String {
 }
 
 /// How many members of a gang run at once: 1 on the CPU (see the module docs); on a GPU as
-/// many as fit [`GPU_GANG_BYTES`] with their data (f32), four copies of their parameters and
-/// their share of a batched step's activations, at most [`GPU_GANG_MAX`].
+/// many as fit [`GPU_GANG_BYTES`] with their data (f32; a LoRA layer's factors, not their
+/// products), four copies of their parameters and their share of a batched step's
+/// activations, at most [`GPU_GANG_MAX`].
 pub fn gang_limit(p: &TrainConfig, inputs: &Inputs, device: Option<&str>) -> usize {
     let on_gpu = matches!(
         device.map(str::trim).map(str::parse::<DeviceSpec>),
@@ -99,14 +100,24 @@ pub fn gang_limit(p: &TrainConfig, inputs: &Inputs, device: Option<&str>) -> usi
         return 1;
     };
     let [d_h, d_w] = s.shape;
-    let data = (s.models.len() * d_h * d_w * 4) as u64;
     let params = (d_w * p.r_u + d_h * p.r_v + p.r_u * p.r_v * p.r_t + p.r_t) as u64;
-    // Per step: the member's batch twice (its rows, then the stacked copy), R and R^T with
-    // their gradients, and H, its mask and dPre; f32.
-    let b = p.batch_size as u64;
+    let (n, b) = (s.models.len() as u64, p.batch_size as u64);
     let (d_h, d_w) = (d_h as u64, d_w as u64);
     let (r_u, r_v) = (p.r_u as u64, p.r_v as u64);
-    let activations = 4 * b * (2 * d_h * d_w + 4 * d_h * r_u + 3 * r_u * r_v);
+    // What one row takes on the device: its matrix, or a LoRA layer's two factors (plus the
+    // mean matrix once, when standardised). Per step, f32: the member's batch twice (its rows,
+    // then the stacked copy), R and R^T with their gradients (factors: A U and B^T V^T), and
+    // H, its mask and dPre.
+    let (row, per_step, once) = match s.storage {
+        Storage::LoraFactors { rank } => {
+            let rank = rank as u64;
+            let row = rank * (d_h + d_w);
+            (row, 2 * row + 4 * rank * (r_u + r_v), d_h * d_w)
+        }
+        _ => (d_h * d_w, 2 * d_h * d_w + 4 * d_h * r_u, 0),
+    };
+    let data = 4 * (n * row + once);
+    let activations = 4 * b * (per_step + 3 * r_u * r_v);
     let member = data + 4 * 4 * params + activations;
     ((GPU_GANG_BYTES / member.max(1)).max(1) as usize).min(GPU_GANG_MAX)
 }
