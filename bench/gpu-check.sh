@@ -24,7 +24,7 @@ python3 make_models.py .gpu/models --models "$MODELS" --shape 768x768
 mem_log=.gpu/mem.log
 ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$mem_log" 2>/dev/null || true; sleep 0.5; done ) &
 sampler=$!
-trap 'kill $sampler 2>/dev/null || true' EXIT
+trap 'kill $sampler ${gang_sampler:-} 2>/dev/null || true' EXIT
 echo "== cpu"
 "$PROBEX" run gpu-check.toml --cache .gpu/cache-cpu --device cpu --out .gpu/run-cpu --progress plain
 echo "== cuda"
@@ -33,5 +33,24 @@ echo "== cuda timing"
 "$PROBEX" run gpu-time.toml --cache .gpu/cache-cuda --device cuda --out .gpu/run-time --progress plain
 kill $sampler 2>/dev/null || true
 echo "peak GPU memory used: $(sort -n "$mem_log" | tail -1) MiB"
+# Sweep mode: the epoch time of gangs of 768x768 layers stepped as one batched problem against
+# solo trainings, both on the tensor path, with each gang's peak GPU memory. GANG_BENCH = the
+# gang_epoch example, built here with
+# `CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda --example gang_epoch`
+# (target/release/examples/gang_epoch). Each gang size runs in its own process (a fresh memory
+# pool); a gang that fails (out of memory) is reported and the script goes on.
+if [[ -n "${GANG_BENCH:-}" ]]; then
+  echo "== gangs: batched vs solo epochs on cuda, ${GANG_MODELS:-400} models per 768x768 layer"
+  for g in ${GANGS:-1 4 12 24}; do
+    gang_log=.gpu/mem-gang-$g.log
+    ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$gang_log" 2>/dev/null || true; sleep 0.5; done ) &
+    gang_sampler=$!
+    timeout "${GANG_TIMEOUT:-300}" "$GANG_BENCH" --device cuda --gangs "$g" \
+      --models "${GANG_MODELS:-400}" --epochs "${GANG_EPOCHS:-4}" --solo 1 \
+      || echo "gang of $g failed (exit $?)"
+    kill $gang_sampler 2>/dev/null || true
+    echo "gang of $g: peak GPU memory $(sort -n "$gang_log" | tail -1) MiB"
+  done
+fi
 n_train=$(( MODELS - 2 * MODELS / 10 ))
 python3 compare_runs.py .gpu/run-cpu .gpu/run-cuda .gpu/run-time "$n_train" 768 768 128 "$PEAK_TFLOPS"

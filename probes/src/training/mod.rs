@@ -147,6 +147,19 @@ pub struct TrainOutcome {
     pub report: TrainReport,
 }
 
+/// Which implementation runs a training's steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum StepPath {
+    /// The fastest for the device: on the CPU, ProbeX's encoder on the host kernels and a
+    /// gang's members stepped one by one (each exactly its solo run); on any other device,
+    /// Burn's tensor operations and a ProbeX gang stepped as one batched problem.
+    #[default]
+    Auto,
+    /// Burn's tensor operations on every device (what CUDA runs), a ProbeX gang stepped as one
+    /// batched problem: the device path, runnable on the CPU for tests and benchmarks.
+    Tensors,
+}
+
 /// Trains one probe on one layer dataset.
 ///
 /// Model selection follows the official loop: validate after epoch `e` when
@@ -165,6 +178,20 @@ pub fn train(
     work_dir: Option<&Path>,
     progress: &mut (dyn FnMut(&TrainProgress) -> ControlFlow<()> + Send),
 ) -> Result<TrainOutcome, TrainError> {
+    train_on(ds, text, cfg, device, StepPath::Auto, work_dir, progress)
+}
+
+/// [`train`] on the implementation `path` (the result agrees with [`train`]'s within float
+/// tolerance: the paths order their float additions differently).
+pub fn train_on(
+    ds: &LayerDataset,
+    text: Option<&TextTable>,
+    cfg: &TrainConfig,
+    device: &DeviceSpec,
+    path: StepPath,
+    work_dir: Option<&Path>,
+    progress: &mut (dyn FnMut(&TrainProgress) -> ControlFlow<()> + Send),
+) -> Result<TrainOutcome, TrainError> {
     cfg.validate().map_err(TrainError::Config)?;
     device.check().map_err(TrainError::Device)?;
     let prep = data::prepare(ds, text, cfg).map_err(TrainError::Data)?;
@@ -175,6 +202,7 @@ pub fn train(
         device_name: device.to_string(),
         work_dir,
         fingerprint,
+        path,
     };
     device::with_threads(cfg.threads, move || match device {
         DeviceSpec::Cpu => train_kind::<Autodiff<Flex>>(&job, &FlexDevice, progress),
@@ -225,14 +253,30 @@ pub struct GangMember<'a> {
 
 /// Trains the members of a gang together (the layers of one shape in a sweep): one result per
 /// member, in order, each what [`train`] gives for that member alone (same initial values and
-/// batch order for one `seed`; the host path steps every member with the same kernels its
-/// solo run uses). Each member keeps its own resume state in its own work dir, so a killed
-/// gang resumes member by member. `progress` hears the member's index with each epoch.
-/// Members whose configs differ (other than `threads`) cannot step in lockstep: they are
-/// trained one after another.
+/// batch order for one `seed`). On the CPU the host path steps every member with the same
+/// kernels its solo run uses (the same bits); on other devices a ProbeX gang steps as one
+/// batched problem (see [`train_gang_on`]). Each member keeps its own resume state in its own
+/// work dir, so a killed gang resumes member by member. `progress` hears the member's index
+/// with each epoch. Members whose configs differ (other than `threads`) cannot step in
+/// lockstep: they are trained one after another.
 pub fn train_gang(
     members: &[GangMember],
     device: &DeviceSpec,
+    progress: &mut (dyn FnMut(usize, &TrainProgress) -> ControlFlow<()> + Send),
+) -> Vec<Result<TrainOutcome, TrainError>> {
+    train_gang_on(members, device, StepPath::Auto, progress)
+}
+
+/// [`train_gang`] on the implementation `path`. On the tensor path (`Tensors`, or `Auto` on a
+/// GPU) the members of a ProbeX gang (discriminative or zero-shot, on matrices or LoRA
+/// factors) train as one batched problem: stacked inputs `[G, B, d_H, d_W]` and parameters `[G, ...]`, batched products, one
+/// loss that is the sum of the members' and an element-wise Adam step, so each member gets
+/// what [`train_on`] on the same path gives it alone, within float tolerance (the GEMMs may
+/// order their additions differently). Dense and StatNN gangs step member by member.
+pub fn train_gang_on(
+    members: &[GangMember],
+    device: &DeviceSpec,
+    path: StepPath,
     progress: &mut (dyn FnMut(usize, &TrainProgress) -> ControlFlow<()> + Send),
 ) -> Vec<Result<TrainOutcome, TrainError>> {
     let same = |a: &TrainConfig, b: &TrainConfig| {
@@ -250,7 +294,7 @@ pub fn train_gang(
             .iter()
             .enumerate()
             .map(|(i, m)| {
-                train(m.ds, m.text, m.cfg, device, m.work_dir, &mut |p| {
+                train_on(m.ds, m.text, m.cfg, device, path, m.work_dir, &mut |p| {
                     progress(i, p)
                 })
             })
@@ -289,6 +333,7 @@ pub fn train_gang(
                 device_name: device.to_string(),
                 work_dir: m.work_dir,
                 fingerprint: trainer::fingerprint(m.ds, m.text, m.cfg),
+                path,
             }
         })
         .collect();
@@ -339,6 +384,12 @@ fn train_gang_kind<AB: burn::tensor::backend::AutodiffBackend>(
         return Vec::new();
     };
     match first.cfg.model {
+        ModelKind::Probex if trainer::batchable::<AB>(jobs) => {
+            trainer::run_gang_batched::<AB, Probex<AB>>(jobs, device, progress)
+        }
+        ModelKind::ProbexZeroshot if trainer::batchable::<AB>(jobs) => {
+            trainer::run_gang_batched::<AB, ProbexZeroshot<AB>>(jobs, device, progress)
+        }
         ModelKind::Probex => trainer::run_gang::<AB, Probex<AB>>(jobs, device, progress),
         ModelKind::ProbexZeroshot => {
             trainer::run_gang::<AB, ProbexZeroshot<AB>>(jobs, device, progress)

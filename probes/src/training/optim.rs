@@ -75,6 +75,22 @@ impl<B: Backend> Adam<B> {
         model.map(&mut mapper)
     }
 
+    /// Takes the moments out (per parameter in module visit order, `None` before the first
+    /// step), for a gang that stacks its members' optimisers into one.
+    pub(crate) fn take_moments(&mut self) -> Vec<Option<(Tensor<B, 1>, Tensor<B, 1>)>> {
+        std::mem::take(&mut self.moments)
+    }
+
+    /// Puts moments back (a member's slice of its gang's), with the gang's step count.
+    pub(crate) fn set_moments(
+        &mut self,
+        moments: Vec<Option<(Tensor<B, 1>, Tensor<B, 1>)>>,
+        steps: u64,
+    ) {
+        self.moments = moments;
+        self.steps = steps;
+    }
+
     /// The moments as named tensors (`exp_avg.{name}`, `exp_avg_sq.{name}`, PyTorch's state
     /// names), given the parameters' names and shapes in visit order.
     pub fn state_tensors(&self, params: &[(String, Vec<usize>)]) -> Vec<NamedTensor> {
@@ -162,10 +178,7 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for StepMapper<'_, AB> {
         let moments = a.moments[i].take();
         let coeffs = Coeffs::new(a);
         let p = tensor.inner().reshape([n]);
-        let (p, m, v) = match Host::of() {
-            Some(host) => step_host(host, p, grad, moments, &coeffs),
-            None => step_tensors(p, grad, moments, &coeffs),
-        };
+        let (p, m, v) = update(p, grad, moments, &coeffs);
         a.moments[i] = Some((m, v));
         let new = Tensor::<AB, D>::from_inner(p.reshape(dims)).require_grad();
         Param::from_mapped_value(id, new, mapper)
@@ -173,7 +186,7 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for StepMapper<'_, AB> {
 }
 
 /// The scalars of one Adam step, as the tensor ops take them.
-struct Coeffs {
+pub(crate) struct Coeffs {
     lr: f64,
     weight_decay: f64,
     beta1: f64,
@@ -186,7 +199,7 @@ struct Coeffs {
 }
 
 impl Coeffs {
-    fn new<B: Backend>(a: &Adam<B>) -> Self {
+    pub(crate) fn new<B: Backend>(a: &Adam<B>) -> Self {
         let t = a.steps as i32;
         Coeffs {
             lr: a.lr,
@@ -197,6 +210,21 @@ impl Coeffs {
             bc1: 1.0 - a.beta1.powi(t),
             bc2_sqrt: (1.0 - a.beta2.powi(t)).sqrt(),
         }
+    }
+}
+
+/// One update of a flat parameter: in place on the CPU backend ([`step_host`]), through the
+/// tensor API elsewhere ([`step_tensors`]); the same bits either way. Element-wise, so a
+/// parameter stacked from several models' (a gang's) gets each model's own update.
+pub(crate) fn update<B: Backend>(
+    p: Tensor<B, 1>,
+    grad: Tensor<B, 1>,
+    moments: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    c: &Coeffs,
+) -> Updated<B> {
+    match Host::of() {
+        Some(host) => step_host(host, p, grad, moments, c),
+        None => step_tensors(p, grad, moments, c),
     }
 }
 

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use super::data::{DeviceInputs, HostTargets, Prepared};
 use super::optim::Adam;
 use super::{
-    Curves, EvalPoint, SplitMetrics, TrainConfig, TrainError, TrainOutcome, TrainProgress,
-    TrainReport, metrics,
+    Curves, EvalPoint, SplitMetrics, StepPath, TrainConfig, TrainError, TrainOutcome,
+    TrainProgress, TrainReport, metrics,
 };
 use crate::models::checkpoint::{
     Checkpoint, CheckpointMeta, Standardization, TaskKind, deserialize_named, serialize_named,
@@ -37,6 +37,10 @@ const BEST_HOLDOUT_FILE: &str = "best_holdout.safetensors";
 const RESUME_KEY: &str = "probex_resume";
 const RESUME_FORMAT: u32 = 1;
 
+mod batched;
+
+pub(crate) use batched::{batchable, run_gang_batched};
+
 /// One training's inputs, independent of the backend.
 pub(crate) struct Job<'a> {
     pub prep: &'a Prepared<'a>,
@@ -44,6 +48,7 @@ pub(crate) struct Job<'a> {
     pub device_name: String,
     pub work_dir: Option<&'a Path>,
     pub fingerprint: String,
+    pub path: StepPath,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -295,12 +300,31 @@ where
     AB: AutodiffBackend,
     M: Net<AB>,
 {
+    train_scores_on(model, x, text, scratch, StepPath::Auto)
+}
+
+/// [`train_scores`], with the encoder on the tensor path on every backend when `path` says so.
+fn train_scores_on<AB, M>(
+    model: &M,
+    x: Batch<AB::InnerBackend>,
+    text: Option<Tensor<AB, 2>>,
+    scratch: &mut Scratch,
+    path: StepPath,
+) -> (Tensor<AB, 2>, Option<SplitForward<AB>>)
+where
+    AB: AutodiffBackend,
+    M: Net<AB>,
+{
     let (Batch::Stacked(x), Some(net)) = (&x, model.probe_encoded()) else {
         return (forward_batch(model, x.tracked(), text, false), None);
     };
     let x = x.clone();
     let layers = net.encoder();
-    let encoding = encoder::forward(x, layers.weights().inner(), scratch);
+    let weights = layers.weights().inner();
+    let encoding = match path {
+        StepPath::Auto => encoder::forward(x, weights, scratch),
+        StepPath::Tensors => encoder::forward_tensors(x, weights),
+    };
     let leaf = Tensor::<AB, 2>::from_inner(encoding.e.clone()).require_grad();
     let scores = net.scores_from_encoding(leaf.clone(), text);
     let split = SplitForward {
@@ -358,9 +382,9 @@ where
 /// (its index in `jobs`) finished an epoch. One result per job, in order.
 ///
 /// Every member's result is its solo [`run`]'s: each computes exactly the operations its solo
-/// run computes, in the same order (the host path, a loop over members calling the same
-/// kernels). Members whose resume states stopped at different epochs (a kill during a save)
-/// form sub-gangs by resume epoch, run one after the other.
+/// run computes, in the same order (a loop over members calling the same kernels). Members
+/// whose resume states stopped at different epochs (a kill during a save) form sub-gangs by
+/// resume epoch, run one after the other.
 pub(crate) fn run_gang<AB, M>(
     jobs: &[Job],
     device: &AB::Device,
@@ -370,6 +394,75 @@ where
     AB: AutodiffBackend,
     M: Net<AB> + AutodiffModule<AB>,
     M::InnerModule: Net<AB::InnerBackend>,
+{
+    run_lockstep::<AB, M, _>(jobs, device, progress, |_| Ok(OneByOne))
+}
+
+/// How the members of a (sub-)gang take their steps together: one after another
+/// ([`OneByOne`]), or as one batched problem ([`batched`]).
+trait Lockstep<'j, AB: AutodiffBackend, M> {
+    /// One optimiser step of every member, member `g` of `gang` on the rows `chunks[g]`. The
+    /// members that failed, by position in `gang`, already dropped from any state of this
+    /// stepper (their errors go to their results).
+    fn step(
+        &mut self,
+        gang: &mut [(usize, Member<'j, AB, M>)],
+        chunks: &[&[usize]],
+        device: &AB::Device,
+    ) -> Vec<(usize, TrainError)>;
+
+    /// Brings every member's own model, optimiser and epoch loss up to date, before it ends
+    /// its epoch (validation, checkpoints, resume state).
+    fn sync(&mut self, gang: &mut [(usize, Member<'j, AB, M>)]) -> Result<(), TrainError>;
+
+    /// Keeps only the members at positions `kept` (ascending) of the gang as it was.
+    fn retain(&mut self, kept: &[usize]);
+}
+
+/// Each member steps alone, with the kernels of its solo run.
+struct OneByOne;
+
+impl<'j, AB, M> Lockstep<'j, AB, M> for OneByOne
+where
+    AB: AutodiffBackend,
+    M: Net<AB> + AutodiffModule<AB>,
+    M::InnerModule: Net<AB::InnerBackend>,
+{
+    fn step(
+        &mut self,
+        gang: &mut [(usize, Member<'j, AB, M>)],
+        chunks: &[&[usize]],
+        device: &AB::Device,
+    ) -> Vec<(usize, TrainError)> {
+        let mut failed = Vec::new();
+        for (g, (_, m)) in gang.iter_mut().enumerate() {
+            if let Err(e) = m.step(chunks[g], device) {
+                failed.push((g, e));
+            }
+        }
+        failed
+    }
+
+    fn sync(&mut self, _gang: &mut [(usize, Member<'j, AB, M>)]) -> Result<(), TrainError> {
+        Ok(())
+    }
+
+    fn retain(&mut self, _kept: &[usize]) {}
+}
+
+/// The gang loop of [`run_gang`], with the members of each sub-gang stepped by the stepper
+/// `stepper` makes for them.
+fn run_lockstep<'j, AB, M, S>(
+    jobs: &'j [Job<'j>],
+    device: &AB::Device,
+    progress: &mut dyn FnMut(usize, &TrainProgress) -> ControlFlow<()>,
+    mut stepper: impl FnMut(&mut [(usize, Member<'j, AB, M>)]) -> Result<S, TrainError>,
+) -> Vec<Result<TrainOutcome, TrainError>>
+where
+    AB: AutodiffBackend,
+    M: Net<AB> + AutodiffModule<AB>,
+    M::InnerModule: Net<AB::InnerBackend>,
+    S: Lockstep<'j, AB, M>,
 {
     let mut results: Vec<Option<Result<TrainOutcome, TrainError>>> =
         jobs.iter().map(|_| None).collect();
@@ -388,37 +481,54 @@ where
             .into_iter()
             .partition(|(_, m)| m.first_epoch == first);
         members = rest;
+        let mut step = match stepper(&mut gang) {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = e.to_string();
+                for (i, _) in gang {
+                    results[i] = Some(Err(TrainError::Data(msg.clone())));
+                }
+                continue;
+            }
+        };
         let end = gang.first().map_or(0, |(i, _)| jobs[*i].cfg.epochs);
         for epoch in first..end {
-            let rows: Vec<Vec<usize>> = gang.iter_mut().map(|(_, m)| m.epoch_rows()).collect();
+            let mut rows: Vec<Vec<usize>> = gang.iter_mut().map(|(_, m)| m.epoch_rows()).collect();
             let batch = gang
                 .first()
                 .map_or(1, |(i, _)| jobs[*i].cfg.batch_size.max(1));
             let steps = rows.first().map_or(0, |r| r.len().div_ceil(batch));
-            let mut failed: Vec<(usize, TrainError)> = Vec::new();
             for k in 0..steps {
-                for (g, (i, m)) in gang.iter_mut().enumerate() {
-                    if failed.iter().any(|(f, _)| f == i) {
-                        continue;
-                    }
-                    let chunk = rows[g].chunks(batch).nth(k).unwrap_or(&[]);
-                    if let Err(e) = m.step(chunk, device) {
-                        failed.push((*i, e));
-                    }
+                let chunks: Vec<&[usize]> = rows
+                    .iter()
+                    .map(|r| r.chunks(batch).nth(k).unwrap_or(&[]))
+                    .collect();
+                let mut failed = step.step(&mut gang, &chunks, device);
+                failed.sort_by_key(|(g, _)| std::cmp::Reverse(*g));
+                for (g, e) in failed {
+                    results[gang.remove(g).0] = Some(Err(e));
+                    rows.remove(g);
                 }
             }
-            for (i, e) in failed {
-                results[i] = Some(Err(e));
-                gang.retain(|(j, _)| *j != i);
+            if let Err(e) = step.sync(&mut gang) {
+                let msg = e.to_string();
+                for (i, _) in gang.drain(..) {
+                    results[i] = Some(Err(TrainError::Data(msg.clone())));
+                }
             }
             let mut kept = Vec::new();
-            for (i, mut m) in gang {
+            let mut positions = Vec::new();
+            for (g, (i, mut m)) in gang.into_iter().enumerate() {
                 match m.end_epoch(epoch, device, &mut |p| progress(i, p)) {
-                    Ok(false) => kept.push((i, m)),
+                    Ok(false) => {
+                        kept.push((i, m));
+                        positions.push(g);
+                    }
                     Ok(true) => results[i] = Some(Err(TrainError::Cancelled { epoch })),
                     Err(e) => results[i] = Some(Err(e)),
                 }
             }
+            step.retain(&positions);
             gang = kept;
         }
         for (i, m) in gang {
@@ -587,8 +697,13 @@ where
         let xb = self.inputs.batch(chunk, device).map_err(TrainError::Data)?;
         let y = Tensor::<AB, 2>::from_inner(self.targets.clone().select(0, idx));
         let model = self.model.take().ok_or_else(lost_model)?;
-        let (scores, split) =
-            train_scores(&model, xb, self.text_train_ad.clone(), &mut self.scratch);
+        let (scores, split) = train_scores_on(
+            &model,
+            xb,
+            self.text_train_ad.clone(),
+            &mut self.scratch,
+            self.job.path,
+        );
         let loss = task_loss(self.job.prep.task.kind, scores, y);
         let weighted = loss.clone().inner().mul_scalar(chunk.len() as f64);
         self.loss_sum = Some(match self.loss_sum.take() {

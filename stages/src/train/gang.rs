@@ -4,22 +4,32 @@
 //! result is its solo training's (same `seed`: same initial values and batch order), so the
 //! engine keeps one node and one cache entry per layer and ganging only changes how they run.
 //!
-//! On the CPU a gang computes what its members would one after another (the host path steps
-//! each member with the kernels of its solo run), so the engine gangs GPU nodes only
-//! ([`gang_limit`]): a CPU gang would take its members' worker slots and leave them idle.
+//! On a GPU a ProbeX gang trains as one batched problem (a leading gang axis on inputs,
+//! parameters and every product: one set of kernels per step for all members, see
+//! `probex_probes::training::train_gang_on`); each member's result is its solo training's
+//! within float tolerance. On the CPU a gang computes what its members would one after
+//! another (the host path steps each member with the kernels of its solo run, the same bits),
+//! so the engine gangs GPU nodes only ([`gang_limit`]): a CPU gang would take its members'
+//! worker slots and leave them idle.
 
 use probex_engine::{Cancelled, Inputs, Outcome, RunContext, StageResult};
 use probex_probes::models::ModelKind;
 use probex_probes::training::{self, DeviceSpec, GangMember, TrainConfig};
-use probex_weights::dataset::{LayerDataset, Sidecar};
+use probex_weights::dataset::{LayerDataset, Sidecar, Storage};
 
 use super::EMBEDDINGS;
 use crate::extract::ARTIFACT as LAYER;
 
-/// Device memory a gang of GPU nodes may fill with its members' data and training state
-/// (models, gradients, Adam's moments): kept well under an H100's 80 GB, since activations and
-/// the allocator's slack come on top.
+/// Device memory a gang of GPU nodes may fill with its members' data, training state
+/// (models, gradients, Adam's moments) and a batched step's activations: kept well under an
+/// H100's 80 GB, since the allocator's slack comes on top (a solo run's peak was 10x its data
+/// on the H200, bench/GPU-NOTES.md).
 pub const GPU_GANG_BYTES: u64 = 24 << 30;
+
+/// The most members of one gang on a GPU. Past a few dozen 768x768 layers a batched step is
+/// bound by its GEMMs rather than by kernel launches (the cost a gang shares), so larger gangs
+/// gain little, and 24 splits a ViT's 48 layers of that shape into two gangs.
+pub const GPU_GANG_MAX: usize = 24;
 
 /// Which models gang: ProbeX's encoder is the cost a batched step shares. Dense and StatNN
 /// train alone.
@@ -71,7 +81,9 @@ fn rows_digest(s: &Sidecar) -> String {
 }
 
 /// How many members of a gang run at once: 1 on the CPU (see the module docs); on a GPU as
-/// many as fit [`GPU_GANG_BYTES`] with their data (f32) and four copies of their parameters.
+/// many as fit [`GPU_GANG_BYTES`] with their data (f32; a LoRA layer's factors, not their
+/// products), four copies of their parameters and their share of a batched step's
+/// activations, at most [`GPU_GANG_MAX`].
 pub fn gang_limit(p: &TrainConfig, inputs: &Inputs, device: Option<&str>) -> usize {
     let on_gpu = matches!(
         device.map(str::trim).map(str::parse::<DeviceSpec>),
@@ -88,10 +100,26 @@ pub fn gang_limit(p: &TrainConfig, inputs: &Inputs, device: Option<&str>) -> usi
         return 1;
     };
     let [d_h, d_w] = s.shape;
-    let data = (s.models.len() * d_h * d_w * 4) as u64;
     let params = (d_w * p.r_u + d_h * p.r_v + p.r_u * p.r_v * p.r_t + p.r_t) as u64;
-    let member = data + 4 * 4 * params;
-    (GPU_GANG_BYTES / member.max(1)).max(1) as usize
+    let (n, b) = (s.models.len() as u64, p.batch_size as u64);
+    let (d_h, d_w) = (d_h as u64, d_w as u64);
+    let (r_u, r_v) = (p.r_u as u64, p.r_v as u64);
+    // What one row takes on the device: its matrix, or a LoRA layer's two factors (plus the
+    // mean matrix once, when standardised). Per step, f32: the member's batch twice (its rows,
+    // then the stacked copy), R and R^T with their gradients (factors: A U and B^T V^T), and
+    // H, its mask and dPre.
+    let (row, per_step, once) = match s.storage {
+        Storage::LoraFactors { rank } => {
+            let rank = rank as u64;
+            let row = rank * (d_h + d_w);
+            (row, 2 * row + 4 * rank * (r_u + r_v), d_h * d_w)
+        }
+        _ => (d_h * d_w, 2 * d_h * d_w + 4 * d_h * r_u, 0),
+    };
+    let data = 4 * (n * row + once);
+    let activations = 4 * b * (per_step + 3 * r_u * r_v);
+    let member = data + 4 * 4 * params + activations;
+    ((GPU_GANG_BYTES / member.max(1)).max(1) as usize).min(GPU_GANG_MAX)
 }
 
 /// Trains the members of a gang together and writes each one's artifact as `run` does.

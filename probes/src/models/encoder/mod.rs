@@ -151,6 +151,15 @@ pub fn forward<B: Backend>(x: Tensor<B, 3>, w: Weights<B>, scratch: &mut Scratch
             })),
         };
     }
+    forward_tensors(x, w)
+}
+
+/// [`forward`] through the tensor API on every backend, the CPU's included: what CUDA runs,
+/// so that the CPU can train on exactly that path (gangs are checked against it).
+pub fn forward_tensors<B: Backend>(x: Tensor<B, 3>, w: Weights<B>) -> Encoding<B> {
+    let [b, d_h, d_w] = x.dims();
+    let [_, r_u] = w.u.dims();
+    let [r_v, _] = w.v.dims();
     let r = x
         .clone()
         .reshape([b * d_h, d_w])
