@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Compares two probex train reports (CPU vs CUDA) and prints agreement and timing.
 
-usage: compare_runs.py CPU_RUN_DIR CUDA_RUN_DIR [TIME_RUN_DIR N_TRAIN D_H D_W R_U PEAK_TFLOPS]
+usage: compare_runs.py CPU_RUN_DIR CUDA_RUN_DIR [TIME_RUN_DIR N_TRAIN D_H D_W R_U PEAK_TFLOPS
+                      [PYTORCH_JSON]]
 """
 import glob
 import json
+import os
 import sys
 
 
@@ -43,4 +45,14 @@ if len(sys.argv) > 3:
     print(f"500 epochs projected: {500 * per_epoch / 60:.1f} min")
     print(f"X@U products: {flop / 1e9:.0f} GFLOP/epoch -> at least {flop / per_epoch / 1e12:.1f} TFLOP/s "
           f"= {100 * flop / per_epoch / 1e12 / peak:.0f}% of {peak:.0f} TFLOP/s fp32")
+    # The paper's SupViT sweep: 74 layers x 500 epochs (ProbeX alone), one layer at a time;
+    # the gang timings above say how much sweep mode takes off it. Target: <= 20 min.
+    print(f"74-layer x 500-epoch sweep, one layer at a time: {74 * 500 * per_epoch / 60:.1f} min "
+          f"(target <= 20 min)")
+    if len(sys.argv) > 9 and os.path.isfile(sys.argv[9]):
+        with open(sys.argv[9]) as f:
+            for r in json.load(f):
+                print(f"pytorch (data on {r['data']}, tf32 {'on' if r['tf32'] else 'off'}): "
+                      f"{r['epoch_s']:.3f} s/epoch -> probex is {r['epoch_s'] / per_epoch:.2f}x "
+                      f"as fast")
 sys.exit(0 if ok else 1)

@@ -52,5 +52,14 @@ if [[ -n "${GANG_BENCH:-}" ]]; then
     echo "gang of $g: peak GPU memory $(sort -n "$gang_log" | tail -1) MiB"
   done
 fi
+# Beside PyTorch: the authors' ProbeXClassification and training loop on the same models and
+# GPU, TF32 off and on, data on the GPU (PyTorch's best case) and through their DataLoader.
+# PYTORCH=0 skips it.
+if [[ "${PYTORCH:-1}" != 0 ]]; then
+  echo "== the authors' PyTorch ProbeX on the same models"
+  PYTHONUNBUFFERED=1 timeout "${PYTORCH_TIMEOUT:-300}" python3 pytorch_epoch.py .gpu/models \
+    --epochs "${PYTORCH_EPOCHS:-5}" --json .gpu/pytorch.json || echo "pytorch timing failed (exit $?)"
+fi
 n_train=$(( MODELS - 2 * MODELS / 10 ))
-python3 compare_runs.py .gpu/run-cpu .gpu/run-cuda .gpu/run-time "$n_train" 768 768 128 "$PEAK_TFLOPS"
+python3 compare_runs.py .gpu/run-cpu .gpu/run-cuda .gpu/run-time "$n_train" 768 768 128 "$PEAK_TFLOPS" \
+  .gpu/pytorch.json

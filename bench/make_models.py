@@ -9,10 +9,34 @@ multi-hot over the 100 CIFAR-100 classes (50 per model, as Model-J), plus the Mo
 usage: make_models.py OUT_DIR [--models 1000] [--shape 768x768] [--seed 0] [--noise-layers 0]
 """
 import argparse
+import json
 import os
+import struct
 
 import numpy as np
-from safetensors.numpy import save_file
+
+try:
+    from safetensors.numpy import save_file
+except ImportError:  # the GPU machine may lack the package: the format is simple enough
+
+    def save_file(tensors, path, metadata=None):
+        """safetensors' format: an 8-byte header length, the JSON header, the raw data."""
+        header, offset, blobs = {}, 0, []
+        if metadata:
+            header["__metadata__"] = metadata
+        for name, array in sorted(tensors.items()):
+            blob = np.ascontiguousarray(array, dtype=np.float32).tobytes()
+            header[name] = {"dtype": "F32", "shape": list(array.shape),
+                            "data_offsets": [offset, offset + len(blob)]}
+            offset += len(blob)
+            blobs.append(blob)
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(head)))
+            f.write(head)
+            for blob in blobs:
+                f.write(blob)
 
 CIFAR100 = sorted("""apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
 butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab
