@@ -39,8 +39,8 @@ use crate::models::{
 use probex_weights::dataset::{LayerDataset, Split};
 use probex_weights::embeddings::TextTable;
 
-pub use config::TrainConfig;
-pub use device::DeviceSpec;
+pub use config::{ConfigError, TrainConfig};
+pub use device::{DeviceError, DeviceSpec};
 pub use metrics::Metrics;
 pub use trainer::{SplitForward, split_gradients, train_scores};
 
@@ -49,16 +49,19 @@ pub use trainer::{SplitForward, split_gradients, train_scores};
 pub enum TrainError {
     /// Bad hyperparameters.
     #[error("train config: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     /// The data cannot be used for this model (labels, splits, missing text vectors).
     #[error("{0}")]
     Data(String),
     /// The requested device cannot be used.
-    #[error("{0}")]
-    Device(String),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     /// A checkpoint or resume file could not be read or written.
     #[error("{0}")]
     Checkpoint(String),
+    /// A checkpoint's tensors do not fit the model.
+    #[error(transparent)]
+    Load(#[from] crate::models::LoadError),
     /// The progress callback asked to stop; the resume state (if a work dir was given) is
     /// saved at this epoch.
     #[error("training cancelled after epoch {epoch}")]
@@ -185,12 +188,7 @@ pub fn train(
                 train_kind::<Autodiff<burn::backend::Cuda>>(&job, &dev, progress)
             }
             #[cfg(not(feature = "cuda"))]
-            Err(TrainError::Device(
-                device::DeviceSpec::Cuda(*_i)
-                    .check()
-                    .err()
-                    .unwrap_or_default(),
-            ))
+            Err(TrainError::Device(DeviceError::NoCudaBuild(*_i)))
         }
     })
     .map_err(TrainError::Device)?
@@ -256,18 +254,14 @@ pub fn train_gang(
             })
             .collect();
     }
-    let fail_all = |e: TrainError| -> Vec<Result<TrainOutcome, TrainError>> {
-        let msg = e.to_string();
-        members
-            .iter()
-            .map(|_| Err(TrainError::Config(msg.clone())))
-            .collect()
+    let fail_all = |e: &dyn Fn() -> TrainError| -> Vec<Result<TrainOutcome, TrainError>> {
+        members.iter().map(|_| Err(e())).collect()
     };
     if let Err(e) = first.cfg.validate() {
-        return fail_all(TrainError::Config(e));
+        return fail_all(&|| TrainError::Config(e.clone()));
     }
     if let Err(e) = device.check() {
-        return fail_all(TrainError::Device(e));
+        return fail_all(&|| TrainError::Device(e.clone()));
     }
     // Members whose data cannot be prepared fail alone; the others train.
     let mut results: Vec<Option<Result<TrainOutcome, TrainError>>> =
@@ -304,11 +298,7 @@ pub fn train_gang(
             }
             #[cfg(not(feature = "cuda"))]
             jobs.iter()
-                .map(|_| {
-                    Err(TrainError::Device(
-                        DeviceSpec::Cuda(*_i).check().err().unwrap_or_default(),
-                    ))
-                })
+                .map(|_| Err(TrainError::Device(DeviceError::NoCudaBuild(*_i))))
                 .collect()
         }
     });
@@ -597,9 +587,7 @@ fn infer(
                 infer_on::<burn::backend::Cuda>(opened, ds, &dev, mode, text)
             }
             #[cfg(not(feature = "cuda"))]
-            Err(TrainError::Device(
-                DeviceSpec::Cuda(*_i).check().err().unwrap_or_default(),
-            ))
+            Err(TrainError::Device(DeviceError::NoCudaBuild(*_i)))
         }
     }
 }
@@ -671,5 +659,5 @@ pub(crate) fn load_net<B: Backend, M: Net<B>>(
 ) -> Result<M, TrainError> {
     let mut rng = probex_weights::rng::Rng::new(0, 0);
     let model = M::init(spec, &mut rng, device);
-    load_named(model, &ckpt.by_name(), device).map_err(TrainError::Checkpoint)
+    Ok(load_named(model, &ckpt.by_name(), device)?)
 }

@@ -59,6 +59,9 @@ pub enum ExtractError {
     /// The request itself is wrong (labels spec, no layers, ...).
     #[error("{0}")]
     Config(String),
+    /// A pattern of the `splits` table is not a usable glob.
+    #[error(transparent)]
+    Splits(#[from] probex_fetch::discover::GlobError),
     /// A file could not be read.
     #[error(transparent)]
     Weights(#[from] WeightsError),
