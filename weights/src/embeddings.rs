@@ -51,10 +51,10 @@ pub enum EmbeddingsError {
     },
 }
 
-fn invalid(path: &Path, message: impl Into<String>) -> EmbeddingsError {
+fn invalid(path: &Path, message: impl std::fmt::Display) -> EmbeddingsError {
     EmbeddingsError::Invalid {
         path: path.display().to_string(),
-        message: message.into(),
+        message: message.to_string(),
     }
 }
 

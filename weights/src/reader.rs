@@ -533,7 +533,7 @@ impl<B: AsRef<[u8]>> Safetensors<B> {
     pub fn to_f32(&self, entry: &TensorEntry) -> Result<Vec<f32>, WeightsError> {
         let data = self.data(entry)?;
         crate::codec::decode(entry.dtype, data)
-            .map_err(|m| WeightsError::tensor(&self.label, &entry.name, m))
+            .map_err(|m| WeightsError::tensor(&self.label, &entry.name, m.to_string()))
     }
 }
 

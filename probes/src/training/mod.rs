@@ -31,7 +31,8 @@ use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 
 use crate::models::checkpoint::{
-    Checkpoint, LEGACY_INPUT_MEAN, STANDARDIZE_FILE, Standardization, TaskInfo, TaskKind,
+    Checkpoint, CheckpointError, LEGACY_INPUT_MEAN, STANDARDIZE_FILE, Standardization, TaskInfo,
+    TaskKind,
 };
 use crate::models::{
     Dense, DenseZeroshot, ModelKind, ModelSpec, Net, Probex, ProbexZeroshot, StatNn, load_named,
@@ -56,9 +57,13 @@ pub enum TrainError {
     /// The requested device cannot be used.
     #[error(transparent)]
     Device(#[from] DeviceError),
-    /// A checkpoint or resume file could not be read or written.
+    /// A checkpoint or resume file does not fit this training or model (what the file format
+    /// itself allows; see [`TrainError::File`] for files that cannot be read).
     #[error("{0}")]
     Checkpoint(String),
+    /// A checkpoint, standardisation or resume file could not be read or written.
+    #[error(transparent)]
+    File(#[from] CheckpointError),
     /// A checkpoint's tensors do not fit the model.
     #[error(transparent)]
     Load(#[from] crate::models::LoadError),
@@ -438,7 +443,7 @@ struct Opened {
 }
 
 fn open_checkpoint(path: &Path, ds: &LayerDataset) -> Result<Opened, TrainError> {
-    let ckpt = Checkpoint::read(path).map_err(TrainError::Checkpoint)?;
+    let ckpt = Checkpoint::read(path)?;
     if ckpt.tensors.iter().any(|t| t.name == LEGACY_INPUT_MEAN) {
         return Err(TrainError::Checkpoint(format!(
             "{}: holds `{LEGACY_INPUT_MEAN}`, the layout of probex before train version 3 (the \
@@ -515,7 +520,7 @@ fn standardization(
 ) -> Result<Option<Standardization>, TrainError> {
     let side = Standardization::beside(path);
     let std = if side.is_file() {
-        Some(Standardization::read(&side).map_err(TrainError::Checkpoint)?)
+        Some(Standardization::read(&side)?)
     } else {
         None
     };

@@ -210,7 +210,7 @@ fn ckpt_bytes(
         tensors,
     }
     .to_bytes()
-    .map_err(TrainError::Checkpoint)
+    .map_err(TrainError::from)
 }
 
 /// `standardize = true`: the inputs' standardisation, the file both checkpoints need beside
@@ -227,11 +227,11 @@ fn standardize_bytes(prep: &Prepared) -> Result<Option<Vec<u8>>, TrainError> {
     }
     .to_bytes()
     .map(Some)
-    .map_err(TrainError::Checkpoint)
+    .map_err(TrainError::from)
 }
 
 fn save_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), TrainError> {
-    write_atomic(&dir.join(name), bytes).map_err(TrainError::Checkpoint)
+    Ok(write_atomic(&dir.join(name), bytes)?)
 }
 
 /// A resume state: its metadata and its tensors (model and optimiser) by name.
@@ -700,8 +700,7 @@ where
             };
             let json =
                 serde_json::to_string(&meta).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-            let bytes = serialize_named(&tensors, HashMap::from([(RESUME_KEY.to_string(), json)]))
-                .map_err(TrainError::Checkpoint)?;
+            let bytes = serialize_named(&tensors, HashMap::from([(RESUME_KEY.to_string(), json)]))?;
             save_file(dir, STATE_FILE, &bytes)?;
         }
         Ok(stop)

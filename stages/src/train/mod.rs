@@ -481,10 +481,7 @@ pub fn read_outputs(dir: &Path) -> StageResult<(Vec<f32>, usize, Vec<f32>, usize
     let get = |name: &str| -> StageResult<(Vec<f32>, usize)> {
         let t = st.tensor(name)?;
         let dim = t.shape().get(1).copied().unwrap_or(0);
-        Ok((
-            probex_weights::dataset::decode(t.dtype(), t.data()).map_err(anyhow::Error::msg)?,
-            dim,
-        ))
+        Ok((probex_weights::dataset::decode(t.dtype(), t.data())?, dim))
     };
     let (e, ed) = get("encodings")?;
     let (s, sd) = get("scores")?;

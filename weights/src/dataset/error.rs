@@ -64,10 +64,10 @@ pub(super) fn non_finite_or(
     }
 }
 
-pub(super) fn invalid(path: &Path, message: impl Into<String>) -> DatasetError {
+pub(super) fn invalid(path: &Path, message: impl std::fmt::Display) -> DatasetError {
     DatasetError::Invalid {
         path: path.display().to_string(),
-        message: message.into(),
+        message: message.to_string(),
     }
 }
 
