@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use crate::digest::FileDigests;
 pub use crate::params::{InputHelp, KindHelp, ParamHelp, ParamsDoc};
-pub use crate::shape::{PlanFacts, PlanInput, Shape};
+pub use crate::shape::{PathError, PlanFacts, PlanInput, Shape};
 
 /// What stage kinds return on failure: any error with context, printed with its chain.
 pub type StageResult<T> = anyhow::Result<T>;
