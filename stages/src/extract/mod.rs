@@ -171,7 +171,7 @@ pub fn extract_with_digests(
     // A copied LoRA layer is laid out at its largest rank before the pass; a referenced one
     // learns its models' ranks in the pass, so its files' headers are read once, not twice.
     let outputs = &widen_lora_ranks(&models, outputs, &referenced);
-    let labeler = Labeler::new(label.clone()).map_err(ExtractError::Config)?;
+    let labeler = Labeler::new(label.clone())?;
     let splits = SplitAssigner::new(&opts.splits)?;
     let label_width = match &label.vocab {
         Some(v) => Some(v.classes().len()),
@@ -201,7 +201,7 @@ pub fn extract_with_digests(
             return Err(e);
         }
     };
-    let all_labels = labeler.assemble(&values).map_err(ExtractError::Config)?;
+    let all_labels = labeler.assemble(&values)?;
     check_label_width(&all_labels, label, label_width)?;
     let label_columns = match &all_labels {
         Labels::MultiLabel { classes, .. } => Some(classes.len()),
