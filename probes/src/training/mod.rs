@@ -41,6 +41,7 @@ use probex_weights::dataset::{LayerDataset, Split};
 use probex_weights::embeddings::TextTable;
 
 pub use config::{ConfigError, TrainConfig};
+pub use data::DataError;
 pub use device::{DeviceError, DeviceSpec};
 pub use metrics::Metrics;
 pub use trainer::{SplitForward, split_gradients, train_scores};
@@ -52,8 +53,8 @@ pub enum TrainError {
     #[error("train config: {0}")]
     Config(#[from] ConfigError),
     /// The data cannot be used for this model (labels, splits, missing text vectors).
-    #[error("{0}")]
-    Data(String),
+    #[error(transparent)]
+    Data(#[from] DataError),
     /// The requested device cannot be used.
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -321,7 +322,7 @@ pub fn train_gang(
     }
     results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(TrainError::Data("not trained".into()))))
+        .map(|r| r.unwrap_or(Err(TrainError::Data(DataError::NotTrained("not trained")))))
         .collect()
 }
 
@@ -396,24 +397,20 @@ pub fn predict(
     let (columns, text_m) = match task.kind {
         TaskKind::ZeroShot => {
             let Some(table) = text else {
-                return Err(TrainError::Data(format!(
-                    "{}: a zero-shot checkpoint needs a text table to score classes",
-                    checkpoint.display()
+                return Err(TrainError::Data(DataError::CheckpointNeedsText(
+                    checkpoint.to_path_buf(),
                 )));
             };
             let probex_weights::dataset::Labels::Class { classes, .. } = &ds.labels else {
-                return Err(TrainError::Data(
-                    "zero-shot prediction needs single-class labels (for the candidate classes)"
-                        .into(),
-                ));
+                return Err(TrainError::Data(DataError::PredictNeedsClasses));
             };
             let all: Vec<usize> = (0..classes.len()).collect();
             let m = data::text_matrix(table, classes, &all).map_err(TrainError::Data)?;
             if m.dim != spec.d_text {
-                return Err(TrainError::Data(format!(
-                    "text vectors have dimension {}, the checkpoint expects {}",
-                    m.dim, spec.d_text
-                )));
+                return Err(TrainError::Data(DataError::TextDim {
+                    found: m.dim,
+                    expected: spec.d_text,
+                }));
             }
             (classes.iter().map(|c| c.name.clone()).collect(), Some(m))
         }
@@ -456,15 +453,12 @@ fn open_checkpoint(path: &Path, ds: &LayerDataset) -> Result<Opened, TrainError>
         .spec()
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
     if spec.d_h != ds.d_h || spec.d_w != ds.d_w {
-        return Err(TrainError::Data(format!(
-            "{}: the checkpoint reads [{}, {}] matrices, layer `{}` is [{}, {}]",
-            path.display(),
-            spec.d_h,
-            spec.d_w,
-            ds.layer.name,
-            ds.d_h,
-            ds.d_w
-        )));
+        return Err(TrainError::Data(DataError::MatrixShape {
+            checkpoint: path.to_path_buf(),
+            checkpoint_shape: [spec.d_h, spec.d_w],
+            layer: ds.layer.name.clone(),
+            layer_shape: [ds.d_h, ds.d_w],
+        }));
     }
     let task = match &ckpt.meta {
         Some(m) => m.task.clone(),

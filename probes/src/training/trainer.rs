@@ -12,7 +12,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::data::{DeviceInputs, HostTargets, Prepared};
+use super::data::{DataError, DeviceInputs, HostTargets, Prepared};
 use super::optim::Adam;
 use super::{
     Curves, EvalPoint, SplitMetrics, TrainConfig, TrainError, TrainOutcome, TrainProgress,
@@ -427,7 +427,11 @@ where
     }
     results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(TrainError::Data("a gang member was not trained".into()))))
+        .map(|r| {
+            r.unwrap_or(Err(TrainError::Data(DataError::NotTrained(
+                "a gang member was not trained",
+            ))))
+        })
         .collect()
 }
 
@@ -763,5 +767,7 @@ where
 /// The error of a member whose model was lost to a failed step (a step that fails leaves
 /// none): it is dropped from its gang, so this is never seen.
 fn lost_model() -> TrainError {
-    TrainError::Data("the model was lost to an earlier failure".into())
+    TrainError::Data(DataError::NotTrained(
+        "the model was lost to an earlier failure",
+    ))
 }
