@@ -65,6 +65,9 @@ pub enum TrainError {
     /// A checkpoint, standardisation or resume file could not be read or written.
     #[error(transparent)]
     File(#[from] CheckpointError),
+    /// A resume file's optimiser state does not fit the model.
+    #[error(transparent)]
+    Optimiser(#[from] optim::OptimStateError),
     /// A checkpoint's tensors do not fit the model.
     #[error(transparent)]
     Load(#[from] crate::models::LoadError),

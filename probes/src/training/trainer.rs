@@ -555,8 +555,7 @@ where
             TrainError::Checkpoint(format!("{}: {e}", dir.join(STATE_FILE).display()))
         })?);
         self.adam
-            .load_state(names, &tensors, m.adam_steps, device)
-            .map_err(TrainError::Checkpoint)?;
+            .load_state(names, &tensors, m.adam_steps, device)?;
         self.shuffle = Rng::from_state(m.rng_state);
         self.curves = m.curves;
         self.best = m.best;
