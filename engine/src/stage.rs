@@ -597,8 +597,8 @@ pub struct ParamBox {
 }
 
 impl ParamBox {
-    fn new<P: Serialize + Send + Sync + 'static>(p: P) -> Result<Self, String> {
-        let canonical = serde_json::to_value(&p).map_err(|e| e.to_string())?;
+    fn new<P: Serialize + Send + Sync + 'static>(p: P) -> Result<Self, serde_json::Error> {
+        let canonical = serde_json::to_value(&p)?;
         Ok(ParamBox {
             value: Arc::new(p),
             canonical: crate::key::canonical(canonical),
@@ -698,14 +698,14 @@ impl<S: Stage> DynStage for S {
                 dim,
                 nodes: nodes
                     .into_iter()
-                    .map(|(label, p)| Ok((label, ParamBox::new(p).map_err(anyhow::Error::msg)?)))
+                    .map(|(label, p)| Ok((label, ParamBox::new(p)?)))
                     .collect::<StageResult<_>>()?,
             },
             Sweep::Grid { dims, nodes } => Sweep::Grid {
                 dims,
                 nodes: nodes
                     .into_iter()
-                    .map(|(values, p)| Ok((values, ParamBox::new(p).map_err(anyhow::Error::msg)?)))
+                    .map(|(values, p)| Ok((values, ParamBox::new(p)?)))
                     .collect::<StageResult<_>>()?,
             },
         })
