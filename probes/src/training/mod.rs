@@ -60,8 +60,8 @@ pub enum TrainError {
     Device(#[from] DeviceError),
     /// A checkpoint or resume file does not fit this training or model (what the file format
     /// itself allows; see [`TrainError::File`] for files that cannot be read).
-    #[error("{0}")]
-    Checkpoint(String),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointMismatch),
     /// A checkpoint, standardisation or resume file could not be read or written.
     #[error(transparent)]
     File(#[from] CheckpointError),
@@ -77,6 +77,100 @@ pub enum TrainError {
     Cancelled {
         /// Last completed epoch (0-based).
         epoch: usize,
+    },
+}
+
+/// A readable checkpoint (or resume state) that does not fit the model or data it is used
+/// with. Paths are the checkpoint's and the standardisation file's beside it.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointMismatch {
+    /// The layout of probex before train version 3.
+    #[error(
+        "{}: holds `{LEGACY_INPUT_MEAN}`, the layout of probex before train version 3 (the mean \
+         now lives beside the checkpoint in {STANDARDIZE_FILE}); run its experiment again to \
+         retrain it",
+        .0.display()
+    )]
+    Legacy(std::path::PathBuf),
+    /// The model spec cannot be read off the checkpoint.
+    #[error("{}: {source}", path.display())]
+    Spec {
+        /// The checkpoint.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: CheckpointError,
+    },
+    /// A standardisation of another training.
+    #[error(
+        "{} has scale {side_scale} but the checkpoint {} was trained with {scale}: it belongs \
+         to another training; copy the checkpoint and its {STANDARDIZE_FILE} together",
+        side.display(),
+        path.display()
+    )]
+    ScaleMismatch {
+        /// The standardisation file.
+        side: std::path::PathBuf,
+        /// Its scale.
+        side_scale: f32,
+        /// The checkpoint.
+        path: std::path::PathBuf,
+        /// The scale it was trained with.
+        scale: f32,
+    },
+    /// A standardised checkpoint without its standardisation.
+    #[error(
+        "{} was trained on standardised inputs (standardize = true) but {} is missing beside \
+         it: it holds the training mean and scale the probe subtracts and divides by; copy it \
+         along with the checkpoint",
+        path.display(),
+        side.display()
+    )]
+    MissingStandardization {
+        /// The checkpoint.
+        path: std::path::PathBuf,
+        /// The standardisation file it needs.
+        side: std::path::PathBuf,
+    },
+    /// A raw-input checkpoint with a standardisation beside it.
+    #[error(
+        "{} says it was trained on raw inputs, yet {} lies beside it: remove that file or put \
+         the checkpoint it belongs to here",
+        path.display(),
+        side.display()
+    )]
+    StrayStandardization {
+        /// The checkpoint.
+        path: std::path::PathBuf,
+        /// The standardisation file.
+        side: std::path::PathBuf,
+    },
+    /// A standardisation mean of another shape than the layer.
+    #[error(
+        "{}: the mean is {mean:?}, the layer `{layer}` is {layer_shape:?}",
+        side.display()
+    )]
+    MeanShape {
+        /// The standardisation file.
+        side: std::path::PathBuf,
+        /// Its mean's shape.
+        mean: [usize; 2],
+        /// The layer.
+        layer: String,
+        /// The layer's shape.
+        layer_shape: [usize; 2],
+    },
+    /// A StatNN checkpoint without its feature standardisation.
+    #[error("StatNN checkpoint lacks its feature standardisation (metadata `feature_mean`)")]
+    StatnnFeatures,
+    /// A resume state whose parameters do not fit the model.
+    #[error("{}: {source}", path.display())]
+    Resume {
+        /// The resume file.
+        path: std::path::PathBuf,
+        /// What does not fit.
+        #[source]
+        source: crate::models::LoadError,
     },
 }
 
@@ -445,16 +539,12 @@ struct Opened {
 fn open_checkpoint(path: &Path, ds: &LayerDataset) -> Result<Opened, TrainError> {
     let ckpt = Checkpoint::read(path)?;
     if ckpt.tensors.iter().any(|t| t.name == LEGACY_INPUT_MEAN) {
-        return Err(TrainError::Checkpoint(format!(
-            "{}: holds `{LEGACY_INPUT_MEAN}`, the layout of probex before train version 3 (the \
-             mean now lives beside the checkpoint in {STANDARDIZE_FILE}); run its experiment \
-             again to retrain it",
-            path.display()
-        )));
+        return Err(CheckpointMismatch::Legacy(path.to_path_buf()).into());
     }
-    let spec = ckpt
-        .spec()
-        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+    let spec = ckpt.spec().map_err(|source| CheckpointMismatch::Spec {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if spec.d_h != ds.d_h || spec.d_w != ds.d_w {
         return Err(TrainError::Data(DataError::MatrixShape {
             checkpoint: path.to_path_buf(),
@@ -523,45 +613,40 @@ fn standardization(
     };
     let std = match (task.input_scale, std) {
         (Some(scale), Some(s)) if s.scale.to_bits() != scale.to_bits() => {
-            return Err(TrainError::Checkpoint(format!(
-                "{} has scale {} but the checkpoint {} was trained with {scale}: it belongs to \
-                 another training; copy the checkpoint and its {STANDARDIZE_FILE} together",
-                side.display(),
-                s.scale,
-                path.display()
-            )));
+            return Err(CheckpointMismatch::ScaleMismatch {
+                side,
+                side_scale: s.scale,
+                path: path.to_path_buf(),
+                scale,
+            }
+            .into());
         }
         (Some(_), None) => {
-            return Err(TrainError::Checkpoint(format!(
-                "{} was trained on standardised inputs (standardize = true) but {} is missing \
-                 beside it: it holds the training mean and scale the probe subtracts and \
-                 divides by; copy it along with the checkpoint",
-                path.display(),
-                side.display()
-            )));
+            return Err(CheckpointMismatch::MissingStandardization {
+                path: path.to_path_buf(),
+                side,
+            }
+            .into());
         }
         (None, Some(_)) if with_meta => {
-            return Err(TrainError::Checkpoint(format!(
-                "{} says it was trained on raw inputs, yet {} lies beside it: remove that file \
-                 or put the checkpoint it belongs to here",
-                path.display(),
-                side.display()
-            )));
+            return Err(CheckpointMismatch::StrayStandardization {
+                path: path.to_path_buf(),
+                side,
+            }
+            .into());
         }
         (_, s) => s,
     };
     if let Some(s) = &std
         && (s.d_h, s.d_w) != (ds.d_h, ds.d_w)
     {
-        return Err(TrainError::Checkpoint(format!(
-            "{}: the mean is [{}, {}], the layer `{}` is [{}, {}]",
-            side.display(),
-            s.d_h,
-            s.d_w,
-            ds.layer.name,
-            ds.d_h,
-            ds.d_w
-        )));
+        return Err(CheckpointMismatch::MeanShape {
+            side,
+            mean: [s.d_h, s.d_w],
+            layer: ds.layer.name.clone(),
+            layer_shape: [ds.d_h, ds.d_w],
+        }
+        .into());
     }
     Ok(std)
 }
@@ -626,9 +711,7 @@ fn infer_net<B: Backend, M: Net<B>>(
     if spec.kind == ModelKind::Statnn
         && opened.task.feature_mean.len() != crate::models::statnn::FEATURES.len()
     {
-        return Err(TrainError::Checkpoint(
-            "StatNN checkpoint lacks its feature standardisation (metadata `feature_mean`)".into(),
-        ));
+        return Err(CheckpointMismatch::StatnnFeatures.into());
     }
     let mut task = opened.task.clone();
     // A plain state dict with a standardisation beside it has no scale in its metadata.

@@ -15,12 +15,12 @@ use serde::{Deserialize, Serialize};
 use super::data::{DataError, DeviceInputs, HostTargets, Prepared};
 use super::optim::Adam;
 use super::{
-    Curves, EvalPoint, SplitMetrics, TrainConfig, TrainError, TrainOutcome, TrainProgress,
-    TrainReport, metrics,
+    CheckpointMismatch, Curves, EvalPoint, SplitMetrics, TrainConfig, TrainError, TrainOutcome,
+    TrainProgress, TrainReport, metrics,
 };
 use crate::models::checkpoint::{
-    Checkpoint, CheckpointMeta, Standardization, TaskKind, deserialize_named, serialize_named,
-    write_atomic,
+    Checkpoint, CheckpointError, CheckpointMeta, Standardization, TaskKind, deserialize_named,
+    serialize_named, write_atomic,
 };
 use crate::models::encoder::{self, Encoding, Scratch};
 use crate::models::{
@@ -244,7 +244,7 @@ fn load_resume(dir: &Path, fingerprint: &str) -> Result<Option<Resume>, TrainErr
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(TrainError::Checkpoint(format!("{}: {e}", path.display()))),
+        Err(source) => return Err(CheckpointError::Io { path, source }.into()),
     };
     let what = path.display().to_string();
     let Ok((meta, tensors)) = deserialize_named(&bytes, &what) else {
@@ -531,8 +531,10 @@ where
         let Some(dir) = self.job.work_dir else {
             return Ok(());
         };
-        std::fs::create_dir_all(dir)
-            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let Some((m, tensors)) = load_resume(dir, &self.job.fingerprint)? else {
             return Ok(());
         };
@@ -551,9 +553,13 @@ where
             return Ok(());
         }
         let model = self.model.take().ok_or_else(lost_model)?;
-        self.model = Some(load_named(model, &params, device).map_err(|e| {
-            TrainError::Checkpoint(format!("{}: {e}", dir.join(STATE_FILE).display()))
-        })?);
+        self.model =
+            Some(
+                load_named(model, &params, device).map_err(|e| CheckpointMismatch::Resume {
+                    path: dir.join(STATE_FILE),
+                    source: e,
+                })?,
+            );
         self.adam
             .load_state(names, &tensors, m.adam_steps, device)?;
         self.shuffle = Rng::from_state(m.rng_state);
@@ -701,8 +707,7 @@ where
                 best_holdout: self.best_holdout.clone(),
                 curves: self.curves.clone(),
             };
-            let json =
-                serde_json::to_string(&meta).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+            let json = serde_json::to_string(&meta).map_err(CheckpointError::from)?;
             let bytes = serialize_named(&tensors, HashMap::from([(RESUME_KEY.to_string(), json)]))?;
             save_file(dir, STATE_FILE, &bytes)?;
         }
