@@ -43,7 +43,10 @@ mod store;
 
 pub use error::CacheError;
 pub use key::Key;
-pub use manifest::{Entry, EntryInfo, FileRecord, MANIFEST_FORMAT, Manifest, content_digest};
+pub use manifest::{
+    Entry, EntryInfo, FileRecord, MANIFEST_FORMAT, Manifest, ManifestError, RelPathError,
+    content_digest,
+};
 pub use stamp::{FileStamp, Referent};
 pub use store::{GcPolicy, GcReport, KeyLock, Leftovers, Pinned, Staging, Store, Verified};
 

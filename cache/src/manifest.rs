@@ -155,23 +155,123 @@ pub fn content_digest(files: &[FileRecord]) -> String {
     h.finalize().to_hex().to_string()
 }
 
+/// A path in a manifest (or one a stage wrote) that could leave the data folder.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RelPathError {
+    /// An empty path.
+    #[error("empty path")]
+    Empty,
+    /// An absolute path.
+    #[error("path `{0}` is absolute")]
+    Absolute(String),
+    /// A path with a backslash or NUL.
+    #[error("path `{path}` contains {found:?}")]
+    BadChar {
+        /// The path.
+        path: String,
+        /// The character.
+        found: char,
+    },
+    /// A path with an empty, `.` or `..` component.
+    #[error("path `{path}` has {}", component_note(component))]
+    BadComponent {
+        /// The path.
+        path: String,
+        /// The component (empty for `a//b`).
+        component: String,
+    },
+}
+
+/// "an empty component" or "a `..` component".
+fn component_note(c: &str) -> String {
+    if c.is_empty() {
+        "an empty component".to_string()
+    } else {
+        format!("a `{c}` component")
+    }
+}
+
+/// Why a committed entry's manifest is refused ([`Manifest::validate`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// A format this store does not read.
+    #[error("format {0} is not the supported format {MANIFEST_FORMAT}")]
+    Format(u32),
+    /// The manifest names another key than its directory.
+    #[error("it names key {named} but sits in the directory of key {dir}")]
+    WrongKey {
+        /// The key it names.
+        named: String,
+        /// The key of its directory.
+        dir: String,
+    },
+    /// A reference inside an entry with a bad path.
+    #[error("reference `{path}`: {error}")]
+    Reference {
+        /// The reference's path.
+        path: String,
+        /// What is wrong with it.
+        error: RelPathError,
+    },
+    /// A reference that is neither in an entry nor absolute.
+    #[error("reference `{0}` is neither in an entry nor an absolute path")]
+    LooseReference(String),
+    /// A file with a bad path.
+    #[error(transparent)]
+    Path(#[from] RelPathError),
+    /// A file with a malformed digest.
+    #[error("file `{path}` has a malformed blake3 digest `{digest}`")]
+    FileDigest {
+        /// The file.
+        path: String,
+        /// Its digest.
+        digest: String,
+    },
+    /// A file listed twice.
+    #[error("file `{0}` is listed twice")]
+    Twice(String),
+    /// A file that is also a directory of another file.
+    #[error("`{parent}` is listed as a file but is a directory of `{path}`")]
+    FileIsDir {
+        /// The file listed as a directory.
+        parent: String,
+        /// The file below it.
+        path: String,
+    },
+    /// A malformed content digest.
+    #[error("malformed content digest `{0}`")]
+    ContentDigest(String),
+    /// A content digest that does not match the file list.
+    #[error("content digest {found} does not match its file list (expected {expected})")]
+    ContentMismatch {
+        /// The digest it holds.
+        found: String,
+        /// The digest of its file list.
+        expected: String,
+    },
+}
+
 /// Checks that a manifest path is relative, `/`-separated and stays inside the data folder.
 /// Commit applies the same rule to what a stage wrote, so every committed path passes.
-pub(crate) fn check_rel_path(p: &str) -> Result<(), String> {
+pub(crate) fn check_rel_path(p: &str) -> Result<(), RelPathError> {
     if p.is_empty() {
-        return Err("empty path".into());
+        return Err(RelPathError::Empty);
     }
     if p.starts_with('/') || Path::new(p).is_absolute() {
-        return Err(format!("path `{p}` is absolute"));
+        return Err(RelPathError::Absolute(p.to_owned()));
     }
     if let Some(c) = p.chars().find(|c| matches!(c, '\\' | '\0')) {
-        return Err(format!("path `{p}` contains {c:?}"));
+        return Err(RelPathError::BadChar {
+            path: p.to_owned(),
+            found: c,
+        });
     }
     for comp in p.split('/') {
-        match comp {
-            "" => return Err(format!("path `{p}` has an empty component")),
-            "." | ".." => return Err(format!("path `{p}` has a `{comp}` component")),
-            _ => {}
+        if matches!(comp, "" | "." | "..") {
+            return Err(RelPathError::BadComponent {
+                path: p.to_owned(),
+                component: comp.to_owned(),
+            });
         }
     }
     Ok(())
@@ -185,29 +285,24 @@ pub(crate) fn is_hex64(s: &str) -> bool {
 impl Manifest {
     /// Validates an untrusted manifest read from `entries/../<key>/`: format, key, every path,
     /// every digest, no duplicates or file/directory clashes, and the content digest.
-    pub fn validate(&self, key: &Key) -> Result<(), String> {
+    pub fn validate(&self, key: &Key) -> Result<(), ManifestError> {
         if self.format != MANIFEST_FORMAT {
-            return Err(format!(
-                "format {} is not the supported format {MANIFEST_FORMAT}",
-                self.format
-            ));
+            return Err(ManifestError::Format(self.format));
         }
         if &self.key != key {
-            return Err(format!(
-                "it names key {} but sits in the directory of key {key}",
-                self.key
-            ));
+            return Err(ManifestError::WrongKey {
+                named: self.key.to_string(),
+                dir: key.to_string(),
+            });
         }
         for r in &self.references {
             match &r.entry {
-                Some(_) => {
-                    check_rel_path(&r.path).map_err(|e| format!("reference `{}`: {e}", r.path))?
-                }
+                Some(_) => check_rel_path(&r.path).map_err(|error| ManifestError::Reference {
+                    path: r.path.clone(),
+                    error,
+                })?,
                 None if !Path::new(&r.path).is_absolute() => {
-                    return Err(format!(
-                        "reference `{}` is neither in an entry nor an absolute path",
-                        r.path
-                    ));
+                    return Err(ManifestError::LooseReference(r.path.clone()));
                 }
                 None => {}
             }
@@ -216,13 +311,13 @@ impl Manifest {
         for f in &self.files {
             check_rel_path(&f.path)?;
             if !is_hex64(&f.blake3) {
-                return Err(format!(
-                    "file `{}` has a malformed blake3 digest `{}`",
-                    f.path, f.blake3
-                ));
+                return Err(ManifestError::FileDigest {
+                    path: f.path.clone(),
+                    digest: f.blake3.clone(),
+                });
             }
             if !seen.insert(f.path.as_str()) {
-                return Err(format!("file `{}` is listed twice", f.path));
+                return Err(ManifestError::Twice(f.path.clone()));
             }
         }
         for f in &self.files {
@@ -230,26 +325,23 @@ impl Manifest {
             let mut rest = f.path.as_str();
             while let Some((parent, _)) = rest.rsplit_once('/') {
                 if seen.contains(parent) {
-                    return Err(format!(
-                        "`{parent}` is listed as a file but is a directory of `{}`",
-                        f.path
-                    ));
+                    return Err(ManifestError::FileIsDir {
+                        parent: parent.to_owned(),
+                        path: f.path.clone(),
+                    });
                 }
                 rest = parent;
             }
         }
         if !is_hex64(&self.content_digest) {
-            return Err(format!(
-                "malformed content digest `{}`",
-                self.content_digest
-            ));
+            return Err(ManifestError::ContentDigest(self.content_digest.clone()));
         }
         let expected = content_digest(&self.files);
         if expected != self.content_digest {
-            return Err(format!(
-                "content digest {} does not match its file list (expected {expected})",
-                self.content_digest
-            ));
+            return Err(ManifestError::ContentMismatch {
+                found: self.content_digest.clone(),
+                expected,
+            });
         }
         Ok(())
     }
@@ -383,9 +475,17 @@ mod tests {
             ),
         ];
         for (want, m) in cases {
-            let err = m.validate(&key()).expect_err(want);
+            let err = m.validate(&key()).expect_err(want).to_string();
             assert!(err.contains(want), "expected {want:?} in {err:?}");
         }
+        assert_eq!(
+            manifest(vec![rec("a", 1, '1'), rec("a", 1, '1')]).validate(&key()),
+            Err(ManifestError::Twice("a".into()))
+        );
+        assert!(matches!(
+            manifest(vec![rec("../outside", 1, '1')]).validate(&key()),
+            Err(ManifestError::Path(RelPathError::BadComponent { component, .. })) if component == ".."
+        ));
     }
 
     #[test]

@@ -133,7 +133,7 @@ pub(crate) fn parse_entry(
         );
     }
     let rule = parse_rule(text, &prefix)
-        .map_err(|m| Diagnostic::at(sources, &span, m).with_help(FORMS))?;
+        .map_err(|m| Diagnostic::at(sources, &span, m.to_string()).with_help(FORMS))?;
     Ok(Expectation {
         path,
         rule,
@@ -142,14 +142,37 @@ pub(crate) fn parse_entry(
     })
 }
 
-fn parse_rule(text: &str, prefix: &dyn Fn(&str) -> String) -> Result<Rule, String> {
+/// Why an expectation's rule cannot be read.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RuleError {
+    /// A negative tolerance.
+    #[error("tolerance {0} is negative")]
+    NegativeTolerance(f64),
+    /// No known operator.
+    #[error("cannot read expectation \"{0}\"")]
+    Unreadable(String),
+    /// An operator with nothing after it.
+    #[error("\"{0}\" has nothing to compare with")]
+    NothingToCompare(String),
+    /// A number that is infinite or NaN.
+    #[error("\"{0}\" is not a finite number")]
+    NotFinite(String),
+    /// Neither a number nor a result path.
+    #[error("\"{0}\" is neither a number nor a result path")]
+    NotAnOperand(String),
+    /// A target or tolerance that is not a number.
+    #[error("\"{0}\" is not a number")]
+    NotANumber(String),
+}
+
+fn parse_rule(text: &str, prefix: &dyn Fn(&str) -> String) -> Result<Rule, RuleError> {
     let t = text.trim();
     for sep in ["+-", "±"] {
         if let Some((a, b)) = t.split_once(sep) {
             let target = number(a)?;
             let tolerance = number(b)?;
             if tolerance < 0.0 {
-                return Err(format!("tolerance {tolerance} is negative"));
+                return Err(RuleError::NegativeTolerance(tolerance));
             }
             return Ok(Rule::Within { target, tolerance });
         }
@@ -163,15 +186,15 @@ fn parse_rule(text: &str, prefix: &dyn Fn(&str) -> String) -> Result<Rule, Strin
     } else if let Some(r) = t.strip_prefix('<') {
         (Op::Lt, r)
     } else {
-        return Err(format!("cannot read expectation \"{text}\""));
+        return Err(RuleError::Unreadable(text.to_owned()));
     };
     let rest = rest.trim();
     if rest.is_empty() {
-        return Err(format!("\"{text}\" has nothing to compare with"));
+        return Err(RuleError::NothingToCompare(text.to_owned()));
     }
     let rhs = match rest.parse::<f64>() {
         Ok(v) if v.is_finite() => Operand::Number(v),
-        Ok(_) => return Err(format!("\"{rest}\" is not a finite number")),
+        Ok(_) => return Err(RuleError::NotFinite(rest.to_owned())),
         Err(_)
             if rest
                 .split('.')
@@ -179,16 +202,16 @@ fn parse_rule(text: &str, prefix: &dyn Fn(&str) -> String) -> Result<Rule, Strin
         {
             Operand::Path(prefix(rest))
         }
-        Err(_) => return Err(format!("\"{rest}\" is neither a number nor a result path")),
+        Err(_) => return Err(RuleError::NotAnOperand(rest.to_owned())),
     };
     Ok(Rule::Compare { op, rhs })
 }
 
-fn number(s: &str) -> Result<f64, String> {
+fn number(s: &str) -> Result<f64, RuleError> {
     let s = s.trim();
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() => Ok(v),
-        _ => Err(format!("\"{s}\" is not a number")),
+        _ => Err(RuleError::NotANumber(s.to_owned())),
     }
 }
 
@@ -303,7 +326,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn rule(t: &str) -> Result<Rule, String> {
+    fn rule(t: &str) -> Result<Rule, RuleError> {
         parse_rule(t, &|p| p.to_string())
     }
 
@@ -340,6 +363,9 @@ mod tests {
         for bad in ["0.9", "> ", "0.9 +- -1", "0.9 +- x", "> a..b", "= 3"] {
             assert!(rule(bad).is_err(), "{bad} should be rejected");
         }
+        assert_eq!(rule("0.9 +- -1"), Err(RuleError::NegativeTolerance(-1.0)));
+        assert_eq!(rule("0.9 +- x"), Err(RuleError::NotANumber("x".into())));
+        assert_eq!(rule("= 3"), Err(RuleError::Unreadable("= 3".into())));
     }
 
     fn x(path: &str, rule: Rule) -> Expectation {

@@ -26,7 +26,38 @@ use crate::stage::Resource;
 /// The environment variable that lists the GPUs, as `--devices` does.
 pub const ENV: &str = "PROBEX_DEVICES";
 
-pub use crate::stage::GpuProbe;
+pub use crate::stage::{GpuProbe, GpuProbeError};
+
+/// An item of a device list that names no GPU.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{item}` is not a GPU (expected a comma-separated list such as cuda:0,cuda:1 or 0,1)")]
+pub struct NotAGpu {
+    /// The item as written (trimmed).
+    pub item: String,
+}
+
+/// A run's device list that cannot be read, naming where it came from.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GpuListError {
+    /// The `--devices` flag.
+    #[error("--devices {list}: {source}")]
+    Flag {
+        /// The flag's value.
+        list: String,
+        /// The item that names no GPU.
+        #[source]
+        source: NotAGpu,
+    },
+    /// The [`ENV`] variable.
+    #[error("{ENV}={list}: {source}")]
+    Env {
+        /// The variable's value.
+        list: String,
+        /// The item that names no GPU.
+        #[source]
+        source: NotAGpu,
+    },
+}
 
 /// Where the GPU list of a run comes from; resolved when a node first needs a GPU.
 #[derive(Clone, Debug, Default)]
@@ -44,14 +75,20 @@ impl Gpus {
         flag: Option<&str>,
         env: Option<&str>,
         probe: Option<GpuProbe>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, GpuListError> {
         let listed = match (flag, env) {
             (Some(f), _) => Some((
-                parse_list(f).map_err(|e| format!("--devices {f}: {e}"))?,
+                parse_list(f).map_err(|source| GpuListError::Flag {
+                    list: f.to_owned(),
+                    source,
+                })?,
                 "--devices".to_string(),
             )),
             (None, Some(e)) if !e.trim().is_empty() => Some((
-                parse_list(e).map_err(|why| format!("{ENV}={e}: {why}"))?,
+                parse_list(e).map_err(|source| GpuListError::Env {
+                    list: e.to_owned(),
+                    source,
+                })?,
                 ENV.to_string(),
             )),
             _ => None,
@@ -60,7 +97,7 @@ impl Gpus {
     }
 
     /// Reads [`ENV`] from the environment.
-    pub fn from_env(flag: Option<&str>, probe: Option<GpuProbe>) -> Result<Self, String> {
+    pub fn from_env(flag: Option<&str>, probe: Option<GpuProbe>) -> Result<Self, GpuListError> {
         let env = std::env::var(ENV).ok();
         Self::new(flag, env.as_deref(), probe)
     }
@@ -77,7 +114,7 @@ impl Gpus {
         let why = match self.probe.map(|p| p()) {
             Some(Ok(n)) if n > 0 => return (numbered(n), "the devices CUDA reports".to_string()),
             Some(Ok(_)) => "CUDA reports no device".to_string(),
-            Some(Err(e)) => e,
+            Some(Err(e)) => e.to_string(),
             None => "nothing lists the GPUs".to_string(),
         };
         (vec!["cuda:0".to_string()], format!("the default ({why})"))
@@ -104,16 +141,16 @@ fn visible_count(v: &str) -> usize {
 }
 
 /// Parses a device list: comma-separated `cuda:N` or bare `N`, at least one.
-pub fn parse_list(s: &str) -> Result<Vec<String>, String> {
+pub fn parse_list(s: &str) -> Result<Vec<String>, NotAGpu> {
     let mut out = Vec::new();
     for item in s.split(',').map(str::trim) {
         let n = item.strip_prefix("cuda:").unwrap_or(item);
         match n.parse::<u32>() {
             Ok(n) if !item.is_empty() => out.push(format!("cuda:{n}")),
             _ => {
-                return Err(format!(
-                    "`{item}` is not a GPU (expected a comma-separated list such as cuda:0,cuda:1 or 0,1)"
-                ));
+                return Err(NotAGpu {
+                    item: item.to_owned(),
+                });
             }
         }
     }
@@ -302,25 +339,27 @@ mod tests {
             parse_list("cuda:0, 1,cuda:3").unwrap(),
             ["cuda:0", "cuda:1", "cuda:3"]
         );
-        assert!(
-            parse_list("cpu")
-                .unwrap_err()
-                .contains("`cpu` is not a GPU")
-        );
+        let e = parse_list("cpu").unwrap_err();
+        assert_eq!(e.item, "cpu");
+        assert!(e.to_string().contains("`cpu` is not a GPU"), "{e}");
         assert!(parse_list("0,,1").is_err());
         assert!(parse_list("cuda").is_err());
         let e = Gpus::new(None, Some("cuda:x"), None).unwrap_err();
+        assert!(matches!(&e, GpuListError::Env { list, .. } if list == "cuda:x"));
+        let e = e.to_string();
         assert!(e.starts_with("PROBEX_DEVICES=cuda:x: `cuda:x`"), "{e}");
         let e = Gpus::new(Some("gpu0"), Some("0"), None).unwrap_err();
+        assert!(matches!(&e, GpuListError::Flag { source, .. } if source.item == "gpu0"));
+        let e = e.to_string();
         assert!(e.starts_with("--devices gpu0"), "{e}");
     }
 
     #[test]
     fn the_flag_wins_over_the_env_which_wins_over_cuda_visible_devices_and_the_probe() {
-        fn two() -> Result<usize, String> {
+        fn two() -> Result<usize, GpuProbeError> {
             Ok(2)
         }
-        fn broken() -> Result<usize, String> {
+        fn broken() -> Result<usize, GpuProbeError> {
             Err("no driver".into())
         }
         let g = Gpus::new(Some("3"), Some("0,1"), Some(two)).unwrap();
@@ -353,7 +392,7 @@ mod tests {
     #[test]
     fn the_probe_runs_only_when_a_gpu_is_first_needed() {
         static CALLS: AtomicUsize = AtomicUsize::new(0);
-        fn counting() -> Result<usize, String> {
+        fn counting() -> Result<usize, GpuProbeError> {
             CALLS.fetch_add(1, Ordering::SeqCst);
             Ok(3)
         }
@@ -411,7 +450,7 @@ mod tests {
 
     #[test]
     fn a_node_pinned_before_the_list_is_known_holds_that_listed_gpu() {
-        fn unreachable_probe() -> Result<usize, String> {
+        fn unreachable_probe() -> Result<usize, GpuProbeError> {
             Err("the probe ran".into())
         }
         let pool = GpuPool::with_visible(

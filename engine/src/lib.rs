@@ -36,7 +36,7 @@ pub use plan::{Overrides, Plan, Planner};
 pub use report::RunReport;
 pub use run::{RunError, RunOptions, run, run_slurm};
 pub use stage::{
-    Artifact, Cancelled, Coords, FailedWith, InputSlot, Inputs, KindHelp, Outcome, ParamHelp,
-    ParamsDoc, PlanContext, PlanFacts, PlanInput, ProgressSink, Registry, Resource, RunContext,
-    Shape, Stage, StageResult, Sweep, error_text,
+    Artifact, Cancelled, Coords, FailedWith, InputSlot, Inputs, KindHelp, Outcome, ParamError,
+    ParamHelp, ParamsDoc, PlanContext, PlanFacts, PlanInput, ProgressSink, Registry, Resource,
+    RunContext, Shape, Stage, StageResult, Sweep, error_text,
 };

@@ -90,30 +90,37 @@ impl Shape {
 
     /// Checks that the dot-separated `path` leads to a value; the error says where it goes
     /// wrong and what is there instead.
-    pub fn check(&self, path: &str) -> Result<(), String> {
+    pub fn check(&self, path: &str) -> Result<(), PathError> {
         let mut cur = self;
         let mut walked: Vec<&str> = Vec::new();
         for part in path.split('.') {
             cur = match cur.get(part) {
                 Some(s) => s,
                 None if walked.is_empty() => {
-                    return Err(format!("no `{part}` in the results; {}", cur.listing()));
+                    return Err(PathError::NoTop {
+                        part: part.to_owned(),
+                        listing: cur.listing(),
+                    });
                 }
                 None => {
                     let here = walked.join(".");
                     return Err(match cur {
-                        Shape::Value => format!("`{here}` is a single value; nothing is under it"),
-                        _ => format!("`{here}` has no `{part}`; {}", cur.listing()),
+                        Shape::Value => PathError::UnderValue { here },
+                        _ => PathError::NoKey {
+                            here,
+                            part: part.to_owned(),
+                            listing: cur.listing(),
+                        },
                     });
                 }
             };
             walked.push(part);
         }
         match cur {
-            Shape::Object { .. } => Err(format!(
-                "`{path}` is a group, not a value; {}",
-                cur.listing()
-            )),
+            Shape::Object { .. } => Err(PathError::Group {
+                path: path.to_owned(),
+                listing: cur.listing(),
+            }),
             _ => Ok(()),
         }
     }
@@ -131,6 +138,44 @@ impl Shape {
             _ => String::new(),
         }
     }
+}
+
+/// Why a result path does not lead to a value ([`Shape::check`]); each message says what is
+/// there instead (`listing`: "it has `a`, `b`", empty when the keys are unknown).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// The first key is not in the results.
+    #[error("no `{part}` in the results; {listing}")]
+    NoTop {
+        /// The key.
+        part: String,
+        /// The keys there are.
+        listing: String,
+    },
+    /// The path goes on below a single value.
+    #[error("`{here}` is a single value; nothing is under it")]
+    UnderValue {
+        /// The path up to that value.
+        here: String,
+    },
+    /// A key is not in the group the path reached.
+    #[error("`{here}` has no `{part}`; {listing}")]
+    NoKey {
+        /// The path up to the group.
+        here: String,
+        /// The key.
+        part: String,
+        /// The keys there are.
+        listing: String,
+    },
+    /// The path ends at a group.
+    #[error("`{path}` is a group, not a value; {listing}")]
+    Group {
+        /// The path.
+        path: String,
+        /// The keys under it.
+        listing: String,
+    },
 }
 
 /// What a stage tells the engine and the stages reading it when an experiment is loaded.
@@ -186,18 +231,32 @@ mod tests {
         assert!(s.check("params").is_ok());
         assert!(s.check("downstream.knn.anything").is_ok());
         let e = s.check("val.accuracy").unwrap_err();
-        assert_eq!(e, "`val` has no `accuracy`; it has `loss`, `top1`, `top5`");
-        let e = s.check("tset.top1").unwrap_err();
+        assert!(
+            matches!(&e, PathError::NoKey { here, part, .. } if here == "val" && part == "accuracy"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "`val` has no `accuracy`; it has `loss`, `top1`, `top5`"
+        );
+        let e = s.check("tset.top1").unwrap_err().to_string();
         assert!(
             e.starts_with("no `tset` in the results") && e.contains("`test`"),
             "{e}"
         );
-        let e = s.check("val").unwrap_err();
+        let e = s.check("val").unwrap_err().to_string();
         assert!(
             e.contains("group, not a value") && e.contains("`top1`"),
             "{e}"
         );
         let e = s.check("params.x").unwrap_err();
+        assert_eq!(
+            e,
+            PathError::UnderValue {
+                here: "params".into()
+            }
+        );
+        let e = e.to_string();
         assert!(e.contains("`params` is a single value"), "{e}");
         assert!(Shape::Any.check("a.b.c").is_ok());
     }

@@ -23,10 +23,16 @@ use serde_json::Value;
 
 use crate::digest::FileDigests;
 pub use crate::params::{InputHelp, KindHelp, ParamHelp, ParamsDoc};
-pub use crate::shape::{PlanFacts, PlanInput, Shape};
+pub use crate::shape::{PathError, PlanFacts, PlanInput, Shape};
 
 /// What stage kinds return on failure: any error with context, printed with its chain.
 pub type StageResult<T> = anyhow::Result<T>;
+
+/// Why a stage kind refuses its params ([`Stage::check`], [`Stage::plan_facts`]): any error,
+/// so a kind passes on a typed error of its library with `?` and writes its own objection as
+/// `Err(format!(...).into())`. The engine shows it at the stage, at the value of the key the
+/// message names first.
+pub type ParamError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One input a stage kind accepts, identified by the artifact type it reads.
 #[derive(Clone, Debug)]
@@ -491,7 +497,7 @@ pub trait Stage: Send + Sync + 'static {
 
     /// Checks that go beyond types (ranges, combinations). Name the key first, in backticks
     /// (`` `epochs` must be at least 1 ``): the error then points at its value.
-    fn check(&self, _params: &Self::Params) -> Result<(), String> {
+    fn check(&self, _params: &Self::Params) -> Result<(), ParamError> {
         Ok(())
     }
 
@@ -505,7 +511,7 @@ pub trait Stage: Send + Sync + 'static {
         &self,
         _params: &Self::Params,
         _inputs: &[PlanInput<'_>],
-    ) -> Result<PlanFacts, String> {
+    ) -> Result<PlanFacts, ParamError> {
         Ok(PlanFacts::default())
     }
 
@@ -591,8 +597,8 @@ pub struct ParamBox {
 }
 
 impl ParamBox {
-    fn new<P: Serialize + Send + Sync + 'static>(p: P) -> Result<Self, String> {
-        let canonical = serde_json::to_value(&p).map_err(|e| e.to_string())?;
+    fn new<P: Serialize + Send + Sync + 'static>(p: P) -> Result<Self, serde_json::Error> {
+        let canonical = serde_json::to_value(&p)?;
         Ok(ParamBox {
             value: Arc::new(p),
             canonical: crate::key::canonical(canonical),
@@ -624,8 +630,8 @@ pub(crate) trait DynStage: Send + Sync {
     fn output_for(&self, p: &ParamBox) -> &'static str;
     fn inputs(&self) -> Vec<InputSlot>;
     fn parse(&self, de: toml::de::ValueDeserializer<'_>) -> Result<ParamBox, toml::de::Error>;
-    fn check(&self, p: &ParamBox) -> Result<(), String>;
-    fn plan_facts(&self, p: &ParamBox, inputs: &[PlanInput<'_>]) -> Result<PlanFacts, String>;
+    fn check(&self, p: &ParamBox) -> Result<(), ParamError>;
+    fn plan_facts(&self, p: &ParamBox, inputs: &[PlanInput<'_>]) -> Result<PlanFacts, ParamError>;
     fn sweep(&self, p: &ParamBox, inputs: Option<&Inputs>) -> StageResult<Sweep<ParamBox>>;
     fn identity(&self, p: &ParamBox, cx: &PlanContext) -> StageResult<Option<String>>;
     fn resource(&self, p: &ParamBox, device: Option<&str>) -> Resource;
@@ -678,10 +684,10 @@ impl<S: Stage> DynStage for S {
         let p = S::Params::deserialize(de)?;
         ParamBox::new(p).map_err(<toml::de::Error as serde::de::Error>::custom)
     }
-    fn check(&self, p: &ParamBox) -> Result<(), String> {
+    fn check(&self, p: &ParamBox) -> Result<(), ParamError> {
         Stage::check(self, p.get::<S::Params>())
     }
-    fn plan_facts(&self, p: &ParamBox, inputs: &[PlanInput<'_>]) -> Result<PlanFacts, String> {
+    fn plan_facts(&self, p: &ParamBox, inputs: &[PlanInput<'_>]) -> Result<PlanFacts, ParamError> {
         Stage::plan_facts(self, p.get::<S::Params>(), inputs)
     }
     fn sweep(&self, p: &ParamBox, inputs: Option<&Inputs>) -> StageResult<Sweep<ParamBox>> {
@@ -692,14 +698,14 @@ impl<S: Stage> DynStage for S {
                 dim,
                 nodes: nodes
                     .into_iter()
-                    .map(|(label, p)| Ok((label, ParamBox::new(p).map_err(anyhow::Error::msg)?)))
+                    .map(|(label, p)| Ok((label, ParamBox::new(p)?)))
                     .collect::<StageResult<_>>()?,
             },
             Sweep::Grid { dims, nodes } => Sweep::Grid {
                 dims,
                 nodes: nodes
                     .into_iter()
-                    .map(|(values, p)| Ok((values, ParamBox::new(p).map_err(anyhow::Error::msg)?)))
+                    .map(|(values, p)| Ok((values, ParamBox::new(p)?)))
                     .collect::<StageResult<_>>()?,
             },
         })
@@ -753,7 +759,11 @@ use serde::Deserialize as _;
 
 /// Counts the GPUs the stage library can use (a `cuda` build asks the driver), or says why it
 /// cannot.
-pub type GpuProbe = fn() -> Result<usize, String>;
+pub type GpuProbe = fn() -> Result<usize, GpuProbeError>;
+
+/// Why a [`GpuProbe`] cannot count the GPUs (the stage library's own error, boxed: the engine
+/// only shows it).
+pub type GpuProbeError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Every stage kind the engine can run, by name.
 #[derive(Clone, Default)]

@@ -92,11 +92,134 @@ pub struct Discovered {
 /// How deep below a root discovery looks: Model-J needs 4 levels; the cap stops runaway walks.
 const MAX_DEPTH: usize = 8;
 
-fn read_dir_sorted(dir: &Path) -> Result<Vec<fs::DirEntry>, String> {
+/// A glob (`*`, `?`) that does not make a pattern.
+#[derive(Debug, thiserror::Error)]
+#[error("pattern `{glob}`: {source}")]
+pub struct GlobError {
+    /// The glob as written.
+    pub glob: String,
+    /// The regex engine's objection.
+    #[source]
+    pub source: regex::Error,
+}
+
+/// Why a layout yields no usable model list.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoverError {
+    /// A directory cannot be listed.
+    #[error("{}: {source}", dir.display())]
+    ReadDir {
+        /// The directory.
+        dir: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `repos` filter is not a usable glob.
+    #[error(transparent)]
+    Glob(#[from] GlobError),
+    /// Two model files give the same id.
+    #[error("two models have the id `{id}`: {} and {}", first.display(), second.display())]
+    DuplicateId {
+        /// The id.
+        id: String,
+        /// One file.
+        first: PathBuf,
+        /// The other.
+        second: PathBuf,
+    },
+    /// Nothing found; `passed` lists what was skipped and why.
+    #[error("no model files found: {described}{}", passed_note(passed))]
+    NoModels {
+        /// Where the layout looked, in words.
+        described: String,
+        /// The problems and notes met on the way.
+        passed: Vec<String>,
+    },
+    /// A split layout without split directories.
+    #[error("{}: no split directories (train/, val/, test/, ...) found", root.display())]
+    NoSplitDirs {
+        /// The layout's root.
+        root: PathBuf,
+    },
+    /// A model file directly in a split directory (its id would be empty).
+    #[error(
+        "{}: a model file directly in the split directory; expected {}/<model dir>/{file}",
+        path.display(),
+        base.display()
+    )]
+    FileInSplitDir {
+        /// The file.
+        path: PathBuf,
+        /// The split directory.
+        base: PathBuf,
+        /// The model file name the layout looks for.
+        file: String,
+    },
+}
+
+/// ` (a; b)` after the no-models message, or nothing.
+fn passed_note(passed: &[String]) -> String {
+    if passed.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", passed.join("; "))
+    }
+}
+
+/// Why a model gets no split.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SplitError {
+    /// `splits = "layout"` on a layout without split directories.
+    #[error(
+        "model `{0}` has no split: its layout has no split directories; give `splits` as a \
+         metadata key or a table"
+    )]
+    NoLayoutSplit(String),
+    /// The metadata key is missing from the model's header.
+    #[error("metadata key `{0}` (the split) is missing")]
+    MissingKey(String),
+    /// The metadata value names no split.
+    #[error(
+        "metadata key `{key}` = {value:?} is not a split (train, val, test, val_holdout, \
+         test_holdout)"
+    )]
+    NotASplit {
+        /// The key.
+        key: String,
+        /// Its value.
+        value: String,
+    },
+    /// No pattern of the table matches the model.
+    #[error("model `{0}` is in no split of the splits table")]
+    NotInTable(String),
+    /// Patterns of two splits match the model.
+    #[error(
+        "model `{model}` is in two splits of the table: {first} (`{first_pattern}`) and {second} (`{second_pattern}`)"
+    )]
+    TwoSplits {
+        /// The model's id.
+        model: String,
+        /// The first split.
+        first: Split,
+        /// The pattern that put it there.
+        first_pattern: String,
+        /// The other split.
+        second: Split,
+        /// The pattern that put it there.
+        second_pattern: String,
+    },
+}
+
+fn read_dir_sorted(dir: &Path) -> Result<Vec<fs::DirEntry>, DiscoverError> {
+    let failed = |source| DiscoverError::ReadDir {
+        dir: dir.to_path_buf(),
+        source,
+    };
     let mut entries: Vec<fs::DirEntry> = fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .map_err(failed)?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+        .map_err(failed)?;
     entries.sort_by_key(|e| e.file_name());
     Ok(entries)
 }
@@ -131,7 +254,7 @@ fn unusable_link(path: &Path) -> Option<String> {
 
 /// Finds the model files of `layout`. Ids are unique (a clash is an error naming both files)
 /// and sorted, so row order is reproducible.
-pub fn discover(layout: &Layout) -> Result<Discovered, String> {
+pub fn discover(layout: &Layout) -> Result<Discovered, DiscoverError> {
     let mut found = Discovered::default();
     match layout {
         Layout::HfCache {
@@ -166,27 +289,17 @@ pub fn discover(layout: &Layout) -> Result<Discovered, String> {
     }
     found.models.sort_by(|a, b| a.id.cmp(&b.id));
     if let Some(w) = found.models.windows(2).find(|w| w[0].id == w[1].id) {
-        return Err(format!(
-            "two models have the id `{}`: {} and {}",
-            w[0].id,
-            w[0].path.display(),
-            w[1].path.display()
-        ));
+        return Err(DiscoverError::DuplicateId {
+            id: w[0].id.clone(),
+            first: w[0].path.clone(),
+            second: w[1].path.clone(),
+        });
     }
     if found.models.is_empty() {
-        let mut msg = format!("no model files found: {}", describe(layout));
-        let passed: Vec<&String> = found.problems.iter().chain(&found.notes).collect();
-        if !passed.is_empty() {
-            msg.push_str(&format!(
-                " ({})",
-                passed
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ));
-        }
-        return Err(msg);
+        return Err(DiscoverError::NoModels {
+            described: describe(layout),
+            passed: found.problems.iter().chain(&found.notes).cloned().collect(),
+        });
     }
     Ok(found)
 }
@@ -226,7 +339,10 @@ fn describe(layout: &Layout) -> String {
     }
 }
 
-fn split_dirs(root: &Path, notes: &mut Vec<String>) -> Result<Vec<(Split, PathBuf)>, String> {
+fn split_dirs(
+    root: &Path,
+    notes: &mut Vec<String>,
+) -> Result<Vec<(Split, PathBuf)>, DiscoverError> {
     let mut out = Vec::new();
     for e in read_dir_sorted(root)? {
         let name = e.file_name().to_string_lossy().to_string();
@@ -241,10 +357,9 @@ fn split_dirs(root: &Path, notes: &mut Vec<String>) -> Result<Vec<(Split, PathBu
         }
     }
     if out.is_empty() {
-        return Err(format!(
-            "{}: no split directories (train/, val/, test/, ...) found",
-            root.display()
-        ));
+        return Err(DiscoverError::NoSplitDirs {
+            root: root.to_path_buf(),
+        });
     }
     Ok(out)
 }
@@ -263,7 +378,7 @@ fn hf_cache(
     revision: &str,
     split: Option<Split>,
     found: &mut Discovered,
-) -> Result<(), String> {
+) -> Result<(), DiscoverError> {
     for e in read_dir_sorted(root)? {
         let name = e.file_name().to_string_lossy().to_string();
         let Some(id) = repo_id(&name) else { continue };
@@ -313,7 +428,7 @@ fn walk_named(
     split: Split,
     depth: usize,
     found: &mut Discovered,
-) -> Result<(), String> {
+) -> Result<(), DiscoverError> {
     if depth > MAX_DEPTH {
         found.notes.push(format!(
             "{}: deeper than {MAX_DEPTH} levels; not searched",
@@ -339,13 +454,10 @@ fn walk_named(
                 .and_then(|p| p.strip_prefix(base).ok())
                 .map(rel_id)
                 .filter(|s| !s.is_empty())
-                .ok_or_else(|| {
-                    format!(
-                        "{}: a model file directly in the split directory; expected \
-                         {}/<model dir>/{file}",
-                        path.display(),
-                        base.display()
-                    )
+                .ok_or_else(|| DiscoverError::FileInSplitDir {
+                    path: path.clone(),
+                    base: base.to_path_buf(),
+                    file: file.to_owned(),
                 })?;
             found.models.push(ModelSource {
                 id,
@@ -363,7 +475,7 @@ fn folder(
     recursive: bool,
     depth: usize,
     found: &mut Discovered,
-) -> Result<(), String> {
+) -> Result<(), DiscoverError> {
     for e in read_dir_sorted(dir)? {
         let name = e.file_name().to_string_lossy().to_string();
         if name.starts_with('.') {
@@ -379,8 +491,8 @@ fn folder(
         {
             found.problems.push(problem);
         } else if name.ends_with(".safetensors") && path.is_file() {
-            let rel = path.strip_prefix(base).map_err(|e| e.to_string())?;
-            let id = rel_id(rel);
+            // `path` was listed under `base`, so the prefix is always there.
+            let id = rel_id(path.strip_prefix(base).unwrap_or(&path));
             let id = id.strip_suffix(".safetensors").unwrap_or(&id).to_string();
             found.models.push(ModelSource {
                 id,
@@ -400,7 +512,7 @@ fn rel_id(rel: &Path) -> String {
 }
 
 /// Translates a glob (`*`, `?`) into an anchored regex for matching ids.
-pub fn glob_to_regex(glob: &str) -> Result<regex::Regex, String> {
+pub fn glob_to_regex(glob: &str) -> Result<regex::Regex, GlobError> {
     let mut re = String::from("^");
     for c in glob.chars() {
         match c {
@@ -410,7 +522,10 @@ pub fn glob_to_regex(glob: &str) -> Result<regex::Regex, String> {
         }
     }
     re.push('$');
-    regex::Regex::new(&re).map_err(|e| format!("pattern `{glob}`: {e}"))
+    regex::Regex::new(&re).map_err(|source| GlobError {
+        glob: glob.to_owned(),
+        source,
+    })
 }
 
 /// Where each model's split comes from.
@@ -439,7 +554,7 @@ pub struct SplitAssigner {
 
 impl SplitAssigner {
     /// Prepares `source` (compiling the table's globs).
-    pub fn new(source: &SplitSource) -> Result<Self, String> {
+    pub fn new(source: &SplitSource) -> Result<Self, GlobError> {
         let mut table = Vec::new();
         if let SplitSource::Table(t) = source {
             for (split, pats) in t {
@@ -459,24 +574,18 @@ impl SplitAssigner {
         &self,
         model: &ModelSource,
         metadata: &BTreeMap<String, String>,
-    ) -> Result<Split, String> {
+    ) -> Result<Split, SplitError> {
         match &self.source {
-            SplitSource::Layout => model.split.ok_or_else(|| {
-                format!(
-                    "model `{}` has no split: its layout has no split directories; give \
-                     `splits` as a metadata key or a table",
-                    model.id
-                )
-            }),
+            SplitSource::Layout => model
+                .split
+                .ok_or_else(|| SplitError::NoLayoutSplit(model.id.clone())),
             SplitSource::Metadata { key } => {
                 let v = metadata
                     .get(key)
-                    .ok_or_else(|| format!("metadata key `{key}` (the split) is missing"))?;
-                Split::parse(v.trim()).ok_or_else(|| {
-                    format!(
-                        "metadata key `{key}` = {v:?} is not a split (train, val, test, \
-                         val_holdout, test_holdout)"
-                    )
+                    .ok_or_else(|| SplitError::MissingKey(key.clone()))?;
+                Split::parse(v.trim()).ok_or_else(|| SplitError::NotASplit {
+                    key: key.clone(),
+                    value: v.clone(),
                 })
             }
             SplitSource::Table(_) => {
@@ -486,17 +595,17 @@ impl SplitAssigner {
                     .filter(|(_, re, _)| re.is_match(&model.id))
                     .collect();
                 match hits.as_slice() {
-                    [] => Err(format!(
-                        "model `{}` is in no split of the splits table",
-                        model.id
-                    )),
+                    [] => Err(SplitError::NotInTable(model.id.clone())),
                     [(s, _, _)] => Ok(*s),
                     [first, rest @ ..] => match rest.iter().find(|h| h.0 != first.0) {
                         None => Ok(first.0),
-                        Some(other) => Err(format!(
-                            "model `{}` is in two splits of the table: {} (`{}`) and {} (`{}`)",
-                            model.id, first.0, first.2, other.0, other.2
-                        )),
+                        Some(other) => Err(SplitError::TwoSplits {
+                            model: model.id.clone(),
+                            first: first.0,
+                            first_pattern: first.2.clone(),
+                            second: other.0,
+                            second_pattern: other.2.clone(),
+                        }),
                     },
                 }
             }

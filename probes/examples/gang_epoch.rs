@@ -24,7 +24,8 @@ use rayon::prelude::*;
 
 use probex_probes::models::ModelKind;
 use probex_probes::training::{
-    DeviceSpec, GangMember, StepPath, TrainConfig, TrainProgress, train_gang_on, train_on,
+    DeviceError, DeviceSpec, GangMember, StepPath, TrainConfig, TrainProgress, train_gang_on,
+    train_on,
 };
 use probex_weights::dataset::{Labels, LayerDataset, LayerInfo, Matrices, ModelRecord, Split};
 
@@ -62,7 +63,7 @@ fn parse() -> Result<Args, String> {
                 .map_err(|_| format!("{k}: `{v}` is not a number"))
         };
         match k.as_str() {
-            "--device" => a.device = v.parse()?,
+            "--device" => a.device = v.parse().map_err(|e: DeviceError| e.to_string())?,
             "--gangs" => a.gangs = v.split(',').map(num).collect::<Result<_, _>>()?,
             "--models" => a.models = num(&v)?,
             "--d" => a.d = num(&v)?,

@@ -54,7 +54,7 @@ fn parse() -> Result<Args, String> {
         }
         let v = it.next().ok_or(format!("{k} needs a value"))?;
         if k == "--device" {
-            a.device = v.parse()?;
+            a.device = v.parse().map_err(|e| format!("{e}"))?;
             continue;
         }
         let n: usize = v

@@ -19,7 +19,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use probex_engine::{InputSlot, Inputs, Outcome, PlanContext, RunContext, Stage, StageResult};
+use probex_engine::{
+    InputSlot, Inputs, Outcome, ParamError, PlanContext, RunContext, Stage, StageResult,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::extract::ARTIFACT as LAYER;
@@ -111,14 +113,14 @@ impl Stage for Embed {
         ]
     }
 
-    fn check(&self, p: &EmbedParams) -> Result<(), String> {
+    fn check(&self, p: &EmbedParams) -> Result<(), ParamError> {
         text::check_template(&p.template)?;
         if let Some(classes) = &p.classes {
             if classes.is_empty() {
                 return Err("`classes` is empty: list the class names to embed".into());
             }
             if let Some(i) = classes.iter().position(|c| c.trim().is_empty()) {
-                return Err(format!("`classes[{i}]` is empty"));
+                return Err(format!("`classes[{i}]` is empty").into());
             }
         }
         if p.model_dir.is_some() && p.model_subdir.is_some() {

@@ -35,6 +35,6 @@ pub fn registry() -> Registry {
         .register(zoo::Zoo)
         .register(route::stage::Route);
     // Counting GPUs needs the CUDA backend, which the engine does not link.
-    r.set_gpu_probe(probex_probes::training::device::cuda_device_count);
+    r.set_gpu_probe(|| Ok(probex_probes::training::device::cuda_device_count()?));
     r
 }

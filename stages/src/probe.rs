@@ -74,9 +74,7 @@ impl Probe {
                 files::CHECKPOINT
             );
         }
-        let spec = Checkpoint::read(&ckpt)
-            .and_then(|c| c.spec())
-            .map_err(anyhow::Error::msg)?;
+        let spec = Checkpoint::read(&ckpt).and_then(|c| c.spec())?;
         let rows_path = dir.join(files::ROWS);
         let rows: Rows = serde_json::from_slice(
             &std::fs::read(&rows_path)
@@ -129,7 +127,7 @@ impl Probe {
     }
 
     fn checkpoint(&self) -> anyhow::Result<Checkpoint> {
-        Checkpoint::read(&self.dir.join(files::CHECKPOINT)).map_err(anyhow::Error::msg)
+        Ok(Checkpoint::read(&self.dir.join(files::CHECKPOINT))?)
     }
 
     fn class_of(&self, row: usize) -> Option<String> {
@@ -336,8 +334,7 @@ fn read_encodings(path: &Path) -> anyhow::Result<(Vec<f32>, usize)> {
     let &[_, dim] = t.shape() else {
         bail!("{}: `encodings` is not a matrix", path.display());
     };
-    let values =
-        probex_weights::dataset::decode(t.dtype(), t.data()).map_err(anyhow::Error::msg)?;
+    let values = probex_weights::dataset::decode(t.dtype(), t.data())?;
     Ok((values, dim))
 }
 

@@ -25,7 +25,7 @@
 
 use std::path::{Path, PathBuf};
 
-use probex_engine::{InputSlot, Inputs, Outcome, RunContext, Stage, StageResult};
+use probex_engine::{InputSlot, Inputs, Outcome, ParamError, RunContext, Stage, StageResult};
 
 use burn::backend::Flex;
 
@@ -64,8 +64,8 @@ impl Stage for Zoo {
         vec![InputSlot::many(probex_fetch::packages::ARTIFACT)]
     }
 
-    fn check(&self, p: &ZooConfig) -> Result<(), String> {
-        p.validate().map_err(|e| e.to_string())
+    fn check(&self, p: &ZooConfig) -> Result<(), ParamError> {
+        Ok(p.validate()?)
     }
 
     fn run(&self, p: &ZooConfig, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {

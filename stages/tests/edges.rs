@@ -335,6 +335,11 @@ fn an_empty_model_folder_is_described_in_words() {
         recursive: false,
     })
     .unwrap_err();
+    assert!(
+        matches!(&e, probex_stages::extract::DiscoverError::NoModels { passed, .. } if passed.is_empty()),
+        "{e:?}"
+    );
+    let e = e.to_string();
     assert!(!e.contains("Folder {") && !e.contains("root:"), "{e}");
     assert!(e.contains("no *.safetensors files in the folder"), "{e}");
 }

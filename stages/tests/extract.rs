@@ -844,7 +844,12 @@ fn hub_cache_layouts_are_discovered() {
         file: "model.safetensors".into(),
     })
     .unwrap_err();
-    assert!(e.contains("two models have the id"), "{e}");
+    assert!(
+        matches!(&e, probex_stages::extract::DiscoverError::DuplicateId { id, .. }
+            if id == "ProbeX/Model-J__DINO__model_idx_0001"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("two models have the id"), "{e}");
 }
 
 /// A row's source digest is its whole file's blake3. With the run's stat cache (what the

@@ -492,7 +492,7 @@ fn identity(p: &FetchParams, base: &Path, offline: bool) -> Result<String, Strin
         digests: &digests,
         offline,
     };
-    Fetch.check(p)?;
+    Fetch.check(p).map_err(|e| e.to_string())?;
     Fetch
         .identity(p, &cx)
         .map(|i| i.unwrap_or_default())
@@ -654,7 +654,8 @@ fn missing_private_and_persistently_failing_repos_are_explained() {
             &w.path("o"),
             &Quiet,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("ProbeX/nope") && e.contains("not found"), "{e}");
     let e = hub
         .fetch_request(
@@ -667,7 +668,8 @@ fn missing_private_and_persistently_failing_repos_are_explained() {
             &w.path("o"),
             &Quiet,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("missing.safetensors") && e.contains("no such file"),
         "{e}"
@@ -688,7 +690,8 @@ fn missing_private_and_persistently_failing_repos_are_explained() {
             &w.path("o"),
             &Quiet,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("401") && e.contains("HF_TOKEN"), "{e}");
     let mut cfg = w.config(&mock);
     cfg.auth = Auth::Token(mock.token.clone());
@@ -733,7 +736,8 @@ fn missing_private_and_persistently_failing_repos_are_explained() {
             &w.path("o2"),
             &Quiet,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("500") && e.contains("gave up after 4 attempts"),
         "{e}"
@@ -788,7 +792,8 @@ fn hostile_headers_and_paths_are_refused_without_big_allocations() {
             &w.path("o"),
             &Quiet,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("header length"), "{e}");
     let r = hub
         .fetch_request(
@@ -825,7 +830,8 @@ fn hostile_headers_and_paths_are_refused_without_big_allocations() {
             &w.path("o"),
             &Quiet,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("leaves the repo"), "{e}");
     assert!(!w.dir.path().parent().unwrap().join("escape").exists());
 }
@@ -860,7 +866,8 @@ fn offline_uses_only_what_is_cached() {
     );
     let e = offline
         .fetch(&plan, &layers("4"), &w.path("o3"), &Quiet)
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("not in the local caches") && e.contains("--offline"),
         "{e}"

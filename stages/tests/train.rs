@@ -8,11 +8,11 @@ use std::ops::ControlFlow;
 
 use probex_probes::models::ModelKind;
 use probex_probes::models::checkpoint::{Checkpoint, STANDARDIZE_FILE, Standardization, TaskKind};
-#[cfg(not(feature = "cuda"))]
-use probex_probes::training::DeviceSpec;
 use probex_probes::training::{
-    TrainConfig, TrainError, TrainOutcome, TrainProgress, encode, predict, train,
+    DataError, TrainConfig, TrainError, TrainOutcome, TrainProgress, encode, predict, train,
 };
+#[cfg(not(feature = "cuda"))]
+use probex_probes::training::{DeviceError, DeviceSpec};
 use probex_weights::dataset::{LayerDataset, Matrices, Split};
 use probex_weights::embeddings::TextTable;
 
@@ -127,8 +127,11 @@ fn zero_shot_recovers_held_out_classes() {
     })
     .unwrap_err();
     assert!(
-        matches!(err, TrainError::Data(_)) && err.to_string().contains("text table"),
-        "{err}"
+        matches!(
+            err,
+            TrainError::Data(DataError::NeedsTextTable(ModelKind::ProbexZeroshot))
+        ) && err.to_string().contains("text table"),
+        "{err:?}"
     );
     // A table missing a class names it.
     let mut partial = text.clone();
@@ -142,6 +145,10 @@ fn zero_shot_recovers_held_out_classes() {
         &mut |_| ControlFlow::Continue(()),
     )
     .unwrap_err();
+    assert!(
+        matches!(&err, TrainError::Data(DataError::MissingText { missing }) if missing.len() == 1),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("thing 13"), "{err}");
 }
 
@@ -334,7 +341,8 @@ fn requests_that_cannot_run_are_clear_errors() {
         })
         .unwrap_err();
         assert!(
-            matches!(err, TrainError::Device(_)) && err.to_string().contains("--features cuda")
+            matches!(err, TrainError::Device(DeviceError::NoCudaBuild(0)))
+                && err.to_string().contains("--features cuda")
         );
     }
     let mut bad = cfg.clone();

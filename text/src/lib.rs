@@ -231,14 +231,27 @@ pub fn prompt(template: &str, class_name: &str) -> String {
     template.replacen("{}", &class_name.replace('_', " "), 1)
 }
 
+/// A prompt template without exactly one `{}` placeholder.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "`template` = {template:?} has {placeholders} `{{}}` placeholders; it needs exactly one, \
+     where the class name goes"
+)]
+pub struct TemplateError {
+    /// The template.
+    pub template: String,
+    /// How many placeholders it has.
+    pub placeholders: usize,
+}
+
 /// Checks that `template` has exactly one `{}` placeholder.
-pub fn check_template(template: &str) -> Result<(), String> {
+pub fn check_template(template: &str) -> Result<(), TemplateError> {
     match template.matches("{}").count() {
         1 => Ok(()),
-        n => Err(format!(
-            "`template` = {template:?} has {n} `{{}}` placeholders; it needs exactly one, \
-             where the class name goes"
-        )),
+        n => Err(TemplateError {
+            template: template.to_owned(),
+            placeholders: n,
+        }),
     }
 }
 
@@ -269,7 +282,9 @@ mod tests {
         );
         assert_eq!(prompt("{} art", "sweet_pepper"), "sweet pepper art");
         assert!(check_template(DEFAULT_TEMPLATE).is_ok());
-        assert!(check_template("a photo").unwrap_err().contains("0 `{}`"));
+        let e = check_template("a photo").unwrap_err();
+        assert_eq!(e.placeholders, 0);
+        assert!(e.to_string().contains("0 `{}`"), "{e}");
         assert!(check_template("{} {}").is_err());
     }
 }

@@ -182,7 +182,7 @@ impl Architecture {
     /// paper's: a ViT needs its classifier, position embeddings and all six matrices of blocks
     /// `0..B`; a ResNet its classifier and stem. The message names what is missing and what to
     /// do. The other lists have nothing to check here (LoRA pairs are checked as rows are made).
-    pub fn check(self, header: &Header) -> Result<(), String> {
+    pub fn check(self, header: &Header) -> Result<(), IncompleteArchitecture> {
         match self {
             Architecture::Vit => check_vit(header),
             Architecture::Resnet => check_resnet(header),
@@ -220,11 +220,26 @@ const OTHER_MODES: &str = "its indices would not be the paper's; if this is not 
                            that architecture, set `mode = \"matrices\"` (weight matrices) or \
                            `mode = \"tensors\"` (every tensor)";
 
-fn missing(what: &str, names: &[String]) -> String {
+/// A file that lacks tensors of the list it was taken for, so its indices would not be the
+/// paper's.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this looks like a {what} but lacks {}: {OTHER_MODES}",
+    lacking(missing)
+)]
+pub struct IncompleteArchitecture {
+    /// The architecture, in words (`Hugging Face ViT (`vit.` names)`).
+    pub what: &'static str,
+    /// Every tensor name it lacks.
+    pub missing: Vec<String>,
+}
+
+/// The first five names of `names` in backticks, and how many more.
+fn lacking(names: &[String]) -> String {
     let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
     let more = names.len().saturating_sub(shown.len());
     format!(
-        "this looks like a {what} but lacks `{}`{}: {OTHER_MODES}",
+        "`{}`{}",
         shown.join("`, `"),
         if more > 0 {
             format!(" and {more} more")
@@ -234,7 +249,14 @@ fn missing(what: &str, names: &[String]) -> String {
     )
 }
 
-fn check_vit(header: &Header) -> Result<(), String> {
+fn missing(what: &'static str, names: &[String]) -> IncompleteArchitecture {
+    IncompleteArchitecture {
+        what,
+        missing: names.to_vec(),
+    }
+}
+
+fn check_vit(header: &Header) -> Result<(), IncompleteArchitecture> {
     // Blocks named anywhere under `vit.encoder.layer.N.`, and the matrices each one has.
     let mut blocks: BTreeMap<usize, BTreeSet<&str>> = BTreeMap::new();
     for t in &header.tensors {
@@ -273,7 +295,7 @@ fn check_vit(header: &Header) -> Result<(), String> {
     }
 }
 
-fn check_resnet(header: &Header) -> Result<(), String> {
+fn check_resnet(header: &Header) -> Result<(), IncompleteArchitecture> {
     let absent: Vec<String> = [RESNET_CLASSIFIER, RESNET_STEM]
         .into_iter()
         .filter(|n| header.find(n).is_none())
@@ -350,6 +372,9 @@ mod tests {
         }
         let spec: Vec<(&str, &[usize])> = names.iter().map(|n| (n.as_str(), &[4, 4][..])).collect();
         let e = Architecture::Vit.check(&header(&spec)).unwrap_err();
+        assert_eq!(e.what, "Hugging Face ViT (`vit.` names)");
+        assert_eq!(e.missing.len(), 6, "{e:?}");
+        let e = e.to_string();
         assert!(
             e.contains("vit.encoder.layer.1.attention.attention.query.weight")
                 && e.contains("and 1 more")
@@ -359,6 +384,7 @@ mod tests {
         let e = Architecture::Resnet
             .check(&header(&[(RESNET_STEM, &[4, 3, 7, 7])]))
             .unwrap_err();
-        assert!(e.contains(RESNET_CLASSIFIER), "{e}");
+        assert_eq!(e.missing, [RESNET_CLASSIFIER]);
+        assert!(e.to_string().contains(RESNET_CLASSIFIER), "{e}");
     }
 }

@@ -41,8 +41,13 @@ pub fn encode(values: &[f32], precision: Precision) -> (Dtype, Vec<u8>) {
     }
 }
 
+/// A dtype [`decode`] cannot read as weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("dtype {0:?} is not a floating-point weight type")]
+pub struct NotAFloat(pub Dtype);
+
 /// Decodes little-endian F32/F16/BF16/F64 bytes to f32; other dtypes are an error.
-pub fn decode(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, String> {
+pub fn decode(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, NotAFloat> {
     let out = match dtype {
         Dtype::F32 => bytes
             .chunks_exact(4)
@@ -60,11 +65,7 @@ pub fn decode(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, String> {
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
             .collect(),
-        other => {
-            return Err(format!(
-                "dtype {other:?} is not a floating-point weight type"
-            ));
-        }
+        other => return Err(NotAFloat(other)),
     };
     Ok(out)
 }

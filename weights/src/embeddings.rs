@@ -51,26 +51,56 @@ pub enum EmbeddingsError {
     },
 }
 
-fn invalid(path: &Path, message: impl Into<String>) -> EmbeddingsError {
+fn invalid(path: &Path, message: impl std::fmt::Display) -> EmbeddingsError {
     EmbeddingsError::Invalid {
         path: path.display().to_string(),
-        message: message.into(),
+        message: message.to_string(),
     }
+}
+
+/// A text table whose names and vectors do not agree ([`TextTable::validate`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    /// Vectors of no width.
+    #[error("text vectors have dimension 0")]
+    NoDimension,
+    /// Values that do not fill one vector per name.
+    #[error("{values} values for {names} names of dimension {dim}")]
+    Count {
+        /// The values held.
+        values: usize,
+        /// The names.
+        names: usize,
+        /// The width of a vector.
+        dim: usize,
+    },
+    /// A name given twice with different vectors.
+    #[error("name `{name}` appears twice (rows {first} and {second}) with different vectors")]
+    Ambiguous {
+        /// The name.
+        name: String,
+        /// Its first row.
+        first: usize,
+        /// The row that repeats it.
+        second: usize,
+    },
+    /// A vector with NaN or an infinity.
+    #[error("vector of `{0}` holds a non-finite value")]
+    NonFinite(String),
 }
 
 impl TextTable {
     /// Checks that the names and vectors agree and that names are unique.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), TableError> {
         if self.dim == 0 {
-            return Err("text vectors have dimension 0".into());
+            return Err(TableError::NoDimension);
         }
         if self.vectors.len() != self.names.len() * self.dim {
-            return Err(format!(
-                "{} values for {} names of dimension {}",
-                self.vectors.len(),
-                self.names.len(),
-                self.dim
-            ));
+            return Err(TableError::Count {
+                values: self.vectors.len(),
+                names: self.names.len(),
+                dim: self.dim,
+            });
         }
         // A vocabulary may repeat a name (a user's `classes` list may; ImageNet's first lemmas
         // have two "crane"s, which the authors' names used for labels tell apart); the same
@@ -80,19 +110,18 @@ impl TextTable {
         for (i, n) in self.names.iter().enumerate() {
             if let Some(&j) = seen.get(n.as_str()) {
                 if self.row(i) != self.row(j) {
-                    return Err(format!(
-                        "name `{n}` appears twice (rows {j} and {i}) with different vectors"
-                    ));
+                    return Err(TableError::Ambiguous {
+                        name: n.clone(),
+                        first: j,
+                        second: i,
+                    });
                 }
             } else {
                 seen.insert(n.as_str(), i);
             }
         }
         if let Some(i) = self.vectors.iter().position(|v| !v.is_finite()) {
-            return Err(format!(
-                "vector of `{}` holds a non-finite value",
-                self.names[i / self.dim]
-            ));
+            return Err(TableError::NonFinite(self.names[i / self.dim].clone()));
         }
         Ok(())
     }
@@ -251,7 +280,9 @@ mod tests {
             dim: 1,
             vectors: vec![1.0, 2.0],
         };
-        assert!(t.validate().unwrap_err().contains("twice"));
+        let e = t.validate().unwrap_err();
+        assert!(matches!(e, TableError::Ambiguous { .. }), "{e:?}");
+        assert!(e.to_string().contains("twice"), "{e}");
         let same = TextTable::from_rows(vec!["crane".into(), "crane".into()], vec![vec![1.0]; 2]);
         assert_eq!(same.unwrap().index_of("crane"), Some(0));
         let ragged = TextTable::from_rows(vec!["a".into(), "b".into()], vec![vec![1.0], vec![]]);

@@ -11,10 +11,57 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use super::arch::IncompleteArchitecture;
 pub use super::arch::{Architecture, LORA_DOWN, LORA_UP};
+use super::partial::PartialError;
 use super::reader::{Header, TensorEntry};
-use super::select::LayerSelector;
+use super::select::{LayerSelector, SelectorError};
 use super::transform::{self, Transform};
+
+/// Why a file's layer list cannot be made, or a selector picks nothing usable in it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LayerError {
+    /// A partial file whose original tensor table is corrupt.
+    #[error(transparent)]
+    Partial(#[from] PartialError),
+    /// A file that lacks tensors of the architecture it was taken for.
+    #[error(transparent)]
+    Incomplete(#[from] IncompleteArchitecture),
+    /// The selector does not fit the list.
+    #[error(transparent)]
+    Selector(#[from] SelectorError),
+    /// A selector names a tensor the list leaves out.
+    #[error(
+        "`{name}` is a tensor of this file but not a layer: layers here are {architecture} \
+         ({}); {hint}",
+        architecture.rule()
+    )]
+    NotALayer {
+        /// The tensor.
+        name: String,
+        /// The list in use.
+        architecture: Architecture,
+        /// How to reach it.
+        hint: &'static str,
+    },
+    /// The list is empty.
+    #[error(
+        "this file has no layers: layers here are {0} ({rule}); set `mode = \"tensors\"` to \
+         count every tensor",
+        rule = .0.rule()
+    )]
+    NoLayers(Architecture),
+    /// A LoRA down factor without its up factor.
+    #[error("LoRA layer {index} `{down}` has no up factor `{up}`")]
+    NoUpFactor {
+        /// The layer's index.
+        index: usize,
+        /// The down factor.
+        down: String,
+        /// The up factor's expected name.
+        up: String,
+    },
+}
 
 /// Which layer list to use: the one the file's names call for, or one asked for by name.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,7 +109,7 @@ impl LayerMode {
     /// The list for a file with this header, checked to be whole in it (so an index means the
     /// same tensor as in the paper). For a partial file pass its original header
     /// ([`super::partial::original`]); [`LayerList::of`] does.
-    pub fn resolve(self, header: &Header) -> Result<Architecture, String> {
+    pub fn resolve(self, header: &Header) -> Result<Architecture, IncompleteArchitecture> {
         let arch = self.fixed().unwrap_or_else(|| Architecture::detect(header));
         arch.check(header)?;
         Ok(arch)
@@ -136,7 +183,7 @@ impl LayerList {
     /// For a partial file (see [`super::partial`]) the list is that of the original file, so
     /// indices are the paper's; layers whose tensors the file does not hold have no matrix and
     /// a note saying so (`all` and patterns skip them; naming one is an error with that note).
-    pub fn of(header: &Header, mode: LayerMode) -> Result<LayerList, String> {
+    pub fn of(header: &Header, mode: LayerMode) -> Result<LayerList, LayerError> {
         Self::with_original(header, mode).map(|(list, _)| list)
     }
 
@@ -144,7 +191,7 @@ impl LayerList {
     fn with_original(
         header: &Header,
         mode: LayerMode,
-    ) -> Result<(LayerList, Option<Header>), String> {
+    ) -> Result<(LayerList, Option<Header>), LayerError> {
         let original = super::partial::original(header)?;
         let whole = original.as_ref().unwrap_or(header);
         let architecture = mode.resolve(whole)?;
@@ -183,39 +230,34 @@ impl LayerList {
 
     /// The indices (ascending, unique) `selector` picks, as [`LayerSelector::resolve`]; naming
     /// a tensor of the file that is not in the list says so and how to reach it.
-    pub fn select(&self, selector: &LayerSelector) -> Result<Vec<usize>, String> {
+    pub fn select(&self, selector: &LayerSelector) -> Result<Vec<usize>, LayerError> {
         if let Some(name) = selector
             .names()
             .into_iter()
             .find(|n| self.unlisted.contains(*n))
         {
             let hint = match self.architecture {
-                Architecture::SdLora => "name its `.lora.down.weight` factor, or set \
-                                         `mode = \"tensors\"` to count every tensor"
-                    .to_string(),
-                _ => "set `mode = \"tensors\"` to count every tensor".to_string(),
+                Architecture::SdLora => {
+                    "name its `.lora.down.weight` factor, or set `mode = \"tensors\"` to \
+                     count every tensor"
+                }
+                _ => "set `mode = \"tensors\"` to count every tensor",
             };
-            return Err(format!(
-                "`{name}` is a tensor of this file but not a layer: layers here are {} ({}); \
-                 {hint}",
-                self.architecture,
-                self.architecture.rule()
-            ));
+            return Err(LayerError::NotALayer {
+                name: name.to_owned(),
+                architecture: self.architecture,
+                hint,
+            });
         }
         if self.rows.is_empty() {
-            return Err(format!(
-                "this file has no layers: layers here are {} ({}); set `mode = \"tensors\"` \
-                 to count every tensor",
-                self.architecture,
-                self.architecture.rule()
-            ));
+            return Err(LayerError::NoLayers(self.architecture));
         }
-        selector.resolve(&self.rows)
+        Ok(selector.resolve(&self.rows)?)
     }
 }
 
 /// The layer rows of a header in `mode`: [`LayerList::of`] without the list's name.
-pub fn layer_rows(header: &Header, mode: LayerMode) -> Result<Vec<LayerRow>, String> {
+pub fn layer_rows(header: &Header, mode: LayerMode) -> Result<Vec<LayerRow>, LayerError> {
     LayerList::of(header, mode).map(|l| l.rows)
 }
 
@@ -230,7 +272,7 @@ pub fn layer_index(
     header: &Header,
     name: &str,
     architecture: Architecture,
-) -> Result<Option<usize>, String> {
+) -> Result<Option<usize>, PartialError> {
     let original = super::partial::original(header)?;
     let h = original.as_ref().unwrap_or(header);
     let Some((pos, entry)) = h.find(name) else {
@@ -248,7 +290,7 @@ pub fn layer_index(
 }
 
 /// One list's positions by tensor name, or why the file's list cannot be read.
-type ListIndex = Result<HashMap<String, usize>, String>;
+type ListIndex = Result<HashMap<String, usize>, PartialError>;
 
 /// [`layer_index`] for many names of one file: each architecture's list is worked out once
 /// (a partial file's original table parsed once), not once per name. Extraction asks for
@@ -269,7 +311,11 @@ impl<'a> LayerIndex<'a> {
 
     /// The position of tensor `name` in `architecture`'s list; `None` when the list does not
     /// hold it. As [`layer_index`].
-    pub fn index(&self, name: &str, architecture: Architecture) -> Result<Option<usize>, String> {
+    pub fn index(
+        &self,
+        name: &str,
+        architecture: Architecture,
+    ) -> Result<Option<usize>, PartialError> {
         let mut lists = self.lists.borrow_mut();
         let at = match lists.iter().position(|(a, _)| *a == architecture) {
             Some(at) => at,
@@ -296,7 +342,7 @@ impl<'a> LayerIndex<'a> {
     }
 }
 
-fn rows_of(header: &Header, architecture: Architecture) -> Result<Vec<LayerRow>, String> {
+fn rows_of(header: &Header, architecture: Architecture) -> Result<Vec<LayerRow>, LayerError> {
     match architecture {
         Architecture::SdLora => lora_rows(header),
         _ => Ok(architecture
@@ -318,7 +364,7 @@ fn plain_row(index: usize, t: &TensorEntry) -> LayerRow {
     } else {
         match transform::plan(&t.shape) {
             Ok((tr, m)) => (Some(m), Some(tr), None),
-            Err(e) => (None, None, Some(e)),
+            Err(e) => (None, None, Some(e.to_string())),
         }
     };
     LayerRow {
@@ -344,17 +390,18 @@ pub fn lora_up_name(down: &str) -> Option<String> {
     ))
 }
 
-fn lora_rows(header: &Header) -> Result<Vec<LayerRow>, String> {
+fn lora_rows(header: &Header) -> Result<Vec<LayerRow>, LayerError> {
     let mut rows = Vec::new();
     // header.tensors is sorted, so the down names come out sorted too.
     for down in Architecture::SdLora.list(header) {
         let index = rows.len();
         let up_name = lora_up_name(&down.name).unwrap_or_default();
         let Some((_, up)) = header.find(&up_name) else {
-            return Err(format!(
-                "LoRA layer {index} `{}` has no up factor `{up_name}`",
-                down.name
-            ));
+            return Err(LayerError::NoUpFactor {
+                index,
+                down: down.name.clone(),
+                up: up_name,
+            });
         };
         let (matrix, transform, note) = if !is_float(down.dtype) || !is_float(up.dtype) {
             (
@@ -368,7 +415,7 @@ fn lora_rows(header: &Header) -> Result<Vec<LayerRow>, String> {
         } else {
             match transform::plan_lora(&up.shape, &down.shape) {
                 Ok(m) => (Some(m), Some(Transform::LoraProduct), None),
-                Err(e) => (None, None, Some(e)),
+                Err(e) => (None, None, Some(e.to_string())),
             }
         };
         rows.push(LayerRow {
@@ -391,7 +438,7 @@ pub fn list_layers(
     mode: LayerMode,
 ) -> Result<Vec<LayerRow>, super::WeightsError> {
     let header = super::reader::read_header(path)?;
-    layer_rows(&header, mode).map_err(|m| super::WeightsError::invalid(path.display(), m))
+    layer_rows(&header, mode).map_err(|m| super::WeightsError::layers(path.display(), m))
 }
 
 /// One tensor of a file as `probex layers FILE` shows it: where it sits among all the file's
@@ -430,7 +477,7 @@ pub struct Listing {
 }
 
 /// The listing of a header in `mode`: each tensor's position beside its layer index.
-pub fn listing(header: &Header, mode: LayerMode) -> Result<Listing, String> {
+pub fn listing(header: &Header, mode: LayerMode) -> Result<Listing, LayerError> {
     let (list, original) = LayerList::with_original(header, mode)?;
     let whole = original.as_ref().unwrap_or(header);
     let by_name: BTreeMap<&str, &LayerRow> =
@@ -476,7 +523,7 @@ pub fn describe_layers(
     mode: LayerMode,
 ) -> Result<Listing, super::WeightsError> {
     let header = super::reader::read_header(path)?;
-    listing(&header, mode).map_err(|m| super::WeightsError::invalid(path.display(), m))
+    listing(&header, mode).map_err(|m| super::WeightsError::layers(path.display(), m))
 }
 
 /// Formats a listing as the text `probex layers FILE` prints: the list and its rule, then an

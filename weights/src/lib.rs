@@ -33,9 +33,9 @@ pub mod writer;
 
 pub use arch::Architecture;
 pub use layers::{
-    LayerIndex, LayerList, LayerMode, LayerRow, Listing, TensorRow, describe_layers,
+    LayerError, LayerIndex, LayerList, LayerMode, LayerRow, Listing, TensorRow, describe_layers,
     format_layer_table, layer_index, layer_rows, list_layers, listing,
 };
 pub use reader::{Header, Safetensors, SafetensorsFile, TensorEntry, WeightsError};
-pub use select::LayerSelector;
+pub use select::{LayerSelector, SelectorError};
 pub use transform::Transform;

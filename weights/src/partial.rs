@@ -58,28 +58,70 @@ pub fn encode(original: &Header) -> String {
     serde_json::to_string(&table).unwrap_or_default()
 }
 
+/// Why a partial file's original tensor table cannot be trusted (the file is corrupt).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PartialError {
+    /// The metadata value is not a tensor table.
+    #[error(
+        "metadata key `{ORIGINAL_TENSORS_KEY}` is not a tensor table ({0}); the partial file is \
+         corrupt: fetch it again"
+    )]
+    NotATable(String),
+    /// More tensors than supported.
+    #[error(
+        "metadata key `{ORIGINAL_TENSORS_KEY}` lists {0} tensors, more than the \
+         {MAX_ORIGINAL_TENSORS} supported"
+    )]
+    TooMany(usize),
+    /// A shape whose element count overflows.
+    #[error(
+        "metadata key `{ORIGINAL_TENSORS_KEY}`: tensor `{name}` has shape {shape:?}, which \
+         overflows"
+    )]
+    Overflows {
+        /// The tensor.
+        name: String,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// A name listed twice.
+    #[error("metadata key `{ORIGINAL_TENSORS_KEY}` lists tensor `{0}` twice")]
+    Twice(String),
+    /// A tensor of the file missing from the table.
+    #[error(
+        "tensor `{0}` is in the file but not in its original tensor list \
+         (`{ORIGINAL_TENSORS_KEY}`): the partial file is corrupt; fetch it again"
+    )]
+    NotListed(String),
+    /// A tensor whose dtype or shape differs from the table's.
+    #[error(
+        "tensor `{name}` is {file} in the file but {listed} in its original tensor list: the \
+         partial file is corrupt; fetch it again"
+    )]
+    Differs {
+        /// The tensor.
+        name: String,
+        /// Its dtype and shape in the file.
+        file: String,
+        /// Its dtype and shape in the table.
+        listed: String,
+    },
+}
+
 /// The original file's header as far as layers are concerned (names, dtypes, shapes; spans are
 /// empty), or `None` when `header` is not a partial file.
 ///
 /// The table is checked: names unique, shapes that do not overflow, and every tensor the file
 /// actually holds listed with the same dtype and shape (otherwise the file is corrupt and its
 /// indices cannot be trusted).
-pub fn original(header: &Header) -> Result<Option<Header>, String> {
+pub fn original(header: &Header) -> Result<Option<Header>, PartialError> {
     let Some(text) = header.metadata.get(ORIGINAL_TENSORS_KEY) else {
         return Ok(None);
     };
-    let table: Vec<OriginalTensor> = serde_json::from_str(text).map_err(|e| {
-        format!(
-            "metadata key `{ORIGINAL_TENSORS_KEY}` is not a tensor table ({e}); the partial \
-             file is corrupt: fetch it again"
-        )
-    })?;
+    let table: Vec<OriginalTensor> =
+        serde_json::from_str(text).map_err(|e| PartialError::NotATable(e.to_string()))?;
     if table.len() > MAX_ORIGINAL_TENSORS {
-        return Err(format!(
-            "metadata key `{ORIGINAL_TENSORS_KEY}` lists {} tensors, more than the \
-             {MAX_ORIGINAL_TENSORS} supported",
-            table.len()
-        ));
+        return Err(PartialError::TooMany(table.len()));
     }
     let mut tensors = Vec::with_capacity(table.len());
     for t in table {
@@ -88,11 +130,10 @@ pub fn original(header: &Header) -> Result<Option<Header>, String> {
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
             .is_none()
         {
-            return Err(format!(
-                "metadata key `{ORIGINAL_TENSORS_KEY}`: tensor `{}` has shape {:?}, which \
-                 overflows",
-                t.name, t.shape
-            ));
+            return Err(PartialError::Overflows {
+                name: t.name,
+                shape: t.shape,
+            });
         }
         tensors.push(TensorEntry {
             name: t.name,
@@ -103,28 +144,21 @@ pub fn original(header: &Header) -> Result<Option<Header>, String> {
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     if let Some(w) = tensors.windows(2).find(|w| w[0].name == w[1].name) {
-        return Err(format!(
-            "metadata key `{ORIGINAL_TENSORS_KEY}` lists tensor `{}` twice",
-            w[0].name
-        ));
+        return Err(PartialError::Twice(w[0].name.clone()));
     }
     let by_name: BTreeMap<&str, &TensorEntry> =
         tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     for t in &header.tensors {
         match by_name.get(t.name.as_str()) {
             None => {
-                return Err(format!(
-                    "tensor `{}` is in the file but not in its original tensor list \
-                     (`{ORIGINAL_TENSORS_KEY}`): the partial file is corrupt; fetch it again",
-                    t.name
-                ));
+                return Err(PartialError::NotListed(t.name.clone()));
             }
             Some(o) if o.dtype != t.dtype || o.shape != t.shape => {
-                return Err(format!(
-                    "tensor `{}` is {:?} {:?} in the file but {:?} {:?} in its original tensor \
-                     list: the partial file is corrupt; fetch it again",
-                    t.name, t.dtype, t.shape, o.dtype, o.shape
-                ));
+                return Err(PartialError::Differs {
+                    name: t.name.clone(),
+                    file: format!("{:?} {:?}", t.dtype, t.shape),
+                    listed: format!("{:?} {:?}", o.dtype, o.shape),
+                });
             }
             Some(_) => {}
         }

@@ -44,6 +44,16 @@ pub enum WeightsError {
         /// What is wrong with its header.
         source: HeaderError,
     },
+    /// The file's layer list cannot be made, or a selector picks nothing usable in it.
+    // Not `source`: thiserror would make it the error's source too, and a chain print
+    // (`{:#}`) would say it twice.
+    #[error("{path}: {error}")]
+    Layers {
+        /// The file.
+        path: String,
+        /// What is wrong with its layers.
+        error: crate::layers::LayerError,
+    },
     /// The file cannot be used for another reason (a layer it lacks, a list it fails).
     #[error("{path}: {message}")]
     Invalid {
@@ -65,6 +75,14 @@ pub enum WeightsError {
 }
 
 impl WeightsError {
+    /// Builds a [`WeightsError::Layers`] for `path`.
+    pub fn layers(path: impl fmt::Display, source: impl Into<crate::layers::LayerError>) -> Self {
+        WeightsError::Layers {
+            path: path.to_string(),
+            error: source.into(),
+        }
+    }
+
     /// Builds an [`WeightsError::Invalid`] for `path`.
     pub fn invalid(path: impl fmt::Display, message: impl Into<String>) -> Self {
         WeightsError::Invalid {
@@ -515,7 +533,7 @@ impl<B: AsRef<[u8]>> Safetensors<B> {
     pub fn to_f32(&self, entry: &TensorEntry) -> Result<Vec<f32>, WeightsError> {
         let data = self.data(entry)?;
         crate::codec::decode(entry.dtype, data)
-            .map_err(|m| WeightsError::tensor(&self.label, &entry.name, m))
+            .map_err(|m| WeightsError::tensor(&self.label, &entry.name, m.to_string()))
     }
 }
 

@@ -63,23 +63,110 @@ impl fmt::Display for LayerSelector {
     }
 }
 
-impl FromStr for LayerSelector {
-    type Err = String;
+/// Why a layer selector cannot be read or picks no usable layer of a file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    /// An empty selector.
+    #[error(
+        "empty layer selector; use an index, a range like \"40..60\", a name, a glob, \
+         \"re:<regex>\" or \"all\""
+    )]
+    Empty,
+    /// A `re:` selector that is not a regex.
+    #[error("layer regex `{regex}`: {reason}")]
+    BadRegex {
+        /// The regex as written.
+        regex: String,
+        /// The regex engine's objection.
+        reason: String,
+    },
+    /// A glob that is not a pattern.
+    #[error("layer glob `{glob}`: {reason}")]
+    BadGlob {
+        /// The glob as written.
+        glob: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An index past `usize`.
+    #[error("layer index `{0}` is too large")]
+    IndexTooLarge(String),
+    /// A range bound that is not an index.
+    #[error("layer range `{range}`: `{bound}` is not an index")]
+    BadBound {
+        /// The range as written.
+        range: String,
+        /// The bound.
+        bound: String,
+    },
+    /// A range whose end overflows.
+    #[error("layer range `{0}` is too large")]
+    RangeTooLarge(String),
+    /// A range with no layer in it.
+    #[error("layer range `{0}` is empty")]
+    EmptyRange(String),
+    /// A selector that picks no layer of the file.
+    #[error("layer selector `{0}` selects no layer")]
+    SelectsNothing(String),
+    /// A layer named by index or name that cannot be a probe input.
+    #[error("layer {index} `{name}` cannot be a probe input: {why}")]
+    NotAnInput {
+        /// Its index.
+        index: usize,
+        /// Its tensor name.
+        name: String,
+        /// Why (the row's note).
+        why: String,
+    },
+    /// An index past the last layer.
+    #[error("layer {index} does not exist: {}", count_note(*count))]
+    OutOfRange {
+        /// The index asked for.
+        index: usize,
+        /// How many layers the model has.
+        count: usize,
+    },
+    /// A name that is no layer.
+    #[error("no layer is named `{name}`{}", similar_note(similar))]
+    NoSuchLayer {
+        /// The name.
+        name: String,
+        /// Up to five layer names that contain it or that it contains.
+        similar: Vec<String>,
+    },
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+/// How many layers a model has, for [`SelectorError::OutOfRange`].
+fn count_note(n: usize) -> String {
+    if n == 0 {
+        "the model has no layers".to_string()
+    } else {
+        format!("the model has {n} layers (0..={})", n - 1)
+    }
+}
+
+/// The end of [`SelectorError::NoSuchLayer`]'s message.
+fn similar_note(similar: &[String]) -> String {
+    if similar.is_empty() {
+        " (list them with `probex layers FILE`)".to_string()
+    } else {
+        format!("; similar: {}", similar.join(", "))
+    }
+}
+
+impl FromStr for LayerSelector {
+    type Err = SelectorError;
+
+    fn from_str(s: &str) -> Result<Self, SelectorError> {
         let t = s.trim();
         if t.is_empty() {
-            return Err(
-                "empty layer selector; use an index, a range like \"40..60\", a name, \
-                        a glob, \"re:<regex>\" or \"all\""
-                    .into(),
-            );
+            return Err(SelectorError::Empty);
         }
         if t == "all" {
             return Ok(LayerSelector::All);
         }
         if let Some(r) = t.strip_prefix("re:") {
-            regex::Regex::new(r).map_err(|e| format!("layer regex `{r}`: {e}"))?;
+            regex::Regex::new(r).map_err(|e| bad_regex(r, e))?;
             return Ok(LayerSelector::Regex(r.to_string()));
         }
         if let Some(g) = t.strip_prefix("glob:") {
@@ -90,7 +177,7 @@ impl FromStr for LayerSelector {
             return t
                 .parse()
                 .map(LayerSelector::Index)
-                .map_err(|_| format!("layer index `{t}` is too large"));
+                .map_err(|_| SelectorError::IndexTooLarge(t.to_owned()));
         }
         if let Some((a, b)) = t.split_once("..")
             && a.bytes().all(|c| c.is_ascii_digit())
@@ -101,15 +188,17 @@ impl FromStr for LayerSelector {
                 None => (false, b),
             };
             let parse = |x: &str| {
-                x.parse::<usize>()
-                    .map_err(|_| format!("layer range `{t}`: `{x}` is not an index"))
+                x.parse::<usize>().map_err(|_| SelectorError::BadBound {
+                    range: t.to_owned(),
+                    bound: x.to_owned(),
+                })
             };
             let start = parse(a)?;
             let end = parse(b)?
                 .checked_add(usize::from(inclusive))
-                .ok_or_else(|| format!("layer range `{t}` is too large"))?;
+                .ok_or_else(|| SelectorError::RangeTooLarge(t.to_owned()))?;
             if end <= start {
-                return Err(format!("layer range `{t}` is empty"));
+                return Err(SelectorError::EmptyRange(t.to_owned()));
             }
             return Ok(LayerSelector::Range { start, end });
         }
@@ -130,11 +219,11 @@ impl<'de> Deserialize<'de> for LayerSelector {
             Text(String),
             List(Vec<Raw>),
         }
-        fn convert(r: Raw) -> Result<LayerSelector, String> {
+        fn convert(r: Raw) -> Result<LayerSelector, SelectorError> {
             match r {
                 Raw::Index(i) => usize::try_from(i)
                     .map(LayerSelector::Index)
-                    .map_err(|_| format!("layer index {i} is too large")),
+                    .map_err(|_| SelectorError::IndexTooLarge(i.to_string())),
                 Raw::Text(s) => s.parse(),
                 Raw::List(v) => v
                     .into_iter()
@@ -155,7 +244,7 @@ impl<'de> Deserialize<'de> for LayerSelector {
 
 /// Translates a glob into an anchored regex: `*` any run of characters, `?` one character,
 /// `[...]` a class (`[!...]` negated); everything else literal.
-fn glob_regex(glob: &str) -> Result<regex::Regex, String> {
+fn glob_regex(glob: &str) -> Result<regex::Regex, SelectorError> {
     let mut re = String::from("^");
     let mut chars = glob.chars().peekable();
     while let Some(c) = chars.next() {
@@ -180,7 +269,10 @@ fn glob_regex(glob: &str) -> Result<regex::Regex, String> {
                     class.push(c);
                 }
                 if !closed {
-                    return Err(format!("layer glob `{glob}`: `[` is never closed"));
+                    return Err(SelectorError::BadGlob {
+                        glob: glob.to_owned(),
+                        reason: "`[` is never closed".to_owned(),
+                    });
                 }
                 class.push(']');
                 re.push_str(&class);
@@ -189,7 +281,18 @@ fn glob_regex(glob: &str) -> Result<regex::Regex, String> {
         }
     }
     re.push('$');
-    regex::Regex::new(&re).map_err(|e| format!("layer glob `{glob}`: {e}"))
+    regex::Regex::new(&re).map_err(|e| SelectorError::BadGlob {
+        glob: glob.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// [`SelectorError::BadRegex`] for `regex`.
+fn bad_regex(regex: &str, e: regex::Error) -> SelectorError {
+    SelectorError::BadRegex {
+        regex: regex.to_owned(),
+        reason: e.to_string(),
+    }
 }
 
 impl LayerSelector {
@@ -207,25 +310,26 @@ impl LayerSelector {
     /// `All`, globs and regexes pick only layers that can be probe inputs (`matrix` present);
     /// naming a layer that cannot (by index or name) is an error saying why. A selector that
     /// picks nothing is an error.
-    pub fn resolve(&self, rows: &[LayerRow]) -> Result<Vec<usize>, String> {
+    pub fn resolve(&self, rows: &[LayerRow]) -> Result<Vec<usize>, SelectorError> {
         let mut out = Vec::new();
         self.collect(rows, &mut out)?;
         out.sort_unstable();
         out.dedup();
         if out.is_empty() {
-            return Err(format!("layer selector `{self}` selects no layer"));
+            return Err(SelectorError::SelectsNothing(self.to_string()));
         }
         Ok(out)
     }
 
-    fn collect(&self, rows: &[LayerRow], out: &mut Vec<usize>) -> Result<(), String> {
+    fn collect(&self, rows: &[LayerRow], out: &mut Vec<usize>) -> Result<(), SelectorError> {
         let usable = |r: &LayerRow| r.matrix.is_some();
-        let explicit = |r: &LayerRow| -> Result<usize, String> {
+        let explicit = |r: &LayerRow| -> Result<usize, SelectorError> {
             match &r.note {
-                Some(why) if r.matrix.is_none() => Err(format!(
-                    "layer {} `{}` cannot be a probe input: {why}",
-                    r.index, r.name
-                )),
+                Some(why) if r.matrix.is_none() => Err(SelectorError::NotAnInput {
+                    index: r.index,
+                    name: r.name.clone(),
+                    why: why.clone(),
+                }),
                 _ => Ok(r.index),
             }
         };
@@ -245,16 +349,14 @@ impl LayerSelector {
             }
             LayerSelector::Name(n) => {
                 let r = rows.iter().find(|r| &r.name == n).ok_or_else(|| {
-                    let similar: Vec<&str> = rows
-                        .iter()
-                        .filter(|r| r.name.contains(n.as_str()) || n.contains(r.name.as_str()))
-                        .take(5)
-                        .map(|r| r.name.as_str())
-                        .collect();
-                    if similar.is_empty() {
-                        format!("no layer is named `{n}` (list them with `probex layers FILE`)")
-                    } else {
-                        format!("no layer is named `{n}`; similar: {}", similar.join(", "))
+                    SelectorError::NoSuchLayer {
+                        name: n.clone(),
+                        similar: rows
+                            .iter()
+                            .filter(|r| r.name.contains(n.as_str()) || n.contains(r.name.as_str()))
+                            .take(5)
+                            .map(|r| r.name.clone())
+                            .collect(),
                     }
                 })?;
                 out.push(explicit(r)?);
@@ -268,7 +370,7 @@ impl LayerSelector {
                 );
             }
             LayerSelector::Regex(r) => {
-                let re = regex::Regex::new(r).map_err(|e| format!("layer regex `{r}`: {e}"))?;
+                let re = regex::Regex::new(r).map_err(|e| bad_regex(r, e))?;
                 out.extend(
                     rows.iter()
                         .filter(|row| usable(row) && re.is_match(&row.name))
@@ -285,15 +387,8 @@ impl LayerSelector {
     }
 }
 
-fn out_of_range(i: usize, n: usize) -> String {
-    if n == 0 {
-        format!("layer {i} does not exist: the model has no layers")
-    } else {
-        format!(
-            "layer {i} does not exist: the model has {n} layers (0..={})",
-            n - 1
-        )
-    }
+fn out_of_range(index: usize, count: usize) -> SelectorError {
+    SelectorError::OutOfRange { index, count }
 }
 
 /// Serialises as it is written in TOML: an index as a number, a list as an array, anything

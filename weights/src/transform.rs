@@ -42,12 +42,77 @@ impl fmt::Display for Transform {
     }
 }
 
+/// Why a tensor (or a LoRA pair) has no matrix a probe can read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TransformError {
+    /// A tensor with a zero-length axis.
+    #[error("shape {0:?} has no elements")]
+    NoElements(Vec<usize>),
+    /// A shape whose element count overflows.
+    #[error("shape {0:?} overflows")]
+    Overflows(Vec<usize>),
+    /// A LoRA factor without axes.
+    #[error("LoRA factors must have at least one axis (up {up:?}, down {down:?})")]
+    LoraNoAxis {
+        /// The up factor's shape.
+        up: Vec<usize>,
+        /// The down factor's shape.
+        down: Vec<usize>,
+    },
+    /// A LoRA factor that is a vector.
+    #[error("LoRA factors must be matrices (up {up:?}, down {down:?})")]
+    LoraNotMatrices {
+        /// The up factor's shape.
+        up: Vec<usize>,
+        /// The down factor's shape.
+        down: Vec<usize>,
+    },
+    /// LoRA factor shapes whose element counts overflow.
+    #[error("LoRA factor shapes overflow (up {up:?}, down {down:?})")]
+    LoraOverflows {
+        /// The up factor's shape.
+        up: Vec<usize>,
+        /// The down factor's shape.
+        down: Vec<usize>,
+    },
+    /// Factors of different ranks.
+    #[error(
+        "LoRA rank mismatch: up {up:?} has {up_rank} columns, down {down:?} has {down_rank} rows"
+    )]
+    LoraRank {
+        /// The up factor's shape.
+        up: Vec<usize>,
+        /// Its columns.
+        up_rank: usize,
+        /// The down factor's shape.
+        down: Vec<usize>,
+        /// Its rows.
+        down_rank: usize,
+    },
+    /// A LoRA pair with a zero-length axis.
+    #[error("LoRA pair has no elements (up {up:?}, down {down:?})")]
+    LoraEmpty {
+        /// The up factor's shape.
+        up: Vec<usize>,
+        /// The down factor's shape.
+        down: Vec<usize>,
+    },
+    /// A LoRA product past [`MAX_LORA_ELEMENTS`].
+    #[error("LoRA product [{rows}, {cols}] has more than {MAX_LORA_ELEMENTS} elements")]
+    LoraTooLarge {
+        /// Its rows.
+        rows: usize,
+        /// Its columns.
+        cols: usize,
+    },
+}
+
 /// The transform and matrix shape `[d_H, d_W]` of a plain tensor of shape `shape`.
 ///
 /// A tensor with no elements has no matrix: that is an error, since a probe cannot read it.
-pub fn plan(shape: &[usize]) -> Result<(Transform, [usize; 2]), String> {
+pub fn plan(shape: &[usize]) -> Result<(Transform, [usize; 2]), TransformError> {
     if shape.contains(&0) {
-        return Err(format!("shape {shape:?} has no elements"));
+        return Err(TransformError::NoElements(shape.to_vec()));
     }
     let squeezed: Vec<usize> = shape.iter().copied().filter(|&d| d != 1).collect();
     Ok(match squeezed.as_slice() {
@@ -55,7 +120,8 @@ pub fn plan(shape: &[usize]) -> Result<(Transform, [usize; 2]), String> {
         [n] => (Transform::Column, [*n, 1]),
         [h, w] => (Transform::Squeeze, [*h, *w]),
         [out, rest @ ..] => {
-            let rows = checked_product(rest).ok_or_else(|| format!("shape {shape:?} overflows"))?;
+            let rows =
+                checked_product(rest).ok_or_else(|| TransformError::Overflows(shape.to_vec()))?;
             (Transform::ConvReshape, [rows, *out])
         }
     })
@@ -71,34 +137,37 @@ fn checked_product(dims: &[usize]) -> Option<usize> {
 pub const MAX_LORA_ELEMENTS: usize = 1 << 26;
 
 /// The matrix shape of a LoRA pair: `up` is `[out, r, ...]`, `down` is `[r, ...]`.
-pub fn plan_lora(up: &[usize], down: &[usize]) -> Result<[usize; 2], String> {
+pub fn plan_lora(up: &[usize], down: &[usize]) -> Result<[usize; 2], TransformError> {
+    let shapes = || (up.to_vec(), down.to_vec());
     let (Some(&out), Some(&r_down)) = (up.first(), down.first()) else {
-        return Err(format!(
-            "LoRA factors must have at least one axis (up {up:?}, down {down:?})"
-        ));
+        let (up, down) = shapes();
+        return Err(TransformError::LoraNoAxis { up, down });
     };
     if up.len() < 2 || down.len() < 2 {
-        return Err(format!(
-            "LoRA factors must be matrices (up {up:?}, down {down:?})"
-        ));
+        let (up, down) = shapes();
+        return Err(TransformError::LoraNotMatrices { up, down });
     }
-    let overflow = || format!("LoRA factor shapes overflow (up {up:?}, down {down:?})");
+    let overflow = || {
+        let (up, down) = shapes();
+        TransformError::LoraOverflows { up, down }
+    };
     let r_up = checked_product(&up[1..]).ok_or_else(overflow)?;
     let cols = checked_product(&down[1..]).ok_or_else(overflow)?;
     if r_up != r_down {
-        return Err(format!(
-            "LoRA rank mismatch: up {up:?} has {r_up} columns, down {down:?} has {r_down} rows"
-        ));
+        let (up, down) = shapes();
+        return Err(TransformError::LoraRank {
+            up,
+            up_rank: r_up,
+            down,
+            down_rank: r_down,
+        });
     }
     if out == 0 || cols == 0 || r_down == 0 {
-        return Err(format!(
-            "LoRA pair has no elements (up {up:?}, down {down:?})"
-        ));
+        let (up, down) = shapes();
+        return Err(TransformError::LoraEmpty { up, down });
     }
     if out.saturating_mul(cols) > MAX_LORA_ELEMENTS {
-        return Err(format!(
-            "LoRA product [{out}, {cols}] has more than {MAX_LORA_ELEMENTS} elements"
-        ));
+        return Err(TransformError::LoraTooLarge { rows: out, cols });
     }
     Ok([out, cols])
 }
@@ -144,16 +213,25 @@ mod tests {
             plan_lora(&[320, 4, 1, 1], &[4, 320, 3, 3]).unwrap(),
             [320, 2880]
         );
+        let e = plan_lora(&[320, 4], &[8, 768]).unwrap_err();
         assert!(
-            plan_lora(&[320, 4], &[8, 768])
-                .unwrap_err()
-                .contains("rank")
+            matches!(
+                e,
+                TransformError::LoraRank {
+                    up_rank: 4,
+                    down_rank: 8,
+                    ..
+                }
+            ),
+            "{e:?}"
         );
-        assert!(plan_lora(&[320], &[4, 768]).is_err());
-        assert!(
-            plan_lora(&[1 << 20, 1], &[1, 1 << 20])
-                .unwrap_err()
-                .contains("more than")
-        );
+        assert!(e.to_string().contains("rank"), "{e}");
+        assert!(matches!(
+            plan_lora(&[320], &[4, 768]),
+            Err(TransformError::LoraNotMatrices { .. })
+        ));
+        let e = plan_lora(&[1 << 20, 1], &[1, 1 << 20]).unwrap_err();
+        assert!(matches!(e, TransformError::LoraTooLarge { .. }), "{e:?}");
+        assert!(e.to_string().contains("more than"), "{e}");
     }
 }

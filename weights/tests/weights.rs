@@ -6,8 +6,9 @@ use files::*;
 use probex_weights::reader::{MAX_HEADER_LEN, parse_bytes, read_header};
 use probex_weights::shapes;
 use probex_weights::{
-    Architecture, LayerIndex, LayerList, LayerMode, LayerSelector, Safetensors, SafetensorsFile,
-    Transform, describe_layers, format_layer_table, layer_index, layer_rows, list_layers,
+    Architecture, LayerError, LayerIndex, LayerList, LayerMode, LayerSelector, Safetensors,
+    SafetensorsFile, SelectorError, Transform, describe_layers, format_layer_table, layer_index,
+    layer_rows, list_layers,
 };
 
 fn err_of(bytes: Vec<u8>) -> String {
@@ -88,16 +89,34 @@ fn tensors_mode_keeps_the_sorted_name_position_of_every_tensor() {
     assert_eq!(pick("1..=3").unwrap(), [1, 2, 3]);
     // `all` leaves out what cannot be a probe input; naming it is an error saying why.
     assert_eq!(pick("all").unwrap(), [0, 1, 2, 3]);
-    assert!(pick("4").unwrap_err().contains("I64"));
-    assert!(pick("9").unwrap_err().contains("5 layers"));
+    let e = pick("4").unwrap_err();
     assert!(
-        pick("layer.3.weight")
-            .unwrap_err()
-            .contains("no layer is named")
+        matches!(&e, SelectorError::NotAnInput { index: 4, .. }),
+        "{e:?}"
     );
-    assert!(pick("re:nothing").unwrap_err().contains("selects no layer"));
-    assert!("re:(".parse::<LayerSelector>().is_err());
-    assert!("3..1".parse::<LayerSelector>().is_err());
+    assert!(e.to_string().contains("I64"), "{e}");
+    assert_eq!(
+        pick("9").unwrap_err(),
+        SelectorError::OutOfRange { index: 9, count: 5 }
+    );
+    assert!(pick("9").unwrap_err().to_string().contains("5 layers"));
+    let e = pick("layer.3.weight").unwrap_err();
+    assert!(
+        matches!(&e, SelectorError::NoSuchLayer { name, .. } if name == "layer.3.weight"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("no layer is named"), "{e}");
+    let e = pick("re:nothing").unwrap_err();
+    assert_eq!(e, SelectorError::SelectsNothing("re:nothing".into()));
+    assert!(e.to_string().contains("selects no layer"), "{e}");
+    assert!(matches!(
+        "re:(".parse::<LayerSelector>(),
+        Err(SelectorError::BadRegex { .. })
+    ));
+    assert_eq!(
+        "3..1".parse::<LayerSelector>(),
+        Err(SelectorError::EmptyRange("3..1".into()))
+    );
 
     #[derive(serde::Deserialize)]
     struct W {
@@ -346,6 +365,11 @@ fn vit_b16_layers_are_the_papers_74() {
     // Naming a tensor that is not a layer says so, and how to get it.
     let e = list.select(&bias.parse().unwrap()).unwrap_err();
     assert!(
+        matches!(&e, LayerError::NotALayer { name, architecture: Architecture::Vit, .. } if name == bias),
+        "{e:?}"
+    );
+    let e = e.to_string();
+    assert!(
         e.contains("not a layer") && e.contains("mode = \"tensors\""),
         "{e}"
     );
@@ -504,7 +528,8 @@ fn unknown_architectures_fall_back_to_the_weight_matrices() {
     let e = LayerList::of(&header, LayerMode::Auto)
         .unwrap()
         .select(&"encoder.0.bias".parse().unwrap())
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not a layer") && e.contains("fallback"), "{e}");
 }
 

@@ -135,9 +135,19 @@ pub struct ClassMapping {
     pub matched: Match,
 }
 
+/// A malformed line of the shipped CIFAR-100 to emoji table (a build defect).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("cifar100_emoji.tsv line {line}: {problem}")]
+pub struct MappingError {
+    /// The line (1-based).
+    pub line: usize,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
 /// Parses the shipped table: the mapped classes in sorted CIFAR order. The table is checked by
 /// the tests, so a malformed line here is a build defect, reported as an error all the same.
-pub fn mapping() -> Result<Vec<ClassMapping>, String> {
+pub fn mapping() -> Result<Vec<ClassMapping>, MappingError> {
     let mut out = Vec::new();
     for (n, line) in MAPPING_TSV.lines().enumerate() {
         if line.starts_with('#') || line.trim().is_empty() {
@@ -145,26 +155,26 @@ pub fn mapping() -> Result<Vec<ClassMapping>, String> {
         }
         let cols: Vec<&'static str> = line.split('\t').collect();
         let [cifar, short_name, unified, matched] = cols.as_slice() else {
-            return Err(format!(
-                "cifar100_emoji.tsv line {}: expected 4 tab-separated columns",
-                n + 1
-            ));
+            return Err(MappingError {
+                line: n + 1,
+                problem: "expected 4 tab-separated columns".into(),
+            });
         };
         if !CIFAR100.contains(cifar) {
-            return Err(format!(
-                "cifar100_emoji.tsv line {}: `{cifar}` is not a CIFAR-100 name",
-                n + 1
-            ));
+            return Err(MappingError {
+                line: n + 1,
+                problem: format!("`{cifar}` is not a CIFAR-100 name"),
+            });
         }
         let matched = match *matched {
             "exact" => Match::Exact,
             "alias" => Match::Alias,
             "none" => continue,
             other => {
-                return Err(format!(
-                    "cifar100_emoji.tsv line {}: unknown match kind `{other}`",
-                    n + 1
-                ));
+                return Err(MappingError {
+                    line: n + 1,
+                    problem: format!("unknown match kind `{other}`"),
+                });
             }
         };
         out.push(ClassMapping {

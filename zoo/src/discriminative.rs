@@ -467,11 +467,11 @@ fn eval_accuracy(
     match arch {
         Arch::Mlp(c) => {
             let m = Mlp::<Cpu>::load(c, size, classes, state, &device).map_err(internal)?;
-            train::accuracy(&m, eval, data, aug, rng).map_err(internal)
+            train::accuracy(&m, eval, data, aug, rng)
         }
         Arch::Vit(c) => {
             let m = Vit::<Cpu>::load(c, size, classes, state, &device).map_err(internal)?;
-            train::accuracy(&m, eval, data, aug, rng).map_err(internal)
+            train::accuracy(&m, eval, data, aug, rng)
         }
     }
 }

@@ -221,7 +221,7 @@ pub fn load_cifar_classes(dir: &Path, styles: &[String]) -> Result<ImageSet, Zoo
     let root = package_root(dir)?;
     let index = read_index(&root)?;
     let sheets = load_sheets(&root, styles)?;
-    let table = mapping().map_err(ZooError::Config)?;
+    let table = mapping()?;
     let mut by_short: HashMap<&str, &EmojiEntry> = HashMap::new();
     for e in &index {
         for s in &e.short_names {

@@ -61,7 +61,7 @@ fn draw(class: usize, n: usize, style: usize) -> Vec<u8> {
 /// Writes a fixture package with the first `n_classes` classes of the mapping table (plus one
 /// emoji outside it) under `dir/package/`, and returns the CIFAR names used.
 pub fn write_fixture_package(dir: &Path, n_classes: usize) -> Result<Vec<String>, ZooError> {
-    let table = mapping().map_err(ZooError::Config)?;
+    let table = mapping()?;
     let picked: Vec<_> = table.iter().take(n_classes).collect();
     let root = dir.join("package");
     let cell = SHEET_EMOJI_SIZE + 2;

@@ -51,6 +51,9 @@ pub enum ZooError {
     /// The config is unusable.
     #[error("zoo config: {0}")]
     Config(String),
+    /// The shipped class table is malformed (a build defect).
+    #[error("zoo config: {0}")]
+    Mapping(#[from] classes::MappingError),
     /// The emoji package is missing or not what it should be.
     #[error("{path}: {message}")]
     Data {

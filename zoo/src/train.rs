@@ -10,6 +10,7 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{Int, Tensor, TensorData, activation, backend::Backend};
 use serde::{Deserialize, Serialize};
 
+use super::ZooError;
 use super::augment::{Augment, Prepared, prepare, render};
 use super::emoji::{ImageClass, SHEET_EMOJI_SIZE};
 use super::nets::{Arch, Denoiser, Lora, Mlp, StateDict, Vit};
@@ -219,7 +220,7 @@ pub fn accuracy<M: Classifier<Cpu>>(
     data: &Batcher<'_>,
     aug: &Augment,
     rng: &mut StreamRng,
-) -> Result<f32, String> {
+) -> Result<f32, ZooError> {
     let device = Default::default();
     let mut right = 0usize;
     for chunk in items.chunks(256) {
@@ -234,7 +235,7 @@ pub fn accuracy<M: Classifier<Cpu>>(
             .into_data()
             .convert::<i32>()
             .to_vec::<i32>()
-            .map_err(|e| format!("reading predictions: {e:?}"))?;
+            .map_err(|e| ZooError::Internal(format!("reading predictions: {e:?}")))?;
         right += pred.iter().zip(&y).filter(|(p, t)| p == t).count();
     }
     Ok(right as f32 / items.len().max(1) as f32)

@@ -242,7 +242,7 @@ impl Store {
         };
         let manifest: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| bad(format!("not a valid manifest: {e}")))?;
-        manifest.validate(key).map_err(bad)?;
+        manifest.validate(key).map_err(|e| bad(e.to_string()))?;
         Ok(Some(manifest))
     }
 

@@ -81,7 +81,7 @@ pub(super) fn check_result_paths(
                     "`{stage}` alone is not a value: name one of its results"
                 ))
             } else {
-                d.plan.results.check(rest)
+                d.plan.results.check(rest).map_err(|e| e.to_string())
             };
             if let Err(m) = checked {
                 errors.push(

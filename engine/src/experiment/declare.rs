@@ -286,6 +286,7 @@ fn variants(
         match parsed {
             Ok(params) => {
                 if let Err(m) = stage.check(&params) {
+                    let m = m.to_string();
                     errors.push(check_error(sources, s, kind, &combo, &coords, &m));
                 }
                 variants.push(Variant { coords, params });

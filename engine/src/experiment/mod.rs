@@ -352,28 +352,45 @@ fn name_from_file(path: &Path) -> Result<String, Diagnostics> {
 const NAME_HELP: &str =
     "use letters, digits, `-`, `_` and `.` (not first), e.g. name = \"mini-zeroshot\"";
 
+/// The longest experiment name, in characters.
+const MAX_NAME: usize = 100;
+
+/// Why a name cannot name an experiment's run folder ([`check_name`]); the message follows the
+/// name (`experiment name `x` is empty`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// The name is empty.
+    #[error("is empty")]
+    Empty,
+    /// A character that cannot be part of a folder name.
+    #[error("contains `{}`, which cannot be part of a folder name", .0.escape_debug())]
+    BadChar(char),
+    /// A hidden folder.
+    #[error("starts with `.`")]
+    Hidden,
+    /// Longer than [`MAX_NAME`] characters.
+    #[error("is longer than {MAX_NAME} characters")]
+    TooLong,
+}
+
 /// Why `name` cannot name the folder `runs/<name>/` of an experiment's run records, if it
 /// cannot: it must be one plain folder name, so that no record lands outside `runs/` (`..`,
 /// `/abs`), in `runs/` itself (empty) or in a hidden folder.
-pub fn check_name(name: &str) -> Result<(), String> {
-    const MAX: usize = 100;
+pub fn check_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
-        return Err("is empty".into());
+        return Err(NameError::Empty);
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | '+')))
     {
-        return Err(format!(
-            "contains `{}`, which cannot be part of a folder name",
-            c.escape_debug()
-        ));
+        return Err(NameError::BadChar(c));
     }
     if name.starts_with('.') {
-        return Err("starts with `.`".into());
+        return Err(NameError::Hidden);
     }
-    if name.chars().count() > MAX {
-        return Err(format!("is longer than {MAX} characters"));
+    if name.chars().count() > MAX_NAME {
+        return Err(NameError::TooLong);
     }
     Ok(())
 }

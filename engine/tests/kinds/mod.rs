@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use probex_engine::{
-    InputSlot, Inputs, Outcome, Registry, Resource, RunContext, Stage, StageResult, Sweep,
+    InputSlot, Inputs, Outcome, ParamError, Registry, Resource, RunContext, Stage, StageResult,
+    Sweep,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -258,7 +259,7 @@ impl Stage for Const {
     fn inputs(&self) -> Vec<InputSlot> {
         Vec::new()
     }
-    fn check(&self, p: &ConstParams) -> Result<(), String> {
+    fn check(&self, p: &ConstParams) -> Result<(), ParamError> {
         if p.scale == 0.0 {
             return Err("`scale` must not be 0".into());
         }
@@ -501,8 +502,9 @@ impl Stage for Sweeper {
     fn inputs(&self) -> Vec<InputSlot> {
         vec![InputSlot::optional(NUM)]
     }
-    fn check(&self, p: &SweepParams) -> Result<(), String> {
-        parse_layers(&p.layers).map(|_| ())
+    fn check(&self, p: &SweepParams) -> Result<(), ParamError> {
+        parse_layers(&p.layers)?;
+        Ok(())
     }
     fn sweep(&self, p: &SweepParams, inputs: Option<&Inputs>) -> StageResult<Sweep<SweepParams>> {
         let range = match parse_layers(&p.layers).map_err(anyhow::Error::msg)? {

@@ -10,6 +10,8 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
+use super::HubError;
+
 /// A repository on the Hub: kind and id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RepoRef {
@@ -30,7 +32,7 @@ pub enum RepoKind {
 
 impl RepoRef {
     /// A model repo, checked.
-    pub fn model(id: &str) -> Result<Self, String> {
+    pub fn model(id: &str) -> Result<Self, HubError> {
         check_repo_id(id)?;
         Ok(RepoRef {
             kind: RepoKind::Model,
@@ -39,7 +41,7 @@ impl RepoRef {
     }
 
     /// A dataset repo, checked.
-    pub fn dataset(id: &str) -> Result<Self, String> {
+    pub fn dataset(id: &str) -> Result<Self, HubError> {
         check_repo_id(id)?;
         Ok(RepoRef {
             kind: RepoKind::Dataset,
@@ -76,11 +78,12 @@ impl std::fmt::Display for RepoRef {
 
 /// Checks a repo id: `owner/name`, each part of letters, digits, `-`, `_`, `.`, no `--` at the
 /// ends, no `..`, at most 96 characters per part (the Hub's rules).
-pub fn check_repo_id(id: &str) -> Result<(), String> {
-    let bad = |why: &str| {
-        Err(format!(
-            "`{id}` is not a Hub repo id ({why}); write it as `owner/name`"
-        ))
+pub fn check_repo_id(id: &str) -> Result<(), HubError> {
+    let bad = |why: &'static str| {
+        Err(HubError::BadRepoId {
+            id: id.to_owned(),
+            why,
+        })
     };
     let Some((owner, name)) = id.split_once('/') else {
         return bad("no `/`");
@@ -104,7 +107,7 @@ pub fn check_repo_id(id: &str) -> Result<(), String> {
 
 /// Checks a revision (branch, tag or commit): no empty, `.`/`..` or hidden components, printable
 /// ASCII without spaces or `\`. `refs/pr/1` style names are allowed.
-pub fn check_revision(rev: &str) -> Result<(), String> {
+pub fn check_revision(rev: &str) -> Result<(), HubError> {
     let ok = !rev.is_empty()
         && rev.len() <= 256
         && rev.chars().all(|c| {
@@ -116,9 +119,7 @@ pub fn check_revision(rev: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "`{rev}` is not a usable revision (a branch, tag or 40-hex commit)"
-        ))
+        Err(HubError::BadRevision(rev.to_owned()))
     }
 }
 
@@ -131,9 +132,13 @@ pub fn is_commit(s: &str) -> bool {
 
 /// Turns a repo-relative file path from the server into a relative path that stays inside the
 /// directory it is joined to, or explains why it cannot.
-pub fn safe_rel_path(path: &str) -> Result<PathBuf, String> {
+pub fn safe_rel_path(path: &str) -> Result<PathBuf, HubError> {
+    let bad = |problem: &'static str| HubError::BadPath {
+        path: path.to_owned(),
+        problem,
+    };
     if path.is_empty() || path.len() > 4096 || path.contains('\0') || path.contains('\\') {
-        return Err(format!("file path {path:?} from the Hub is not usable"));
+        return Err(bad("is not usable"));
     }
     let p = Path::new(path);
     let mut out = PathBuf::new();
@@ -141,15 +146,12 @@ pub fn safe_rel_path(path: &str) -> Result<PathBuf, String> {
         match c {
             Component::Normal(s) => out.push(s),
             _ => {
-                return Err(format!(
-                    "file path {path:?} from the Hub leaves the repo (absolute, `.` or `..`); \
-                     refused"
-                ));
+                return Err(bad("leaves the repo (absolute, `.` or `..`); refused"));
             }
         }
     }
     if out.as_os_str().is_empty() {
-        return Err(format!("file path {path:?} from the Hub is empty"));
+        return Err(bad("is empty"));
     }
     Ok(out)
 }
@@ -174,15 +176,11 @@ pub fn encode_name(s: &str) -> String {
 }
 
 /// Checks an etag used as a blob name: hex only (sha256 or git sha1), so it is a safe file name.
-pub fn check_etag(etag: &str) -> Result<(), String> {
+pub fn check_etag(etag: &str) -> Result<(), HubError> {
     if (etag.len() == 40 || etag.len() == 64) && etag.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(())
     } else {
-        Err(format!(
-            "the Hub's etag {:?} is not a sha256 or git object id; the file cannot be cached \
-             safely",
-            etag.chars().take(80).collect::<String>()
-        ))
+        Err(HubError::BadEtag(etag.chars().take(80).collect()))
     }
 }
 

@@ -6,58 +6,48 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use super::Hub;
 use super::cache::{self, HfCache, RepoKind, RepoRef, TensorCache, is_commit};
 use super::config::{Auth, DEFAULT_ENDPOINT, HubConfig, default_hub_cache, env_token};
 use super::http::Http;
+use super::{Hub, HubError};
 
 /// Says what an hf-hub error means for the user.
-fn api_error(what: &str, e: hf_hub::HFError, has_token: bool, endpoint: &str) -> String {
+fn api_error(what: &str, e: hf_hub::HFError, has_token: bool, endpoint: &str) -> HubError {
     use hf_hub::HFError as E;
     let token_hint = if has_token {
         ""
     } else {
         "; if it is private or gated, set HF_TOKEN"
     };
+    let what = what.to_owned();
     match e {
-        E::AuthRequired { .. } if has_token => format!(
-            "{what}: the Hub refused the token in HF_TOKEN (401): check that it is valid and can \
-             read this repo"
-        ),
-        E::AuthRequired { .. } => format!(
-            "{what}: the Hub asks for authentication (401): the repo is private or gated, or \
-             does not exist; set HF_TOKEN to a token that can read it"
-        ),
-        E::Forbidden { .. } => format!(
-            "{what}: access denied (403): the repo is gated; accept its conditions on its Hub \
-             page with the account whose token is in HF_TOKEN"
-        ),
+        E::AuthRequired { .. } if has_token => HubError::TokenRefused { what },
+        E::AuthRequired { .. } => HubError::AuthRequired { what },
+        E::Forbidden { .. } => HubError::Forbidden { what },
         E::RevisionNotFound { context, .. }
             if context.as_ref().and_then(|c| c.error_code.as_deref()) == Some("RepoNotFound") =>
         {
-            format!("{what}: repository not found (404): check the repo id{token_hint}")
+            HubError::RepoNotFound { what, token_hint }
         }
-        E::RepoNotFound { .. } => {
-            format!("{what}: repository not found (404): check the repo id{token_hint}")
-        }
-        E::RevisionNotFound { revision, .. } => {
-            format!("{what}: revision `{revision}` not found (404): check `revision`{token_hint}")
-        }
-        E::RateLimited { .. } => format!(
-            "{what}: the Hub rate-limits this client (429) and retries did not help: wait and \
-             run again (a token in HF_TOKEN raises the limits)"
-        ),
-        E::Request { .. } => format!(
-            "{what}: cannot reach the Hub at {endpoint} ({e}); check the network or \
-             HF_ENDPOINT, or run with --offline to use what is cached"
-        ),
-        other => format!("{what}: {other}"),
+        E::RepoNotFound { .. } => HubError::RepoNotFound { what, token_hint },
+        E::RevisionNotFound { revision, .. } => HubError::RevisionNotFound {
+            what,
+            revision,
+            token_hint,
+        },
+        E::RateLimited { .. } => HubError::RateLimited { what },
+        source @ E::Request { .. } => HubError::Unreachable {
+            what,
+            endpoint: endpoint.to_owned(),
+            source,
+        },
+        source => HubError::Api { what, source },
     }
 }
 
 impl Hub {
     /// Connects (lazily: nothing is sent until a plan or fetch needs it).
-    pub fn new(cfg: &HubConfig) -> Result<Hub, String> {
+    pub fn new(cfg: &HubConfig) -> Result<Hub, HubError> {
         let endpoint = cfg
             .endpoint
             .clone()
@@ -90,11 +80,8 @@ impl Hub {
             if let Some(t) = &token {
                 b = b.token(t.clone());
             }
-            let api = b
-                .build_sync()
-                .map_err(|e| format!("cannot set up the Hub client: {e}"))?;
-            let http = Http::new(&endpoint, token.clone(), cfg.retry.clone())
-                .map_err(|e| e.to_string())?;
+            let api = b.build_sync().map_err(HubError::ClientSetup)?;
+            let http = Http::new(&endpoint, token.clone(), cfg.retry.clone())?;
             (Some(api), Some(http))
         };
         Ok(Hub {
@@ -130,30 +117,29 @@ impl Hub {
         self.cancel.clone()
     }
 
-    pub(super) fn http(&self) -> Result<&Http, String> {
+    pub(super) fn http(&self) -> Result<&Http, HubError> {
         self.http
             .as_ref()
-            .ok_or_else(|| "offline: nothing may be downloaded".to_string())
+            .ok_or(HubError::Offline("nothing may be downloaded"))
     }
 
-    pub(super) fn api(&self) -> Result<&hf_hub::HFClientSync, String> {
+    pub(super) fn api(&self) -> Result<&hf_hub::HFClientSync, HubError> {
         self.api
             .as_ref()
-            .ok_or_else(|| "offline: the Hub may not be asked".to_string())
+            .ok_or(HubError::Offline("the Hub may not be asked"))
     }
 
-    pub(super) fn offline_miss(&self, what: &str) -> String {
-        format!(
-            "{what} is not in the local caches ({} and {}); run once without --offline \
-             (and without HF_HUB_OFFLINE) to fetch it",
-            self.hf.root.display(),
-            self.tensors.root.display()
-        )
+    pub(super) fn offline_miss(&self, what: &str) -> HubError {
+        HubError::NotCached {
+            what: what.to_owned(),
+            hf_cache: self.hf.root.clone(),
+            tensor_cache: self.tensors.root.clone(),
+        }
     }
 
     /// Resolves `revision` of `repo` to a commit: from the Hub (and records it in the caches'
     /// refs), or offline from those refs.
-    pub fn resolve(&self, repo: &RepoRef, revision: &str) -> Result<String, String> {
+    pub fn resolve(&self, repo: &RepoRef, revision: &str) -> Result<String, HubError> {
         cache::check_revision(revision)?;
         if self.offline {
             if is_commit(revision) {
@@ -168,7 +154,7 @@ impl Hub {
         let (owner, name) = repo
             .id
             .split_once('/')
-            .ok_or_else(|| format!("`{}` is not owner/name", repo.id))?;
+            .ok_or_else(|| HubError::NotOwnerName(repo.id.clone()))?;
         let api = self.api()?;
         let what = format!("{repo}@{revision}");
         let sha = match repo.kind {
@@ -186,12 +172,14 @@ impl Hub {
                 .map(|i| i.sha),
         }
         .map_err(|e| api_error(&what, e, self.has_token, &self.endpoint))?;
-        let sha = sha.ok_or_else(|| format!("{what}: the Hub did not say which commit it is"))?;
+        let Some(sha) = sha else {
+            return Err(HubError::NoCommit(what));
+        };
         if !is_commit(&sha) {
-            return Err(format!(
-                "{what}: the Hub's commit id {:?} is not a 40-hex sha",
-                sha.chars().take(64).collect::<String>()
-            ));
+            return Err(HubError::BadCommit {
+                what,
+                sha: sha.chars().take(64).collect(),
+            });
         }
         // Recorded for offline runs; failing to record is not worth failing the fetch.
         let _ = self.tensors.write_ref(repo, revision, &sha);
@@ -200,7 +188,7 @@ impl Hub {
 
     /// The files of `repo` at `commit` (path, size), from the tensor cache's copy of the
     /// listing or from the Hub (then kept: a commit's listing never changes).
-    pub fn list_files(&self, repo: &RepoRef, commit: &str) -> Result<Vec<(String, u64)>, String> {
+    pub fn list_files(&self, repo: &RepoRef, commit: &str) -> Result<Vec<(String, u64)>, HubError> {
         let path = self
             .tensors
             .root
@@ -218,7 +206,7 @@ impl Hub {
         let (owner, name) = repo
             .id
             .split_once('/')
-            .ok_or_else(|| format!("`{}` is not owner/name", repo.id))?;
+            .ok_or_else(|| HubError::NotOwnerName(repo.id.clone()))?;
         let api = self.api()?;
         let what = format!("listing {repo}@{commit}");
         let entries = match repo.kind {

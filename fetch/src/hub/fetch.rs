@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::plan::Plan;
 use super::progress::{Observer, Progress};
 use super::request::{Mode, Request};
-use super::{Hub, http};
+use super::{Hub, HubError, http};
 use crate::discover::ModelSource;
 
 /// What a fetch did.
@@ -45,7 +45,7 @@ impl Hub {
         mode: &Mode,
         out_dir: &Path,
         obs: &dyn Observer,
-    ) -> Result<FetchReport, String> {
+    ) -> Result<FetchReport, HubError> {
         let plan = self.planned(req, revision, obs)?;
         self.fetch(&plan, mode, out_dir, obs)
     }
@@ -57,7 +57,7 @@ impl Hub {
         mode: &Mode,
         out_dir: &Path,
         obs: &dyn Observer,
-    ) -> Result<FetchReport, String> {
+    ) -> Result<FetchReport, HubError> {
         let started = Instant::now();
         let before = self.http.as_ref().map(|h| snapshot(&h.counters));
         let progress = Progress::new(plan.models.len() as u64);
@@ -88,7 +88,15 @@ impl Hub {
                     Ok(source)
                 });
                 progress.file_done();
-                r.map_err(|e| format!("{} ({}@{} {}): {e}", m.id, m.repo, short(&m.commit), m.file))
+                r.map_err(|e| {
+                    e.at(format!(
+                        "{} ({}@{} {})",
+                        m.id,
+                        m.repo,
+                        short(&m.commit),
+                        m.file
+                    ))
+                })
             });
             stop_ticker.store(true, Ordering::Relaxed);
             r

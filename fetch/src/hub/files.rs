@@ -9,7 +9,7 @@ use sha2::Digest as _;
 use super::cache::{RepoRef, check_etag, is_commit, safe_rel_path};
 use super::fetch::short;
 use super::progress::{Observer, Progress};
-use super::{Hub, PlannedModel};
+use super::{Hub, HubError, PlannedModel};
 use crate::discover::ModelSource;
 use probex_engine::cache::hex;
 
@@ -23,7 +23,7 @@ impl Hub {
         source: &ModelSource,
         progress: &Progress,
         obs: &dyn Observer,
-    ) -> Result<(), String> {
+    ) -> Result<(), HubError> {
         let repo = RepoRef::model(&m.repo)?;
         let Some(dir) = source.path.parent() else {
             return Ok(());
@@ -34,10 +34,13 @@ impl Hub {
             let dest = dir.join(&rel);
             if dest != snap {
                 if let Some(d) = dest.parent() {
-                    std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+                    std::fs::create_dir_all(d).map_err(HubError::io(d))?;
                 }
-                std::fs::copy(&snap, &dest)
-                    .map_err(|e| format!("{} -> {}: {e}", snap.display(), dest.display()))?;
+                std::fs::copy(&snap, &dest).map_err(|source| HubError::Copy {
+                    from: snap.clone(),
+                    to: dest.clone(),
+                    source,
+                })?;
             }
         }
         Ok(())
@@ -51,7 +54,7 @@ impl Hub {
         obs: &dyn Observer,
         cached: &AtomicU64,
         remote: &AtomicU64,
-    ) -> Result<ModelSource, String> {
+    ) -> Result<ModelSource, HubError> {
         let repo = RepoRef::model(&m.repo)?;
         let snap = self
             .hf
@@ -86,7 +89,7 @@ impl Hub {
         file: &str,
         progress: &Progress,
         obs: &dyn Observer,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, HubError> {
         let rel = safe_rel_path(file)?;
         let snap = self.hf.snapshot_path(repo, commit, &rel);
         if snap.is_file() {
@@ -97,39 +100,35 @@ impl Hub {
         }
         let http = self.http()?;
         let what = format!("{repo}@{} {file}", short(commit));
-        let url = http
-            .resolve_url(repo.url_prefix(), &repo.id, commit, file)
-            .map_err(|e| e.to_string())?;
-        let head = http
-            .head(&url, &what, &self.cancel)
-            .map_err(|e| e.to_string())?;
-        check_etag(&head.etag).map_err(|m| format!("{what}: {m}"))?;
+        let url = http.resolve_url(repo.url_prefix(), &repo.id, commit, file)?;
+        let head = http.head(&url, &what, &self.cancel)?;
+        check_etag(&head.etag).map_err(|e| e.at(&what))?;
         if let Some(c) = &head.commit
             && is_commit(c)
             && c != commit
         {
-            return Err(format!(
-                "{what}: the Hub served commit {c} for pinned commit {commit}"
-            ));
+            return Err(HubError::WrongCommit {
+                what,
+                served: c.clone(),
+                pinned: commit.to_owned(),
+            });
         }
-        let size = head
-            .size
-            .ok_or_else(|| format!("{what}: the Hub did not say how large the file is"))?;
+        let Some(size) = head.size else {
+            return Err(HubError::NoSize(what));
+        };
         let blob = self.hf.blob_path(repo, &head.etag);
         let lock_path = self.hf.lock_path(repo, &head.etag);
         if let Some(d) = lock_path.parent() {
-            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+            std::fs::create_dir_all(d).map_err(HubError::io(d))?;
         }
-        let lock = std::fs::File::create(&lock_path)
-            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        let lock = std::fs::File::create(&lock_path).map_err(HubError::io(&lock_path))?;
         // Another process (or Python) downloading the same blob: wait for it, then reuse.
-        lock.lock()
-            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        lock.lock().map_err(HubError::io(&lock_path))?;
         let result = (|| {
             let have = std::fs::metadata(&blob).map(|m| m.len()).ok();
             if have != Some(size) {
                 if let Some(d) = blob.parent() {
-                    std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+                    std::fs::create_dir_all(d).map_err(HubError::io(d))?;
                 }
                 let part = blob.with_file_name(format!("{}.incomplete", head.etag));
                 let had = std::fs::metadata(&part).map_or(0, |m| m.len());
@@ -137,18 +136,17 @@ impl Hub {
                     obs.log(&format!("{what}: resuming at {had} of {size} bytes"));
                 }
                 progress.expect_bytes(size.saturating_sub(had));
-                http.download_resume(&url, &part, size, &what, &self.cancel, &|_| {})
-                    .map_err(|e| e.to_string())?;
-                verify(&part, &head.etag).map_err(|m| {
+                http.download_resume(&url, &part, size, &what, &self.cancel, &|_| {})?;
+                verify(&part, &head.etag).map_err(|e| {
                     // A corrupt download is not worth resuming from.
                     let _ = std::fs::remove_file(&part);
-                    format!("{what}: {m}")
+                    e.at(&what)
                 })?;
-                std::fs::rename(&part, &blob).map_err(|e| format!("{}: {e}", blob.display()))?;
+                std::fs::rename(&part, &blob).map_err(HubError::io(&blob))?;
             }
             self.hf
                 .link_snapshot(repo, commit, &rel, &head.etag)
-                .map_err(|e| format!("{}: {e}", snap.display()))
+                .map_err(HubError::io(&snap))
         })();
         let _ = lock.unlock();
         result
@@ -157,14 +155,14 @@ impl Hub {
 
 /// Checks a downloaded file against its etag: sha256 for LFS/Xet files (64 hex), the git blob
 /// id for plain files (40 hex).
-fn verify(path: &Path, etag: &str) -> Result<(), String> {
+fn verify(path: &Path, etag: &str) -> Result<(), HubError> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut f = std::fs::File::open(path).map_err(HubError::io(path))?;
     let mut buf = vec![0u8; 1 << 20];
     if etag.len() == 64 {
         let mut h = sha2::Sha256::new();
         loop {
-            let k = f.read(&mut buf).map_err(|e| e.to_string())?;
+            let k = f.read(&mut buf).map_err(HubError::io(path))?;
             if k == 0 {
                 break;
             }
@@ -172,10 +170,10 @@ fn verify(path: &Path, etag: &str) -> Result<(), String> {
         }
         let got = hex::encode(&h.finalize());
         if !got.eq_ignore_ascii_case(etag) {
-            return Err(format!(
-                "sha256 {got} does not match the Hub's {etag}: the download is corrupt \
-                 (deleted; run again)"
-            ));
+            return Err(HubError::Corrupt {
+                got,
+                etag: etag.to_owned(),
+            });
         }
     }
     // Plain git files are small (configs, cards): their size was checked by the transfer.

@@ -18,6 +18,7 @@
 pub mod cache;
 mod client;
 mod config;
+mod error;
 mod fetch;
 mod files;
 pub mod http;
@@ -36,6 +37,7 @@ use cache::{HfCache, TensorCache};
 use http::Http;
 
 pub use config::{Auth, HubConfig};
+pub use error::{HubError, SelectionError};
 pub use fetch::FetchReport;
 pub use plan::{Plan, PlannedModel};
 pub use progress::{Observer, Progress, Quiet};

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use probex_engine::parallel::in_parallel_until;
 
-use super::Hub;
+use super::{Hub, HubError};
 
 impl Hub {
     /// Runs `f` over `items` on at most `concurrency` threads of the engine's pool. After the
@@ -14,11 +14,11 @@ impl Hub {
     pub(super) fn parallel<T: Sync, R: Send>(
         &self,
         items: &[T],
-        f: impl Fn(usize, &T) -> Result<R, String> + Sync,
-    ) -> Vec<Option<Result<R, String>>> {
+        f: impl Fn(usize, &T) -> Result<R, HubError> + Sync,
+    ) -> Vec<Option<Result<R, HubError>>> {
         let run = |(i, item): (usize, &T)| {
             if self.cancel.load(Ordering::Relaxed) {
-                return Err("cancelled".to_string());
+                return Err(HubError::Cancelled);
             }
             f(i, item)
         };
@@ -30,8 +30,8 @@ impl Hub {
     /// cancelled when the fetch was.
     pub(super) fn collect<R>(
         &self,
-        results: Vec<Option<Result<R, String>>>,
-    ) -> Result<Vec<R>, String> {
+        results: Vec<Option<Result<R, HubError>>>,
+    ) -> Result<Vec<R>, HubError> {
         let cancelled = self.cancel.load(Ordering::Relaxed);
         collect_errors(results, cancelled)
     }
@@ -41,9 +41,9 @@ impl Hub {
 /// not start after them. An item that did not start (`None`) is a failure of its own when the
 /// fetch was `cancelled`.
 pub(super) fn collect_errors<R>(
-    results: Vec<Option<Result<R, String>>>,
+    results: Vec<Option<Result<R, HubError>>>,
     cancelled: bool,
-) -> Result<Vec<R>, String> {
+) -> Result<Vec<R>, HubError> {
     let mut ok = Vec::new();
     let mut errors = Vec::new();
     let mut not_started = 0usize;
@@ -51,25 +51,16 @@ pub(super) fn collect_errors<R>(
         match r {
             Some(Ok(v)) => ok.push(v),
             Some(Err(e)) => errors.push(e),
-            None if cancelled => errors.push("cancelled".to_string()),
+            None if cancelled => errors.push(HubError::Cancelled),
             None => not_started += 1,
         }
     }
     if errors.is_empty() && not_started == 0 {
         return Ok(ok);
     }
-    let shown = errors.len().min(10);
-    let mut msg = format!("{} failed", errors.len().max(1));
-    msg.push_str(":\n  ");
-    msg.push_str(&errors[..shown].join("\n  "));
-    if errors.len() > shown {
-        msg.push_str(&format!("\n  ... and {} more", errors.len() - shown));
-    }
-    if not_started > 0 {
-        msg.push_str(&format!(
-            "\n  ({not_started} not started after the failure; {} finished and stay cached)",
-            ok.len()
-        ));
-    }
-    Err(msg)
+    Err(HubError::Many {
+        errors,
+        not_started,
+        finished: ok.len(),
+    })
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::cache::{RepoRef, safe_rel_path};
 use super::progress::{Observer, Progress};
 use super::request::{ModelJ, Request};
-use super::{Hub, index};
+use super::{Hub, HubError, index};
 use crate::discover::glob_to_regex;
 use probex_weights::dataset::Split;
 
@@ -69,7 +69,12 @@ fn plan_memo_key(endpoint: &str, req: &Request, revision: &str) -> String {
 impl Hub {
     /// Pins `req` at `revision`: resolves every repo to a commit and lists the models. The
     /// result is remembered for [`Hub::fetch_request`] in this process.
-    pub fn plan(&self, req: &Request, revision: &str, obs: &dyn Observer) -> Result<Plan, String> {
+    pub fn plan(
+        &self,
+        req: &Request,
+        revision: &str,
+        obs: &dyn Observer,
+    ) -> Result<Plan, HubError> {
         let plan = self.plan_uncached(req, revision, obs)?;
         if let Ok(mut memo) = PLANS.lock() {
             memo.get_or_insert_with(HashMap::new)
@@ -84,7 +89,7 @@ impl Hub {
         req: &Request,
         revision: &str,
         obs: &dyn Observer,
-    ) -> Result<Plan, String> {
+    ) -> Result<Plan, HubError> {
         let key = plan_memo_key(&self.endpoint, req, revision);
         if let Ok(memo) = PLANS.lock()
             && let Some(p) = memo.as_ref().and_then(|m| m.get(&key))
@@ -100,7 +105,7 @@ impl Hub {
         req: &Request,
         revision: &str,
         obs: &dyn Observer,
-    ) -> Result<Plan, String> {
+    ) -> Result<Plan, HubError> {
         let mut plan = match req {
             Request::Repos { repos, file } => self.plan_repos(repos, file, revision, obs)?,
             Request::Glob { repo, pattern } => self.plan_glob(repo, pattern, revision)?,
@@ -115,10 +120,11 @@ impl Hub {
         };
         plan.models.sort_by(|a, b| a.id.cmp(&b.id));
         if let Some(w) = plan.models.windows(2).find(|w| w[0].id == w[1].id) {
-            return Err(format!(
-                "two models have the id `{}` ({} and {})",
-                w[0].id, w[0].file, w[1].file
-            ));
+            return Err(HubError::DuplicateId {
+                id: w[0].id.clone(),
+                first: w[0].file.clone(),
+                second: w[1].file.clone(),
+            });
         }
         Ok(plan)
     }
@@ -130,7 +136,7 @@ impl Hub {
         file: &str,
         revision: &str,
         obs: &dyn Observer,
-    ) -> Result<Plan, String> {
+    ) -> Result<Plan, HubError> {
         let refs: Vec<RepoRef> = repos
             .iter()
             .map(|r| RepoRef::model(r))
@@ -156,7 +162,7 @@ impl Hub {
     }
 
     /// Every file of `repo` matching `pattern`, one model each.
-    fn plan_glob(&self, repo: &str, pattern: &str, revision: &str) -> Result<Plan, String> {
+    fn plan_glob(&self, repo: &str, pattern: &str, revision: &str) -> Result<Plan, HubError> {
         let r = RepoRef::model(repo)?;
         let commit = self.resolve(&r, revision)?;
         let re = glob_to_regex(pattern)?;
@@ -178,7 +184,11 @@ impl Hub {
             }
         }
         if models.is_empty() {
-            return Err(format!("no file of {repo}@{commit} matches `{pattern}`"));
+            return Err(HubError::NoMatch {
+                repo: repo.to_owned(),
+                commit,
+                pattern: pattern.to_owned(),
+            });
         }
         Ok(Plan {
             revision: revision.to_string(),
@@ -195,7 +205,7 @@ impl Hub {
         file: &str,
         revision: &str,
         obs: &dyn Observer,
-    ) -> Result<Plan, String> {
+    ) -> Result<Plan, HubError> {
         let r = RepoRef::model(repo)?;
         let commit = self.resolve(&r, revision)?;
         let mut models = Vec::new();
@@ -227,10 +237,11 @@ impl Hub {
             ));
         }
         if models.is_empty() {
-            return Err(format!(
-                "{repo}@{commit} has no `{{split}}/<model dir>/{file}` files: is it a \
-                 Model-J generative repo?"
-            ));
+            return Err(HubError::NotGenerative {
+                repo: repo.to_owned(),
+                commit,
+                file: file.to_owned(),
+            });
         }
         Ok(Plan {
             revision: revision.to_string(),
@@ -249,7 +260,7 @@ impl Hub {
         file: &str,
         revision: &str,
         obs: &dyn Observer,
-    ) -> Result<Plan, String> {
+    ) -> Result<Plan, HubError> {
         let ir = RepoRef::dataset(index)?;
         let icommit = self.resolve(&ir, revision)?;
         let rows = self.read_index(&ir, &icommit, subset, obs)?;
@@ -257,7 +268,7 @@ impl Hub {
             .iter()
             .map(|r| RepoRef::model(&r.repo))
             .collect::<Result<_, _>>()
-            .map_err(|m| format!("Model-J index {index}@{icommit}: {m}"))?;
+            .map_err(|e| e.at(format!("Model-J index {index}@{icommit}")))?;
         obs.log(&format!(
             "Model-J {}: {} models in the index {index}@{icommit}",
             subset.name(),
@@ -289,17 +300,18 @@ impl Hub {
         commit: &str,
         subset: ModelJ,
         obs: &dyn Observer,
-    ) -> Result<Vec<index::IndexRow>, String> {
+    ) -> Result<Vec<index::IndexRow>, HubError> {
         let files: Vec<(String, Option<Split>)> = self
             .list_files(repo, commit)?
             .into_iter()
             .filter_map(|(p, _)| index::parquet_of_subset(&p, subset.name()).map(|s| (p, s)))
             .collect();
         if files.is_empty() {
-            return Err(format!(
-                "the Model-J index {repo}@{commit} has no parquet files for subset {}",
-                subset.name()
-            ));
+            return Err(HubError::NoIndexFiles {
+                repo: repo.to_string(),
+                commit: commit.to_owned(),
+                subset: subset.name(),
+            });
         }
         let mut rows = Vec::new();
         for (path, split) in files {
@@ -308,10 +320,11 @@ impl Hub {
         }
         rows.sort_by(|a, b| a.repo.cmp(&b.repo));
         if let Some(w) = rows.windows(2).find(|w| w[0].repo == w[1].repo) {
-            return Err(format!(
-                "the Model-J index lists {} twice ({} and {})",
-                w[0].repo, w[0].split, w[1].split
-            ));
+            return Err(HubError::IndexDuplicate {
+                repo: w[0].repo.clone(),
+                first: w[0].split,
+                second: w[1].split,
+            });
         }
         Ok(rows)
     }
@@ -321,7 +334,7 @@ impl Hub {
         repos: &[RepoRef],
         revision: &str,
         obs: &dyn Observer,
-    ) -> Result<Vec<String>, String> {
+    ) -> Result<Vec<String>, HubError> {
         let done = AtomicU64::new(0);
         let total = repos.len() as u64;
         let results = self.parallel(repos, |_, r| {

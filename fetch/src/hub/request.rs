@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use super::SelectionError;
 use crate::discover::glob_to_regex;
 use probex_weights::reader::Header;
 use probex_weights::{LayerList, LayerMode, LayerSelector};
@@ -104,7 +105,7 @@ pub struct TensorSelection {
 
 impl TensorSelection {
     /// The names (sorted, unique) this selection picks in a file with `header`.
-    pub fn resolve(&self, header: &Header) -> Result<Vec<String>, String> {
+    pub fn resolve(&self, header: &Header) -> Result<Vec<String>, SelectionError> {
         let mut out = BTreeSet::new();
         for t in &self.tensors {
             if t.contains(['*', '?']) {
@@ -118,26 +119,21 @@ impl TensorSelection {
                         .map(|e| e.name.clone()),
                 );
                 if out.len() == before && !header.tensors.iter().any(|e| re.is_match(&e.name)) {
-                    return Err(format!("tensor pattern `{t}` matches no tensor"));
+                    return Err(SelectionError::NoMatch(t.clone()));
                 }
             } else if header.find(t).is_some() {
                 out.insert(t.clone());
             } else {
-                let similar: Vec<&str> = header
-                    .tensors
-                    .iter()
-                    .filter(|e| e.name.contains(t.as_str()) || t.contains(e.name.as_str()))
-                    .take(5)
-                    .map(|e| e.name.as_str())
-                    .collect();
-                return Err(format!(
-                    "no tensor is named `{t}`{}",
-                    if similar.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; similar: {}", similar.join(", "))
-                    }
-                ));
+                return Err(SelectionError::NoSuchTensor {
+                    name: t.clone(),
+                    similar: header
+                        .tensors
+                        .iter()
+                        .filter(|e| e.name.contains(t.as_str()) || t.contains(e.name.as_str()))
+                        .take(5)
+                        .map(|e| e.name.clone())
+                        .collect(),
+                });
             }
         }
         if let Some(sel) = &self.layers {
@@ -151,7 +147,7 @@ impl TensorSelection {
             }
         }
         if out.is_empty() {
-            return Err("the selection picks no tensor (give `tensors` or `layers`)".into());
+            return Err(SelectionError::Empty);
         }
         Ok(out.into_iter().collect())
     }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::cache::{self, RepoRef, safe_rel_path};
 use super::fetch::short;
 use super::request::TensorSelection;
-use super::{Hub, PlannedModel};
+use super::{Hub, HubError, PlannedModel};
 use crate::discover::ModelSource;
 use probex_weights::partial::{self, ORIGINAL_TENSORS_KEY, SOURCE_KEY};
 use probex_weights::reader::{header_len, parse_header};
@@ -24,30 +24,31 @@ impl Hub {
         own_dir: bool,
         cached: &AtomicU64,
         remote: &AtomicU64,
-    ) -> Result<ModelSource, String> {
+    ) -> Result<ModelSource, HubError> {
         let repo = RepoRef::model(&m.repo)?;
         safe_rel_path(&m.file)?;
         let what = format!("{}@{} {}", repo, short(&m.commit), m.file);
         let url = match &self.http {
-            Some(h) => Some(
-                h.resolve_url(repo.url_prefix(), &repo.id, &m.commit, &m.file)
-                    .map_err(|e| e.to_string())?,
-            ),
+            Some(h) => Some(h.resolve_url(repo.url_prefix(), &repo.id, &m.commit, &m.file)?),
             None => None,
         };
         let (header_bytes, file_len) = self.remote_header(&repo, m, url.as_ref(), &what)?;
-        let file_len = usize::try_from(file_len).map_err(|_| format!("{what}: file too large"))?;
-        let header = parse_header(&header_bytes[8..], file_len).map_err(|e| e.to_string())?;
+        let file_len = usize::try_from(file_len).map_err(|_| HubError::TooLarge(what.clone()))?;
+        let header = parse_header(&header_bytes[8..], file_len)?;
         remote.fetch_add(file_len as u64, Ordering::Relaxed);
-        let names = sel.resolve(&header).map_err(|e| format!("{what}: {e}"))?;
+        let names = sel
+            .resolve(&header)
+            .map_err(|e| HubError::from(e).at(&what))?;
 
         // Cached tensors first; the rest in coalesced Range requests.
         let mut data: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let mut missing = Vec::new();
         for name in &names {
-            let (_, e) = header
-                .find(name)
-                .ok_or_else(|| format!("{what}: tensor `{name}` vanished from the header"))?;
+            let (_, e) = header.find(name).ok_or_else(|| HubError::Tensor {
+                what: what.clone(),
+                name: name.clone(),
+                problem: "vanished from the header",
+            })?;
             let path = self.tensors.tensor_path(&repo, &m.commit, &m.file, name);
             match std::fs::read(&path) {
                 Ok(b) if b.len() == e.span.len() => {
@@ -70,24 +71,22 @@ impl Hub {
             for group in coalesce(&missing, 64 * 1024) {
                 let start = group[0].span.start as u64;
                 let end = group.iter().map(|e| e.span.end).max().unwrap_or(0) as u64;
-                let span = http
-                    .get_range(url, start..end, false, &what, &self.cancel)
-                    .map_err(|e| e.to_string())?;
+                let span = http.get_range(url, start..end, false, &what, &self.cancel)?;
                 if let Some(t) = span.total
                     && t != file_len as u64
                 {
-                    return Err(format!(
-                        "{what}: the file is now {t} bytes, its header was read from a \
-                         {file_len}-byte file; the cached header is stale: clear {}",
-                        self.tensors.file_dir(&repo, &m.commit, &m.file).display()
-                    ));
+                    return Err(HubError::StaleHeader {
+                        what,
+                        now: t,
+                        was: file_len,
+                        dir: self.tensors.file_dir(&repo, &m.commit, &m.file),
+                    });
                 }
                 for e in group {
                     let a = e.span.start - start as usize;
                     let bytes = span.bytes[a..a + e.span.len()].to_vec();
                     let path = self.tensors.tensor_path(&repo, &m.commit, &m.file, &e.name);
-                    cache::write_atomic(&path, &bytes)
-                        .map_err(|err| format!("{}: {err}", path.display()))?;
+                    cache::write_atomic(&path, &bytes).map_err(HubError::io(&path))?;
                     data.insert(e.name.clone(), bytes);
                 }
             }
@@ -103,12 +102,15 @@ impl Hub {
         );
         let mut tensors = Vec::new();
         for name in &names {
+            let tensor = |problem| HubError::Tensor {
+                what: what.clone(),
+                name: name.clone(),
+                problem,
+            };
             let (_, e) = header
                 .find(name)
-                .ok_or_else(|| format!("{what}: tensor `{name}` vanished"))?;
-            let bytes = data
-                .get(name)
-                .ok_or_else(|| format!("{what}: tensor `{name}` was not fetched"))?;
+                .ok_or_else(|| tensor("vanished from the header"))?;
+            let bytes = data.get(name).ok_or_else(|| tensor("was not fetched"))?;
             tensors.push((e, bytes.as_slice()));
         }
         let rel = if own_dir {
@@ -122,8 +124,7 @@ impl Hub {
             PathBuf::from("models").join(format!("{}.safetensors", cache::encode_name(&m.id)))
         };
         let dest = out_dir.join(&rel);
-        write_safetensors(&dest, &tensors, &meta)
-            .map_err(|e| format!("{}: {e}", dest.display()))?;
+        write_safetensors(&dest, &tensors, &meta).map_err(HubError::io(&dest))?;
         Ok(ModelSource {
             id: m.id.clone(),
             path: dest,
@@ -140,7 +141,7 @@ impl Hub {
         m: &PlannedModel,
         url: Option<&reqwest::Url>,
         what: &str,
-    ) -> Result<(Vec<u8>, u64), String> {
+    ) -> Result<(Vec<u8>, u64), HubError> {
         let path = self.tensors.header_path(repo, &m.commit, &m.file);
         let size_path = path.with_file_name("size");
         if let (Ok(bytes), Ok(size)) = (std::fs::read(&path), std::fs::read_to_string(&size_path))
@@ -157,35 +158,32 @@ impl Hub {
         // One request covers the header of almost every model (a ViT's is ~10 KB, an SD LoRA's
         // ~40 KB); a longer header costs a second one.
         const FIRST: u64 = 64 * 1024;
-        let first = http
-            .get_range(url, 0..FIRST, true, what, &self.cancel)
-            .map_err(|e| e.to_string())?;
-        let total = first.total.ok_or_else(|| {
-            format!("{what}: the server did not say how large the file is (no Content-Range)")
-        })?;
-        let n = header_len(&first.bytes, total).map_err(|m| format!("{what}: {m}"))?;
+        let first = http.get_range(url, 0..FIRST, true, what, &self.cancel)?;
+        let total = first
+            .total
+            .ok_or_else(|| HubError::NoContentRange(what.to_owned()))?;
+        let n = header_len(&first.bytes, total).map_err(|e| HubError::from(e).at(what))?;
         let want = 8 + n;
         let mut bytes = first.bytes;
         if bytes.len() >= want {
             bytes.truncate(want);
         } else {
-            let more = http
-                .get_range(
-                    url,
-                    bytes.len() as u64..want as u64,
-                    false,
-                    what,
-                    &self.cancel,
-                )
-                .map_err(|e| e.to_string())?;
+            let more = http.get_range(
+                url,
+                bytes.len() as u64..want as u64,
+                false,
+                what,
+                &self.cancel,
+            )?;
             bytes.extend_from_slice(&more.bytes);
         }
         // Validate before caching: a bad header is an error now, not a poisoned cache entry.
-        let total_usize = usize::try_from(total).map_err(|_| format!("{what}: file too large"))?;
-        parse_header(&bytes[8..], total_usize).map_err(|m| format!("{what}: {m}"))?;
+        let total_usize =
+            usize::try_from(total).map_err(|_| HubError::TooLarge(what.to_owned()))?;
+        parse_header(&bytes[8..], total_usize).map_err(|e| HubError::from(e).at(what))?;
         cache::write_atomic(&size_path, total.to_string().as_bytes())
-            .map_err(|e| format!("{}: {e}", size_path.display()))?;
-        cache::write_atomic(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(HubError::io(&size_path))?;
+        cache::write_atomic(&path, &bytes).map_err(HubError::io(&path))?;
         Ok((bytes, total))
     }
 }

@@ -21,6 +21,162 @@ use serde::{Deserialize, Serialize};
 use super::{ModelKind, ModelSpec, NamedTensor};
 use probex_weights::dataset::decode;
 
+/// Why a checkpoint, standardisation or resume file cannot be read or written. `what` names
+/// the file (its path, or a label for bytes in memory).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bytes are not a safetensors file.
+    #[error("{what}: not a safetensors file: {source}")]
+    NotSafetensors {
+        /// The file.
+        what: String,
+        /// The safetensors reader's error.
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    /// The safetensors file is malformed.
+    #[error("{what}: {source}")]
+    Safetensors {
+        /// The file.
+        what: String,
+        /// The safetensors reader's error.
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    /// A tensor of a dtype that is not a float.
+    #[error("{what}: tensor `{tensor}`: {source}")]
+    Dtype {
+        /// The file.
+        what: String,
+        /// The tensor.
+        tensor: String,
+        /// The dtype.
+        #[source]
+        source: probex_weights::codec::NotAFloat,
+    },
+    /// The `probex` metadata entry is not valid.
+    #[error("{what}: metadata entry `{META_KEY}`: {source}")]
+    Meta {
+        /// The file.
+        what: String,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A checkpoint format this probex does not read.
+    #[error(
+        "{what}: checkpoint format {found} is not supported (expected {}); retrain it",
+        CheckpointMeta::FORMAT
+    )]
+    Format {
+        /// The file.
+        what: String,
+        /// Its format.
+        found: u32,
+    },
+    /// A standardisation file with a tensor other than `mean` and `scale`.
+    #[error(
+        "{what}: unexpected tensor `{tensor}` (a standardisation file holds `mean` and `scale`)"
+    )]
+    StdUnexpected {
+        /// The file.
+        what: String,
+        /// The tensor.
+        tensor: String,
+    },
+    /// A standardisation file without `mean` or `scale`.
+    #[error(
+        "{what}: a standardisation file must hold the tensors `mean` [d_H, d_W] and `scale` [1]"
+    )]
+    StdMissing {
+        /// The file.
+        what: String,
+    },
+    /// A `mean` that is not a matrix.
+    #[error("{what}: `mean` has shape {shape:?}, expected a matrix [d_H, d_W]")]
+    StdMeanShape {
+        /// The file.
+        what: String,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// A `scale` of more or less than one value.
+    #[error("{what}: `scale` holds {count} values, expected one")]
+    StdScaleCount {
+        /// The file.
+        what: String,
+        /// How many values it holds.
+        count: usize,
+    },
+    /// A `scale` that is not a positive number.
+    #[error("{what}: `scale` is {value}, expected a positive number")]
+    StdScaleValue {
+        /// The file.
+        what: String,
+        /// Its value.
+        value: f32,
+    },
+    /// A plain state dict without the ProbeX tensors.
+    #[error(
+        "a checkpoint without probex metadata must hold the ProbeX tensors `probes.weight`, \
+         `shared_probe_proj.weight` and `per_probe_encoders.weight`"
+    )]
+    NoProbexTensors,
+    /// ProbeX tensors of unexpected ranks.
+    #[error(
+        "unexpected ProbeX shapes: probes.weight {probes:?}, shared_probe_proj.weight \
+         {shared:?}, per_probe_encoders.weight {encoders:?}"
+    )]
+    ProbexShapes {
+        /// `probes.weight`'s shape.
+        probes: Vec<usize>,
+        /// `shared_probe_proj.weight`'s shape.
+        shared: Vec<usize>,
+        /// `per_probe_encoders.weight`'s shape.
+        encoders: Vec<usize>,
+    },
+    /// A plain state dict without a head.
+    #[error("checkpoint has neither `classification_head.weight` nor `regression_head.weight`")]
+    NoHead,
+    /// A tensor whose values do not fill its shape.
+    #[error("tensor `{tensor}`: shape {shape:?} needs {needs} values, got {got}")]
+    Values {
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// The values the shape needs.
+        needs: usize,
+        /// The values given.
+        got: usize,
+    },
+    /// A tensor name that is reserved or given twice.
+    #[error("tensor name `{0}` is reserved or repeated")]
+    Name(String),
+    /// Metadata that cannot be written as JSON.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+impl CheckpointError {
+    /// An I/O error on `path`.
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+        move |source| CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
 /// Metadata key holding [`CheckpointMeta`] as JSON.
 pub const META_KEY: &str = "probex";
 
@@ -102,7 +258,7 @@ impl Standardization {
     }
 
     /// Serialises to safetensors bytes.
-    pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, CheckpointError> {
         let tensors = [
             NamedTensor {
                 name: "mean".into(),
@@ -120,7 +276,7 @@ impl Standardization {
     }
 
     /// Parses safetensors bytes; `what` names the source in errors.
-    pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Standardization, String> {
+    pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Standardization, CheckpointError> {
         let (_, tensors) = deserialize_named(bytes, what)?;
         let mut mean = None;
         let mut scale = None;
@@ -129,35 +285,35 @@ impl Standardization {
                 "mean" => mean = Some(t),
                 "scale" => scale = Some(t),
                 other => {
-                    return Err(format!(
-                        "{what}: unexpected tensor `{other}` (a standardisation file holds \
-                         `mean` and `scale`)"
-                    ));
+                    return Err(CheckpointError::StdUnexpected {
+                        what: what.to_owned(),
+                        tensor: other.to_owned(),
+                    });
                 }
             }
         }
         let (Some(mean), Some(scale)) = (mean, scale) else {
-            return Err(format!(
-                "{what}: a standardisation file must hold the tensors `mean` [d_H, d_W] and \
-                 `scale` [1]"
-            ));
+            return Err(CheckpointError::StdMissing {
+                what: what.to_owned(),
+            });
         };
         let &[d_h, d_w] = &mean.shape[..] else {
-            return Err(format!(
-                "{what}: `mean` has shape {:?}, expected a matrix [d_H, d_W]",
-                mean.shape
-            ));
+            return Err(CheckpointError::StdMeanShape {
+                what: what.to_owned(),
+                shape: mean.shape,
+            });
         };
         let &[s] = &scale.values[..] else {
-            return Err(format!(
-                "{what}: `scale` holds {} values, expected one",
-                scale.values.len()
-            ));
+            return Err(CheckpointError::StdScaleCount {
+                what: what.to_owned(),
+                count: scale.values.len(),
+            });
         };
         if !(s.is_finite() && s > 0.0) {
-            return Err(format!(
-                "{what}: `scale` is {s}, expected a positive number"
-            ));
+            return Err(CheckpointError::StdScaleValue {
+                what: what.to_owned(),
+                value: s,
+            });
         }
         Ok(Standardization {
             d_h,
@@ -168,8 +324,8 @@ impl Standardization {
     }
 
     /// Reads a standardisation file.
-    pub fn read(path: &Path) -> Result<Standardization, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn read(path: &Path) -> Result<Standardization, CheckpointError> {
+        let bytes = std::fs::read(path).map_err(CheckpointError::io(path))?;
         Standardization::from_bytes(&bytes, &path.display().to_string())
     }
 }
@@ -208,47 +364,46 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Serialises to safetensors bytes (tensors in the given order, f32).
-    pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, CheckpointError> {
         let mut meta = HashMap::new();
         if let Some(m) = &self.meta {
-            meta.insert(
-                META_KEY.to_string(),
-                serde_json::to_string(m).map_err(|e| e.to_string())?,
-            );
+            meta.insert(META_KEY.to_string(), serde_json::to_string(m)?);
         }
         serialize_named(&self.tensors, meta)
     }
 
     /// Parses safetensors bytes; `what` names the source in errors.
-    pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Checkpoint, String> {
+    pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Checkpoint, CheckpointError> {
         let (header, tensors) = deserialize_named(bytes, what)?;
-        let meta = match header.get(META_KEY) {
-            Some(json) => Some(
-                serde_json::from_str::<CheckpointMeta>(json)
-                    .map_err(|e| format!("{what}: metadata entry `{META_KEY}`: {e}"))?,
-            ),
-            None => None,
-        };
+        let meta =
+            match header.get(META_KEY) {
+                Some(json) => Some(serde_json::from_str::<CheckpointMeta>(json).map_err(
+                    |source| CheckpointError::Meta {
+                        what: what.to_owned(),
+                        source,
+                    },
+                )?),
+                None => None,
+            };
         if let Some(m) = &meta
             && m.format != CheckpointMeta::FORMAT
         {
-            return Err(format!(
-                "{what}: checkpoint format {} is not supported (expected {}); retrain it",
-                m.format,
-                CheckpointMeta::FORMAT
-            ));
+            return Err(CheckpointError::Format {
+                what: what.to_owned(),
+                found: m.format,
+            });
         }
         Ok(Checkpoint { meta, tensors })
     }
 
     /// Reads a checkpoint file.
-    pub fn read(path: &Path) -> Result<Checkpoint, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn read(path: &Path) -> Result<Checkpoint, CheckpointError> {
+        let bytes = std::fs::read(path).map_err(CheckpointError::io(path))?;
         Checkpoint::from_bytes(&bytes, &path.display().to_string())
     }
 
     /// Writes a checkpoint file atomically (temporary file, then rename).
-    pub fn write(&self, path: &Path) -> Result<(), String> {
+    pub fn write(&self, path: &Path) -> Result<(), CheckpointError> {
         write_atomic(path, &self.to_bytes()?)
     }
 
@@ -262,7 +417,7 @@ impl Checkpoint {
 
     /// The model spec: from the metadata, or (plain state dicts) read off the ProbeX tensor
     /// shapes.
-    pub fn spec(&self) -> Result<ModelSpec, String> {
+    pub fn spec(&self) -> Result<ModelSpec, CheckpointError> {
         if let Some(m) = &self.meta {
             return Ok(m.spec.clone());
         }
@@ -273,17 +428,14 @@ impl Checkpoint {
             shape("shared_probe_proj.weight"),
             shape("per_probe_encoders.weight"),
         ) else {
-            return Err(
-                "a checkpoint without probex metadata must hold the ProbeX tensors \
-                 `probes.weight`, `shared_probe_proj.weight` and `per_probe_encoders.weight`"
-                    .into(),
-            );
+            return Err(CheckpointError::NoProbexTensors);
         };
         let (&[d_w, r_u], &[r_v, d_h], &[r_t, _]) = (&u[..], &v[..], &m[..]) else {
-            return Err(format!(
-                "unexpected ProbeX shapes: probes.weight {u:?}, shared_probe_proj.weight {v:?}, \
-                 per_probe_encoders.weight {m:?}"
-            ));
+            return Err(CheckpointError::ProbexShapes {
+                probes: u,
+                shared: v,
+                encoders: m,
+            });
         };
         let mut spec = ModelSpec {
             kind: ModelKind::Probex,
@@ -302,10 +454,7 @@ impl Checkpoint {
             spec.kind = ModelKind::ProbexZeroshot;
             spec.d_text = h.get(1).copied().unwrap_or(0);
         } else {
-            return Err(
-                "checkpoint has neither `classification_head.weight` nor `regression_head.weight`"
-                    .into(),
-            );
+            return Err(CheckpointError::NoHead);
         }
         Ok(spec)
     }
@@ -318,7 +467,7 @@ impl Checkpoint {
 pub fn serialize_named(
     tensors: &[NamedTensor],
     mut metadata: HashMap<String, String>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, CheckpointError> {
     metadata.insert("format".to_string(), "pt".to_string());
     let mut header = serde_json::Map::new();
     let mut items: Vec<(String, String)> = metadata.into_iter().collect();
@@ -334,15 +483,15 @@ pub fn serialize_named(
     for t in &tensors {
         let n: usize = t.shape.iter().product();
         if n != t.values.len() {
-            return Err(format!(
-                "tensor `{}`: shape {:?} needs {n} values, got {}",
-                t.name,
-                t.shape,
-                t.values.len()
-            ));
+            return Err(CheckpointError::Values {
+                tensor: t.name.clone(),
+                shape: t.shape.clone(),
+                needs: n,
+                got: t.values.len(),
+            });
         }
         if t.name == "__metadata__" || header.contains_key(&t.name) {
-            return Err(format!("tensor name `{}` is reserved or repeated", t.name));
+            return Err(CheckpointError::Name(t.name.clone()));
         }
         header.insert(
             t.name.clone(),
@@ -350,7 +499,7 @@ pub fn serialize_named(
         );
         offset += 4 * n;
     }
-    let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    let mut json = serde_json::to_vec(&header)?;
     // The data must start 8-byte aligned; pad the header with spaces as the reference does.
     while json.len() % 8 != 0 {
         json.push(b' ');
@@ -371,15 +520,25 @@ pub fn serialize_named(
 pub fn deserialize_named(
     bytes: &[u8],
     what: &str,
-) -> Result<(HashMap<String, String>, Vec<NamedTensor>), String> {
-    let (_, header) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| format!("{what}: not a safetensors file: {e}"))?;
+) -> Result<(HashMap<String, String>, Vec<NamedTensor>), CheckpointError> {
+    let (_, header) =
+        SafeTensors::read_metadata(bytes).map_err(|source| CheckpointError::NotSafetensors {
+            what: what.to_owned(),
+            source,
+        })?;
     let meta = header.metadata().clone().unwrap_or_default();
-    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("{what}: {e}"))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|source| CheckpointError::Safetensors {
+        what: what.to_owned(),
+        source,
+    })?;
     let mut tensors = Vec::new();
     for (name, view) in st.iter() {
-        let values = decode(view.dtype(), view.data())
-            .map_err(|e| format!("{what}: tensor `{name}`: {e}"))?;
+        let values =
+            decode(view.dtype(), view.data()).map_err(|source| CheckpointError::Dtype {
+                what: what.to_owned(),
+                tensor: name.to_string(),
+                source,
+            })?;
         tensors.push(NamedTensor {
             name: name.to_string(),
             shape: view.shape().to_vec(),
@@ -392,10 +551,10 @@ pub fn deserialize_named(
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
 /// crash never leaves a half-written file under `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::write(&tmp, bytes).map_err(CheckpointError::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(CheckpointError::io(path))
 }
 
 #[cfg(test)]
@@ -456,34 +615,52 @@ mod tests {
         };
         let e = bad(vec![t("mean", vec![2, 3])]);
         assert!(
+            matches!(&e, CheckpointError::StdMissing { what } if what == "std.safetensors"),
+            "{e:?}"
+        );
+        let e = e.to_string();
+        assert!(
             e.contains("std.safetensors") && e.contains("`scale`"),
             "{e}"
         );
         let e = bad(vec![t("mean", vec![6]), t("scale", vec![1])]);
+        assert!(
+            matches!(&e, CheckpointError::StdMeanShape { shape, .. } if shape == &[6]),
+            "{e:?}"
+        );
+        let e = e.to_string();
         assert!(e.contains("[6]") && e.contains("matrix"), "{e}");
         // t() fills 0, 0.25, ...: a zero scale would divide by zero.
         let e = bad(vec![t("mean", vec![2, 3]), t("scale", vec![1])]);
-        assert!(e.contains("positive"), "{e}");
+        assert!(
+            matches!(e, CheckpointError::StdScaleValue { value, .. } if value == 0.0),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("positive"), "{e}");
         let e = bad(vec![
             t("mean", vec![2, 3]),
             t("scale", vec![1]),
             t("x", vec![1]),
         ]);
+        let e = e.to_string();
         assert!(e.contains("unexpected tensor `x`"), "{e}");
     }
 
     #[test]
     fn rejects_garbage_and_foreign_state_dicts() {
+        let e = Checkpoint::from_bytes(b"nope", "x.safetensors").unwrap_err();
         assert!(
-            Checkpoint::from_bytes(b"nope", "x.safetensors")
-                .unwrap_err()
-                .contains("x.safetensors")
+            matches!(&e, CheckpointError::NotSafetensors { what, .. } if what == "x.safetensors"),
+            "{e:?}"
         );
+        assert!(e.to_string().contains("x.safetensors"), "{e}");
         let c = Checkpoint {
             meta: None,
             tensors: vec![t("fc.weight", vec![2, 2])],
         };
         let back = Checkpoint::from_bytes(&c.to_bytes().unwrap(), "mem").unwrap();
-        assert!(back.spec().unwrap_err().contains("probes.weight"));
+        let e = back.spec().unwrap_err();
+        assert!(matches!(e, CheckpointError::NoProbexTensors), "{e:?}");
+        assert!(e.to_string().contains("probes.weight"), "{e}");
     }
 }

@@ -257,11 +257,52 @@ pub fn param_names<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<usi
     n.out
 }
 
+/// One parameter that a named tensor map cannot fill.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LoadProblem {
+    /// No tensor of the parameter's name.
+    #[error("tensor `{name}` is missing (expected shape {expected:?})")]
+    Missing {
+        /// The parameter's official name.
+        name: String,
+        /// Its shape.
+        expected: Vec<usize>,
+    },
+    /// A tensor of the right name and the wrong shape.
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// The parameter's official name.
+        name: String,
+        /// The tensor's shape.
+        found: Vec<usize>,
+        /// The parameter's shape.
+        expected: Vec<usize>,
+    },
+    /// A tensor no parameter has the name of.
+    #[error("unexpected tensor `{0}` for this model")]
+    Unexpected(String),
+}
+
+impl LoadProblem {
+    /// The tensor name the problem is about.
+    pub fn name(&self) -> &str {
+        match self {
+            LoadProblem::Missing { name, .. } | LoadProblem::Shape { name, .. } => name,
+            LoadProblem::Unexpected(name) => name,
+        }
+    }
+}
+
+/// Why [`load_named`] failed: every problem, listed together (`; `-separated).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct LoadError(pub Vec<LoadProblem>);
+
 struct Loader<'a, B: Backend> {
     path: PathStack,
     tensors: &'a HashMap<String, NamedTensor>,
     device: B::Device,
-    errors: Vec<String>,
+    errors: Vec<LoadProblem>,
     used: Vec<String>,
 }
 
@@ -278,16 +319,18 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_, B> {
         let want = tensor.dims().to_vec();
         match self.tensors.get(&name) {
             None => {
-                self.errors.push(format!(
-                    "tensor `{name}` is missing (expected shape {want:?})"
-                ));
+                self.errors.push(LoadProblem::Missing {
+                    name,
+                    expected: want,
+                });
                 Param::from_mapped_value(id, tensor, mapper)
             }
             Some(t) if t.shape != want => {
-                self.errors.push(format!(
-                    "tensor `{name}` has shape {:?}, expected {want:?}",
-                    t.shape
-                ));
+                self.errors.push(LoadProblem::Shape {
+                    name,
+                    found: t.shape.clone(),
+                    expected: want,
+                });
                 Param::from_mapped_value(id, tensor, mapper)
             }
             Some(t) => {
@@ -307,7 +350,7 @@ pub fn load_named<B: Backend, M: Module<B>>(
     module: M,
     tensors: &HashMap<String, NamedTensor>,
     device: &B::Device,
-) -> Result<M, String> {
+) -> Result<M, LoadError> {
     let mut l = Loader::<B> {
         path: PathStack::default(),
         tensors,
@@ -319,15 +362,15 @@ pub fn load_named<B: Backend, M: Module<B>>(
     let mut extra: Vec<&String> = tensors.keys().filter(|k| !l.used.contains(k)).collect();
     extra.sort();
     for k in extra {
-        if !l.errors.iter().any(|e| e.contains(&format!("`{k}`"))) {
-            l.errors
-                .push(format!("unexpected tensor `{k}` for this model"));
+        // A tensor already reported (wrong shape) is not reported again as unexpected.
+        if !l.errors.iter().any(|e| e.name() == k.as_str()) {
+            l.errors.push(LoadProblem::Unexpected(k.clone()));
         }
     }
     if l.errors.is_empty() {
         Ok(module)
     } else {
-        Err(l.errors.join("; "))
+        Err(LoadError(l.errors))
     }
 }
 
@@ -427,6 +470,22 @@ mod tests {
             },
         );
         let err = load_named(lin, &map, &dev).unwrap_err();
+        assert_eq!(
+            err.0,
+            [
+                LoadProblem::Shape {
+                    name: "weight".into(),
+                    found: vec![3, 2],
+                    expected: vec![2, 3],
+                },
+                LoadProblem::Missing {
+                    name: "bias".into(),
+                    expected: vec![2],
+                },
+                LoadProblem::Unexpected("extra".into()),
+            ]
+        );
+        let err = err.to_string();
         assert!(err.contains("`weight` has shape [3, 2]"), "{err}");
         assert!(err.contains("`bias` is missing"), "{err}");
         assert!(err.contains("unexpected tensor `extra`"), "{err}");

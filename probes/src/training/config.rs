@@ -104,7 +104,7 @@ impl TrainConfig {
     }
 
     /// Checks ranges; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         // Upper bounds catch a slip (epochs = 9223372036854775807 ran "forever", a width of
         // a billion asked for terabytes) with a message instead of a hang or an allocation
         // failure; each is far above any run that fits a machine.
@@ -120,35 +120,38 @@ impl TrainConfig {
         ];
         for (k, v, min, max) in counts {
             if v < min {
-                return Err(format!("`{k}` must be at least {min}"));
+                return Err(ConfigError::TooSmall { key: k, min });
             }
             if v > max {
-                return Err(format!("`{k}` = {v} is too large: at most {max}"));
+                return Err(ConfigError::TooLarge {
+                    key: k,
+                    value: v,
+                    max,
+                });
             }
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(format!("`lr` must be a positive number, got {}", self.lr));
+            return Err(ConfigError::NotPositive {
+                key: "lr",
+                value: self.lr,
+            });
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(format!(
-                "`weight_decay` must be >= 0, got {}",
-                self.weight_decay
-            ));
+            return Err(ConfigError::NegativeWeightDecay(self.weight_decay));
         }
         for (k, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&v) {
-                return Err(format!("`{k}` must be in [0, 1), got {v}"));
+                return Err(ConfigError::NotAFraction { key: k, value: v });
             }
         }
         if self.standardize && self.model == ModelKind::Statnn {
-            return Err(
-                "`standardize` applies to matrix probes: statnn always standardises its \
-                 statistics"
-                    .into(),
-            );
+            return Err(ConfigError::StandardizeStatnn);
         }
         if !(self.eps.is_finite() && self.eps > 0.0) {
-            return Err(format!("`eps` must be a positive number, got {}", self.eps));
+            return Err(ConfigError::NotPositive {
+                key: "eps",
+                value: self.eps,
+            });
         }
         Ok(())
     }
@@ -161,6 +164,51 @@ impl TrainConfig {
             self.checkpoint_every
         }
     }
+}
+
+/// A hyperparameter out of its range; the message names the key.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// A count below its minimum.
+    #[error("`{key}` must be at least {min}")]
+    TooSmall {
+        /// The key.
+        key: &'static str,
+        /// Its smallest allowed value.
+        min: usize,
+    },
+    /// A count above its maximum (a slip such as `epochs = 9223372036854775807`).
+    #[error("`{key}` = {value} is too large: at most {max}")]
+    TooLarge {
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: usize,
+        /// Its largest allowed value.
+        max: usize,
+    },
+    /// `lr` or `eps` not a positive finite number.
+    #[error("`{key}` must be a positive number, got {value}")]
+    NotPositive {
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// A negative or non-finite `weight_decay`.
+    #[error("`weight_decay` must be >= 0, got {0}")]
+    NegativeWeightDecay(f64),
+    /// `beta1` or `beta2` outside [0, 1).
+    #[error("`{key}` must be in [0, 1), got {value}")]
+    NotAFraction {
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// `standardize = true` on a StatNN probe.
+    #[error("`standardize` applies to matrix probes: statnn always standardises its statistics")]
+    StandardizeStatnn,
 }
 
 /// The on-disk form: everything optional but `model`.
@@ -187,9 +235,9 @@ struct RawTrainConfig {
 }
 
 impl TryFrom<RawTrainConfig> for TrainConfig {
-    type Error = String;
+    type Error = ConfigError;
 
-    fn try_from(r: RawTrainConfig) -> Result<Self, String> {
+    fn try_from(r: RawTrainConfig) -> Result<Self, ConfigError> {
         let d = TrainConfig::new(r.model);
         let c = TrainConfig {
             model: r.model,
@@ -281,6 +329,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("probex-zeroshot"), "{e}");
+    }
+
+    #[test]
+    fn range_errors_name_the_key() {
+        let mut c = TrainConfig::probex();
+        c.epochs = usize::MAX;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::TooLarge { key: "epochs", .. })
+        ));
+        let mut c = TrainConfig::statnn();
+        c.standardize = true;
+        assert_eq!(c.validate(), Err(ConfigError::StandardizeStatnn));
+        let mut c = TrainConfig::probex();
+        c.lr = -1.0;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.to_string(), "`lr` must be a positive number, got -1");
     }
 
     #[test]

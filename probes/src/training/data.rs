@@ -14,6 +14,112 @@ use probex_weights::gemm::add_product;
 
 use super::TrainConfig;
 
+/// Why a layer dataset (with its text table) cannot be used for a model: the inputs, labels
+/// or class texts do not fit it, or a row cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A row of the dataset cannot be read.
+    #[error(transparent)]
+    Rows(#[from] probex_weights::dataset::DatasetError),
+    /// The dataset's parts disagree.
+    #[error("layer dataset: {0}")]
+    Dataset(#[source] probex_weights::dataset::Inconsistent),
+    /// The text table's names and vectors disagree.
+    #[error("text table: {0}")]
+    Table(#[source] probex_weights::embeddings::TableError),
+    /// Classes without a text vector.
+    #[error(
+        "the text table has no vector for {} class(es) (looked up by name, then id): {:?}{}; \
+         re-run the embed stage on these labels",
+        missing.len(),
+        missing.iter().take(10).collect::<Vec<_>>(),
+        if missing.len() > 10 { " ..." } else { "" }
+    )]
+    MissingText {
+        /// The classes, by name.
+        missing: Vec<String>,
+    },
+    /// No model in the train split.
+    #[error("layer `{0}` has no model in the train split; nothing to train on")]
+    NoTrainModel(String),
+    /// A layer whose matrices are empty.
+    #[error("layer `{0}` has an empty matrix shape")]
+    EmptyShape(String),
+    /// Class labels with no classes.
+    #[error("labels from key `{0}` have no classes")]
+    NoClasses(String),
+    /// A zero-shot model on labels that are not single-class.
+    #[error("model `{model}` needs single-class labels, but key `{key}` gives {kind} labels")]
+    NeedsClassLabels {
+        /// The model kind.
+        model: ModelKind,
+        /// The label key.
+        key: String,
+        /// The kind of labels it gives.
+        kind: &'static str,
+    },
+    /// A zero-shot model without a text table.
+    #[error(
+        "model `{0}` needs a text table (class-name embeddings); add the embed stage's output \
+         to `from`"
+    )]
+    NeedsTextTable(ModelKind),
+    /// A held-in model whose class no training model has.
+    #[error(
+        "model `{model}` ({split} split) has class `{class}`, which no training model has; \
+         zero-shot classes must be in val_holdout/test_holdout"
+    )]
+    UnseenClass {
+        /// The model's id.
+        model: String,
+        /// Its split.
+        split: Split,
+        /// The class's name.
+        class: String,
+    },
+    /// A regression target that is NaN or infinite.
+    #[error("model `{model}` has a non-finite target {value}")]
+    NonFiniteTarget {
+        /// The model's id.
+        model: String,
+        /// The target.
+        value: f32,
+    },
+    /// Scoring with a zero-shot checkpoint without a text table.
+    #[error("{}: a zero-shot checkpoint needs a text table to score classes", .0.display())]
+    CheckpointNeedsText(std::path::PathBuf),
+    /// Zero-shot prediction on labels that are not single-class.
+    #[error("zero-shot prediction needs single-class labels (for the candidate classes)")]
+    PredictNeedsClasses,
+    /// Text vectors of another width than the checkpoint's.
+    #[error("text vectors have dimension {found}, the checkpoint expects {expected}")]
+    TextDim {
+        /// The table's width.
+        found: usize,
+        /// The checkpoint's.
+        expected: usize,
+    },
+    /// A checkpoint for matrices of another shape than the layer's.
+    #[error(
+        "{}: the checkpoint reads {checkpoint_shape:?} matrices, layer `{layer}` is \
+         {layer_shape:?}",
+        checkpoint.display()
+    )]
+    MatrixShape {
+        /// The checkpoint file.
+        checkpoint: std::path::PathBuf,
+        /// The shape it reads.
+        checkpoint_shape: [usize; 2],
+        /// The layer.
+        layer: String,
+        /// The layer's shape.
+        layer_shape: [usize; 2],
+    },
+    /// A training that produced no model (an earlier failure took it).
+    #[error("{0}")]
+    NotTrained(&'static str),
+}
+
 /// Targets kept on the host for metrics.
 #[derive(Clone, Debug)]
 pub(crate) enum HostTargets {
@@ -63,7 +169,7 @@ impl HostInputs<'_> {
     }
 
     /// The inputs as a batch of every row on `device`.
-    pub fn upload<B: Backend>(&self, device: &B::Device) -> Result<Batch<B>, String> {
+    pub fn upload<B: Backend>(&self, device: &B::Device) -> Result<Batch<B>, DataError> {
         match self {
             HostInputs::Stacked { values, dims } => Ok(Batch::Stacked(Tensor::from_data(
                 TensorData::new(values.clone(), *dims),
@@ -99,9 +205,9 @@ fn read_batch<B: Backend>(
     standardize: Option<&(Vec<f32>, f32)>,
     rows: &[usize],
     device: &B::Device,
-) -> Result<Batch<B>, String> {
+) -> Result<Batch<B>, DataError> {
     let mut x = Vec::new();
-    ds.read_rows(rows, &mut x).map_err(|e| e.to_string())?;
+    ds.read_rows(rows, &mut x)?;
     if let Some((mean, scale)) = standardize {
         for row in x.chunks_exact_mut(mean.len().max(1)) {
             for (v, m) in row.iter_mut().zip(mean) {
@@ -131,7 +237,7 @@ pub(crate) enum DeviceInputs<'h, B: Backend> {
 
 impl<'h, B: Backend> DeviceInputs<'h, B> {
     /// Places `host` on `device` (see the type's docs for which way).
-    pub fn new(host: &'h HostInputs<'h>, device: &B::Device) -> Result<Self, String> {
+    pub fn new(host: &'h HostInputs<'h>, device: &B::Device) -> Result<Self, DataError> {
         let cpu = crate::cpu_buffers::Host::<B>::of().is_some();
         match host {
             HostInputs::Rows { ds, standardize } if cpu || !host.fits() => {
@@ -145,7 +251,7 @@ impl<'h, B: Backend> DeviceInputs<'h, B> {
     }
 
     /// Rows `rows` as a batch on `device`.
-    pub fn batch(&self, rows: &[usize], device: &B::Device) -> Result<Batch<B>, String> {
+    pub fn batch(&self, rows: &[usize], device: &B::Device) -> Result<Batch<B>, DataError> {
         match self {
             DeviceInputs::Resident(all) => {
                 let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
@@ -209,7 +315,7 @@ pub(crate) fn text_matrix(
     table: &TextTable,
     all: &[probex_weights::dataset::Class],
     classes: &[usize],
-) -> Result<TextMatrix, String> {
+) -> Result<TextMatrix, DataError> {
     let mut values = Vec::with_capacity(classes.len() * table.dim);
     let mut missing = Vec::new();
     for &c in classes {
@@ -219,14 +325,7 @@ pub(crate) fn text_matrix(
         }
     }
     if !missing.is_empty() {
-        let shown: Vec<&String> = missing.iter().take(10).collect();
-        return Err(format!(
-            "the text table has no vector for {} class(es) (looked up by name, then id): {:?}{}; \
-             re-run the embed stage on these labels",
-            missing.len(),
-            shown,
-            if missing.len() > 10 { " ..." } else { "" }
-        ));
+        return Err(DataError::MissingText { missing });
     }
     Ok(TextMatrix {
         values,
@@ -240,24 +339,18 @@ pub(crate) fn prepare<'a>(
     ds: &'a LayerDataset,
     text: Option<&TextTable>,
     cfg: &TrainConfig,
-) -> Result<Prepared<'a>, String> {
-    ds.validate().map_err(|m| format!("layer dataset: {m}"))?;
+) -> Result<Prepared<'a>, DataError> {
+    ds.validate().map_err(DataError::Dataset)?;
     let mut rows: BTreeMap<Split, Vec<usize>> = BTreeMap::new();
     for (i, m) in ds.models.iter().enumerate() {
         rows.entry(m.split).or_default().push(i);
     }
     let train_rows = rows.get(&Split::Train).cloned().unwrap_or_default();
     if train_rows.is_empty() {
-        return Err(format!(
-            "layer `{}` has no model in the train split; nothing to train on",
-            ds.layer.name
-        ));
+        return Err(DataError::NoTrainModel(ds.layer.name.clone()));
     }
     if ds.d_h == 0 || ds.d_w == 0 {
-        return Err(format!(
-            "layer `{}` has an empty matrix shape",
-            ds.layer.name
-        ));
+        return Err(DataError::EmptyShape(ds.layer.name.clone()));
     }
     let mut spec = model_spec(ds, cfg);
     let mut task = TaskInfo {
@@ -279,10 +372,7 @@ pub(crate) fn prepare<'a>(
         )
     };
     if matches!(task.kind, TaskKind::MultiLabel | TaskKind::Class) && spec.d_y == 0 {
-        return Err(format!(
-            "labels from key `{}` have no classes",
-            ds.label_key
-        ));
+        return Err(DataError::NoClasses(ds.label_key.clone()));
     }
     let input_mean = cfg.standardize.then(|| {
         let train = rows.get(&Split::Train).map_or(&[][..], Vec::as_slice);
@@ -350,24 +440,19 @@ fn zero_shot_targets(
     rows: &BTreeMap<Split, Vec<usize>>,
     spec: &mut ModelSpec,
     task: &mut TaskInfo,
-) -> Result<(Targets, Option<TextMatrix>, Option<TextMatrix>), String> {
+) -> Result<(Targets, Option<TextMatrix>, Option<TextMatrix>), DataError> {
     let n = ds.n;
     let Labels::Class { classes, targets } = &ds.labels else {
-        return Err(format!(
-            "model `{}` needs single-class labels, but key `{}` gives {} labels",
-            cfg.model,
-            ds.label_key,
-            label_kind(&ds.labels)
-        ));
+        return Err(DataError::NeedsClassLabels {
+            model: cfg.model,
+            key: ds.label_key.clone(),
+            kind: label_kind(&ds.labels),
+        });
     };
     let Some(table) = text else {
-        return Err(format!(
-            "model `{}` needs a text table (class-name embeddings); add the embed stage's \
-             output to `from`",
-            cfg.model
-        ));
+        return Err(DataError::NeedsTextTable(cfg.model));
     };
-    table.validate().map_err(|m| format!("text table: {m}"))?;
+    table.validate().map_err(DataError::Table)?;
     let collect = |splits: &[Split]| -> Vec<usize> {
         let mut set: Vec<usize> = splits
             .iter()
@@ -404,11 +489,11 @@ fn zero_shot_targets(
         let holdout = matches!(m.split, Split::ValHoldout | Split::TestHoldout);
         let p = if holdout { pos_hold[c] } else { pos_train[c] };
         if p == u32::MAX {
-            return Err(format!(
-                "model `{}` ({} split) has class `{}`, which no training model has; zero-shot \
-                 classes must be in val_holdout/test_holdout",
-                m.id, m.split, classes[c].name
-            ));
+            return Err(DataError::UnseenClass {
+                model: m.id.clone(),
+                split: m.split,
+                class: classes[c].name.clone(),
+            });
         }
         idx[i] = p;
         if !holdout {
@@ -439,7 +524,7 @@ fn supervised_targets(
     train_rows: &[usize],
     spec: &mut ModelSpec,
     task: &mut TaskInfo,
-) -> Result<Targets, String> {
+) -> Result<Targets, DataError> {
     let n = ds.n;
     let (values, width, host, selection) = match &ds.labels {
         Labels::MultiLabel { classes, targets } => {
@@ -462,10 +547,10 @@ fn supervised_targets(
         }
         Labels::Numeric { targets, .. } => {
             if let Some(i) = targets.iter().position(|t| !t.is_finite()) {
-                return Err(format!(
-                    "model `{}` has a non-finite target {}",
-                    ds.models[i].id, targets[i]
-                ));
+                return Err(DataError::NonFiniteTarget {
+                    model: ds.models[i].id.clone(),
+                    value: targets[i],
+                });
             }
             task.kind = TaskKind::Regression;
             spec.d_y = 1;
@@ -496,14 +581,14 @@ fn supervised_targets(
 
 /// The mean matrix of the `train` rows and the standard deviation of their values around it
 /// (1 when they do not vary), accumulated in f64.
-fn input_moments(ds: &LayerDataset, train: &[usize]) -> Result<(Vec<f32>, f32), String> {
+fn input_moments(ds: &LayerDataset, train: &[usize]) -> Result<(Vec<f32>, f32), DataError> {
     let m = ds.d_h * ds.d_w;
     let n = train.len().max(1) as f64;
     let (mean, ss) = match &ds.weights {
         Matrices::Stacked(_) | Matrices::OnDisk(_) => {
             let mut mean = vec![0f64; m];
             for &r in train {
-                let x = ds.matrix(r).map_err(|e| e.to_string())?;
+                let x = ds.matrix(r)?;
                 for (a, &x) in mean.iter_mut().zip(x.iter()) {
                     *a += f64::from(x);
                 }
@@ -511,7 +596,7 @@ fn input_moments(ds: &LayerDataset, train: &[usize]) -> Result<(Vec<f32>, f32), 
             mean.iter_mut().for_each(|a| *a /= n);
             let mut ss = 0f64;
             for &r in train {
-                let x = ds.matrix(r).map_err(|e| e.to_string())?;
+                let x = ds.matrix(r)?;
                 for (a, &x) in mean.iter().zip(x.iter()) {
                     ss += (f64::from(x) - a).powi(2);
                 }
@@ -567,7 +652,7 @@ pub(crate) fn model_inputs<'a>(
     rows: &BTreeMap<Split, Vec<usize>>,
     task: &mut TaskInfo,
     input_mean: Option<&[f32]>,
-) -> Result<HostInputs<'a>, String> {
+) -> Result<HostInputs<'a>, DataError> {
     let standardize = input_mean
         .zip(task.input_scale)
         .map(|(mean, scale)| (mean.to_vec(), scale));
@@ -591,8 +676,7 @@ pub(crate) fn model_inputs<'a>(
             let per_row: Vec<[f32; statnn::FEATURES.len()]> = (0..ds.n)
                 .into_par_iter()
                 .map(|i| ds.matrix(i).map(|x| statnn::statistics(&x)))
-                .collect::<Result<_, _>>()
-                .map_err(|e| e.to_string())?;
+                .collect::<Result<_, _>>()?;
             per_row.concat()
         }
     };

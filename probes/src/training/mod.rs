@@ -31,7 +31,8 @@ use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 
 use crate::models::checkpoint::{
-    Checkpoint, LEGACY_INPUT_MEAN, STANDARDIZE_FILE, Standardization, TaskInfo, TaskKind,
+    Checkpoint, CheckpointError, LEGACY_INPUT_MEAN, STANDARDIZE_FILE, Standardization, TaskInfo,
+    TaskKind,
 };
 use crate::models::{
     Dense, DenseZeroshot, ModelKind, ModelSpec, Net, Probex, ProbexZeroshot, StatNn, load_named,
@@ -39,8 +40,9 @@ use crate::models::{
 use probex_weights::dataset::{LayerDataset, Split};
 use probex_weights::embeddings::TextTable;
 
-pub use config::TrainConfig;
-pub use device::DeviceSpec;
+pub use config::{ConfigError, TrainConfig};
+pub use data::DataError;
+pub use device::{DeviceError, DeviceSpec};
 pub use metrics::Metrics;
 pub use trainer::{SplitForward, split_gradients, train_scores};
 
@@ -49,22 +51,158 @@ pub use trainer::{SplitForward, split_gradients, train_scores};
 pub enum TrainError {
     /// Bad hyperparameters.
     #[error("train config: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     /// The data cannot be used for this model (labels, splits, missing text vectors).
-    #[error("{0}")]
-    Data(String),
+    #[error(transparent)]
+    Data(#[from] DataError),
     /// The requested device cannot be used.
-    #[error("{0}")]
-    Device(String),
-    /// A checkpoint or resume file could not be read or written.
-    #[error("{0}")]
-    Checkpoint(String),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A checkpoint or resume file does not fit this training or model (what the file format
+    /// itself allows; see [`TrainError::File`] for files that cannot be read).
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointMismatch),
+    /// A checkpoint, standardisation or resume file could not be read or written.
+    #[error(transparent)]
+    File(#[from] CheckpointError),
+    /// A resume file's optimiser state does not fit the model.
+    #[error(transparent)]
+    Optimiser(#[from] optim::OptimStateError),
+    /// A checkpoint's tensors do not fit the model.
+    #[error(transparent)]
+    Load(#[from] crate::models::LoadError),
+    /// The members of a gang cannot step together, or a failure their gang shares.
+    #[error(transparent)]
+    Gang(#[from] GangError),
     /// The progress callback asked to stop; the resume state (if a work dir was given) is
     /// saved at this epoch.
     #[error("training cancelled after epoch {epoch}")]
     Cancelled {
         /// Last completed epoch (0-based).
         epoch: usize,
+    },
+}
+
+/// Why the members of a gang cannot train as one batched problem, or a failure of the gang
+/// that every member reports. The gang key keeps members alike; these guard a direct caller
+/// and a resume that left members apart.
+#[derive(Debug, thiserror::Error)]
+pub enum GangError {
+    /// Some members read LoRA factors, others matrices.
+    #[error("a gang mixes factors and matrices")]
+    MixedInputs,
+    /// Some members read standardised inputs, others raw ones.
+    #[error("a gang mixes standardised and raw members")]
+    MixedStandardization,
+    /// No members.
+    #[error("an empty gang")]
+    Empty,
+    /// Resumed members whose optimisers took different numbers of steps.
+    #[error("the members of a gang resumed with different optimiser step counts")]
+    StepCounts,
+    /// A zero-shot member without its class texts.
+    #[error("a zero-shot member has no text")]
+    NoText,
+    /// Members whose batches differ in size within one step.
+    #[error("the members of a batched gang took batches of different sizes")]
+    BatchSizes,
+    /// The gang failed as a whole; each member reports the gang's error (which is not `Clone`)
+    /// by its message.
+    #[error("{0}")]
+    Shared(String),
+}
+
+/// A readable checkpoint (or resume state) that does not fit the model or data it is used
+/// with. Paths are the checkpoint's and the standardisation file's beside it.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointMismatch {
+    /// The layout of probex before train version 3.
+    #[error(
+        "{}: holds `{LEGACY_INPUT_MEAN}`, the layout of probex before train version 3 (the mean \
+         now lives beside the checkpoint in {STANDARDIZE_FILE}); run its experiment again to \
+         retrain it",
+        .0.display()
+    )]
+    Legacy(std::path::PathBuf),
+    /// The model spec cannot be read off the checkpoint.
+    #[error("{}: {source}", path.display())]
+    Spec {
+        /// The checkpoint.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: CheckpointError,
+    },
+    /// A standardisation of another training.
+    #[error(
+        "{} has scale {side_scale} but the checkpoint {} was trained with {scale}: it belongs \
+         to another training; copy the checkpoint and its {STANDARDIZE_FILE} together",
+        side.display(),
+        path.display()
+    )]
+    ScaleMismatch {
+        /// The standardisation file.
+        side: std::path::PathBuf,
+        /// Its scale.
+        side_scale: f32,
+        /// The checkpoint.
+        path: std::path::PathBuf,
+        /// The scale it was trained with.
+        scale: f32,
+    },
+    /// A standardised checkpoint without its standardisation.
+    #[error(
+        "{} was trained on standardised inputs (standardize = true) but {} is missing beside \
+         it: it holds the training mean and scale the probe subtracts and divides by; copy it \
+         along with the checkpoint",
+        path.display(),
+        side.display()
+    )]
+    MissingStandardization {
+        /// The checkpoint.
+        path: std::path::PathBuf,
+        /// The standardisation file it needs.
+        side: std::path::PathBuf,
+    },
+    /// A raw-input checkpoint with a standardisation beside it.
+    #[error(
+        "{} says it was trained on raw inputs, yet {} lies beside it: remove that file or put \
+         the checkpoint it belongs to here",
+        path.display(),
+        side.display()
+    )]
+    StrayStandardization {
+        /// The checkpoint.
+        path: std::path::PathBuf,
+        /// The standardisation file.
+        side: std::path::PathBuf,
+    },
+    /// A standardisation mean of another shape than the layer.
+    #[error(
+        "{}: the mean is {mean:?}, the layer `{layer}` is {layer_shape:?}",
+        side.display()
+    )]
+    MeanShape {
+        /// The standardisation file.
+        side: std::path::PathBuf,
+        /// Its mean's shape.
+        mean: [usize; 2],
+        /// The layer.
+        layer: String,
+        /// The layer's shape.
+        layer_shape: [usize; 2],
+    },
+    /// A StatNN checkpoint without its feature standardisation.
+    #[error("StatNN checkpoint lacks its feature standardisation (metadata `feature_mean`)")]
+    StatnnFeatures,
+    /// A resume state whose parameters do not fit the model.
+    #[error("{}: {source}", path.display())]
+    Resume {
+        /// The resume file.
+        path: std::path::PathBuf,
+        /// What does not fit.
+        #[source]
+        source: crate::models::LoadError,
     },
 }
 
@@ -213,12 +351,7 @@ pub fn train_on(
                 train_kind::<Autodiff<burn::backend::Cuda>>(&job, &dev, progress)
             }
             #[cfg(not(feature = "cuda"))]
-            Err(TrainError::Device(
-                device::DeviceSpec::Cuda(*_i)
-                    .check()
-                    .err()
-                    .unwrap_or_default(),
-            ))
+            Err(TrainError::Device(DeviceError::NoCudaBuild(*_i)))
         }
     })
     .map_err(TrainError::Device)?
@@ -300,18 +433,14 @@ pub fn train_gang_on(
             })
             .collect();
     }
-    let fail_all = |e: TrainError| -> Vec<Result<TrainOutcome, TrainError>> {
-        let msg = e.to_string();
-        members
-            .iter()
-            .map(|_| Err(TrainError::Config(msg.clone())))
-            .collect()
+    let fail_all = |e: &dyn Fn() -> TrainError| -> Vec<Result<TrainOutcome, TrainError>> {
+        members.iter().map(|_| Err(e())).collect()
     };
     if let Err(e) = first.cfg.validate() {
-        return fail_all(TrainError::Config(e));
+        return fail_all(&|| TrainError::Config(e.clone()));
     }
     if let Err(e) = device.check() {
-        return fail_all(TrainError::Device(e));
+        return fail_all(&|| TrainError::Device(e.clone()));
     }
     // Members whose data cannot be prepared fail alone; the others train.
     let mut results: Vec<Option<Result<TrainOutcome, TrainError>>> =
@@ -349,11 +478,7 @@ pub fn train_gang_on(
             }
             #[cfg(not(feature = "cuda"))]
             jobs.iter()
-                .map(|_| {
-                    Err(TrainError::Device(
-                        DeviceSpec::Cuda(*_i).check().err().unwrap_or_default(),
-                    ))
-                })
+                .map(|_| Err(TrainError::Device(DeviceError::NoCudaBuild(*_i))))
                 .collect()
         }
     });
@@ -371,7 +496,7 @@ pub fn train_gang_on(
     }
     results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(TrainError::Data("not trained".into()))))
+        .map(|r| r.unwrap_or(Err(TrainError::Data(DataError::NotTrained("not trained")))))
         .collect()
 }
 
@@ -452,24 +577,20 @@ pub fn predict(
     let (columns, text_m) = match task.kind {
         TaskKind::ZeroShot => {
             let Some(table) = text else {
-                return Err(TrainError::Data(format!(
-                    "{}: a zero-shot checkpoint needs a text table to score classes",
-                    checkpoint.display()
+                return Err(TrainError::Data(DataError::CheckpointNeedsText(
+                    checkpoint.to_path_buf(),
                 )));
             };
             let probex_weights::dataset::Labels::Class { classes, .. } = &ds.labels else {
-                return Err(TrainError::Data(
-                    "zero-shot prediction needs single-class labels (for the candidate classes)"
-                        .into(),
-                ));
+                return Err(TrainError::Data(DataError::PredictNeedsClasses));
             };
             let all: Vec<usize> = (0..classes.len()).collect();
             let m = data::text_matrix(table, classes, &all).map_err(TrainError::Data)?;
             if m.dim != spec.d_text {
-                return Err(TrainError::Data(format!(
-                    "text vectors have dimension {}, the checkpoint expects {}",
-                    m.dim, spec.d_text
-                )));
+                return Err(TrainError::Data(DataError::TextDim {
+                    found: m.dim,
+                    expected: spec.d_text,
+                }));
             }
             (classes.iter().map(|c| c.name.clone()).collect(), Some(m))
         }
@@ -499,28 +620,21 @@ struct Opened {
 }
 
 fn open_checkpoint(path: &Path, ds: &LayerDataset) -> Result<Opened, TrainError> {
-    let ckpt = Checkpoint::read(path).map_err(TrainError::Checkpoint)?;
+    let ckpt = Checkpoint::read(path)?;
     if ckpt.tensors.iter().any(|t| t.name == LEGACY_INPUT_MEAN) {
-        return Err(TrainError::Checkpoint(format!(
-            "{}: holds `{LEGACY_INPUT_MEAN}`, the layout of probex before train version 3 (the \
-             mean now lives beside the checkpoint in {STANDARDIZE_FILE}); run its experiment \
-             again to retrain it",
-            path.display()
-        )));
+        return Err(CheckpointMismatch::Legacy(path.to_path_buf()).into());
     }
-    let spec = ckpt
-        .spec()
-        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+    let spec = ckpt.spec().map_err(|source| CheckpointMismatch::Spec {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if spec.d_h != ds.d_h || spec.d_w != ds.d_w {
-        return Err(TrainError::Data(format!(
-            "{}: the checkpoint reads [{}, {}] matrices, layer `{}` is [{}, {}]",
-            path.display(),
-            spec.d_h,
-            spec.d_w,
-            ds.layer.name,
-            ds.d_h,
-            ds.d_w
-        )));
+        return Err(TrainError::Data(DataError::MatrixShape {
+            checkpoint: path.to_path_buf(),
+            checkpoint_shape: [spec.d_h, spec.d_w],
+            layer: ds.layer.name.clone(),
+            layer_shape: [ds.d_h, ds.d_w],
+        }));
     }
     let task = match &ckpt.meta {
         Some(m) => m.task.clone(),
@@ -576,51 +690,46 @@ fn standardization(
 ) -> Result<Option<Standardization>, TrainError> {
     let side = Standardization::beside(path);
     let std = if side.is_file() {
-        Some(Standardization::read(&side).map_err(TrainError::Checkpoint)?)
+        Some(Standardization::read(&side)?)
     } else {
         None
     };
     let std = match (task.input_scale, std) {
         (Some(scale), Some(s)) if s.scale.to_bits() != scale.to_bits() => {
-            return Err(TrainError::Checkpoint(format!(
-                "{} has scale {} but the checkpoint {} was trained with {scale}: it belongs to \
-                 another training; copy the checkpoint and its {STANDARDIZE_FILE} together",
-                side.display(),
-                s.scale,
-                path.display()
-            )));
+            return Err(CheckpointMismatch::ScaleMismatch {
+                side,
+                side_scale: s.scale,
+                path: path.to_path_buf(),
+                scale,
+            }
+            .into());
         }
         (Some(_), None) => {
-            return Err(TrainError::Checkpoint(format!(
-                "{} was trained on standardised inputs (standardize = true) but {} is missing \
-                 beside it: it holds the training mean and scale the probe subtracts and \
-                 divides by; copy it along with the checkpoint",
-                path.display(),
-                side.display()
-            )));
+            return Err(CheckpointMismatch::MissingStandardization {
+                path: path.to_path_buf(),
+                side,
+            }
+            .into());
         }
         (None, Some(_)) if with_meta => {
-            return Err(TrainError::Checkpoint(format!(
-                "{} says it was trained on raw inputs, yet {} lies beside it: remove that file \
-                 or put the checkpoint it belongs to here",
-                path.display(),
-                side.display()
-            )));
+            return Err(CheckpointMismatch::StrayStandardization {
+                path: path.to_path_buf(),
+                side,
+            }
+            .into());
         }
         (_, s) => s,
     };
     if let Some(s) = &std
         && (s.d_h, s.d_w) != (ds.d_h, ds.d_w)
     {
-        return Err(TrainError::Checkpoint(format!(
-            "{}: the mean is [{}, {}], the layer `{}` is [{}, {}]",
-            side.display(),
-            s.d_h,
-            s.d_w,
-            ds.layer.name,
-            ds.d_h,
-            ds.d_w
-        )));
+        return Err(CheckpointMismatch::MeanShape {
+            side,
+            mean: [s.d_h, s.d_w],
+            layer: ds.layer.name.clone(),
+            layer_shape: [ds.d_h, ds.d_w],
+        }
+        .into());
     }
     Ok(std)
 }
@@ -648,9 +757,7 @@ fn infer(
                 infer_on::<burn::backend::Cuda>(opened, ds, &dev, mode, text)
             }
             #[cfg(not(feature = "cuda"))]
-            Err(TrainError::Device(
-                DeviceSpec::Cuda(*_i).check().err().unwrap_or_default(),
-            ))
+            Err(TrainError::Device(DeviceError::NoCudaBuild(*_i)))
         }
     }
 }
@@ -687,9 +794,7 @@ fn infer_net<B: Backend, M: Net<B>>(
     if spec.kind == ModelKind::Statnn
         && opened.task.feature_mean.len() != crate::models::statnn::FEATURES.len()
     {
-        return Err(TrainError::Checkpoint(
-            "StatNN checkpoint lacks its feature standardisation (metadata `feature_mean`)".into(),
-        ));
+        return Err(CheckpointMismatch::StatnnFeatures.into());
     }
     let mut task = opened.task.clone();
     // A plain state dict with a standardisation beside it has no scale in its metadata.
@@ -722,5 +827,5 @@ pub(crate) fn load_net<B: Backend, M: Net<B>>(
 ) -> Result<M, TrainError> {
     let mut rng = probex_weights::rng::Rng::new(0, 0);
     let model = M::init(spec, &mut rng, device);
-    load_named(model, &ckpt.by_name(), device).map_err(TrainError::Checkpoint)
+    Ok(load_named(model, &ckpt.by_name(), device)?)
 }

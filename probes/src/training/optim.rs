@@ -122,18 +122,19 @@ impl<B: Backend> Adam<B> {
         tensors: &std::collections::HashMap<String, NamedTensor>,
         steps: u64,
         device: &B::Device,
-    ) -> Result<(), String> {
+    ) -> Result<(), OptimStateError> {
         self.steps = steps;
         self.moments.clear();
         for (name, shape) in params {
             let n: usize = shape.iter().product();
-            let get = |prefix: &str| -> Result<Option<Tensor<B, 1>>, String> {
+            let get = |prefix: &str| -> Result<Option<Tensor<B, 1>>, OptimStateError> {
                 match tensors.get(&format!("{prefix}.{name}")) {
                     None => Ok(None),
-                    Some(t) if t.values.len() != n => Err(format!(
-                        "optimiser state `{prefix}.{name}` has {} values, expected {n}",
-                        t.values.len()
-                    )),
+                    Some(t) if t.values.len() != n => Err(OptimStateError {
+                        tensor: format!("{prefix}.{name}"),
+                        values: t.values.len(),
+                        expected: n,
+                    }),
                     Some(t) => Ok(Some(Tensor::from_data(
                         TensorData::new(t.values.clone(), [n]),
                         device,
@@ -148,6 +149,18 @@ impl<B: Backend> Adam<B> {
         }
         Ok(())
     }
+}
+
+/// A saved optimiser moment whose size does not match its parameter.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("optimiser state `{tensor}` has {values} values, expected {expected}")]
+pub struct OptimStateError {
+    /// The moment's tensor name (`exp_avg.<param>`).
+    pub tensor: String,
+    /// The values it holds.
+    pub values: usize,
+    /// The parameter's size.
+    pub expected: usize,
 }
 
 struct StepMapper<'a, AB: AutodiffBackend> {

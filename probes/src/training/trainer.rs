@@ -12,15 +12,15 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::data::{DeviceInputs, HostTargets, Prepared};
+use super::data::{DataError, DeviceInputs, HostTargets, Prepared};
 use super::optim::Adam;
 use super::{
-    Curves, EvalPoint, SplitMetrics, StepPath, TrainConfig, TrainError, TrainOutcome,
-    TrainProgress, TrainReport, metrics,
+    CheckpointMismatch, Curves, EvalPoint, GangError, SplitMetrics, StepPath, TrainConfig,
+    TrainError, TrainOutcome, TrainProgress, TrainReport, metrics,
 };
 use crate::models::checkpoint::{
-    Checkpoint, CheckpointMeta, Standardization, TaskKind, deserialize_named, serialize_named,
-    write_atomic,
+    Checkpoint, CheckpointError, CheckpointMeta, Standardization, TaskKind, deserialize_named,
+    serialize_named, write_atomic,
 };
 use crate::models::encoder::{self, Encoding, Scratch};
 use crate::models::{
@@ -215,7 +215,7 @@ fn ckpt_bytes(
         tensors,
     }
     .to_bytes()
-    .map_err(TrainError::Checkpoint)
+    .map_err(TrainError::from)
 }
 
 /// `standardize = true`: the inputs' standardisation, the file both checkpoints need beside
@@ -232,11 +232,11 @@ fn standardize_bytes(prep: &Prepared) -> Result<Option<Vec<u8>>, TrainError> {
     }
     .to_bytes()
     .map(Some)
-    .map_err(TrainError::Checkpoint)
+    .map_err(TrainError::from)
 }
 
 fn save_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), TrainError> {
-    write_atomic(&dir.join(name), bytes).map_err(TrainError::Checkpoint)
+    Ok(write_atomic(&dir.join(name), bytes)?)
 }
 
 /// A resume state: its metadata and its tensors (model and optimiser) by name.
@@ -249,7 +249,7 @@ fn load_resume(dir: &Path, fingerprint: &str) -> Result<Option<Resume>, TrainErr
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(TrainError::Checkpoint(format!("{}: {e}", path.display()))),
+        Err(source) => return Err(CheckpointError::Io { path, source }.into()),
     };
     let what = path.display().to_string();
     let Ok((meta, tensors)) = deserialize_named(&bytes, &what) else {
@@ -486,7 +486,7 @@ where
             Err(e) => {
                 let msg = e.to_string();
                 for (i, _) in gang {
-                    results[i] = Some(Err(TrainError::Data(msg.clone())));
+                    results[i] = Some(Err(GangError::Shared(msg.clone()).into()));
                 }
                 continue;
             }
@@ -513,7 +513,7 @@ where
             if let Err(e) = step.sync(&mut gang) {
                 let msg = e.to_string();
                 for (i, _) in gang.drain(..) {
-                    results[i] = Some(Err(TrainError::Data(msg.clone())));
+                    results[i] = Some(Err(GangError::Shared(msg.clone()).into()));
                 }
             }
             let mut kept = Vec::new();
@@ -537,7 +537,11 @@ where
     }
     results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(TrainError::Data("a gang member was not trained".into()))))
+        .map(|r| {
+            r.unwrap_or(Err(TrainError::Data(DataError::NotTrained(
+                "a gang member was not trained",
+            ))))
+        })
         .collect()
 }
 
@@ -637,8 +641,10 @@ where
         let Some(dir) = self.job.work_dir else {
             return Ok(());
         };
-        std::fs::create_dir_all(dir)
-            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let Some((m, tensors)) = load_resume(dir, &self.job.fingerprint)? else {
             return Ok(());
         };
@@ -657,12 +663,15 @@ where
             return Ok(());
         }
         let model = self.model.take().ok_or_else(lost_model)?;
-        self.model = Some(load_named(model, &params, device).map_err(|e| {
-            TrainError::Checkpoint(format!("{}: {e}", dir.join(STATE_FILE).display()))
-        })?);
+        self.model =
+            Some(
+                load_named(model, &params, device).map_err(|e| CheckpointMismatch::Resume {
+                    path: dir.join(STATE_FILE),
+                    source: e,
+                })?,
+            );
         self.adam
-            .load_state(names, &tensors, m.adam_steps, device)
-            .map_err(TrainError::Checkpoint)?;
+            .load_state(names, &tensors, m.adam_steps, device)?;
         self.shuffle = Rng::from_state(m.rng_state);
         self.curves = m.curves;
         self.best = m.best;
@@ -813,10 +822,8 @@ where
                 best_holdout: self.best_holdout.clone(),
                 curves: self.curves.clone(),
             };
-            let json =
-                serde_json::to_string(&meta).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-            let bytes = serialize_named(&tensors, HashMap::from([(RESUME_KEY.to_string(), json)]))
-                .map_err(TrainError::Checkpoint)?;
+            let json = serde_json::to_string(&meta).map_err(CheckpointError::from)?;
+            let bytes = serialize_named(&tensors, HashMap::from([(RESUME_KEY.to_string(), json)]))?;
             save_file(dir, STATE_FILE, &bytes)?;
         }
         Ok(stop)
@@ -879,5 +886,7 @@ where
 /// The error of a member whose model was lost to a failed step (a step that fails leaves
 /// none): it is dropped from its gang, so this is never seen.
 fn lost_model() -> TrainError {
-    TrainError::Data("the model was lost to an earlier failure".into())
+    TrainError::Data(DataError::NotTrained(
+        "the model was lost to an earlier failure",
+    ))
 }

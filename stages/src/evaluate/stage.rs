@@ -22,8 +22,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use probex_engine::{
-    Artifact, InputSlot, Inputs, Outcome, PlanFacts, PlanInput, RunContext, Shape, Stage,
-    StageResult,
+    Artifact, InputSlot, Inputs, Outcome, ParamError, PlanFacts, PlanInput, RunContext, Shape,
+    Stage, StageResult,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -104,7 +104,7 @@ impl Stage for Evaluate {
         ]
     }
 
-    fn check(&self, p: &EvaluateParams) -> Result<(), String> {
+    fn check(&self, p: &EvaluateParams) -> Result<(), ParamError> {
         if p.k == 0 || p.retrieve() == 0 {
             return Err("`k` and `retrieve` must be at least 1".into());
         }
@@ -117,7 +117,7 @@ impl Stage for Evaluate {
         &self,
         _p: &EvaluateParams,
         inputs: &[PlanInput<'_>],
-    ) -> Result<PlanFacts, String> {
+    ) -> Result<PlanFacts, ParamError> {
         let methods = inputs.iter().filter(|i| i.ty == SELECTION).map(|i| {
             let shape = i
                 .facts

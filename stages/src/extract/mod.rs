@@ -46,7 +46,7 @@ use probex_weights::{
 use pass::*;
 use probex_engine::digest::{FileDigests, FileStamp};
 pub use probex_fetch::discover::{
-    Discovered, Layout, ModelSource, SplitAssigner, SplitSource, discover,
+    DiscoverError, Discovered, Layout, ModelSource, SplitAssigner, SplitSource, discover,
 };
 use probex_weights::dataset::writer::{self, LayerFile};
 pub use report::{ExtractError, ExtractReport, LayerReport, NonFiniteFinding};
@@ -171,8 +171,8 @@ pub fn extract_with_digests(
     // A copied LoRA layer is laid out at its largest rank before the pass; a referenced one
     // learns its models' ranks in the pass, so its files' headers are read once, not twice.
     let outputs = &widen_lora_ranks(&models, outputs, &referenced);
-    let labeler = Labeler::new(label.clone()).map_err(ExtractError::Config)?;
-    let splits = SplitAssigner::new(&opts.splits).map_err(ExtractError::Config)?;
+    let labeler = Labeler::new(label.clone())?;
+    let splits = SplitAssigner::new(&opts.splits)?;
     let label_width = match &label.vocab {
         Some(v) => Some(v.classes().len()),
         // Inferred vocabularies are known only at the end: reserve for the worst case.
@@ -201,7 +201,7 @@ pub fn extract_with_digests(
             return Err(e);
         }
     };
-    let all_labels = labeler.assemble(&values).map_err(ExtractError::Config)?;
+    let all_labels = labeler.assemble(&values)?;
     check_label_width(&all_labels, label, label_width)?;
     let label_columns = match &all_labels {
         Labels::MultiLabel { classes, .. } => Some(classes.len()),

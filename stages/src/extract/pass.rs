@@ -100,7 +100,10 @@ pub(super) fn check_entry<'a>(
         ));
     };
     // Partial files (fetch in tensors mode) count in their original tensor list.
-    let Some(index) = indices.index(&layer.name, layer.list)? else {
+    let Some(index) = indices
+        .index(&layer.name, layer.list)
+        .map_err(|e| e.to_string())?
+    else {
         return Err(format!(
             "tensor `{}` (layer {} of the first model) is not a layer here: in this file it \
              is not in the {} list ({})",

@@ -59,6 +59,15 @@ pub enum ExtractError {
     /// The request itself is wrong (labels spec, no layers, ...).
     #[error("{0}")]
     Config(String),
+    /// The label spec's options do not fit together.
+    #[error(transparent)]
+    Labels(#[from] probex_weights::labels::LabelSpecError),
+    /// The rows' labels cannot be assembled.
+    #[error(transparent)]
+    Assemble(#[from] probex_weights::labels::AssembleError),
+    /// A pattern of the `splits` table is not a usable glob.
+    #[error(transparent)]
+    Splits(#[from] probex_fetch::discover::GlobError),
     /// A file could not be read.
     #[error(transparent)]
     Weights(#[from] WeightsError),

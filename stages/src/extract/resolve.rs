@@ -66,7 +66,7 @@ impl LayerResolver {
     pub fn open(reference: &Path, mode: LayerMode) -> Result<Self, WeightsError> {
         let label = reference.display().to_string();
         let header = read_header(reference)?;
-        let list = LayerList::of(&header, mode).map_err(|m| WeightsError::invalid(&label, m))?;
+        let list = LayerList::of(&header, mode).map_err(|m| WeightsError::layers(&label, m))?;
         Ok(LayerResolver {
             label,
             header,
@@ -79,7 +79,7 @@ impl LayerResolver {
         let (label, header, list) = (&self.label, &self.header, &self.list);
         let picked = list
             .select(selector)
-            .map_err(|m| WeightsError::invalid(label, m))?;
+            .map_err(|m| WeightsError::layers(label, m))?;
         let rows = &list.rows;
         picked
             .into_iter()
@@ -146,7 +146,7 @@ pub fn read_matrix(path: &Path, layer: &LayerInfo) -> Result<Vec<f32>, WeightsEr
     read_header(path)?;
     let resolved = resolve_layers(path, &LayerSelector::Name(layer.name.clone()), mode).map_err(
         |e| match e {
-            WeightsError::Invalid { .. } => WeightsError::invalid(
+            WeightsError::Layers { .. } | WeightsError::Invalid { .. } => WeightsError::invalid(
                 &label,
                 format!(
                     "this model has no layer `{}` (the probe reads layer {} of shape {:?}); \

@@ -28,8 +28,8 @@
 use std::collections::BTreeMap;
 
 use probex_engine::{
-    FailedWith, InputSlot, Inputs, Outcome, PlanFacts, PlanInput, RunContext, Stage, StageResult,
-    Sweep,
+    FailedWith, InputSlot, Inputs, Outcome, ParamError, PlanFacts, PlanInput, RunContext, Stage,
+    StageResult, Sweep,
 };
 use serde::{Deserialize, Serialize};
 
@@ -131,7 +131,7 @@ impl Stage for Extract {
         &self,
         p: &ExtractParams,
         _inputs: &[PlanInput<'_>],
-    ) -> Result<PlanFacts, String> {
+    ) -> Result<PlanFacts, ParamError> {
         Ok(PlanFacts {
             facts: serde_json::json!({ LABEL_KIND: p.label.kind }),
             ..PlanFacts::default()

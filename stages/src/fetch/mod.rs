@@ -39,7 +39,9 @@
 
 use std::path::{Path, PathBuf};
 
-use probex_engine::{InputSlot, Inputs, Outcome, PlanContext, RunContext, Stage, StageResult};
+use probex_engine::{
+    InputSlot, Inputs, Outcome, ParamError, PlanContext, RunContext, Stage, StageResult,
+};
 use serde::{Deserialize, Serialize};
 
 use probex_fetch::collection::{self, Collection};
@@ -220,7 +222,7 @@ impl FetchParams {
 
 impl FetchParams {
     /// The Hub request these params describe (`source = "hub"`).
-    pub fn hub_request(&self) -> Result<Request, String> {
+    pub fn hub_request(&self) -> Result<Request, ParamError> {
         let given = [
             self.repo.is_some(),
             self.repos.is_some(),
@@ -309,13 +311,14 @@ impl FetchParams {
             (None, Some(Repos::Glob(g)), _) => Err(format!(
                 "with source = \"hub\", `repos` is a list of repo ids (`repos = [\"{g}\"]`); \
                  for one repo write `repo = \"...\"`"
-            )),
+            )
+            .into()),
             _ => Err("give `repo`, `repos` or `model_j`".into()),
         }
     }
 
     /// The mode and tensor selection of a Hub fetch.
-    pub fn hub_mode(&self) -> Result<hub::Mode, String> {
+    pub fn hub_mode(&self) -> Result<hub::Mode, ParamError> {
         match self.mode.unwrap_or_default() {
             HubMode::Files => {
                 if self.tensors.is_some() || self.layers.is_some() || self.layer_mode.is_some() {
@@ -409,34 +412,36 @@ impl Stage for Fetch {
         Vec::new()
     }
 
-    fn check(&self, p: &FetchParams) -> Result<(), String> {
+    fn check(&self, p: &FetchParams) -> Result<(), ParamError> {
         only_for(p)?;
         match p.source {
-            Source::Dir => check_dir(p),
-            Source::Hub => check_hub(p),
-            Source::Npm | Source::Pypi | Source::Deb => package::spec(p).map(|_| ()),
+            Source::Dir => check_dir(p)?,
+            Source::Hub => check_hub(p)?,
+            Source::Npm | Source::Pypi | Source::Deb => {
+                package::spec(p)?;
+            }
         }
+        Ok(())
     }
 
     fn identity(&self, p: &FetchParams, cx: &PlanContext) -> StageResult<Option<String>> {
         if package::manager(p.source).is_some() {
-            return Ok(Some(package::identity(p).map_err(anyhow::Error::msg)?));
+            return Ok(Some(
+                package::identity(p).map_err(anyhow::Error::from_boxed)?,
+            ));
         }
         if p.source == Source::Hub {
-            let hub =
-                Hub::new(&p.hub_config(cx.base_dir, cx.offline)).map_err(anyhow::Error::msg)?;
-            let mut plan = hub
-                .plan(
-                    &p.hub_request().map_err(anyhow::Error::msg)?,
-                    p.revision_or_main(),
-                    &hub::Quiet,
-                )
-                .map_err(anyhow::Error::msg)?;
+            let hub = Hub::new(&p.hub_config(cx.base_dir, cx.offline))?;
+            let mut plan = hub.plan(
+                &p.hub_request().map_err(anyhow::Error::from_boxed)?,
+                p.revision_or_main(),
+                &hub::Quiet,
+            )?;
             plan.extra_files = p.extra_files.clone().unwrap_or_default();
             return Ok(Some(format!("hub:{}", plan.digest())));
         }
         let path = p.path.as_deref().unwrap_or_default();
-        let found = discover(&p.layout(cx.base_dir)).map_err(anyhow::Error::msg)?;
+        let found = discover(&p.layout(cx.base_dir))?;
         if found.models.is_empty() {
             anyhow::bail!(
                 "no model files found under {}",
@@ -466,7 +471,7 @@ impl Stage for Fetch {
             return package::run(p, cx);
         }
         let layout = p.layout(cx.base_dir());
-        let found = discover(&layout).map_err(anyhow::Error::msg)?;
+        let found = discover(&layout)?;
         for note in &found.notes {
             cx.log(note);
         }
@@ -503,7 +508,7 @@ impl Stage for Fetch {
     }
 }
 
-fn check_dir(p: &FetchParams) -> Result<(), String> {
+fn check_dir(p: &FetchParams) -> Result<(), ParamError> {
     if p.path.as_deref().is_none_or(|s| s.trim().is_empty()) {
         return Err("`path` is empty: give the folder holding the models".into());
     }
@@ -523,7 +528,7 @@ fn check_dir(p: &FetchParams) -> Result<(), String> {
 }
 
 /// Refuses keys that the chosen source does not read, naming the sources that do.
-fn only_for(p: &FetchParams) -> Result<(), String> {
+fn only_for(p: &FetchParams) -> Result<(), ParamError> {
     const HUB: &[Source] = &[Source::Hub];
     const PACKAGES: &[Source] = &[Source::Npm, Source::Pypi, Source::Deb];
     const MODELS: &[Source] = &[Source::Dir, Source::Hub];
@@ -557,7 +562,8 @@ fn only_for(p: &FetchParams) -> Result<(), String> {
                 "`{key}` does not apply to source = \"{}\" (only to source = {})",
                 source_name(p.source),
                 names.join(" | ")
-            ));
+            )
+            .into());
         }
     }
     if PACKAGES.contains(&p.source) && (p.path.is_some() || p.recursive) {
@@ -565,7 +571,8 @@ fn only_for(p: &FetchParams) -> Result<(), String> {
             "source = \"{}\" fetches a pinned archive: `path` and `recursive` apply to \
              source = \"dir\"",
             source_name(p.source)
-        ));
+        )
+        .into());
     }
     Ok(())
 }
@@ -580,7 +587,7 @@ fn source_name(s: Source) -> &'static str {
     }
 }
 
-fn check_hub(p: &FetchParams) -> Result<(), String> {
+fn check_hub(p: &FetchParams) -> Result<(), ParamError> {
     if p.path.is_some() {
         return Err(
             "`path` applies to source = \"dir\"; for the Hub give `repo`, `repos` or `model_j`"
@@ -619,9 +626,9 @@ fn check_hub(p: &FetchParams) -> Result<(), String> {
 
 fn run_hub(p: &FetchParams, cx: &RunContext) -> StageResult<Outcome> {
     let cfg = p.hub_config(cx.base_dir(), cx.offline());
-    let hub = Hub::new(&cfg).map_err(anyhow::Error::msg)?;
-    let req = p.hub_request().map_err(anyhow::Error::msg)?;
-    let mode = p.hub_mode().map_err(anyhow::Error::msg)?;
+    let hub = Hub::new(&cfg)?;
+    let req = p.hub_request().map_err(anyhow::Error::from_boxed)?;
+    let mode = p.hub_mode().map_err(anyhow::Error::from_boxed)?;
     cx.log(format!(
         "hub {} ({}), HF cache {}, tensor cache {}{}",
         hub.endpoint(),
@@ -659,7 +666,7 @@ fn run_hub(p: &FetchParams, cx: &RunContext) -> StageResult<Outcome> {
         r
     });
     cx.check_cancelled()?;
-    let (plan, report) = result.map_err(anyhow::Error::msg)?;
+    let (plan, report) = result?;
     let origin = match (&p.model_j, &p.repo) {
         (Some(m), _) => format!("hub:Model-J {}", m.name()),
         (_, Some(r)) => format!("hub:{r}"),

@@ -13,7 +13,7 @@
 //! in [`probex_fetch::packages::default_download_dir`] so a second experiment (or a collected cache)
 //! does not download it again.
 
-use probex_engine::{Outcome, RunContext, StageResult};
+use probex_engine::{Outcome, ParamError, RunContext, StageResult};
 
 use super::{FetchParams, Source};
 use probex_fetch::packages::{
@@ -31,7 +31,7 @@ pub fn manager(source: Source) -> Option<Manager> {
 }
 
 /// The pinned archive these params name.
-pub fn spec(p: &FetchParams) -> Result<PackageSpec, String> {
+pub fn spec(p: &FetchParams) -> Result<PackageSpec, ParamError> {
     let manager = manager(p.source).ok_or("not a package source")?;
     let field = |name: &str, v: &Option<String>| {
         v.clone().ok_or_else(|| {
@@ -47,12 +47,12 @@ pub fn spec(p: &FetchParams) -> Result<PackageSpec, String> {
         version: field("version", &p.version)?,
         sha256: field("sha256", &p.sha256)?,
     };
-    spec.validate().map_err(|e| e.to_string())?;
+    spec.validate()?;
     Ok(spec)
 }
 
 /// The key's source identity: the pin itself (the archive's bytes are fixed by its sha256).
-pub fn identity(p: &FetchParams) -> Result<String, String> {
+pub fn identity(p: &FetchParams) -> Result<String, ParamError> {
     let s = spec(p)?;
     Ok(format!(
         "package:{}:{}:{}:{}",
@@ -65,7 +65,7 @@ pub fn identity(p: &FetchParams) -> Result<String, String> {
 
 /// Downloads (or finds) the archive and unpacks it into the artifact.
 pub fn run(p: &FetchParams, cx: &RunContext) -> StageResult<Outcome> {
-    let spec = spec(p).map_err(anyhow::Error::msg)?;
+    let spec = spec(p).map_err(anyhow::Error::from_boxed)?;
     let downloads = default_download_dir();
     let archive = match cached_package(&spec, &downloads)? {
         Some(hit) => {

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use probex_engine::{InputSlot, Inputs, Outcome, RunContext, Stage, StageResult};
+use probex_engine::{InputSlot, Inputs, Outcome, ParamError, RunContext, Stage, StageResult};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -99,12 +99,13 @@ impl Stage for Route {
         vec![InputSlot::many(collection::ARTIFACT)]
     }
 
-    fn check(&self, p: &RouteParams) -> Result<(), String> {
+    fn check(&self, p: &RouteParams) -> Result<(), ParamError> {
         if !(p.margin.is_finite() && p.margin >= 1.0) {
-            return Err(format!("`margin` = {}: use a number >= 1", p.margin));
+            return Err(format!("`margin` = {}: use a number >= 1", p.margin).into());
         }
         super::check_min_silhouette(p.min_silhouette)?;
-        SplitAssigner::new(&p.splits).map(|_| ())
+        SplitAssigner::new(&p.splits)?;
+        Ok(())
     }
 
     fn run(&self, p: &RouteParams, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
@@ -180,7 +181,7 @@ fn route(
     cx: &RunContext,
 ) -> StageResult<(Routing, Vec<Vec<f32>>)> {
     let models = input_models(inputs)?;
-    let splits = SplitAssigner::new(&p.splits).map_err(anyhow::Error::msg)?;
+    let splits = SplitAssigner::new(&p.splits)?;
     cx.log(format!("reading the headers of {} models", models.len()));
     let candidates: Vec<Candidate> = models
         .into_par_iter()
@@ -374,19 +375,23 @@ fn candidate(
     splits: &SplitAssigner,
 ) -> StageResult<Candidate> {
     let header = read_header(&model.path)?;
-    let at = |m: String| anyhow::anyhow!("{} (model `{}`): {m}", model.path.display(), model.id);
-    let split = splits.split(&model, &header.metadata).map_err(at)?;
+    let at = |m: &dyn std::fmt::Display| {
+        anyhow::anyhow!("{} (model `{}`): {m}", model.path.display(), model.id)
+    };
+    let split = splits.split(&model, &header.metadata).map_err(|e| at(&e))?;
     let truth =
         match &p.truth {
             Some(key) => {
                 Some(header.metadata.get(key).cloned().ok_or_else(|| {
-                    at(format!("metadata key `{key}` (the true tree) is missing"))
+                    at(&format!("metadata key `{key}` (the true tree) is missing"))
                 })?)
             }
             None => origin,
         };
     // A file fetched in tensors mode keeps the original header: that is its architecture.
-    let full = partial::original(&header).map_err(at)?.unwrap_or(header);
+    let full = partial::original(&header)
+        .map_err(|e| at(&e))?
+        .unwrap_or(header);
     let (signature, tensors, parameters) = signature(&full);
     model.split = Some(split);
     Ok(Candidate {

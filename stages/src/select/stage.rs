@@ -18,7 +18,8 @@
 //! `layers.png`; over a grid, each layer's best setting), which the run record publishes.
 
 use probex_engine::{
-    InputSlot, Inputs, Outcome, PlanFacts, PlanInput, RunContext, Shape, Stage, StageResult,
+    InputSlot, Inputs, Outcome, ParamError, PlanFacts, PlanInput, RunContext, Shape, Stage,
+    StageResult,
 };
 use serde::{Deserialize, Serialize};
 
@@ -77,12 +78,13 @@ impl Stage for Select {
         vec![InputSlot::one(train::ARTIFACT).gathered()]
     }
 
-    fn check(&self, p: &SelectParams) -> Result<(), String> {
+    fn check(&self, p: &SelectParams) -> Result<(), ParamError> {
         if p.by.split('.').any(str::is_empty) {
             return Err(format!(
                 "`by = \"{}\"` is not a metric path (e.g. \"val.accuracy\")",
                 p.by
-            ));
+            )
+            .into());
         }
         Ok(())
     }
@@ -90,7 +92,11 @@ impl Stage for Select {
     /// Checks `by` against the metrics its probes will report (their task decides them: a
     /// category probe has `val.top1`, not `val.accuracy`), before anything trains; reports
     /// what the chosen probe reports, plus the choice.
-    fn plan_facts(&self, p: &SelectParams, inputs: &[PlanInput<'_>]) -> Result<PlanFacts, String> {
+    fn plan_facts(
+        &self,
+        p: &SelectParams,
+        inputs: &[PlanInput<'_>],
+    ) -> Result<PlanFacts, ParamError> {
         let Some(probes) = inputs.iter().find(|i| i.ty == train::ARTIFACT) else {
             return Ok(PlanFacts::default());
         };
@@ -111,7 +117,8 @@ impl Stage for Select {
             return Err(format!(
                 "`by = \"{}\"`{default} names no metric its probes report{task}: {m}",
                 p.by
-            ));
+            )
+            .into());
         }
         Ok(PlanFacts {
             results: up

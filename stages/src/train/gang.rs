@@ -130,14 +130,14 @@ pub fn run_gang(jobs: &[(&TrainConfig, &Inputs, &RunContext)]) -> Vec<StageResul
     let device: DeviceSpec = match first_cx.device().unwrap_or("cpu").parse() {
         Ok(d) => d,
         Err(e) => {
-            return jobs.iter().map(|_| Err(anyhow::anyhow!("{e}"))).collect();
+            return jobs.iter().map(|_| Err(e.clone().into())).collect();
         }
     };
     // The members share the memory budget for layers held in memory: a member over its share
     // reads its layer from disk batch by batch, with the same result.
     let budget = match training::memory::budget() {
         Ok(b) => b / jobs.len().max(1) as u64,
-        Err(e) => return jobs.iter().map(|_| Err(anyhow::anyhow!("{e}"))).collect(),
+        Err(e) => return jobs.iter().map(|_| Err(e.clone().into())).collect(),
     };
     let mut results: Vec<Option<StageResult<Outcome>>> = jobs.iter().map(|_| None).collect();
     let mut opened: Vec<(usize, super::Opened)> = Vec::new();

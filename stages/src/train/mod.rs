@@ -22,8 +22,8 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use probex_engine::{
-    Artifact, Cancelled, InputSlot, Inputs, Outcome, PlanFacts, PlanInput, Resource, RunContext,
-    Shape, Stage, StageResult,
+    Artifact, Cancelled, InputSlot, Inputs, Outcome, ParamError, PlanFacts, PlanInput, Resource,
+    RunContext, Shape, Stage, StageResult,
 };
 use safetensors::{Dtype, tensor::TensorView};
 use serde::{Deserialize, Serialize};
@@ -154,13 +154,17 @@ impl Stage for Train {
         vec![InputSlot::one(LAYER), InputSlot::optional(EMBEDDINGS)]
     }
 
-    fn check(&self, p: &TrainConfig) -> Result<(), String> {
-        p.validate()
+    fn check(&self, p: &TrainConfig) -> Result<(), ParamError> {
+        Ok(p.validate()?)
     }
 
     /// From the label kind of its layer input: the probe's task (passed on as [`TASK`]) and
     /// so its metrics, under every split; unknown when the layer's label kind is.
-    fn plan_facts(&self, p: &TrainConfig, inputs: &[PlanInput<'_>]) -> Result<PlanFacts, String> {
+    fn plan_facts(
+        &self,
+        p: &TrainConfig,
+        inputs: &[PlanInput<'_>],
+    ) -> Result<PlanFacts, ParamError> {
         let label_kind = inputs
             .iter()
             .find(|i| i.ty == LAYER)
@@ -213,7 +217,7 @@ impl Stage for Train {
             .unwrap_or("cpu")
             .parse()
             .map_err(anyhow::Error::msg)?;
-        let budget = training::memory::budget().map_err(anyhow::Error::msg)?;
+        let budget = training::memory::budget()?;
         let Opened {
             ds,
             text,
@@ -477,10 +481,7 @@ pub fn read_outputs(dir: &Path) -> StageResult<(Vec<f32>, usize, Vec<f32>, usize
     let get = |name: &str| -> StageResult<(Vec<f32>, usize)> {
         let t = st.tensor(name)?;
         let dim = t.shape().get(1).copied().unwrap_or(0);
-        Ok((
-            probex_weights::dataset::decode(t.dtype(), t.data()).map_err(anyhow::Error::msg)?,
-            dim,
-        ))
+        Ok((probex_weights::dataset::decode(t.dtype(), t.data())?, dim))
     };
     let (e, ed) = get("encodings")?;
     let (s, sd) = get("scores")?;

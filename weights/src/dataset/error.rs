@@ -46,6 +46,55 @@ pub enum DatasetError {
 
 /// [`DatasetError::NonFinite`] naming the row's model for non-finite values; `stale` of the
 /// message for any other row error.
+/// A layer dataset whose parts disagree ([`super::LayerDataset::validate`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Inconsistent {
+    /// On-disk rows that do not match the models.
+    #[error("{rows} rows on disk for {models} models")]
+    RowsOnDisk {
+        /// Rows on disk.
+        rows: usize,
+        /// Models.
+        models: usize,
+    },
+    /// A tensor part whose values do not fill its shape.
+    #[error("`{part}` holds {values} values, expected {shape:?} = {expected}")]
+    Values {
+        /// The part (`weights`, `up`, `down`).
+        part: String,
+        /// The values it holds.
+        values: usize,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// The values the shape needs.
+        expected: usize,
+    },
+    /// Model records that do not match the rows.
+    #[error("{models} model records for {rows} rows")]
+    Models {
+        /// Model records.
+        models: usize,
+        /// Rows.
+        rows: usize,
+    },
+    /// Labels that do not match the rows.
+    #[error("{labels} labels for {rows} rows")]
+    Labels {
+        /// Labels.
+        labels: usize,
+        /// Rows.
+        rows: usize,
+    },
+    /// A class target past the class list.
+    #[error("class target {target} out of range ({classes} classes)")]
+    Target {
+        /// The target.
+        target: u32,
+        /// How many classes there are.
+        classes: usize,
+    },
+}
+
 pub(super) fn non_finite_or(
     e: RowError,
     models: &[ModelRecord],
@@ -64,10 +113,10 @@ pub(super) fn non_finite_or(
     }
 }
 
-pub(super) fn invalid(path: &Path, message: impl Into<String>) -> DatasetError {
+pub(super) fn invalid(path: &Path, message: impl std::fmt::Display) -> DatasetError {
     DatasetError::Invalid {
         path: path.display().to_string(),
-        message: message.into(),
+        message: message.to_string(),
     }
 }
 

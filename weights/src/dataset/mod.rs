@@ -27,7 +27,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 pub use crate::codec::{Precision, decode, encode};
-pub use error::DatasetError;
+pub use error::{DatasetError, Inconsistent};
 use error::{invalid, io, non_finite_or};
 pub use rows::count_non_finite;
 pub use rows::{RowError, RowReader};
@@ -469,10 +469,13 @@ impl LayerDataset {
     }
 
     /// Checks that every part agrees on the number of rows and the shape.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Inconsistent> {
         let held = match &self.weights {
             Matrices::OnDisk(r) if r.len() != self.n => {
-                return Err(format!("{} rows on disk for {} models", r.len(), self.n));
+                return Err(Inconsistent::RowsOnDisk {
+                    rows: r.len(),
+                    models: self.n,
+                });
             }
             w => w.in_memory().unwrap_or_default(),
         };
@@ -485,29 +488,33 @@ impl LayerDataset {
         {
             let want: usize = shape.iter().product();
             if values.len() != want {
-                return Err(format!(
-                    "`{name}` holds {} values, expected {shape:?} = {want}",
-                    values.len()
-                ));
+                return Err(Inconsistent::Values {
+                    part: name.to_string(),
+                    values: values.len(),
+                    shape: shape.to_vec(),
+                    expected: want,
+                });
             }
         }
         if self.models.len() != self.n {
-            return Err(format!(
-                "{} model records for {} rows",
-                self.models.len(),
-                self.n
-            ));
+            return Err(Inconsistent::Models {
+                models: self.models.len(),
+                rows: self.n,
+            });
         }
         if self.labels.len() != self.n {
-            return Err(format!("{} labels for {} rows", self.labels.len(), self.n));
+            return Err(Inconsistent::Labels {
+                labels: self.labels.len(),
+                rows: self.n,
+            });
         }
         if let Labels::Class { classes, targets } = &self.labels
             && let Some(t) = targets.iter().find(|&&t| t as usize >= classes.len())
         {
-            return Err(format!(
-                "class target {t} out of range ({} classes)",
-                classes.len()
-            ));
+            return Err(Inconsistent::Target {
+                target: *t,
+                classes: classes.len(),
+            });
         }
         Ok(())
     }

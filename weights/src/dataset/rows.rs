@@ -215,7 +215,9 @@ impl RowReader {
         let Some(seen) = &row.check else {
             return bytes
                 .into_iter()
-                .map(|(_, dtype, data)| decode(dtype, &data).map_err(RowError::Stale))
+                .map(|(_, dtype, data)| {
+                    decode(dtype, &data).map_err(|e| RowError::Stale(e.to_string()))
+                })
                 .collect();
         };
         let now = FileStamp::of(&file.metadata().map_err(gone)?);
@@ -228,7 +230,7 @@ impl RowReader {
         bytes
             .into_iter()
             .map(|(offset, dtype, data)| {
-                let values = decode(dtype, &data).map_err(RowError::Stale)?;
+                let values = decode(dtype, &data).map_err(|e| RowError::Stale(e.to_string()))?;
                 match count_non_finite(&values) {
                     (0, 0) => Ok(values),
                     (nan, inf) => Err(RowError::NonFinite {

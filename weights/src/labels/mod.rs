@@ -161,33 +161,32 @@ impl LabelSpec {
     }
 
     /// Checks that the options fit the kind (e.g. `vocab` only with `multi_label`).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), LabelSpecError> {
         if self.key.is_empty() {
-            return Err("label `key` is empty".into());
+            return Err(LabelSpecError::EmptyKey);
         }
         let kind = self.kind_name();
+        let misplaced = |option, applies_to| LabelSpecError::Misplaced {
+            option,
+            applies_to,
+            kind,
+        };
         if self.vocab.is_some() && self.kind != LabelKind::MultiLabel {
-            return Err(format!(
-                "label option `vocab` applies to kind \"multi_label\", not \"{kind}\""
-            ));
+            return Err(misplaced("vocab", "multi_label"));
         }
         if self.names.is_some() && self.kind != LabelKind::Class {
-            return Err(format!(
-                "label option `names` applies to kind \"class\", not \"{kind}\""
-            ));
+            return Err(misplaced("names", "class"));
         }
         if self.transform.is_some() && self.kind != LabelKind::Numeric {
-            return Err(format!(
-                "label option `transform` applies to kind \"numeric\", not \"{kind}\""
-            ));
+            return Err(misplaced("transform", "numeric"));
         }
         if let Some(Vocab::Inline(v)) = &self.vocab {
             if v.is_empty() {
-                return Err("label `vocab` is an empty list".into());
+                return Err(LabelSpecError::EmptyVocab);
             }
             let mut seen = BTreeSet::new();
             if let Some(d) = v.iter().find(|c| !seen.insert(c.as_str())) {
-                return Err(format!("label `vocab` lists `{d}` twice"));
+                return Err(LabelSpecError::VocabTwice(d.clone()));
             }
         }
         Ok(())
@@ -313,9 +312,56 @@ fn excerpt(v: &str) -> String {
     }
 }
 
+/// A label spec whose options do not fit together.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LabelSpecError {
+    /// No key.
+    #[error("label `key` is empty")]
+    EmptyKey,
+    /// An option for another kind.
+    #[error("label option `{option}` applies to kind \"{applies_to}\", not \"{kind}\"")]
+    Misplaced {
+        /// The option.
+        option: &'static str,
+        /// The kind it applies to.
+        applies_to: &'static str,
+        /// The spec's kind.
+        kind: &'static str,
+    },
+    /// An empty inline vocabulary.
+    #[error("label `vocab` is an empty list")]
+    EmptyVocab,
+    /// A name listed twice in the vocabulary.
+    #[error("label `vocab` lists `{0}` twice")]
+    VocabTwice(String),
+}
+
+/// Why the labels of the rows cannot be assembled ([`Labeler::assemble`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AssembleError {
+    /// A value of another kind than the labeler's.
+    #[error("row {row}: label {label} is not {expected}")]
+    WrongKind {
+        /// The row.
+        row: usize,
+        /// The value, as shown.
+        label: String,
+        /// What it should be ("a class", "a number", ...).
+        expected: &'static str,
+    },
+    /// A multi-label name outside the vocabulary.
+    #[error("row {row}: `{name}` is not in the vocabulary")]
+    NotInVocab {
+        /// The row.
+        row: usize,
+        /// The name.
+        name: String,
+    },
+}
+
 impl Labeler {
     /// Validates `spec` and prepares its vocabulary.
-    pub fn new(spec: LabelSpec) -> Result<Self, String> {
+    pub fn new(spec: LabelSpec) -> Result<Self, LabelSpecError> {
         spec.validate()?;
         let vocab = spec.vocab.as_ref().map(Vocab::classes);
         let vocab_index = vocab
@@ -414,7 +460,12 @@ impl Labeler {
     /// Class lists: `class` and `category` use the distinct ids seen, sorted (so the ids present
     /// define the classes, e.g. 200 of ImageNet's 1,000 for SD_200); `bool` is always
     /// `[false, true]`; `multi_label` uses the vocabulary, or the sorted union of names seen.
-    pub fn assemble(&self, values: &[LabelValue]) -> Result<Labels, String> {
+    pub fn assemble(&self, values: &[LabelValue]) -> Result<Labels, AssembleError> {
+        let wrong = |row: usize, v: &LabelValue, expected| AssembleError::WrongKind {
+            row,
+            label: v.to_string(),
+            expected,
+        };
         match self.spec.kind {
             LabelKind::MultiLabel => {
                 let classes: Vec<String> = match &self.vocab {
@@ -439,12 +490,15 @@ impl Labeler {
                 let mut targets = vec![0.0f32; values.len() * width];
                 for (row, v) in values.iter().enumerate() {
                     let LabelValue::Multi(names) = v else {
-                        return Err(format!("row {row}: label {v} is not a multi-label value"));
+                        return Err(wrong(row, v, "a multi-label value"));
                     };
                     for n in names {
                         let c = index
                             .get(n.as_str())
-                            .ok_or_else(|| format!("row {row}: `{n}` is not in the vocabulary"))?;
+                            .ok_or_else(|| AssembleError::NotInVocab {
+                                row,
+                                name: n.clone(),
+                            })?;
                         targets[row * width + c] = 1.0;
                     }
                 }
@@ -454,7 +508,7 @@ impl Labeler {
                 let mut ids = Vec::with_capacity(values.len());
                 for (row, v) in values.iter().enumerate() {
                     let LabelValue::Class(id) = v else {
-                        return Err(format!("row {row}: label {v} is not a class"));
+                        return Err(wrong(row, v, "a class"));
                     };
                     ids.push(id.as_str());
                 }
@@ -492,7 +546,7 @@ impl Labeler {
                     .enumerate()
                     .map(|(row, v)| match v {
                         LabelValue::Bool(b) => Ok(u32::from(*b)),
-                        other => Err(format!("row {row}: label {other} is not a boolean")),
+                        other => Err(wrong(row, other, "a boolean")),
                     })
                     .collect::<Result<_, _>>()?;
                 Ok(Labels::Class { classes, targets })
@@ -503,7 +557,7 @@ impl Labeler {
                     .enumerate()
                     .map(|(row, v)| match v {
                         LabelValue::Numeric(x) => Ok(*x),
-                        other => Err(format!("row {row}: label {other} is not a number")),
+                        other => Err(wrong(row, other, "a number")),
                     })
                     .collect::<Result<_, _>>()?;
                 Ok(Labels::Numeric {
@@ -725,9 +779,20 @@ mod tests {
                 .to_string();
         assert!(e.contains("mnist"), "{e}");
         let s = spec(r#"label = { key = "a", kind = "category", vocab = "cifar100" }"#);
-        assert!(Labeler::new(s).unwrap_err().contains("vocab"));
+        let e = Labeler::new(s).unwrap_err();
+        assert_eq!(
+            e,
+            LabelSpecError::Misplaced {
+                option: "vocab",
+                applies_to: "multi_label",
+                kind: "category"
+            }
+        );
+        assert!(e.to_string().contains("vocab"), "{e}");
         let s = spec(r#"label = { key = "a", kind = "multi_label", vocab = ["x", "y", "x"] }"#);
-        assert!(Labeler::new(s).unwrap_err().contains("twice"));
+        let e = Labeler::new(s).unwrap_err();
+        assert_eq!(e, LabelSpecError::VocabTwice("x".into()));
+        assert!(e.to_string().contains("twice"), "{e}");
         let s = spec(
             r#"label = { key = "a", kind = "class", names = "imagenet-1k", on_error = "skip" }"#,
         );

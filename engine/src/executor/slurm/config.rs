@@ -422,27 +422,61 @@ impl<'de> Deserialize<'de> for WaitSeconds {
     }
 }
 
-fn check_word(s: &str) -> Result<(), String> {
+/// Why a value of the `[slurm]` table is refused (shown at the value).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SlurmValueError {
+    /// An empty name.
+    #[error("must not be empty")]
+    Empty,
+    /// A name with a character a job script could misread.
+    #[error("`{value}` is not a SLURM name: it contains {found:?} (use one word)")]
+    NotAWord {
+        /// The value.
+        value: String,
+        /// The first offending character.
+        found: char,
+    },
+    /// Not a SLURM time limit.
+    #[error(
+        "`{0}` is not a SLURM time limit: use MINUTES, HH:MM:SS or DAYS-HH[:MM[:SS]] (e.g. \"02:00:00\", \"1-12\")"
+    )]
+    NotATime(String),
+    /// A time limit of zero.
+    #[error("`{0}` is a time limit of zero")]
+    ZeroTime(String),
+    /// Not an amount of memory.
+    #[error(
+        "`{0}` is not an amount of memory: use a whole number with K, M, G or T (e.g. \"16G\")"
+    )]
+    NotMemory(String),
+    /// An sbatch option that does not start with `-`.
+    #[error(
+        "`{0}` is not an sbatch option: write it as on sbatch's command line (e.g. \"--constraint=a100\")"
+    )]
+    NotAnOption(String),
+    /// A value of several lines.
+    #[error("must be one line (give several lines as several list items)")]
+    NotOneLine,
+}
+
+fn check_word(s: &str) -> Result<(), SlurmValueError> {
     if s.is_empty() {
-        return Err("must not be empty".into());
+        return Err(SlurmValueError::Empty);
     }
     match s
         .chars()
         .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '#' | '\\'))
     {
-        Some(c) => Err(format!(
-            "`{s}` is not a SLURM name: it contains {c:?} (use one word)"
-        )),
+        Some(found) => Err(SlurmValueError::NotAWord {
+            value: s.to_owned(),
+            found,
+        }),
         None => Ok(()),
     }
 }
 
-fn check_time(s: &str) -> Result<(), String> {
-    let bad = || {
-        format!(
-            "`{s}` is not a SLURM time limit: use MINUTES, HH:MM:SS or DAYS-HH[:MM[:SS]] (e.g. \"02:00:00\", \"1-12\")"
-        )
-    };
+fn check_time(s: &str) -> Result<(), SlurmValueError> {
+    let bad = || SlurmValueError::NotATime(s.to_owned());
     if matches!(s, "UNLIMITED" | "INFINITE") {
         return Ok(());
     }
@@ -469,12 +503,12 @@ fn check_time(s: &str) -> Result<(), String> {
     if parts.iter().all(|p| p.bytes().all(|b| b == b'0'))
         && days.is_none_or(|d| d.bytes().all(|b| b == b'0'))
     {
-        return Err(format!("`{s}` is a time limit of zero"));
+        return Err(SlurmValueError::ZeroTime(s.to_owned()));
     }
     Ok(())
 }
 
-fn check_memory(s: &str) -> Result<(), String> {
+fn check_memory(s: &str) -> Result<(), SlurmValueError> {
     let digits = s.trim_end_matches(['K', 'M', 'G', 'T', 'k', 'm', 'g', 't']);
     let ok = !digits.is_empty()
         && s.len() - digits.len() <= 1
@@ -483,24 +517,20 @@ fn check_memory(s: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "`{s}` is not an amount of memory: use a whole number with K, M, G or T (e.g. \"16G\")"
-        ))
+        Err(SlurmValueError::NotMemory(s.to_owned()))
     }
 }
 
-fn check_option(s: &str) -> Result<(), String> {
+fn check_option(s: &str) -> Result<(), SlurmValueError> {
     if !s.starts_with('-') {
-        return Err(format!(
-            "`{s}` is not an sbatch option: write it as on sbatch's command line (e.g. \"--constraint=a100\")"
-        ));
+        return Err(SlurmValueError::NotAnOption(s.to_owned()));
     }
     check_line(s)
 }
 
-fn check_line(s: &str) -> Result<(), String> {
+fn check_line(s: &str) -> Result<(), SlurmValueError> {
     if s.contains(['\n', '\r', '\0']) {
-        return Err("must be one line (give several lines as several list items)".into());
+        return Err(SlurmValueError::NotOneLine);
     }
     Ok(())
 }
@@ -538,6 +568,21 @@ mod tests {
         ] {
             assert!(check_time(bad).is_err(), "{bad}");
         }
+        assert_eq!(
+            check_time("00:00:00"),
+            Err(SlurmValueError::ZeroTime("00:00:00".into()))
+        );
+        assert_eq!(
+            check_time("2h"),
+            Err(SlurmValueError::NotATime("2h".into()))
+        );
+        assert_eq!(
+            check_word("a b"),
+            Err(SlurmValueError::NotAWord {
+                value: "a b".into(),
+                found: ' '
+            })
+        );
     }
 
     #[test]

@@ -169,7 +169,7 @@ fn stacked_standardize<'a, B: Backend>(
             standardize, dims, ..
         } = &job.prep.inputs
         else {
-            return Err(TrainError::Data("a gang mixes factors and matrices".into()));
+            return Err(GangError::MixedInputs.into());
         };
         parts.push((standardize.clone(), [dims[1], dims[2]]));
     }
@@ -179,9 +179,7 @@ fn stacked_standardize<'a, B: Backend>(
     let (mut means, mut scales) = (Vec::new(), Vec::new());
     for (s, [d_h, d_w]) in parts {
         let Some((mean, scale)) = s else {
-            return Err(TrainError::Data(
-                "a gang mixes standardised and raw members".into(),
-            ));
+            return Err(GangError::MixedStandardization.into());
         };
         means.push(Tensor::<B, 2>::from_data(
             TensorData::new(mean, [d_h, d_w]),
@@ -209,13 +207,11 @@ impl<AB: AutodiffBackend> Stacked<AB> {
         device: &AB::Device,
     ) -> Result<Self, TrainError> {
         let Some((_, first)) = gang.first() else {
-            return Err(TrainError::Data("an empty gang".into()));
+            return Err(GangError::Empty.into());
         };
         let (job, steps) = (first.job, first.adam.steps);
         if gang.iter().any(|(_, m)| m.adam.steps != steps) {
-            return Err(TrainError::Data(
-                "the members of a gang resumed with different optimiser step counts".into(),
-            ));
+            return Err(GangError::StepCounts.into());
         }
         let cfg = job.cfg;
         let mut per_member: Vec<Vec<Tensor<AB::InnerBackend, 1>>> = Vec::new();
@@ -260,7 +256,7 @@ impl<AB: AutodiffBackend> Stacked<AB> {
         let text = match job.prep.spec.kind {
             ModelKind::ProbexZeroshot => match texts {
                 Some(t) => Some(Tensor::stack::<3>(t, 0)),
-                None => return Err(TrainError::Data("a zero-shot member has no text".into())),
+                None => return Err(GangError::NoText.into()),
             },
             _ => None,
         };
@@ -578,8 +574,7 @@ where
             return failed;
         };
         if ok.iter().any(|&g| chunks[g].len() != b) {
-            let e = "the members of a batched gang took batches of different sizes";
-            failed.extend(ok.iter().map(|&g| (g, TrainError::Data(e.into()))));
+            failed.extend(ok.iter().map(|&g| (g, GangError::BatchSizes.into())));
             self.keep(&[]);
             return failed;
         }
