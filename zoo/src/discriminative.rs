@@ -18,7 +18,7 @@ use crate::train::{self, Ad, Batcher, Classifier, Cpu, Item, OptimSpec, Schedule
 use crate::workers::{elapsed, run_parallel, single_threaded, thread_cpu_seconds};
 use crate::{
     BaseRecord, HeadInit, ModelRecord, Phase, Progress, ProgressFn, Timings, TreeReport, ZooConfig,
-    ZooError, internal,
+    ZooError,
 };
 use probex_weights::rng::StreamRng;
 
@@ -414,16 +414,16 @@ fn fit(
         M::InnerModule: Classifier<Cpu>,
     {
         let (model, loss) = train::train_classifier(model, batches, data, aug, opt, rng);
-        Ok((model.valid().state_dict().map_err(internal)?, loss))
+        Ok((model.valid().state_dict()?, loss))
     }
     let device = Default::default();
     match arch {
         Arch::Mlp(c) => {
-            let m = Mlp::<Ad>::load(c, size, classes, state, &device).map_err(internal)?;
+            let m = Mlp::<Ad>::load(c, size, classes, state, &device)?;
             run(m, batches, data, aug, opt, rng)
         }
         Arch::Vit(c) => {
-            let m = Vit::<Ad>::load(c, size, classes, state, &device).map_err(internal)?;
+            let m = Vit::<Ad>::load(c, size, classes, state, &device)?;
             run(m, batches, data, aug, opt, rng)
         }
     }
@@ -466,11 +466,11 @@ fn eval_accuracy(
     let device = Default::default();
     match arch {
         Arch::Mlp(c) => {
-            let m = Mlp::<Cpu>::load(c, size, classes, state, &device).map_err(internal)?;
+            let m = Mlp::<Cpu>::load(c, size, classes, state, &device)?;
             train::accuracy(&m, eval, data, aug, rng)
         }
         Arch::Vit(c) => {
-            let m = Vit::<Cpu>::load(c, size, classes, state, &device).map_err(internal)?;
+            let m = Vit::<Cpu>::load(c, size, classes, state, &device)?;
             train::accuracy(&m, eval, data, aug, rng)
         }
     }

@@ -73,9 +73,12 @@ pub enum ZooError {
     /// The progress sink asked to stop (Ctrl-C).
     #[error("cancelled")]
     Cancelled,
-    /// A defect of the zoo itself (a tensor it made has the wrong shape, a thread pool failed).
+    /// A defect of the zoo itself (a thread pool failed).
     #[error("zoo internal error: {0}")]
     Internal(String),
+    /// A defect of the zoo itself: a net's state dict that does not fit it.
+    #[error("zoo internal error: {0}")]
+    State(#[from] nets::StateError),
 }
 
 impl ZooError {
@@ -85,12 +88,6 @@ impl ZooError {
             source,
         }
     }
-}
-
-/// A message from code that cannot fail on valid input (loading weights the zoo made itself)
-/// as an internal error.
-pub(crate) fn internal(e: String) -> ZooError {
-    ZooError::Internal(e)
 }
 
 /// Builds the trees of `config` from the emoji package at `emoji_dir` (the unpacked npm

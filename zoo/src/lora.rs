@@ -18,7 +18,7 @@ use crate::train::{self, Ad};
 use crate::workers::{elapsed, run_parallel, single_threaded, thread_cpu_seconds};
 use crate::{
     BaseRecord, LoraText, ModelRecord, Phase, Progress, ProgressFn, TextEmbedder, Timings,
-    TreeReport, ZooConfig, ZooError, internal,
+    TreeReport, ZooConfig, ZooError,
 };
 use probex_weights::rng::StreamRng;
 
@@ -169,7 +169,7 @@ impl Denoising<'_> {
             let (state, loss, base_s) = single_threaded(|| -> Result<_, ZooError> {
                 let cpu = thread_cpu_seconds();
                 let device = Default::default();
-                let model = Denoiser::<Ad>::load(&self.shape, &init, &device).map_err(internal)?;
+                let model = Denoiser::<Ad>::load(&self.shape, &init, &device)?;
                 let (model, loss) = train::train_denoiser(
                     model,
                     &self.images,
@@ -180,7 +180,7 @@ impl Denoising<'_> {
                     l.base_learning_rate,
                     &mut rng,
                 );
-                let state = model.valid().state(&self.shape).map_err(internal)?;
+                let state = model.valid().state(&self.shape)?;
                 Ok((state, loss, elapsed(t0, cpu)))
             })??;
             let base_model = format!("probex-zoo/{tree}-base-{b}");
@@ -366,9 +366,7 @@ fn lora_one(
         );
     }
     let device = Default::default();
-    let base = Denoiser::<Ad>::load(shape, &bases[b], &device)
-        .map_err(internal)?
-        .no_grad();
+    let base = Denoiser::<Ad>::load(shape, &bases[b], &device)?.no_grad();
     let lora = Lora::<Ad>::init(shape, l.rank, &mut rng, &device);
     let (lora, loss) = train::train_lora(
         &base,
@@ -381,7 +379,7 @@ fn lora_one(
         lr,
         &mut rng,
     );
-    let state = lora.valid().state(shape).map_err(internal)?;
+    let state = lora.valid().state(shape)?;
 
     let mut meta = BTreeMap::new();
     let mut put = |k: &str, v: String| {

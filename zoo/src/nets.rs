@@ -31,16 +31,43 @@ pub type StateDict = BTreeMap<String, HostTensor>;
 /// The ViT's patch projection in a state dict (a conv weight `[hidden, 3, p, p]` and its bias).
 const PATCH: &str = "vit.embeddings.patch_embeddings.projection";
 
-/// A state dict entry that is missing or has the wrong shape: a defect of the zoo itself.
-fn take<'a>(state: &'a StateDict, name: &str, shape: &[usize]) -> Result<&'a HostTensor, String> {
+/// A state dict that does not fit a net, or a tensor that cannot be read back from its device.
+/// The zoo reads only the nets it made itself, so either is a defect of the zoo.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// No tensor of that name.
+    #[error("state dict has no tensor `{0}`")]
+    Missing(String),
+    /// The tensor has another shape than the net's.
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// The tensor's name.
+        name: String,
+        /// Its shape in the state dict.
+        found: Vec<usize>,
+        /// The net's shape for it.
+        expected: Vec<usize>,
+    },
+    /// A device tensor could not be copied back to the host.
+    #[error("reading a tensor back: {0:?}")]
+    ReadBack(burn::tensor::DataError),
+}
+
+/// The state dict's tensor `name`, which must have `shape`.
+fn take<'a>(
+    state: &'a StateDict,
+    name: &str,
+    shape: &[usize],
+) -> Result<&'a HostTensor, StateError> {
     let t = state
         .get(name)
-        .ok_or_else(|| format!("state dict has no tensor `{name}`"))?;
+        .ok_or_else(|| StateError::Missing(name.to_string()))?;
     if t.shape != shape {
-        return Err(format!(
-            "tensor `{name}` has shape {:?}, expected {shape:?}",
-            t.shape
-        ));
+        return Err(StateError::Shape {
+            name: name.to_string(),
+            found: t.shape.clone(),
+            expected: shape.to_vec(),
+        });
     }
     Ok(t)
 }
@@ -55,11 +82,11 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn tensor_data<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, String> {
+fn tensor_data<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, StateError> {
     t.into_data()
         .convert::<f32>()
         .to_vec::<f32>()
-        .map_err(|e| format!("reading a tensor back: {e:?}"))
+        .map_err(StateError::ReadBack)
 }
 
 /// The Linear `{prefix}.weight` `[d_out, d_in]` and, when `bias`, `{prefix}.bias` of `state`.
@@ -69,7 +96,7 @@ fn linear_values(
     d_in: usize,
     d_out: usize,
     bias: bool,
-) -> Result<LinearValues, String> {
+) -> Result<LinearValues, StateError> {
     let weight = take(state, &format!("{prefix}.weight"), &[d_out, d_in])?;
     let bias = if bias {
         Some(
@@ -97,7 +124,7 @@ fn load_linear<B: Backend>(
     d_out: usize,
     bias: bool,
     device: &B::Device,
-) -> Result<Linear<B>, String> {
+) -> Result<Linear<B>, StateError> {
     let values = linear_values(state, prefix, d_in, d_out, bias)?;
     Ok(Linear::from_values(values, WeightLayout::InOut, device))
 }
@@ -123,10 +150,8 @@ fn insert_linear(state: &mut StateDict, prefix: &str, values: LinearValues) {
 }
 
 /// The values of `layer`, read back from the device.
-fn linear_host<B: Backend>(layer: &Linear<B>) -> Result<LinearValues, String> {
-    layer
-        .values()
-        .map_err(|e| format!("reading a tensor back: {e:?}"))
+fn linear_host<B: Backend>(layer: &Linear<B>) -> Result<LinearValues, StateError> {
+    layer.values().map_err(StateError::ReadBack)
 }
 
 /// Writes `layer` under `prefix` ([`insert_linear`]).
@@ -134,7 +159,7 @@ fn save_linear<B: Backend>(
     layer: &Linear<B>,
     state: &mut StateDict,
     prefix: &str,
-) -> Result<(), String> {
+) -> Result<(), StateError> {
     insert_linear(state, prefix, linear_host(layer)?);
     Ok(())
 }
@@ -166,7 +191,12 @@ impl<B: Backend> Norm<B> {
         );
     }
 
-    fn load(state: &StateDict, prefix: &str, d: usize, device: &B::Device) -> Result<Self, String> {
+    fn load(
+        state: &StateDict,
+        prefix: &str,
+        d: usize,
+        device: &B::Device,
+    ) -> Result<Self, StateError> {
         let g = take(state, &format!("{prefix}.weight"), &[d])?;
         let b = take(state, &format!("{prefix}.bias"), &[d])?;
         Ok(Norm {
@@ -181,7 +211,7 @@ impl<B: Backend> Norm<B> {
         })
     }
 
-    fn save(&self, state: &mut StateDict, prefix: &str) -> Result<(), String> {
+    fn save(&self, state: &mut StateDict, prefix: &str) -> Result<(), StateError> {
         let d = self.gamma.val().dims()[0];
         for (suffix, t) in [("weight", &self.gamma), ("bias", &self.beta)] {
             state.insert(
@@ -395,7 +425,7 @@ impl<B: Backend> Mlp<B> {
         classes: usize,
         state: &StateDict,
         device: &B::Device,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, StateError> {
         let mut d_in = 3 * size * size;
         let mut layers = Vec::new();
         for (i, &h) in c.hidden.iter().enumerate() {
@@ -414,7 +444,7 @@ impl<B: Backend> Mlp<B> {
     }
 
     /// The state dict under Hugging Face-style names.
-    pub fn state(&self) -> Result<StateDict, String> {
+    pub fn state(&self) -> Result<StateDict, StateError> {
         let mut s = StateDict::new();
         for (i, l) in self.layers.iter().enumerate() {
             save_linear(l, &mut s, &format!("mlp.encoder.layer.{i}.dense"))?;
@@ -467,7 +497,7 @@ impl<B: Backend> Vit<B> {
         classes: usize,
         state: &StateDict,
         device: &B::Device,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, StateError> {
         let d = c.hidden_size;
         let p = c.patch_size;
         let tokens = (size / p) * (size / p) + 1;
@@ -549,7 +579,7 @@ impl<B: Backend> Vit<B> {
     }
 
     /// The state dict under Hugging Face ViT names and layouts.
-    pub fn state(&self) -> Result<StateDict, String> {
+    pub fn state(&self) -> Result<StateDict, StateError> {
         let mut s = StateDict::new();
         let d = self.patch.d_out();
         let p = ((self.patch.d_in() / 3) as f64).sqrt().round() as usize;
@@ -783,7 +813,7 @@ impl<B: Backend> Denoiser<B> {
         shape: &DenoiserShape,
         state: &StateDict,
         device: &B::Device,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, StateError> {
         let layers = shape
             .layers()
             .iter()
@@ -799,7 +829,7 @@ impl<B: Backend> Denoiser<B> {
 
     /// The state dict under the layer names of [`DenoiserShape::layers`] and
     /// [`DenoiserShape::text_layers`].
-    pub fn state(&self, shape: &DenoiserShape) -> Result<StateDict, String> {
+    pub fn state(&self, shape: &DenoiserShape) -> Result<StateDict, StateError> {
         let mut s = StateDict::new();
         for ((name, _, _), l) in shape.layers().iter().zip(&self.layers) {
             save_linear(l, &mut s, name)?;
@@ -864,7 +894,7 @@ impl<B: Backend> Lora<B> {
 
     /// The adapters under diffusers names: `{layer}.lora.down.weight` `[r, in]` and
     /// `{layer}.lora.up.weight` `[out, r]`.
-    pub fn state(&self, shape: &DenoiserShape) -> Result<StateDict, String> {
+    pub fn state(&self, shape: &DenoiserShape) -> Result<StateDict, StateError> {
         let mut s = StateDict::new();
         for (((name, d_in, d_out), a), b) in shape.adapted().iter().zip(&self.down).zip(&self.up) {
             let r = a.val().dims()[1];

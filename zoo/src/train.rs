@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::ZooError;
 use super::augment::{Augment, Prepared, prepare, render};
 use super::emoji::{ImageClass, SHEET_EMOJI_SIZE};
-use super::nets::{Arch, Denoiser, Lora, Mlp, StateDict, Vit};
+use super::nets::{Arch, Denoiser, Lora, Mlp, StateDict, StateError, Vit};
 use probex_weights::rng::StreamRng;
 
 /// The plain CPU backend (inference, weight export).
@@ -67,14 +67,14 @@ pub trait Classifier<B: Backend>: Module<B> {
     /// Logits `[n, classes]` for input vectors `[n, features]`.
     fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2>;
     /// The weights under Hugging Face names and layouts.
-    fn state_dict(&self) -> Result<StateDict, String>;
+    fn state_dict(&self) -> Result<StateDict, StateError>;
 }
 
 impl<B: Backend> Classifier<B> for Mlp<B> {
     fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         self.forward(x)
     }
-    fn state_dict(&self) -> Result<StateDict, String> {
+    fn state_dict(&self) -> Result<StateDict, StateError> {
         self.state()
     }
 }
@@ -83,7 +83,7 @@ impl<B: Backend> Classifier<B> for Vit<B> {
     fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         self.forward(x)
     }
-    fn state_dict(&self) -> Result<StateDict, String> {
+    fn state_dict(&self) -> Result<StateDict, StateError> {
         self.state()
     }
 }

@@ -37,14 +37,57 @@ pub const MAX_AUTO_TREES: usize = 32;
 /// fine-tunes spread unevenly around their base, 0.49-0.54.
 pub const DEFAULT_MIN_SILHOUETTE: f64 = 0.7;
 
+/// Why trees cannot be fitted: settings out of range, or points that give nothing to fit.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FitError {
+    /// `min_silhouette` outside (0, 1).
+    #[error(
+        "`min_silhouette` = {0}: use a number between 0 and 1 (default {DEFAULT_MIN_SILHOUETTE})"
+    )]
+    MinSilhouette(f64),
+    /// `margin` below 1 (or not a number).
+    #[error("`margin` = {0}: use a number >= 1")]
+    Margin(f64),
+    /// No point in the training split.
+    #[error("no training models: the trees are found among the training split")]
+    NoTraining,
+    /// Points of one architecture with different feature lengths.
+    #[error("point {point} has {found} features where its architecture has {expected}")]
+    FeatureLength {
+        /// The point's position.
+        point: usize,
+        /// Its feature count.
+        found: usize,
+        /// Its architecture's.
+        expected: usize,
+    },
+    /// `trees = k` with fewer trees than architectures.
+    #[error(
+        "`trees` = {trees}, but the training models have {archs} architectures and each is at \
+         least one tree"
+    )]
+    FewerTreesThanArchitectures {
+        /// The requested count.
+        trees: usize,
+        /// The architectures among the training models.
+        archs: usize,
+    },
+    /// `trees = k` with more trees than training models.
+    #[error("`trees` = {trees}, but there are only {models} training models")]
+    MoreTreesThanModels {
+        /// The requested count.
+        trees: usize,
+        /// The training models.
+        models: usize,
+    },
+}
+
 /// Checks a [`Settings::min_silhouette`].
-pub fn check_min_silhouette(v: f64) -> Result<(), String> {
+pub fn check_min_silhouette(v: f64) -> Result<(), FitError> {
     if v.is_finite() && v > 0.0 && v < 1.0 {
         Ok(())
     } else {
-        Err(format!(
-            "`min_silhouette` = {v}: use a number between 0 and 1 (default {DEFAULT_MIN_SILHOUETTE})"
-        ))
+        Err(FitError::MinSilhouette(v))
     }
 }
 
@@ -162,9 +205,9 @@ pub struct Fit {
 ///
 /// Training points go to the tree their cluster became; every other point goes to the nearest
 /// tree centre of its architecture if it lies within that tree's threshold. Deterministic.
-pub fn fit(points: &[Point], s: &Settings) -> Result<Fit, String> {
+pub fn fit(points: &[Point], s: &Settings) -> Result<Fit, FitError> {
     if !(s.margin.is_finite() && s.margin >= 1.0) {
-        return Err(format!("`margin` = {}: use a number >= 1", s.margin));
+        return Err(FitError::Margin(s.margin));
     }
     check_min_silhouette(s.min_silhouette)?;
     let archs = training_by_arch(points)?;
@@ -201,7 +244,7 @@ pub fn fit(points: &[Point], s: &Settings) -> Result<Fit, String> {
 
 /// Training points by architecture, architectures in order of first appearance; an error when
 /// there are none, or when one architecture's points differ in length.
-fn training_by_arch(points: &[Point]) -> Result<Vec<(usize, Vec<usize>)>, String> {
+fn training_by_arch(points: &[Point]) -> Result<Vec<(usize, Vec<usize>)>, FitError> {
     let mut archs: Vec<(usize, Vec<usize>)> = Vec::new();
     for (i, p) in points.iter().enumerate() {
         if p.split != Split::Train {
@@ -213,15 +256,16 @@ fn training_by_arch(points: &[Point]) -> Result<Vec<(usize, Vec<usize>)>, String
         }
     }
     if archs.is_empty() {
-        return Err("no training models: the trees are found among the training split".into());
+        return Err(FitError::NoTraining);
     }
     for (_, members) in &archs {
         let d = points[members[0]].features.len();
         if let Some(&bad) = members.iter().find(|&&i| points[i].features.len() != d) {
-            return Err(format!(
-                "point {bad} has {} features where its architecture has {d}",
-                points[bad].features.len()
-            ));
+            return Err(FitError::FeatureLength {
+                point: bad,
+                found: points[bad].features.len(),
+                expected: d,
+            });
         }
     }
     Ok(archs)
@@ -283,19 +327,19 @@ fn fixed_cuts(
     k: usize,
     archs: &[(usize, Vec<usize>)],
     dendrograms: &[Vec<cluster::Merge>],
-) -> Result<Vec<usize>, String> {
+) -> Result<Vec<usize>, FitError> {
     let total: usize = archs.iter().map(|(_, m)| m.len()).sum();
     if k < archs.len() {
-        return Err(format!(
-            "`trees` = {k}, but the training models have {} architectures and each is \
-             at least one tree",
-            archs.len()
-        ));
+        return Err(FitError::FewerTreesThanArchitectures {
+            trees: k,
+            archs: archs.len(),
+        });
     }
     if k > total {
-        return Err(format!(
-            "`trees` = {k}, but there are only {total} training models"
-        ));
+        return Err(FitError::MoreTreesThanModels {
+            trees: k,
+            models: total,
+        });
     }
     // The globally lowest merges, architecture by architecture (each list is sorted).
     let mut all: Vec<(f64, usize)> = dendrograms

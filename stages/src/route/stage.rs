@@ -101,7 +101,7 @@ impl Stage for Route {
 
     fn check(&self, p: &RouteParams) -> Result<(), ParamError> {
         if !(p.margin.is_finite() && p.margin >= 1.0) {
-            return Err(format!("`margin` = {}: use a number >= 1", p.margin).into());
+            return Err(super::FitError::Margin(p.margin).into());
         }
         super::check_min_silhouette(p.min_silhouette)?;
         SplitAssigner::new(&p.splits)?;
@@ -304,7 +304,7 @@ fn cluster(
         "clustering {} training models",
         points.iter().filter(|p| p.split == Split::Train).count()
     ));
-    let fit = super::fit(&points, &settings).map_err(anyhow::Error::msg)?;
+    let fit = super::fit(&points, &settings)?;
     for (a, score) in fit.silhouettes.iter().enumerate() {
         let score = score.map_or("too few models to judge a cut".into(), |s| {
             format!(

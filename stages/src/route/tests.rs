@@ -180,7 +180,11 @@ fn architectures_never_share_a_tree() {
         assert_eq!(p.tree, Some(t.truth[i]));
     }
     let e = fit(&points(&t), &settings(TreeCount::Fixed(1))).unwrap_err();
-    assert!(e.contains("2 architectures"), "{e}");
+    assert_eq!(
+        e,
+        FitError::FewerTreesThanArchitectures { trees: 1, archs: 2 }
+    );
+    assert!(e.to_string().contains("2 architectures"), "{e}");
 }
 
 #[test]
@@ -204,17 +208,23 @@ fn bad_settings_and_counts_are_errors() {
     let pts = points(&t);
     let mut s = settings(TreeCount::Auto);
     s.margin = 0.5;
-    assert!(fit(&pts, &s).unwrap_err().contains("margin"));
+    assert_eq!(fit(&pts, &s).unwrap_err(), FitError::Margin(0.5));
     for bad in [0.0, 1.0, f64::NAN] {
         let mut s = settings(TreeCount::Auto);
         s.min_silhouette = bad;
-        assert!(
-            fit(&pts, &s).unwrap_err().contains("min_silhouette"),
-            "{bad}"
-        );
+        let e = fit(&pts, &s).unwrap_err();
+        assert!(matches!(e, FitError::MinSilhouette(_)), "{bad}: {e}");
+        assert!(e.to_string().contains("min_silhouette"), "{e}");
     }
     let e = fit(&pts, &settings(TreeCount::Fixed(100))).unwrap_err();
-    assert!(e.contains("only 9 training models"), "{e}");
+    assert_eq!(
+        e,
+        FitError::MoreTreesThanModels {
+            trees: 100,
+            models: 9
+        }
+    );
+    assert!(e.to_string().contains("only 9 training models"), "{e}");
     let only_tests: Vec<Point> = pts
         .iter()
         .map(|p| Point {
@@ -223,7 +233,7 @@ fn bad_settings_and_counts_are_errors() {
         })
         .collect();
     let e = fit(&only_tests, &settings(TreeCount::Auto)).unwrap_err();
-    assert!(e.contains("no training models"), "{e}");
+    assert_eq!(e, FitError::NoTraining);
 }
 
 #[test]

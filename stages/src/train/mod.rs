@@ -40,9 +40,22 @@ use probex_weights::labels::LabelKind;
 /// task (`multi_label`, `class`, `regression`, `zero_shot`).
 pub const TASK: &str = "task";
 
+/// A zero-shot model on labels that are not one class per model.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "model `{model}` scores classes by their text, so it needs single-class labels (label kind \
+     `class` or `category`), but its layers are labelled `{kind}`"
+)]
+pub struct NeedsSingleClass {
+    /// The zero-shot model.
+    pub model: ModelKind,
+    /// The layers' label kind, as written in TOML.
+    pub kind: String,
+}
+
 /// What a `model` trained on labels of `kind` predicts; an error for a zero-shot model on
 /// labels that are not one class per model (what `train` would say when it runs).
-pub fn task_of(model: ModelKind, kind: LabelKind) -> Result<TaskKind, String> {
+pub fn task_of(model: ModelKind, kind: LabelKind) -> Result<TaskKind, NeedsSingleClass> {
     let single = matches!(
         kind,
         LabelKind::Class | LabelKind::Category | LabelKind::Bool
@@ -50,14 +63,13 @@ pub fn task_of(model: ModelKind, kind: LabelKind) -> Result<TaskKind, String> {
     Ok(match kind {
         _ if model.is_zero_shot() && single => TaskKind::ZeroShot,
         _ if model.is_zero_shot() => {
-            return Err(format!(
-                "model `{model}` scores classes by their text, so it needs single-class labels \
-                 (label kind `class` or `category`), but its layers are labelled `{}`",
-                serde_json::to_value(kind)
+            return Err(NeedsSingleClass {
+                model,
+                kind: serde_json::to_value(kind)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
-            ));
+                    .unwrap_or_default(),
+            });
         }
         LabelKind::MultiLabel => TaskKind::MultiLabel,
         LabelKind::Numeric => TaskKind::Regression,
