@@ -26,10 +26,11 @@ pub enum Batch<B: Backend> {
     /// `[N, a, b]`: the matrices, already standardised where the model standardises (or
     /// StatNN's statistics `[N, 1, F]`).
     Stacked(Tensor<B, 3>),
-    /// LoRA factors: model `i`'s matrix is `(up_i @ down_i - mean) / scale`.
+    /// LoRA factors: model `i`'s matrix is `(up_t_i^T @ down_i - mean) / scale`.
     Factored {
-        /// `B` `[N, d_H, r]`.
-        up: Tensor<B, 3>,
+        /// `B^T` `[N, r, d_H]`: the up factors transposed once when they reach the device, so
+        /// the encoder's `B^T V^T` is one GEMM over the batch's rows without a copy per batch.
+        up_t: Tensor<B, 3>,
         /// `A` `[N, r, d_W]`.
         down: Tensor<B, 3>,
         /// Applied after the product, when the model standardises its inputs.
@@ -48,7 +49,7 @@ impl<B: Backend> Batch<B> {
     pub fn len(&self) -> usize {
         match self {
             Batch::Stacked(x) => x.dims()[0],
-            Batch::Factored { up, .. } => up.dims()[0],
+            Batch::Factored { up_t, .. } => up_t.dims()[0],
         }
     }
 
@@ -62,11 +63,11 @@ impl<B: Backend> Batch<B> {
         match self {
             Batch::Stacked(x) => Batch::Stacked(x.clone().select(0, rows)),
             Batch::Factored {
-                up,
+                up_t,
                 down,
                 standardize,
             } => Batch::Factored {
-                up: up.clone().select(0, rows.clone()),
+                up_t: up_t.clone().select(0, rows.clone()),
                 down: down.clone().select(0, rows),
                 standardize: standardize.clone(),
             },
@@ -79,11 +80,11 @@ impl<B: Backend> Batch<B> {
         match self {
             Batch::Stacked(x) => x,
             Batch::Factored {
-                up,
+                up_t,
                 down,
                 standardize,
             } => {
-                let x = up.matmul(down);
+                let x = up_t.swap_dims(1, 2).matmul(down);
                 match standardize {
                     Some(s) => (x - s.mean.unsqueeze_dim(0)).div_scalar(s.scale),
                     None => x,
@@ -97,11 +98,11 @@ impl<B: Backend> Batch<B> {
         match self {
             Batch::Stacked(x) => Batch::Stacked(Tensor::from_inner(x)),
             Batch::Factored {
-                up,
+                up_t,
                 down,
                 standardize,
             } => Batch::Factored {
-                up: Tensor::from_inner(up),
+                up_t: Tensor::from_inner(up_t),
                 down: Tensor::from_inner(down),
                 standardize: standardize.map(|s| Standardize {
                     mean: Tensor::from_inner(s.mean),

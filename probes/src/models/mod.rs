@@ -140,7 +140,7 @@ pub fn forward_batch<B: Backend, M: Net<B>>(
 ) -> Tensor<B, 2> {
     if let (
         Batch::Factored {
-            up,
+            up_t,
             down,
             standardize,
         },
@@ -149,7 +149,7 @@ pub fn forward_batch<B: Backend, M: Net<B>>(
     {
         let e = encoder::factored(
             net.encoder().weights(),
-            up.clone(),
+            up_t.clone(),
             down.clone(),
             standardize.clone(),
         );

@@ -188,7 +188,10 @@ impl HostInputs<'_> {
                 rank,
                 standardize,
             } => Ok(Batch::Factored {
-                up: Tensor::from_data(TensorData::new(up.to_vec(), [*n, *d_h, *rank]), device),
+                up_t: Tensor::from_data(
+                    TensorData::new(transposed_factors(up, *d_h, *rank), [*n, *rank, *d_h]),
+                    device,
+                ),
                 down: Tensor::from_data(TensorData::new(down.to_vec(), [*n, *rank, *d_w]), device),
                 standardize: standardize.as_ref().map(|(mean, scale)| Standardize {
                     mean: Tensor::from_data(TensorData::new(mean.clone(), [*d_h, *d_w]), device),
@@ -265,6 +268,21 @@ impl<'h, B: Backend> DeviceInputs<'h, B> {
             }
         }
     }
+}
+
+/// The up factors `[n, d_h, r]` (each model's `B`, as the dataset holds them) as `[n, r, d_h]`
+/// (each model's `B^T`): the layout the factored encoder multiplies in place, made once per
+/// training instead of once per batch.
+fn transposed_factors(up: &[f32], d_h: usize, r: usize) -> Vec<f32> {
+    let mut out = vec![0f32; up.len()];
+    for (b, t) in up.chunks_exact(d_h * r).zip(out.chunks_exact_mut(d_h * r)) {
+        for (h, row) in b.chunks_exact(r).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                t[i * d_h + h] = v;
+            }
+        }
+    }
+    out
 }
 
 /// A text matrix `[rows, dim]`.
@@ -698,5 +716,27 @@ fn label_kind(l: &Labels) -> &'static str {
         Labels::MultiLabel { .. } => "multi-label",
         Labels::Class { .. } => "single-class",
         Labels::Numeric { .. } => "numeric",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transposed_factors;
+
+    #[test]
+    fn factors_are_transposed_model_by_model() {
+        // Two models, d_h = 3, r = 2: B_b[h][i] = 100 b + 10 h + i.
+        let up: Vec<f32> = (0..2)
+            .flat_map(|b| {
+                (0..3).flat_map(move |h| (0..2).map(move |i| (100 * b + 10 * h + i) as f32))
+            })
+            .collect();
+        let t = transposed_factors(&up, 3, 2);
+        let want: Vec<f32> = (0..2)
+            .flat_map(|b| {
+                (0..2).flat_map(move |i| (0..3).map(move |h| (100 * b + 10 * h + i) as f32))
+            })
+            .collect();
+        assert_eq!(t, want);
     }
 }

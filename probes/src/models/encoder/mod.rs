@@ -183,8 +183,9 @@ pub fn forward_tensors<B: Backend>(x: Tensor<B, 3>, w: Weights<B>) -> Encoding<B
     }
 }
 
-/// The encodings of LoRA layers given by their factors, `X_b = up_b @ down_b` (standardised
-/// as `(X_b - mean) / scale` when `standardize` is set), without forming `X_b`.
+/// The encodings of LoRA layers given by their factors, `X_b = up_t_b^T @ down_b`
+/// (standardised as `(X_b - mean) / scale` when `standardize` is set), without forming `X_b`.
+/// `up_t` is `B^T` `[N, r, d_H]`, so both large products read their operand in place.
 ///
 /// The probes' responses before the ReLU are `U^T X^T V^T`, which for `X = B A` is
 /// `(A U)^T (B^T V^T)`: two rank-`r` products instead of a `d_H x d_W` one, ~40x fewer
@@ -193,11 +194,11 @@ pub fn forward_tensors<B: Backend>(x: Tensor<B, 3>, w: Weights<B>) -> Encoding<B
 /// autodiff differentiates them on every backend.
 pub fn factored<B: Backend>(
     w: Weights<B>,
-    up: Tensor<B, 3>,
+    up_t: Tensor<B, 3>,
     down: Tensor<B, 3>,
     standardize: Option<Standardize<B>>,
 ) -> Tensor<B, 2> {
-    let [b, d_h, r] = up.dims();
+    let [b, r, d_h] = up_t.dims();
     let [b_a, r_a, d_w] = down.dims();
     let [d_w_u, r_u] = w.u.dims();
     let [r_v, d_h_v] = w.v.dims();
@@ -211,8 +212,7 @@ pub fn factored<B: Backend>(
         .reshape([b * r, d_w])
         .matmul(w.u.clone())
         .reshape([b, r, r_u]); // A U
-    let q = up
-        .swap_dims(1, 2)
+    let q = up_t
         .reshape([b * r, d_h])
         .matmul(vt.clone())
         .reshape([b, r, r_v]); // B^T V^T

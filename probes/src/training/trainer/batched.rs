@@ -417,19 +417,19 @@ impl<AB: AutodiffBackend> Stacked<AB> {
         all
     }
 
-    /// [`Stacked::gradients`] for LoRA factors `up` `[G, B, d_H, r]` and `down`
+    /// [`Stacked::gradients`] for LoRA factors `up_t` (`B^T`) `[G, B, r, d_H]` and `down`
     /// `[G, B, r, d_W]`: the factored encoder (`encoder::factored` with a gang axis, each
     /// member's standardisation inside its products) is a few small products, differentiated
     /// by autodiff as in a solo run.
     fn factored_gradients(
         &mut self,
-        up: Tensor<AB::InnerBackend, 4>,
+        up_t: Tensor<AB::InnerBackend, 4>,
         down: Tensor<AB::InnerBackend, 4>,
         y: Tensor<AB, 3>,
         b: usize,
     ) -> Vec<Tensor<AB::InnerBackend, 2>> {
         let s = &self.spec;
-        let [g, _, d_h, r] = up.dims();
+        let [g, _, r, d_h] = up_t.dims();
         let d_w = down.dims()[3];
         let (r_u, r_v, r_t) = (s.r_u, s.r_v, s.r_t);
         let p: Vec<Tensor<AB, 2>> = self
@@ -441,9 +441,7 @@ impl<AB: AutodiffBackend> Stacked<AB> {
         let vt = p[1].clone().reshape([g, r_v, d_h]).swap_dims(1, 2); // [G, d_H, r_V]
         let m = p[2].clone().reshape([g, r_t, r_u * r_v]);
         let down = Tensor::<AB, 3>::from_inner(down.reshape([g, b * r, d_w]));
-        let up = Tensor::<AB, 4>::from_inner(up)
-            .swap_dims(2, 3)
-            .reshape([g, b * r, d_h]);
+        let up = Tensor::<AB, 4>::from_inner(up_t).reshape([g, b * r, d_h]);
         let pa = down.matmul(u.clone()).reshape([g * b, r, r_u]); // A U
         let qb = up.matmul(vt.clone()).reshape([g * b, r, r_v]); // B^T V^T
         let mut pre = pa.swap_dims(1, 2).matmul(qb).reshape([g, b, r_u, r_v]);
@@ -555,8 +553,8 @@ where
                 Ok(x) => {
                     let idx = index_tensor::<AB::InnerBackend>(chunk, device);
                     match x {
-                        Batch::Factored { up, down, .. } if self.factored => {
-                            ups.push(up);
+                        Batch::Factored { up_t, down, .. } if self.factored => {
+                            ups.push(up_t);
                             downs.push(down);
                         }
                         x => xs.push(x.stacked()),
