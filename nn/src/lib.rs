@@ -1,12 +1,15 @@
 //! The Burn building blocks probex's Burn crates share: one PyTorch-style [`Linear`] layer, used
 //! by the probe models (`probes`), the text encoders (`text`) and the zoo's small nets (`zoo`),
-//! and the [`Precision`] a layer can round its weights and outputs to.
+//! the [`Precision`] a layer can round its weights and outputs to, and the host-side
+//! [`transpose`] that moves a weight between PyTorch's layout and the one a product wants.
 //!
 //! A crate of its own, below the three: none of them depends on another for its layers, so
 //! each still builds beside the others, and a layer has one home whatever uses it.
 
 mod linear;
 mod precision;
+mod transpose;
 
 pub use linear::{InitRng, Linear, LinearValues, WeightLayout};
 pub use precision::Precision;
+pub use transpose::{transpose, transpose_into};

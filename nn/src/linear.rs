@@ -12,7 +12,7 @@ use burn::tensor::{DataError, Tensor, TensorData, backend::Backend};
 
 use probex_weights::rng::{Rng, StreamRng};
 
-use crate::Precision;
+use crate::{Precision, transpose};
 
 /// A host random generator a layer's initial values are drawn from.
 pub trait InitRng {
@@ -96,17 +96,6 @@ impl LinearValues {
             bias: Some(vec![0.0; d_out]),
         }
     }
-}
-
-/// `[rows, cols]` row-major to `[cols, rows]` row-major.
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = data[r * cols + c];
-        }
-    }
-    out
 }
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, DataError> {

@@ -13,7 +13,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
 use serde::{Deserialize, Serialize};
 
-use probex_nn::{Linear, LinearValues, WeightLayout};
+use probex_nn::{Linear, LinearValues, WeightLayout, transpose};
 use probex_weights::rng::StreamRng;
 
 /// One tensor of a state dict: row-major f32 data with its PyTorch shape.
@@ -70,16 +70,6 @@ fn take<'a>(
         });
     }
     Ok(t)
-}
-
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = data[r * cols + c];
-        }
-    }
-    out
 }
 
 fn tensor_data<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, StateError> {

@@ -276,11 +276,7 @@ impl<'h, B: Backend> DeviceInputs<'h, B> {
 fn transposed_factors(up: &[f32], d_h: usize, r: usize) -> Vec<f32> {
     let mut out = vec![0f32; up.len()];
     for (b, t) in up.chunks_exact(d_h * r).zip(out.chunks_exact_mut(d_h * r)) {
-        for (h, row) in b.chunks_exact(r).enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                t[i * d_h + h] = v;
-            }
-        }
+        probex_nn::transpose_into(b, d_h, r, t);
     }
     out
 }
