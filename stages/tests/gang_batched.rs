@@ -8,7 +8,6 @@ mod common;
 use std::ops::ControlFlow;
 
 use probex_probes::models::ModelKind;
-use probex_probes::models::checkpoint::Checkpoint;
 use probex_probes::training::{
     GangMember, StepPath, TrainConfig, TrainError, TrainOutcome, train_gang_on, train_on,
 };
@@ -73,23 +72,8 @@ fn assert_as_solo(what: &str, got: &TrainOutcome, want: &TrainOutcome, seen: &mu
             assert!(d <= 1e-3, "{what}: {split} {k} {v} vs {d}");
         }
     }
-    let (a, b) = (
-        Checkpoint::from_bytes(&got.checkpoint, "gang").unwrap(),
-        Checkpoint::from_bytes(&want.checkpoint, "solo").unwrap(),
-    );
-    assert_eq!(a.meta, b.meta, "{what}");
-    assert_eq!(a.tensors.len(), b.tensors.len(), "{what}");
-    for (x, y) in a.tensors.iter().zip(&b.tensors) {
-        assert_eq!((&x.name, &x.shape), (&y.name, &y.shape), "{what}");
-        let err = x
-            .values
-            .iter()
-            .zip(&y.values)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0f32, f32::max);
-        seen.params = seen.params.max(err);
-        assert!(err <= 1e-5, "{what}: {} differs by {err}", x.name);
-    }
+    let err = common::assert_checkpoints_close(&got.checkpoint, &want.checkpoint, 1e-5, what);
+    seen.params = seen.params.max(err);
 }
 
 fn members<'a>(
@@ -207,15 +191,7 @@ fn a_batched_zero_shot_gang_trains_each_member_as_it_trains_alone_on_the_tensor_
             a.expect("a holdout checkpoint"),
             b.expect("a holdout checkpoint"),
         );
-        let (a, b) = (
-            Checkpoint::from_bytes(a, "gang").unwrap(),
-            Checkpoint::from_bytes(b, "solo").unwrap(),
-        );
-        for (x, y) in a.tensors.iter().zip(&b.tensors) {
-            assert_eq!(x.name, y.name);
-            let err = x.values.iter().zip(&y.values).map(|(p, q)| (p - q).abs());
-            assert!(err.fold(0.0f32, f32::max) <= 1e-5, "{}", x.name);
-        }
+        common::assert_checkpoints_close(a, b, 1e-5, &format!("zero-shot member {i} holdout"));
     }
     eprintln!("zero-shot: largest differences {seen:?}");
     let host = train_on(

@@ -888,22 +888,7 @@ fn assert_as_solo(what: &str, got: &TrainOutcome, want: &TrainOutcome) {
         "{what}: evaluations"
     );
     assert_eq!(got.report.params, want.report.params, "{what}");
-    let (a, b) = (
-        Checkpoint::from_bytes(&got.checkpoint, "gang").unwrap(),
-        Checkpoint::from_bytes(&want.checkpoint, "solo").unwrap(),
-    );
-    assert_eq!(a.meta, b.meta, "{what}");
-    assert_eq!(a.tensors.len(), b.tensors.len(), "{what}");
-    for (x, y) in a.tensors.iter().zip(&b.tensors) {
-        assert_eq!((&x.name, &x.shape), (&y.name, &y.shape), "{what}");
-        let err = x
-            .values
-            .iter()
-            .zip(&y.values)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0f32, f32::max);
-        assert!(err <= 1e-5, "{what}: {} differs by {err}", x.name);
-    }
+    common::assert_checkpoints_close(&got.checkpoint, &want.checkpoint, 1e-5, what);
 }
 
 #[test]

@@ -2,6 +2,7 @@
 
 #![allow(dead_code, clippy::needless_range_loop, clippy::too_many_arguments)]
 
+use probex_probes::models::checkpoint::Checkpoint;
 use probex_probes::training::DeviceSpec;
 use probex_weights::dataset::{
     Class, Labels, LayerDataset, LayerInfo, Matrices, ModelRecord, Split,
@@ -330,4 +331,28 @@ pub fn factored_multilabel(
         ..factored.clone()
     };
     (factored, stacked)
+}
+
+/// Asserts that checkpoint `got` holds what `want` holds (metadata, tensor names and shapes)
+/// with every value within `tol`; returns the largest difference, for the test to report.
+pub fn assert_checkpoints_close(got: &[u8], want: &[u8], tol: f32, what: &str) -> f32 {
+    let (a, b) = (
+        Checkpoint::from_bytes(got, "got").unwrap(),
+        Checkpoint::from_bytes(want, "want").unwrap(),
+    );
+    assert_eq!(a.meta, b.meta, "{what}");
+    assert_eq!(a.tensors.len(), b.tensors.len(), "{what}");
+    let mut largest = 0.0f32;
+    for (x, y) in a.tensors.iter().zip(&b.tensors) {
+        assert_eq!((&x.name, &x.shape), (&y.name, &y.shape), "{what}");
+        let err = x
+            .values
+            .iter()
+            .zip(&y.values)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err <= tol, "{what}: {} differs by {err}", x.name);
+        largest = largest.max(err);
+    }
+    largest
 }
