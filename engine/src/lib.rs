@@ -17,6 +17,7 @@ pub mod gpus;
 pub mod history;
 pub mod key;
 pub mod parallel;
+pub mod param_error;
 pub mod params;
 pub mod plan;
 pub mod progress;

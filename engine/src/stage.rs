@@ -28,11 +28,7 @@ pub use crate::shape::{PathError, PlanFacts, PlanInput, Shape};
 /// What stage kinds return on failure: any error with context, printed with its chain.
 pub type StageResult<T> = anyhow::Result<T>;
 
-/// Why a stage kind refuses its params ([`Stage::check`], [`Stage::plan_facts`]): any error,
-/// so a kind passes on a typed error of its library with `?` and writes its own objection as
-/// `Err(format!(...).into())`. The engine shows it at the stage, at the value of the key the
-/// message names first.
-pub type ParamError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::param_error::ParamError;
 
 /// One input a stage kind accepts, identified by the artifact type it reads.
 #[derive(Clone, Debug)]
@@ -495,8 +491,8 @@ pub trait Stage: Send + Sync + 'static {
     /// The inputs this kind reads.
     fn inputs(&self) -> Vec<InputSlot>;
 
-    /// Checks that go beyond types (ranges, combinations). Name the key first, in backticks
-    /// (`` `epochs` must be at least 1 ``): the error then points at its value.
+    /// Checks that go beyond types (ranges, combinations). Blame a key with
+    /// [`ParamError::at`] and the error points at its value in the experiment file.
     fn check(&self, _params: &Self::Params) -> Result<(), ParamError> {
         Ok(())
     }

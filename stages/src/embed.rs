@@ -114,24 +114,30 @@ impl Stage for Embed {
     }
 
     fn check(&self, p: &EmbedParams) -> Result<(), ParamError> {
-        text::check_template(&p.template)?;
+        text::check_template(&p.template).map_err(|e| ParamError::at("template", e))?;
         if let Some(classes) = &p.classes {
             if classes.is_empty() {
-                return Err("`classes` is empty: list the class names to embed".into());
+                return Err(ParamError::at(
+                    "classes",
+                    "`classes` is empty: list the class names to embed",
+                ));
             }
             if let Some(i) = classes.iter().position(|c| c.trim().is_empty()) {
-                return Err(format!("`classes[{i}]` is empty").into());
+                return Err(ParamError::at(
+                    format!("classes.{i}"),
+                    format!("`classes[{i}]` is empty"),
+                ));
             }
         }
         if p.model_dir.is_some() && p.model_subdir.is_some() {
-            return Err(
+            return Err(ParamError::at(
+                "model_subdir",
                 "`model_subdir` applies to a `package` input; with `model_dir` give the full \
-                 path there"
-                    .into(),
-            );
+                 path there",
+            ));
         }
         if p.model_dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
-            return Err("`model_dir` is empty".into());
+            return Err(ParamError::at("model_dir", "`model_dir` is empty"));
         }
         Ok(())
     }

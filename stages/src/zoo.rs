@@ -65,7 +65,10 @@ impl Stage for Zoo {
     }
 
     fn check(&self, p: &ZooConfig) -> Result<(), ParamError> {
-        Ok(p.validate()?)
+        p.validate().map_err(|e| match e {
+            ZooError::Invalid { key, .. } => ParamError::at(key, e),
+            e => ParamError::whole(e),
+        })
     }
 
     fn run(&self, p: &ZooConfig, inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {

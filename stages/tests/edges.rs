@@ -343,3 +343,61 @@ fn an_empty_model_folder_is_described_in_words() {
     assert!(!e.contains("Folder {") && !e.contains("root:"), "{e}");
     assert!(e.contains("no *.safetensors files in the folder"), "{e}");
 }
+
+/// A kind's objection names the key it blames ([`probex_engine::ParamError::at`]); the
+/// diagnostic points at that value, inside a table or an array where the key is a path, and
+/// for the objections found only once the inputs' facts are known (`select`'s `by`).
+#[test]
+fn param_errors_point_at_the_value_they_blame_nested_or_found_at_plan_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "[stage.emoji]\nkind = \"fetch\"\nsource = \"npm\"\npackage = \"emoji-datasource\"\n\
+                version = \"16.0.0\"\n\
+                sha256 = \"2006725061dc0098daa832d65f854a7bec0740af2eb47cb5b23d89f7e2c849f9\"\n\n";
+    let registry = probex_stages::registry();
+    // (stage table, line, column, what it says): the stage table starts at line 8.
+    let cases = [
+        (
+            "[stage.tree]\nkind = \"zoo\"\nfrom = \"emoji\"\nname = \"t\"\n\
+             finetune = { samples_per_class = 8, epochs = [] }\n",
+            12,
+            46,
+            "`finetune.epochs` is empty",
+        ),
+        (
+            "[stage.tree]\nkind = \"zoo\"\nfrom = \"emoji\"\nname = \"t\"\nmodels = 0\n",
+            12,
+            10,
+            "`models` must be at least 1",
+        ),
+        (
+            "[stage.text]\nkind = \"embed\"\nfrom = \"emoji\"\nencoder = \"clip-text\"\n\
+             classes = [\"cat\", \" \"]\n",
+            12,
+            19,
+            "`classes[1]` is empty",
+        ),
+        (
+            "[stage.tree]\nkind = \"zoo\"\nfrom = \"emoji\"\nname = \"t\"\nmodels = 10\n\n\
+             [stage.layers]\nkind = \"extract\"\nfrom = \"tree\"\nlayers = \"all\"\n\
+             label = { key = \"dataset_chosen_targets\", kind = \"multi_label\", vocab = \"cifar100\" }\n\n\
+             [stage.probe]\nkind = \"train\"\nfrom = \"layers\"\nfor_each = \"layer\"\nmodel = \"dense\"\n\n\
+             [stage.best]\nkind = \"select\"\nfrom = \"probe\"\nby = \"val.top1\"\n",
+            29,
+            6,
+            "`by = \"val.top1\"` names no metric its probes report",
+        ),
+    ];
+    for (stage, line, col, says) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, format!("{base}{stage}")).unwrap();
+        let err = match probex_engine::load(&path, &registry) {
+            Ok(_) => panic!("{stage}: loaded"),
+            Err(d) => d.to_string(),
+        };
+        assert!(err.contains(says), "{stage}: {err}");
+        assert!(
+            err.contains(&format!("bad.toml:{line}:{col}\n")),
+            "{stage}: {err}"
+        );
+    }
+}

@@ -501,7 +501,9 @@ fn standardized_probe_ignores_a_shared_base_and_keeps_its_mean_beside_the_checkp
         "{e}"
     );
     // StatNN standardises its statistics itself; asking for more is an error.
-    let e = toml::from_str::<TrainConfig>("model = \"statnn\"\nstandardize = true").unwrap_err();
+    let c: TrainConfig = toml::from_str("model = \"statnn\"\nstandardize = true").unwrap();
+    let e = c.validate().unwrap_err();
+    assert_eq!(e.key(), "standardize");
     assert!(e.to_string().contains("statnn"), "{e}");
 }
 

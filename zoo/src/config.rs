@@ -312,11 +312,20 @@ impl Default for ZooConfig {
     }
 }
 
-fn nonempty<T>(v: &[T], what: &str) -> Result<(), ZooError> {
+/// A value of `key` that [`ZooConfig::validate`] refuses.
+fn invalid(key: &'static str, problem: impl Into<String>) -> ZooError {
+    ZooError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+fn nonempty<T>(v: &[T], what: &'static str) -> Result<(), ZooError> {
     if v.is_empty() {
-        return Err(ZooError::Config(format!(
-            "`{what}` is empty: give at least one value"
-        )));
+        return Err(invalid(
+            what,
+            format!("`{what}` is empty: give at least one value"),
+        ));
     }
     Ok(())
 }
@@ -324,14 +333,15 @@ fn nonempty<T>(v: &[T], what: &str) -> Result<(), ZooError> {
 /// Counts above this are a slip (a tree of 10^19 models), said as such rather than attempted.
 const MAX_COUNT: usize = 1_000_000;
 
-fn positive(v: usize, what: &str) -> Result<(), ZooError> {
+fn positive(v: usize, what: &'static str) -> Result<(), ZooError> {
     if v == 0 {
-        return Err(ZooError::Config(format!("`{what}` must be at least 1")));
+        return Err(invalid(what, format!("`{what}` must be at least 1")));
     }
     if v > MAX_COUNT {
-        return Err(ZooError::Config(format!(
-            "`{what}` = {v} is too large: at most {MAX_COUNT}"
-        )));
+        return Err(invalid(
+            what,
+            format!("`{what}` = {v} is too large: at most {MAX_COUNT}"),
+        ));
     }
     Ok(())
 }
@@ -347,17 +357,20 @@ impl ZooConfig {
             || n.contains("__")
             || n.contains("--")
         {
-            return Err(ZooError::Config(format!(
-                "`name` = `{n}`: use letters, digits, `_`, `-`, `.`, without `__` or `--` (they \
-                 separate the parts of a repository id)"
-            )));
+            return Err(invalid(
+                "name",
+                format!(
+                    "`name` = `{n}`: use letters, digits, `_`, `-`, `.`, without `__` or `--` \
+                     (they separate the parts of a repository id)"
+                ),
+            ));
         }
         positive(self.bases, "bases")?;
         if ![32, 16, 8].contains(&self.image_size) {
-            return Err(ZooError::Config(format!(
-                "`image_size` = {}: use 32, 16 or 8",
-                self.image_size
-            )));
+            return Err(invalid(
+                "image_size",
+                format!("`image_size` = {}: use 32, 16 or 8", self.image_size),
+            ));
         }
         let s = &self.splits;
         if [s.train, s.val, s.test]
@@ -365,8 +378,9 @@ impl ZooConfig {
             .any(|f| !f.is_finite() || *f < 0.0)
             || s.train + s.val + s.test <= 0.0
         {
-            return Err(ZooError::Config(
-                "`splits` fractions must be non-negative with a positive sum".into(),
+            return Err(invalid(
+                "splits",
+                "`splits` fractions must be non-negative with a positive sum",
             ));
         }
         match self.kind {
@@ -398,11 +412,18 @@ impl ZooConfig {
                         if !self.image_size.is_multiple_of(v.patch_size)
                             || !v.hidden_size.is_multiple_of(v.heads)
                         {
-                            return Err(ZooError::Config(format!(
-                                "vit: `patch_size` ({}) must divide `image_size` ({}) and \
-                                 `heads` ({}) must divide `hidden_size` ({})",
-                                v.patch_size, self.image_size, v.heads, v.hidden_size
-                            )));
+                            return Err(invalid(
+                                if self.image_size.is_multiple_of(v.patch_size) {
+                                    "vit.heads"
+                                } else {
+                                    "vit.patch_size"
+                                },
+                                format!(
+                                    "vit: `patch_size` ({}) must divide `image_size` ({}) and \
+                                     `heads` ({}) must divide `hidden_size` ({})",
+                                    v.patch_size, self.image_size, v.heads, v.hidden_size
+                                ),
+                            ));
                         }
                     }
                 }
@@ -419,26 +440,32 @@ impl ZooConfig {
                 nonempty(&l.learning_rates, "lora.learning_rates")?;
                 nonempty(&l.n_training_samples, "lora.n_training_samples")?;
                 if l.n_training_samples.contains(&0) {
-                    return Err(ZooError::Config(
-                        "`lora.n_training_samples` must be at least 1".into(),
+                    return Err(invalid(
+                        "lora.n_training_samples",
+                        "`lora.n_training_samples` must be at least 1",
                     ));
                 }
                 if let Some(t) = &l.text {
                     probex_text::check_template(&t.template)
-                        .map_err(|e| ZooError::Config(format!("lora.text: {e}")))?;
+                        .map_err(|e| invalid("lora.text.template", format!("lora.text: {e}")))?;
                     if t.from.trim().is_empty() {
-                        return Err(ZooError::Config(
-                            "`lora.text.from` is empty: name the encoder's package stage".into(),
+                        return Err(invalid(
+                            "lora.text.from",
+                            "`lora.text.from` is empty: name the encoder's package stage",
                         ));
                     }
                 }
                 if !(0.0..1.0).contains(&l.holdout_fraction)
                     || !(0.0..=1.0).contains(&l.holdout_val_fraction)
                 {
-                    return Err(ZooError::Config(
+                    return Err(invalid(
+                        if (0.0..1.0).contains(&l.holdout_fraction) {
+                            "lora.holdout_val_fraction"
+                        } else {
+                            "lora.holdout_fraction"
+                        },
                         "`lora.holdout_fraction` must be in [0, 1) and \
-                         `lora.holdout_val_fraction` in [0, 1]"
-                            .into(),
+                         `lora.holdout_val_fraction` in [0, 1]",
                     ));
                 }
             }

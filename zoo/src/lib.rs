@@ -51,6 +51,14 @@ pub enum ZooError {
     /// The config is unusable.
     #[error("zoo config: {0}")]
     Config(String),
+    /// A value of the config is out of range ([`ZooConfig::validate`]).
+    #[error("zoo config: {problem}")]
+    Invalid {
+        /// The key, as a dotted path (`finetune.epochs`).
+        key: &'static str,
+        /// What is wrong with its value.
+        problem: String,
+    },
     /// The shipped class table is malformed (a build defect).
     #[error("zoo config: {0}")]
     Mapping(#[from] classes::MappingError),

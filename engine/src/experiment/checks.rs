@@ -29,12 +29,17 @@ pub(super) fn plan_facts(sources: &SourceMap, decls: &mut [StageDecl]) -> Result
         for v in &d.variants {
             match d.stage.plan_facts(&v.params, &inputs) {
                 Ok(f) => united = Some(united.map_or(f.clone(), |u| u.union(f))),
-                Err(m) => {
+                Err(e) => {
+                    // Where the key is written: its top-level value (a swept key's whole list).
+                    let at = e
+                        .key()
+                        .and_then(|k| d.values.get(k.split('.').next().unwrap_or(k)))
+                        .unwrap_or(&d.span);
                     errors.push(
                         Diagnostic::at(
                             sources,
-                            &d.span,
-                            format!("stage `{}` ({}): {m}", d.name, d.kind),
+                            at,
+                            format!("stage `{}` ({}): {e}", d.name, d.kind),
                         )
                         .with_help(if v.coords.is_empty() {
                             "fix the value in the stage table".to_string()

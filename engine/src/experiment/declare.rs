@@ -38,6 +38,18 @@ pub(super) fn declare(
         variants,
         output,
         plan: PlanFacts::default(),
+        values: s
+            .entries
+            .iter()
+            .filter(|e| !is_engine_key(e.key.get_ref()))
+            .map(|e| {
+                let at = Span {
+                    file: e.file,
+                    range: e.value.span(),
+                };
+                (e.key.get_ref().to_string(), at)
+            })
+            .collect(),
         stage,
     };
     Ok((decl, keys.expect))
@@ -285,14 +297,13 @@ fn variants(
         )));
         match parsed {
             Ok(params) => {
-                if let Err(m) = stage.check(&params) {
-                    let m = m.to_string();
-                    errors.push(check_error(sources, s, kind, &combo, &coords, &m));
+                if let Err(e) = stage.check(&params) {
+                    errors.push(check_error(sources, s, kind, &combo, &coords, &e));
                 }
                 variants.push(Variant { coords, params });
             }
             Err(e) => {
-                errors.push(parse_error(sources, s, kind, &e));
+                errors.push(parse_error(sources, s, kind, stage, &e));
                 break;
             }
         }
@@ -304,30 +315,21 @@ fn variants(
     }
 }
 
-/// The kind's objection `m` to one sweep combination's params, at the value of the key the
-/// message names (the trait asks kinds to name it first, in backticks), or at the stage when
-/// it names none.
+/// The kind's objection `e` to one sweep combination's params, at the value of the key it
+/// blames, or at the stage when it blames none.
 fn check_error(
     sources: &SourceMap,
     s: &MergedStage,
     kind: &str,
     combo: &[(&str, &Spanned<DeValue>)],
     coords: &Coords,
-    m: &str,
+    e: &ParamError,
 ) -> Diagnostic {
-    let at = named_key(m, s).map_or_else(
-        || s.name_span.clone(),
-        |e| {
-            let swept = combo
-                .iter()
-                .find(|(dim, _)| *dim == e.key.get_ref().as_ref());
-            Span {
-                file: e.file,
-                range: swept.map_or_else(|| e.value.span(), |(_, v)| v.span()),
-            }
-        },
-    );
-    Diagnostic::at(sources, &at, format!("stage `{}` ({kind}): {m}", s.name)).with_help(
+    let at = e
+        .key()
+        .and_then(|key| key_span(s, combo, key))
+        .unwrap_or_else(|| s.name_span.clone());
+    Diagnostic::at(sources, &at, format!("stage `{}` ({kind}): {e}", s.name)).with_help(
         if coords.is_empty() {
             "fix the value in the stage table".to_string()
         } else {
@@ -336,30 +338,48 @@ fn check_error(
     )
 }
 
+/// Where the value at `key` (a dotted path, see [`ParamError`]) is written: the deepest part
+/// of the path the stage table has, in this combination's value where the first key is swept.
+fn key_span(s: &MergedStage, combo: &[(&str, &Spanned<DeValue>)], key: &str) -> Option<Span> {
+    let mut parts = key.split('.');
+    let entry = s.get(parts.next()?)?;
+    let mut value = combo
+        .iter()
+        .find(|(dim, _)| *dim == entry.key.get_ref().as_ref())
+        .map_or(&entry.value, |(_, v)| *v);
+    for part in parts {
+        let inner = match (value.get_ref(), part.parse::<usize>()) {
+            (DeValue::Array(_), Ok(i)) => value.get_ref().get(i),
+            (v, _) => v.get(part),
+        };
+        let Some(inner) = inner else { break };
+        value = inner;
+    }
+    Some(Span {
+        file: entry.file,
+        range: value.span(),
+    })
+}
+
 /// A stage table that does not deserialize into the kind's params.
 fn parse_error(
     sources: &SourceMap,
     s: &MergedStage,
     kind: &str,
+    stage: &dyn DynStage,
     e: &toml::de::Error,
 ) -> Diagnostic {
     let file = file_of_error(s, e);
     let mut d = Diagnostic::from_toml(sources, file, e);
-    // A kind that validates while deserializing (`try_from`) gives an error with no position;
-    // point at the key it names, as for `check`.
-    if e.span().is_none()
-        && let Some(entry) = named_key(e.message(), s)
-    {
-        let at = Span {
-            file: entry.file,
-            range: entry.value.span(),
-        };
-        d.location = Diagnostic::at(sources, &at, "").location;
+    // A kind that converts while deserializing (`try_from`) gives an error with no position:
+    // it is about the stage as a whole.
+    if e.span().is_none() {
+        d.location = Diagnostic::at(sources, &s.name_span, "").location;
     }
     d.message = format!("stage `{}` ({kind}): {}", s.name, d.message);
     // A misspelt engine key (`for-each`) lands among the kind's params; say what the engine
     // itself reads too.
-    if let Some(field) = unknown_field(e.message()) {
+    if let Some(field) = unknown_key(s, stage) {
         let engine: Vec<String> = engine_keys().iter().map(|k| k.to_string()).collect();
         if let Some(close) = closest(field, engine.iter()) {
             d = d.with_help(format!("did you mean `{close}`?"));
@@ -370,6 +390,15 @@ fn parse_error(
         ));
     }
     d
+}
+
+/// The first key of the stage table that neither the engine nor the kind reads.
+fn unknown_key<'s>(s: &'s MergedStage, stage: &dyn DynStage) -> Option<&'s str> {
+    let fields = stage.param_fields()?;
+    s.entries
+        .iter()
+        .map(|e| e.key.get_ref().as_ref())
+        .find(|k| !is_engine_key(k) && !fields.contains(k))
 }
 
 /// The artifact type every variant produces; a sweep that changes it is an error.
@@ -449,30 +478,6 @@ pub(super) fn names_of(
             .collect(),
         _ => Err(bad()),
     }
-}
-
-/// The entry of `stage` that a `check` message names: the first key in backticks that is a
-/// key of the table (`` `epochs` ``, `` `layers = "5..2"` ``; for `` `finetune.epochs` ``, the
-/// `finetune` table).
-pub(super) fn named_key<'s, 'a>(
-    message: &str,
-    stage: &'s MergedStage<'a>,
-) -> Option<&'s Entry<'a>> {
-    message.split('`').skip(1).step_by(2).find_map(|quoted| {
-        let key = quoted
-            .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '-'))
-            .next()
-            .unwrap_or(quoted);
-        stage.get(key)
-    })
-}
-
-/// The field name of serde's "unknown field `x`, expected ..." message.
-pub(super) fn unknown_field(message: &str) -> Option<&str> {
-    message
-        .strip_prefix("unknown field `")?
-        .split_once('`')
-        .map(|(f, _)| f)
 }
 
 pub(super) fn scalar_label(v: &DeValue) -> String {

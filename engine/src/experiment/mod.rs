@@ -19,6 +19,7 @@ use toml::de::{DeString, DeTable, DeValue};
 
 use crate::diagnostic::{Diagnostic, Diagnostics, FileId, SourceMap, Span};
 use crate::expect::Expectation;
+use crate::param_error::ParamError;
 use crate::params::{engine_keys, is_engine_key};
 use crate::shape::{PlanFacts, PlanInput};
 use crate::stage::{Coords, DynStage, InputSlot, ParamBox, Registry};
@@ -80,6 +81,9 @@ pub struct StageDecl {
     pub output: &'static str,
     /// What the kind says, at load time, its nodes will report (every variant's, united).
     pub plan: PlanFacts,
+    /// Where the value of each of the kind's keys is written, for errors about it found after
+    /// the stage is declared ([`crate::Stage::plan_facts`]).
+    pub(crate) values: BTreeMap<String, Span>,
     pub(crate) stage: Arc<dyn DynStage>,
 }
 

@@ -261,7 +261,7 @@ impl Stage for Const {
     }
     fn check(&self, p: &ConstParams) -> Result<(), ParamError> {
         if p.scale == 0.0 {
-            return Err("`scale` must not be 0".into());
+            return Err(ParamError::at("scale", "`scale` must not be 0"));
         }
         Ok(())
     }
@@ -503,7 +503,7 @@ impl Stage for Sweeper {
         vec![InputSlot::optional(NUM)]
     }
     fn check(&self, p: &SweepParams) -> Result<(), ParamError> {
-        parse_layers(&p.layers)?;
+        parse_layers(&p.layers).map_err(|e| ParamError::at("layers", e))?;
         Ok(())
     }
     fn sweep(&self, p: &SweepParams, inputs: Option<&Inputs>) -> StageResult<Sweep<SweepParams>> {

@@ -8,9 +8,10 @@ use crate::models::ModelKind;
 /// `model` is required: every other key defaults to the official value for that model
 /// (discriminative: Adam lr 1e-3, weight decay 1e-5, batch 128, 500 epochs, validation every 25
 /// epochs; zero-shot: lr 2e-3, no decay, 200 epochs, validation every 10), and unknown keys are
-/// errors.
+/// errors. Values are checked by [`TrainConfig::validate`], which training calls first, so
+/// that the error can name the key (a stage's check shows it at the key's value).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "RawTrainConfig")]
+#[serde(from = "RawTrainConfig")]
 pub struct TrainConfig {
     /// The probe.
     pub model: ModelKind,
@@ -211,6 +212,20 @@ pub enum ConfigError {
     StandardizeStatnn,
 }
 
+impl ConfigError {
+    /// The key whose value is wrong.
+    pub fn key(&self) -> &'static str {
+        match self {
+            ConfigError::TooSmall { key, .. }
+            | ConfigError::TooLarge { key, .. }
+            | ConfigError::NotPositive { key, .. }
+            | ConfigError::NotAFraction { key, .. } => key,
+            ConfigError::NegativeWeightDecay(_) => "weight_decay",
+            ConfigError::StandardizeStatnn => "standardize",
+        }
+    }
+}
+
 /// The on-disk form: everything optional but `model`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -234,12 +249,10 @@ struct RawTrainConfig {
     threads: Option<usize>,
 }
 
-impl TryFrom<RawTrainConfig> for TrainConfig {
-    type Error = ConfigError;
-
-    fn try_from(r: RawTrainConfig) -> Result<Self, ConfigError> {
+impl From<RawTrainConfig> for TrainConfig {
+    fn from(r: RawTrainConfig) -> Self {
         let d = TrainConfig::new(r.model);
-        let c = TrainConfig {
+        TrainConfig {
             model: r.model,
             lr: r.lr.unwrap_or(d.lr),
             weight_decay: r.weight_decay.unwrap_or(d.weight_decay),
@@ -257,9 +270,7 @@ impl TryFrom<RawTrainConfig> for TrainConfig {
             standardize: r.standardize.unwrap_or(d.standardize),
             seed: r.seed.unwrap_or(d.seed),
             threads: r.threads.unwrap_or(d.threads),
-        };
-        c.validate()?;
-        Ok(c)
+        }
     }
 }
 
@@ -321,10 +332,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("learning_rate"), "{e}");
-        let e = serde_json::from_str::<TrainConfig>(r#"{"model": "probex", "batch_size": 0}"#)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("batch_size"), "{e}");
+        let c: TrainConfig =
+            serde_json::from_str(r#"{"model": "probex", "batch_size": 0}"#).unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key(), "batch_size", "{e}");
         let e = serde_json::from_str::<TrainConfig>(r#"{"model": "mlp"}"#)
             .unwrap_err()
             .to_string();

@@ -105,8 +105,11 @@ impl Stage for Evaluate {
     }
 
     fn check(&self, p: &EvaluateParams) -> Result<(), ParamError> {
-        if p.k == 0 || p.retrieve() == 0 {
-            return Err("`k` and `retrieve` must be at least 1".into());
+        if p.k == 0 {
+            return Err(ParamError::at("k", "`k` must be at least 1"));
+        }
+        if p.retrieve() == 0 {
+            return Err(ParamError::at("retrieve", "`retrieve` must be at least 1"));
         }
         Ok(())
     }

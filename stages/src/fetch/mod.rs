@@ -240,7 +240,10 @@ impl FetchParams {
         }
         if let Some(subset) = self.model_j {
             if self.layout != LayoutKind::Folder {
-                return Err("`model_j` sets the layout itself; remove `layout`".into());
+                return Err(ParamError::at(
+                    "layout",
+                    "`model_j` sets the layout itself; remove `layout`",
+                ));
             }
             return Ok(if subset.is_generative() {
                 Request::ModelJGenerative {
@@ -270,16 +273,16 @@ impl FetchParams {
                     .clone()
                     .unwrap_or_else(|| "pytorch_lora_weights.safetensors".into()),
             }),
-            (_, _, LayoutKind::ModelJDiscriminative) => Err(
+            (_, _, LayoutKind::ModelJDiscriminative) => Err(ParamError::at(
+                "layout",
                 "for Model-J discriminative subsets from the Hub use model_j = \"SupViT\" (or \
-                 DINO, MAE, ResNet): the index dataset gives the repos and splits"
-                    .into(),
-            ),
-            (_, _, LayoutKind::HfCache) => Err(
+                 DINO, MAE, ResNet): the index dataset gives the repos and splits",
+            )),
+            (_, _, LayoutKind::HfCache) => Err(ParamError::at(
+                "layout",
                 "layout = \"hf_cache\" is a local folder layout; with source = \"hub\" use \
-                 `repo`/`repos` (one model per repo) or layout = \"model_j_generative\""
-                    .into(),
-            ),
+                 `repo`/`repos` (one model per repo) or layout = \"model_j_generative\"",
+            )),
             (Some(repo), _, LayoutKind::Folder) if glob => Ok(Request::Glob {
                 repo: repo.clone(),
                 pattern: self.file.clone().unwrap_or_default(),
@@ -293,7 +296,7 @@ impl FetchParams {
             }),
             (None, Some(Repos::List(list)), LayoutKind::Folder) if !glob => {
                 if list.is_empty() {
-                    return Err("`repos` is empty".into());
+                    return Err(ParamError::at("repos", "`repos` is empty"));
                 }
                 Ok(Request::Repos {
                     repos: list.clone(),
@@ -303,16 +306,22 @@ impl FetchParams {
                         .unwrap_or_else(|| "model.safetensors".into()),
                 })
             }
-            (None, Some(Repos::List(_)), _) => Err(
+            (None, Some(Repos::List(_)), layout) => Err(ParamError::at(
+                if layout == LayoutKind::Folder {
+                    "file"
+                } else {
+                    "layout"
+                },
                 "with `repos`, `file` names the one model file of each repo (no glob); \
-                 `layout` does not apply"
-                    .into(),
-            ),
-            (None, Some(Repos::Glob(g)), _) => Err(format!(
-                "with source = \"hub\", `repos` is a list of repo ids (`repos = [\"{g}\"]`); \
-                 for one repo write `repo = \"...\"`"
-            )
-            .into()),
+                 `layout` does not apply",
+            )),
+            (None, Some(Repos::Glob(g)), _) => Err(ParamError::at(
+                "repos",
+                format!(
+                    "with source = \"hub\", `repos` is a list of repo ids (`repos = [\"{g}\"]`); \
+                     for one repo write `repo = \"...\"`"
+                ),
+            )),
             _ => Err("give `repo`, `repos` or `model_j`".into()),
         }
     }
@@ -322,22 +331,32 @@ impl FetchParams {
         match self.mode.unwrap_or_default() {
             HubMode::Files => {
                 if self.tensors.is_some() || self.layers.is_some() || self.layer_mode.is_some() {
-                    return Err(
+                    let set = [
+                        ("tensors", self.tensors.is_some()),
+                        ("layers", self.layers.is_some()),
+                        ("layer_mode", self.layer_mode.is_some()),
+                    ];
+                    let key = set
+                        .iter()
+                        .find(|(_, given)| *given)
+                        .map_or("mode", |(k, _)| *k);
+                    return Err(ParamError::at(
+                        key,
                         "`tensors`, `layers` and `layer_mode` apply only to mode = \"tensors\"; \
-                         mode = \"files\" fetches whole files"
-                            .into(),
-                    );
+                         mode = \"files\" fetches whole files",
+                    ));
                 }
                 Ok(hub::Mode::Files)
             }
             HubMode::Tensors => {
                 if self.tensors.as_ref().is_none_or(|t| t.is_empty()) && self.layers.is_none() {
-                    return Err(
-                        "mode = \"tensors\" (the default for the Hub) needs `layers` (e.g. \
-                         \"all\", 59, \"40..60\") or `tensors` (names or globs); or set \
-                         mode = \"files\" to fetch whole files"
-                            .into(),
-                    );
+                    let e = "mode = \"tensors\" (the default for the Hub) needs `layers` (e.g. \
+                             \"all\", 59, \"40..60\") or `tensors` (names or globs); or set \
+                             mode = \"files\" to fetch whole files";
+                    return Err(match self.tensors {
+                        Some(_) => ParamError::at("tensors", e),
+                        None => ParamError::whole(e),
+                    });
                 }
                 Ok(hub::Mode::Tensors(TensorSelection {
                     tensors: self.tensors.clone().unwrap_or_default(),
@@ -426,17 +445,11 @@ impl Stage for Fetch {
 
     fn identity(&self, p: &FetchParams, cx: &PlanContext) -> StageResult<Option<String>> {
         if package::manager(p.source).is_some() {
-            return Ok(Some(
-                package::identity(p).map_err(anyhow::Error::from_boxed)?,
-            ));
+            return Ok(Some(package::identity(p)?));
         }
         if p.source == Source::Hub {
             let hub = Hub::new(&p.hub_config(cx.base_dir, cx.offline))?;
-            let mut plan = hub.plan(
-                &p.hub_request().map_err(anyhow::Error::from_boxed)?,
-                p.revision_or_main(),
-                &hub::Quiet,
-            )?;
+            let mut plan = hub.plan(&p.hub_request()?, p.revision_or_main(), &hub::Quiet)?;
             plan.extra_files = p.extra_files.clone().unwrap_or_default();
             return Ok(Some(format!("hub:{}", plan.digest())));
         }
@@ -510,19 +523,32 @@ impl Stage for Fetch {
 
 fn check_dir(p: &FetchParams) -> Result<(), ParamError> {
     if p.path.as_deref().is_none_or(|s| s.trim().is_empty()) {
-        return Err("`path` is empty: give the folder holding the models".into());
+        return Err(ParamError::at(
+            "path",
+            "`path` is empty: give the folder holding the models",
+        ));
     }
     if p.layout != LayoutKind::HfCache && (p.repos.is_some() || p.revision.is_some()) {
-        return Err("`repos` and `revision` apply only to layout = \"hf_cache\"".into());
+        return Err(ParamError::at(
+            if p.repos.is_some() {
+                "repos"
+            } else {
+                "revision"
+            },
+            "`repos` and `revision` apply only to layout = \"hf_cache\"",
+        ));
     }
     if matches!(p.repos, Some(Repos::List(_))) {
-        return Err(
-            "with source = \"dir\", `repos` is a glob over repo ids (\"org/name*\"), not a list"
-                .into(),
-        );
+        return Err(ParamError::at(
+            "repos",
+            "with source = \"dir\", `repos` is a glob over repo ids (\"org/name*\"), not a list",
+        ));
     }
     if p.layout != LayoutKind::Folder && p.recursive {
-        return Err("`recursive` applies only to layout = \"folder\"".into());
+        return Err(ParamError::at(
+            "recursive",
+            "`recursive` applies only to layout = \"folder\"",
+        ));
     }
     Ok(())
 }
@@ -558,21 +584,29 @@ fn only_for(p: &FetchParams) -> Result<(), ParamError> {
                 .iter()
                 .map(|s| format!("\"{}\"", source_name(*s)))
                 .collect();
-            return Err(format!(
-                "`{key}` does not apply to source = \"{}\" (only to source = {})",
-                source_name(p.source),
-                names.join(" | ")
-            )
-            .into());
+            return Err(ParamError::at(
+                key,
+                format!(
+                    "`{key}` does not apply to source = \"{}\" (only to source = {})",
+                    source_name(p.source),
+                    names.join(" | ")
+                ),
+            ));
         }
     }
     if PACKAGES.contains(&p.source) && (p.path.is_some() || p.recursive) {
-        return Err(format!(
-            "source = \"{}\" fetches a pinned archive: `path` and `recursive` apply to \
-             source = \"dir\"",
-            source_name(p.source)
-        )
-        .into());
+        return Err(ParamError::at(
+            if p.path.is_some() {
+                "path"
+            } else {
+                "recursive"
+            },
+            format!(
+                "source = \"{}\" fetches a pinned archive: `path` and `recursive` apply to \
+                 source = \"dir\"",
+                source_name(p.source)
+            ),
+        ));
     }
     Ok(())
 }
@@ -589,36 +623,56 @@ fn source_name(s: Source) -> &'static str {
 
 fn check_hub(p: &FetchParams) -> Result<(), ParamError> {
     if p.path.is_some() {
-        return Err(
-            "`path` applies to source = \"dir\"; for the Hub give `repo`, `repos` or `model_j`"
-                .into(),
-        );
+        return Err(ParamError::at(
+            "path",
+            "`path` applies to source = \"dir\"; for the Hub give `repo`, `repos` or `model_j`",
+        ));
     }
     if p.recursive {
-        return Err("`recursive` applies only to source = \"dir\"".into());
+        return Err(ParamError::at(
+            "recursive",
+            "`recursive` applies only to source = \"dir\"",
+        ));
     }
     if p.concurrency == Some(0) {
-        return Err("`concurrency` must be at least 1".into());
+        return Err(ParamError::at(
+            "concurrency",
+            "`concurrency` must be at least 1",
+        ));
     }
     if let Some(r) = &p.revision {
-        hub::cache::check_revision(r)?;
+        hub::cache::check_revision(r).map_err(|e| ParamError::at("revision", e))?;
     }
     match p.hub_request()? {
         Request::Repos { repos, .. } => {
-            for r in &repos {
-                hub::cache::check_repo_id(r)?;
+            // One repo is `repo`; a list, `repos` (where the list's items are written).
+            let key = |i: usize| match p.repo {
+                Some(_) => "repo".to_string(),
+                None => format!("repos.{i}"),
+            };
+            for (i, r) in repos.iter().enumerate() {
+                hub::cache::check_repo_id(r).map_err(|e| ParamError::at(key(i), e))?;
             }
         }
         Request::Glob { repo, .. } | Request::ModelJGenerative { repo, .. } => {
-            hub::cache::check_repo_id(&repo)?
+            hub::cache::check_repo_id(&repo).map_err(|e| {
+                ParamError::at(
+                    if p.model_j.is_some() {
+                        "model_j"
+                    } else {
+                        "repo"
+                    },
+                    e,
+                )
+            })?
         }
         Request::ModelJIndex { .. } => {}
     }
     if let Some(f) = &p.file {
-        hub::cache::safe_rel_path(f)?;
+        hub::cache::safe_rel_path(f).map_err(|e| ParamError::at("file", e))?;
     }
-    for f in p.extra_files.iter().flatten() {
-        hub::cache::safe_rel_path(f)?;
+    for (i, f) in p.extra_files.iter().flatten().enumerate() {
+        hub::cache::safe_rel_path(f).map_err(|e| ParamError::at(format!("extra_files.{i}"), e))?;
     }
     p.hub_mode()?;
     Ok(())
@@ -627,8 +681,8 @@ fn check_hub(p: &FetchParams) -> Result<(), ParamError> {
 fn run_hub(p: &FetchParams, cx: &RunContext) -> StageResult<Outcome> {
     let cfg = p.hub_config(cx.base_dir(), cx.offline());
     let hub = Hub::new(&cfg)?;
-    let req = p.hub_request().map_err(anyhow::Error::from_boxed)?;
-    let mode = p.hub_mode().map_err(anyhow::Error::from_boxed)?;
+    let req = p.hub_request()?;
+    let mode = p.hub_mode()?;
     cx.log(format!(
         "hub {} ({}), HF cache {}, tensor cache {}{}",
         hub.endpoint(),

@@ -17,7 +17,7 @@ use probex_engine::{Outcome, ParamError, RunContext, StageResult};
 
 use super::{FetchParams, Source};
 use probex_fetch::packages::{
-    self, Manager, PackageSpec, cached_package, default_download_dir, fetch_package,
+    self, Manager, PackageError, PackageSpec, cached_package, default_download_dir, fetch_package,
 };
 
 /// The client that serves `source`, if it is a package source.
@@ -47,7 +47,13 @@ pub fn spec(p: &FetchParams) -> Result<PackageSpec, ParamError> {
         version: field("version", &p.version)?,
         sha256: field("sha256", &p.sha256)?,
     };
-    spec.validate()?;
+    spec.validate().map_err(|e| match e {
+        // The spec's `name` is the stage's `package`.
+        PackageError::InvalidSpec { field, .. } => {
+            ParamError::at(if field == "name" { "package" } else { field }, e)
+        }
+        e => ParamError::whole(e),
+    })?;
     Ok(spec)
 }
 
@@ -65,7 +71,7 @@ pub fn identity(p: &FetchParams) -> Result<String, ParamError> {
 
 /// Downloads (or finds) the archive and unpacks it into the artifact.
 pub fn run(p: &FetchParams, cx: &RunContext) -> StageResult<Outcome> {
-    let spec = spec(p).map_err(anyhow::Error::from_boxed)?;
+    let spec = spec(p)?;
     let downloads = default_download_dir();
     let archive = match cached_package(&spec, &downloads)? {
         Some(hit) => {

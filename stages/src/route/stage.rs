@@ -101,10 +101,11 @@ impl Stage for Route {
 
     fn check(&self, p: &RouteParams) -> Result<(), ParamError> {
         if !(p.margin.is_finite() && p.margin >= 1.0) {
-            return Err(super::FitError::Margin(p.margin).into());
+            return Err(ParamError::at("margin", super::FitError::Margin(p.margin)));
         }
-        super::check_min_silhouette(p.min_silhouette)?;
-        SplitAssigner::new(&p.splits)?;
+        super::check_min_silhouette(p.min_silhouette)
+            .map_err(|e| ParamError::at("min_silhouette", e))?;
+        SplitAssigner::new(&p.splits).map_err(|e| ParamError::at("splits", e))?;
         Ok(())
     }
 

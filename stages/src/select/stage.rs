@@ -80,11 +80,13 @@ impl Stage for Select {
 
     fn check(&self, p: &SelectParams) -> Result<(), ParamError> {
         if p.by.split('.').any(str::is_empty) {
-            return Err(format!(
-                "`by = \"{}\"` is not a metric path (e.g. \"val.accuracy\")",
-                p.by
-            )
-            .into());
+            return Err(ParamError::at(
+                "by",
+                format!(
+                    "`by = \"{}\"` is not a metric path (e.g. \"val.accuracy\")",
+                    p.by
+                ),
+            ));
         }
         Ok(())
     }
@@ -114,11 +116,13 @@ impl Stage for Select {
             } else {
                 ""
             };
-            return Err(format!(
-                "`by = \"{}\"`{default} names no metric its probes report{task}: {m}",
-                p.by
-            )
-            .into());
+            return Err(ParamError::at(
+                "by",
+                format!(
+                    "`by = \"{}\"`{default} names no metric its probes report{task}: {m}",
+                    p.by
+                ),
+            ));
         }
         Ok(PlanFacts {
             results: up

@@ -167,7 +167,7 @@ impl Stage for Train {
     }
 
     fn check(&self, p: &TrainConfig) -> Result<(), ParamError> {
-        Ok(p.validate()?)
+        p.validate().map_err(|e| ParamError::at(e.key(), e))
     }
 
     /// From the label kind of its layer input: the probe's task (passed on as [`TASK`]) and
@@ -185,7 +185,7 @@ impl Stage for Train {
         let Some(label_kind) = label_kind else {
             return Ok(PlanFacts::default());
         };
-        let task = task_of(p.model, label_kind)?;
+        let task = task_of(p.model, label_kind).map_err(|e| ParamError::at("model", e))?;
         Ok(PlanFacts {
             results: results_shape(task),
             facts: serde_json::json!({ TASK: task }),
