@@ -10,9 +10,9 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::gelu;
 use serde::Deserialize;
 
-use probex_nn::{Linear, Precision};
+use probex_nn::{LayerNorm, Linear, Precision};
 
-use super::nn::{Batch, LayerNorm, SelfAttention, load_linear, positions, to_rows};
+use super::nn::{Batch, SelfAttention, load_linear, load_norm, positions, to_rows};
 use super::tensors::WeightFile;
 
 /// The fields of a BERT `config.json` the forward pass needs.
@@ -121,7 +121,7 @@ impl<B: Backend> Bert<B> {
         )?;
         // Single sentences are all segment 0.
         let token_type0 = types.slice([0..1, 0..d]).reshape([d]);
-        let emb_norm = LayerNorm::load(&w, "embeddings.LayerNorm", d, eps, device)?;
+        let emb_norm = load_norm(&w, "embeddings.LayerNorm", d, eps, device)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
@@ -136,7 +136,7 @@ impl<B: Backend> Bert<B> {
                     heads: c.num_attention_heads,
                     precision: Precision::F32,
                 },
-                attn_norm: LayerNorm::load(
+                attn_norm: load_norm(
                     &w,
                     &format!("{p}.attention.output.LayerNorm"),
                     d,
@@ -145,7 +145,7 @@ impl<B: Backend> Bert<B> {
                 )?,
                 up: lin("intermediate.dense", d, c.intermediate_size)?,
                 down: lin("output.dense", c.intermediate_size, d)?,
-                out_norm: LayerNorm::load(&w, &format!("{p}.output.LayerNorm"), d, eps, device)?,
+                out_norm: load_norm(&w, &format!("{p}.output.LayerNorm"), d, eps, device)?,
             });
         }
         Ok(Bert {

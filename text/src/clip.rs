@@ -11,9 +11,9 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 use serde_json::Value;
 
-use probex_nn::{Linear, Precision};
+use probex_nn::{LayerNorm, Linear, Precision};
 
-use super::nn::{Batch, LayerNorm, SelfAttention, load_linear, positions, to_rows};
+use super::nn::{Batch, SelfAttention, load_linear, load_norm, positions, to_rows};
 use super::tensors::WeightFile;
 
 /// The fields of a CLIP text config the forward pass needs, with `CLIPTextConfig`'s defaults.
@@ -221,7 +221,7 @@ impl<B: Backend> ClipText<B> {
             let lin =
                 |name: &str, a, b| load_linear(&w, &format!("{p}.{name}"), a, b, true, device);
             layers.push(ClipLayer {
-                norm1: LayerNorm::load(&w, &format!("{p}.layer_norm1"), d, eps, device)?,
+                norm1: load_norm(&w, &format!("{p}.layer_norm1"), d, eps, device)?,
                 attn: SelfAttention {
                     q: lin("self_attn.q_proj", d, d)?,
                     k: lin("self_attn.k_proj", d, d)?,
@@ -230,12 +230,12 @@ impl<B: Backend> ClipText<B> {
                     heads: c.num_attention_heads,
                     precision: Precision::F32,
                 },
-                norm2: LayerNorm::load(&w, &format!("{p}.layer_norm2"), d, eps, device)?,
+                norm2: load_norm(&w, &format!("{p}.layer_norm2"), d, eps, device)?,
                 fc1: lin("mlp.fc1", d, c.intermediate_size)?,
                 fc2: lin("mlp.fc2", c.intermediate_size, d)?,
             });
         }
-        let final_norm = LayerNorm::load(&w, "final_layer_norm", d, eps, device)?;
+        let final_norm = load_norm(&w, "final_layer_norm", d, eps, device)?;
         Ok(ClipText {
             config,
             token,

@@ -85,8 +85,9 @@ pub fn model_files(kind: EncoderKind, dir: &Path) -> Vec<PathBuf> {
 /// sentence-transformers' config, whose `max_seq_length` truncates inputs (256 for MiniLM).
 const SBERT_CONFIG: &str = "sentence_bert_config.json";
 
+/// Boxed: both are large, and only one is held.
 enum Model<B: Backend> {
-    Bert(Bert<B>),
+    Bert(Box<Bert<B>>),
     Clip(Box<ClipText<B>>),
 }
 
@@ -138,9 +139,9 @@ impl<B: Backend> Encoder<B> {
                 Ok(Encoder {
                     kind,
                     tokenizer,
-                    model: Model::Bert(
+                    model: Model::Bert(Box::new(
                         Bert::load(config, &weights, device)?.with_precision(precision),
-                    ),
+                    )),
                     pad_id,
                     precision,
                 })

@@ -1,6 +1,6 @@
 //! The few transformer pieces both text encoders share, written against Burn tensors so they run
-//! on any backend. Inference only: the norms' weights are plain tensors, and the projections are
-//! probex-nn's [`Linear`] loaded frozen.
+//! on any backend. Inference only: the norms and projections are probex-nn's [`LayerNorm`] and
+//! [`Linear`], loaded frozen.
 //!
 //! Each piece computes in f32 and can round what it produces to f16 ([`Precision::F16`]), which
 //! is what a half-precision PyTorch model on a GPU does: weights stored in f16, every op's result
@@ -11,7 +11,7 @@ use burn::module::Module;
 use burn::prelude::Backend;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
-use probex_nn::{Linear, Precision, WeightLayout};
+use probex_nn::{LayerNorm, Linear, Precision, WeightLayout};
 
 use super::tensors::WeightFile;
 
@@ -35,60 +35,18 @@ pub fn load_linear<B: Backend>(
     Ok(Linear::new(weight.transpose(), bias, WeightLayout::InOut).no_grad())
 }
 
-/// A PyTorch `LayerNorm` over the last axis (biased variance, as PyTorch computes it).
-pub struct LayerNorm<B: Backend> {
-    gamma: Tensor<B, 1>,
-    beta: Tensor<B, 1>,
+/// Reads the PyTorch `LayerNorm` `{name}.weight` and `{name}.bias`, both `[d]`, into a frozen
+/// norm.
+pub fn load_norm<B: Backend>(
+    w: &WeightFile,
+    name: &str,
+    d: usize,
     eps: f64,
-    precision: Precision,
-}
-
-impl<B: Backend> LayerNorm<B> {
-    /// Reads `{name}.weight` and `{name}.bias`, both `[d]`.
-    pub fn load(
-        w: &WeightFile,
-        name: &str,
-        d: usize,
-        eps: f64,
-        device: &B::Device,
-    ) -> anyhow::Result<Self> {
-        Ok(LayerNorm {
-            gamma: w.tensor::<B, 1>(&format!("{name}.weight"), [d], device)?,
-            beta: w.tensor::<B, 1>(&format!("{name}.bias"), [d], device)?,
-            eps,
-            precision: Precision::F32,
-        })
-    }
-
-    /// The norm in precision `p`: parameters rounded, computed in f32, output rounded.
-    pub fn with_precision(self, p: Precision) -> Self {
-        LayerNorm {
-            gamma: p.round(self.gamma),
-            beta: p.round(self.beta),
-            eps: self.eps,
-            precision: p,
-        }
-    }
-
-    /// Normalises `[batch, seq, d]` over `d`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let mean = x.clone().mean_dim(2);
-        let centered = x - mean;
-        let var = centered.clone().powf_scalar(2.0).mean_dim(2);
-        let normed = centered / (var + self.eps).sqrt();
-        let y = normed
-            * self
-                .gamma
-                .clone()
-                .unsqueeze_dim::<2>(0)
-                .unsqueeze_dim::<3>(0)
-            + self
-                .beta
-                .clone()
-                .unsqueeze_dim::<2>(0)
-                .unsqueeze_dim::<3>(0);
-        self.precision.round(y)
-    }
+    device: &B::Device,
+) -> anyhow::Result<LayerNorm<B>> {
+    let gamma = w.tensor::<B, 1>(&format!("{name}.weight"), [d], device)?;
+    let beta = w.tensor::<B, 1>(&format!("{name}.bias"), [d], device)?;
+    Ok(LayerNorm::new(gamma, beta, eps).no_grad())
 }
 
 /// Multi-head self-attention with separate q/k/v/out projections (BERT's and CLIP's layout).

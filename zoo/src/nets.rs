@@ -13,7 +13,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
 use serde::{Deserialize, Serialize};
 
-use probex_nn::{Linear, LinearValues, WeightLayout, transpose};
+use probex_nn::{LayerNorm, Linear, LinearValues, WeightLayout, transpose};
 use probex_weights::rng::StreamRng;
 
 /// One tensor of a state dict: row-major f32 data with its PyTorch shape.
@@ -154,77 +154,51 @@ fn save_linear<B: Backend>(
     Ok(())
 }
 
-/// Layer normalisation over the last axis (`torch.nn.LayerNorm`, eps 1e-12 as HF ViT).
-#[derive(Module, Debug)]
-pub struct Norm<B: Backend> {
-    /// Scale `[d]`.
-    pub gamma: Param<Tensor<B, 1>>,
-    /// Shift `[d]`.
-    pub beta: Param<Tensor<B, 1>>,
+/// HF ViT's `LayerNorm` epsilon.
+const NORM_EPS: f64 = 1e-12;
+
+/// A fresh norm's values (`weight` ones, `bias` zeros) into `state` under `prefix`.
+fn init_norm(d: usize, state: &mut StateDict, prefix: &str) {
+    for (suffix, value) in [("weight", 1.0), ("bias", 0.0)] {
+        state.insert(
+            format!("{prefix}.{suffix}"),
+            HostTensor {
+                shape: vec![d],
+                data: vec![value; d],
+            },
+        );
+    }
 }
 
-impl<B: Backend> Norm<B> {
-    fn init(d: usize, state: &mut StateDict, prefix: &str) {
+/// The norm under `prefix` in `state`, `[d]` each.
+fn load_norm<B: Backend>(
+    state: &StateDict,
+    prefix: &str,
+    d: usize,
+    device: &B::Device,
+) -> Result<LayerNorm<B>, StateError> {
+    let [g, b] = ["weight", "bias"].map(|suffix| take(state, &format!("{prefix}.{suffix}"), &[d]));
+    let tensor = |t: &HostTensor| Tensor::from_data(TensorData::new(t.data.clone(), [d]), device);
+    Ok(LayerNorm::new(tensor(g?), tensor(b?), NORM_EPS))
+}
+
+/// `norm`'s values into `state` under `prefix`.
+fn save_norm<B: Backend>(
+    norm: &LayerNorm<B>,
+    state: &mut StateDict,
+    prefix: &str,
+) -> Result<(), StateError> {
+    let d = norm.d();
+    for (suffix, t) in [("weight", &norm.gamma), ("bias", &norm.beta)] {
         state.insert(
-            format!("{prefix}.weight"),
+            format!("{prefix}.{suffix}"),
             HostTensor {
                 shape: vec![d],
-                data: vec![1.0; d],
-            },
-        );
-        state.insert(
-            format!("{prefix}.bias"),
-            HostTensor {
-                shape: vec![d],
-                data: vec![0.0; d],
+                data: tensor_data(t.val())?,
             },
         );
     }
-
-    fn load(
-        state: &StateDict,
-        prefix: &str,
-        d: usize,
-        device: &B::Device,
-    ) -> Result<Self, StateError> {
-        let g = take(state, &format!("{prefix}.weight"), &[d])?;
-        let b = take(state, &format!("{prefix}.bias"), &[d])?;
-        Ok(Norm {
-            gamma: Param::from_tensor(Tensor::from_data(
-                TensorData::new(g.data.clone(), [d]),
-                device,
-            )),
-            beta: Param::from_tensor(Tensor::from_data(
-                TensorData::new(b.data.clone(), [d]),
-                device,
-            )),
-        })
-    }
-
-    fn save(&self, state: &mut StateDict, prefix: &str) -> Result<(), StateError> {
-        let d = self.gamma.val().dims()[0];
-        for (suffix, t) in [("weight", &self.gamma), ("bias", &self.beta)] {
-            state.insert(
-                format!("{prefix}.{suffix}"),
-                HostTensor {
-                    shape: vec![d],
-                    data: tensor_data(t.val())?,
-                },
-            );
-        }
-        Ok(())
-    }
-
-    /// Normalises the rows of `x` `[n, d]`. Everything in the ViT runs on 2-D `[tokens, d]`
-    /// tensors: the CPU backend broadcasts 2-D operands row by row but walks higher-rank
-    /// broadcasts element by element, an order of magnitude slower.
-    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let mean = x.clone().mean_dim(1);
-        let centered = x - mean;
-        let var = centered.clone().powi_scalar(2).mean_dim(1);
-        let normed = centered / (var + 1e-12).sqrt();
-        normed * self.gamma.val().unsqueeze::<2>() + self.beta.val().unsqueeze::<2>()
-    }
+    Ok(())
 }
 
 /// Shape of the MLP classifier.
@@ -343,14 +317,10 @@ impl Arch {
                         let layer = LinearValues::hf_init(d_in, d_out, rng);
                         insert_linear(&mut s, &format!("{pre}.{name}"), layer);
                     }
-                    Norm::<burn::backend::Flex>::init(
-                        d,
-                        &mut s,
-                        &format!("{pre}.layernorm_before"),
-                    );
-                    Norm::<burn::backend::Flex>::init(d, &mut s, &format!("{pre}.layernorm_after"));
+                    init_norm(d, &mut s, &format!("{pre}.layernorm_before"));
+                    init_norm(d, &mut s, &format!("{pre}.layernorm_after"));
                 }
-                Norm::<burn::backend::Flex>::init(d, &mut s, "vit.layernorm");
+                init_norm(d, &mut s, "vit.layernorm");
                 self.init_head(&mut s, classes, rng);
             }
         }
@@ -456,12 +426,12 @@ impl<B: Backend> Mlp<B> {
 /// One pre-norm transformer block with Hugging Face ViT names.
 #[derive(Module, Debug)]
 pub struct VitBlock<B: Backend> {
-    ln_before: Norm<B>,
+    ln_before: LayerNorm<B>,
     query: Linear<B>,
     key: Linear<B>,
     value: Linear<B>,
     attn_out: Linear<B>,
-    ln_after: Norm<B>,
+    ln_after: LayerNorm<B>,
     intermediate: Linear<B>,
     output: Linear<B>,
 }
@@ -474,7 +444,7 @@ pub struct Vit<B: Backend> {
     cls: Param<Tensor<B, 3>>,
     pos: Param<Tensor<B, 3>>,
     blocks: Vec<VitBlock<B>>,
-    ln: Norm<B>,
+    ln: LayerNorm<B>,
     head: Linear<B>,
     heads: usize,
 }
@@ -506,7 +476,7 @@ impl<B: Backend> Vit<B> {
             let pre = format!("vit.encoder.layer.{l}");
             let i = c.intermediate_size;
             blocks.push(VitBlock {
-                ln_before: Norm::load(state, &format!("{pre}.layernorm_before"), d, device)?,
+                ln_before: load_norm(state, &format!("{pre}.layernorm_before"), d, device)?,
                 query: load_linear(
                     state,
                     &format!("{pre}.attention.attention.query"),
@@ -539,7 +509,7 @@ impl<B: Backend> Vit<B> {
                     true,
                     device,
                 )?,
-                ln_after: Norm::load(state, &format!("{pre}.layernorm_after"), d, device)?,
+                ln_after: load_norm(state, &format!("{pre}.layernorm_after"), d, device)?,
                 intermediate: load_linear(
                     state,
                     &format!("{pre}.intermediate.dense"),
@@ -562,7 +532,7 @@ impl<B: Backend> Vit<B> {
                 device,
             )),
             blocks,
-            ln: Norm::load(state, "vit.layernorm", d, device)?,
+            ln: load_norm(state, "vit.layernorm", d, device)?,
             head: load_linear(state, "classifier", d, classes, true, device)?,
             heads: c.heads,
         })
@@ -597,8 +567,7 @@ impl<B: Backend> Vit<B> {
         );
         for (l, b) in self.blocks.iter().enumerate() {
             let pre = format!("vit.encoder.layer.{l}");
-            b.ln_before
-                .save(&mut s, &format!("{pre}.layernorm_before"))?;
+            save_norm(&b.ln_before, &mut s, &format!("{pre}.layernorm_before"))?;
             save_linear(
                 &b.query,
                 &mut s,
@@ -615,7 +584,7 @@ impl<B: Backend> Vit<B> {
                 &mut s,
                 &format!("{pre}.attention.output.dense"),
             )?;
-            b.ln_after.save(&mut s, &format!("{pre}.layernorm_after"))?;
+            save_norm(&b.ln_after, &mut s, &format!("{pre}.layernorm_after"))?;
             save_linear(
                 &b.intermediate,
                 &mut s,
@@ -623,7 +592,7 @@ impl<B: Backend> Vit<B> {
             )?;
             save_linear(&b.output, &mut s, &format!("{pre}.output.dense"))?;
         }
-        self.ln.save(&mut s, "vit.layernorm")?;
+        save_norm(&self.ln, &mut s, "vit.layernorm")?;
         save_linear(&self.head, &mut s, "classifier")?;
         Ok(s)
     }
