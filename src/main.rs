@@ -65,7 +65,12 @@ fn main() -> ExitCode {
         probex_engine::errln!("\nstopping (Ctrl-C again to exit at once)...");
     });
     let code = match cli.command {
-        Command::Engine(cmd) => dispatch(cmd, &cli.cache, &probex_stages::registry(), cancel),
+        Command::Engine(cmd) => dispatch(
+            cmd,
+            &cli.cache,
+            &probex_stages::registry(probex_hub::connect),
+            cancel,
+        ),
         Command::Layers(args) => layers::run(&args),
         Command::Search(args) => search::run(&args),
         Command::Describe(args) => describe::run(&args),

@@ -3,14 +3,13 @@
 //! - [`discover`]: model files in a local folder, in the layouts Model-J and the Hugging Face
 //!   cache use ([`discover::ModelSource`]: a file, its id and its split).
 //! - [`collection`]: the `models` artifact that lists them.
-//! - [`hub`]: the Hugging Face Hub client (whole files into the shared cache, or only the
-//!   tensors a probe needs through Range requests).
+//! - [`hub`]: what a fetch from the Hugging Face Hub is (request, plan, report, accepted names)
+//!   and the [`hub::HubClient`] trait; the client itself is the `probex-hub` crate.
 //! - [`packages`]: pinned archives from npm, PyPI and Debian, fetched through their own clients
 //!   and unpacked safely.
 //!
-//! It is a crate of its own so that the network and archive code (and its dependencies:
-//! reqwest, hf-hub, parquet, the archive formats) builds apart from the probe models: an edit to
-//! the Hub client rebuilds this crate and the stage kinds, never Burn's models.
+//! It is a crate of its own so that the archive code (and its formats) builds apart from the
+//! probe models: an edit here rebuilds this crate and the stage kinds, never Burn's models.
 
 pub mod collection;
 pub mod discover;

@@ -143,7 +143,7 @@ struct Step {
 fn run_experiment(dir: &Path, name: &str, toml: &str, cache: &Path) -> Result<(RunReport, Step)> {
     let file = dir.join(format!("{name}.toml"));
     std::fs::write(&file, toml)?;
-    let registry = probex_stages::registry();
+    let registry = probex_stages::registry(probex_hub::connect);
     let exp = probex_engine::load(&file, &registry).map_err(|d| d.to_string())?;
     let store = Store::open(cache)?;
     let digests = FileDigests::open(cache.join("statcache.json"));

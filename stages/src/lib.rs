@@ -23,10 +23,11 @@ pub mod zoo;
 
 use probex_engine::Registry;
 
-/// Every stage kind of this build.
-pub fn registry() -> Registry {
+/// Every stage kind of this build; `hub` opens the Hub client for `fetch` (the binary passes
+/// `probex_hub::connect`).
+pub fn registry(hub: probex_fetch::hub::Connect) -> Registry {
     let mut r = Registry::new();
-    r.register(fetch::Fetch)
+    r.register(fetch::Fetch { hub })
         .register(extract::Extract)
         .register(embed::Embed)
         .register(train::Train)

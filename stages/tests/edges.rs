@@ -299,7 +299,7 @@ fn train_range_errors_point_at_the_value_and_counts_have_an_upper_bound() {
                 [stage.layers]\nkind = \"extract\"\nfrom = \"models\"\nlayers = \"all\"\n\
                 label = { key = \"dataset_chosen_targets\", kind = \"multi_label\", vocab = \"cifar100\" }\n\n\
                 [stage.probe]\nkind = \"train\"\nfrom = \"layers\"\nfor_each = \"layer\"\nmodel = \"probex\"\n";
-    let registry = probex_stages::registry();
+    let registry = probex_stages::registry(probex_hub::connect);
     // (line, column, what it says) of the error for each bad line appended at line 17.
     for (bad, col, says) in [
         (
@@ -353,7 +353,7 @@ fn param_errors_point_at_the_value_they_blame_nested_or_found_at_plan_time() {
     let base = "[stage.emoji]\nkind = \"fetch\"\nsource = \"npm\"\npackage = \"emoji-datasource\"\n\
                 version = \"16.0.0\"\n\
                 sha256 = \"2006725061dc0098daa832d65f854a7bec0740af2eb47cb5b23d89f7e2c849f9\"\n\n";
-    let registry = probex_stages::registry();
+    let registry = probex_stages::registry(probex_hub::connect);
     // (stage table, line, column, what it says): the stage table starts at line 8.
     let cases = [
         (

@@ -15,14 +15,19 @@ use std::time::{Duration, Instant};
 use files::*;
 use probex_engine::digest::FileDigests;
 use probex_engine::{PlanContext, Stage};
-use probex_fetch::hub::http::RetryPolicy;
-use probex_fetch::hub::mock::{Fault, MockHub, MockRepo, commit_id};
-use probex_fetch::hub::{Auth, Hub, HubConfig, Mode, Quiet, Request, TensorSelection};
+use probex_hub::RetryPolicy;
+use probex_hub::mock::{Fault, MockHub, MockRepo, commit_id};
+use probex_hub::{Auth, Hub, HubConfig, Mode, Quiet, Request, TensorSelection};
 use probex_stages::fetch::{Fetch, FetchParams};
 use probex_weights::dataset::{LayerDataset, Split};
 use probex_weights::reader::parse_bytes;
 use probex_weights::shapes;
 use probex_weights::{Architecture, LayerMode, LayerSelector, layer_index, layer_rows};
+
+/// The fetch kind with the real client (here against the mock Hub).
+const FETCH: Fetch = Fetch {
+    hub: probex_hub::connect,
+};
 
 const TARGETS: [&str; 3] = [
     "['apple', 'worm']",
@@ -430,7 +435,7 @@ fn discriminative_subset_takes_repos_and_splits_from_the_index_dataset() {
     let w = World::new();
     let hub = w.hub(&mock);
     let req = Request::ModelJIndex {
-        subset: probex_fetch::hub::ModelJ::SupViT,
+        subset: probex_hub::ModelJ::SupViT,
         index: "ProbeX/Model-J".into(),
         file: "model.safetensors".into(),
     };
@@ -492,8 +497,8 @@ fn identity(p: &FetchParams, base: &Path, offline: bool) -> Result<String, Strin
         digests: &digests,
         offline,
     };
-    Fetch.check(p).map_err(|e| e.to_string())?;
-    Fetch
+    FETCH.check(p).map_err(|e| e.to_string())?;
+    FETCH
         .identity(p, &cx)
         .map(|i| i.unwrap_or_default())
         .map_err(|e| format!("{e:#}"))

@@ -5,7 +5,7 @@
 use probex_engine::Registry;
 
 fn registry() -> Registry {
-    probex_stages::registry()
+    probex_stages::registry(probex_hub::connect)
 }
 
 #[test]

@@ -310,7 +310,7 @@ fn routing_errors_name_the_model_and_what_to_do() {
     };
     let plan_error = |text: String| {
         std::fs::write(dir.path().join("bad.toml"), text).unwrap();
-        let registry = probex_stages::registry();
+        let registry = probex_stages::registry(probex_hub::connect);
         let exp = probex_engine::load(&dir.path().join("bad.toml"), &registry).unwrap();
         let store = Store::open(dir.path().join("cache")).unwrap();
         let digests = probex_engine::digest::FileDigests::in_memory();

@@ -331,7 +331,7 @@ from = ["best"]
         );
         let path = dir.path().join("attr.toml");
         std::fs::write(&path, text).unwrap();
-        probex_engine::load(&path, &probex_stages::registry()).map(|_| ())
+        probex_engine::load(&path, &probex_stages::registry(probex_hub::connect)).map(|_| ())
     };
     let scheduler = r#"{ key = "lr_scheduler", kind = "category" }"#;
     let lr = r#"{ key = "learning_rate", kind = "numeric", transform = "log10" }"#;

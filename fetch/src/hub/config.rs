@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-use super::http::RetryPolicy;
+use std::time::Duration;
 
 /// The default Hub endpoint (when neither the config nor `HF_ENDPOINT` names one).
-pub(super) const DEFAULT_ENDPOINT: &str = concat!("https://", "huggingface", ".co");
+pub const DEFAULT_ENDPOINT: &str = concat!("https://", "huggingface", ".co");
 
 /// How the token is found.
 #[derive(Clone, Default)]
@@ -67,7 +67,7 @@ impl Default for HubConfig {
 }
 
 /// The token as Python's huggingface_hub finds it.
-pub(super) fn env_token() -> Option<String> {
+pub fn env_token() -> Option<String> {
     let non_empty = |s: String| {
         let t = s.trim().to_string();
         (!t.is_empty()).then_some(t)
@@ -96,9 +96,34 @@ fn hf_home() -> Option<PathBuf> {
 }
 
 /// The Hugging Face cache: `HF_HUB_CACHE`, else `$HF_HOME/hub`.
-pub(super) fn default_hub_cache() -> PathBuf {
+pub fn default_hub_cache() -> PathBuf {
     std::env::var_os("HF_HUB_CACHE")
         .map(PathBuf::from)
         .or_else(|| hf_home().map(|h| h.join("hub")))
         .unwrap_or_else(|| PathBuf::from(".cache/huggingface/hub"))
+}
+
+/// How often and how patiently to retry.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Attempts per request, the first included.
+    pub attempts: u32,
+    /// First backoff delay; doubled on each retry, with jitter.
+    pub base_delay: Duration,
+    /// Longest backoff between two attempts.
+    pub max_delay: Duration,
+    /// Longest `Retry-After` honoured; a server asking for more makes the request fail with
+    /// that wait in the message (rather than a run that sleeps for an hour unseen).
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 6,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(300),
+        }
+    }
 }

@@ -1,57 +1,75 @@
-//! Fetching model collections from the Hugging Face Hub: whole files into the shared Hugging
-//! Face cache, or only the tensors a probe needs through HTTP Range requests.
+//! What a fetch from the Hugging Face Hub is, apart from the client that makes it: the request
+//! ([`Request`], [`Mode`]), where the Hub and the caches are ([`HubConfig`]), the pinned
+//! [`Plan`] whose digest is the fetch stage's identity, the [`FetchReport`], the names the Hub
+//! accepts ([`names`]), and the [`HubClient`] trait the client implements.
 //!
-//! The split of work: hf-hub 1.0's blocking client makes the API calls (resolving a revision
-//! to a commit, listing a repo's files), and [`http`] moves bytes (resumable downloads, Range
-//! reads that check for `206`, retries honouring `Retry-After`), because hf-hub's downloads do
-//! neither. Both see the same endpoint and token.
-//!
-//! Two phases, as the engine wants them: [`Hub::plan`] pins every repo to a commit sha (one API
-//! call per repo, or the local refs when offline) and returns the list of models with their
-//! commits, whose digest is the stage's identity; [`Hub::fetch`] then fetches exactly that.
+//! The client itself (API calls, HTTP transfers, the caches, the Model-J index) is the
+//! `probex-hub` crate, which only the binary (and tests) link: the stage kinds see it through
+//! [`HubClient`], so an edit to the client rebuilds that crate and relinks the binary, never the
+//! stage kinds that instantiate the probe models.
 
-//! The files, one job each: [`request`] (what is asked for), [`config`] (where the Hub and the
-//! caches are), [`client`] (the API calls), [`plan`] (phase one), [`fetch`] (phase two) with
-//! [`files`] and [`tensors`] (its two modes), [`parallel`] (many repos at once), [`progress`]
-//! (what it reports); [`cache`], [`http`] and [`index`] below them.
-
-pub mod cache;
-mod client;
 mod config;
-mod error;
-mod fetch;
-mod files;
-pub mod http;
-pub mod index;
-pub mod mock;
-mod parallel;
+pub mod names;
 mod plan;
 mod progress;
+mod report;
 mod request;
-mod tensors;
 
+use std::error::Error;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use cache::{HfCache, TensorCache};
-use http::Http;
-
-pub use config::{Auth, HubConfig};
-pub use error::{HubError, SelectionError};
-pub use fetch::FetchReport;
+pub use config::{Auth, DEFAULT_ENDPOINT, HubConfig, RetryPolicy, default_hub_cache, env_token};
+pub use names::NameError;
 pub use plan::{Plan, PlannedModel};
 pub use progress::{Observer, Progress, Quiet};
-pub use request::{MODEL_J_INDEX, Mode, ModelJ, Request, TensorSelection};
+pub use report::FetchReport;
+pub use request::{MODEL_J_INDEX, Mode, ModelJ, Request, SelectionError, TensorSelection};
 
-/// A connection to the Hub and the local caches.
-pub struct Hub {
-    api: Option<hf_hub::HFClientSync>,
-    http: Option<Http>,
-    hf: HfCache,
-    tensors: TensorCache,
-    endpoint: String,
-    offline: bool,
-    concurrency: usize,
-    cancel: Arc<AtomicBool>,
-    has_token: bool,
+/// A client's error, passed on as it is: its message names the repo, commit or file and says
+/// what to do.
+pub type ClientError = Box<dyn Error + Send + Sync>;
+
+/// A connection to the Hub and the local caches, in two phases as the engine wants them:
+/// [`HubClient::plan`] pins a request to commits (the stage's identity), [`HubClient::fetch`]
+/// fetches exactly that plan.
+pub trait HubClient: Send + Sync {
+    /// Pins `req` at `revision`: every repo resolved to a commit, the models listed. The plan
+    /// is remembered for [`HubClient::planned`].
+    fn plan(&self, req: &Request, revision: &str, obs: &dyn Observer) -> Result<Plan, ClientError>;
+
+    /// The plan [`HubClient::plan`] made for the same request in this process, or a new one:
+    /// so the run fetches exactly the commits its identity named.
+    fn planned(
+        &self,
+        req: &Request,
+        revision: &str,
+        obs: &dyn Observer,
+    ) -> Result<Plan, ClientError>;
+
+    /// Fetches every model of `plan` in `mode`; tensors-mode files are written under
+    /// `out_dir`, files mode points into the Hugging Face cache.
+    fn fetch(
+        &self,
+        plan: &Plan,
+        mode: &Mode,
+        out_dir: &Path,
+        obs: &dyn Observer,
+    ) -> Result<FetchReport, ClientError>;
+
+    /// Set to stop every transfer in flight.
+    fn cancel_flag(&self) -> Arc<AtomicBool>;
+
+    /// The endpoint in use.
+    fn endpoint(&self) -> &str;
+
+    /// The Hugging Face cache.
+    fn cache_dir(&self) -> &Path;
+
+    /// probex's tensor cache.
+    fn tensor_cache_dir(&self) -> &Path;
 }
+
+/// Opens a [`HubClient`] for a config: what the binary hands the fetch stage.
+pub type Connect = fn(&HubConfig) -> Result<Box<dyn HubClient>, ClientError>;

@@ -43,15 +43,18 @@ impl Progress {
         }
     }
 
-    pub(super) fn file_done(&self) {
+    /// Counts one model as done.
+    pub fn file_done(&self) {
         self.done.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn expect_bytes(&self, n: u64) {
+    /// Adds `n` to the bytes the fetch expects to move (for the ETA).
+    pub fn expect_bytes(&self, n: u64) {
         self.expected_bytes.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub(super) fn due(&self) -> bool {
+    /// Whether a second has passed since the last report (and so another is due).
+    pub fn due(&self) -> bool {
         let Ok(mut last) = self.last.lock() else {
             return false;
         };
@@ -82,7 +85,8 @@ impl Progress {
         )
     }
 
-    pub(super) fn report(&self, obs: &dyn Observer, bytes: u64) {
+    /// Sends the summary line to `obs` as progress.
+    pub fn report(&self, obs: &dyn Observer, bytes: u64) {
         let line = self.line(bytes);
         obs.progress(self.done.load(Ordering::Relaxed), self.total, &line);
     }

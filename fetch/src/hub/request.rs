@@ -5,8 +5,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::SelectionError;
-use crate::discover::glob_to_regex;
+use crate::discover::{GlobError, glob_to_regex};
 use probex_weights::reader::Header;
 use probex_weights::{LayerList, LayerMode, LayerSelector};
 
@@ -160,4 +159,38 @@ pub enum Mode {
     Files,
     /// Only the header and the selected tensors, via HTTP Range.
     Tensors(TensorSelection),
+}
+
+/// Why a tensor selection picks nothing usable in a file.
+#[derive(Debug, thiserror::Error)]
+pub enum SelectionError {
+    /// A glob in `tensors` that is not a pattern.
+    #[error(transparent)]
+    Glob(#[from] GlobError),
+    /// A glob in `tensors` that matches nothing.
+    #[error("tensor pattern `{0}` matches no tensor")]
+    NoMatch(String),
+    /// A name in `tensors` that the file does not have.
+    #[error("no tensor is named `{name}`{}", similar_note(similar))]
+    NoSuchTensor {
+        /// The name.
+        name: String,
+        /// Up to five names that contain it or that it contains.
+        similar: Vec<String>,
+    },
+    /// `layers` does not fit the file.
+    #[error(transparent)]
+    Layers(#[from] probex_weights::layers::LayerError),
+    /// Nothing selected at all.
+    #[error("the selection picks no tensor (give `tensors` or `layers`)")]
+    Empty,
+}
+
+/// `; similar: a, b` or nothing.
+fn similar_note(similar: &[String]) -> String {
+    if similar.is_empty() {
+        String::new()
+    } else {
+        format!("; similar: {}", similar.join(", "))
+    }
 }

@@ -50,7 +50,7 @@ use probex_weights::{LayerMode, LayerSelector};
 
 pub mod package;
 
-use probex_fetch::hub::{self, Hub, HubConfig, ModelJ, Request, TensorSelection};
+use probex_fetch::hub::{self, Connect, HubConfig, ModelJ, Request, TensorSelection};
 
 /// Where the models come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,8 +397,12 @@ impl hub::Observer for CxObserver<'_, '_> {
     }
 }
 
-/// The `fetch` stage kind.
-pub struct Fetch;
+/// The `fetch` stage kind. `hub` opens the Hub client for `source = "hub"`: the binary passes
+/// `probex_hub::connect`, so an edit to the client never rebuilds this crate.
+pub struct Fetch {
+    /// Opens the Hub client.
+    pub hub: Connect,
+}
 
 impl Stage for Fetch {
     type Params = FetchParams;
@@ -448,8 +452,11 @@ impl Stage for Fetch {
             return Ok(Some(package::identity(p)?));
         }
         if p.source == Source::Hub {
-            let hub = Hub::new(&p.hub_config(cx.base_dir, cx.offline))?;
-            let mut plan = hub.plan(&p.hub_request()?, p.revision_or_main(), &hub::Quiet)?;
+            let hub = (self.hub)(&p.hub_config(cx.base_dir, cx.offline))
+                .map_err(anyhow::Error::from_boxed)?;
+            let mut plan = hub
+                .plan(&p.hub_request()?, p.revision_or_main(), &hub::Quiet)
+                .map_err(anyhow::Error::from_boxed)?;
             plan.extra_files = p.extra_files.clone().unwrap_or_default();
             return Ok(Some(format!("hub:{}", plan.digest())));
         }
@@ -478,7 +485,7 @@ impl Stage for Fetch {
 
     fn run(&self, p: &FetchParams, _inputs: &Inputs, cx: &RunContext) -> StageResult<Outcome> {
         if p.source == Source::Hub {
-            return run_hub(p, cx);
+            return run_hub(self.hub, p, cx);
         }
         if package::manager(p.source).is_some() {
             return package::run(p, cx);
@@ -641,7 +648,7 @@ fn check_hub(p: &FetchParams) -> Result<(), ParamError> {
         ));
     }
     if let Some(r) = &p.revision {
-        hub::cache::check_revision(r).map_err(|e| ParamError::at("revision", e))?;
+        hub::names::check_revision(r).map_err(|e| ParamError::at("revision", e))?;
     }
     match p.hub_request()? {
         Request::Repos { repos, .. } => {
@@ -651,11 +658,11 @@ fn check_hub(p: &FetchParams) -> Result<(), ParamError> {
                 None => format!("repos.{i}"),
             };
             for (i, r) in repos.iter().enumerate() {
-                hub::cache::check_repo_id(r).map_err(|e| ParamError::at(key(i), e))?;
+                hub::names::check_repo_id(r).map_err(|e| ParamError::at(key(i), e))?;
             }
         }
         Request::Glob { repo, .. } | Request::ModelJGenerative { repo, .. } => {
-            hub::cache::check_repo_id(&repo).map_err(|e| {
+            hub::names::check_repo_id(&repo).map_err(|e| {
                 ParamError::at(
                     if p.model_j.is_some() {
                         "model_j"
@@ -669,18 +676,18 @@ fn check_hub(p: &FetchParams) -> Result<(), ParamError> {
         Request::ModelJIndex { .. } => {}
     }
     if let Some(f) = &p.file {
-        hub::cache::safe_rel_path(f).map_err(|e| ParamError::at("file", e))?;
+        hub::names::safe_rel_path(f).map_err(|e| ParamError::at("file", e))?;
     }
     for (i, f) in p.extra_files.iter().flatten().enumerate() {
-        hub::cache::safe_rel_path(f).map_err(|e| ParamError::at(format!("extra_files.{i}"), e))?;
+        hub::names::safe_rel_path(f).map_err(|e| ParamError::at(format!("extra_files.{i}"), e))?;
     }
     p.hub_mode()?;
     Ok(())
 }
 
-fn run_hub(p: &FetchParams, cx: &RunContext) -> StageResult<Outcome> {
+fn run_hub(connect: Connect, p: &FetchParams, cx: &RunContext) -> StageResult<Outcome> {
     let cfg = p.hub_config(cx.base_dir(), cx.offline());
-    let hub = Hub::new(&cfg)?;
+    let hub = connect(&cfg).map_err(anyhow::Error::from_boxed)?;
     let req = p.hub_request()?;
     let mode = p.hub_mode()?;
     cx.log(format!(
@@ -720,7 +727,7 @@ fn run_hub(p: &FetchParams, cx: &RunContext) -> StageResult<Outcome> {
         r
     });
     cx.check_cancelled()?;
-    let (plan, report) = result?;
+    let (plan, report) = result.map_err(anyhow::Error::from_boxed)?;
     let origin = match (&p.model_j, &p.repo) {
         (Some(m), _) => format!("hub:Model-J {}", m.name()),
         (_, Some(r)) => format!("hub:{r}"),

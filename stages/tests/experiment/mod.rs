@@ -12,7 +12,7 @@ use probex_engine::{Overrides, PlanContext, Planner, RunReport};
 /// Loads and runs `exp` against the cache at `cache`, recording the run in `run_dir` (default:
 /// `run/` beside the experiment file); `offline` as `--offline`.
 pub fn run(exp: &Path, cache: &Path, run_dir: Option<&Path>, offline: bool) -> RunReport {
-    let registry = probex_stages::registry();
+    let registry = probex_stages::registry(probex_hub::connect);
     let exp = probex_engine::load(exp, &registry).unwrap_or_else(|d| panic!("{d}"));
     let store = Store::open(cache).unwrap();
     let digests = FileDigests::in_memory();

@@ -7,9 +7,9 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use probex_fetch::hub::http::RetryPolicy;
-use probex_fetch::hub::mock::{MockHub, MockRepo, commit_id};
-use probex_fetch::hub::{Auth, Hub, HubConfig, Mode, Quiet, Request, TensorSelection};
+use probex_hub::RetryPolicy;
+use probex_hub::mock::{MockHub, MockRepo, commit_id};
+use probex_hub::{Auth, Hub, HubConfig, Mode, Quiet, Request, TensorSelection};
 use probex_weights::{LayerMode, LayerSelector};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;

@@ -3,34 +3,19 @@
 
 use std::path::PathBuf;
 
+use probex_fetch::discover::GlobError;
+use probex_fetch::hub::{NameError, SelectionError};
 use probex_weights::reader::HeaderError;
 
 use super::http::HttpError;
 use super::index::IndexError;
-use crate::discover::GlobError;
 
 /// Everything that can go wrong while planning or fetching from the Hub.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
-    /// A repo id that breaks the Hub's rules.
-    #[error("`{id}` is not a Hub repo id ({why}); write it as `owner/name`")]
-    BadRepoId {
-        /// The id as given.
-        id: String,
-        /// Which rule it breaks.
-        why: &'static str,
-    },
-    /// A revision that cannot name a branch, tag or commit safely.
-    #[error("`{0}` is not a usable revision (a branch, tag or 40-hex commit)")]
-    BadRevision(String),
-    /// A file path from the server that cannot be placed inside the repo's folder.
-    #[error("file path {path:?} from the Hub {problem}")]
-    BadPath {
-        /// The path as the server gave it.
-        path: String,
-        /// What is wrong with it.
-        problem: &'static str,
-    },
+    /// A repo id, revision or file path that cannot be used.
+    #[error(transparent)]
+    Name(#[from] NameError),
     /// An etag that is not a hash, so no safe blob name.
     #[error(
         "the Hub's etag {0:?} is not a sha256 or git object id; the file cannot be cached safely"
@@ -349,38 +334,4 @@ fn many_failed(errors: &[HubError], not_started: usize, finished: usize) -> Stri
         ));
     }
     msg
-}
-
-/// Why a tensor selection picks nothing usable in a file.
-#[derive(Debug, thiserror::Error)]
-pub enum SelectionError {
-    /// A glob in `tensors` that is not a pattern.
-    #[error(transparent)]
-    Glob(#[from] GlobError),
-    /// A glob in `tensors` that matches nothing.
-    #[error("tensor pattern `{0}` matches no tensor")]
-    NoMatch(String),
-    /// A name in `tensors` that the file does not have.
-    #[error("no tensor is named `{name}`{}", similar_note(similar))]
-    NoSuchTensor {
-        /// The name.
-        name: String,
-        /// Up to five names that contain it or that it contains.
-        similar: Vec<String>,
-    },
-    /// `layers` does not fit the file.
-    #[error(transparent)]
-    Layers(#[from] probex_weights::layers::LayerError),
-    /// Nothing selected at all.
-    #[error("the selection picks no tensor (give `tensors` or `layers`)")]
-    Empty,
-}
-
-/// `; similar: a, b` or nothing.
-fn similar_note(similar: &[String]) -> String {
-    if similar.is_empty() {
-        String::new()
-    } else {
-        format!("; similar: {}", similar.join(", "))
-    }
 }

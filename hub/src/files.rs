@@ -8,10 +8,10 @@ use sha2::Digest as _;
 
 use super::cache::{RepoRef, check_etag, is_commit, safe_rel_path};
 use super::fetch::short;
-use super::progress::{Observer, Progress};
 use super::{Hub, HubError, PlannedModel};
-use crate::discover::ModelSource;
 use probex_engine::cache::hex;
+use probex_fetch::discover::ModelSource;
+use probex_fetch::hub::{Observer, Progress};
 
 impl Hub {
     /// Fetches `extra` files of `m`'s repo whole (into the Hugging Face cache) and, when the

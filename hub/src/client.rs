@@ -7,9 +7,9 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use super::cache::{self, HfCache, RepoKind, RepoRef, TensorCache, is_commit};
-use super::config::{Auth, DEFAULT_ENDPOINT, HubConfig, default_hub_cache, env_token};
 use super::http::Http;
 use super::{Hub, HubError};
+use probex_fetch::hub::{Auth, DEFAULT_ENDPOINT, HubConfig, default_hub_cache, env_token};
 
 /// Says what an hf-hub error means for the user.
 fn api_error(what: &str, e: hf_hub::HFError, has_token: bool, endpoint: &str) -> HubError {

@@ -8,9 +8,10 @@
 
 use std::fs::{self, File};
 use std::io::Write;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use super::HubError;
+pub use probex_fetch::hub::names::{check_repo_id, check_revision, is_commit, safe_rel_path};
 
 /// A repository on the Hub: kind and id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -74,86 +75,6 @@ impl std::fmt::Display for RepoRef {
             RepoKind::Dataset => write!(f, "datasets/{}", self.id),
         }
     }
-}
-
-/// Checks a repo id: `owner/name`, each part of letters, digits, `-`, `_`, `.`, no `--` at the
-/// ends, no `..`, at most 96 characters per part (the Hub's rules).
-pub fn check_repo_id(id: &str) -> Result<(), HubError> {
-    let bad = |why: &'static str| {
-        Err(HubError::BadRepoId {
-            id: id.to_owned(),
-            why,
-        })
-    };
-    let Some((owner, name)) = id.split_once('/') else {
-        return bad("no `/`");
-    };
-    for part in [owner, name] {
-        if part.is_empty() || part.len() > 96 {
-            return bad("a part is empty or too long");
-        }
-        if !part
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return bad("only letters, digits, `-`, `_` and `.` are allowed");
-        }
-        if part.contains("..") || part.starts_with(['-', '.']) || part.ends_with(['-', '.']) {
-            return bad("`..`, or `-`/`.` at an end");
-        }
-    }
-    Ok(())
-}
-
-/// Checks a revision (branch, tag or commit): no empty, `.`/`..` or hidden components, printable
-/// ASCII without spaces or `\`. `refs/pr/1` style names are allowed.
-pub fn check_revision(rev: &str) -> Result<(), HubError> {
-    let ok = !rev.is_empty()
-        && rev.len() <= 256
-        && rev.chars().all(|c| {
-            c.is_ascii_graphic() && !matches!(c, '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|')
-        })
-        && rev
-            .split('/')
-            .all(|p| !p.is_empty() && p != "." && p != ".." && !p.starts_with('.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(HubError::BadRevision(rev.to_owned()))
-    }
-}
-
-/// Whether `s` is a full commit sha (40 lowercase hex digits).
-pub fn is_commit(s: &str) -> bool {
-    s.len() == 40
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-/// Turns a repo-relative file path from the server into a relative path that stays inside the
-/// directory it is joined to, or explains why it cannot.
-pub fn safe_rel_path(path: &str) -> Result<PathBuf, HubError> {
-    let bad = |problem: &'static str| HubError::BadPath {
-        path: path.to_owned(),
-        problem,
-    };
-    if path.is_empty() || path.len() > 4096 || path.contains('\0') || path.contains('\\') {
-        return Err(bad("is not usable"));
-    }
-    let p = Path::new(path);
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::Normal(s) => out.push(s),
-            _ => {
-                return Err(bad("leaves the repo (absolute, `.` or `..`); refused"));
-            }
-        }
-    }
-    if out.as_os_str().is_empty() {
-        return Err(bad("is empty"));
-    }
-    Ok(out)
 }
 
 /// A short, file-system-safe, collision-free name for an arbitrary string (a server file path

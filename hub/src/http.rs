@@ -16,6 +16,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use probex_fetch::hub::RetryPolicy;
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use reqwest::header::{self, HeaderMap};
@@ -33,31 +34,6 @@ pub enum HttpError {
     /// The run was cancelled while waiting.
     #[error("cancelled")]
     Cancelled,
-}
-
-/// How often and how patiently to retry.
-#[derive(Clone, Debug)]
-pub struct RetryPolicy {
-    /// Attempts per request, the first included.
-    pub attempts: u32,
-    /// First backoff delay; doubled on each retry, with jitter.
-    pub base_delay: Duration,
-    /// Longest backoff between two attempts.
-    pub max_delay: Duration,
-    /// Longest `Retry-After` honoured; a server asking for more makes the request fail with
-    /// that wait in the message (rather than a run that sleeps for an hour unseen).
-    pub max_retry_after: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            attempts: 6,
-            base_delay: Duration::from_millis(500),
-            max_delay: Duration::from_secs(30),
-            max_retry_after: Duration::from_secs(300),
-        }
-    }
 }
 
 /// Byte counters shared by every transfer of a fetch, for progress and for the benchmark.

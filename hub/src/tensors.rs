@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::cache::{self, RepoRef, safe_rel_path};
 use super::fetch::short;
-use super::request::TensorSelection;
 use super::{Hub, HubError, PlannedModel};
-use crate::discover::ModelSource;
+use probex_fetch::discover::ModelSource;
+use probex_fetch::hub::TensorSelection;
 use probex_weights::partial::{self, ORIGINAL_TENSORS_KEY, SOURCE_KEY};
 use probex_weights::reader::{header_len, parse_header};
 
