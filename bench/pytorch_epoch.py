@@ -21,27 +21,14 @@ import ast
 import glob
 import json
 import os
-import struct
 import sys
 import time
 
 import numpy as np
 
-DTYPES = {"F32": np.float32, "F16": np.float16}
-
-
-def read_safetensors(path):
-    """(tensors, metadata) of a safetensors file, with numpy only."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        data = f.read()
-    meta = header.pop("__metadata__", {}) or {}
-    tensors = {}
-    for name, t in header.items():
-        start, end = t["data_offsets"]
-        tensors[name] = np.frombuffer(data[start:end], dtype=DTYPES[t["dtype"]]).reshape(t["shape"])
-    return tensors, meta
+# The safetensors reader and the authors' module, shared with the user-facing script.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs"))
+from load_in_pytorch import load_safetensors, probex_classification  # noqa: E402
 
 
 def load_train(models_dir):
@@ -49,7 +36,7 @@ def load_train(models_dir):
     by name, as probex's cifar100 vocabulary)."""
     xs, labels = [], []
     for path in sorted(glob.glob(os.path.join(models_dir, "*.safetensors"))):
-        tensors, meta = read_safetensors(path)
+        tensors, meta = load_safetensors(path)
         if meta.get("split") != "train":
             continue
         # Layer 0 of probex's gpu-check.toml: the first weight matrix by name.
@@ -70,35 +57,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_models import CIFAR100  # noqa: E402
 
 
-def model_class(torch, nn):
-    class ProbeXClassification(nn.Module):
-        """The authors' module: their parameter names, shapes and forward pass."""
-
-        def __init__(self, input_shape, num_classes, n_probes, proj_dim, rep_dim):
-            super().__init__()
-            self.probes = nn.Linear(n_probes, input_shape[1], bias=False)
-            self.shared_probe_proj = nn.Linear(input_shape[0], proj_dim, bias=False)
-            self.per_probe_encoders = nn.Linear(proj_dim * n_probes, rep_dim)
-            self.classification_head = nn.Linear(rep_dim, num_classes)
-
-        def forward(self, w):
-            h = torch.relu(self.shared_probe_proj((w @ self.probes.weight).transpose(1, 2)))
-            return self.classification_head(self.per_probe_encoders(h.flatten(1)))
-
-    return ProbeXClassification
-
-
 def time_setting(torch, x, y, data, tf32, args):
-    from torch import nn
-
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     torch.manual_seed(0)
     dev = torch.device("cuda")
     n, d_h, d_w = x.shape
-    model = model_class(torch, nn)((d_h, d_w), y.shape[1], args.rank, args.rank, args.rank).to(dev)
+    model = probex_classification()((d_h, d_w), y.shape[1], args.rank, args.rank, args.rank).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
-    loss_fn = nn.BCEWithLogitsLoss()
+    loss_fn = torch.nn.BCEWithLogitsLoss()
     if data == "gpu":
         xg, yg = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
 

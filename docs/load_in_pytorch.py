@@ -74,28 +74,42 @@ def forward_numpy(sd, x):
     return e @ sd["classification_head.weight"].T + sd["classification_head.bias"]
 
 
-def forward_torch(sd, x):
-    """The same through PyTorch: the authors' module (or one with its names), strict load."""
+def probex_classification():
+    """The authors' `ProbeXClassification`: from their probex.py when it is on PYTHONPATH, else
+    a module with its parameter names, shapes and forward pass (bench/pytorch_epoch.py times
+    it too)."""
     import torch
     from torch import nn
 
     try:
         from probex import ProbeXClassification  # the authors' probex.py, if on PYTHONPATH
+
+        return ProbeXClassification
     except ImportError:
-        class ProbeXClassification(nn.Module):
-            """The authors' module's parameters (names, shapes) and forward pass."""
+        pass
 
-            def __init__(self, input_shape, num_classes, n_probes, proj_dim, rep_dim):
-                super().__init__()
-                self.probes = nn.Linear(n_probes, input_shape[1], bias=False)
-                self.shared_probe_proj = nn.Linear(input_shape[0], proj_dim, bias=False)
-                self.per_probe_encoders = nn.Linear(proj_dim * n_probes, rep_dim)
-                self.classification_head = nn.Linear(rep_dim, num_classes)
+    class ProbeXClassification(nn.Module):
+        """The authors' module's parameters (names, shapes) and forward pass."""
 
-            def forward(self, w):
-                h = torch.relu(self.shared_probe_proj((w @ self.probes.weight).transpose(1, 2)))
-                return self.classification_head(self.per_probe_encoders(h.flatten(1)))
+        def __init__(self, input_shape, num_classes, n_probes, proj_dim, rep_dim):
+            super().__init__()
+            self.probes = nn.Linear(n_probes, input_shape[1], bias=False)
+            self.shared_probe_proj = nn.Linear(input_shape[0], proj_dim, bias=False)
+            self.per_probe_encoders = nn.Linear(proj_dim * n_probes, rep_dim)
+            self.classification_head = nn.Linear(rep_dim, num_classes)
 
+        def forward(self, w):
+            h = torch.relu(self.shared_probe_proj((w @ self.probes.weight).transpose(1, 2)))
+            return self.classification_head(self.per_probe_encoders(h.flatten(1)))
+
+    return ProbeXClassification
+
+
+def forward_torch(sd, x):
+    """The same through PyTorch: the authors' module (or one with its names), strict load."""
+    import torch
+
+    ProbeXClassification = probex_classification()
     d_w, r_u = sd["probes.weight"].shape
     r_v, d_h = sd["shared_probe_proj.weight"].shape
     r_t = sd["per_probe_encoders.weight"].shape[0]
