@@ -502,7 +502,8 @@ pub trait Stage: Send + Sync + 'static {
     /// params and its inputs' facts say; `inputs` lists every upstream stage in `from` order.
     /// Called when the experiment is loaded, in topological order. An error is a mistake in
     /// the experiment (a path this stage reads that its inputs will not report), shown at the
-    /// stage with the message. Default: nothing known, nothing checked.
+    /// value of the key it blames ([`ParamError::at`]; its top-level key), else at the stage.
+    /// Default: nothing known, nothing checked.
     fn plan_facts(
         &self,
         _params: &Self::Params,

@@ -1,12 +1,13 @@
 //! The stage kinds of probex: the glue between the libraries and the engine.
 //!
 //! Each stage kind is a module named after what it does (`fetch`, `zoo`, `extract`, `embed`,
-//! `train`, `select`, `evaluate`, `route`), plus [`query`] (reading finished runs back, text
-//! search) and [`params_doc`] (the kinds' parameter help). Each implements the engine's `Stage`
-//! trait over the libraries below it: `probex-weights` (weight files, labels, the layer
-//! dataset), `probex-fetch` (folders, the Hub, packages), `probex-probes` (the probe models and
-//! their training), `probex-text` (text encoders) and `probex-zoo` (model trees). The engine
-//! knows no ML; this crate is where it meets it.
+//! `train`, `select`, `evaluate`, `route`), plus [`probe`] (a trained probe used on its own:
+//! `probex search` and `probex describe`), [`routing`] (the artifact `route` writes), [`csv`]
+//! and [`params_doc`] (the kinds' parameter help). Each implements the engine's `Stage` trait
+//! over the libraries below it: `probex-weights` (weight files, labels, the layer dataset),
+//! `probex-fetch` (folders, what a Hub fetch is, packages; the client itself is passed in),
+//! `probex-probes` (the probe models and their training), `probex-text` (text encoders) and
+//! `probex-zoo` (model trees). The engine knows no ML; this crate is where it meets it.
 
 pub mod csv;
 pub mod embed;

@@ -23,10 +23,10 @@ pub enum TreeKind {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Architecture {
-    /// [`nets::Mlp`], configured by `[mlp]`.
+    /// [`crate::nets::Mlp`], configured by `[mlp]`.
     #[default]
     Mlp,
-    /// [`nets::Vit`], configured by `[vit]`.
+    /// [`crate::nets::Vit`], configured by `[vit]`.
     Vit,
 }
 

@@ -204,7 +204,7 @@ pub enum EngineCommand {
         /// Keep running independent nodes after a failure
         #[arg(long)]
         keep_going: bool,
-        /// Run record directory [default: runs/<experiment>/<timestamp> beside the file]
+        /// Run record directory [default: runs/EXPERIMENT/TIMESTAMP beside the file]
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
         /// Progress display
@@ -271,7 +271,7 @@ pub enum EngineCommand {
     Cache(CacheCommand),
     /// Print the report of a finished run
     Report {
-        /// A run directory (runs/<experiment>/<timestamp>)
+        /// A run directory (runs/EXPERIMENT/TIMESTAMP)
         run: PathBuf,
     },
     /// Compare the results of two runs

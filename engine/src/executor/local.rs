@@ -1,6 +1,7 @@
 //! The local executor: batches on a bounded pool of threads of this process, GPU nodes one at a
-//! time per GPU slot (plain `cuda` nodes spread over the run's GPUs, [`super::gpus`]); and [`Worker::compute`], the one function that computes a batch of nodes
-//! under their key locks and commits them, used by every executor (a SLURM job runs it too).
+//! time per GPU slot (plain `cuda` nodes spread over the run's GPUs, [`crate::gpus`]); and
+//! [`Worker::compute`], the one function that computes a batch of nodes under their key locks
+//! and commits them, used by every executor (a SLURM job runs it too).
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -372,7 +372,7 @@ pub enum NameError {
     /// A hidden folder.
     #[error("starts with `.`")]
     Hidden,
-    /// Longer than [`MAX_NAME`] characters.
+    /// Longer than the longest name allowed (`MAX_NAME` characters).
     #[error("is longer than {MAX_NAME} characters")]
     TooLong,
 }

@@ -1,5 +1,4 @@
-//! Extraction: a set of model files in, one [`LayerDataset`](probex_weights::dataset::LayerDataset)
-//! artifact per requested layer out.
+//! Extraction: a set of model files in, one [`LayerDataset`] artifact per requested layer out.
 //!
 //! Usage: [`discover`] the models (or build [`ModelSource`]s from a fetch), [`resolve_layers`]
 //! a [`LayerSelector`] against the first model, give each layer an output directory, and call

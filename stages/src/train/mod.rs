@@ -205,8 +205,8 @@ impl Stage for Train {
         }
     }
 
-    /// ProbeX probes of one shape and row set train as a gang (sweep mode, see
-    /// [`gang`]).
+    /// ProbeX probes of one shape and row set train as a gang (sweep mode, see the `gang`
+    /// module).
     fn gangs(&self) -> bool {
         true
     }

@@ -68,7 +68,7 @@ pub enum CommandError {
         /// The OS error.
         error: String,
     },
-    /// The command did not finish within [`COMMAND_TIMEOUT`] (or could not be waited for).
+    /// The command did not finish within its time limit (or could not be waited for).
     #[error("`{program}` did not answer: {why}")]
     NoAnswer {
         /// The command.
