@@ -299,7 +299,6 @@ fn train_range_errors_point_at_the_value_and_counts_have_an_upper_bound() {
                 [stage.layers]\nkind = \"extract\"\nfrom = \"models\"\nlayers = \"all\"\n\
                 label = { key = \"dataset_chosen_targets\", kind = \"multi_label\", vocab = \"cifar100\" }\n\n\
                 [stage.probe]\nkind = \"train\"\nfrom = \"layers\"\nfor_each = \"layer\"\nmodel = \"probex\"\n";
-    let registry = probex_stages::registry(probex_hub::connect);
     // (line, column, what it says) of the error for each bad line appended at line 17.
     for (bad, col, says) in [
         (
@@ -311,19 +310,30 @@ fn train_range_errors_point_at_the_value_and_counts_have_an_upper_bound() {
         ("batch_size = 0", 14, "`batch_size` must be at least 1"),
         ("lr = -0.001", 6, "`lr` must be a positive number"),
     ] {
-        let path = dir.path().join("bad.toml");
-        std::fs::write(&path, format!("{base}{bad}\n")).unwrap();
-        let err = match probex_engine::load(&path, &registry) {
-            Ok(_) => panic!("{bad}: loaded"),
-            Err(d) => d.to_string(),
-        };
-        assert!(err.contains(says), "{bad}: {err}");
-        assert!(
-            err.contains(&format!("bad.toml:17:{col}\n")),
-            "{bad}: {err}"
-        );
-        assert!(err.contains('^'), "{bad}: {err}");
+        assert_load_error_at(dir.path(), &format!("{base}{bad}\n"), (17, col), says);
     }
+}
+
+/// Writes `text` as `bad.toml` in `dir`, loads it, and checks the error says `says` with a caret
+/// at `line:col` of that file.
+fn assert_load_error_at(
+    dir: &std::path::Path,
+    text: &str,
+    (line, col): (usize, usize),
+    says: &str,
+) {
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let err = match probex_engine::load(&path, &probex_stages::registry(probex_hub::connect)) {
+        Ok(_) => panic!("{text}: loaded"),
+        Err(d) => d.to_string(),
+    };
+    assert!(err.contains(says), "{text}: {err}");
+    assert!(
+        err.contains(&format!("bad.toml:{line}:{col}\n")),
+        "{text}: {err}"
+    );
+    assert!(err.contains('^'), "{text}: {err}");
 }
 
 #[test]
@@ -353,7 +363,6 @@ fn param_errors_point_at_the_value_they_blame_nested_or_found_at_plan_time() {
     let base = "[stage.emoji]\nkind = \"fetch\"\nsource = \"npm\"\npackage = \"emoji-datasource\"\n\
                 version = \"16.0.0\"\n\
                 sha256 = \"2006725061dc0098daa832d65f854a7bec0740af2eb47cb5b23d89f7e2c849f9\"\n\n";
-    let registry = probex_stages::registry(probex_hub::connect);
     // (stage table, line, column, what it says): the stage table starts at line 8.
     let cases = [
         (
@@ -388,16 +397,6 @@ fn param_errors_point_at_the_value_they_blame_nested_or_found_at_plan_time() {
         ),
     ];
     for (stage, line, col, says) in cases {
-        let path = dir.path().join("bad.toml");
-        std::fs::write(&path, format!("{base}{stage}")).unwrap();
-        let err = match probex_engine::load(&path, &registry) {
-            Ok(_) => panic!("{stage}: loaded"),
-            Err(d) => d.to_string(),
-        };
-        assert!(err.contains(says), "{stage}: {err}");
-        assert!(
-            err.contains(&format!("bad.toml:{line}:{col}\n")),
-            "{stage}: {err}"
-        );
+        assert_load_error_at(dir.path(), &format!("{base}{stage}"), (line, col), says);
     }
 }
